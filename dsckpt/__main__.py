@@ -1,0 +1,3 @@
+from dsckpt.cli.app import main
+
+main()

@@ -1,0 +1,35 @@
+"""`dsckpt inspect`: what a checkpoint holds, by rank, and what is wrong with it."""
+
+from __future__ import annotations
+
+import json
+
+import typer
+
+from dsckpt.cli.console import console
+from dsckpt.cli.options import CheckpointArg, JsonOpt, TagOpt
+
+
+def inspect(
+    ckpt: CheckpointArg,
+    tag: TagOpt = None,
+    params: bool = typer.Option(False, "--params", help="One row per parameter: shape, dtype, placement."),
+    as_json: JsonOpt = False,
+) -> None:
+    """Summarise a checkpoint: layout, topology, dtypes, counts, files by rank, findings.
+
+    Exits 1 when any finding is an error (missing, stale or inconsistent files).
+    """
+    from dsckpt.layout import open_checkpoint
+    from dsckpt.render import layout_json, layout_report
+
+    layout = open_checkpoint(ckpt, tag)
+    if as_json:
+        typer.echo(json.dumps(layout_json(layout, params=params), indent=2))
+    else:
+        console().print(layout_report(layout, params=params))
+    if layout.errors:
+        first = layout.errors[0].message
+        more = f" (and {len(layout.errors) - 1} more)" if len(layout.errors) > 1 else ""
+        typer.echo(f"error: {first}{more}", err=True)
+        raise typer.Exit(1)

@@ -1,0 +1,48 @@
+"""Typed, user-facing errors.
+
+The core raises these; the CLI turns each into one line (what is wrong, which file or rank, what
+to do) and exit code 1. Anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+class DsckptError(Exception):
+    """A user-facing error: one line that says what is wrong and what to do."""
+
+
+class CheckpointNotFound(DsckptError):
+    """The path given is not a checkpoint (missing, a file, empty, unrelated files)."""
+
+
+class UnsafeCheckpoint(DsckptError):
+    """A pickle asks for a global outside the allow-list; nothing from it was run."""
+
+
+class CorruptFile(DsckptError):
+    """A checkpoint file cannot be read as a torch zip pickle (truncated, not a zip, bad record)."""
+
+    def __init__(self, path: Path, reason: str) -> None:
+        super().__init__(
+            f"{path}: {reason}; the file is damaged or incomplete: "
+            "copy it again from where the run saved it"
+        )
+        self.path = path
+
+
+class InconsistentCheckpoint(DsckptError):
+    """The rank files disagree with each other or with their own metadata."""
+
+
+class UnsupportedLayout(DsckptError):
+    """A layout dsckpt recognises but this command does not handle."""
+
+
+class OutputError(DsckptError):
+    """The destination cannot be written (exists, inside the input, no space, bad suffix)."""
+
+
+class UsageError(DsckptError):
+    """A flag value that cannot work (a degree below 1, an unknown dtype)."""

@@ -1,0 +1,132 @@
+"""Streaming execution of a consolidation plan.
+
+Every output tensor has a known place in a preallocated output file (a sink). Each read of the
+plan is a byte range of a saved tensor; when no cast is needed it is copied kernel-side with
+``copy_file_range`` (no user-space buffer, nothing resident), otherwise it is read in bounded
+chunks with ``pread``, cast, and written with ``pwrite``. Memory stays at one chunk whatever the
+model size, and the page cache, not the process, holds the data in flight.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Protocol
+
+import torch
+
+from dsckpt.load import TensorRef, read_tensor
+from dsckpt.plan import ConsolidationPlan, OutputTensor, Read
+
+# Elements cast per chunk: bounds memory for casting reads (16 MiB of fp32).
+CAST_CHUNK = 4 << 20
+Progress = Callable[[int], None]
+
+
+class Sink(Protocol):
+    """Where each output tensor's bytes go: an open file descriptor and the absolute offset."""
+
+    def locate(self, name: str) -> tuple[int, int]: ...
+
+
+class _Sources:
+    """Read-only descriptors of the source files, opened once each."""
+
+    def __init__(self, stack: ExitStack) -> None:
+        self._fds: dict[Path, int] = {}
+        self._stack = stack
+
+    def fd(self, path: Path) -> int:
+        if path not in self._fds:
+            fd = os.open(path, os.O_RDONLY)
+            self._stack.callback(os.close, fd)
+            self._fds[path] = fd
+        return self._fds[path]
+
+
+def execute(plan: ConsolidationPlan, sink: Sink, progress: Progress | None = None) -> None:
+    """Fill every output tensor of ``plan`` into ``sink``."""
+    with ExitStack() as stack:
+        sources = _Sources(stack)
+        for tensor in plan.tensors:
+            fd, base = sink.locate(tensor.name)
+            item = tensor.dtype.itemsize
+            for read in tensor.reads:
+                _copy(read, tensor, sources, fd, base + read.dst_start * item)
+                if progress:
+                    progress(read.length * item)
+
+
+_copy_file_range_works = hasattr(os, "copy_file_range")
+
+
+def _copy(read: Read, tensor: OutputTensor, sources: _Sources, out_fd: int, out_offset: int) -> None:
+    src = read.source
+    if src.dtype == tensor.dtype and src.is_contiguous:
+        start = src.offset + read.src_start * src.itemsize
+        _copy_bytes(sources.fd(src.path), start, out_fd, out_offset, read.length * src.itemsize)
+        return
+    done = 0
+    while done < read.length:
+        count = min(CAST_CHUNK, read.length - done)
+        piece = read_tensor(src, read.src_start + done, count).to(tensor.dtype)
+        _pwrite_all(out_fd, memoryview(piece.numpy().view("uint8")) if count else b"",
+                    out_offset + done * tensor.dtype.itemsize)
+        done += count
+
+
+def _copy_bytes(in_fd: int, in_offset: int, out_fd: int, out_offset: int, nbytes: int) -> None:
+    global _copy_file_range_works
+    while nbytes > 0:
+        if _copy_file_range_works:
+            try:
+                n = os.copy_file_range(in_fd, out_fd, nbytes, in_offset, out_offset)
+            except OSError as exc:
+                if exc.errno not in (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
+                    raise
+                _copy_file_range_works = False
+                continue
+        else:
+            data = os.pread(in_fd, min(nbytes, CAST_CHUNK * 4), in_offset)
+            n = len(data)
+            _pwrite_all(out_fd, data, out_offset)
+        if n == 0:
+            raise OSError(errno.EIO, "unexpected end of a source file")
+        in_offset += n
+        out_offset += n
+        nbytes -= n
+
+
+def _pwrite_all(fd: int, data: bytes | memoryview, offset: int) -> None:
+    view = memoryview(data)
+    while view:
+        n = os.pwrite(fd, view, offset)
+        view = view[n:]
+        offset += n
+
+
+def materialize(tensor: OutputTensor) -> torch.Tensor:
+    """One output tensor, in memory (for the library's lazy state dict)."""
+    out = torch.empty(tensor.numel, dtype=tensor.dtype)
+    for read in tensor.reads:
+        out[read.dst_start : read.dst_start + read.length] = read_tensor(
+            read.source, read.src_start, read.length
+        ).to(tensor.dtype)
+    return out.view(tensor.shape)
+
+
+def iter_tensors(plan: ConsolidationPlan) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield ``(name, tensor)`` one at a time; aliases yield the same tensor object again."""
+    for tensor in plan.tensors:
+        value = materialize(tensor)
+        yield tensor.name, value
+        for alias, canonical in plan.aliases.items():
+            if canonical == tensor.name:
+                yield alias, value
+
+
+def source_refs(plan: ConsolidationPlan) -> set[TensorRef]:
+    return {read.source for t in plan.tensors for read in t.reads}

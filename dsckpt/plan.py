@@ -1,0 +1,153 @@
+"""Consolidation plans: for every output tensor, which element runs of which source tensors make it.
+
+A plan is data. It is built from a :class:`~dsckpt.layout.Layout` without reading any tensor
+data, so the executor knows every output's size up front (safetensors headers, progress, disk
+space) and can stream the copies in any order or split them across workers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+
+from dsckpt import zero
+from dsckpt.errors import InconsistentCheckpoint, UnsupportedLayout
+from dsckpt.layout import Layout, TensorEntry
+from dsckpt.load import TensorRef
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass(frozen=True)
+class Read:
+    """``length`` elements from ``src_start`` of a saved tensor go to ``dst_start`` of the output."""
+
+    source: TensorRef
+    src_start: int
+    length: int
+    dst_start: int
+
+
+@dataclass(frozen=True)
+class OutputTensor:
+    name: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    reads: tuple[Read, ...]
+
+    @property
+    def numel(self) -> int:
+        return zero.numel(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * torch.empty((), dtype=self.dtype).element_size()
+
+
+@dataclass(frozen=True)
+class ConsolidationPlan:
+    """Output tensors in state-dict order, plus tied aliases that name one of them."""
+
+    tensors: tuple[OutputTensor, ...]
+    aliases: dict[str, str] = field(default_factory=dict)  # alias -> canonical output name
+    source: str = ""  # where the values come from, for the result line and metadata
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors)
+
+    def names(self) -> list[str]:
+        """Every key of the state dict, aliases included, in DeepSpeed's order."""
+        return [t.name for t in self.tensors] + list(self.aliases)
+
+    def __iter__(self) -> Iterator[OutputTensor]:
+        return iter(self.tensors)
+
+
+def plan_consolidation(layout: Layout, dtype: str = "fp32", exclude_frozen: bool = False
+                       ) -> ConsolidationPlan:
+    """Plan the consolidated state dict of a ZeRO or plain checkpoint.
+
+    The order follows DeepSpeed's ``zero_to_fp32``: buffers, frozen parameters, trainable
+    parameters, then tied aliases. Floating tensors become ``dtype``; other buffers keep theirs.
+
+    Raises:
+        InconsistentCheckpoint: discovery found errors that make the values untrustworthy.
+        UnsupportedLayout: the layout has no consolidation here (universal checkpoints).
+    """
+    if layout.errors:
+        raise InconsistentCheckpoint(layout.errors[0].message)
+    if layout.kind == "universal":
+        raise UnsupportedLayout(f"{layout.dir} is a universal checkpoint: dsckpt consolidates "
+                                "native DeepSpeed checkpoints (the ones engine.save_checkpoint writes)")
+    if layout.kind == "pipeline":
+        from dsckpt.pipeline import plan_pipeline_consolidation
+
+        return plan_pipeline_consolidation(layout, dtype)
+    out_dtype = DTYPES[dtype]
+    by_kind: dict[str, list[TensorEntry]] = {"buffer": [], "frozen": [], "trainable": [], "tied": []}
+    for entry in layout.tensors:
+        by_kind[entry.kind].append(entry)
+    outputs: list[OutputTensor] = []
+    for entry in by_kind["buffer"]:
+        outputs.append(_whole(entry, layout.whole[entry.name][0], out_dtype))
+    if not exclude_frozen:
+        for entry in by_kind["frozen"]:
+            outputs.append(_frozen(layout, entry, out_dtype))
+    outputs.extend(_trainable(layout, by_kind["trainable"], out_dtype))
+    present = {t.name for t in outputs}
+    aliases = {e.name: e.alias_of for e in by_kind["tied"] if e.alias_of in present}
+    source = ("fp32 master weights from the optimizer partitions"
+              if layout.zero_sources else f"module weights ({layout.param_dtype})")
+    return ConsolidationPlan(tensors=tuple(outputs), aliases=aliases, source=source)
+
+
+def _cast_to(saved: torch.dtype, out: torch.dtype) -> torch.dtype:
+    return out if saved.is_floating_point else saved
+
+
+def _whole(entry: TensorEntry, ref: TensorRef, out_dtype: torch.dtype) -> OutputTensor:
+    return OutputTensor(entry.name, entry.shape, _cast_to(ref.dtype, out_dtype),
+                        (Read(ref, 0, ref.numel, 0),))
+
+
+def _frozen(layout: Layout, entry: TensorEntry, out_dtype: torch.dtype) -> OutputTensor:
+    if entry.name in layout.whole:  # ZeRO-1: only the module copy exists
+        return _whole(entry, layout.whole[entry.name][0], out_dtype)
+    fragments = layout.frozen_fragments[entry.name]
+    if len(fragments) == 1:  # ZeRO-2: saved whole
+        return _whole(entry, fragments[0], out_dtype)
+    # ZeRO-3: rank r holds elements [r*c, (r+1)*c) of the zero-padded parameter.
+    per_rank = zero.zero3_partition_numel(entry.numel, len(fragments))
+    reads = []
+    for rank, ref in enumerate(fragments):
+        start = rank * per_rank
+        length = min(per_rank, entry.numel - start)
+        if length > 0:
+            reads.append(Read(ref, 0, length, start))
+    return OutputTensor(entry.name, entry.shape, _cast_to(fragments[0].dtype, out_dtype),
+                        tuple(reads))
+
+
+def _trainable(layout: Layout, entries: list[TensorEntry], out_dtype: torch.dtype
+               ) -> list[OutputTensor]:
+    if not layout.zero_sources:  # plain checkpoint: the module weights are the values
+        return [_whole(e, layout.whole[e.name][0], out_dtype) for e in entries]
+    if len(layout.zero_sources) != 1:
+        raise UnsupportedLayout("several model-parallel ranks: use the pipeline/3D consolidation")
+    sources = next(iter(layout.zero_sources.values()))
+    outputs = []
+    if sources.zero3 is not None:
+        for param in sources.zero3.params:
+            reads = tuple(Read(sources.fp32[p.rank][p.sub_group], p.src_start, p.length, p.dst_start)
+                          for p in sources.zero3.pieces(param))
+            outputs.append(OutputTensor(param.name, param.shape, out_dtype, reads))
+        return outputs
+    for g, group in enumerate(sources.groups):
+        for param in group.params:
+            reads = tuple(Read(sources.fp32[p.rank][g], p.src_start, p.length, p.dst_start)
+                          for p in group.pieces(param))
+            outputs.append(OutputTensor(param.name, param.shape, out_dtype, reads))
+    return outputs

@@ -1,0 +1,181 @@
+"""Layouts and plans -> JSON-ready dicts and Rich renderables. Pure: nothing here prints."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Any
+
+from rich.console import Group, RenderableType
+from rich.table import Table
+from rich.text import Text
+
+from dsckpt.files import RankFile, Role
+from dsckpt.layout import ERROR, Layout
+
+JSON_SCHEMA_VERSION = 1
+_LEVEL_STYLE = {"error": "bold red", "warning": "yellow", "info": "dim"}
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    raise AssertionError("unreachable")
+
+
+def human_count(n: int) -> str:
+    for unit, size in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= size:
+            return f"{n / size:.2f}{unit}"
+    return str(n)
+
+
+def tensor_counts(layout: Layout) -> dict[str, dict[str, int]]:
+    counts: dict[str, dict[str, int]] = {}
+    for kind in ("trainable", "frozen", "buffer", "tied"):
+        chosen = [t for t in layout.tensors if t.kind == kind]
+        counts[kind] = {"tensors": len(chosen), "numel": sum(t.numel for t in chosen)}
+    return counts
+
+
+def file_coordinates(layout: Layout, f: RankFile) -> dict[str, int | None]:
+    """(pp, tp, dp, layer) of a file; mp ranks split into stage and TP rank."""
+    pp = tp = None
+    if f.mp is not None:
+        pp, tp = divmod(f.mp, layout.tp)
+    if f.role is Role.LAYER:
+        tp = f.tp
+    return {"pp": pp, "tp": tp, "dp": f.dp, "layer": f.layer}
+
+
+def layout_json(layout: Layout, params: bool = False) -> dict[str, Any]:
+    """The facts of a layout as JSON-ready data; keys are documented in docs/json.md."""
+    data: dict[str, Any] = {
+        "schema": JSON_SCHEMA_VERSION,
+        "path": str(layout.root),
+        "tag": layout.tag,
+        "kind": layout.kind,
+        "zero_stage": layout.zero_stage,
+        "optimizer": layout.optimizer,
+        "param_dtype": layout.param_dtype,
+        "master_dtype": layout.master_dtype,
+        "topology": {"pp": layout.pp, "tp": layout.tp, "dp": layout.dp,
+                     "world_size": layout.world_size},
+        "iteration": layout.iteration,
+        "ds_version": layout.ds_version,
+        "counts": tensor_counts(layout),
+        "bytes_on_disk": layout.bytes_on_disk,
+        "files": [
+            {"name": f.name, "role": f.role.value, "size": f.size, "prefix": f.prefix,
+             **file_coordinates(layout, f)}
+            for f in layout.files
+        ],
+        "findings": [{"level": x.level, "code": x.code, "message": x.message}
+                     for x in layout.findings],
+        "other_tags": list(layout.other_tags),
+    }
+    if params:
+        data["params"] = [
+            {"name": t.name, "shape": list(t.shape), "dtype": t.dtype, "kind": t.kind,
+             "group": t.group, "placement": t.placement, "alias_of": t.alias_of}
+            for t in layout.tensors
+        ]
+    return data
+
+
+def layout_report(layout: Layout, params: bool = False) -> RenderableType:
+    """Summary, files by rank, the layer grid (pipelines), parameters, findings."""
+    parts: list[RenderableType] = [_summary(layout), _files(layout)]
+    if any(f.role is Role.LAYER for f in layout.files):
+        parts.append(_layer_grid(layout))
+    if params:
+        parts.append(_params(layout))
+    parts.append(findings_table(layout))
+    return Group(*parts)
+
+
+def _summary(layout: Layout) -> Table:
+    table = Table(title="Checkpoint", show_header=False, title_justify="left", box=None,
+                  padding=(0, 2))
+    table.add_column(style="bold")
+    table.add_column()
+    kinds = {"zero": f"ZeRO stage {layout.zero_stage}", "zero3": "ZeRO stage 3",
+             "plain": "no ZeRO (stage 0)", "universal": "universal checkpoint",
+             "pipeline": f"pipeline / 3D (ZeRO stage {layout.zero_stage})"}
+    counts = tensor_counts(layout)
+    rows = [
+        ("path", f"{layout.root}" + (f"  (tag {layout.tag})" if layout.tag else "")),
+        ("layout", kinds.get(layout.kind, layout.kind)),
+        ("optimizer files", {"zero": "DeepSpeed ZeRO optimizer", "bf16_optimizer":
+                             "DeepSpeed BF16_Optimizer", "torch": "plain torch optimizer in "
+                             "model states", "none": "none"}.get(layout.optimizer, layout.optimizer)),
+        ("dtypes", f"params {layout.param_dtype or '?'}, master {layout.master_dtype or '?'}"),
+        ("topology", f"TP {layout.tp} x PP {layout.pp} x DP {layout.dp} = "
+                     f"world size {layout.world_size}"),
+        ("iteration", str(layout.iteration)),
+        ("DeepSpeed", str(layout.ds_version)),
+    ]
+    for kind in ("trainable", "frozen", "buffer", "tied"):
+        c = counts[kind]
+        label = {"buffer": "buffers", "tied": "tied aliases"}.get(kind, kind)
+        rows.append((label, f"{c['tensors']} tensors, {human_count(c['numel'])} elements"))
+    rows.append(("on disk", f"{human_bytes(layout.bytes_on_disk)} in {len(layout.files)} files"))
+    for key, value in rows:
+        table.add_row(key, value)
+    return table
+
+
+def _files(layout: Layout) -> Table:
+    table = Table(title="Files by rank", title_justify="left")
+    for col in ("pp", "tp", "dp", "role", "file", "size"):
+        table.add_column(col, justify="right" if col in ("pp", "tp", "dp", "size") else "left")
+    ordered = sorted(
+        (f for f in layout.files if f.role is not Role.LAYER),
+        key=lambda f: (f.mp or 0, -1 if f.dp is None else f.dp, f.role.value),
+    )
+    for f in ordered:
+        c = file_coordinates(layout, f)
+        table.add_row(*(_opt(c[k]) for k in ("pp", "tp", "dp")), f.role.value, f.name,
+                      human_bytes(f.size))
+    return table
+
+
+def _layer_grid(layout: Layout) -> Table:
+    by_layer: dict[int, dict[int, int]] = defaultdict(dict)
+    for f in layout.files:
+        if f.role is Role.LAYER and f.layer is not None and f.tp is not None:
+            by_layer[f.layer][f.tp] = f.size
+    tps = sorted({tp for row in by_layer.values() for tp in row})
+    table = Table(title="Layer files (layer x TP rank)", title_justify="left")
+    table.add_column("layer", justify="right")
+    for tp in tps:
+        table.add_column(f"tp {tp}", justify="right")
+    for layer in sorted(by_layer):
+        table.add_row(str(layer), *(human_bytes(by_layer[layer][tp]) if tp in by_layer[layer]
+                                    else Text("missing", style="bold red") for tp in tps))
+    return table
+
+
+def _params(layout: Layout) -> Table:
+    table = Table(title="Parameters", title_justify="left")
+    for col in ("name", "shape", "dtype", "kind", "placement"):
+        table.add_column(col, overflow="fold")
+    for t in layout.tensors:
+        table.add_row(t.name, "x".join(map(str, t.shape)) or "scalar", t.dtype, t.kind, t.placement)
+    return table
+
+
+def findings_table(layout: Layout) -> RenderableType:
+    if not layout.findings:
+        return Text("No problems found.", style="green")
+    table = Table(title="Findings", title_justify="left", show_lines=False)
+    table.add_column("level")
+    table.add_column("what", overflow="fold")
+    for f in sorted(layout.findings, key=lambda x: x.level != ERROR):
+        table.add_row(Text(f.level, style=_LEVEL_STYLE.get(f.level, "")), f.message)
+    return table
+
+
+def _opt(value: int | None) -> str:
+    return "-" if value is None else str(value)
