@@ -1,0 +1,49 @@
+# Everything runs in a project-local virtual environment. torch is pinned through constraints.txt
+# so no step can pull a CUDA build; DeepSpeed is installed only for tests (it writes fixtures and
+# provides the reference values).
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+PIP := $(BIN)/pip install --disable-pip-version-check -q -c constraints.txt
+DEEPSPEED_VERSION := 0.19.8
+SAMPLE := tests/fixtures/zero/z2-bf16-dp2/ckpt
+DEMO_OUT := demo-out
+
+.PHONY: demo test fixtures bench lint clean
+
+$(BIN)/dsckpt: pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(PIP) torch==2.13.0
+	$(PIP) -e '.[test]'
+	touch $@
+
+$(VENV)/.deepspeed: $(BIN)/dsckpt
+	$(PIP) --no-build-isolation deepspeed==$(DEEPSPEED_VERSION)
+	touch $@
+
+## demo: set up, then inspect and consolidate the bundled sample checkpoint
+demo: $(BIN)/dsckpt
+	$(BIN)/dsckpt inspect $(SAMPLE)
+	$(BIN)/dsckpt to-fp32 $(SAMPLE) $(DEMO_OUT)/model.safetensors --force
+	$(BIN)/python -c "from safetensors.torch import load_file; sd = load_file('$(DEMO_OUT)/model.safetensors'); print(len(sd), 'tensors loaded back without DeepSpeed')"
+
+## test: set up (with test-only DeepSpeed) and run the whole suite
+test: $(VENV)/.deepspeed
+	$(BIN)/python -m pytest -q
+
+## fixtures: regenerate the DeepSpeed-written checkpoints under tests/fixtures
+fixtures: $(VENV)/.deepspeed
+	$(BIN)/python tests/fixtures/generate.py
+	$(BIN)/python tests/fixtures/generate_pipe.py
+
+## bench: the benchmark against DeepSpeed's own tools (large; minutes)
+bench: $(VENV)/.deepspeed
+	$(BIN)/python bench/bench_to_fp32.py
+
+lint: $(BIN)/dsckpt
+	$(PIP) ruff mypy
+	$(BIN)/ruff check dsckpt tests bench
+	$(BIN)/mypy dsckpt
+
+clean:
+	rm -rf $(VENV) $(DEMO_OUT) .pytest_cache
