@@ -22,6 +22,7 @@ from dsckpt.files import Location, RankFile, Role, locate, scan
 from dsckpt.load import TensorRef, load_meta, read_full, tensor_ref
 
 ERROR, WARNING, INFO = "error", "warning", "info"
+MODEL_INFO_KEYS = ("args", "checkpoint_info", "universal_checkpoint_info")
 
 
 @dataclass(frozen=True)
@@ -86,6 +87,9 @@ class Layout:
     zero_sources: Mapping[int, ZeroSources] = field(default_factory=dict)
     whole: Mapping[str, tuple[TensorRef, ...]] = field(default_factory=dict)
     frozen_fragments: Mapping[str, tuple[TensorRef, ...]] = field(default_factory=dict)
+    # Megatron-DeepSpeed's own description of the model (args, checkpoint_info,
+    # universal_checkpoint_info), where the run stored it: input to the TP merge rules.
+    model_info: Mapping[str, Any] = field(default_factory=dict)
 
     @property
     def world_size(self) -> int:
@@ -292,6 +296,7 @@ class _Reader:
             files=tuple(self.files), tensors=tuple(tensors), findings=tuple(self.findings),
             other_tags=self.location.other_tags, zero_sources=dict(sources),
             whole=dict(whole or {}), frozen_fragments=dict(frozen or {}),
+            model_info={k: meta[k] for k in MODEL_INFO_KEYS if meta.get(k) is not None},
         )
 
     def _check_mp_files(self, meta: Mapping[str, Any], model_files: list[RankFile]) -> None:

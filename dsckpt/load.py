@@ -75,11 +75,35 @@ STAND_INS: dict[str, type] = {
 }
 
 
-def _allowed_globals() -> list[tuple[type, str]]:
-    return [(cls, path) for path, cls in STAND_INS.items()]
+def _numpy_globals() -> list[tuple[Any, str]]:
+    """numpy's array and dtype reconstructors, for the RNG states Megatron-DeepSpeed saves.
+
+    They rebuild arrays from raw bytes and dtype strings only; object arrays get their elements
+    from this same restricted unpickler. Without numpy installed such files get a clear error.
+    """
+    try:
+        import numpy as np
+    except ImportError:
+        return []
+    multiarray = np._core.multiarray if hasattr(np, "_core") else np.core.multiarray
+    allowed: list[tuple[Any, str]] = [(np.ndarray, "numpy.ndarray"), (np.dtype, "numpy.dtype")]
+    # A dtype's state is restored onto an instance of its concrete class (numpy >= 1.25).
+    dtypes = getattr(np, "dtypes", None)
+    for name in getattr(dtypes, "__all__", []):
+        allowed.append((getattr(dtypes, name), f"numpy.dtypes.{name}"))
+    for module in ("numpy._core.multiarray", "numpy.core.multiarray"):
+        allowed += [(multiarray._reconstruct, f"{module}._reconstruct"),
+                    (multiarray.scalar, f"{module}.scalar")]
+    return allowed
 
 
-_GLOBAL_IN_MESSAGE = re.compile(r"GLOBAL ([\w.]+)")
+@lru_cache(maxsize=1)
+def _allowed_globals() -> list[tuple[Any, str]]:
+    return [(cls, path) for path, cls in STAND_INS.items()] + _numpy_globals()
+
+
+# How torch's restricted unpickler names what it refused: a global, or a type to rebuild.
+_GLOBAL_IN_MESSAGE = re.compile(r"GLOBAL ([\w.]+)|but got <class '([\w.]+)'>")
 
 
 def load_meta(path: Path) -> Any:
@@ -107,7 +131,7 @@ def load_meta(path: Path) -> Any:
         if found is None:
             raise CorruptFile(path, f"unreadable pickle ({_first_line(exc)})") from exc
         raise UnsafeCheckpoint(
-            f"{path}: the pickle asks for `{found.group(1)}`, which is not on dsckpt's allow-list "
+            f"{path}: the pickle asks for `{found.group(1) or found.group(2)}`, which is not on dsckpt's allow-list "
             "(loading it could run code), so nothing from the file was run; if this file really "
             "is a DeepSpeed checkpoint, report the name so a stand-in can be added"
         ) from exc

@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 
+from dsckpt import zero
 from dsckpt.errors import UnsupportedLayout
 from dsckpt.files import RankFile, Role
 from dsckpt.layout import ERROR, Layout, TensorEntry, ZeroSources, _dtype
+from dsckpt.load import load_meta, tensor_ref
+from dsckpt.plan import Read
 
 if TYPE_CHECKING:
     from dsckpt.layout import _Reader
@@ -92,6 +97,135 @@ def _layer_dtype(reader: _Reader, layers: list[RankFile]) -> str | None:
     return None
 
 
-def plan_pipeline_consolidation(layout: Layout, dtype: str) -> ConsolidationPlan:
-    raise UnsupportedLayout(f"{layout.dir} is a pipeline (PP {layout.pp} x TP {layout.tp}) "
-                            "checkpoint: consolidating it is not implemented yet")
+def plan_pipeline_consolidation(layout: Layout, dtype: str, *, rules_file: Path | None = None,
+                                from_layers: bool = False, strip_vocab_padding: bool = True
+                                ) -> ConsolidationPlan:
+    """Plan one full state dict from TP slices and PP stages, named as ``param_shapes`` names them.
+
+    Each parameter's TP slices combine as its rule says (see :mod:`dsckpt.tp_rules`); each slice
+    is itself read from the fp32 ZeRO partitions of its (stage, TP rank), or from the layer files
+    with ``from_layers``. Tied modules are taken from the first stage that holds them.
+    """
+    from dsckpt.plan import DTYPES, ConsolidationPlan, OutputTensor
+    from dsckpt.tp_rules import load_rules
+
+    info = layout.model_info
+    vocab = (info.get("checkpoint_info") or {}).get("original_vocab_size")
+    rules = load_rules(rules_file, info.get("universal_checkpoint_info"),
+                       model_args=info.get("args"),
+                       facts={"original_vocab_size": vocab} if vocab else None)
+    slices = _layer_slices(layout) if from_layers else _zero_slices(layout)
+    out_dtype = DTYPES[dtype]
+    outputs = []
+    for name, per_rank in slices.items():
+        shapes = [_shape(pieces) for pieces in per_rank]
+        tp_plan = rules.merge_plan(name, shapes, strip_padding=strip_vocab_padding)
+        reads = _compose(tp_plan, per_rank)
+        outputs.append(OutputTensor(name, tuple(tp_plan.full_shape), out_dtype, tuple(reads)))
+    source = ("layer files (model dtype, upcast)" if from_layers
+              else "fp32 master weights from the optimizer partitions")
+    return ConsolidationPlan(tensors=tuple(outputs), source=source)
+
+
+@dataclass(frozen=True)
+class _LocalSlice:
+    """One TP rank's slice of a parameter: its local shape and the flat runs that hold it."""
+
+    shape: tuple[int, ...]
+    runs: tuple[Read, ...]  # dst_start = element offset inside the local (flattened) slice
+
+
+def _shape(local: _LocalSlice) -> tuple[int, ...]:
+    return local.shape
+
+
+def _zero_slices(layout: Layout) -> dict[str, list[_LocalSlice]]:
+    """Per parameter, per TP rank: where its fp32 slice lives in that rank's ZeRO partitions."""
+    if not layout.zero_sources:
+        raise UnsupportedLayout(
+            f"{layout.dir} has no ZeRO optimizer partitions to take fp32 master weights from: "
+            "pass --from-layers to consolidate the layer files (model dtype, upcast)")
+    slices: dict[str, list[_LocalSlice]] = {}
+    for stage in range(layout.pp):
+        for tp_rank in range(layout.tp):
+            sources = layout.zero_sources.get(stage * layout.tp + tp_rank)
+            if sources is None:
+                raise UnsupportedLayout(f"stage {stage}, TP rank {tp_rank} has no readable "
+                                        "optimizer partitions")
+            for g, group in enumerate(sources.groups):
+                for param in group.params:
+                    if stage > 0 and param.name.startswith("tied_modules.") and param.name in slices \
+                            and len(slices[param.name]) == layout.tp:
+                        continue  # a tied module's first stage copy is the one kept in sync
+                    runs = tuple(Read(sources.fp32[p.rank][g], p.src_start, p.length, p.dst_start)
+                                 for p in group.pieces(param))
+                    slices.setdefault(param.name, []).append(_LocalSlice(param.shape, runs))
+    return slices
+
+
+def _layer_slices(layout: Layout) -> dict[str, list[_LocalSlice]]:
+    """Per parameter, per TP rank: the layer file tensor (saved whole, in the model dtype)."""
+    tied = _tied_names(layout)
+    slices: dict[str, list[_LocalSlice]] = {}
+    layer_files = sorted((f for f in layout.files if f.role is Role.LAYER),
+                         key=lambda f: (f.layer or 0, f.tp or 0))
+    for f in layer_files:
+        path = layout.dir / f.name
+        for key, tensor in (load_meta(path) or {}).items():
+            if not isinstance(tensor, torch.Tensor):
+                continue
+            name = tied.get((f.layer, key), f"{f.layer}.{key}")
+            ref = tensor_ref(path, tensor)
+            slices.setdefault(name, []).append(
+                _LocalSlice(tuple(tensor.shape), (Read(ref, 0, ref.numel, 0),)))
+    return slices
+
+
+def _tied_names(layout: Layout) -> dict[tuple[int | None, str], str]:
+    """(layer, key) -> tied_modules name, for layers whose parameters param_shapes lists as tied."""
+    known = {t.name for t in layout.tensors}
+    tied = {}
+    for f in layout.files:
+        if f.role is Role.LAYER and f.tp == 0:
+            for key in load_meta(layout.dir / f.name) or {}:
+                if f"{f.layer}.{key}" in known:
+                    continue
+                match = [n for n in known if n.startswith("tied_modules.") and n.endswith("." + key)]
+                if len(match) == 1:
+                    tied[(f.layer, key)] = match[0]
+    return tied
+
+
+def _compose(tp_plan: Any, per_rank: list[_LocalSlice]) -> list[Read]:
+    """Flat element reads for the merged tensor: TP pieces along ``dim`` over each rank's runs."""
+    if tp_plan.combine == "mean":
+        raise UnsupportedLayout(f"{tp_plan.rule.pattern}: averaging replicated TP copies is not "
+                                "supported in consolidation; use a `replicated` rule")
+    full = tuple(tp_plan.full_shape)
+    if tp_plan.combine == "copy" or tp_plan.dim is None:
+        return _clip(per_rank[0].runs, 0, zero.numel(full), 0)
+    dim = tp_plan.dim
+    outer = zero.numel(full[:dim])
+    inner = zero.numel(full[dim + 1:])
+    reads = []
+    for piece in tp_plan.pieces[0]:
+        local = per_rank[piece.src]
+        local_dim = local.shape[dim]
+        for o in range(outer):
+            src = (o * local_dim + piece.src_start) * inner
+            dst = (o * full[dim] + piece.dst_start) * inner
+            reads.extend(_clip(local.runs, src, piece.length * inner, dst))
+    return reads
+
+
+def _clip(runs: tuple[Read, ...], start: int, count: int, dst: int) -> list[Read]:
+    """The parts of ``runs`` covering local elements ``[start, start+count)``, placed at ``dst``."""
+    out = []
+    end = start + count
+    for run in runs:
+        lo = max(start, run.dst_start)
+        hi = min(end, run.dst_start + run.length)
+        if lo < hi:
+            out.append(Read(run.source, run.src_start + lo - run.dst_start, hi - lo,
+                            dst + lo - start))
+    return out

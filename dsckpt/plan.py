@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
@@ -66,8 +67,9 @@ class ConsolidationPlan:
         return iter(self.tensors)
 
 
-def plan_consolidation(layout: Layout, dtype: str = "fp32", exclude_frozen: bool = False
-                       ) -> ConsolidationPlan:
+def plan_consolidation(layout: Layout, dtype: str = "fp32", exclude_frozen: bool = False, *,
+                       rules_file: Path | None = None, from_layers: bool = False,
+                       strip_vocab_padding: bool = True) -> ConsolidationPlan:
     """Plan the consolidated state dict of a ZeRO or plain checkpoint.
 
     The order follows DeepSpeed's ``zero_to_fp32``: buffers, frozen parameters, trainable
@@ -85,7 +87,9 @@ def plan_consolidation(layout: Layout, dtype: str = "fp32", exclude_frozen: bool
     if layout.kind == "pipeline":
         from dsckpt.pipeline import plan_pipeline_consolidation
 
-        return plan_pipeline_consolidation(layout, dtype)
+        return plan_pipeline_consolidation(layout, dtype, rules_file=rules_file,
+                                           from_layers=from_layers,
+                                           strip_vocab_padding=strip_vocab_padding)
     out_dtype = DTYPES[dtype]
     by_kind: dict[str, list[TensorEntry]] = {"buffer": [], "frozen": [], "trainable": [], "tied": []}
     for entry in layout.tensors:
