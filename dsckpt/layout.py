@@ -90,6 +90,9 @@ class Layout:
     # Megatron-DeepSpeed's own description of the model (args, checkpoint_info,
     # universal_checkpoint_info), where the run stored it: input to the TP merge rules.
     model_info: Mapping[str, Any] = field(default_factory=dict)
+    # Pipelines: stage boundaries over the layer indices (len pp + 1), as far as the files show
+    # them (layers without parameters at the very end leave no trace); empty when unknown.
+    stage_parts: tuple[int, ...] = ()
 
     @property
     def world_size(self) -> int:
@@ -278,7 +281,7 @@ class _Reader:
                 meta: Mapping[str, Any], tensors: list[TensorEntry],
                 sources: Mapping[int, ZeroSources], whole: Mapping[str, tuple[TensorRef, ...]] | None = None,
                 frozen: Mapping[str, tuple[TensorRef, ...]] | None = None,
-                param_dtype: str | None = None) -> Layout:
+                param_dtype: str | None = None, stage_parts: tuple[int, ...] = ()) -> Layout:
         master = None
         for src in sources.values():
             if src.fp32 and src.fp32[0]:
@@ -297,6 +300,7 @@ class _Reader:
             other_tags=self.location.other_tags, zero_sources=dict(sources),
             whole=dict(whole or {}), frozen_fragments=dict(frozen or {}),
             model_info={k: meta[k] for k in MODEL_INFO_KEYS if meta.get(k) is not None},
+            stage_parts=stage_parts,
         )
 
     def _check_mp_files(self, meta: Mapping[str, Any], model_files: list[RankFile]) -> None:

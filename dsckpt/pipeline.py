@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,6 +48,8 @@ def read_pipeline(reader: _Reader, model_files: list[RankFile]) -> Layout:
     optimizer = "torch" if meta.get("optimizer") else "none"
     dp = int(meta.get("dp_world_size") or 1)
     tensors: list[TensorEntry] = []
+    first_layer: dict[int, int] = {}
+    last_named = 0
     for f in sorted(model_files, key=lambda f: f.mp or 0):
         m = f.mp or 0
         shapes_meta = reader.load(f) if m else meta
@@ -59,12 +62,27 @@ def read_pipeline(reader: _Reader, model_files: list[RankFile]) -> Layout:
                 sources[m] = src
         stage_index, tp_rank = divmod(m, tp)
         if tp_rank == 0:
-            tensors.extend(_stage_entries(param_shapes, stage_index, tp))
+            entries = _stage_entries(param_shapes, stage_index, tp)
+            tensors.extend(entries)
+            indices = [int(e.name.split(".", 1)[0]) for e in entries
+                       if e.name.split(".", 1)[0].isdigit()]
+            if indices:
+                first_layer[stage_index] = min(indices)
+                last_named = max([last_named, *indices])
     reader._check_dp(meta, dp)
     param_dtype = _layer_dtype(reader, layers)
     return reader._layout(kind="pipeline", zero_stage=stage, optimizer=optimizer, pp=pp, tp=tp,
                           dp=dp, meta=meta, tensors=tensors, sources=sources,
-                          param_dtype=param_dtype)
+                          param_dtype=param_dtype, stage_parts=_stage_parts(first_layer, layers, pp, last_named))
+
+
+def _stage_parts(first_layer: dict[int, int], layers: list[RankFile], pp: int,
+                 last_named: int) -> tuple[int, ...]:
+    """Stage boundaries: each stage starts at its first layer named in ``param_shapes``."""
+    if sorted(first_layer) != list(range(pp)):
+        return ()
+    end = max([last_named] + [f.layer or 0 for f in layers]) + 1
+    return (0, *(first_layer[s] for s in range(1, pp)), end)
 
 
 def _check_layer_grid(reader: _Reader, layers: list[RankFile], tp: int) -> None:
@@ -183,7 +201,7 @@ def _layer_slices(layout: Layout) -> dict[str, list[_LocalSlice]]:
 
 def _tied_names(layout: Layout) -> dict[tuple[int | None, str], str]:
     """(layer, key) -> tied_modules name, for layers whose parameters param_shapes lists as tied."""
-    known = {t.name for t in layout.tensors}
+    known = {t.name for t in layout.tensors} | _literal_names(layout)
     tied = {}
     for f in layout.files:
         if f.role is Role.LAYER and f.tp == 0:
@@ -194,6 +212,17 @@ def _tied_names(layout: Layout) -> dict[tuple[int | None, str], str]:
                 if len(match) == 1:
                     tied[(f.layer, key)] = match[0]
     return tied
+
+
+def _literal_names(layout: Layout) -> set[str]:
+    """Parameter names that Megatron's universal_checkpoint_info spells out as plain literals."""
+    names = set()
+    for patterns in (layout.model_info.get("universal_checkpoint_info") or {}).values():
+        for pattern in patterns if isinstance(patterns, list) else []:
+            literal = pattern.replace("\\.", ".")
+            if isinstance(pattern, str) and not re.search(r"[\\^$*+?()\[\]{}|]", literal):
+                names.add(literal)
+    return names
 
 
 def _compose(tp_plan: Any, per_rank: list[_LocalSlice]) -> list[Read]:

@@ -11,6 +11,7 @@ from rich.text import Text
 
 from dsckpt.files import RankFile, Role
 from dsckpt.layout import ERROR, Layout
+from dsckpt.topology_map import TopologyMap
 
 JSON_SCHEMA_VERSION = 1
 _LEVEL_STYLE = {"error": "bold red", "warning": "yellow", "info": "dim"}
@@ -179,3 +180,96 @@ def findings_table(layout: Layout) -> RenderableType:
 
 def _opt(value: int | None) -> str:
     return "-" if value is None else str(value)
+
+
+# --- topology maps (show-map, reshape --dry-run) ------------------------------------------------
+
+_SHOWN = 4  # per-rank items spelled out in one cell before summarising
+
+
+def _span(values: list[int] | tuple[int, ...] | range) -> str:
+    items = list(values)
+    if not items:
+        return "-"
+    if items == list(range(items[0], items[-1] + 1)) and len(items) > 2:
+        return f"{items[0]}-{items[-1]}"
+    return ",".join(map(str, items))
+
+
+def _few(parts: list[str]) -> str:
+    return "; ".join(parts[:_SHOWN]) + (f"; ... ({len(parts)} in all)" if len(parts) > _SHOWN else "")
+
+
+def map_json(tmap: TopologyMap) -> dict[str, Any]:
+    def topo(t: Any) -> dict[str, int]:
+        return {"pp": t.pp, "tp": t.tp, "dp": t.dp}
+
+    data: dict[str, Any] = {
+        "schema": JSON_SCHEMA_VERSION,
+        "source": {**topo(tmap.src), "stage_parts": list(tmap.src_parts)},
+        "ranks": [
+            {"stage": r.stage, "tp": r.tp_rank, "mp": r.mp_rank, "layers": list(r.layers),
+             "model_file": r.model_file, "optim_files": list(r.optim_files)}
+            for r in tmap.rows
+        ],
+    }
+    if tmap.dst is not None:
+        data["target"] = {**topo(tmap.dst), "stage_parts": list(tmap.dst_parts),
+                          "partition_method": tmap.method, "tp_unit": tmap.tp_unit}
+        data["targets"] = [
+            {"stage": t.stage, "tp": t.tp_rank, "mp": t.mp_rank, "layers": list(t.layers),
+             "source_stages": list(t.source_stages),
+             "tp_pieces": [{"src_tp": p.src, "src_start": p.src_start, "length": p.length,
+                            "dst_start": p.dst_start} for p in t.tp_pieces],
+             "dp_sources": [list(d) for d in t.dp_sources]}
+            for t in tmap.targets
+        ]
+    return data
+
+
+def map_report(tmap: TopologyMap) -> RenderableType:
+    """The source layout by stage, and the old -> new map when a target is set."""
+    src = tmap.src
+    title = f"Source: PP {src.pp} x TP {src.tp} x DP {src.dp}"
+    table = Table(title=title, title_justify="left")
+    for col in ("stage", "layers", "tp", "model states", "layer files", "optimizer files (by dp)"):
+        table.add_column(col, overflow="fold")
+    by_stage: dict[int, list[Any]] = defaultdict(list)
+    for row in tmap.rows:
+        by_stage[row.stage].append(row)
+    for stage, rows in sorted(by_stage.items()):
+        layers = (range(tmap.src_parts[stage], tmap.src_parts[stage + 1])
+                  if tmap.src_parts else range(0))
+        first, last = rows[0], rows[-1]
+        model = first.model_file if len(rows) == 1 else f"mp_rank_{first.mp_rank:02d}..{last.mp_rank:02d}"
+        with_files = sorted({x for r in rows for x in r.layers})
+        dps = len(first.optim_files)
+        optim = (f"{dps} per TP rank: zero_pp_rank_0..{dps - 1}" if dps > 1 else
+                 (first.optim_files[0] if dps and len(rows) == 1 else f"{dps} per TP rank"))
+        table.add_row(str(stage), _span(layers), _span([r.tp_rank for r in rows]), model,
+                      f"layer_{_span(with_files)} x {len(rows)} TP" if with_files else "-", optim)
+    parts: list[RenderableType] = [table]
+    if tmap.dst is not None:
+        parts.append(_targets_table(tmap))
+    return Group(*parts)
+
+
+def _targets_table(tmap: TopologyMap) -> Table:
+    dst = tmap.dst
+    assert dst is not None
+    table = Table(title=f"Target: PP {dst.pp} x TP {dst.tp} x DP {dst.dp} "
+                        f"(layers by '{tmap.method}'; TP pieces in 1/{tmap.tp_unit} of a split dim)",
+                  title_justify="left")
+    for col in ("stage'", "layers", "from stages", "TP' <- source TP slices", "DP' <- source DP"):
+        table.add_column(col, overflow="fold")
+    by_stage: dict[int, list[Any]] = defaultdict(list)
+    for t in tmap.targets:
+        by_stage[t.stage].append(t)
+    for stage, targets in sorted(by_stage.items()):
+        tp_cells = [f"{t.tp_rank}<-" + "+".join(
+            f"{p.src}[{p.src_start}:{p.src_start + p.length}]" for p in t.tp_pieces)
+            for t in targets]
+        dp_cells = [f"{d}<-{_span(srcs)}" for d, srcs in enumerate(targets[0].dp_sources)]
+        table.add_row(str(stage), _span(targets[0].layers), _span(targets[0].source_stages),
+                      _few(tp_cells), _few(dp_cells))
+    return table

@@ -61,9 +61,10 @@ def _root(
 
 
 def _register() -> None:
-    from dsckpt.cli import inspect_cmd
+    from dsckpt.cli import inspect_cmd, show_map_cmd
 
     app.command("inspect")(inspect_cmd.inspect)
+    app.command("show-map")(show_map_cmd.show_map)
 
 
 _register()

@@ -1,0 +1,148 @@
+"""Which file holds which layer slice for which rank, now and for a target topology.
+
+Pure data over a :class:`~dsckpt.layout.Layout` and the integer maps of :mod:`dsckpt.maps`;
+``show-map`` renders it and ``reshape --dry-run`` will render the same thing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from dsckpt import maps, zero
+from dsckpt.errors import UnsupportedLayout, UsageError
+from dsckpt.files import Role
+from dsckpt.layout import Layout, ZeroSources
+
+
+@dataclass(frozen=True)
+class StageRow:
+    """One (stage, TP rank) of the source: its layers and files."""
+
+    stage: int
+    tp_rank: int
+    mp_rank: int
+    layers: tuple[int, ...]  # layers with a layer file on this TP rank, inside the stage
+    model_file: str
+    optim_files: tuple[str, ...]  # by DP rank
+
+
+@dataclass(frozen=True)
+class TargetRow:
+    """One target (stage', TP rank') and the sources that make it."""
+
+    stage: int
+    tp_rank: int
+    mp_rank: int
+    layers: range
+    source_stages: tuple[int, ...]
+    tp_pieces: tuple[maps.Piece, ...]  # in units of 1/tp_unit of every split dimension
+    dp_sources: tuple[tuple[int, ...], ...]  # per target DP rank: source DP ranks (a superset)
+
+
+@dataclass(frozen=True)
+class TopologyMap:
+    src: maps.Topology
+    src_parts: tuple[int, ...]
+    rows: tuple[StageRow, ...]
+    dst: maps.Topology | None = None
+    dst_parts: tuple[int, ...] = ()
+    method: str = ""
+    tp_unit: int = 1
+    targets: tuple[TargetRow, ...] = ()
+
+
+def topology_map(layout: Layout, tp: int | None = None, pp: int | None = None,
+                 dp: int | None = None, method: str = "parameters") -> TopologyMap:
+    """The source maps of ``layout`` and, when any degree is given, the old -> new maps.
+
+    Raises:
+        UsageError: a degree below 1, or a target the layers cannot fill.
+        UnsupportedLayout: the checkpoint does not record what the map needs.
+    """
+    src = maps.Topology(pp=layout.pp, tp=layout.tp, dp=layout.dp)
+    rows = tuple(_rows(layout))
+    parts = layout.stage_parts
+    if layout.kind != "pipeline":
+        parts = (0, 1)  # the whole model as one unit: only the DP dimension can change
+    elif layout.pp == 1 and not parts:
+        last = max((f.layer or 0 for f in layout.files if f.role is Role.LAYER), default=-1)
+        parts = (0, last + 1)
+    base = TopologyMap(src=src, src_parts=tuple(parts), rows=rows)
+    if tp is None and pp is None and dp is None:
+        return base
+    for flag, value in (("--tp", tp), ("--pp", pp), ("--dp", dp)):
+        if value is not None and value < 1:
+            raise UsageError(f"{flag} {value}: degrees start at 1")
+    dst = maps.Topology(pp=pp or layout.pp, tp=tp or layout.tp, dp=dp or layout.dp)
+    if layout.kind != "pipeline" and (dst.pp, dst.tp) != (layout.pp, layout.tp):
+        raise UnsupportedLayout(f"{layout.dir} is not a pipeline / Megatron checkpoint: only --dp "
+                                "can change")
+    if not parts:
+        raise UnsupportedLayout(f"{layout.dir}: the stage boundaries are not recorded (no ZeRO "
+                                "param_shapes), so a target pipeline map cannot be drawn")
+    num_layers = parts[-1]
+    if dst.pp > num_layers:
+        raise UsageError(f"--pp {dst.pp}: the checkpoint shows {num_layers} layers, so at most "
+                         f"{num_layers} stages can each hold one")
+    dst_parts = tuple(maps.partition_layers(method, dst.pp, num_layers=num_layers,
+                                            param_counts=_layer_param_counts(layout, num_layers)))
+    try:
+        reshape = maps.map_3d(src, dst, src_parts=parts, dst_parts=dst_parts)
+    except maps.MapError as exc:
+        raise UsageError(str(exc)) from exc
+    same_model = (dst.pp, dst.tp) == (src.pp, src.tp) and dst_parts == tuple(parts)
+    targets = []
+    for model in reshape.model_map.targets:
+        if same_model and model.mp_rank in layout.zero_sources:
+            dp_sources = _dp_overlaps(layout.zero_sources[model.mp_rank], dst.dp)
+        else:  # the flat groups change with the layers and slices: any source DP rank may feed
+            dp_sources = tuple(tuple(range(src.dp)) for _ in range(dst.dp))
+        targets.append(TargetRow(model.stage, model.tp_rank, model.mp_rank, model.layers,
+                                 model.src_stages, model.tp_pieces, dp_sources))
+    return TopologyMap(src=src, src_parts=tuple(parts), rows=rows, dst=dst, dst_parts=dst_parts,
+                       method=method, tp_unit=reshape.model_map.tp_unit, targets=tuple(targets))
+
+
+def _dp_overlaps(sources: ZeroSources, dst_dp: int) -> tuple[tuple[int, ...], ...]:
+    """Per target DP rank, the source DP ranks whose partitions overlap it, over all groups."""
+    found: list[set[int]] = [set() for _ in range(dst_dp)]
+    layouts = list(sources.groups)
+    if sources.zero3 is not None:  # every parameter is split on its own: all ranks meet
+        return tuple(tuple(range(sources.zero3.dp)) for _ in range(dst_dp))
+    for group in layouts:
+        data = group.data_numel
+        new_size = zero.zero12_partition_size(data, dst_dp)
+        src_bounds = [min(data, r * group.partition_size) for r in range(group.dp + 1)]
+        dst_bounds = [min(data, r * new_size) for r in range(dst_dp + 1)]
+        for rank, pieces in enumerate(maps.overlap_pieces(src_bounds, dst_bounds)):
+            found[rank].update(p.src for p in pieces)
+    return tuple(tuple(sorted(s)) for s in found)
+
+
+def _rows(layout: Layout) -> list[StageRow]:
+    layer_tps: dict[int, set[int]] = {}
+    for f in layout.files:
+        if f.role is Role.LAYER and f.layer is not None:
+            layer_tps.setdefault(f.tp or 0, set()).add(f.layer)
+    parts = layout.stage_parts
+    rows = []
+    for stage in range(layout.pp):
+        inside = range(parts[stage], parts[stage + 1]) if parts else range(0)
+        for tp_rank in range(layout.tp):
+            mp = stage * layout.tp + tp_rank
+            optim = sorted((f for f in layout.files if f.role is Role.OPTIM and f.mp == mp),
+                           key=lambda f: f.dp or 0)
+            layers = tuple(sorted(x for x in layer_tps.get(tp_rank, ()) if x in inside))
+            rows.append(StageRow(stage, tp_rank, mp, layers, f"mp_rank_{mp:02d}_model_states.pt",
+                                 tuple(f.name for f in optim)))
+    return rows
+
+
+def _layer_param_counts(layout: Layout, num_layers: int) -> list[int]:
+    """Trainable elements per layer as one TP rank holds them (what ``parameters`` balances)."""
+    counts = [0] * num_layers
+    for t in layout.tensors:
+        head = t.name.split(".", 1)[0]
+        if head.isdigit() and int(head) < num_layers:
+            counts[int(head)] += t.numel
+    return counts
