@@ -359,9 +359,12 @@ class _Reader:
         kind = "zero" if "zero_stage" in first else "bf16_optimizer"
         counts = {d: _partition_count(osd) for d, (_, osd) in states.items()}
         dp = counts[min(counts)]
-        if len(set(counts.values())) > 1:
-            self.note(ERROR, "mixed-runs", "optimizer files disagree on partition_count "
-                      f"({counts}): they come from different runs")
+        for what, values in (("partition_count", counts),
+                             ("zero_stage", {d: osd.get("zero_stage") for d, (_, osd) in states.items()}),
+                             ("ds_version", {d: osd.get("ds_version") for d, (_, osd) in states.items()})):
+            if len(set(values.values())) > 1:
+                self.note(ERROR, "mixed-runs", f"optimizer files disagree on {what} (by DP rank: "
+                          f"{values}): files from different runs are mixed; copy one save whole")
         prefix = first_file.prefix
         self._check_rank_set("optimizer", set(by_dp), dp,
                              lambda d: f"{prefix}zero_pp_rank_{d}_mp_rank_{mp:02d}_optim_states.pt")

@@ -1,0 +1,1202 @@
+"""Reshape a ZeRO checkpoint to another data-parallel size, as if DeepSpeed had saved it there.
+
+Three layers, as everywhere in dsckpt:
+
+* **Facts** (:class:`SourceFacts`): what the saved partitioning is, in plain integers and names,
+  read from the rank files' metadata (no tensor data).
+* **Plan** (:func:`plan_from_facts`, pure, no I/O): for every target rank and every flat group
+  (ZeRO-1/2 optimizer group, ZeRO-3 sub-group) which source ranks and element ranges make its
+  partition (:class:`Run`), plus the bookkeeping DeepSpeed records for the new size
+  (``group_paddings``, ``param_slice_mappings``, ZeRO-3 sub-groups and ``param_shapes``).
+* **Execution** (:func:`reshape`): one output file at a time, reading only the byte ranges each
+  target partition needs with ``pread``, written with ``torch.save`` under a temporary name and
+  renamed; the whole output directory is built beside ``OUT`` and renamed at the end.
+
+DeepSpeed's rules for a size ``N`` (read from its source, checked on real checkpoints):
+
+* ZeRO-1/2 and BF16_Optimizer: a group's flat buffer (parameters in ``param_shapes`` order, with
+  ``parameter_alignment`` pads) is zero-padded to a multiple of ``2*N``; rank ``r`` owns
+  ``[r*P, (r+1)*P)``. Optimizer state (``exp_avg``, ...) is saved with the full ``P``. ZeRO saves
+  the fp32 slice without its tail padding and records it per rank in ``group_paddings``;
+  BF16_Optimizer saves it whole and records the total padding on the last rank only.
+  ``round_robin_gradients`` reorders each group's parameters by ``i % N``, so the order changes
+  with ``N``: it is undone with the source size and redone with the target size.
+* ZeRO-3: every parameter is split on its own into ``ceil(numel/N)`` pieces; a rank's flat tensor
+  per sub-group concatenates its pieces. Sub-groups are cut from each optimizer group where the
+  running sum of piece sizes reaches ``sub_group_size``, so they too depend on ``N``.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import pickle
+import shutil
+import types
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from dsckpt import zero
+from dsckpt.errors import InconsistentCheckpoint, OutputError, UnsupportedLayout, UsageError
+
+# DeepSpeed's default `zero_optimization.sub_group_size`.
+DEFAULT_SUB_GROUP_SIZE = 1_000_000_000
+
+# ---------------------------------------------------------------------------------------------
+# Facts and plan: plain data, no torch
+# ---------------------------------------------------------------------------------------------
+
+Shape = tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class SourceGroup:
+    """One saved flat group: a ZeRO-1/2 optimizer group or a ZeRO-3 sub-group.
+
+    ``params`` are ``(name, shape)`` in flat order (``param_shapes[g]``). ``partition_size`` is the
+    per-rank slice (ZeRO-1/2, BF16_Optimizer; padding included). ``ds_id`` is the ZeRO-3 flat
+    tensor's ``ds_id`` attribute, kept so an unchanged sub-group is written back as it was.
+    """
+
+    params: tuple[tuple[str, Shape], ...]
+    param_group: int
+    partition_size: int = 0
+    alignment_paddings: tuple[int, ...] | None = None
+    ds_id: str | None = None
+
+
+@dataclass(frozen=True)
+class SourceFacts:
+    """What the saved partitioning is, as DeepSpeed defines it (inputs of the pure planner).
+
+    Args:
+        kind: ``"zero"`` (DeepSpeedZeroOptimizer, ZeRO-1/2), ``"bf16_optimizer"`` or ``"zero3"``.
+        dp: the data-parallel size the checkpoint was saved at.
+        groups: the flat groups, in saved order.
+        round_robin: ZeRO-1/2 ``round_robin_gradients`` (flat order depends on the DP size).
+        param_alignment: ZeRO-1/2 ``parameter_alignment`` in elements (1 when off).
+        sub_group_size: ZeRO-3 ``sub_group_size``.
+        frozen: ZeRO-3 frozen parameters ``(name, shape)``: their fragments are re-split too.
+        param_order: ZeRO-3 parameter names in module order (for the ``ds_id`` bookkeeping).
+    """
+
+    kind: str
+    stage: int
+    dp: int
+    groups: tuple[SourceGroup, ...]
+    round_robin: bool = False
+    param_alignment: int = 1
+    sub_group_size: int = DEFAULT_SUB_GROUP_SIZE
+    frozen: tuple[tuple[str, Shape], ...] = ()
+    param_order: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Run:
+    """``length`` elements from ``src_start`` of source rank ``src_rank``'s flat tensor
+    ``src_index`` (group, sub-group, or frozen parameter) go to ``dst_start`` of the target."""
+
+    src_rank: int
+    src_index: int
+    src_start: int
+    length: int
+    dst_start: int
+
+
+@dataclass(frozen=True)
+class Partition:
+    """One target tensor: its length (padding included) and the runs that fill it.
+
+    Elements no run covers are padding and are written as zeros.
+    """
+
+    rank: int
+    numel: int
+    runs: tuple[Run, ...]
+
+    @property
+    def data_numel(self) -> int:
+        return sum(r.length for r in self.runs)
+
+    @property
+    def padding(self) -> int:
+        return self.numel - self.data_numel
+
+
+@dataclass(frozen=True)
+class TargetGroup:
+    """One flat group at the target size, with one :class:`Partition` per target rank."""
+
+    index: int
+    param_group: int
+    params: tuple[tuple[str, Shape], ...]  # flat order at the target size (param_shapes[index])
+    partitions: tuple[Partition, ...]
+    sources: tuple[int, ...]  # source group indices the data comes from
+    alignment_paddings: tuple[int, ...] | None = None  # ZeRO-1/2 param_alignment_paddings
+    ds_id: str | None = None  # ZeRO-3 flat tensor bookkeeping
+
+
+@dataclass(frozen=True)
+class FrozenFragments:
+    """A ZeRO-3 frozen parameter's per-rank fragments at the target size."""
+
+    name: str
+    shape: Shape
+    partitions: tuple[Partition, ...]
+
+
+@dataclass(frozen=True)
+class ReshapePlan:
+    """Everything the output files hold that depends on the DP size.
+
+    ``group_paddings[rank][group]`` and ``slice_mappings[rank][group]`` (``(name, numel, start)``
+    triples, DeepSpeed's ``param_slice_mappings``) are for ZeRO-1/2 and BF16_Optimizer only.
+    """
+
+    kind: str
+    stage: int
+    source_dp: int
+    dp: int
+    groups: tuple[TargetGroup, ...]
+    frozen: tuple[FrozenFragments, ...] = ()
+    group_paddings: tuple[tuple[int, ...], ...] = ()
+    slice_mappings: tuple[tuple[tuple[tuple[str, int, int], ...], ...], ...] = ()
+    params_reordered: bool = False  # ZeRO-1/2 round robin: param_shapes order changes
+
+    @property
+    def param_groups(self) -> int:
+        return max((g.param_group for g in self.groups), default=-1) + 1
+
+    def rows(self) -> list[tuple[str, int, int, int, str]]:
+        """``(group, target rank, elements, padding, sources)`` for a table; sources read like
+        ``r0[82:164]->0``: source rank 0, its elements 82..163, placed from element 0."""
+        rows = []
+        for group in self.groups:
+            label = (f"sub-group {group.index} (group {group.param_group})" if self.kind == "zero3"
+                     else f"group {group.index}")
+            for part in group.partitions:
+                rows.append((label, part.rank, part.numel, part.padding, describe_runs(part.runs)))
+        return rows
+
+
+def describe_runs(runs: Sequence[Run], limit: int = 4) -> str:
+    if not runs:
+        return "(all padding)"
+    shown = [f"r{r.src_rank}[{r.src_start}:{r.src_start + r.length}]->{r.dst_start}"
+             for r in runs[:limit]]
+    more = f" +{len(runs) - limit} more" if len(runs) > limit else ""
+    return " ".join(shown) + more
+
+
+def round_robin_order(count: int, dp: int) -> list[int]:
+    """DeepSpeed's ``round_robin_gradients`` order: flat position -> original parameter index."""
+    return [i for j in range(min(count, dp)) for i in range(j, count, dp)]
+
+
+def alignment_paddings(numels: Sequence[int], alignment: int) -> list[int]:
+    """Pads after each parameter (none after the last) so every start is a multiple of ``alignment``."""
+    pads = []
+    offset = 0
+    for i, n in enumerate(numels):
+        offset += n
+        pad = 0 if i == len(numels) - 1 else (-offset) % alignment
+        pads.append(pad)
+        offset += pad
+    return pads
+
+
+def _offsets(numels: Sequence[int], pads: Sequence[int]) -> tuple[list[int], int]:
+    offsets, offset = [], 0
+    for n, pad in zip(numels, pads, strict=True):
+        offsets.append(offset)
+        offset += n + pad
+    return offsets, offset - (pads[-1] if pads else 0)
+
+
+def split_segments(segments: Iterable[tuple[int, int, int, int]], src_size: int, dst_size: int,
+                   dst_ranks: int) -> list[list[Run]]:
+    """Cut ``(src_index, src_offset, dst_offset, length)`` segments of a flat index space at the
+    source and target partition boundaries; returns the runs of each target rank, merged where
+    they continue each other."""
+    per_rank: list[list[Run]] = [[] for _ in range(dst_ranks)]
+    for src_index, src_offset, dst_offset, length in segments:
+        done = 0
+        while done < length:
+            src_rank, src_inner = divmod(src_offset + done, src_size)
+            dst_rank, dst_inner = divmod(dst_offset + done, dst_size)
+            n = min(length - done, src_size - src_inner, dst_size - dst_inner)
+            _append(per_rank[dst_rank], Run(src_rank, src_index, src_inner, n, dst_inner))
+            done += n
+    return [sorted(runs, key=lambda r: r.dst_start) for runs in per_rank]
+
+
+def _append(runs: list[Run], run: Run) -> None:
+    if runs:
+        last = runs[-1]
+        if (last.src_rank == run.src_rank and last.src_index == run.src_index
+                and last.src_start + last.length == run.src_start
+                and last.dst_start + last.length == run.dst_start):
+            runs[-1] = Run(last.src_rank, last.src_index, last.src_start, last.length + run.length,
+                           last.dst_start)
+            return
+    runs.append(run)
+
+
+def slice_mapping(names: Sequence[str], numels: Sequence[int], offsets: Sequence[int] | None,
+                  rank: int, partition_size: int) -> tuple[tuple[str, int, int], ...]:
+    """DeepSpeed's ``param_slice_mappings`` entry of one group on one rank.
+
+    Parameters go in their group order; ``offsets`` are their flat offsets when the group has
+    alignment padding, otherwise DeepSpeed takes running sums in group order (which is what it
+    records even under ``round_robin_gradients``, and so do we).
+    """
+    start, end = rank * partition_size, (rank + 1) * partition_size
+    out = []
+    running = 0
+    for i, (name, n) in enumerate(zip(names, numels, strict=True)):
+        off = offsets[i] if offsets is not None else running
+        running += n
+        if n and (start <= off < end or off < start < off + n):
+            lo = max(off, start)
+            out.append((name, min(off + n, end) - lo, lo - start))
+    return tuple(out)
+
+
+def zero12_group_paddings(data_numel: int, total_numel: int, partition_size: int, dp: int,
+                          kind: str) -> list[int]:
+    """``group_paddings[g]`` per rank: ZeRO's tail padding inside each rank's slice, or
+    BF16_Optimizer's total padding recorded on the last rank only."""
+    if kind == "bf16_optimizer":
+        return [0] * (dp - 1) + [partition_size * dp - total_numel]
+    return [partition_size - max(0, min(partition_size, data_numel - r * partition_size))
+            for r in range(dp)]
+
+
+def zero3_sub_groups(numels: Sequence[int], dp: int, sub_group_size: int) -> list[list[int]]:
+    """Split one optimizer group (parameter numels in order) into ZeRO-3 sub-groups at ``dp``."""
+    parts = [zero.zero3_partition_numel(n, dp) for n in numels]
+    if sub_group_size >= sum(parts):
+        return [list(range(len(parts)))]
+    groups: list[list[int]] = []
+    current: list[int] = []
+    size = 0
+    for i, p in enumerate(parts):
+        current.append(i)
+        size += p
+        if size >= sub_group_size or i == len(parts) - 1:
+            groups.append(current)
+            current, size = [], 0
+    return groups
+
+
+def _zero3_runs(numel: int, src_dp: int, dst_dp: int, dst_rank: int,
+                locate: Callable[[int], tuple[int, int]], dst_offset: int) -> list[Run]:
+    """Runs giving target rank ``dst_rank`` its ``ceil(numel/dst_dp)`` piece of one parameter.
+
+    ``locate(src_rank)`` is ``(src_index, offset of the parameter's piece)`` in that rank's tensor.
+    """
+    src_c = zero.zero3_partition_numel(numel, src_dp)
+    dst_c = zero.zero3_partition_numel(numel, dst_dp)
+    lo, hi = dst_rank * dst_c, min(numel, (dst_rank + 1) * dst_c)
+    runs = []
+    e = lo
+    while e < hi:
+        src_rank, inner = divmod(e, src_c)
+        n = min(hi - e, src_c - inner)
+        index, base = locate(src_rank)
+        runs.append(Run(src_rank, index, base + inner, n, dst_offset + e - lo))
+        e += n
+    return runs
+
+
+def plan_from_facts(facts: SourceFacts, dp: int) -> ReshapePlan:
+    """The reshape plan to ``dp`` data-parallel ranks (pure: integers in, integers out).
+
+    Raises:
+        UsageError: ``dp`` below 1.
+        UnsupportedLayout: the saved layout does not follow DeepSpeed's rules as understood here
+            (so a reshape could not be trusted).
+    """
+    if dp < 1:
+        raise UsageError(f"--dp {dp}: the data-parallel size must be at least 1")
+    if facts.kind == "zero3":
+        return _plan_zero3(facts, dp)
+    return _plan_zero12(facts, dp)
+
+
+def _plan_zero12(facts: SourceFacts, dp: int) -> ReshapePlan:
+    groups = []
+    paddings_by_group = []
+    mappings_by_group = []
+    reordered = False
+    for g, src in enumerate(facts.groups):
+        names = [n for n, _ in src.params]
+        shapes = dict(src.params)
+        numels = [zero.numel(s) for s in shapes.values()]
+        count = len(names)
+        src_pads = list(src.alignment_paddings) if src.alignment_paddings is not None else [0] * count
+        # The group's own order (DeepSpeed's bit16_groups): undo the source's round robin.
+        if facts.round_robin:
+            original = [""] * count
+            for pos, index in enumerate(round_robin_order(count, facts.dp)):
+                original[index] = names[pos]
+            dst_names = [original[i] for i in round_robin_order(count, dp)]
+        else:
+            original = names
+            dst_names = names
+        dst_numels = [zero.numel(shapes[n]) for n in dst_names]
+        if dst_names == names:
+            dst_pads = src_pads
+        else:
+            reordered = True
+            if alignment_paddings(numels, facts.param_alignment) != src_pads:
+                raise UnsupportedLayout(
+                    f"group {g}: param_alignment_paddings {src_pads} do not follow DeepSpeed's "
+                    f"parameter_alignment rule ({facts.param_alignment} elements), so the group "
+                    "cannot be re-ordered for round_robin_gradients at another DP size")
+            dst_pads = alignment_paddings(dst_numels, facts.param_alignment)
+        src_offsets, src_data = _offsets(numels, src_pads)
+        dst_offsets, dst_data = _offsets(dst_numels, dst_pads)
+        dst_size = zero.zero12_partition_size(dst_data, dp)
+        if dst_names == names:
+            # Same flat order: the whole data range (alignment pads included) moves as one.
+            segments: list[tuple[int, int, int, int]] = [(g, 0, 0, src_data)] if src_data else []
+        else:
+            src_at = dict(zip(names, src_offsets, strict=True))
+            dst_at = dict(zip(dst_names, dst_offsets, strict=True))
+            segments = [(g, src_at[n], dst_at[n], zero.numel(shapes[n])) for n in names
+                        if zero.numel(shapes[n])]
+        per_rank = split_segments(segments, src.partition_size, dst_size, dp)
+        partitions = tuple(Partition(r, dst_size, tuple(runs)) for r, runs in enumerate(per_rank))
+        groups.append(TargetGroup(
+            index=g, param_group=g, params=tuple((n, shapes[n]) for n in dst_names),
+            partitions=partitions, sources=(g,),
+            alignment_paddings=tuple(dst_pads) if src.alignment_paddings is not None else None))
+        paddings_by_group.append(zero12_group_paddings(dst_data, sum(numels), dst_size, dp,
+                                                       facts.kind))
+        # param_slice_mappings walk the group's own order; true offsets only with alignment pads.
+        offsets = None
+        if any(dst_pads):
+            at = dict(zip(dst_names, dst_offsets, strict=True))
+            offsets = [at[n] for n in original]
+        mappings_by_group.append([slice_mapping(original, [zero.numel(shapes[n]) for n in original],
+                                                offsets, r, dst_size) for r in range(dp)])
+    return ReshapePlan(
+        kind=facts.kind, stage=facts.stage, source_dp=facts.dp, dp=dp, groups=tuple(groups),
+        group_paddings=tuple(tuple(p[r] for p in paddings_by_group) for r in range(dp)),
+        slice_mappings=tuple(tuple(m[r] for m in mappings_by_group) for r in range(dp)),
+        params_reordered=reordered)
+
+
+def _plan_zero3(facts: SourceFacts, dp: int) -> ReshapePlan:
+    # Where each parameter's piece sits in the source: (sub-group, offset in every rank's tensor).
+    where: dict[str, tuple[int, int]] = {}
+    by_group: dict[int, list[tuple[str, Shape]]] = {}
+    for s, src in enumerate(facts.groups):
+        offset = 0
+        for name, shape in src.params:
+            where[name] = (s, offset)
+            offset += zero.zero3_partition_numel(zero.numel(shape), facts.dp)
+            by_group.setdefault(src.param_group, []).append((name, shape))
+    ids = _zero3_param_ids(facts)
+    groups = []
+    for pg in sorted(by_group):
+        params = by_group[pg]
+        numels = [zero.numel(s) for _, s in params]
+        for members in zero3_sub_groups(numels, dp, facts.sub_group_size):
+            chosen = [params[i] for i in members]
+            index = len(groups)
+            partitions = []
+            for rank in range(dp):
+                runs: list[Run] = []
+                offset = 0
+                for name, shape in chosen:
+                    n = zero.numel(shape)
+                    sub, base = where[name]
+                    for run in _zero3_runs(n, facts.dp, dp, rank, lambda _r, s=sub, b=base: (s, b),
+                                           offset):
+                        _append(runs, run)
+                    offset += zero.zero3_partition_numel(n, dp)
+                partitions.append(Partition(rank, offset, tuple(runs)))
+            sources = tuple(sorted({where[n][0] for n, _ in chosen}))
+            groups.append(TargetGroup(index=index, param_group=pg, params=tuple(chosen),
+                                      partitions=tuple(partitions), sources=sources,
+                                      ds_id=_zero3_ds_id(facts, chosen, ids)))
+    frozen = []
+    for f, (name, shape) in enumerate(facts.frozen):
+        n = zero.numel(shape)
+        parts = tuple(Partition(r, zero.zero3_partition_numel(n, dp),
+                                tuple(_zero3_runs(n, facts.dp, dp, r, lambda _r, i=f: (i, 0), 0)))
+                      for r in range(dp))
+        frozen.append(FrozenFragments(name, shape, parts))
+    return ReshapePlan(kind="zero3", stage=3, source_dp=facts.dp, dp=dp, groups=tuple(groups),
+                       frozen=tuple(frozen))
+
+
+def _zero3_param_ids(facts: SourceFacts) -> dict[str, int]:
+    """Each parameter's ZeRO-3 ``ds_id``: its position in module order, which is how DeepSpeed
+    numbers them; where the source's own ``ds_id`` strings say otherwise, theirs win."""
+    ids = {name: i for i, name in enumerate(facts.param_order)}
+    for src in facts.groups:
+        if src.ds_id and src.params and src.ds_id.count("_") == 1:
+            first, last = src.ds_id.split("_")
+            if first.isdigit() and last.isdigit():
+                ids[src.params[0][0]] = int(first)
+                ids[src.params[-1][0]] = int(last)
+    return ids
+
+
+def _zero3_ds_id(facts: SourceFacts, chosen: Sequence[tuple[str, Shape]],
+                 ids: Mapping[str, int]) -> str | None:
+    """A sub-group's flat tensor ``ds_id`` (``"<first>_<last>"``); DeepSpeed never reads it back."""
+    for src in facts.groups:
+        if [n for n, _ in src.params] == [n for n, _ in chosen]:
+            return src.ds_id
+    first, last = chosen[0][0], chosen[-1][0]
+    if first in ids and last in ids:
+        return f"{ids[first]}_{ids[last]}"
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading the source: facts from metadata, tensor locations for the executor
+# ---------------------------------------------------------------------------------------------
+
+PIPELINE_HINT = ("`dsckpt reshape --tp/--pp` is the command for model-parallel layouts; it is not "
+                 "available yet")
+
+
+@dataclass
+class Source:
+    """A checkpoint opened for reshaping: its layout, every rank file's pickle (meta tensors)
+    and the facts the planner needs."""
+
+    layout: Any
+    tag: str
+    facts: SourceFacts
+    model: dict[int, tuple[Path, Any]]  # dp rank -> model-states file (ZeRO-1/2: only 0)
+    optim: dict[int, tuple[Path, Any]]  # dp rank -> optimizer file
+    optim_prefix: str
+    extra_files: tuple[Path, ...] = ()  # files DeepSpeed users keep beside the rank files
+
+
+def open_source(ckpt: Path | str, tag: str | None = None) -> Source:
+    """Open a checkpoint and check it is one :func:`reshape` handles.
+
+    Raises:
+        InconsistentCheckpoint: missing, mixed or damaged rank files (``inspect`` lists them all).
+        UnsupportedLayout: pipeline/3D, tensor parallel, universal, stage 0, MoE, elastic or
+            NVMe-offloaded checkpoints.
+    """
+    from dsckpt.files import Role, scan
+    from dsckpt.layout import open_checkpoint
+    from dsckpt.load import load_meta
+
+    layout = open_checkpoint(ckpt, tag)
+    where = layout.dir
+    if layout.kind == "universal":
+        raise UnsupportedLayout(
+            f"{where} is a DeepSpeed universal checkpoint: DeepSpeed already loads those at any "
+            "DP size (checkpoint.load_universal); reshape reads native checkpoints")
+    if layout.kind == "pipeline" or layout.pp > 1 or layout.tp > 1:
+        raise UnsupportedLayout(
+            f"{where} is a pipeline/tensor-parallel checkpoint (TP {layout.tp} x PP {layout.pp}): "
+            f"reshape --dp handles single-model-rank ZeRO checkpoints; {PIPELINE_HINT}")
+    if layout.errors:
+        first = layout.errors[0].message
+        more = f" (and {len(layout.errors) - 1} more; `dsckpt inspect` lists them)" \
+            if len(layout.errors) > 1 else ""
+        raise InconsistentCheckpoint(f"{first}{more}")
+    if layout.kind == "plain" or layout.zero_stage == 0:
+        raise UnsupportedLayout(
+            f"{where} is a ZeRO stage 0 checkpoint: nothing to reshape, its files do not depend on "
+            "the DP size and DeepSpeed loads them at any DP size as they are")
+    if (where / "offloaded_tensors").is_dir():
+        raise UnsupportedLayout(f"{where} holds NVMe-offloaded optimizer state (offloaded_tensors/), "
+                                "which reshape does not handle")
+    if not layout.zero_sources:
+        raise InconsistentCheckpoint(f"{where}: the optimizer partitions could not be located")
+
+    files, unrelated = scan(_location_of(layout))
+    optim: dict[int, tuple[Path, Any]] = {}
+    model: dict[int, tuple[Path, Any]] = {}
+    prefix = ""
+    for f in files:
+        path = where / f.name
+        if f.role is Role.OPTIM:
+            optim[f.dp or 0] = (path, load_meta(path))
+            prefix = f.prefix
+        elif f.role is Role.ZERO3_MODEL:
+            model[f.dp or 0] = (path, load_meta(path))
+        elif f.role is Role.MODEL:
+            model[0] = (path, load_meta(path))
+    meta = model[0][1]
+    if meta.get("num_experts") is not None:
+        raise UnsupportedLayout(f"{where} has mixture-of-experts layers: expert parameters are "
+                                "partitioned over expert groups, which reshape does not handle")
+    facts = _facts(layout, meta, optim)
+    name = layout.tag if layout.tag is not None else where.name
+    extra = tuple(where / n for n in unrelated if (where / n).is_file())
+    return Source(layout=layout, tag=name, facts=facts, model=model, optim=optim,
+                  optim_prefix=prefix, extra_files=extra)
+
+
+def _location_of(layout: Any) -> Any:
+    from dsckpt.files import Location
+
+    return Location(root=layout.root, tag=layout.tag, dir=layout.dir)
+
+
+def _zero_config(meta: Mapping[str, Any]) -> Mapping[str, Any]:
+    config = meta.get("ds_config") or {}
+    zcfg = config.get("zero_optimization") if isinstance(config, Mapping) else None
+    return zcfg if isinstance(zcfg, Mapping) else {}
+
+
+def _facts(layout: Any, meta: Mapping[str, Any], optim: Mapping[int, tuple[Path, Any]]
+           ) -> SourceFacts:
+    import torch
+
+    sources = next(iter(layout.zero_sources.values()))
+    osd0 = optim[0][1]["optimizer_state_dict"]
+    zcfg = _zero_config(meta)
+    counts = osd0.get("partition_count")
+    if isinstance(counts, (list, tuple)) and len(set(counts)) > 1:
+        raise UnsupportedLayout(f"{layout.dir}: optimizer groups are partitioned over different "
+                                f"numbers of ranks ({list(counts)}; expert parallelism?), which "
+                                "reshape does not handle")
+    if sources.zero3 is not None:
+        if osd0.get("ds_zero_partition_groups") is not None:
+            raise UnsupportedLayout(f"{layout.dir}: ZeRO-3 AutoEP partition groups are not handled")
+        groups_of = _zero3_group_of(osd0, len(meta["param_shapes"]), layout.dir)
+        flats = osd0["fp32_flat_groups"]
+        groups = tuple(
+            SourceGroup(params=tuple((n, tuple(s)) for n, s in shapes.items()), param_group=groups_of[i],
+                        ds_id=getattr(flats[i], "ds_id", None) if i < len(flats) else None)
+            for i, shapes in enumerate(meta["param_shapes"]))
+        sub_group_size = int(float(zcfg.get("sub_group_size", DEFAULT_SUB_GROUP_SIZE)))
+        _check_zero3_sub_groups(layout, groups, sub_group_size)
+        buffers = set(meta.get("buffer_names") or [])
+        aliases = set((meta.get("shared_params") or {}).keys())
+        order = tuple(k for k in (meta.get("module") or {}) if k not in buffers and k not in aliases)
+        frozen = tuple((n, tuple(s)) for n, s in (meta.get("frozen_param_shapes") or {}).items())
+        return SourceFacts(kind="zero3", stage=3, dp=layout.dp, groups=groups,
+                           sub_group_size=sub_group_size, frozen=frozen, param_order=order)
+    if isinstance(osd0.get("base_optimizer_state"), list):
+        raise UnsupportedLayout(
+            f"{layout.dir} is an elastic ZeRO checkpoint (zero_optimization.elastic_checkpoint): "
+            "reshape handles the default (rigid) layout")
+    kind = layout.optimizer
+    aligns = osd0.get("param_alignment_paddings")
+    groups = tuple(
+        SourceGroup(params=tuple((p.name, p.shape) for p in group.params), param_group=g,
+                    partition_size=group.partition_size,
+                    alignment_paddings=tuple(int(x) for x in aligns[g]) if aligns else None)
+        for g, group in enumerate(sources.groups))
+    round_robin = kind == "zero" and bool(zcfg.get("round_robin_gradients", False))
+    alignment = 1
+    if kind == "zero" and zcfg.get("parameter_alignment"):
+        module = meta.get("module") or {}
+        first = next((module[n] for g in groups for n, _ in g.params if n in module), None)
+        size = first.element_size() if isinstance(first, torch.Tensor) else 2
+        alignment = 16 // math.gcd(16, size)
+    return SourceFacts(kind=kind, stage=layout.zero_stage, dp=layout.dp, groups=groups,
+                       round_robin=round_robin, param_alignment=alignment)
+
+
+def _zero3_group_of(osd: Mapping[str, Any], count: int, where: Path) -> list[int]:
+    """The optimizer group of each ZeRO-3 sub-group, from the torch optimizer's ``param_groups``
+    (DeepSpeed numbers sub-groups group by group, so their state indices are 0, 1, 2, ...)."""
+    groups = osd["optimizer_state_dict"]["param_groups"]
+    owner = []
+    for g, group in enumerate(groups):
+        owner.extend([g] * len(group["params"]))
+    flat = [i for group in groups for i in group["params"]]
+    if flat != list(range(count)):
+        raise InconsistentCheckpoint(
+            f"{where}: the ZeRO-3 optimizer's param_groups list sub-groups {flat}, but the model "
+            f"states describe {count} sub-groups numbered 0..{count - 1}")
+    return owner
+
+
+def _check_zero3_sub_groups(layout: Any, groups: Sequence[SourceGroup], sub_group_size: int) -> None:
+    """DeepSpeed's sub-group rule at the source size must give back the saved sub-groups;
+    otherwise the rule (or sub_group_size) is not what wrote the file, and a reshape would guess."""
+    by_group: dict[int, list[tuple[str, Shape]]] = {}
+    for g in groups:
+        by_group.setdefault(g.param_group, []).extend(g.params)
+    expected = []
+    for pg in sorted(by_group):
+        params = by_group[pg]
+        for members in zero3_sub_groups([zero.numel(s) for _, s in params], layout.dp,
+                                        sub_group_size):
+            expected.append([params[i][0] for i in members])
+    saved = [[n for n, _ in g.params] for g in groups]
+    if expected != saved:
+        raise UnsupportedLayout(
+            f"{layout.dir}: the ZeRO-3 sub-groups saved ({len(saved)}) are not the ones "
+            f"sub_group_size={sub_group_size} gives at DP {layout.dp} ({len(expected)}): the "
+            "sub-group size that wrote this checkpoint is unknown, so the sub-groups at another "
+            "size cannot be derived")
+
+
+# ---------------------------------------------------------------------------------------------
+# Execution
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ReshapeResult:
+    """What :func:`reshape` did (or, for a dry run, would do)."""
+
+    plan: ReshapePlan
+    source: Path
+    out: Path
+    tag: str
+    written: bool
+    files: list[str] = field(default_factory=list)
+    nbytes: int = 0
+
+    def summary(self) -> str:
+        what = {"zero": f"ZeRO-{self.plan.stage}", "bf16_optimizer": "BF16_Optimizer (ZeRO-1)",
+                "zero3": "ZeRO-3"}[self.plan.kind]
+        if not self.written:
+            return (f"dry run: {what} DP {self.plan.source_dp} -> {self.plan.dp}; nothing written "
+                    f"(would write {self.out}/{self.tag}/)")
+        return (f"wrote {self.out} (tag {self.tag}): {what} resharded from DP {self.plan.source_dp} "
+                f"to DP {self.plan.dp}, {len(self.files)} files, {_human(self.nbytes)}")
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n} B"
+
+
+def plan_reshape(ckpt: Path | str, dp: int, tag: str | None = None) -> tuple[Source, ReshapePlan]:
+    """Open a checkpoint and plan its reshape to ``dp`` ranks (reads metadata only)."""
+    if dp < 1:
+        raise UsageError(f"--dp {dp}: the data-parallel size must be at least 1")
+    source = open_source(ckpt, tag)
+    return source, plan_from_facts(source.facts, dp)
+
+
+def reshape(ckpt: Path | str, out: Path | str, *, dp: int, tag: str | None = None,
+            force: bool = False, dry_run: bool = False, progress: Any = None) -> ReshapeResult:
+    """Write ``ckpt`` re-partitioned for ``dp`` data-parallel ranks to ``out``.
+
+    ``out`` becomes a save_dir DeepSpeed loads at the new size with
+    ``engine.load_checkpoint(out)``: ``out/latest`` names the source tag, ``out/<tag>/`` holds
+    the rank files. Nothing is written on a dry run or on any error; the input is never modified.
+
+    Raises:
+        UsageError, InconsistentCheckpoint, UnsupportedLayout, OutputError: one line each.
+    """
+    source, plan = plan_reshape(ckpt, dp, tag)
+    out = Path(out)
+    check_output(source.layout.root, source.layout.dir, out, force)
+    result = ReshapeResult(plan=plan, source=source.layout.dir, out=out, tag=source.tag,
+                           written=False)
+    if dry_run:
+        return result
+    _Writer(source, plan, out, force, progress).run(result)
+    result.written = True
+    return result
+
+
+def check_output(root: Path, tag_dir: Path, out: Path, force: bool) -> None:
+    """Refuse an ``out`` that is, holds, or sits inside the checkpoint, or exists without force."""
+    target = out.resolve()
+    for path in {root.resolve(), tag_dir.resolve()}:
+        if target == path or path in target.parents:
+            raise OutputError(f"{out} is inside the checkpoint being read ({path}): choose an "
+                              "output directory outside it")
+        if target in path.parents:
+            raise OutputError(f"{out} contains the checkpoint being read ({path}): choose an "
+                              "output directory that does not hold the input")
+    if out.exists() and not force:
+        raise OutputError(f"{out} already exists: pass --force to replace it, or choose another "
+                          "output directory")
+
+
+class _DeepSpeedNamesPickler(pickle._Pickler):  # type: ignore[misc,name-defined]
+    """Pickles dsckpt's inert stand-ins under DeepSpeed's own import paths.
+
+    The files must unpickle with DeepSpeed's ``torch.load`` into DeepSpeed's classes (loss
+    scaler, ZeroStageEnum, fragment_address) without dsckpt importing DeepSpeed, so the GLOBAL
+    opcode is written directly instead of being looked up.
+    """
+
+    def save_global(self, obj: Any, name: str | None = None) -> None:
+        path = _DEEPSPEED_NAMES.get(obj)
+        if path is None:
+            super().save_global(obj, name)
+            return
+        module, _, qualname = path.rpartition(".")
+        self.write(pickle.GLOBAL + module.encode() + b"\n" + qualname.encode() + b"\n")
+        self.memoize(obj)
+
+
+def _deepspeed_names() -> dict[Any, str]:
+    from dsckpt.load import STAND_INS
+
+    return {cls: path for path, cls in STAND_INS.items() if path.startswith("deepspeed.")}
+
+
+_DEEPSPEED_NAMES: dict[Any, str] = {}
+_PICKLE_MODULE = types.SimpleNamespace(Pickler=_DeepSpeedNamesPickler)
+
+
+class _Writer:
+    """Builds the output directory one file at a time."""
+
+    def __init__(self, source: Source, plan: ReshapePlan, out: Path, force: bool,
+                 progress: Any) -> None:
+        import torch
+
+        self.torch = torch
+        self.source = source
+        self.plan = plan
+        self.out = out
+        self.force = force
+        self.progress = progress
+        self.stack = ExitStack()
+        self.fds: dict[Path, int] = {}
+        self.storages: dict[tuple[Path, int], Any] = {}
+        if not _DEEPSPEED_NAMES:
+            _DEEPSPEED_NAMES.update(_deepspeed_names())
+
+    # --- the directory ------------------------------------------------------------------------
+
+    def run(self, result: ReshapeResult) -> None:
+        out = self.out
+        try:
+            out.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise OutputError(f"{out.parent} cannot be created: {exc.strerror}") from exc
+        staging = out.parent / f".{out.name}.dsckpt-{os.getpid()}.tmp"
+        if staging.exists():
+            shutil.rmtree(staging)
+        old: Path | None = None
+        try:
+            tag_dir = staging / self.source.tag
+            tag_dir.mkdir(parents=True)
+            jobs = self._jobs()
+            if self.progress is not None:
+                self.progress.start(f"reshape to DP {self.plan.dp}", sum(j[1] for j in jobs))
+            with self.stack:
+                for name, _, build in jobs:
+                    self._save(build(), tag_dir / name)
+                    result.files.append(name)
+            for extra in self.source.extra_files:
+                shutil.copyfile(extra, tag_dir / extra.name)
+                result.files.append(extra.name)
+            _write_text(staging / "latest", self.source.tag)
+            result.nbytes = sum(p.stat().st_size for p in tag_dir.iterdir())
+            if out.exists() or out.is_symlink():
+                old = out.parent / f".{out.name}.dsckpt-{os.getpid()}.old"
+                os.replace(out, old)
+            os.replace(staging, out)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            if old is not None and not out.exists():
+                os.replace(old, out)
+                old = None
+            raise
+        finally:
+            if old is not None:
+                if old.is_dir() and not old.is_symlink():
+                    shutil.rmtree(old, ignore_errors=True)
+                else:
+                    old.unlink(missing_ok=True)
+
+    def _save(self, obj: Any, path: Path) -> None:
+        tmp = path.with_name(path.name + ".tmp")
+        try:
+            with open(tmp, "wb") as f:
+                self.torch.save(obj, f, pickle_module=_PICKLE_MODULE)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except OSError as exc:
+            tmp.unlink(missing_ok=True)
+            raise OutputError(f"{path} cannot be written: {exc.strerror or exc}") from exc
+
+    def _jobs(self) -> list[tuple[str, int, Callable[[], Any]]]:
+        """``(file name, bytes to read, builder)`` for every output rank file."""
+        plan, jobs = self.plan, []
+        sizes = self._partition_bytes()
+        if plan.kind == "zero3":
+            for rank in range(plan.dp):
+                jobs.append((f"zero_pp_rank_{rank}_mp_rank_00_model_states.pt",
+                             self._model_bytes() + sum(
+                                 self._frozen_itemsize(f.name) * f.partitions[rank].numel
+                                 for f in plan.frozen),
+                             lambda r=rank: self._zero3_model_states(r)))
+        else:
+            jobs.append(("mp_rank_00_model_states.pt", self._model_bytes(),
+                         lambda: self._model_states()))
+        for rank in range(plan.dp):
+            jobs.append((f"{self.source.optim_prefix}zero_pp_rank_{rank}_mp_rank_00_optim_states.pt",
+                         sizes[rank], lambda r=rank: self._optim_states(r)))
+        return jobs
+
+    def _advance(self, nbytes: int) -> None:
+        if self.progress is not None:
+            self.progress.advance(nbytes)
+
+    # --- reading ------------------------------------------------------------------------------
+
+    def _fd(self, path: Path) -> int:
+        if path not in self.fds:
+            fd = os.open(path, os.O_RDONLY)
+            self.stack.callback(os.close, fd)
+            self.fds[path] = fd
+        return self.fds[path]
+
+    def _pread_into(self, path: Path, offset: int, view: memoryview) -> None:
+        fd = self._fd(path)
+        done = 0
+        while done < len(view):
+            n = os.preadv(fd, [view[done:]], offset + done)
+            if n == 0:
+                from dsckpt.errors import CorruptFile
+
+                raise CorruptFile(path, "unexpected end of file while reading a tensor")
+            done += n
+
+    def _ref(self, path: Path, tensor: Any) -> Any:
+        from dsckpt.load import tensor_ref
+
+        return tensor_ref(path, tensor)
+
+    def _fill(self, out: Any, runs: Sequence[Run], ref_of: Callable[[Run], Any]) -> None:
+        """Copy each run's elements into the zero-initialised flat tensor ``out``."""
+        from dsckpt.load import read_tensor
+
+        raw = memoryview(out.view(self.torch.uint8).numpy()).cast("B")
+        item = out.element_size()
+        for run in runs:
+            ref = ref_of(run)
+            if run.src_start + run.length > ref.numel:
+                raise InconsistentCheckpoint(
+                    f"{ref.path.name}: a saved partition holds {ref.numel} elements, but the "
+                    f"layout needs elements up to {run.src_start + run.length}")
+            if ref.dtype != out.dtype:
+                raise InconsistentCheckpoint(f"{ref.path.name}: partitions of one group are saved "
+                                             f"in different dtypes ({ref.dtype}, {out.dtype})")
+            if ref.is_contiguous:
+                self._pread_into(ref.path, ref.offset + run.src_start * item,
+                                 raw[run.dst_start * item:(run.dst_start + run.length) * item])
+            else:
+                out[run.dst_start:run.dst_start + run.length] = read_tensor(ref, run.src_start,
+                                                                            run.length)
+            self._advance(run.length * item)
+
+    def _materialize(self, obj: Any, path: Path) -> Any:
+        """The pickled structure with every meta tensor replaced by its saved values.
+
+        Tensors that shared a storage in the source share one again (tied weights, views into a
+        flat buffer), so the structure torch.save writes is the one that was read.
+        """
+        torch = self.torch
+        if isinstance(obj, torch.Tensor):
+            storage = obj.untyped_storage()
+            nbytes = storage.nbytes()
+            base = getattr(storage, "_checkpoint_offset", None)
+            key = (path, base)
+            real = self.storages.get(key) if nbytes else None
+            if real is None:
+                buf = torch.empty(nbytes, dtype=torch.uint8)
+                if nbytes:
+                    if base is None:
+                        from dsckpt.errors import CorruptFile
+
+                        raise CorruptFile(path, "a tensor has no record offset")
+                    self._pread_into(path, base, memoryview(buf.numpy()).cast("B"))
+                    self._advance(nbytes)
+                real = buf.untyped_storage()
+                if nbytes:
+                    self.storages[key] = real
+            value = torch.empty(0, dtype=obj.dtype).set_(real, obj.storage_offset(), obj.shape,
+                                                         obj.stride())
+            return self._like(obj, value)
+        if isinstance(obj, OrderedDict):
+            return OrderedDict((k, self._materialize(v, path)) for k, v in obj.items())
+        if type(obj) is dict:
+            return {k: self._materialize(v, path) for k, v in obj.items()}
+        if type(obj) is list:
+            return [self._materialize(v, path) for v in obj]
+        if type(obj) is tuple:
+            return tuple(self._materialize(v, path) for v in obj)
+        return obj
+
+    def _like(self, meta: Any, value: Any) -> Any:
+        """``value`` with the tensor class, ``requires_grad`` and attributes of ``meta``."""
+        torch = self.torch
+        if isinstance(meta, torch.nn.Parameter):
+            value = torch.nn.Parameter(value, requires_grad=meta.requires_grad)
+        elif meta.requires_grad and value.is_floating_point():
+            value.requires_grad_(True)
+        for k, v in getattr(meta, "__dict__", {}).items():
+            setattr(value, k, v)
+        return value
+
+    def _model_bytes(self) -> int:
+        _, meta = self.source.model[0]
+        seen: dict[Any, int] = {}
+        for t in _tensors(meta, self.torch):
+            s = t.untyped_storage()
+            seen[getattr(s, "_checkpoint_offset", id(s))] = s.nbytes()
+        return sum(seen.values())
+
+    def _frozen_itemsize(self, name: str) -> int:
+        refs = self.source.layout.frozen_fragments.get(name)
+        return refs[0].itemsize if refs else 0
+
+    def _partition_bytes(self) -> list[int]:
+        sizes = [0] * self.plan.dp
+        for group in self.plan.groups:
+            keys = 1 + len(self._partitioned_keys(group))
+            for part in group.partitions:
+                sizes[part.rank] += part.data_numel * 4 * keys  # fp32 master and states
+        return sizes
+
+    # --- ZeRO-1/2 and BF16_Optimizer ----------------------------------------------------------
+
+    def _model_states(self) -> Any:
+        path, meta = self.source.model[0]
+        sd = self._materialize(meta, path)
+        sd["dp_world_size"] = self.plan.dp
+        if self.plan.params_reordered:
+            sd["param_shapes"] = self._param_shapes()
+        self.storages.clear()
+        return sd
+
+    def _param_shapes(self) -> list[Any]:
+        torch = self.torch
+        return [OrderedDict((n, torch.Size(s)) for n, s in g.params) for g in self.plan.groups]
+
+    def _optim_states(self, rank: int) -> Any:
+        if self.plan.kind == "zero3":
+            return self._zero3_optim_states(rank)
+        from dsckpt.load import FragmentAddress
+
+        path0, sd0 = self.source.optim[0]
+        osd0 = sd0["optimizer_state_dict"]
+        plan = self.plan
+        fp32 = []
+        for group in plan.groups:
+            part = group.partitions[rank]
+            t = self._partition(group, part, None)
+            if plan.kind == "zero":  # saved without its tail padding
+                t = t[: part.numel - plan.group_paddings[rank][group.index]].clone()
+            fp32.append(self._like(self._src_fp32(0, group.index), t))
+        base0 = osd0["base_optimizer_state"]
+        state: dict[Any, Any] = {}
+        for group in plan.groups:
+            index = self._state_index(base0, group.index)
+            saved = (base0.get("state") or {}).get(index)
+            if saved is None:
+                continue
+            entry = {}
+            for key, value in saved.items():
+                if key in self._partitioned_keys(group):
+                    entry[key] = self._like(value, self._partition(group, group.partitions[rank], key))
+                else:
+                    entry[key] = self._materialize(value, path0)
+            state[index] = entry
+        base = {k: (state if k == "state" else self._materialize(v, path0)) for k, v in base0.items()}
+        osd: dict[str, Any] = {}
+        for key, value in osd0.items():
+            if key == "base_optimizer_state":
+                osd[key] = base
+            elif key == "single_partition_of_fp32_groups":
+                osd[key] = fp32
+            elif key == "group_paddings":
+                osd[key] = list(plan.group_paddings[rank])
+            elif key == "partition_count":
+                osd[key] = [plan.dp] * len(value) if isinstance(value, (list, tuple)) else plan.dp
+            elif key == "param_alignment_paddings":
+                osd[key] = [list(g.alignment_paddings or ()) for g in plan.groups]
+            elif key == "param_slice_mappings":
+                osd[key] = [OrderedDict((n, FragmentAddress(numel=c, start=s)) for n, c, s in m)
+                            for m in plan.slice_mappings[rank]]
+            else:
+                osd[key] = self._materialize(value, path0)
+        top = {k: (osd if k == "optimizer_state_dict" else self._materialize(v, path0))
+               for k, v in sd0.items()}
+        self.storages.clear()
+        return top
+
+    def _src_fp32(self, rank: int, index: int) -> Any:
+        osd = self.source.optim[rank][1]["optimizer_state_dict"]
+        key = "fp32_flat_groups" if self.plan.kind == "zero3" else "single_partition_of_fp32_groups"
+        return osd[key][index]
+
+    def _state_index(self, base: Mapping[str, Any], group: int) -> Any:
+        """The torch optimizer state key of flat group ``group`` (its place in param_groups)."""
+        if self.plan.kind == "zero3":
+            return group
+        params = base["param_groups"][group]["params"]
+        if len(params) != 1:
+            raise InconsistentCheckpoint(f"optimizer group {group} holds {len(params)} tensors; "
+                                         "ZeRO-1/2 keeps one flat partition per group")
+        return params[0]
+
+    def _source_state(self, rank: int, index: int) -> Mapping[str, Any]:
+        base = self.source.optim[rank][1]["optimizer_state_dict"]
+        base = base["optimizer_state_dict" if self.plan.kind == "zero3" else "base_optimizer_state"]
+        return (base.get("state") or {}).get(self._state_index(base, index)) or {}
+
+    def _partitioned_keys(self, group: TargetGroup) -> tuple[str, ...]:
+        """State entries split like the fp32 partition (Adam's moments and the like).
+
+        Decided on source rank 0 as DeepSpeed does: a 1-D tensor as long as the partition. 0-d
+        tensors (``step``) and other values are copied. Anything else has no rule to reshape it.
+        """
+        cache = self.__dict__.setdefault("_keys", {})
+        if group.index in cache:
+            return cache[group.index]  # type: ignore[no-any-return]
+        keys: list[str] = []
+        for src in group.sources:
+            length = self._src_fp32(0, src).numel()
+            if self.plan.kind == "zero":
+                length = self.source.facts.groups[src].partition_size
+            for key, value in self._source_state(0, src).items():
+                if not isinstance(value, self.torch.Tensor) or value.dim() == 0:
+                    continue
+                if value.dim() == 1 and value.numel() == length:
+                    if key not in keys:
+                        keys.append(key)
+                    continue
+                raise UnsupportedLayout(
+                    f"optimizer state {key!r} of group {src} has shape {tuple(value.shape)}, "
+                    f"neither a scalar nor the partition's {length} elements: reshape does not "
+                    "know how this optimizer splits it")
+        cache[group.index] = tuple(keys)
+        return tuple(keys)
+
+    def _partition(self, group: TargetGroup, part: Partition, key: str | None) -> Any:
+        """One target partition of the fp32 master (``key`` None) or of optimizer state ``key``."""
+        torch = self.torch
+        probe = self._src_fp32(0, group.sources[0]) if key is None else \
+            self._source_state(0, group.sources[0])[key]
+        out = torch.zeros(part.numel, dtype=probe.dtype)
+
+        def ref_of(run: Run) -> Any:
+            path, _ = self.source.optim[run.src_rank]
+            if key is None:
+                return self._ref(path, self._src_fp32(run.src_rank, run.src_index))
+            value = self._source_state(run.src_rank, run.src_index).get(key)
+            if value is None:
+                raise InconsistentCheckpoint(f"{path.name}: group {run.src_index} has no "
+                                             f"optimizer state {key!r} but rank 0 has")
+            return self._ref(path, value)
+
+        self._fill(out, part.runs, ref_of)
+        return out
+
+    # --- ZeRO-3 -------------------------------------------------------------------------------
+
+    def _zero3_model_states(self, rank: int) -> Any:
+        path, meta = self.source.model[0]
+        sd = self._materialize(meta, path)
+        sd["dp_world_size"] = self.plan.dp
+        sd["param_shapes"] = self._param_shapes()
+        if rank != 0 and sd.get("shared_params") is not None:
+            sd["shared_params"] = {}  # DeepSpeed records tied parameters on global rank 0 only
+        if self.plan.frozen:
+            fragments = OrderedDict()
+            layout = self.source.layout
+            for frozen in self.plan.frozen:
+                refs = layout.frozen_fragments[frozen.name]
+                like = meta["frozen_param_fragments"][frozen.name]
+                part = frozen.partitions[rank]
+                out = self.torch.zeros(part.numel, dtype=like.dtype)
+                self._fill(out, part.runs, lambda run, refs=refs: refs[run.src_rank])
+                fragments[frozen.name] = self._like(like, out)
+            sd["frozen_param_fragments"] = fragments
+        self.storages.clear()
+        return sd
+
+    def _zero3_optim_states(self, rank: int) -> Any:
+        path0, sd0 = self.source.optim[0]
+        osd0 = sd0["optimizer_state_dict"]
+        torch_osd0 = osd0["optimizer_state_dict"]
+        plan = self.plan
+        flats, state = [], {}
+        for group in plan.groups:
+            part = group.partitions[rank]
+            like = self._src_fp32(0, group.sources[0])
+            flat = self._like(like, self._partition(group, part, None))
+            if group.ds_id is not None:
+                flat.ds_id = group.ds_id
+            flats.append(flat)
+            first = self._first_source(group)
+            saved = self._source_state(0, first)
+            if not saved:
+                continue
+            entry = {}
+            for key, value in saved.items():
+                if key in self._partitioned_keys(group):
+                    entry[key] = self._like(value, self._partition(group, part, key))
+                else:
+                    entry[key] = self._materialize(value, path0)
+            state[group.index] = entry
+        param_groups = []
+        for g, saved_group in enumerate(torch_osd0["param_groups"]):
+            copy = self._materialize(saved_group, path0)
+            copy["params"] = [t.index for t in plan.groups if t.param_group == g]
+            param_groups.append(copy)
+        torch_osd = {k: (state if k == "state" else param_groups if k == "param_groups"
+                         else self._materialize(v, path0)) for k, v in torch_osd0.items()}
+        osd: dict[str, Any] = {}
+        for key, value in osd0.items():
+            if key == "optimizer_state_dict":
+                osd[key] = torch_osd
+            elif key == "fp32_flat_groups":
+                osd[key] = flats
+            elif key == "partition_count":
+                osd[key] = plan.dp
+            else:
+                osd[key] = self._materialize(value, path0)
+        top = {k: (osd if k == "optimizer_state_dict" else self._materialize(v, path0))
+               for k, v in sd0.items()}
+        self.storages.clear()
+        return top
+
+    def _first_source(self, group: TargetGroup) -> int:
+        """The source sub-group holding the target sub-group's first parameter: its scalar state
+        (``step``) is the new sub-group's."""
+        first = group.params[0][0]
+        for s, src in enumerate(self.source.facts.groups):
+            if any(n == first for n, _ in src.params):
+                return s
+        return group.sources[0]
+
+
+def _tensors(obj: Any, torch: Any) -> Iterable[Any]:
+    if isinstance(obj, torch.Tensor):
+        yield obj
+    elif isinstance(obj, Mapping):
+        for v in obj.values():
+            yield from _tensors(v, torch)
+    elif type(obj) in (list, tuple):
+        for v in obj:
+            yield from _tensors(v, torch)
+
+
+def _write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
