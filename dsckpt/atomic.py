@@ -32,7 +32,6 @@ import re
 import secrets
 import shutil
 import signal
-import stat
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -213,20 +212,25 @@ def _refuse_existing(dest: Path, *, force: bool, is_dir: bool) -> None:
 
 
 class _SigtermGuard:
-    """Turn SIGTERM into SystemExit(143) while active, so ``finally`` cleanup runs.
+    """Turn SIGTERM into SystemExit(143) while active, so the ``except`` cleanup runs.
 
-    Only possible in the main thread (Python delivers signals there); elsewhere a no-op.
+    While deferred (during cleanup or the final renames) a SIGTERM is only recorded, so it
+    cannot cut a rename pair in half; :meth:`resume` raises it afterwards. Installing a
+    handler is only possible in the main thread (Python delivers signals there); elsewhere
+    the guard does nothing.
     """
 
     def __init__(self) -> None:
-        self._previous: signal.Handlers | int | None | object = None
+        self._previous: object = None
         self._installed = False
-        self._raised = False
+        self._deferred = False
+        self._pending = False
 
     def _handler(self, signum: int, frame: FrameType | None) -> None:
-        if self._raised:  # a second SIGTERM during cleanup: let cleanup finish
+        if self._deferred:
+            self._pending = True
             return
-        self._raised = True
+        self._deferred = True  # a second SIGTERM must not interrupt the cleanup
         raise SystemExit(_SIGTERM_EXIT)
 
     def __enter__(self) -> _SigtermGuard:
@@ -236,8 +240,16 @@ class _SigtermGuard:
                 self._installed = True
         return self
 
-    def cleanup_started(self) -> None:
-        self._raised = True  # from now on SIGTERM no longer interrupts
+    def defer(self) -> None:
+        self._deferred = True
+
+    def resume(self) -> None:
+        """Leave deferred mode, raising a SIGTERM that arrived meanwhile."""
+        self._deferred = False
+        if self._pending:
+            self._pending = False
+            self._deferred = True
+            raise SystemExit(_SIGTERM_EXIT)
 
     def __exit__(self, *exc: object) -> None:
         if self._installed:
@@ -285,11 +297,12 @@ def atomic_output(
             if durable:
                 _fsync_tree(tmp)
             _refuse_existing(dest, force=force, is_dir=is_dir)  # it may have appeared since
+            guard.defer()
             _commit(tmp, dest, is_dir=is_dir)
             if durable:
                 _fsync_path(dest.parent)
         except BaseException as exc:
-            guard.cleanup_started()
+            guard.defer()
             _remove(tmp)
             no_space = _no_space_error(exc)
             if no_space is not None:
@@ -299,6 +312,7 @@ def atomic_output(
                     f"{format_bytes(_free_bytes(dest.parent))} free"
                 ) from exc
             raise
+        guard.resume()  # complete and in place; now honour a SIGTERM that came during commit
 
 
 def _commit(tmp: Path, dest: Path, *, is_dir: bool) -> None:
@@ -344,6 +358,3 @@ def stale_temporaries(directory: os.PathLike[str] | str) -> list[Path]:
             pass
     return out
 
-
-def _is_regular(path: Path) -> bool:  # pragma: no cover - kept for symmetry with callers
-    return stat.S_ISREG(path.stat().st_mode)

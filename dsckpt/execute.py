@@ -18,7 +18,7 @@ from typing import Protocol
 
 import torch
 
-from dsckpt.load import TensorRef, read_tensor
+from dsckpt.load import read_tensor
 from dsckpt.plan import ConsolidationPlan, OutputTensor, Read
 
 # Elements cast per chunk: bounds memory for casting reads (16 MiB of fp32).
@@ -73,7 +73,8 @@ def _copy(read: Read, tensor: OutputTensor, sources: _Sources, out_fd: int, out_
     while done < read.length:
         count = min(CAST_CHUNK, read.length - done)
         piece = read_tensor(src, read.src_start + done, count).to(tensor.dtype)
-        _pwrite_all(out_fd, memoryview(piece.numpy().view("uint8")) if count else b"",
+        # numpy has no bfloat16: hand over the raw bytes
+        _pwrite_all(out_fd, memoryview(piece.view(torch.uint8).numpy()),
                     out_offset + done * tensor.dtype.itemsize)
         done += count
 
@@ -127,6 +128,3 @@ def iter_tensors(plan: ConsolidationPlan) -> Iterator[tuple[str, torch.Tensor]]:
             if canonical == tensor.name:
                 yield alias, value
 
-
-def source_refs(plan: ConsolidationPlan) -> set[TensorRef]:
-    return {read.source for t in plan.tensors for read in t.reads}

@@ -109,22 +109,21 @@ class Run:
 
 @dataclass(frozen=True)
 class Partition:
-    """One target tensor: its length (padding included) and the runs that fill it.
+    """One target tensor: its length, how much of it is DeepSpeed's padding, and the runs
+    that fill it. Elements no run covers are written as zeros.
 
-    Elements no run covers are padding and are written as zeros.
+    At an unchanged size ZeRO-3 runs also cover the padding: DeepSpeed leaves uninitialised
+    memory there, and copying it keeps a same-size reshape bit-identical to its input.
     """
 
     rank: int
     numel: int
     runs: tuple[Run, ...]
+    padding: int = 0
 
     @property
-    def data_numel(self) -> int:
+    def read_numel(self) -> int:
         return sum(r.length for r in self.runs)
-
-    @property
-    def padding(self) -> int:
-        return self.numel - self.data_numel
 
 
 @dataclass(frozen=True)
@@ -298,10 +297,12 @@ def _zero3_runs(numel: int, src_dp: int, dst_dp: int, dst_rank: int,
     """Runs giving target rank ``dst_rank`` its ``ceil(numel/dst_dp)`` piece of one parameter.
 
     ``locate(src_rank)`` is ``(src_index, offset of the parameter's piece)`` in that rank's tensor.
+    At an unchanged size the piece is copied whole, padding included.
     """
     src_c = zero.zero3_partition_numel(numel, src_dp)
     dst_c = zero.zero3_partition_numel(numel, dst_dp)
-    lo, hi = dst_rank * dst_c, min(numel, (dst_rank + 1) * dst_c)
+    lo = dst_rank * dst_c
+    hi = (dst_rank + 1) * dst_c if src_dp == dst_dp else min(numel, (dst_rank + 1) * dst_c)
     runs = []
     e = lo
     while e < hi:
@@ -371,7 +372,8 @@ def _plan_zero12(facts: SourceFacts, dp: int) -> ReshapePlan:
             segments = [(g, src_at[n], dst_at[n], zero.numel(shapes[n])) for n in names
                         if zero.numel(shapes[n])]
         per_rank = split_segments(segments, src.partition_size, dst_size, dp)
-        partitions = tuple(Partition(r, dst_size, tuple(runs)) for r, runs in enumerate(per_rank))
+        partitions = tuple(Partition(r, dst_size, tuple(runs), dst_size - sum(x.length for x in runs))
+                           for r, runs in enumerate(per_rank))
         groups.append(TargetGroup(
             index=g, param_group=g, params=tuple((n, shapes[n]) for n in dst_names),
             partitions=partitions, sources=(g,),
@@ -413,7 +415,7 @@ def _plan_zero3(facts: SourceFacts, dp: int) -> ReshapePlan:
             partitions = []
             for rank in range(dp):
                 runs: list[Run] = []
-                offset = 0
+                offset = padding = 0
                 for name, shape in chosen:
                     n = zero.numel(shape)
                     sub, base = where[name]
@@ -421,7 +423,8 @@ def _plan_zero3(facts: SourceFacts, dp: int) -> ReshapePlan:
                                            offset):
                         _append(runs, run)
                     offset += zero.zero3_partition_numel(n, dp)
-                partitions.append(Partition(rank, offset, tuple(runs)))
+                    padding += _zero3_padding(n, dp, rank)
+                partitions.append(Partition(rank, offset, tuple(runs), padding))
             sources = tuple(sorted({where[n][0] for n, _ in chosen}))
             groups.append(TargetGroup(index=index, param_group=pg, params=tuple(chosen),
                                       partitions=tuple(partitions), sources=sources,
@@ -430,11 +433,17 @@ def _plan_zero3(facts: SourceFacts, dp: int) -> ReshapePlan:
     for f, (name, shape) in enumerate(facts.frozen):
         n = zero.numel(shape)
         parts = tuple(Partition(r, zero.zero3_partition_numel(n, dp),
-                                tuple(_zero3_runs(n, facts.dp, dp, r, lambda _r, i=f: (i, 0), 0)))
+                                tuple(_zero3_runs(n, facts.dp, dp, r, lambda _r, i=f: (i, 0), 0)),
+                                _zero3_padding(n, dp, r))
                       for r in range(dp))
         frozen.append(FrozenFragments(name, shape, parts))
     return ReshapePlan(kind="zero3", stage=3, source_dp=facts.dp, dp=dp, groups=tuple(groups),
                        frozen=tuple(frozen))
+
+
+def _zero3_padding(numel: int, dp: int, rank: int) -> int:
+    c = zero.zero3_partition_numel(numel, dp)
+    return c - max(0, min(c, numel - rank * c))
 
 
 def _zero3_param_ids(facts: SourceFacts) -> dict[str, int]:
@@ -750,7 +759,9 @@ def _deepspeed_names() -> dict[Any, str]:
 
 
 _DEEPSPEED_NAMES: dict[Any, str] = {}
-_PICKLE_MODULE = types.SimpleNamespace(Pickler=_DeepSpeedNamesPickler)
+# torch.save takes a pickle module; this one differs from `pickle` only in its Pickler.
+_PICKLE_MODULE = types.ModuleType("dsckpt_deepspeed_pickle")
+_PICKLE_MODULE.Pickler = _DeepSpeedNamesPickler  # type: ignore[attr-defined]
 
 
 class _Writer:
@@ -928,7 +939,11 @@ class _Writer:
                                                          obj.stride())
             return self._like(obj, value)
         if isinstance(obj, OrderedDict):
-            return OrderedDict((k, self._materialize(v, path)) for k, v in obj.items())
+            copy = OrderedDict((k, self._materialize(v, path)) for k, v in obj.items())
+            # A module state dict carries per-module versions in `_metadata`: keep them.
+            for k, v in vars(obj).items():
+                setattr(copy, k, self._materialize(v, path))
+            return copy
         if type(obj) is dict:
             return {k: self._materialize(v, path) for k, v in obj.items()}
         if type(obj) is list:
@@ -963,9 +978,12 @@ class _Writer:
     def _partition_bytes(self) -> list[int]:
         sizes = [0] * self.plan.dp
         for group in self.plan.groups:
-            keys = 1 + len(self._partitioned_keys(group))
+            first = group.sources[0]
+            item = self._src_fp32(0, first).element_size()
+            item += sum(self._source_state(0, first)[k].element_size()
+                        for k in self._partitioned_keys(group))
             for part in group.partitions:
-                sizes[part.rank] += part.data_numel * 4 * keys  # fp32 master and states
+                sizes[part.rank] += part.read_numel * item
         return sizes
 
     # --- ZeRO-1/2 and BF16_Optimizer ----------------------------------------------------------
@@ -1138,6 +1156,8 @@ class _Writer:
             flat = self._like(like, self._partition(group, part, None))
             if group.ds_id is not None:
                 flat.ds_id = group.ds_id
+            elif hasattr(flat, "ds_id"):
+                del flat.ds_id
             flats.append(flat)
             first = self._first_source(group)
             saved = self._source_state(0, first)

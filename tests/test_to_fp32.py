@@ -1,0 +1,298 @@
+"""`dsckpt to-fp32` on every fixture: bit for bit against DeepSpeed's references, every format."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from conftest import FIXTURES, PIPE, ZERO, ckpt, facts, tag_dir
+from dsckpt import consolidate as core
+
+FORMATS = ["model.safetensors", "model.bin", "shards"]
+
+
+def _load(out: Path) -> dict[str, torch.Tensor]:
+    if out.suffix == ".safetensors":
+        return load_file(out)
+    if out.suffix == ".bin":
+        return torch.load(out, weights_only=True, mmap=True)
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    merged: dict[str, torch.Tensor] = {}
+    for shard in sorted(set(index["weight_map"].values())):
+        merged.update(load_file(out / shard))
+    assert set(merged) == set(index["weight_map"])
+    return merged
+
+
+def _as_out(ref: torch.Tensor) -> torch.Tensor:
+    return ref.float() if ref.is_floating_point() else ref
+
+
+def _assert_bitwise(got: dict[str, torch.Tensor], ref: dict[str, torch.Tensor]) -> None:
+    for name, value in ref.items():
+        assert got[name].dtype == _as_out(value).dtype, name
+        assert got[name].shape == value.shape, name
+        assert torch.equal(got[name], _as_out(value)), name
+
+
+def _live_truth(name: str) -> dict[str, torch.Tensor]:
+    """The weights gathered from the live engine at the end of the run.
+
+    Under ``round_robin_gradients`` DeepSpeed's own live gather (``safe_get_full_fp32_param``)
+    reads the wrong slices: its fragment map follows the unreordered parameter order. For those
+    fp32 runs the module weights saved in ``mp_rank_00`` are the values training actually used.
+    """
+    f = facts("zero", name)
+    live = torch.load(FIXTURES / "zero" / name / "ref_live.pt", weights_only=True)
+    wrong = (f.get("ref_deepspeed_vs_live") or {}).get("different") or {}
+    if wrong:
+        assert f["dtype"] == "fp32" and "roundrobin" in name
+        module = torch.load(tag_dir("zero", name) / "mp_rank_00_model_states.pt",
+                            weights_only=False)["module"]
+        live.update({k: module[k] for k in wrong})
+    return live
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("name", ZERO)
+def test_bitwise_equal_to_deepspeed_and_to_the_live_run(cli, tmp_path: Path, name: str, fmt: str) -> None:
+    f = facts("zero", name)
+    out = tmp_path / fmt
+    result = cli("to-fp32", ckpt("zero", name), out, "--max-shard-size", "1KB")
+    assert result.exit_code == 0, result.output
+    got = _load(out)
+    live = _live_truth(name)
+    # Every name of the model's state dict, tied aliases and ZeRO-1 frozen weights included.
+    assert set(got) == set(live) == set(f["state_dict_keys"])
+    _assert_bitwise(got, live)
+    ds_ref = FIXTURES / "zero" / name / "ref_deepspeed.pt"
+    if f["ref_deepspeed"]:
+        ref = torch.load(ds_ref, weights_only=True)
+        # DeepSpeed drops frozen weights of ZeRO-1 runs (they live only in `module`).
+        assert set(got) - set(ref) == ({p["name"] for p in f["frozen_params"]}
+                                       if f["zero_stage"] == 1 else set())
+        _assert_bitwise(got, ref)
+
+
+def test_sharded_output_follows_the_cap_and_loads_strictly(cli, tmp_path: Path) -> None:
+    import sys
+
+    sys.path.insert(0, str(FIXTURES))
+    from tiny_model import build_model  # the fixture model, rebuilt without DeepSpeed
+
+    out = tmp_path / "hf"
+    assert cli("to-fp32", ckpt("zero", "z3-fp32-dp3"), out, "--max-shard-size", "400B").exit_code == 0
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    shards = sorted(p.name for p in out.glob("model-*.safetensors"))
+    assert len(shards) > 2 and shards[0] == f"model-00001-of-{len(shards):05d}.safetensors"
+    for shard in shards:
+        with safe_open(out / shard, "pt") as f:
+            sizes = [f.get_slice(k).get_shape() for k in f.keys()]
+            assert len(sizes) == 1 or sum(4 * max(1, _numel(s)) for s in sizes) <= 400
+    assert index["metadata"]["total_size"] == sum(
+        t.numel() * t.element_size() for t in _load(out).values())
+    model = build_model(seed=0)
+    model.load_state_dict(_load(out), strict=True)
+
+
+def _numel(shape: list[int]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+def test_tied_weights_are_recorded_and_shared_in_torch_output(tmp_path: Path) -> None:
+    core.consolidate(ckpt("zero", "z2-fp32-dp2"), tmp_path / "m.safetensors")
+    with safe_open(tmp_path / "m.safetensors", "pt") as f:
+        assert json.loads(f.metadata()[core.ALIASES_KEY]) == {"head.weight": "embed.weight"}
+    core.consolidate(ckpt("zero", "z2-fp32-dp2"), tmp_path / "m.bin")
+    sd = torch.load(tmp_path / "m.bin", weights_only=True)
+    assert sd["head.weight"].untyped_storage().data_ptr() == sd["embed.weight"].untyped_storage().data_ptr()
+
+
+@pytest.mark.parametrize("dtype,torch_dtype", [("bf16", torch.bfloat16), ("fp16", torch.float16)])
+def test_dtype_casts_floating_tensors_only(tmp_path: Path, dtype: str, torch_dtype: torch.dtype) -> None:
+    out = tmp_path / "m.safetensors"
+    core.consolidate(ckpt("zero", "z2-fp32-dp2"), out, dtype=dtype)
+    got = load_file(out)
+    live = torch.load(FIXTURES / "zero" / "z2-fp32-dp2" / "ref_live.pt", weights_only=True)
+    for name, value in live.items():
+        expected = value.to(torch_dtype) if value.is_floating_point() else value
+        assert torch.equal(got[name], expected), name
+
+
+def test_exclude_frozen(tmp_path: Path) -> None:
+    out = tmp_path / "m.safetensors"
+    core.consolidate(ckpt("zero", "z2-fp32-dp2"), out, exclude_frozen=True)
+    frozen = {p["name"] for p in facts("zero", "z2-fp32-dp2")["frozen_params"]}
+    assert frozen and not frozen & set(load_file(out))
+
+
+def test_library_state_dict_is_lazy_and_load_into_fills_a_module() -> None:
+    import sys
+
+    sys.path.insert(0, str(FIXTURES))
+    from tiny_model import build_model
+
+    sd = core.state_dict(ckpt("zero", "z3-fp32-dp2"))
+    live = torch.load(FIXTURES / "zero" / "z3-fp32-dp2" / "ref_live.pt", weights_only=True)
+    assert set(sd) == set(live)
+    assert torch.equal(sd["fc1.weight"], live["fc1.weight"])
+    model = build_model(seed=0)
+    assert core.load_into(model, ckpt("zero", "z3-fp32-dp2")) == ([], [])
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, _as_out(live[name]).to(value.dtype)), name
+
+
+@pytest.mark.parametrize("name", PIPE)
+def test_pipeline_to_fp32_equals_the_live_weights(tmp_path: Path, name: str) -> None:
+    f = facts("pipe", name)
+    out = tmp_path / "m.safetensors"
+    from_layers = f["zero_stage"] == 0
+    core.consolidate(ckpt("pipe", name), out, from_layers=from_layers)
+    got = load_file(out)
+    truth = torch.load(FIXTURES / "pipe" / name / "truth.pt", weights_only=True)
+    assert set(got) == set(truth)
+    for key, value in truth.items():
+        # Megatron records the original vocabulary size: the padding rows are stripped.
+        expected = value[: f["orig_vocab_size"]] if "word_embeddings" in key else value
+        assert torch.equal(got[key], expected.float()), key
+
+
+def test_pipeline_keeps_vocab_padding_when_asked(tmp_path: Path) -> None:
+    out = tmp_path / "m.safetensors"
+    core.consolidate(ckpt("pipe", "p2t2d1-z1-fp32"), out, strip_vocab_padding=False)
+    truth = torch.load(FIXTURES / "pipe" / "p2t2d1-z1-fp32" / "truth.pt", weights_only=True)
+    name = "tied_modules.embed.word_embeddings.weight"
+    assert torch.equal(load_file(out)[name], truth[name])
+
+
+def test_pipeline_without_optimizer_partitions_needs_from_layers(cli, tmp_path: Path) -> None:
+    result = cli("to-fp32", ckpt("pipe", "p2t1d1-z0-fp32"), tmp_path / "m.safetensors")
+    assert result.exit_code == 1 and "--from-layers" in result.stderr
+    assert not list(tmp_path.iterdir())
+
+
+# --- bad input: one line, exit 1, nothing written --------------------------------------------
+
+
+def _fails_cleanly(result, out_dir: Path, *needles: str) -> None:
+    assert result.exit_code == 1, result.output
+    line = result.stderr.strip()
+    assert len(line.splitlines()) == 1 and line.startswith("error: "), result.stderr
+    for needle in needles:
+        assert needle in line, line
+    leftovers = [p for p in out_dir.rglob("*") if "dsckpt-tmp" in p.name or p.name.startswith("m.")]
+    assert not leftovers, leftovers
+
+
+def _tag(root: Path) -> Path:
+    return root / (root / "latest").read_text().strip()
+
+
+def test_missing_optimizer_shard(cli, copy_fixture, tmp_path: Path) -> None:
+    root = copy_fixture("zero", "z2-fp32-dp2")
+    (_tag(root) / "zero_pp_rank_1_mp_rank_00_optim_states.pt").unlink()
+    _fails_cleanly(cli("to-fp32", root, tmp_path / "m.safetensors"), tmp_path,
+                   "zero_pp_rank_1_mp_rank_00_optim_states.pt is missing")
+
+
+def _rewrite(path: Path, edit) -> None:
+    sd = torch.load(path, weights_only=False)  # trusted test fixture, DeepSpeed installed
+    edit(sd)
+    torch.save(sd, path)
+
+
+def test_partition_count_that_disagrees_with_the_files(cli, copy_fixture, tmp_path: Path) -> None:
+    pytest.importorskip("deepspeed")
+    root = copy_fixture("zero", "z2-fp32-dp2")
+    for d in (0, 1):
+        _rewrite(_tag(root) / f"zero_pp_rank_{d}_mp_rank_00_optim_states.pt",
+                 lambda sd: sd["optimizer_state_dict"].__setitem__("partition_count", [3, 3]))
+    _fails_cleanly(cli("to-fp32", root, tmp_path / "m.safetensors"), tmp_path, "3")
+
+
+def test_shards_from_two_runs(cli, copy_fixture, tmp_path: Path) -> None:
+    root = copy_fixture("zero", "z2-fp32-dp2")
+    other = tag_dir("zero", "z1-fp32-dp2") / "zero_pp_rank_1_mp_rank_00_optim_states.pt"
+    (_tag(root) / other.name).write_bytes(other.read_bytes())
+    _fails_cleanly(cli("to-fp32", root, tmp_path / "m.safetensors"), tmp_path, "different runs")
+
+
+def test_flat_group_shorter_than_the_shapes(cli, copy_fixture, tmp_path: Path) -> None:
+    pytest.importorskip("deepspeed")
+    root = copy_fixture("zero", "z2-fp32-dp2")
+
+    def shorten(sd):
+        groups = sd["optimizer_state_dict"]["single_partition_of_fp32_groups"]
+        groups[0] = groups[0][:-5].clone()
+
+    _rewrite(_tag(root) / "zero_pp_rank_1_mp_rank_00_optim_states.pt", shorten)
+    _fails_cleanly(cli("to-fp32", root, tmp_path / "m.safetensors"), tmp_path,
+                   "zero_pp_rank_1_mp_rank_00_optim_states.pt")
+
+
+def test_unknown_suffix(cli, tmp_path: Path) -> None:
+    _fails_cleanly(cli("to-fp32", ckpt("zero", "z2-fp32-dp2"), tmp_path / "m.h5"), tmp_path,
+                   "unknown output suffix")
+
+
+def test_out_inside_the_checkpoint(cli, copy_fixture, tmp_path: Path) -> None:
+    root = copy_fixture("zero", "z2-fp32-dp2")
+    before = sorted(p.name for p in root.rglob("*"))
+    _fails_cleanly(cli("to-fp32", root, root / "m.safetensors"), tmp_path, "inside the checkpoint")
+    assert sorted(p.name for p in root.rglob("*")) == before
+
+
+def test_existing_out_needs_force(cli, tmp_path: Path) -> None:
+    out = tmp_path / "model.safetensors"
+    out.write_text("precious")
+    result = cli("to-fp32", ckpt("zero", "z2-fp32-dp2"), out)
+    assert result.exit_code == 1 and "--force" in result.stderr
+    assert out.read_text() == "precious"
+    assert cli("to-fp32", ckpt("zero", "z2-fp32-dp2"), out, "--force").exit_code == 0
+    assert "embed.weight" in load_file(out)
+
+
+def test_no_space_left_removes_the_temporary(cli, tmp_path: Path, monkeypatch) -> None:
+    def full(fd: int, offset: int, length: int) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "posix_fallocate", full)
+    _fails_cleanly(cli("to-fp32", ckpt("zero", "z2-fp32-dp2"), tmp_path / "m.safetensors"),
+                   tmp_path, "no space left")
+    assert not list(tmp_path.iterdir())
+
+
+def test_an_interrupted_run_leaves_nothing_that_looks_complete(cli, tmp_path: Path, monkeypatch) -> None:
+    from dsckpt import execute
+
+    calls = {"n": 0}
+    real = execute._copy
+
+    def interrupt_midway(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(execute, "_copy", interrupt_midway)
+    for name in ("m.safetensors", "m.bin", "shards"):
+        calls["n"] = 0
+        result = cli("to-fp32", ckpt("zero", "z2-fp32-dp2"), tmp_path / name)
+        assert result.exit_code == 130
+        assert not list(tmp_path.iterdir())
+
+
+def test_quiet_prints_only_the_result_line(cli, tmp_path: Path) -> None:
+    result = cli("to-fp32", ckpt("zero", "z2-fp32-dp2"), tmp_path / "m.safetensors", "--quiet")
+    assert result.exit_code == 0
+    assert result.stdout.startswith("wrote ") and result.stderr == ""
