@@ -1,0 +1,34 @@
+"""dsckpt: inspect, consolidate and reshape DeepSpeed checkpoints without DeepSpeed.
+
+The public API is imported lazily so that ``import dsckpt`` (and the CLI's ``--help``) does not
+pay for importing torch.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from dsckpt._version import __version__
+
+if TYPE_CHECKING:
+    from dsckpt.consolidate import consolidate, load_into, state_dict
+    from dsckpt.errors import DsckptError
+    from dsckpt.layout import open_checkpoint
+
+__all__ = ["DsckptError", "__version__", "consolidate", "load_into", "open_checkpoint", "state_dict"]
+
+_HOMES = {
+    "consolidate": "dsckpt.consolidate",
+    "load_into": "dsckpt.consolidate",
+    "state_dict": "dsckpt.consolidate",
+    "open_checkpoint": "dsckpt.layout",
+    "DsckptError": "dsckpt.errors",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _HOMES:
+        import importlib
+
+        return getattr(importlib.import_module(_HOMES[name]), name)
+    raise AttributeError(f"module 'dsckpt' has no attribute {name!r}")

@@ -120,7 +120,8 @@ def _summary(layout: Layout) -> Table:
     for kind in ("trainable", "frozen", "buffer", "tied"):
         c = counts[kind]
         label = {"buffer": "buffers", "tied": "tied aliases"}.get(kind, kind)
-        rows.append((label, f"{c['tensors']} tensors, {human_count(c['numel'])} elements"))
+        noun = "tensor" if c["tensors"] == 1 else "tensors"
+        rows.append((label, f"{c['tensors']} {noun}, {human_count(c['numel'])} elements"))
     rows.append(("on disk", f"{human_bytes(layout.bytes_on_disk)} in {len(layout.files)} files"))
     for key, value in rows:
         table.add_row(key, value)

@@ -19,3 +19,8 @@ TagOpt = Annotated[
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print the facts as JSON instead of tables.")]
 ForceOpt = Annotated[bool, typer.Option("--force", help="Overwrite OUT if it exists.")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar; only the result line.")]
+RulesOpt = Annotated[
+    Path | None,
+    typer.Option("--rules", help="TOML or JSON file of tensor-parallel merge rules; overrides the "
+                 "checkpoint's own patterns and the Megatron defaults (see docs/megatron.md)."),
+]
