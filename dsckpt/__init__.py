@@ -15,7 +15,14 @@ if TYPE_CHECKING:
     from dsckpt.errors import DsckptError
     from dsckpt.layout import open_checkpoint
 
-__all__ = ["DsckptError", "__version__", "consolidate", "load_into", "open_checkpoint", "state_dict"]
+__all__ = [
+    "DsckptError",
+    "__version__",
+    "consolidate",
+    "load_into",
+    "open_checkpoint",
+    "state_dict",
+]
 
 _HOMES = {
     "consolidate": "dsckpt.consolidate",

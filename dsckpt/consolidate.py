@@ -1,4 +1,4 @@
-"""`to-fp32` as a library: discover -> plan -> stream into an atomic output -> a result to render."""
+"""`to-fp32` as a library: discover -> plan -> stream into an atomic output -> a result."""
 
 from __future__ import annotations
 
@@ -35,8 +35,10 @@ class ConsolidateResult:
     def summary(self) -> str:
         tied = f" + {self.aliases} tied" if self.aliases else ""
         files = f", {self.files} files" if self.files > 1 else ""
-        return (f"wrote {self.out} ({self.format}{files}): {self.tensors} tensors{tied}, "
-                f"{self.nbytes / 2**20:.1f} MiB in {self.seconds:.2f} s; source: {self.source}")
+        return (
+            f"wrote {self.out} ({self.format}{files}): {self.tensors} tensors{tied}, "
+            f"{self.nbytes / 2**20:.1f} MiB in {self.seconds:.2f} s; source: {self.source}"
+        )
 
 
 def output_format(out: Path) -> str:
@@ -48,25 +50,49 @@ def output_format(out: Path) -> str:
         return TORCH
     if suffix == "" or out.is_dir():
         return SHARDED
-    raise OutputError(f"{out}: unknown output suffix {out.suffix!r}: use .safetensors, .bin or .pt, "
-                      "or a directory path for Hugging Face shards")
+    raise OutputError(
+        f"{out}: unknown output suffix {out.suffix!r}: use .safetensors, .bin or .pt, "
+        "or a directory path for Hugging Face shards"
+    )
 
 
-def plan_for(ckpt: Path | str | Layout, *, tag: str | None = None, dtype: str = "fp32",
-             exclude_frozen: bool = False, rules_file: Path | None = None,
-             from_layers: bool = False, strip_vocab_padding: bool = True) -> ConsolidationPlan:
+def plan_for(
+    ckpt: Path | str | Layout,
+    *,
+    tag: str | None = None,
+    dtype: str = "fp32",
+    exclude_frozen: bool = False,
+    rules_file: Path | None = None,
+    from_layers: bool = False,
+    strip_vocab_padding: bool = True,
+) -> ConsolidationPlan:
     if dtype not in DTYPES:
         raise UsageError(f"--dtype {dtype}: choose one of {', '.join(DTYPES)}")
     layout = ckpt if isinstance(ckpt, Layout) else open_checkpoint(ckpt, tag)
-    return plan_consolidation(layout, dtype, exclude_frozen, rules_file=rules_file,
-                              from_layers=from_layers, strip_vocab_padding=strip_vocab_padding)
+    return plan_consolidation(
+        layout,
+        dtype,
+        exclude_frozen,
+        rules_file=rules_file,
+        from_layers=from_layers,
+        strip_vocab_padding=strip_vocab_padding,
+    )
 
 
-def consolidate(ckpt: Path | str, out: Path | str, *, tag: str | None = None, dtype: str = "fp32",
-                max_shard_size: str | int = "5GB", exclude_frozen: bool = False,
-                force: bool = False, progress: ProgressSink | None = None,
-                rules_file: Path | None = None, from_layers: bool = False,
-                strip_vocab_padding: bool = True) -> ConsolidateResult:
+def consolidate(
+    ckpt: Path | str,
+    out: Path | str,
+    *,
+    tag: str | None = None,
+    dtype: str = "fp32",
+    max_shard_size: str | int = "5GB",
+    exclude_frozen: bool = False,
+    force: bool = False,
+    progress: ProgressSink | None = None,
+    rules_file: Path | None = None,
+    from_layers: bool = False,
+    strip_vocab_padding: bool = True,
+) -> ConsolidateResult:
     """Write one consolidated state dict of a DeepSpeed checkpoint.
 
     The format follows ``out``: ``*.safetensors``, ``*.bin``/``*.pt`` (torch.save), or a
@@ -84,26 +110,47 @@ def consolidate(ckpt: Path | str, out: Path | str, *, tag: str | None = None, dt
     fmt = output_format(out)
     layout = open_checkpoint(ckpt, tag)
     _refuse_inside(out, layout)
-    plan = plan_for(layout, dtype=dtype, exclude_frozen=exclude_frozen, rules_file=rules_file,
-                    from_layers=from_layers, strip_vocab_padding=strip_vocab_padding)
+    plan = plan_for(
+        layout,
+        dtype=dtype,
+        exclude_frozen=exclude_frozen,
+        rules_file=rules_file,
+        from_layers=from_layers,
+        strip_vocab_padding=strip_vocab_padding,
+    )
     metadata = {"format": "pt", "dsckpt.source": plan.source}
     if plan.aliases:
         metadata[ALIASES_KEY] = json.dumps(plan.aliases, sort_keys=True)
     started = time.perf_counter()
-    files = write_output(fmt, out, plan, metadata=metadata, force=force,
-                         max_shard_size=max_shard_size, progress=progress or ProgressSink())
-    return ConsolidateResult(out=out, format=fmt, tensors=len(plan.tensors),
-                             aliases=len(plan.aliases), nbytes=plan.nbytes,
-                             seconds=time.perf_counter() - started, files=files,
-                             source=plan.source)
+    files = write_output(
+        fmt,
+        out,
+        plan,
+        metadata=metadata,
+        force=force,
+        max_shard_size=max_shard_size,
+        progress=progress or ProgressSink(),
+    )
+    return ConsolidateResult(
+        out=out,
+        format=fmt,
+        tensors=len(plan.tensors),
+        aliases=len(plan.aliases),
+        nbytes=plan.nbytes,
+        seconds=time.perf_counter() - started,
+        files=files,
+        source=plan.source,
+    )
 
 
 def _refuse_inside(out: Path, layout: Layout) -> None:
     target = out.resolve()
     root = layout.root.resolve()
     if target == root or root in target.parents:
-        raise OutputError(f"{out} is inside the checkpoint {layout.root}: write the output "
-                          "elsewhere (dsckpt never writes into its input)")
+        raise OutputError(
+            f"{out} is inside the checkpoint {layout.root}: write the output "
+            "elsewhere (dsckpt never writes into its input)"
+        )
 
 
 class LazyStateDict(Mapping[str, torch.Tensor]):
@@ -132,8 +179,9 @@ def state_dict(ckpt: Path | str, **options: Any) -> LazyStateDict:
     return LazyStateDict(plan_for(ckpt, **options))
 
 
-def load_into(module: torch.nn.Module, ckpt: Path | str, *, strict: bool = True,
-              **options: Any) -> tuple[list[str], list[str]]:
+def load_into(
+    module: torch.nn.Module, ckpt: Path | str, *, strict: bool = True, **options: Any
+) -> tuple[list[str], list[str]]:
     """Copy the consolidated weights into ``module`` one tensor at a time (bounded memory).
 
     Returns:
@@ -148,8 +196,10 @@ def load_into(module: torch.nn.Module, ckpt: Path | str, *, strict: bool = True,
     missing = sorted(set(own) - names)
     unexpected = sorted(names - set(own))
     if strict and (missing or unexpected):
-        raise OutputError(f"the checkpoint does not fit the module: missing {missing[:5]}, "
-                          f"unexpected {unexpected[:5]}")
+        raise OutputError(
+            f"the checkpoint does not fit the module: missing {missing[:5]}, "
+            f"unexpected {unexpected[:5]}"
+        )
     with torch.no_grad():
         for name, value in iter_tensors(plan):
             if name in own:

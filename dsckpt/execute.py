@@ -63,7 +63,9 @@ def execute(plan: ConsolidationPlan, sink: Sink, progress: Progress | None = Non
 _copy_file_range_works = hasattr(os, "copy_file_range")
 
 
-def _copy(read: Read, tensor: OutputTensor, sources: _Sources, out_fd: int, out_offset: int) -> None:
+def _copy(
+    read: Read, tensor: OutputTensor, sources: _Sources, out_fd: int, out_offset: int
+) -> None:
     src = read.source
     if src.dtype == tensor.dtype and src.is_contiguous:
         start = src.offset + read.src_start * src.itemsize
@@ -74,8 +76,11 @@ def _copy(read: Read, tensor: OutputTensor, sources: _Sources, out_fd: int, out_
         count = min(CAST_CHUNK, read.length - done)
         piece = read_tensor(src, read.src_start + done, count).to(tensor.dtype)
         # numpy has no bfloat16: hand over the raw bytes
-        _pwrite_all(out_fd, memoryview(piece.view(torch.uint8).numpy()),
-                    out_offset + done * tensor.dtype.itemsize)
+        _pwrite_all(
+            out_fd,
+            memoryview(piece.view(torch.uint8).numpy().data),
+            out_offset + done * tensor.dtype.itemsize,
+        )
         done += count
 
 
@@ -127,4 +132,3 @@ def iter_tensors(plan: ConsolidationPlan) -> Iterator[tuple[str, torch.Tensor]]:
         for alias, canonical in plan.aliases.items():
             if canonical == tensor.name:
                 yield alias, value
-

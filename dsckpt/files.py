@@ -33,7 +33,10 @@ class RankFile:
 
 _PATTERNS: list[tuple[Role, re.Pattern[str]]] = [
     (Role.MODEL, re.compile(r"^mp_rank_(?P<mp>\d+)_model_states\.pt$")),
-    (Role.ZERO3_MODEL, re.compile(r"^zero_pp_rank_(?P<dp>\d+)_mp_rank_(?P<mp>\d+)_model_states\.pt$")),
+    (
+        Role.ZERO3_MODEL,
+        re.compile(r"^zero_pp_rank_(?P<dp>\d+)_mp_rank_(?P<mp>\d+)_model_states\.pt$"),
+    ),
     (
         Role.OPTIM,
         re.compile(
@@ -52,7 +55,9 @@ def classify(path: Path) -> RankFile | None:
             groups = {k: v for k, v in found.groupdict().items() if v is not None}
             prefix = groups.pop("prefix", "")
             coords = {k: int(v) for k, v in groups.items()}
-            return RankFile(name=path.name, role=role, size=path.stat().st_size, prefix=prefix, **coords)
+            return RankFile(
+                name=path.name, role=role, size=path.stat().st_size, prefix=prefix, **coords
+            )
     return None
 
 
@@ -118,10 +123,13 @@ def locate(path: Path, tag: str | None = None) -> Location:
     )
 
 
-def _location(root: Path, tag: str | None, tag_dir: Path, tags: list[str] | tuple[str, ...]) -> Location:
+def _location(
+    root: Path, tag: str | None, tag_dir: Path, tags: list[str] | tuple[str, ...]
+) -> Location:
     others = tuple(t for t in tags if t != tag)
-    return Location(root=root, tag=tag, dir=tag_dir, other_tags=others,
-                    universal=(tag_dir / "zero").is_dir())
+    return Location(
+        root=root, tag=tag, dir=tag_dir, other_tags=others, universal=(tag_dir / "zero").is_dir()
+    )
 
 
 def _list(items: list[str] | tuple[str, ...]) -> str:

@@ -119,12 +119,20 @@ def open_checkpoint(path: Path | str, tag: str | None = None) -> Layout:
     files, unrelated = scan(location)
     reader = _Reader(location, files)
     if unrelated:
-        reader.note(INFO, "unrelated-files", f"{location.dir} also holds files DeepSpeed does not "
-                    f"write, ignored: {', '.join(unrelated[:5])}" + (" ..." if len(unrelated) > 5 else ""))
+        reader.note(
+            INFO,
+            "unrelated-files",
+            f"{location.dir} also holds files DeepSpeed does not "
+            f"write, ignored: {', '.join(unrelated[:5])}" + (" ..." if len(unrelated) > 5 else ""),
+        )
     if location.other_tags:
-        reader.note(INFO, "several-tags", f"{location.root} holds other tags too: "
-                    f"{', '.join(location.other_tags)}; reading {location.tag!r}"
-                    + ("" if (location.root / "latest").is_file() else " (no `latest`; pass --tag)"))
+        reader.note(
+            INFO,
+            "several-tags",
+            f"{location.root} holds other tags too: "
+            f"{', '.join(location.other_tags)}; reading {location.tag!r}"
+            + ("" if (location.root / "latest").is_file() else " (no `latest`; pass --tag)"),
+        )
     if location.universal:
         return reader.universal()
     if not files:
@@ -168,10 +176,23 @@ class _Reader:
 
     def universal(self) -> Layout:
         params = sorted(p.name for p in (self.location.dir / "zero").iterdir() if p.is_dir())
-        self.note(INFO, "universal", f"{self.location.dir} is a DeepSpeed universal checkpoint "
-                  f"({len(params)} parameter folders under zero/); dsckpt reads native checkpoints")
-        return self._layout(kind="universal", zero_stage=0, optimizer="none", pp=1, tp=1, dp=1,
-                            meta={}, tensors=[], sources={})
+        self.note(
+            INFO,
+            "universal",
+            f"{self.location.dir} is a DeepSpeed universal checkpoint "
+            f"({len(params)} parameter folders under zero/); dsckpt reads native checkpoints",
+        )
+        return self._layout(
+            kind="universal",
+            zero_stage=0,
+            optimizer="none",
+            pp=1,
+            tp=1,
+            dp=1,
+            meta={},
+            tensors=[],
+            sources={},
+        )
 
     def read(self) -> Layout:
         model_files = self.of_role(Role.MODEL)
@@ -181,8 +202,10 @@ class _Reader:
         if zero3_models:
             return self._zero3(zero3_models)
         if not model_files:
-            raise CheckpointNotFound(f"{self.location.dir} has optimizer files but no "
-                                     "mp_rank_*_model_states.pt: the model states are missing")
+            raise CheckpointNotFound(
+                f"{self.location.dir} has optimizer files but no "
+                "mp_rank_*_model_states.pt: the model states are missing"
+            )
         if not self.of_role(Role.OPTIM):
             return self._plain(model_files)
         return self._zero12(model_files)
@@ -191,8 +214,9 @@ class _Reader:
         first = min(model_files, key=lambda f: (f.mp or 0, f.dp or 0))
         meta = self.load(first, required=True)
         if not isinstance(meta, dict) or "module" not in meta:
-            raise CheckpointNotFound(f"{self.path(first)} is not a DeepSpeed model-states file "
-                                     "(no `module` key)")
+            raise CheckpointNotFound(
+                f"{self.path(first)} is not a DeepSpeed model-states file (no `module` key)"
+            )
         return meta
 
     def _plain(self, model_files: list[RankFile]) -> Layout:
@@ -218,13 +242,22 @@ class _Reader:
                 kind, placement, alias = "trainable", "whole in model states", None
                 by_storage[key] = name
             whole[name] = (ref,)
-            tensors.append(TensorEntry(name, tuple(t.shape), _dtype(t.dtype), kind, placement,
-                                       alias_of=alias))
+            tensors.append(
+                TensorEntry(name, tuple(t.shape), _dtype(t.dtype), kind, placement, alias_of=alias)
+            )
         optimizer = meta.get("optimizer")
-        return self._layout(kind="plain", zero_stage=0,
-                            optimizer="torch" if optimizer else "none", pp=1,
-                            tp=len(model_files), dp=int(meta.get("dp_world_size") or 1), meta=meta,
-                            tensors=tensors, sources={}, whole=whole)
+        return self._layout(
+            kind="plain",
+            zero_stage=0,
+            optimizer="torch" if optimizer else "none",
+            pp=1,
+            tp=len(model_files),
+            dp=int(meta.get("dp_world_size") or 1),
+            meta=meta,
+            tensors=tensors,
+            sources={},
+            whole=whole,
+        )
 
     def _zero12(self, model_files: list[RankFile]) -> Layout:
         meta = self._model_meta(model_files)
@@ -232,43 +265,74 @@ class _Reader:
         mp0 = min(f.mp or 0 for f in model_files)
         sources, optim_kind, stage, dp = self._zero_sources(mp0, meta["param_shapes"])
         self._check_dp(meta, dp)
-        tensors, whole, frozen = self._model_tensors(meta, self.path(
-            next(f for f in model_files if (f.mp or 0) == mp0)), sources, stage)
-        return self._layout(kind="zero", zero_stage=stage, optimizer=optim_kind, pp=1,
-                            tp=len(model_files), dp=dp, meta=meta, tensors=tensors,
-                            sources={mp0: sources} if sources else {}, whole=whole, frozen=frozen)
+        tensors, whole, frozen = self._model_tensors(
+            meta, self.path(next(f for f in model_files if (f.mp or 0) == mp0)), sources, stage
+        )
+        return self._layout(
+            kind="zero",
+            zero_stage=stage,
+            optimizer=optim_kind,
+            pp=1,
+            tp=len(model_files),
+            dp=dp,
+            meta=meta,
+            tensors=tensors,
+            sources={mp0: sources} if sources else {},
+            whole=whole,
+            frozen=frozen,
+        )
 
     def _zero3(self, zero3_models: list[RankFile]) -> Layout:
         by_dp = {f.dp: f for f in zero3_models if (f.mp or 0) == 0}
         meta = self._model_meta(zero3_models)
         sources, optim_kind, stage, dp = self._zero_sources(0, meta["param_shapes"])
         self._check_dp(meta, dp)
-        self._check_rank_set("model-states", {f.dp for f in zero3_models if f.dp is not None},
-                             dp, lambda d: f"zero_pp_rank_{d}_mp_rank_00_model_states.pt")
+        self._check_rank_set(
+            "model-states",
+            {f.dp for f in zero3_models if f.dp is not None},
+            dp,
+            lambda d: f"zero_pp_rank_{d}_mp_rank_00_model_states.pt",
+        )
         steps = {}
         for d, f in sorted(by_dp.items()):
             other = self.load(f)
             if other is not None:
                 steps[d] = other.get("global_steps")
         if len(set(steps.values())) > 1:
-            self.note(ERROR, "mixed-runs", "ZeRO-3 model-states files come from different "
-                      f"iterations (global_steps by DP rank: {steps}): copy the files of one save")
-        tensors, whole, frozen = self._model_tensors(meta, self.path(by_dp.get(0) or zero3_models[0]),
-                                                     sources, stage)
+            self.note(
+                ERROR,
+                "mixed-runs",
+                "ZeRO-3 model-states files come from different "
+                f"iterations (global_steps by DP rank: {steps}): copy the files of one save",
+            )
+        tensors, whole, frozen = self._model_tensors(
+            meta, self.path(by_dp.get(0) or zero3_models[0]), sources, stage
+        )
         if meta.get("frozen_param_shapes"):
             frozen = {}
             for name in meta["frozen_param_shapes"]:
                 refs = []
                 for d in range(dp):
-                    f = by_dp.get(d)
-                    other = self.load(f) if f else None
-                    if other is None:
+                    rank_file = by_dp.get(d)
+                    other = self.load(rank_file) if rank_file else None
+                    if rank_file is None or other is None:
                         break
-                    refs.append(tensor_ref(self.path(f), other["frozen_param_fragments"][name]))
+                    fragment = other["frozen_param_fragments"][name]
+                    refs.append(tensor_ref(self.path(rank_file), fragment))
                 frozen[name] = tuple(refs)
-        return self._layout(kind="zero3", zero_stage=3, optimizer=optim_kind, pp=1, tp=1, dp=dp,
-                            meta=meta, tensors=tensors, sources={0: sources} if sources else {},
-                            whole=whole, frozen=frozen)
+        return self._layout(
+            kind="zero3",
+            zero_stage=3,
+            optimizer=optim_kind,
+            pp=1,
+            tp=1,
+            dp=dp,
+            meta=meta,
+            tensors=tensors,
+            sources={0: sources} if sources else {},
+            whole=whole,
+            frozen=frozen,
+        )
 
     def _pipeline(self, model_files: list[RankFile]) -> Layout:
         from dsckpt.pipeline import read_pipeline  # pipeline discovery lives with the 3D code
@@ -277,11 +341,23 @@ class _Reader:
 
     # --- shared pieces ------------------------------------------------------------------------
 
-    def _layout(self, *, kind: str, zero_stage: int, optimizer: str, pp: int, tp: int, dp: int,
-                meta: Mapping[str, Any], tensors: list[TensorEntry],
-                sources: Mapping[int, ZeroSources], whole: Mapping[str, tuple[TensorRef, ...]] | None = None,
-                frozen: Mapping[str, tuple[TensorRef, ...]] | None = None,
-                param_dtype: str | None = None, stage_parts: tuple[int, ...] = ()) -> Layout:
+    def _layout(
+        self,
+        *,
+        kind: str,
+        zero_stage: int,
+        optimizer: str,
+        pp: int,
+        tp: int,
+        dp: int,
+        meta: Mapping[str, Any],
+        tensors: list[TensorEntry],
+        sources: Mapping[int, ZeroSources],
+        whole: Mapping[str, tuple[TensorRef, ...]] | None = None,
+        frozen: Mapping[str, tuple[TensorRef, ...]] | None = None,
+        param_dtype: str | None = None,
+        stage_parts: tuple[int, ...] = (),
+    ) -> Layout:
         master = None
         for src in sources.values():
             if src.fp32 and src.fp32[0]:
@@ -292,13 +368,26 @@ class _Reader:
         if master is None and kind == "plain":
             master = param_dtype
         return Layout(
-            root=self.location.root, tag=self.location.tag, dir=self.location.dir, kind=kind,
-            zero_stage=zero_stage, optimizer=optimizer, pp=pp, tp=tp, dp=dp,
-            param_dtype=param_dtype, master_dtype=master,
-            iteration=meta.get("global_steps"), ds_version=meta.get("ds_version"),
-            files=tuple(self.files), tensors=tuple(tensors), findings=tuple(self.findings),
-            other_tags=self.location.other_tags, zero_sources=dict(sources),
-            whole=dict(whole or {}), frozen_fragments=dict(frozen or {}),
+            root=self.location.root,
+            tag=self.location.tag,
+            dir=self.location.dir,
+            kind=kind,
+            zero_stage=zero_stage,
+            optimizer=optimizer,
+            pp=pp,
+            tp=tp,
+            dp=dp,
+            param_dtype=param_dtype,
+            master_dtype=master,
+            iteration=meta.get("global_steps"),
+            ds_version=meta.get("ds_version"),
+            files=tuple(self.files),
+            tensors=tuple(tensors),
+            findings=tuple(self.findings),
+            other_tags=self.location.other_tags,
+            zero_sources=dict(sources),
+            whole=dict(whole or {}),
+            frozen_fragments=dict(frozen or {}),
             model_info={k: meta[k] for k in MODEL_INFO_KEYS if meta.get(k) is not None},
             stage_parts=stage_parts,
         )
@@ -306,41 +395,64 @@ class _Reader:
     def _check_mp_files(self, meta: Mapping[str, Any], model_files: list[RankFile]) -> None:
         mp = meta.get("mp_world_size")
         if mp is not None and mp != len(model_files):
-            self.note(ERROR, "count-mismatch", f"model states record mp_world_size={mp} but "
-                      f"{len(model_files)} mp_rank_*_model_states.pt files are present")
+            self.note(
+                ERROR,
+                "count-mismatch",
+                f"model states record mp_world_size={mp} but "
+                f"{len(model_files)} mp_rank_*_model_states.pt files are present",
+            )
 
     def _check_dp(self, meta: Mapping[str, Any], dp: int) -> None:
         recorded = meta.get("dp_world_size")
         if recorded is not None and recorded != dp:
-            self.note(ERROR, "count-mismatch", f"model states record dp_world_size={recorded} but "
-                      f"the optimizer files record partition_count={dp}")
+            self.note(
+                ERROR,
+                "count-mismatch",
+                f"model states record dp_world_size={recorded} but "
+                f"the optimizer files record partition_count={dp}",
+            )
 
     def _check_rank_set(self, what: str, present: set[int], dp: int, name_of: Any) -> None:
         for d in range(dp):
             if d not in present:
-                self.note(ERROR, "missing-rank-file", f"{name_of(d)} is missing: the checkpoint was "
-                          f"saved by {dp} data-parallel ranks but only {len(present & set(range(dp)))} "
-                          f"{what} files are present")
+                self.note(
+                    ERROR,
+                    "missing-rank-file",
+                    f"{name_of(d)} is missing: the checkpoint was "
+                    f"saved by {dp} data-parallel ranks but only {len(present & set(range(dp)))} "
+                    f"{what} files are present",
+                )
         for d in sorted(present - set(range(dp))):
-            self.note(ERROR, "stale-rank-file", f"{name_of(d)} is for DP rank {d}, but the checkpoint "
-                      f"was saved by {dp} ranks (partition_count={dp}): a stale file from an older "
-                      "run? move it out of the tag directory")
+            self.note(
+                ERROR,
+                "stale-rank-file",
+                f"{name_of(d)} is for DP rank {d}, but the checkpoint "
+                f"was saved by {dp} ranks (partition_count={dp}): a stale file from an older "
+                "run? move it out of the tag directory",
+            )
 
     def _zero_sources(self, mp: int, param_shapes: Any) -> tuple[ZeroSources | None, str, int, int]:
         """Read the optimizer files of model-parallel rank ``mp``: fp32 partition locations."""
         optim = [f for f in self.of_role(Role.OPTIM) if f.mp == mp]
         prefixes = sorted({f.prefix for f in optim})
         if len(prefixes) > 1:
-            self.note(ERROR, "mixed-prefix", "optimizer files with different prefixes are mixed: "
-                      + ", ".join(repr(p or "(none)") for p in prefixes)
-                      + ": keep the files of one run (the prefix follows bf16.enabled)")
+            self.note(
+                ERROR,
+                "mixed-prefix",
+                "optimizer files with different prefixes are mixed: "
+                + ", ".join(repr(p or "(none)") for p in prefixes)
+                + ": keep the files of one run (the prefix follows bf16.enabled)",
+            )
         by_dp: dict[int, list[RankFile]] = defaultdict(list)
         for f in optim:
             by_dp[f.dp or 0].append(f)
         for d, fs in by_dp.items():
             if len(fs) > 1:
-                self.note(ERROR, "duplicate-rank-file", f"DP rank {d} has several optimizer files: "
-                          + ", ".join(f.name for f in fs))
+                self.note(
+                    ERROR,
+                    "duplicate-rank-file",
+                    f"DP rank {d} has several optimizer files: " + ", ".join(f.name for f in fs),
+                )
         states = {}
         for d, fs in sorted(by_dp.items()):
             sd = self.load(fs[0])
@@ -352,22 +464,34 @@ class _Reader:
                 continue
             states[d] = (fs[0], osd)
         if not states:
-            raise CorruptFile(self.location.dir / (optim[0].name if optim else "optimizer files"),
-                              "no readable optimizer file")
+            raise CorruptFile(
+                self.location.dir / (optim[0].name if optim else "optimizer files"),
+                "no readable optimizer file",
+            )
         first_file, first = states[min(states)]
         stage = int(first.get("zero_stage", 1))
         kind = "zero" if "zero_stage" in first else "bf16_optimizer"
         counts = {d: _partition_count(osd) for d, (_, osd) in states.items()}
         dp = counts[min(counts)]
-        for what, values in (("partition_count", counts),
-                             ("zero_stage", {d: osd.get("zero_stage") for d, (_, osd) in states.items()}),
-                             ("ds_version", {d: osd.get("ds_version") for d, (_, osd) in states.items()})):
+        for what, values in (
+            ("partition_count", counts),
+            ("zero_stage", {d: osd.get("zero_stage") for d, (_, osd) in states.items()}),
+            ("ds_version", {d: osd.get("ds_version") for d, (_, osd) in states.items()}),
+        ):
             if len(set(values.values())) > 1:
-                self.note(ERROR, "mixed-runs", f"optimizer files disagree on {what} (by DP rank: "
-                          f"{values}): files from different runs are mixed; copy one save whole")
+                self.note(
+                    ERROR,
+                    "mixed-runs",
+                    f"optimizer files disagree on {what} (by DP rank: "
+                    f"{values}): files from different runs are mixed; copy one save whole",
+                )
         prefix = first_file.prefix
-        self._check_rank_set("optimizer", set(by_dp), dp,
-                             lambda d: f"{prefix}zero_pp_rank_{d}_mp_rank_{mp:02d}_optim_states.pt")
+        self._check_rank_set(
+            "optimizer",
+            set(by_dp),
+            dp,
+            lambda d: f"{prefix}zero_pp_rank_{d}_mp_rank_{mp:02d}_optim_states.pt",
+        )
         self._check_steps(states)
         shapes = [[(n, tuple(s)) for n, s in group.items()] for group in (param_shapes or [])]
         if stage == 3:
@@ -381,26 +505,39 @@ class _Reader:
             if step is not None:
                 steps[d] = step
         if len(set(steps.values())) > 1:
-            self.note(ERROR, "mixed-runs", f"optimizer files are at different steps (by DP rank: "
-                      f"{steps}): shards from different saves are mixed; copy one save whole")
+            self.note(
+                ERROR,
+                "mixed-runs",
+                f"optimizer files are at different steps (by DP rank: "
+                f"{steps}): shards from different saves are mixed; copy one save whole",
+            )
 
-    def _zero12_sources(self, states: Mapping[int, tuple[RankFile, dict[str, Any]]],
-                        shapes: list[list[tuple[str, tuple[int, ...]]]], dp: int,
-                        kind: str) -> ZeroSources | None:
+    def _zero12_sources(
+        self,
+        states: Mapping[int, tuple[RankFile, dict[str, Any]]],
+        shapes: list[list[tuple[str, tuple[int, ...]]]],
+        dp: int,
+        kind: str,
+    ) -> ZeroSources | None:
         fp32: list[tuple[TensorRef, ...]] = []
         groups: list[zero.Zero12Group] = []
         _, first = states[min(states)]
         n_groups = len(first["single_partition_of_fp32_groups"])
         if n_groups != len(shapes):
-            self.note(ERROR, "count-mismatch", f"model states list {len(shapes)} parameter groups "
-                      f"but the optimizer files hold {n_groups} fp32 groups")
+            self.note(
+                ERROR,
+                "count-mismatch",
+                f"model states list {len(shapes)} parameter groups "
+                f"but the optimizer files hold {n_groups} fp32 groups",
+            )
             return None
         for d in range(dp):
             if d not in states:
                 return None
             f, osd = states[d]
-            fp32.append(tuple(tensor_ref(self.path(f), t)
-                              for t in osd["single_partition_of_fp32_groups"]))
+            fp32.append(
+                tuple(tensor_ref(self.path(f), t) for t in osd["single_partition_of_fp32_groups"])
+            )
         aligns = first.get("param_alignment_paddings")
         for g, group_shapes in enumerate(shapes):
             # The slice size per rank, read from rank 0: ZeRO-1/2 save it without its tail
@@ -409,30 +546,48 @@ class _Reader:
             layout = zero.zero12_group(group_shapes, dp, aligns[g] if aligns else None, size)
             groups.append(layout)
             self._check_zero12_group(g, layout, fp32, states, kind)
-        return ZeroSources(stage=int(first.get("zero_stage", 1)), fp32=tuple(fp32),
-                           groups=tuple(groups))
+        return ZeroSources(
+            stage=int(first.get("zero_stage", 1)), fp32=tuple(fp32), groups=tuple(groups)
+        )
 
-    def _check_zero12_group(self, g: int, layout: zero.Zero12Group,
-                            fp32: list[tuple[TensorRef, ...]],
-                            states: Mapping[int, tuple[RankFile, dict[str, Any]]], kind: str) -> None:
+    def _check_zero12_group(
+        self,
+        g: int,
+        layout: zero.Zero12Group,
+        fp32: list[tuple[TensorRef, ...]],
+        states: Mapping[int, tuple[RankFile, dict[str, Any]]],
+        kind: str,
+    ) -> None:
         if layout.padded_numel < layout.data_numel:
             f, _ = states[0]
-            self.note(ERROR, "short-partition", f"group {g}: the parameter shapes need "
-                      f"{layout.data_numel} elements but the {layout.dp} partitions of "
-                      f"{layout.partition_size} hold only {layout.padded_numel} "
-                      f"(e.g. {f.name}): the optimizer files do not match the model states")
+            self.note(
+                ERROR,
+                "short-partition",
+                f"group {g}: the parameter shapes need "
+                f"{layout.data_numel} elements but the {layout.dp} partitions of "
+                f"{layout.partition_size} hold only {layout.padded_numel} "
+                f"(e.g. {f.name}): the optimizer files do not match the model states",
+            )
             return
         for d in range(layout.dp):
             f, osd = states[d]
             saved = fp32[d][g].numel
             expected = layout.partition_size - (layout.tail_padding(d) if kind == "zero" else 0)
             if saved != expected:
-                self.note(ERROR, "short-partition", f"{f.name}: group {g} holds {saved} fp32 "
-                          f"elements where the parameter shapes need {expected}: the file does not "
-                          "belong with the others")
+                self.note(
+                    ERROR,
+                    "short-partition",
+                    f"{f.name}: group {g} holds {saved} fp32 "
+                    f"elements where the parameter shapes need {expected}: the file does not "
+                    "belong with the others",
+                )
 
-    def _zero3_sources(self, states: Mapping[int, tuple[RankFile, dict[str, Any]]],
-                       shapes: list[list[tuple[str, tuple[int, ...]]]], dp: int) -> ZeroSources | None:
+    def _zero3_sources(
+        self,
+        states: Mapping[int, tuple[RankFile, dict[str, Any]]],
+        shapes: list[list[tuple[str, tuple[int, ...]]]],
+        dp: int,
+    ) -> ZeroSources | None:
         layout = zero.zero3_layout(shapes, dp)
         fp32 = []
         for d in range(dp):
@@ -441,17 +596,23 @@ class _Reader:
             f, osd = states[d]
             refs = tuple(tensor_ref(self.path(f), t) for t in osd["fp32_flat_groups"])
             if tuple(r.numel for r in refs) != layout.sub_group_numels:
-                self.note(ERROR, "short-partition", f"{f.name}: fp32 sub-groups hold "
-                          f"{[r.numel for r in refs]} elements where the parameter shapes need "
-                          f"{list(layout.sub_group_numels)}: the file does not belong with the others")
+                self.note(
+                    ERROR,
+                    "short-partition",
+                    f"{f.name}: fp32 sub-groups hold "
+                    f"{[r.numel for r in refs]} elements where the parameter shapes need "
+                    f"{list(layout.sub_group_numels)}: the file does not belong with the others",
+                )
                 return None
             fp32.append(refs)
         return ZeroSources(stage=3, fp32=tuple(fp32), zero3=layout)
 
-    def _model_tensors(self, meta: Mapping[str, Any], path: Path, sources: ZeroSources | None,
-                       stage: int) -> tuple[list[TensorEntry], dict[str, tuple[TensorRef, ...]],
-                                            dict[str, tuple[TensorRef, ...]]]:
-        """The consolidated model's tensors: trainable (from fp32 partitions), frozen, buffers, tied."""
+    def _model_tensors(
+        self, meta: Mapping[str, Any], path: Path, sources: ZeroSources | None, stage: int
+    ) -> tuple[
+        list[TensorEntry], dict[str, tuple[TensorRef, ...]], dict[str, tuple[TensorRef, ...]]
+    ]:
+        """The consolidated tensors: trainable (fp32 partitions), frozen, buffers, tied."""
         module = meta.get("module") or {}
         tensors: list[TensorEntry] = []
         whole: dict[str, tuple[TensorRef, ...]] = {}
@@ -465,40 +626,66 @@ class _Reader:
             if isinstance(module.get(name), torch.Tensor):
                 t = module[name]
                 whole[name] = (tensor_ref(path, t),)
-                tensors.append(TensorEntry(name, tuple(t.shape), _dtype(t.dtype), "buffer",
-                                           "whole in model states"))
+                tensors.append(
+                    TensorEntry(
+                        name, tuple(t.shape), _dtype(t.dtype), "buffer", "whole in model states"
+                    )
+                )
         frozen_shapes = meta.get("frozen_param_shapes")
         if frozen_shapes:
             for name, shape in frozen_shapes.items():
                 if stage == 3:
-                    per = zero.zero3_partition_numel(zero.numel(tuple(shape)), int(
-                        meta.get("dp_world_size") or 1))
+                    per = zero.zero3_partition_numel(
+                        zero.numel(tuple(shape)), int(meta.get("dp_world_size") or 1)
+                    )
                     placement = f"frozen; ZeRO-3 fragments of {per} per rank"
                 else:
                     frag = meta["frozen_param_fragments"][name]
                     frozen[name] = (tensor_ref(path, frag),)
                     placement = "frozen; whole in model states"
-                tensors.append(TensorEntry(name, tuple(shape), module_dtype(name), "frozen",
-                                           placement))
+                tensors.append(
+                    TensorEntry(name, tuple(shape), module_dtype(name), "frozen", placement)
+                )
         trainable = {p.name for p in _trainable_params(sources)}
         if not frozen_shapes:
             # ZeRO-1 records no frozen parameters: they exist only in `module`.
             aliases = set((meta.get("shared_params") or {}).keys())
             buffers = set(meta.get("buffer_names") or [])
             for name, t in module.items():
-                if (isinstance(t, torch.Tensor) and name not in trainable and name not in buffers
-                        and name not in aliases):
+                if (
+                    isinstance(t, torch.Tensor)
+                    and name not in trainable
+                    and name not in buffers
+                    and name not in aliases
+                ):
                     whole[name] = (tensor_ref(path, t),)
-                    tensors.append(TensorEntry(name, tuple(t.shape), _dtype(t.dtype), "frozen",
-                                               "frozen; whole in model states only"))
+                    tensors.append(
+                        TensorEntry(
+                            name,
+                            tuple(t.shape),
+                            _dtype(t.dtype),
+                            "frozen",
+                            "frozen; whole in model states only",
+                        )
+                    )
         tensors.extend(self._trainable_entries(sources, module_dtype))
         for alias, canonical in (meta.get("shared_params") or {}).items():
             shape = next((t.shape for t in tensors if t.name == canonical), ())
-            tensors.append(TensorEntry(alias, tuple(shape), module_dtype(alias), "tied",
-                                       f"alias of {canonical}", alias_of=canonical))
+            tensors.append(
+                TensorEntry(
+                    alias,
+                    tuple(shape),
+                    module_dtype(alias),
+                    "tied",
+                    f"alias of {canonical}",
+                    alias_of=canonical,
+                )
+            )
         return tensors, whole, frozen
 
-    def _trainable_entries(self, sources: ZeroSources | None, module_dtype: Any) -> list[TensorEntry]:
+    def _trainable_entries(
+        self, sources: ZeroSources | None, module_dtype: Any
+    ) -> list[TensorEntry]:
         if sources is None:
             return []
         entries = []
@@ -506,17 +693,31 @@ class _Reader:
             dp = sources.zero3.dp
             for p in sources.zero3.params:
                 per = zero.zero3_partition_numel(p.numel, dp)
-                entries.append(TensorEntry(p.name, p.shape, module_dtype(p.name), "trainable",
-                                           f"ZeRO-3 sub-group {p.sub_group}: {per} per rank x {dp}",
-                                           group=p.sub_group))
+                entries.append(
+                    TensorEntry(
+                        p.name,
+                        p.shape,
+                        module_dtype(p.name),
+                        "trainable",
+                        f"ZeRO-3 sub-group {p.sub_group}: {per} per rank x {dp}",
+                        group=p.sub_group,
+                    )
+                )
             return entries
         for g, layout in enumerate(sources.groups):
-            for p in layout.params:
-                ranks = sorted({piece.rank for piece in layout.pieces(p)})
+            for flat in layout.params:
+                ranks = sorted({piece.rank for piece in layout.pieces(flat)})
                 where = f"rank {ranks[0]}" if len(ranks) == 1 else f"ranks {ranks[0]}-{ranks[-1]}"
-                entries.append(TensorEntry(p.name, p.shape, module_dtype(p.name), "trainable",
-                                           f"group {g} [{p.offset}, {p.offset + p.numel}) on {where}",
-                                           group=g))
+                entries.append(
+                    TensorEntry(
+                        flat.name,
+                        flat.shape,
+                        module_dtype(flat.name),
+                        "trainable",
+                        f"group {g} [{flat.offset}, {flat.offset + flat.numel}) on {where}",
+                        group=g,
+                    )
+                )
         return entries
 
 

@@ -21,7 +21,7 @@ import pickle
 import re
 import zipfile
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache, lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -85,20 +85,22 @@ def _numpy_globals() -> list[tuple[Any, str]]:
         import numpy as np
     except ImportError:
         return []
-    multiarray = np._core.multiarray if hasattr(np, "_core") else np.core.multiarray
+    multiarray = np._core.multiarray if hasattr(np, "_core") else np.core.multiarray  # type: ignore[attr-defined]
     allowed: list[tuple[Any, str]] = [(np.ndarray, "numpy.ndarray"), (np.dtype, "numpy.dtype")]
     # A dtype's state is restored onto an instance of its concrete class (numpy >= 1.25).
     dtypes = getattr(np, "dtypes", None)
     for name in getattr(dtypes, "__all__", []):
         allowed.append((getattr(dtypes, name), f"numpy.dtypes.{name}"))
     for module in ("numpy._core.multiarray", "numpy.core.multiarray"):
-        allowed += [(multiarray._reconstruct, f"{module}._reconstruct"),
-                    (multiarray.scalar, f"{module}.scalar")]
+        allowed += [
+            (multiarray._reconstruct, f"{module}._reconstruct"),
+            (multiarray.scalar, f"{module}.scalar"),
+        ]
     return allowed
 
 
 @lru_cache(maxsize=1)
-def _allowed_globals() -> list[tuple[Any, str]]:
+def _allowed_globals() -> list[Any]:
     return [(cls, path) for path, cls in STAND_INS.items()] + _numpy_globals()
 
 
@@ -121,7 +123,9 @@ def load_meta(path: Path) -> Any:
     """
     if not zipfile.is_zipfile(path):
         size = path.stat().st_size
-        reason = "empty file" if size == 0 else "not a torch zip file (truncated or not a checkpoint)"
+        reason = (
+            "empty file" if size == 0 else "not a torch zip file (truncated or not a checkpoint)"
+        )
         raise CorruptFile(path, reason)
     try:
         with torch.serialization.safe_globals(_allowed_globals()):
@@ -131,7 +135,8 @@ def load_meta(path: Path) -> Any:
         if found is None:
             raise CorruptFile(path, f"unreadable pickle ({_first_line(exc)})") from exc
         raise UnsafeCheckpoint(
-            f"{path}: the pickle asks for `{found.group(1) or found.group(2)}`, which is not on dsckpt's allow-list "
+            f"{path}: the pickle asks for `{found.group(1) or found.group(2)}`, "
+            "which is not on dsckpt's allow-list "
             "(loading it could run code), so nothing from the file was run; if this file really "
             "is a DeepSpeed checkpoint, report the name so a stand-in can be added"
         ) from exc
@@ -176,14 +181,14 @@ class TensorRef:
     @property
     def is_contiguous(self) -> bool:
         expected = 1
-        for size, step in zip(reversed(self.shape), reversed(self.stride)):
+        for size, step in zip(reversed(self.shape), reversed(self.stride), strict=True):
             if size != 1 and step != expected:
                 return False
             expected *= size
         return True
 
 
-@lru_cache(maxsize=None)
+@cache
 def _itemsize(dtype: torch.dtype) -> int:
     return torch.empty((), dtype=dtype).element_size()
 
@@ -212,7 +217,7 @@ def _span_bytes(ref: TensorRef) -> int:
     """Bytes from element 0 to one past the furthest element, following the strides."""
     if ref.numel == 0:
         return 0
-    last = sum((size - 1) * step for size, step in zip(ref.shape, ref.stride))
+    last = sum((size - 1) * step for size, step in zip(ref.shape, ref.stride, strict=True))
     return (last + 1) * ref.itemsize
 
 

@@ -25,8 +25,10 @@ if TYPE_CHECKING:
 def read_pipeline(reader: _Reader, model_files: list[RankFile]) -> Layout:
     """Discover a pipeline checkpoint: degrees, per-(stage, TP) ZeRO partitions, layer files."""
     if not model_files:
-        raise UnsupportedLayout(f"{reader.location.dir} has layer files but no "
-                                "mp_rank_*_model_states.pt: the pipeline model states are missing")
+        raise UnsupportedLayout(
+            f"{reader.location.dir} has layer files but no "
+            "mp_rank_*_model_states.pt: the pipeline model states are missing"
+        )
     meta = reader._model_meta(model_files)
     dims = meta.get("checkpoint_parallel_dimensions") or {}
     layers = [f for f in reader.files if f.role is Role.LAYER]
@@ -36,11 +38,17 @@ def read_pipeline(reader: _Reader, model_files: list[RankFile]) -> Layout:
     pp = int(dims.get("pp_degree") or max(1, mp // tp))
     reader._check_mp_files(meta, model_files)
     if pp * tp != mp:
-        reader.note(ERROR, "count-mismatch", f"checkpoint_parallel_dimensions say PP {pp} x TP {tp} "
-                    f"but mp_world_size is {mp}")
+        reader.note(
+            ERROR,
+            "count-mismatch",
+            f"checkpoint_parallel_dimensions say PP {pp} x TP {tp} but mp_world_size is {mp}",
+        )
     if tp_from_layers != tp:
-        reader.note(ERROR, "count-mismatch", f"layer files carry {tp_from_layers} TP ranks but the "
-                    f"checkpoint records TP {tp}")
+        reader.note(
+            ERROR,
+            "count-mismatch",
+            f"layer files carry {tp_from_layers} TP ranks but the checkpoint records TP {tp}",
+        )
     _check_layer_grid(reader, layers, tp)
 
     sources: dict[int, ZeroSources] = {}
@@ -64,20 +72,32 @@ def read_pipeline(reader: _Reader, model_files: list[RankFile]) -> Layout:
         if tp_rank == 0:
             entries = _stage_entries(param_shapes, stage_index, tp)
             tensors.extend(entries)
-            indices = [int(e.name.split(".", 1)[0]) for e in entries
-                       if e.name.split(".", 1)[0].isdigit()]
+            indices = [
+                int(e.name.split(".", 1)[0]) for e in entries if e.name.split(".", 1)[0].isdigit()
+            ]
             if indices:
                 first_layer[stage_index] = min(indices)
                 last_named = max([last_named, *indices])
     reader._check_dp(meta, dp)
     param_dtype = _layer_dtype(reader, layers)
-    return reader._layout(kind="pipeline", zero_stage=stage, optimizer=optimizer, pp=pp, tp=tp,
-                          dp=dp, meta=meta, tensors=tensors, sources=sources,
-                          param_dtype=param_dtype, stage_parts=_stage_parts(first_layer, layers, pp, last_named))
+    return reader._layout(
+        kind="pipeline",
+        zero_stage=stage,
+        optimizer=optimizer,
+        pp=pp,
+        tp=tp,
+        dp=dp,
+        meta=meta,
+        tensors=tensors,
+        sources=sources,
+        param_dtype=param_dtype,
+        stage_parts=_stage_parts(first_layer, layers, pp, last_named),
+    )
 
 
-def _stage_parts(first_layer: dict[int, int], layers: list[RankFile], pp: int,
-                 last_named: int) -> tuple[int, ...]:
+def _stage_parts(
+    first_layer: dict[int, int], layers: list[RankFile], pp: int, last_named: int
+) -> tuple[int, ...]:
     """Stage boundaries: each stage starts at its first layer named in ``param_shapes``."""
     if sorted(first_layer) != list(range(pp)):
         return ()
@@ -91,9 +111,13 @@ def _check_layer_grid(reader: _Reader, layers: list[RankFile], tp: int) -> None:
         by_layer[f.layer or 0].add(f.tp or 0)
     for layer, ranks in sorted(by_layer.items()):
         for missing in sorted(set(range(tp)) - ranks):
-            reader.note(ERROR, "missing-rank-file", f"layer_{layer:02d}-model_{missing:02d}"
-                        f"-model_states.pt is missing: layer {layer} has files for TP ranks "
-                        f"{sorted(ranks)} of {tp}")
+            reader.note(
+                ERROR,
+                "missing-rank-file",
+                f"layer_{layer:02d}-model_{missing:02d}"
+                f"-model_states.pt is missing: layer {layer} has files for TP ranks "
+                f"{sorted(ranks)} of {tp}",
+            )
 
 
 def _stage_entries(param_shapes: Any, stage: int, tp: int) -> list[TensorEntry]:
@@ -115,9 +139,14 @@ def _layer_dtype(reader: _Reader, layers: list[RankFile]) -> str | None:
     return None
 
 
-def plan_pipeline_consolidation(layout: Layout, dtype: str, *, rules_file: Path | None = None,
-                                from_layers: bool = False, strip_vocab_padding: bool = True
-                                ) -> ConsolidationPlan:
+def plan_pipeline_consolidation(
+    layout: Layout,
+    dtype: str,
+    *,
+    rules_file: Path | None = None,
+    from_layers: bool = False,
+    strip_vocab_padding: bool = True,
+) -> ConsolidationPlan:
     """Plan one full state dict from TP slices and PP stages, named as ``param_shapes`` names them.
 
     Each parameter's TP slices combine as its rule says (see :mod:`dsckpt.tp_rules`); each slice
@@ -129,9 +158,12 @@ def plan_pipeline_consolidation(layout: Layout, dtype: str, *, rules_file: Path 
 
     info = layout.model_info
     vocab = (info.get("checkpoint_info") or {}).get("original_vocab_size")
-    rules = load_rules(rules_file, info.get("universal_checkpoint_info"),
-                       model_args=info.get("args"),
-                       facts={"original_vocab_size": vocab} if vocab else None)
+    rules = load_rules(
+        rules_file,
+        info.get("universal_checkpoint_info"),
+        model_args=info.get("args"),
+        facts={"original_vocab_size": vocab} if vocab else None,
+    )
     slices = _layer_slices(layout) if from_layers else _zero_slices(layout)
     out_dtype = DTYPES[dtype]
     outputs = []
@@ -140,8 +172,11 @@ def plan_pipeline_consolidation(layout: Layout, dtype: str, *, rules_file: Path 
         tp_plan = rules.merge_plan(name, shapes, strip_padding=strip_vocab_padding)
         reads = _compose(tp_plan, per_rank)
         outputs.append(OutputTensor(name, tuple(tp_plan.full_shape), out_dtype, tuple(reads)))
-    source = ("layer files (model dtype, upcast)" if from_layers
-              else "fp32 master weights from the optimizer partitions")
+    source = (
+        "layer files (model dtype, upcast)"
+        if from_layers
+        else "fp32 master weights from the optimizer partitions"
+    )
     return ConsolidationPlan(tensors=tuple(outputs), source=source)
 
 
@@ -162,21 +197,29 @@ def _zero_slices(layout: Layout) -> dict[str, list[_LocalSlice]]:
     if not layout.zero_sources:
         raise UnsupportedLayout(
             f"{layout.dir} has no ZeRO optimizer partitions to take fp32 master weights from: "
-            "pass --from-layers to consolidate the layer files (model dtype, upcast)")
+            "pass --from-layers to consolidate the layer files (model dtype, upcast)"
+        )
     slices: dict[str, list[_LocalSlice]] = {}
     for stage in range(layout.pp):
         for tp_rank in range(layout.tp):
             sources = layout.zero_sources.get(stage * layout.tp + tp_rank)
             if sources is None:
-                raise UnsupportedLayout(f"stage {stage}, TP rank {tp_rank} has no readable "
-                                        "optimizer partitions")
+                raise UnsupportedLayout(
+                    f"stage {stage}, TP rank {tp_rank} has no readable optimizer partitions"
+                )
             for g, group in enumerate(sources.groups):
                 for param in group.params:
-                    if stage > 0 and param.name.startswith("tied_modules.") and param.name in slices \
-                            and len(slices[param.name]) == layout.tp:
+                    if (
+                        stage > 0
+                        and param.name.startswith("tied_modules.")
+                        and param.name in slices
+                        and len(slices[param.name]) == layout.tp
+                    ):
                         continue  # a tied module's first stage copy is the one kept in sync
-                    runs = tuple(Read(sources.fp32[p.rank][g], p.src_start, p.length, p.dst_start)
-                                 for p in group.pieces(param))
+                    runs = tuple(
+                        Read(sources.fp32[p.rank][g], p.src_start, p.length, p.dst_start)
+                        for p in group.pieces(param)
+                    )
                     slices.setdefault(param.name, []).append(_LocalSlice(param.shape, runs))
     return slices
 
@@ -185,8 +228,9 @@ def _layer_slices(layout: Layout) -> dict[str, list[_LocalSlice]]:
     """Per parameter, per TP rank: the layer file tensor (saved whole, in the model dtype)."""
     tied = _tied_names(layout)
     slices: dict[str, list[_LocalSlice]] = {}
-    layer_files = sorted((f for f in layout.files if f.role is Role.LAYER),
-                         key=lambda f: (f.layer or 0, f.tp or 0))
+    layer_files = sorted(
+        (f for f in layout.files if f.role is Role.LAYER), key=lambda f: (f.layer or 0, f.tp or 0)
+    )
     for f in layer_files:
         path = layout.dir / f.name
         for key, tensor in (load_meta(path) or {}).items():
@@ -195,7 +239,8 @@ def _layer_slices(layout: Layout) -> dict[str, list[_LocalSlice]]:
             name = tied.get((f.layer, key), f"{f.layer}.{key}")
             ref = tensor_ref(path, tensor)
             slices.setdefault(name, []).append(
-                _LocalSlice(tuple(tensor.shape), (Read(ref, 0, ref.numel, 0),)))
+                _LocalSlice(tuple(tensor.shape), (Read(ref, 0, ref.numel, 0),))
+            )
     return slices
 
 
@@ -208,7 +253,9 @@ def _tied_names(layout: Layout) -> dict[tuple[int | None, str], str]:
             for key in load_meta(layout.dir / f.name) or {}:
                 if f"{f.layer}.{key}" in known:
                     continue
-                match = [n for n in known if n.startswith("tied_modules.") and n.endswith("." + key)]
+                match = [
+                    n for n in known if n.startswith("tied_modules.") and n.endswith("." + key)
+                ]
                 if len(match) == 1:
                     tied[(f.layer, key)] = match[0]
     return tied
@@ -228,14 +275,16 @@ def _literal_names(layout: Layout) -> set[str]:
 def _compose(tp_plan: Any, per_rank: list[_LocalSlice]) -> list[Read]:
     """Flat element reads for the merged tensor: TP pieces along ``dim`` over each rank's runs."""
     if tp_plan.combine == "mean":
-        raise UnsupportedLayout(f"{tp_plan.rule.pattern}: averaging replicated TP copies is not "
-                                "supported in consolidation; use a `replicated` rule")
+        raise UnsupportedLayout(
+            f"{tp_plan.rule.pattern}: averaging replicated TP copies is not "
+            "supported in consolidation; use a `replicated` rule"
+        )
     full = tuple(tp_plan.full_shape)
     if tp_plan.combine == "copy" or tp_plan.dim is None:
         return _clip(per_rank[0].runs, 0, zero.numel(full), 0)
     dim = tp_plan.dim
     outer = zero.numel(full[:dim])
-    inner = zero.numel(full[dim + 1:])
+    inner = zero.numel(full[dim + 1 :])
     reads = []
     for piece in tp_plan.pieces[0]:
         local = per_rank[piece.src]
@@ -255,6 +304,7 @@ def _clip(runs: tuple[Read, ...], start: int, count: int, dst: int) -> list[Read
         lo = max(start, run.dst_start)
         hi = min(end, run.dst_start + run.length)
         if lo < hi:
-            out.append(Read(run.source, run.src_start + lo - run.dst_start, hi - lo,
-                            dst + lo - start))
+            out.append(
+                Read(run.source, run.src_start + lo - run.dst_start, hi - lo, dst + lo - start)
+            )
     return out

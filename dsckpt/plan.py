@@ -23,7 +23,7 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 @dataclass(frozen=True)
 class Read:
-    """``length`` elements from ``src_start`` of a saved tensor go to ``dst_start`` of the output."""
+    """``length`` elements at ``src_start`` of a saved tensor go to ``dst_start`` of an output."""
 
     source: TensorRef
     src_start: int
@@ -67,9 +67,15 @@ class ConsolidationPlan:
         return iter(self.tensors)
 
 
-def plan_consolidation(layout: Layout, dtype: str = "fp32", exclude_frozen: bool = False, *,
-                       rules_file: Path | None = None, from_layers: bool = False,
-                       strip_vocab_padding: bool = True) -> ConsolidationPlan:
+def plan_consolidation(
+    layout: Layout,
+    dtype: str = "fp32",
+    exclude_frozen: bool = False,
+    *,
+    rules_file: Path | None = None,
+    from_layers: bool = False,
+    strip_vocab_padding: bool = True,
+) -> ConsolidationPlan:
     """Plan the consolidated state dict of a ZeRO or plain checkpoint.
 
     The order follows DeepSpeed's ``zero_to_fp32``: buffers, frozen parameters, trainable
@@ -82,16 +88,27 @@ def plan_consolidation(layout: Layout, dtype: str = "fp32", exclude_frozen: bool
     if layout.errors:
         raise InconsistentCheckpoint(layout.errors[0].message)
     if layout.kind == "universal":
-        raise UnsupportedLayout(f"{layout.dir} is a universal checkpoint: dsckpt consolidates "
-                                "native DeepSpeed checkpoints (the ones engine.save_checkpoint writes)")
+        raise UnsupportedLayout(
+            f"{layout.dir} is a universal checkpoint: dsckpt consolidates "
+            "native DeepSpeed checkpoints (the ones engine.save_checkpoint writes)"
+        )
     if layout.kind == "pipeline":
         from dsckpt.pipeline import plan_pipeline_consolidation
 
-        return plan_pipeline_consolidation(layout, dtype, rules_file=rules_file,
-                                           from_layers=from_layers,
-                                           strip_vocab_padding=strip_vocab_padding)
+        return plan_pipeline_consolidation(
+            layout,
+            dtype,
+            rules_file=rules_file,
+            from_layers=from_layers,
+            strip_vocab_padding=strip_vocab_padding,
+        )
     out_dtype = DTYPES[dtype]
-    by_kind: dict[str, list[TensorEntry]] = {"buffer": [], "frozen": [], "trainable": [], "tied": []}
+    by_kind: dict[str, list[TensorEntry]] = {
+        "buffer": [],
+        "frozen": [],
+        "trainable": [],
+        "tied": [],
+    }
     for entry in layout.tensors:
         by_kind[entry.kind].append(entry)
     outputs: list[OutputTensor] = []
@@ -103,8 +120,11 @@ def plan_consolidation(layout: Layout, dtype: str = "fp32", exclude_frozen: bool
     outputs.extend(_trainable(layout, by_kind["trainable"], out_dtype))
     present = {t.name for t in outputs}
     aliases = {e.name: e.alias_of for e in by_kind["tied"] if e.alias_of in present}
-    source = ("fp32 master weights from the optimizer partitions"
-              if layout.zero_sources else f"module weights ({layout.param_dtype})")
+    source = (
+        "fp32 master weights from the optimizer partitions"
+        if layout.zero_sources
+        else f"module weights ({layout.param_dtype})"
+    )
     return ConsolidationPlan(tensors=tuple(outputs), aliases=aliases, source=source)
 
 
@@ -113,8 +133,9 @@ def _cast_to(saved: torch.dtype, out: torch.dtype) -> torch.dtype:
 
 
 def _whole(entry: TensorEntry, ref: TensorRef, out_dtype: torch.dtype) -> OutputTensor:
-    return OutputTensor(entry.name, entry.shape, _cast_to(ref.dtype, out_dtype),
-                        (Read(ref, 0, ref.numel, 0),))
+    return OutputTensor(
+        entry.name, entry.shape, _cast_to(ref.dtype, out_dtype), (Read(ref, 0, ref.numel, 0),)
+    )
 
 
 def _frozen(layout: Layout, entry: TensorEntry, out_dtype: torch.dtype) -> OutputTensor:
@@ -131,12 +152,14 @@ def _frozen(layout: Layout, entry: TensorEntry, out_dtype: torch.dtype) -> Outpu
         length = min(per_rank, entry.numel - start)
         if length > 0:
             reads.append(Read(ref, 0, length, start))
-    return OutputTensor(entry.name, entry.shape, _cast_to(fragments[0].dtype, out_dtype),
-                        tuple(reads))
+    return OutputTensor(
+        entry.name, entry.shape, _cast_to(fragments[0].dtype, out_dtype), tuple(reads)
+    )
 
 
-def _trainable(layout: Layout, entries: list[TensorEntry], out_dtype: torch.dtype
-               ) -> list[OutputTensor]:
+def _trainable(
+    layout: Layout, entries: list[TensorEntry], out_dtype: torch.dtype
+) -> list[OutputTensor]:
     if not layout.zero_sources:  # plain checkpoint: the module weights are the values
         return [_whole(e, layout.whole[e.name][0], out_dtype) for e in entries]
     if len(layout.zero_sources) != 1:
@@ -145,13 +168,17 @@ def _trainable(layout: Layout, entries: list[TensorEntry], out_dtype: torch.dtyp
     outputs = []
     if sources.zero3 is not None:
         for param in sources.zero3.params:
-            reads = tuple(Read(sources.fp32[p.rank][p.sub_group], p.src_start, p.length, p.dst_start)
-                          for p in sources.zero3.pieces(param))
+            reads = tuple(
+                Read(sources.fp32[p.rank][p.sub_group], p.src_start, p.length, p.dst_start)
+                for p in sources.zero3.pieces(param)
+            )
             outputs.append(OutputTensor(param.name, param.shape, out_dtype, reads))
         return outputs
     for g, group in enumerate(sources.groups):
-        for param in group.params:
-            reads = tuple(Read(sources.fp32[p.rank][g], p.src_start, p.length, p.dst_start)
-                          for p in group.pieces(param))
-            outputs.append(OutputTensor(param.name, param.shape, out_dtype, reads))
+        for flat in group.params:
+            reads = tuple(
+                Read(sources.fp32[p.rank][g], p.src_start, p.length, p.dst_start)
+                for p in group.pieces(flat)
+            )
+            outputs.append(OutputTensor(flat.name, flat.shape, out_dtype, reads))
     return outputs

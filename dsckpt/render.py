@@ -61,25 +61,42 @@ def layout_json(layout: Layout, params: bool = False) -> dict[str, Any]:
         "optimizer": layout.optimizer,
         "param_dtype": layout.param_dtype,
         "master_dtype": layout.master_dtype,
-        "topology": {"pp": layout.pp, "tp": layout.tp, "dp": layout.dp,
-                     "world_size": layout.world_size},
+        "topology": {
+            "pp": layout.pp,
+            "tp": layout.tp,
+            "dp": layout.dp,
+            "world_size": layout.world_size,
+        },
         "iteration": layout.iteration,
         "ds_version": layout.ds_version,
         "counts": tensor_counts(layout),
         "bytes_on_disk": layout.bytes_on_disk,
         "files": [
-            {"name": f.name, "role": f.role.value, "size": f.size, "prefix": f.prefix,
-             **file_coordinates(layout, f)}
+            {
+                "name": f.name,
+                "role": f.role.value,
+                "size": f.size,
+                "prefix": f.prefix,
+                **file_coordinates(layout, f),
+            }
             for f in layout.files
         ],
-        "findings": [{"level": x.level, "code": x.code, "message": x.message}
-                     for x in layout.findings],
+        "findings": [
+            {"level": x.level, "code": x.code, "message": x.message} for x in layout.findings
+        ],
         "other_tags": list(layout.other_tags),
     }
     if params:
         data["params"] = [
-            {"name": t.name, "shape": list(t.shape), "dtype": t.dtype, "kind": t.kind,
-             "group": t.group, "placement": t.placement, "alias_of": t.alias_of}
+            {
+                "name": t.name,
+                "shape": list(t.shape),
+                "dtype": t.dtype,
+                "kind": t.kind,
+                "group": t.group,
+                "placement": t.placement,
+                "alias_of": t.alias_of,
+            }
             for t in layout.tensors
         ]
     return data
@@ -97,23 +114,36 @@ def layout_report(layout: Layout, params: bool = False) -> RenderableType:
 
 
 def _summary(layout: Layout) -> Table:
-    table = Table(title="Checkpoint", show_header=False, title_justify="left", box=None,
-                  padding=(0, 2))
+    table = Table(
+        title="Checkpoint", show_header=False, title_justify="left", box=None, padding=(0, 2)
+    )
     table.add_column(style="bold")
     table.add_column()
-    kinds = {"zero": f"ZeRO stage {layout.zero_stage}", "zero3": "ZeRO stage 3",
-             "plain": "no ZeRO (stage 0)", "universal": "universal checkpoint",
-             "pipeline": f"pipeline / 3D (ZeRO stage {layout.zero_stage})"}
+    kinds = {
+        "zero": f"ZeRO stage {layout.zero_stage}",
+        "zero3": "ZeRO stage 3",
+        "plain": "no ZeRO (stage 0)",
+        "universal": "universal checkpoint",
+        "pipeline": f"pipeline / 3D (ZeRO stage {layout.zero_stage})",
+    }
     counts = tensor_counts(layout)
     rows = [
         ("path", f"{layout.root}" + (f"  (tag {layout.tag})" if layout.tag else "")),
         ("layout", kinds.get(layout.kind, layout.kind)),
-        ("optimizer files", {"zero": "DeepSpeed ZeRO optimizer", "bf16_optimizer":
-                             "DeepSpeed BF16_Optimizer", "torch": "plain torch optimizer in "
-                             "model states", "none": "none"}.get(layout.optimizer, layout.optimizer)),
+        (
+            "optimizer files",
+            {
+                "zero": "DeepSpeed ZeRO optimizer",
+                "bf16_optimizer": "DeepSpeed BF16_Optimizer",
+                "torch": "plain torch optimizer in model states",
+                "none": "none",
+            }.get(layout.optimizer, layout.optimizer),
+        ),
         ("dtypes", f"params {layout.param_dtype or '?'}, master {layout.master_dtype or '?'}"),
-        ("topology", f"TP {layout.tp} x PP {layout.pp} x DP {layout.dp} = "
-                     f"world size {layout.world_size}"),
+        (
+            "topology",
+            f"TP {layout.tp} x PP {layout.pp} x DP {layout.dp} = world size {layout.world_size}",
+        ),
         ("iteration", str(layout.iteration)),
         ("DeepSpeed", str(layout.ds_version)),
     ]
@@ -138,8 +168,9 @@ def _files(layout: Layout) -> Table:
     )
     for f in ordered:
         c = file_coordinates(layout, f)
-        table.add_row(*(_opt(c[k]) for k in ("pp", "tp", "dp")), f.role.value, f.name,
-                      human_bytes(f.size))
+        table.add_row(
+            *(_opt(c[k]) for k in ("pp", "tp", "dp")), f.role.value, f.name, human_bytes(f.size)
+        )
     return table
 
 
@@ -154,8 +185,15 @@ def _layer_grid(layout: Layout) -> Table:
     for tp in tps:
         table.add_column(f"tp {tp}", justify="right")
     for layer in sorted(by_layer):
-        table.add_row(str(layer), *(human_bytes(by_layer[layer][tp]) if tp in by_layer[layer]
-                                    else Text("missing", style="bold red") for tp in tps))
+        table.add_row(
+            str(layer),
+            *(
+                human_bytes(by_layer[layer][tp])
+                if tp in by_layer[layer]
+                else Text("missing", style="bold red")
+                for tp in tps
+            ),
+        )
     return table
 
 
@@ -198,7 +236,9 @@ def _span(values: list[int] | tuple[int, ...] | range) -> str:
 
 
 def _few(parts: list[str]) -> str:
-    return "; ".join(parts[:_SHOWN]) + (f"; ... ({len(parts)} in all)" if len(parts) > _SHOWN else "")
+    return "; ".join(parts[:_SHOWN]) + (
+        f"; ... ({len(parts)} in all)" if len(parts) > _SHOWN else ""
+    )
 
 
 def map_json(tmap: TopologyMap) -> dict[str, Any]:
@@ -209,20 +249,42 @@ def map_json(tmap: TopologyMap) -> dict[str, Any]:
         "schema": JSON_SCHEMA_VERSION,
         "source": {**topo(tmap.src), "stage_parts": list(tmap.src_parts)},
         "ranks": [
-            {"stage": r.stage, "tp": r.tp_rank, "mp": r.mp_rank, "layers": list(r.layers),
-             "model_file": r.model_file, "optim_files": list(r.optim_files)}
+            {
+                "stage": r.stage,
+                "tp": r.tp_rank,
+                "mp": r.mp_rank,
+                "layers": list(r.layers),
+                "model_file": r.model_file,
+                "optim_files": list(r.optim_files),
+            }
             for r in tmap.rows
         ],
     }
     if tmap.dst is not None:
-        data["target"] = {**topo(tmap.dst), "stage_parts": list(tmap.dst_parts),
-                          "partition_method": tmap.method, "tp_unit": tmap.tp_unit}
+        data["target"] = {
+            **topo(tmap.dst),
+            "stage_parts": list(tmap.dst_parts),
+            "partition_method": tmap.method,
+            "tp_unit": tmap.tp_unit,
+        }
         data["targets"] = [
-            {"stage": t.stage, "tp": t.tp_rank, "mp": t.mp_rank, "layers": list(t.layers),
-             "source_stages": list(t.source_stages),
-             "tp_pieces": [{"src_tp": p.src, "src_start": p.src_start, "length": p.length,
-                            "dst_start": p.dst_start} for p in t.tp_pieces],
-             "dp_sources": [list(d) for d in t.dp_sources]}
+            {
+                "stage": t.stage,
+                "tp": t.tp_rank,
+                "mp": t.mp_rank,
+                "layers": list(t.layers),
+                "source_stages": list(t.source_stages),
+                "tp_pieces": [
+                    {
+                        "src_tp": p.src,
+                        "src_start": p.src_start,
+                        "length": p.length,
+                        "dst_start": p.dst_start,
+                    }
+                    for p in t.tp_pieces
+                ],
+                "dp_sources": [list(d) for d in t.dp_sources],
+            }
             for t in tmap.targets
         ]
     return data
@@ -239,16 +301,30 @@ def map_report(tmap: TopologyMap) -> RenderableType:
     for row in tmap.rows:
         by_stage[row.stage].append(row)
     for stage, rows in sorted(by_stage.items()):
-        layers = (range(tmap.src_parts[stage], tmap.src_parts[stage + 1])
-                  if tmap.src_parts else range(0))
+        layers = (
+            range(tmap.src_parts[stage], tmap.src_parts[stage + 1]) if tmap.src_parts else range(0)
+        )
         first, last = rows[0], rows[-1]
-        model = first.model_file if len(rows) == 1 else f"mp_rank_{first.mp_rank:02d}..{last.mp_rank:02d}"
+        model = (
+            first.model_file
+            if len(rows) == 1
+            else f"mp_rank_{first.mp_rank:02d}..{last.mp_rank:02d}"
+        )
         with_files = sorted({x for r in rows for x in r.layers})
         dps = len(first.optim_files)
-        optim = (f"{dps} per TP rank: zero_pp_rank_0..{dps - 1}" if dps > 1 else
-                 (first.optim_files[0] if dps and len(rows) == 1 else f"{dps} per TP rank"))
-        table.add_row(str(stage), _span(layers), _span([r.tp_rank for r in rows]), model,
-                      f"layer_{_span(with_files)} x {len(rows)} TP" if with_files else "-", optim)
+        optim = (
+            f"{dps} per TP rank: zero_pp_rank_0..{dps - 1}"
+            if dps > 1
+            else (first.optim_files[0] if dps and len(rows) == 1 else f"{dps} per TP rank")
+        )
+        table.add_row(
+            str(stage),
+            _span(layers),
+            _span([r.tp_rank for r in rows]),
+            model,
+            f"layer_{_span(with_files)} x {len(rows)} TP" if with_files else "-",
+            optim,
+        )
     parts: list[RenderableType] = [table]
     if tmap.dst is not None:
         parts.append(_targets_table(tmap))
@@ -258,19 +334,28 @@ def map_report(tmap: TopologyMap) -> RenderableType:
 def _targets_table(tmap: TopologyMap) -> Table:
     dst = tmap.dst
     assert dst is not None
-    table = Table(title=f"Target: PP {dst.pp} x TP {dst.tp} x DP {dst.dp} "
-                        f"(layers by '{tmap.method}'; TP pieces in 1/{tmap.tp_unit} of a split dim)",
-                  title_justify="left")
+    table = Table(
+        title=f"Target: PP {dst.pp} x TP {dst.tp} x DP {dst.dp} "
+        f"(layers by '{tmap.method}'; TP pieces in 1/{tmap.tp_unit} of a split dim)",
+        title_justify="left",
+    )
     for col in ("stage'", "layers", "from stages", "TP' <- source TP slices", "DP' <- source DP"):
         table.add_column(col, overflow="fold")
     by_stage: dict[int, list[Any]] = defaultdict(list)
     for t in tmap.targets:
         by_stage[t.stage].append(t)
     for stage, targets in sorted(by_stage.items()):
-        tp_cells = [f"{t.tp_rank}<-" + "+".join(
-            f"{p.src}[{p.src_start}:{p.src_start + p.length}]" for p in t.tp_pieces)
-            for t in targets]
+        tp_cells = [
+            f"{t.tp_rank}<-"
+            + "+".join(f"{p.src}[{p.src_start}:{p.src_start + p.length}]" for p in t.tp_pieces)
+            for t in targets
+        ]
         dp_cells = [f"{d}<-{_span(srcs)}" for d, srcs in enumerate(targets[0].dp_sources)]
-        table.add_row(str(stage), _span(targets[0].layers), _span(targets[0].source_stages),
-                      _few(tp_cells), _few(dp_cells))
+        table.add_row(
+            str(stage),
+            _span(targets[0].layers),
+            _span(targets[0].source_stages),
+            _few(tp_cells),
+            _few(dp_cells),
+        )
     return table

@@ -51,8 +51,13 @@ class TopologyMap:
     targets: tuple[TargetRow, ...] = ()
 
 
-def topology_map(layout: Layout, tp: int | None = None, pp: int | None = None,
-                 dp: int | None = None, method: str = "parameters") -> TopologyMap:
+def topology_map(
+    layout: Layout,
+    tp: int | None = None,
+    pp: int | None = None,
+    dp: int | None = None,
+    method: str = "parameters",
+) -> TopologyMap:
     """The source maps of ``layout`` and, when any degree is given, the old -> new maps.
 
     Raises:
@@ -75,17 +80,28 @@ def topology_map(layout: Layout, tp: int | None = None, pp: int | None = None,
             raise UsageError(f"{flag} {value}: degrees start at 1")
     dst = maps.Topology(pp=pp or layout.pp, tp=tp or layout.tp, dp=dp or layout.dp)
     if layout.kind != "pipeline" and (dst.pp, dst.tp) != (layout.pp, layout.tp):
-        raise UnsupportedLayout(f"{layout.dir} is not a pipeline / Megatron checkpoint: only --dp "
-                                "can change")
+        raise UnsupportedLayout(
+            f"{layout.dir} is not a pipeline / Megatron checkpoint: only --dp can change"
+        )
     if not parts:
-        raise UnsupportedLayout(f"{layout.dir}: the stage boundaries are not recorded (no ZeRO "
-                                "param_shapes), so a target pipeline map cannot be drawn")
+        raise UnsupportedLayout(
+            f"{layout.dir}: the stage boundaries are not recorded (no ZeRO "
+            "param_shapes), so a target pipeline map cannot be drawn"
+        )
     num_layers = parts[-1]
     if dst.pp > num_layers:
-        raise UsageError(f"--pp {dst.pp}: the checkpoint shows {num_layers} layers, so at most "
-                         f"{num_layers} stages can each hold one")
-    dst_parts = tuple(maps.partition_layers(method, dst.pp, num_layers=num_layers,
-                                            param_counts=_layer_param_counts(layout, num_layers)))
+        raise UsageError(
+            f"--pp {dst.pp}: the checkpoint shows {num_layers} layers, so at most "
+            f"{num_layers} stages can each hold one"
+        )
+    dst_parts = tuple(
+        maps.partition_layers(
+            method,
+            dst.pp,
+            num_layers=num_layers,
+            param_counts=_layer_param_counts(layout, num_layers),
+        )
+    )
     try:
         reshape = maps.map_3d(src, dst, src_parts=parts, dst_parts=dst_parts)
     except maps.MapError as exc:
@@ -97,10 +113,27 @@ def topology_map(layout: Layout, tp: int | None = None, pp: int | None = None,
             dp_sources = _dp_overlaps(layout.zero_sources[model.mp_rank], dst.dp)
         else:  # the flat groups change with the layers and slices: any source DP rank may feed
             dp_sources = tuple(tuple(range(src.dp)) for _ in range(dst.dp))
-        targets.append(TargetRow(model.stage, model.tp_rank, model.mp_rank, model.layers,
-                                 model.src_stages, model.tp_pieces, dp_sources))
-    return TopologyMap(src=src, src_parts=tuple(parts), rows=rows, dst=dst, dst_parts=dst_parts,
-                       method=method, tp_unit=reshape.model_map.tp_unit, targets=tuple(targets))
+        targets.append(
+            TargetRow(
+                model.stage,
+                model.tp_rank,
+                model.mp_rank,
+                model.layers,
+                model.src_stages,
+                model.tp_pieces,
+                dp_sources,
+            )
+        )
+    return TopologyMap(
+        src=src,
+        src_parts=tuple(parts),
+        rows=rows,
+        dst=dst,
+        dst_parts=dst_parts,
+        method=method,
+        tp_unit=reshape.model_map.tp_unit,
+        targets=tuple(targets),
+    )
 
 
 def _dp_overlaps(sources: ZeroSources, dst_dp: int) -> tuple[tuple[int, ...], ...]:
@@ -130,11 +163,21 @@ def _rows(layout: Layout) -> list[StageRow]:
         inside = range(parts[stage], parts[stage + 1]) if parts else range(0)
         for tp_rank in range(layout.tp):
             mp = stage * layout.tp + tp_rank
-            optim = sorted((f for f in layout.files if f.role is Role.OPTIM and f.mp == mp),
-                           key=lambda f: f.dp or 0)
+            optim = sorted(
+                (f for f in layout.files if f.role is Role.OPTIM and f.mp == mp),
+                key=lambda f: f.dp or 0,
+            )
             layers = tuple(sorted(x for x in layer_tps.get(tp_rank, ()) if x in inside))
-            rows.append(StageRow(stage, tp_rank, mp, layers, f"mp_rank_{mp:02d}_model_states.pt",
-                                 tuple(f.name for f in optim)))
+            rows.append(
+                StageRow(
+                    stage,
+                    tp_rank,
+                    mp,
+                    layers,
+                    f"mp_rank_{mp:02d}_model_states.pt",
+                    tuple(f.name for f in optim),
+                )
+            )
     return rows
 
 

@@ -3,9 +3,9 @@
 Pure integer code (no torch) so it can be tested with plain numbers and reused by planning.
 
 ZeRO-1/2 (and DeepSpeed's BF16_Optimizer): each optimizer parameter group is one flat buffer, the
-parameters in ``param_shapes`` order, each followed by its alignment padding (``parameter_alignment``;
-none after the last), zero-padded at the end to a multiple of ``2 * dp``. Rank ``r`` owns the
-contiguous slice ``[r * P, (r + 1) * P)`` with ``P = padded / dp``.
+parameters in ``param_shapes`` order, each followed by its alignment padding
+(``parameter_alignment``; none after the last), zero-padded at the end to a multiple of
+``2 * dp``. Rank ``r`` owns the contiguous slice ``[r * P, (r + 1) * P)`` with ``P = padded / dp``.
 
 ZeRO-3: every parameter is partitioned on its own. With ``c = ceil(numel / dp)``, rank ``r`` owns
 elements ``[r * c, (r + 1) * c)`` of the parameter zero-padded to ``dp * c``; a rank's flat group
@@ -164,7 +164,7 @@ class Zero3Layout:
 def zero3_layout(
     sub_groups: Sequence[Sequence[tuple[str, tuple[int, ...]]]], dp: int
 ) -> Zero3Layout:
-    """Lay out ZeRO-3 parameters given ``param_shapes`` (one ``(name, shape)`` list per sub-group)."""
+    """Lay out ZeRO-3 parameters from ``param_shapes`` (a ``(name, shape)`` list per sub-group)."""
     params = []
     sizes = []
     for index, shapes in enumerate(sub_groups):

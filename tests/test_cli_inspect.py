@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import FIXTURES, PIPE, ZERO, ckpt, facts
 
 
@@ -42,14 +41,20 @@ def test_inspect_reports_topology_and_counts(cli, name: str) -> None:
         assert data["counts"]["frozen"]["numel"] == f["numel"]["frozen"]
     assert {p["name"] for p in data["params"]} == set(f["state_dict_keys"])
     assert sorted(x["name"] for x in data["files"]) == sorted(
-        Path(p).name for p in f["files"] if p.startswith(f"ckpt/{f['tag']}/"))
+        Path(p).name for p in f["files"] if p.startswith(f"ckpt/{f['tag']}/")
+    )
 
 
 def test_inspect_tables(cli) -> None:
     result = cli("inspect", ckpt("zero", "z2-fp32-dp2"), "--params")
     assert result.exit_code == 0
-    for text in ("ZeRO stage 2", "TP 1 x PP 1 x DP 2", "zero_pp_rank_1_mp_rank_00_optim_states.pt",
-                 "alias of embed.weight", "No problems found."):
+    for text in (
+        "ZeRO stage 2",
+        "TP 1 x PP 1 x DP 2",
+        "zero_pp_rank_1_mp_rank_00_optim_states.pt",
+        "alias of embed.weight",
+        "No problems found.",
+    ):
         assert text in result.stdout
 
 
@@ -61,7 +66,10 @@ def test_inspect_pipeline(cli, name: str) -> None:
     data = json.loads(result.stdout)
     assert data["kind"] == "pipeline"
     assert (data["topology"]["pp"], data["topology"]["tp"], data["topology"]["dp"]) == (
-        f["pp"], f["tp"], f["dp"])
+        f["pp"],
+        f["tp"],
+        f["dp"],
+    )
     layer_files = [x for x in data["files"] if x["role"] == "layer"]
     assert len(layer_files) == len(f["layer_files"])
     assert "Layer files" in cli("inspect", ckpt("pipe", name)).stdout
@@ -107,6 +115,7 @@ def test_several_tags_without_latest_lists_them(cli, copy_fixture) -> None:
     (root / "latest").unlink()
     (root / "global_step3").rename(root / "global_step2")
     import shutil
+
     shutil.copytree(root / "global_step2", root / "global_step4")
     line = _one_error_line(cli("inspect", root))
     assert "global_step2, global_step4" in line and "--tag" in line
@@ -144,7 +153,8 @@ def test_stale_rank_file(cli, copy_fixture) -> None:
     root = copy_fixture("zero", "z2-fp32-dp2")
     tag = _tag(root)
     (tag / "zero_pp_rank_2_mp_rank_00_optim_states.pt").write_bytes(
-        (tag / "zero_pp_rank_1_mp_rank_00_optim_states.pt").read_bytes())
+        (tag / "zero_pp_rank_1_mp_rank_00_optim_states.pt").read_bytes()
+    )
     line = _one_error_line(cli("inspect", root))
     assert "zero_pp_rank_2_mp_rank_00_optim_states.pt" in line and "stale" in line
 
@@ -153,7 +163,8 @@ def test_mixed_prefixes(cli, copy_fixture) -> None:
     root = copy_fixture("zero", "z2-fp32-dp2")
     tag = _tag(root)
     (tag / "zero_pp_rank_1_mp_rank_00_optim_states.pt").rename(
-        tag / "bf16_zero_pp_rank_1_mp_rank_00_optim_states.pt")
+        tag / "bf16_zero_pp_rank_1_mp_rank_00_optim_states.pt"
+    )
     assert "prefixes" in _one_error_line(cli("inspect", root))
 
 
@@ -176,8 +187,12 @@ class _Evil:
 
 def test_debug_variable_shows_the_traceback(tmp_path: Path) -> None:
     env = {**os.environ, "DSCKPT_DEBUG": "1"}
-    out = subprocess.run([sys.executable, "-m", "dsckpt", "inspect", str(tmp_path / "nope")],
-                         capture_output=True, text=True, env=env)
+    out = subprocess.run(
+        [sys.executable, "-m", "dsckpt", "inspect", str(tmp_path / "nope")],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
     assert out.returncode == 1 and "Traceback" in out.stderr
 
 
@@ -199,7 +214,11 @@ def test_works_with_deepspeed_unimportable() -> None:
         "print(bad)\n"
     )
     paths = [str(ckpt("zero", n)) for n in ZERO] + [str(ckpt("pipe", n)) for n in PIPE]
-    out = subprocess.run([sys.executable, "-c", code, *paths], capture_output=True, text=True,
-                         cwd=FIXTURES.parent.parent)
+    out = subprocess.run(
+        [sys.executable, "-c", code, *paths],
+        capture_output=True,
+        text=True,
+        cwd=FIXTURES.parent.parent,
+    )
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"

@@ -32,7 +32,7 @@ def _examples() -> list[tuple[str, str, str]]:
             for i, line in enumerate(lines):
                 if line.startswith("$ dsckpt "):
                     output = []
-                    for follow in lines[i + 1:]:
+                    for follow in lines[i + 1 :]:
                         if follow.startswith("$ "):
                             break
                         output.append(follow)
@@ -47,9 +47,12 @@ def test_the_docs_have_examples() -> None:
     assert len(EXAMPLES) >= 8
 
 
-@pytest.mark.parametrize("doc,command,shown", EXAMPLES, ids=[f"{d}:{c[7:40]}" for d, c, _ in EXAMPLES])
-def test_documented_command_runs(cli, tmp_path: Path, monkeypatch, doc: str, command: str,
-                                 shown: str) -> None:
+@pytest.mark.parametrize(
+    "doc,command,shown", EXAMPLES, ids=[f"{d}:{c[7:40]}" for d, c, _ in EXAMPLES]
+)
+def test_documented_command_runs(
+    cli, tmp_path: Path, monkeypatch, doc: str, command: str, shown: str
+) -> None:
     (tmp_path / "tests").symlink_to(ROOT / "tests")
     monkeypatch.chdir(tmp_path)
     result = cli(*shlex.split(command)[1:])
@@ -63,7 +66,21 @@ def test_documented_command_runs(cli, tmp_path: Path, monkeypatch, doc: str, com
 def test_cli_reference_is_generated_from_the_app(tmp_path: Path) -> None:
     typer_cli = Path(sys.executable).with_name("typer")
     out = tmp_path / "cli.md"
-    subprocess.run([str(typer_cli), "dsckpt.cli.app", "utils", "docs", "--name", "dsckpt",
-                    "--output", str(out)], check=True, capture_output=True, cwd=ROOT)
+    subprocess.run(
+        [
+            str(typer_cli),
+            "dsckpt.cli.app",
+            "utils",
+            "docs",
+            "--name",
+            "dsckpt",
+            "--output",
+            str(out),
+        ],
+        check=True,
+        capture_output=True,
+        cwd=ROOT,
+    )
     assert out.read_text() == GENERATED.read_text(), (
-        "docs/cli.md is stale: typer dsckpt.cli.app utils docs --name dsckpt --output docs/cli.md")
+        "docs/cli.md is stale: typer dsckpt.cli.app utils docs --name dsckpt --output docs/cli.md"
+    )

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import pytest
-
 from conftest import ZERO, ckpt, facts, tag_dir
+
 from dsckpt.layout import open_checkpoint
 
 
@@ -26,12 +26,16 @@ def test_layout_matches_what_deepspeed_wrote(name: str) -> None:
     if f["zero_stage"] > 0:
         assert layout.optimizer == (expected_optimizer or "zero")
 
-    by_kind = {k: {t.name: t for t in layout.tensors if t.kind == k}
-               for k in ("trainable", "frozen", "buffer", "tied")}
+    by_kind = {
+        k: {t.name: t for t in layout.tensors if t.kind == k}
+        for k in ("trainable", "frozen", "buffer", "tied")
+    }
     assert set(by_kind["buffer"]) == {b["name"] for b in f["buffers"]}
     if f["zero_stage"] == 0:
         # Stage 0 records no trainable/frozen split: every weight is a module tensor.
-        weights = {t["name"] for t in f["trainable_params"]} | {p["name"] for p in f["frozen_params"]}
+        weights = {t["name"] for t in f["trainable_params"]} | {
+            p["name"] for p in f["frozen_params"]
+        }
         assert set(by_kind["trainable"]) | set(by_kind["frozen"]) == weights
     else:
         trainable = [(t["name"], tuple(t["shape"])) for t in f["trainable_params"]]

@@ -7,10 +7,17 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import ZERO, tag_dir
+
 from dsckpt.errors import CorruptFile, UnsafeCheckpoint
-from dsckpt.load import DynamicLossScaler, LossScaler, ZeroStageEnum, load_meta, read_full, tensor_ref
+from dsckpt.load import (
+    DynamicLossScaler,
+    LossScaler,
+    ZeroStageEnum,
+    load_meta,
+    read_full,
+    tensor_ref,
+)
 
 
 class _RunsAShellCommand:

@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import FIXTURES, PIPE, ZERO, ckpt, facts, tag_dir
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from conftest import FIXTURES, PIPE, ZERO, ckpt, facts, tag_dir
 from dsckpt import consolidate as core
 
 FORMATS = ["model.safetensors", "model.bin", "shards"]
@@ -54,15 +54,18 @@ def _live_truth(name: str) -> dict[str, torch.Tensor]:
     wrong = (f.get("ref_deepspeed_vs_live") or {}).get("different") or {}
     if wrong:
         assert f["dtype"] == "fp32" and "roundrobin" in name
-        module = torch.load(tag_dir("zero", name) / "mp_rank_00_model_states.pt",
-                            weights_only=False)["module"]
+        module = torch.load(
+            tag_dir("zero", name) / "mp_rank_00_model_states.pt", weights_only=False
+        )["module"]
         live.update({k: module[k] for k in wrong})
     return live
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize("name", ZERO)
-def test_bitwise_equal_to_deepspeed_and_to_the_live_run(cli, tmp_path: Path, name: str, fmt: str) -> None:
+def test_bitwise_equal_to_deepspeed_and_to_the_live_run(
+    cli, tmp_path: Path, name: str, fmt: str
+) -> None:
     f = facts("zero", name)
     out = tmp_path / fmt
     result = cli("to-fp32", ckpt("zero", name), out, "--max-shard-size", "1KB")
@@ -76,8 +79,9 @@ def test_bitwise_equal_to_deepspeed_and_to_the_live_run(cli, tmp_path: Path, nam
     if f["ref_deepspeed"]:
         ref = torch.load(ds_ref, weights_only=True)
         # DeepSpeed drops frozen weights of ZeRO-1 runs (they live only in `module`).
-        assert set(got) - set(ref) == ({p["name"] for p in f["frozen_params"]}
-                                       if f["zero_stage"] == 1 else set())
+        assert set(got) - set(ref) == (
+            {p["name"] for p in f["frozen_params"]} if f["zero_stage"] == 1 else set()
+        )
         _assert_bitwise(got, ref)
 
 
@@ -88,16 +92,19 @@ def test_sharded_output_follows_the_cap_and_loads_strictly(cli, tmp_path: Path) 
     from tiny_model import build_model  # the fixture model, rebuilt without DeepSpeed
 
     out = tmp_path / "hf"
-    assert cli("to-fp32", ckpt("zero", "z3-fp32-dp3"), out, "--max-shard-size", "400B").exit_code == 0
+    assert (
+        cli("to-fp32", ckpt("zero", "z3-fp32-dp3"), out, "--max-shard-size", "400B").exit_code == 0
+    )
     index = json.loads((out / "model.safetensors.index.json").read_text())
     shards = sorted(p.name for p in out.glob("model-*.safetensors"))
     assert len(shards) > 2 and shards[0] == f"model-00001-of-{len(shards):05d}.safetensors"
     for shard in shards:
         with safe_open(out / shard, "pt") as f:
-            sizes = [f.get_slice(k).get_shape() for k in f.keys()]
+            sizes = [f.get_slice(k).get_shape() for k in f.keys()]  # noqa: SIM118 (safe_open is not a dict)
             assert len(sizes) == 1 or sum(4 * max(1, _numel(s)) for s in sizes) <= 400
     assert index["metadata"]["total_size"] == sum(
-        t.numel() * t.element_size() for t in _load(out).values())
+        t.numel() * t.element_size() for t in _load(out).values()
+    )
     model = build_model(seed=0)
     model.load_state_dict(_load(out), strict=True)
 
@@ -115,11 +122,16 @@ def test_tied_weights_are_recorded_and_shared_in_torch_output(tmp_path: Path) ->
         assert json.loads(f.metadata()[core.ALIASES_KEY]) == {"head.weight": "embed.weight"}
     core.consolidate(ckpt("zero", "z2-fp32-dp2"), tmp_path / "m.bin")
     sd = torch.load(tmp_path / "m.bin", weights_only=True)
-    assert sd["head.weight"].untyped_storage().data_ptr() == sd["embed.weight"].untyped_storage().data_ptr()
+    assert (
+        sd["head.weight"].untyped_storage().data_ptr()
+        == sd["embed.weight"].untyped_storage().data_ptr()
+    )
 
 
 @pytest.mark.parametrize("dtype,torch_dtype", [("bf16", torch.bfloat16), ("fp16", torch.float16)])
-def test_dtype_casts_floating_tensors_only(tmp_path: Path, dtype: str, torch_dtype: torch.dtype) -> None:
+def test_dtype_casts_floating_tensors_only(
+    tmp_path: Path, dtype: str, torch_dtype: torch.dtype
+) -> None:
     out = tmp_path / "m.safetensors"
     core.consolidate(ckpt("zero", "z2-fp32-dp2"), out, dtype=dtype)
     got = load_file(out)
@@ -201,8 +213,11 @@ def _tag(root: Path) -> Path:
 def test_missing_optimizer_shard(cli, copy_fixture, tmp_path: Path) -> None:
     root = copy_fixture("zero", "z2-fp32-dp2")
     (_tag(root) / "zero_pp_rank_1_mp_rank_00_optim_states.pt").unlink()
-    _fails_cleanly(cli("to-fp32", root, tmp_path / "m.safetensors"), tmp_path,
-                   "zero_pp_rank_1_mp_rank_00_optim_states.pt is missing")
+    _fails_cleanly(
+        cli("to-fp32", root, tmp_path / "m.safetensors"),
+        tmp_path,
+        "zero_pp_rank_1_mp_rank_00_optim_states.pt is missing",
+    )
 
 
 def _rewrite(path: Path, edit) -> None:
@@ -215,8 +230,10 @@ def test_partition_count_that_disagrees_with_the_files(cli, copy_fixture, tmp_pa
     pytest.importorskip("deepspeed")
     root = copy_fixture("zero", "z2-fp32-dp2")
     for d in (0, 1):
-        _rewrite(_tag(root) / f"zero_pp_rank_{d}_mp_rank_00_optim_states.pt",
-                 lambda sd: sd["optimizer_state_dict"].__setitem__("partition_count", [3, 3]))
+        _rewrite(
+            _tag(root) / f"zero_pp_rank_{d}_mp_rank_00_optim_states.pt",
+            lambda sd: sd["optimizer_state_dict"].__setitem__("partition_count", [3, 3]),
+        )
     _fails_cleanly(cli("to-fp32", root, tmp_path / "m.safetensors"), tmp_path, "3")
 
 
@@ -236,13 +253,19 @@ def test_flat_group_shorter_than_the_shapes(cli, copy_fixture, tmp_path: Path) -
         groups[0] = groups[0][:-5].clone()
 
     _rewrite(_tag(root) / "zero_pp_rank_1_mp_rank_00_optim_states.pt", shorten)
-    _fails_cleanly(cli("to-fp32", root, tmp_path / "m.safetensors"), tmp_path,
-                   "zero_pp_rank_1_mp_rank_00_optim_states.pt")
+    _fails_cleanly(
+        cli("to-fp32", root, tmp_path / "m.safetensors"),
+        tmp_path,
+        "zero_pp_rank_1_mp_rank_00_optim_states.pt",
+    )
 
 
 def test_unknown_suffix(cli, tmp_path: Path) -> None:
-    _fails_cleanly(cli("to-fp32", ckpt("zero", "z2-fp32-dp2"), tmp_path / "m.h5"), tmp_path,
-                   "unknown output suffix")
+    _fails_cleanly(
+        cli("to-fp32", ckpt("zero", "z2-fp32-dp2"), tmp_path / "m.h5"),
+        tmp_path,
+        "unknown output suffix",
+    )
 
 
 def test_out_inside_the_checkpoint(cli, copy_fixture, tmp_path: Path) -> None:
@@ -267,12 +290,17 @@ def test_no_space_left_removes_the_temporary(cli, tmp_path: Path, monkeypatch) -
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(os, "posix_fallocate", full)
-    _fails_cleanly(cli("to-fp32", ckpt("zero", "z2-fp32-dp2"), tmp_path / "m.safetensors"),
-                   tmp_path, "no space left")
+    _fails_cleanly(
+        cli("to-fp32", ckpt("zero", "z2-fp32-dp2"), tmp_path / "m.safetensors"),
+        tmp_path,
+        "no space left",
+    )
     assert not list(tmp_path.iterdir())
 
 
-def test_an_interrupted_run_leaves_nothing_that_looks_complete(cli, tmp_path: Path, monkeypatch) -> None:
+def test_an_interrupted_run_leaves_nothing_that_looks_complete(
+    cli, tmp_path: Path, monkeypatch
+) -> None:
     from dsckpt import execute
 
     calls = {"n": 0}

@@ -13,7 +13,9 @@ from dsckpt.cli.options import CheckpointArg, JsonOpt, TagOpt
 def inspect(
     ckpt: CheckpointArg,
     tag: TagOpt = None,
-    params: bool = typer.Option(False, "--params", help="One row per parameter: shape, dtype, placement."),
+    params: bool = typer.Option(
+        False, "--params", help="One row per parameter: shape, dtype, placement."
+    ),
     as_json: JsonOpt = False,
 ) -> None:
     """Summarise a checkpoint: layout, topology, dtypes, counts, files by rank, findings.

@@ -10,8 +10,13 @@ from dsckpt.progress import ProgressSink
 
 @contextmanager
 def byte_progress(enabled: bool = True) -> Iterator[ProgressSink]:
-    from rich.progress import (BarColumn, DownloadColumn, Progress, TimeRemainingColumn,
-                               TransferSpeedColumn)
+    from rich.progress import (
+        BarColumn,
+        DownloadColumn,
+        Progress,
+        TimeRemainingColumn,
+        TransferSpeedColumn,
+    )
 
     from dsckpt.cli.console import console
 
@@ -19,9 +24,15 @@ def byte_progress(enabled: bool = True) -> Iterator[ProgressSink]:
     if not enabled or not out.is_terminal:
         yield ProgressSink()
         return
-    with Progress("[progress.description]{task.description}", BarColumn(), DownloadColumn(),
-                  TransferSpeedColumn(), TimeRemainingColumn(), console=out,
-                  transient=True) as bar:
+    with Progress(
+        "[progress.description]{task.description}",
+        BarColumn(),
+        DownloadColumn(),
+        TransferSpeedColumn(),
+        TimeRemainingColumn(),
+        console=out,
+        transient=True,
+    ) as bar:
         yield _RichSink(bar)
 
 

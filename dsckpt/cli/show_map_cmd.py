@@ -10,15 +10,21 @@ import typer
 from dsckpt.cli.console import console
 from dsckpt.cli.options import CheckpointArg, JsonOpt, TagOpt
 
+
 def show_map(
     ckpt: CheckpointArg,
     tag: TagOpt = None,
     tp: Annotated[int | None, typer.Option("--tp", help="Target tensor-parallel degree.")] = None,
     pp: Annotated[int | None, typer.Option("--pp", help="Target pipeline-parallel degree.")] = None,
     dp: Annotated[int | None, typer.Option("--dp", help="Target data-parallel degree.")] = None,
-    partition_method: Annotated[str, typer.Option(
-        help="How the target assigns layers to stages, as PipelineModule(partition_method=...): "
-             "parameters, uniform or type:REGEX.")] = "parameters",
+    partition_method: Annotated[
+        str,
+        typer.Option(
+            help="How the target assigns layers to stages, as "
+            "PipelineModule(partition_method=...): "
+            "parameters, uniform or type:REGEX."
+        ),
+    ] = "parameters",
     as_json: JsonOpt = False,
 ) -> None:
     """Show the rank and layer maps; with target degrees, which sources feed each new rank."""

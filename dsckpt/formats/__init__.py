@@ -21,8 +21,8 @@ from pathlib import Path
 
 import torch
 
-from dsckpt.formats.atomic import atomic_output, reserve
 from dsckpt.execute import execute
+from dsckpt.formats.atomic import atomic_output, reserve
 from dsckpt.formats.safetensors import SafetensorsSink, ShardedSink, shard_tensors
 from dsckpt.formats.sizes import parse_size
 from dsckpt.plan import ConsolidationPlan, OutputTensor
@@ -31,8 +31,16 @@ from dsckpt.progress import ProgressSink
 INDEX_NAME = "model.safetensors.index.json"
 
 
-def write_output(fmt: str, out: Path, plan: ConsolidationPlan, *, metadata: dict[str, str],
-                 force: bool, max_shard_size: str | int, progress: ProgressSink) -> int:
+def write_output(
+    fmt: str,
+    out: Path,
+    plan: ConsolidationPlan,
+    *,
+    metadata: dict[str, str],
+    force: bool,
+    max_shard_size: str | int,
+    progress: ProgressSink,
+) -> int:
     """Write ``plan`` to ``out`` in format ``fmt``, streaming from the source files.
 
     Returns:
@@ -55,22 +63,28 @@ def write_output(fmt: str, out: Path, plan: ConsolidationPlan, *, metadata: dict
                 execute(copies, sink, progress.advance)
             _write_index(tmp / INDEX_NAME, sink, metadata)
         return sink.files + 1
-    with atomic_output(out, force=force, is_dir=False) as tmp, \
-            SafetensorsSink(tmp, list(copies), metadata) as single:
+    with (
+        atomic_output(out, force=force, is_dir=False) as tmp,
+        SafetensorsSink(tmp, list(copies), metadata) as single,
+    ):
         execute(copies, single, progress.advance)
     return 1
 
 
 def _with_alias_copies(plan: ConsolidationPlan) -> ConsolidationPlan:
     by_name = {t.name: t for t in plan.tensors}
-    aliases = [OutputTensor(alias, by_name[c].shape, by_name[c].dtype, by_name[c].reads)
-               for alias, c in plan.aliases.items()]
+    aliases = [
+        OutputTensor(alias, by_name[c].shape, by_name[c].dtype, by_name[c].reads)
+        for alias, c in plan.aliases.items()
+    ]
     return replace(plan, tensors=plan.tensors + tuple(aliases), aliases={})
 
 
 def _write_index(path: Path, sink: ShardedSink, metadata: dict[str, str]) -> None:
-    index = {"metadata": {"total_size": sink.total_size, **metadata},
-             "weight_map": dict(sorted(sink.weight_map.items()))}
+    index = {
+        "metadata": {"total_size": sink.total_size, **metadata},
+        "weight_map": dict(sorted(sink.weight_map.items())),
+    }
     path.write_text(json.dumps(index, indent=2) + "\n")
 
 
@@ -109,7 +123,7 @@ def _write_torch(tmp: Path, plan: ConsolidationPlan, progress: ProgressSink) -> 
         for t in plan.tensors:
             start = raw.offsets[t.name]
             storage = mapped[start : start + t.nbytes]
-            views[t.name] = torch.empty(0, dtype=t.dtype).set_(storage, 0, t.shape)
+            views[t.name] = torch.empty(0, dtype=t.dtype).set_(storage, 0, t.shape)  # type: ignore[call-overload]
         for alias, canonical in plan.aliases.items():
             views[alias] = views[canonical]
         torch.save({name: views[name] for name in plan.names()}, tmp)

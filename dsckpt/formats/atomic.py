@@ -90,9 +90,11 @@ def reserve(fd: int, path: Path, nbytes: int) -> None:
     except OSError as exc:
         if exc.errno == errno.ENOSPC:
             free = shutil.disk_usage(path.parent).free
-            raise OutputError(f"no space left on the device for {path.name}: it needs "
-                              f"{nbytes / 2**20:.1f} MiB and {free / 2**20:.1f} MiB are free; "
-                              "free space or choose another OUT") from exc
+            raise OutputError(
+                f"no space left on the device for {path.name}: it needs "
+                f"{nbytes / 2**20:.1f} MiB and {free / 2**20:.1f} MiB are free; "
+                "free space or choose another OUT"
+            ) from exc
         if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
             raise
         os.ftruncate(fd, nbytes)  # a filesystem without fallocate: a sparse file will do

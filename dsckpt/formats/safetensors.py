@@ -19,14 +19,23 @@ from dsckpt.formats.atomic import reserve
 from dsckpt.plan import OutputTensor
 
 DTYPE_NAMES = {
-    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
-    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
-    torch.uint8: "U8", torch.bool: "BOOL",
+    torch.float64: "F64",
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.int16: "I16",
+    torch.int8: "I8",
+    torch.uint8: "U8",
+    torch.bool: "BOOL",
 }
 _ALIGN = 8
 
 
-def header_bytes(tensors: list[OutputTensor], metadata: dict[str, str]) -> tuple[bytes, dict[str, int]]:
+def header_bytes(
+    tensors: list[OutputTensor], metadata: dict[str, str]
+) -> tuple[bytes, dict[str, int]]:
     """The encoded header (length prefix included) and each tensor's offset in the data section."""
     header: dict[str, object] = {"__metadata__": metadata} if metadata else {}
     offsets = {}
@@ -34,8 +43,11 @@ def header_bytes(tensors: list[OutputTensor], metadata: dict[str, str]) -> tuple
     for t in tensors:
         if t.dtype not in DTYPE_NAMES:
             raise ValueError(f"{t.name}: dtype {t.dtype} has no safetensors name")
-        header[t.name] = {"dtype": DTYPE_NAMES[t.dtype], "shape": list(t.shape),
-                          "data_offsets": [position, position + t.nbytes]}
+        header[t.name] = {
+            "dtype": DTYPE_NAMES[t.dtype],
+            "shape": list(t.shape),
+            "data_offsets": [position, position + t.nbytes],
+        }
         offsets[t.name] = position
         position += t.nbytes
     encoded = json.dumps(header, separators=(",", ":")).encode()
@@ -66,8 +78,9 @@ class SafetensorsSink:
     def __enter__(self) -> SafetensorsSink:
         return self
 
-    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
         os.close(self.fd)
 
 
@@ -92,8 +105,9 @@ def shard_name(index: int, count: int) -> str:
 class ShardedSink:
     """Several safetensors shards in one directory, with the index's weight map."""
 
-    def __init__(self, directory: Path, shards: list[list[OutputTensor]],
-                 metadata: dict[str, str]) -> None:
+    def __init__(
+        self, directory: Path, shards: list[list[OutputTensor]], metadata: dict[str, str]
+    ) -> None:
         self.sinks: list[SafetensorsSink] = []
         self.weight_map: dict[str, str] = {}
         self.by_name: dict[str, SafetensorsSink] = {}
@@ -120,7 +134,8 @@ class ShardedSink:
     def __enter__(self) -> ShardedSink:
         return self
 
-    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
         for sink in self.sinks:
             sink.__exit__(kind, exc, tb)

@@ -8,8 +8,17 @@ from dsckpt.errors import UsageError
 
 # Decimal units are powers of ten and binary ones powers of two, as transformers reads them;
 # a lower-case trailing "b" (e.g. "5Gb") means bits.
-_UNITS = {"": 1, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12,
-          "KI": 2**10, "MI": 2**20, "GI": 2**30, "TI": 2**40}
+_UNITS = {
+    "": 1,
+    "K": 10**3,
+    "M": 10**6,
+    "G": 10**9,
+    "T": 10**12,
+    "KI": 2**10,
+    "MI": 2**20,
+    "GI": 2**30,
+    "TI": 2**40,
+}
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?)?(B|b)?\s*$", re.IGNORECASE)
 
 
