@@ -89,7 +89,8 @@ def test_a_64_layer_tp8_pp8_map_reads_at_100_columns() -> None:
     tmap = topology_map(_synthetic_layout(pp=8, tp=8, dp=8, layers=64), tp=4, pp=4, dp=2)
     console = Console(width=100, record=True, no_color=True)
     console.print(map_report(tmap))
-    lines = console.export_text().splitlines()
+    text = console.export_text()
+    lines = text.splitlines()
     assert len(lines) < 50  # one row per stage, not 4,096 rank rows
     assert max(len(line) for line in lines) <= 100
-    assert "mp_rank_56..63" in console.export_text()
+    assert "mp_rank_56..63" in text and "8 per TP rank" in text
