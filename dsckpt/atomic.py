@@ -357,4 +357,3 @@ def stale_temporaries(directory: os.PathLike[str] | str) -> list[Path]:
         except PermissionError:  # alive, someone else's
             pass
     return out
-

@@ -17,7 +17,6 @@ from dsckpt.layout import Layout, open_checkpoint
 from dsckpt.plan import DTYPES, ConsolidationPlan, plan_consolidation
 from dsckpt.progress import ProgressSink
 
-SAFETENSORS, TORCH, SHARDED = "safetensors", "torch", "sharded safetensors"
 ALIASES_KEY = "dsckpt.aliases"  # metadata: JSON {alias: canonical} of tied weights
 
 
@@ -42,18 +41,14 @@ class ConsolidateResult:
 
 
 def output_format(out: Path) -> str:
-    """The format OUT asks for: its suffix, or a directory for Hugging Face shards."""
-    suffix = out.suffix.lower()
-    if suffix == ".safetensors":
-        return SAFETENSORS
-    if suffix in (".bin", ".pt", ".pth"):
-        return TORCH
-    if suffix == "" or out.is_dir():
-        return SHARDED
-    raise OutputError(
-        f"{out}: unknown output suffix {out.suffix!r}: use .safetensors, .bin or .pt, "
-        "or a directory path for Hugging Face shards"
-    )
+    """The format OUT asks for, or an OutputError naming the suffixes dsckpt writes."""
+    from dsckpt.formats import output_format as by_suffix
+
+    fmt = by_suffix(out)
+    if fmt is None:
+        raise OutputError(f"{out}: unknown output suffix {out.suffix!r}: use .safetensors, .bin "
+                          "or .pt, or a directory path for Hugging Face shards")
+    return fmt
 
 
 def plan_for(

@@ -3,6 +3,8 @@
 The header is computed from the output specs before any data exists, the file is sized (and
 its blocks reserved where the filesystem allows), and tensor bytes are then written piece by
 piece, in any order, with ``os.pwrite``: no seek state, so threads may share one writer.
+Callers that do their own I/O (``os.copy_file_range`` from a source file) ask ``locate(name)``
+for the file descriptor and offset instead.
 
 Layout decisions:
 
@@ -118,12 +120,24 @@ def pwrite_all(fd: int, data: memoryview, offset: int) -> None:
         offset += n
 
 
+def copy_within(fd: int, src: int, dst: int, nbytes: int, chunk: int = 16 << 20) -> None:
+    """Copy ``nbytes`` from offset ``src`` to non-overlapping offset ``dst`` of one file."""
+    done = 0
+    while done < nbytes:
+        data = os.pread(fd, min(chunk, nbytes - done), src + done)
+        if not data:
+            raise OSError(f"unexpected end of file copying {nbytes} bytes at {src}")
+        pwrite_all(fd, memoryview(data), dst + done)
+        done += len(data)
+
+
 class Coverage:
     """Which byte ranges of each tensor were written (thread-safe appends, checked at close)."""
 
     def __init__(self) -> None:
         self._pieces: dict[str, list[tuple[int, int, int]]] = {}
         self._lock = threading.Lock()
+        self.external: set[str] = set()  # handed out by ``locate``: written by the caller
 
     def add(self, key: str, start: int, end: int, crc: int = 0) -> None:
         if end > start:
@@ -134,7 +148,12 @@ class Coverage:
         return sorted(self._pieces.get(key, []))
 
     def first_gap(self, key: str, size: int) -> tuple[int, int] | None:
-        """The first never-written range ``[a, b)`` of ``[0, size)``, or None."""
+        """The first never-written range ``[a, b)`` of ``[0, size)``, or None.
+
+        Tensors handed out by ``locate`` are written by the caller and are not checked.
+        """
+        if key in self.external:
+            return None
         pos = 0
         for start, end, _ in self.pieces(key):
             if start > pos:
@@ -236,6 +255,9 @@ class SafetensorsWriter:
 
     ``write`` may be called from several threads. ``close`` (or leaving the ``with`` block
     without an exception) checks that every byte of every tensor was written.
+
+    Callers doing their own I/O (``os.copy_file_range`` from a source file, say) use
+    :meth:`locate` instead; such tensors are trusted, not checked.
     """
 
     def __init__(
@@ -293,6 +315,19 @@ class SafetensorsWriter:
             pwrite_all(fd, view, self.layout.offsets[alias][0] + offset)
         self._coverage.add(name, offset, end)
 
+    def locate(self, name: str) -> tuple[int, int]:
+        """``(fd, absolute file offset)`` of tensor ``name``, for callers doing their own I/O.
+
+        This is the executor's ``Sink`` protocol. The caller must fill all of the tensor's
+        bytes (they are not tracked); aliases of it are copied from it at :meth:`close`.
+        """
+        if self._fd is None:
+            raise ValueError(f"{self.path.name} is closed")
+        if name not in self._dtypes:
+            raise KeyError(f"{name!r} is not a tensor of {self.path.name}")
+        self._coverage.external.add(name)
+        return self._fd, self.layout.offsets[name][0]
+
     def close(self, *, check: bool = True) -> None:
         """Close the file, first checking (unless ``check=False``) that it is complete."""
         if self._fd is None:
@@ -304,6 +339,10 @@ class SafetensorsWriter:
                     gap = self._coverage.first_gap(name, size)
                     if gap is not None:
                         _raise_incomplete(self.path, name, gap, size)
+                for name in self._coverage.external:  # their aliases were not mirrored
+                    start, size = self.layout.offsets[name]
+                    for alias in self._mirrors.get(name, ()):
+                        copy_within(self._fd, start, self.layout.offsets[alias][0], size)
         finally:
             self._close_fd()
 
@@ -328,8 +367,9 @@ def _shard_layouts(
     plan: ShardPlan[TensorSpec], metadata: Mapping[str, str] | None
 ) -> Iterable[tuple[str, SafetensorsLayout]]:
     for shard in plan.shards:
-        yield shard.filename, safetensors_layout(
-            shard.tensors, metadata=metadata, aliases=dict(shard.aliases)
+        yield (
+            shard.filename,
+            safetensors_layout(shard.tensors, metadata=metadata, aliases=dict(shard.aliases)),
         )
 
 
@@ -402,6 +442,14 @@ class ShardedSafetensorsWriter:
                 f"{name!r} is not an output tensor (aliases are written with their canonical)"
             ) from None
         writer.write(name, offset, data)
+
+    def locate(self, name: str) -> tuple[int, int]:
+        """``(fd, absolute offset)`` of tensor ``name`` in its shard (see ``SafetensorsWriter``)."""
+        try:
+            writer = self._route[name]
+        except KeyError:
+            raise KeyError(f"{name!r} is not an output tensor") from None
+        return writer.locate(name)  # type: ignore[no-any-return]
 
     def close(self, *, check: bool = True) -> None:
         """Close every shard (checking completeness) and write the index if sharded."""

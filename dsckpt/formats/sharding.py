@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from math import prod
 from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar
 
-from dsckpt.errors import OutputError
+from dsckpt.errors import UsageError
 
 if TYPE_CHECKING:
     import torch
@@ -160,7 +160,7 @@ def plan_shards(
     Returns:
         The plan. With a single shard its file is ``filename_pattern.format(suffix="")``.
     """
-    cap = parse_size(max_shard_size)
+    cap = parse_size(max_shard_size, what="max_shard_size")
     if "{suffix}" not in filename_pattern:
         raise ValueError(f"filename_pattern must contain '{{suffix}}': {filename_pattern!r}")
     names = [t.name for t in tensors]
@@ -211,7 +211,7 @@ _BINARY = (("GIB", 2**30), ("MIB", 2**20), ("KIB", 2**10))
 _DECIMAL = (("GB", 10**9), ("MB", 10**6), ("KB", 10**3))
 
 
-def parse_size(size: int | str) -> int:
+def parse_size(size: int | str, *, what: str = "size") -> int:
     """Parse a shard size the way transformers' ``convert_file_size_to_int`` does.
 
     * ``KiB``/``MiB``/``GiB`` (any case) are binary: ``"10GiB"`` is 10 * 2**30.
@@ -222,21 +222,22 @@ def parse_size(size: int | str) -> int:
     * Unlike transformers, a bare integer string (``"1000"``) is accepted as bytes, so a
       command-line value and a Python int mean the same thing.
 
+    Args:
+        size: bytes, or a string as above.
+        what: how to name the value in the error (e.g. ``"--max-shard-size"``).
+
     Raises:
-        OutputError: the string has no recognised form, or the size is not positive.
+        UsageError: the string has no recognised form, or the size is not positive.
     """
     if isinstance(size, bool):  # bool is an int subclass; True is not a size
-        raise OutputError(f"invalid size {size!r}: give bytes or a string like '5GB'")
-    if isinstance(size, int):
-        value = size
-    else:
-        value = _parse_size_str(str(size))
+        raise UsageError(f"{what} {size!r}: give a number of bytes or a string like 5GB")
+    value = size if isinstance(size, int) else _parse_size_str(str(size), what)
     if value <= 0:
-        raise OutputError(f"invalid size {size!r}: it must be positive")
+        raise UsageError(f"{what} {size!r}: it must be at least one byte")
     return value
 
 
-def _parse_size_str(text: str) -> int:
+def _parse_size_str(text: str, what: str) -> int:
     upper = text.upper()
     try:
         for unit, factor in _BINARY:
@@ -248,8 +249,7 @@ def _parse_size_str(text: str) -> int:
                 return value // 8 if text.endswith("b") else value
         return int(text)
     except ValueError:
-        raise OutputError(
-            f"invalid size {text!r}: use an integer number of bytes or an integer with a unit, "
+        raise UsageError(
+            f"{what} {text!r}: use an integer number of bytes or an integer with a unit, "
             "e.g. 5GB (10^9 bytes), 500MB, 10GiB (2^30 bytes)"
         ) from None
-

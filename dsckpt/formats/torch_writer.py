@@ -54,7 +54,14 @@ from dsckpt.formats.safetensors_writer import (
 )
 from dsckpt.formats.sharding import ShardPlan, TensorSpec
 
-__all__ = ["ShardedTorchWriter", "TensorSpec", "TorchLayout", "TorchWriter", "crc32_combine", "torch_layout"]
+__all__ = [
+    "ShardedTorchWriter",
+    "TensorSpec",
+    "TorchLayout",
+    "TorchWriter",
+    "crc32_combine",
+    "torch_layout",
+]
 
 ALIGNMENT = 64  # torch's storage alignment (.storage_alignment record)
 _U32 = 0xFFFFFFFF
@@ -413,8 +420,24 @@ class TorchWriter:
         pwrite_all(fd, view, start + offset)
         self._coverage.add(name, offset, end, zlib.crc32(view) if self._crc32 else 0)
 
+    def locate(self, name: str) -> tuple[int, int]:
+        """``(fd, absolute file offset)`` of tensor ``name``'s storage, for callers doing
+        their own I/O (the executor's ``Sink`` protocol).
+
+        The caller must fill all its bytes; with ``crc32`` its CRC is then computed at
+        :meth:`close` by reading the storage back (usually from the page cache).
+        """
+        if self._fd is None:
+            raise ValueError(f"{self.path.name} is closed")
+        if name not in self._dtypes:
+            raise KeyError(f"{name!r} is not a tensor of {self.path.name}")
+        self._coverage.external.add(name)
+        return self._fd, self.layout.offsets[name][0]
+
     def _storage_crc(self, name: str) -> int:
         start, size = self.layout.offsets[name]
+        if name in self._coverage.external:
+            return self._reread_crc(start, size)
         pieces = self._coverage.pieces(name)
         crc, pos = 0, 0
         for a, b, piece_crc in pieces:
@@ -426,13 +449,15 @@ class TorchWriter:
 
     def _reread_crc(self, start: int, size: int) -> int:
         assert self._fd is not None
-        crc, pos, chunk = 0, 0, 64 << 20
+        buf = bytearray(min(size, 16 << 20))  # reused: no allocation per chunk
+        view = memoryview(buf)
+        crc, pos = 0, 0
         while pos < size:
-            data = os.pread(self._fd, min(chunk, size - pos), start + pos)
-            if not data:
+            n = os.preadv(self._fd, [view[: min(len(buf), size - pos)]], start + pos)
+            if n <= 0:
                 raise OSError(f"unexpected end of {self.path} while computing a CRC")
-            crc = zlib.crc32(data, crc)
-            pos += len(data)
+            crc = zlib.crc32(view[:n], crc)
+            pos += n
         return crc
 
     def close(self, *, check: bool = True) -> None:
@@ -461,7 +486,8 @@ class TorchWriter:
                     crc = 0
                 crcs.append(crc)
                 if rec.size:
-                    pwrite_all(self._fd, memoryview(rec.descriptor(crc)), rec.data_offset + rec.size)
+                    end = rec.data_offset + rec.size
+                    pwrite_all(self._fd, memoryview(rec.descriptor(crc)), end)
             pwrite_all(self._fd, memoryview(self.layout.tail(crcs)), self.layout.central_offset)
         finally:
             self._close_fd()
