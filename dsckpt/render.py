@@ -161,7 +161,10 @@ def _summary(layout: Layout) -> Table:
 def _files(layout: Layout) -> Table:
     table = Table(title="Files by rank", title_justify="left")
     for col in ("pp", "tp", "dp", "role", "file", "size"):
-        table.add_column(col, justify="right" if col in ("pp", "tp", "dp", "size") else "left")
+        numeric = col in ("pp", "tp", "dp", "size")
+        # A file name must stay whole on a narrow terminal: fold it rather than cut it.
+        table.add_column(col, justify="right" if numeric else "left",
+                         overflow="fold", no_wrap=numeric)
     ordered = sorted(
         (f for f in layout.files if f.role is not Role.LAYER),
         key=lambda f: (f.mp or 0, -1 if f.dp is None else f.dp, f.role.value),
