@@ -102,6 +102,12 @@ def plan_consolidation(
             from_layers=from_layers,
             strip_vocab_padding=strip_vocab_padding,
         )
+    if layout.tp > 1:
+        # Tensor-parallel slices without pipeline layer files carry no names to merge by.
+        raise UnsupportedLayout(
+            f"{layout.dir} has {layout.tp} model-parallel ranks but no layer files: consolidating "
+            "tensor-parallel checkpoints saved without a PipelineModule is not supported yet"
+        )
     out_dtype = DTYPES[dtype]
     by_kind: dict[str, list[TensorEntry]] = {
         "buffer": [],

@@ -334,3 +334,16 @@ def test_quiet_prints_only_the_result_line(cli, tmp_path: Path) -> None:
     result = cli("to-fp32", ckpt("zero", "z2-fp32-dp2"), tmp_path / "m.safetensors", "--quiet")
     assert result.exit_code == 0
     assert result.stdout.startswith("wrote ") and result.stderr == ""
+
+
+def test_tensor_parallel_without_layer_files_is_refused() -> None:
+    """Several mp ranks but no layer files: no names to merge TP slices by, so no guessing."""
+    from dataclasses import replace
+
+    from dsckpt.errors import UnsupportedLayout
+    from dsckpt.layout import open_checkpoint
+    from dsckpt.plan import plan_consolidation
+
+    layout = replace(open_checkpoint(ckpt("zero", "z2-fp32-dp2")), tp=2)
+    with pytest.raises(UnsupportedLayout, match="not supported"):
+        plan_consolidation(layout)
