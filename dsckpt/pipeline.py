@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from dsckpt import zero
-from dsckpt.errors import UnsupportedLayout
+from dsckpt.errors import InconsistentCheckpoint, UnsupportedLayout
 from dsckpt.files import RankFile, Role
 from dsckpt.layout import ERROR, Layout, TensorEntry, ZeroSources, _dtype
 from dsckpt.load import load_meta, tensor_ref
@@ -167,11 +167,21 @@ def plan_pipeline_consolidation(
     slices = _layer_slices(layout) if from_layers else _zero_slices(layout)
     out_dtype = DTYPES[dtype]
     outputs = []
+    diverged = []
     for name, per_rank in slices.items():
         shapes = [_shape(pieces) for pieces in per_rank]
         tp_plan = rules.merge_plan(name, shapes, strip_padding=strip_vocab_padding)
+        if tp_plan.combine == "copy" and not _replicas_agree(per_rank):
+            diverged.append(name)
         reads = _compose(tp_plan, per_rank)
         outputs.append(OutputTensor(name, tuple(tp_plan.full_shape), out_dtype, tuple(reads)))
+    if diverged:
+        raise InconsistentCheckpoint(
+            f"{len(diverged)} tensor(s) the rules call replicated differ across TP ranks "
+            f"({', '.join(diverged[:3])}{', ...' if len(diverged) > 3 else ''}), so no single full "
+            "tensor exists and dsckpt will not pick a copy silently; if they are in fact "
+            'partitioned, pass --rules with kind "split" for them'
+        )
     source = (
         "layer files (model dtype, upcast)"
         if from_layers
@@ -186,6 +196,19 @@ class _LocalSlice:
 
     shape: tuple[int, ...]
     runs: tuple[Read, ...]  # dst_start = element offset inside the local (flattened) slice
+
+
+def _replicas_agree(per_rank: list[_LocalSlice]) -> bool:
+    """Whether every TP rank holds the same bytes for a replicated tensor (read in full: such
+    tensors are norms, biases and position embeddings, small next to the split weights)."""
+    first = _read_slice(per_rank[0])
+    return all(torch.equal(first, _read_slice(other)) for other in per_rank[1:])
+
+
+def _read_slice(local: _LocalSlice) -> torch.Tensor:
+    from dsckpt.load import read_tensor
+
+    return torch.cat([read_tensor(r.source, r.src_start, r.length) for r in local.runs])
 
 
 def _shape(local: _LocalSlice) -> tuple[int, ...]:

@@ -347,3 +347,19 @@ def test_tensor_parallel_without_layer_files_is_refused() -> None:
     layout = replace(open_checkpoint(ckpt("zero", "z2-fp32-dp2")), tp=2)
     with pytest.raises(UnsupportedLayout, match="not supported"):
         plan_consolidation(layout)
+
+
+def test_replicated_tensors_that_differ_across_tp_ranks_are_reported(
+    cli, copy_fixture, tmp_path: Path
+) -> None:
+    pytest.importorskip("deepspeed")
+    root = copy_fixture("pipe", "p2t2d1-z1-fp32")
+
+    def perturb(sd):  # the 1-D group of stage 0, TP rank 1 holds its layer norms
+        group = sd["optimizer_state_dict"]["single_partition_of_fp32_groups"][1]
+        with torch.no_grad():
+            group.add_(1.0)
+
+    _rewrite(_tag(root) / "zero_pp_rank_0_mp_rank_01_optim_states.pt", perturb)
+    _fails_cleanly(cli("to-fp32", root, tmp_path / "m.safetensors"), tmp_path,
+                   "differ across TP ranks", "layernorm")
