@@ -363,3 +363,15 @@ def test_replicated_tensors_that_differ_across_tp_ranks_are_reported(
     _rewrite(_tag(root) / "zero_pp_rank_0_mp_rank_01_optim_states.pt", perturb)
     _fails_cleanly(cli("to-fp32", root, tmp_path / "m.safetensors"), tmp_path,
                    "differ across TP ranks", "layernorm")
+
+
+def test_a_user_rules_file_overrides_the_defaults(cli, tmp_path: Path) -> None:
+    rules = tmp_path / "rules.toml"
+    rules.write_text('[[rules]]\nmatch = "self_attention.dense.bias"\nkind = "split"\ndim = 0\n')
+    out = tmp_path / "m.safetensors"
+    result = cli("to-fp32", ckpt("pipe", "p2t2d1-z1-fp32"), out, "--rules", rules)
+    assert result.exit_code == 0, result.output
+    truth = torch.load(FIXTURES / "pipe" / "p2t2d1-z1-fp32" / "truth.pt", weights_only=True)
+    name = next(k for k in truth if k.endswith("self_attention.dense.bias"))
+    # Concatenated across the 2 TP ranks instead of taken once: the user's rule won.
+    assert load_file(out)[name].shape[0] == 2 * truth[name].shape[0]
