@@ -14,6 +14,7 @@ if TYPE_CHECKING:
     from dsckpt.consolidate import consolidate, load_into, state_dict
     from dsckpt.errors import DsckptError
     from dsckpt.layout import open_checkpoint
+    from dsckpt.reshape import reshape
 
 __all__ = [
     "DsckptError",
@@ -29,6 +30,7 @@ _HOMES = {
     "load_into": "dsckpt.consolidate",
     "state_dict": "dsckpt.consolidate",
     "open_checkpoint": "dsckpt.layout",
+    "reshape": "dsckpt.reshape",
     "DsckptError": "dsckpt.errors",
 }
 

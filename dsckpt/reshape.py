@@ -28,7 +28,9 @@ DeepSpeed's rules for a size ``N`` (read from its source, checked on real checkp
 
 from __future__ import annotations
 
+import functools
 import math
+import mmap
 import os
 import pickle
 import shutil
@@ -38,10 +40,13 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from dsckpt import zero
 from dsckpt.errors import InconsistentCheckpoint, OutputError, UnsupportedLayout, UsageError
+
+if TYPE_CHECKING:
+    from dsckpt.layout import Layout
 
 # DeepSpeed's default `zero_optimization.sub_group_size`.
 DEFAULT_SUB_GROUP_SIZE = 1_000_000_000
@@ -196,8 +201,20 @@ def round_robin_order(count: int, dp: int) -> list[int]:
     return [i for j in range(min(count, dp)) for i in range(j, count, dp)]
 
 
+def group_order(flat_names: Sequence[str], dp: int, round_robin: bool) -> list[str]:
+    """The group's own parameter order (DeepSpeed's ``bit16_groups``) from the flat order saved
+    at ``dp`` ranks: the same, or with ``round_robin_gradients`` undone."""
+    if not round_robin:
+        return list(flat_names)
+    original = [""] * len(flat_names)
+    for pos, index in enumerate(round_robin_order(len(flat_names), dp)):
+        original[index] = flat_names[pos]
+    return original
+
+
 def alignment_paddings(numels: Sequence[int], alignment: int) -> list[int]:
-    """Pads after each parameter (none after the last) so every start is a multiple of ``alignment``."""
+    """Pads after each parameter (none after the last) so every start is a multiple of
+    ``alignment`` (DeepSpeed's ``param_alignment_paddings``)."""
     pads = []
     offset = 0
     for i, n in enumerate(numels):
@@ -292,12 +309,12 @@ def zero3_sub_groups(numels: Sequence[int], dp: int, sub_group_size: int) -> lis
     return groups
 
 
-def _zero3_runs(numel: int, src_dp: int, dst_dp: int, dst_rank: int,
-                locate: Callable[[int], tuple[int, int]], dst_offset: int) -> list[Run]:
+def _zero3_runs(numel: int, src_dp: int, dst_dp: int, dst_rank: int, src_index: int, base: int,
+                dst_offset: int) -> list[Run]:
     """Runs giving target rank ``dst_rank`` its ``ceil(numel/dst_dp)`` piece of one parameter.
 
-    ``locate(src_rank)`` is ``(src_index, offset of the parameter's piece)`` in that rank's tensor.
-    At an unchanged size the piece is copied whole, padding included.
+    The parameter's piece starts at element ``base`` of flat tensor ``src_index`` on every source
+    rank. At an unchanged size the piece is copied whole, padding included.
     """
     src_c = zero.zero3_partition_numel(numel, src_dp)
     dst_c = zero.zero3_partition_numel(numel, dst_dp)
@@ -308,8 +325,7 @@ def _zero3_runs(numel: int, src_dp: int, dst_dp: int, dst_rank: int,
     while e < hi:
         src_rank, inner = divmod(e, src_c)
         n = min(hi - e, src_c - inner)
-        index, base = locate(src_rank)
-        runs.append(Run(src_rank, index, base + inner, n, dst_offset + e - lo))
+        runs.append(Run(src_rank, src_index, base + inner, n, dst_offset + e - lo))
         e += n
     return runs
 
@@ -339,15 +355,13 @@ def _plan_zero12(facts: SourceFacts, dp: int) -> ReshapePlan:
         shapes = dict(src.params)
         numels = [zero.numel(s) for s in shapes.values()]
         count = len(names)
-        src_pads = list(src.alignment_paddings) if src.alignment_paddings is not None else [0] * count
+        src_pads = ([0] * count if src.alignment_paddings is None
+                    else list(src.alignment_paddings))
         # The group's own order (DeepSpeed's bit16_groups): undo the source's round robin.
+        original = group_order(names, facts.dp, facts.round_robin)
         if facts.round_robin:
-            original = [""] * count
-            for pos, index in enumerate(round_robin_order(count, facts.dp)):
-                original[index] = names[pos]
             dst_names = [original[i] for i in round_robin_order(count, dp)]
         else:
-            original = names
             dst_names = names
         dst_numels = [zero.numel(shapes[n]) for n in dst_names]
         if dst_names == names:
@@ -372,7 +386,8 @@ def _plan_zero12(facts: SourceFacts, dp: int) -> ReshapePlan:
             segments = [(g, src_at[n], dst_at[n], zero.numel(shapes[n])) for n in names
                         if zero.numel(shapes[n])]
         per_rank = split_segments(segments, src.partition_size, dst_size, dp)
-        partitions = tuple(Partition(r, dst_size, tuple(runs), dst_size - sum(x.length for x in runs))
+        tails = zero12_group_paddings(dst_data, sum(numels), dst_size, dp, "zero")
+        partitions = tuple(Partition(r, dst_size, tuple(runs), tails[r])
                            for r, runs in enumerate(per_rank))
         groups.append(TargetGroup(
             index=g, param_group=g, params=tuple((n, shapes[n]) for n in dst_names),
@@ -405,7 +420,7 @@ def _plan_zero3(facts: SourceFacts, dp: int) -> ReshapePlan:
             offset += zero.zero3_partition_numel(zero.numel(shape), facts.dp)
             by_group.setdefault(src.param_group, []).append((name, shape))
     ids = _zero3_param_ids(facts)
-    groups = []
+    groups: list[TargetGroup] = []
     for pg in sorted(by_group):
         params = by_group[pg]
         numels = [zero.numel(s) for _, s in params]
@@ -419,8 +434,7 @@ def _plan_zero3(facts: SourceFacts, dp: int) -> ReshapePlan:
                 for name, shape in chosen:
                     n = zero.numel(shape)
                     sub, base = where[name]
-                    for run in _zero3_runs(n, facts.dp, dp, rank, lambda _r, s=sub, b=base: (s, b),
-                                           offset):
+                    for run in _zero3_runs(n, facts.dp, dp, rank, sub, base, offset):
                         _append(runs, run)
                     offset += zero.zero3_partition_numel(n, dp)
                     padding += _zero3_padding(n, dp, rank)
@@ -433,7 +447,7 @@ def _plan_zero3(facts: SourceFacts, dp: int) -> ReshapePlan:
     for f, (name, shape) in enumerate(facts.frozen):
         n = zero.numel(shape)
         parts = tuple(Partition(r, zero.zero3_partition_numel(n, dp),
-                                tuple(_zero3_runs(n, facts.dp, dp, r, lambda _r, i=f: (i, 0), 0)),
+                                tuple(_zero3_runs(n, facts.dp, dp, r, f, 0, 0)),
                                 _zero3_padding(n, dp, r))
                       for r in range(dp))
         frozen.append(FrozenFragments(name, shape, parts))
@@ -447,16 +461,19 @@ def _zero3_padding(numel: int, dp: int, rank: int) -> int:
 
 
 def _zero3_param_ids(facts: SourceFacts) -> dict[str, int]:
-    """Each parameter's ZeRO-3 ``ds_id``: its position in module order, which is how DeepSpeed
-    numbers them; where the source's own ``ds_id`` strings say otherwise, theirs win."""
-    ids = {name: i for i, name in enumerate(facts.param_order)}
+    """Each parameter's ZeRO-3 ``ds_id``: DeepSpeed numbers parameters in module order from a
+    process-wide counter, so it is the position in module order plus the offset the source's own
+    ``ds_id`` strings (``"<first>_<last>"`` of each sub-group) reveal; named ones are kept."""
+    position = {name: i for i, name in enumerate(facts.param_order)}
+    known: dict[str, int] = {}
     for src in facts.groups:
-        if src.ds_id and src.params and src.ds_id.count("_") == 1:
-            first, last = src.ds_id.split("_")
-            if first.isdigit() and last.isdigit():
-                ids[src.params[0][0]] = int(first)
-                ids[src.params[-1][0]] = int(last)
-    return ids
+        parts = (src.ds_id or "").split("_")
+        if src.params and len(parts) == 2 and all(x.isdigit() for x in parts):
+            known[src.params[0][0]] = int(parts[0])
+            known[src.params[-1][0]] = int(parts[1])
+    offsets = [known[n] - position[n] for n in known if n in position]
+    offset = max(set(offsets), key=offsets.count) if offsets else 0
+    return {**{n: i + offset for n, i in position.items()}, **known}
 
 
 def _zero3_ds_id(facts: SourceFacts, chosen: Sequence[tuple[str, Shape]],
@@ -484,10 +501,10 @@ class Source:
     """A checkpoint opened for reshaping: its layout, every rank file's pickle (meta tensors)
     and the facts the planner needs."""
 
-    layout: Any
+    layout: Layout
     tag: str
     facts: SourceFacts
-    model: dict[int, tuple[Path, Any]]  # dp rank -> model-states file (ZeRO-1/2: only 0)
+    model: dict[int, tuple[Path, Any]]  # model-states file of DP rank 0, the template for all
     optim: dict[int, tuple[Path, Any]]  # dp rank -> optimizer file
     optim_prefix: str
     extra_files: tuple[Path, ...] = ()  # files DeepSpeed users keep beside the rank files
@@ -525,8 +542,8 @@ def open_source(ckpt: Path | str, tag: str | None = None) -> Source:
             f"{where} is a ZeRO stage 0 checkpoint: nothing to reshape, its files do not depend on "
             "the DP size and DeepSpeed loads them at any DP size as they are")
     if (where / "offloaded_tensors").is_dir():
-        raise UnsupportedLayout(f"{where} holds NVMe-offloaded optimizer state (offloaded_tensors/), "
-                                "which reshape does not handle")
+        raise UnsupportedLayout(f"{where} holds NVMe-offloaded optimizer state "
+                                "(offloaded_tensors/), which reshape does not handle")
     if not layout.zero_sources:
         raise InconsistentCheckpoint(f"{where}: the optimizer partitions could not be located")
 
@@ -539,9 +556,7 @@ def open_source(ckpt: Path | str, tag: str | None = None) -> Source:
         if f.role is Role.OPTIM:
             optim[f.dp or 0] = (path, load_meta(path))
             prefix = f.prefix
-        elif f.role is Role.ZERO3_MODEL:
-            model[f.dp or 0] = (path, load_meta(path))
-        elif f.role is Role.MODEL:
+        elif f.role is Role.MODEL or (f.role is Role.ZERO3_MODEL and not f.dp):
             model[0] = (path, load_meta(path))
     meta = model[0][1]
     if meta.get("num_experts") is not None:
@@ -554,7 +569,7 @@ def open_source(ckpt: Path | str, tag: str | None = None) -> Source:
                   optim_prefix=prefix, extra_files=extra)
 
 
-def _location_of(layout: Any) -> Any:
+def _location_of(layout: Layout) -> Any:
     from dsckpt.files import Location
 
     return Location(root=layout.root, tag=layout.tag, dir=layout.dir)
@@ -566,7 +581,7 @@ def _zero_config(meta: Mapping[str, Any]) -> Mapping[str, Any]:
     return zcfg if isinstance(zcfg, Mapping) else {}
 
 
-def _facts(layout: Any, meta: Mapping[str, Any], optim: Mapping[int, tuple[Path, Any]]
+def _facts(layout: Layout, meta: Mapping[str, Any], optim: Mapping[int, tuple[Path, Any]]
            ) -> SourceFacts:
     import torch
 
@@ -584,14 +599,16 @@ def _facts(layout: Any, meta: Mapping[str, Any], optim: Mapping[int, tuple[Path,
         groups_of = _zero3_group_of(osd0, len(meta["param_shapes"]), layout.dir)
         flats = osd0["fp32_flat_groups"]
         groups = tuple(
-            SourceGroup(params=tuple((n, tuple(s)) for n, s in shapes.items()), param_group=groups_of[i],
+            SourceGroup(params=tuple((n, tuple(s)) for n, s in shapes.items()),
+                        param_group=groups_of[i],
                         ds_id=getattr(flats[i], "ds_id", None) if i < len(flats) else None)
             for i, shapes in enumerate(meta["param_shapes"]))
         sub_group_size = int(float(zcfg.get("sub_group_size", DEFAULT_SUB_GROUP_SIZE)))
         _check_zero3_sub_groups(layout, groups, sub_group_size)
         buffers = set(meta.get("buffer_names") or [])
         aliases = set((meta.get("shared_params") or {}).keys())
-        order = tuple(k for k in (meta.get("module") or {}) if k not in buffers and k not in aliases)
+        order = tuple(k for k in (meta.get("module") or {})
+                      if k not in buffers and k not in aliases)
         frozen = tuple((n, tuple(s)) for n, s in (meta.get("frozen_param_shapes") or {}).items())
         return SourceFacts(kind="zero3", stage=3, dp=layout.dp, groups=groups,
                            sub_group_size=sub_group_size, frozen=frozen, param_order=order)
@@ -607,6 +624,7 @@ def _facts(layout: Any, meta: Mapping[str, Any], optim: Mapping[int, tuple[Path,
                     alignment_paddings=tuple(int(x) for x in aligns[g]) if aligns else None)
         for g, group in enumerate(sources.groups))
     round_robin = kind == "zero" and bool(zcfg.get("round_robin_gradients", False))
+    _check_group_order(layout, groups, optim, round_robin)
     alignment = 1
     if kind == "zero" and zcfg.get("parameter_alignment"):
         module = meta.get("module") or {}
@@ -615,6 +633,26 @@ def _facts(layout: Any, meta: Mapping[str, Any], optim: Mapping[int, tuple[Path,
         alignment = 16 // math.gcd(16, size)
     return SourceFacts(kind=kind, stage=layout.zero_stage, dp=layout.dp, groups=groups,
                        round_robin=round_robin, param_alignment=alignment)
+
+
+def _check_group_order(layout: Layout, groups: Sequence[SourceGroup],
+                       optim: Mapping[int, tuple[Path, Any]], round_robin: bool) -> None:
+    """Each rank's ``param_slice_mappings`` names its parameters in the group's own order; that
+    order must be the one the flat order implies (plain, or round robin as ``ds_config`` says).
+    Otherwise the parameters would be misplaced at the new size without any error."""
+    for d in sorted(optim):
+        mappings = optim[d][1]["optimizer_state_dict"].get("param_slice_mappings") or []
+        for g, group in enumerate(groups):
+            if g >= len(mappings):
+                break
+            order = group_order([n for n, _ in group.params], layout.dp, round_robin)
+            position = {n: i for i, n in enumerate(order)}
+            seen = [position.get(n, -1) for n in mappings[g]]
+            if -1 in seen or seen != sorted(seen):
+                raise UnsupportedLayout(
+                    f"{optim[d][0].name}: group {g} lists its parameters in an order the flat "
+                    f"layout does not explain (round_robin_gradients={round_robin} per the saved "
+                    "ds_config): reshaping would misplace them")
 
 
 def _zero3_group_of(osd: Mapping[str, Any], count: int, where: Path) -> list[int]:
@@ -632,7 +670,8 @@ def _zero3_group_of(osd: Mapping[str, Any], count: int, where: Path) -> list[int
     return owner
 
 
-def _check_zero3_sub_groups(layout: Any, groups: Sequence[SourceGroup], sub_group_size: int) -> None:
+def _check_zero3_sub_groups(layout: Layout, groups: Sequence[SourceGroup],
+                            sub_group_size: int) -> None:
     """DeepSpeed's sub-group rule at the source size must give back the saved sub-groups;
     otherwise the rule (or sub_group_size) is not what wrote the file, and a reshape would guess."""
     by_group: dict[int, list[tuple[str, Shape]]] = {}
@@ -676,8 +715,9 @@ class ReshapeResult:
         if not self.written:
             return (f"dry run: {what} DP {self.plan.source_dp} -> {self.plan.dp}; nothing written "
                     f"(would write {self.out}/{self.tag}/)")
-        return (f"wrote {self.out} (tag {self.tag}): {what} resharded from DP {self.plan.source_dp} "
-                f"to DP {self.plan.dp}, {len(self.files)} files, {_human(self.nbytes)}")
+        return (f"wrote {self.out} (tag {self.tag}): {what} resharded from DP "
+                f"{self.plan.source_dp} to DP {self.plan.dp}, {len(self.files)} files, "
+                f"{_human(self.nbytes)}")
 
 
 def _human(n: float) -> str:
@@ -722,10 +762,12 @@ def reshape(ckpt: Path | str, out: Path | str, *, dp: int, tag: str | None = Non
 def check_output(root: Path, tag_dir: Path, out: Path, force: bool) -> None:
     """Refuse an ``out`` that is, holds, or sits inside the checkpoint, or exists without force."""
     target = out.resolve()
-    for path in {root.resolve(), tag_dir.resolve()}:
+    paths = [root.resolve(), tag_dir.resolve()]
+    for path in paths:
         if target == path or path in target.parents:
             raise OutputError(f"{out} is inside the checkpoint being read ({path}): choose an "
                               "output directory outside it")
+    for path in paths:
         if target in path.parents:
             raise OutputError(f"{out} contains the checkpoint being read ({path}): choose an "
                               "output directory that does not hold the input")
@@ -734,7 +776,7 @@ def check_output(root: Path, tag_dir: Path, out: Path, force: bool) -> None:
                           "output directory")
 
 
-class _DeepSpeedNamesPickler(pickle._Pickler):  # type: ignore[misc,name-defined]
+class _DeepSpeedNamesPickler(pickle._Pickler):  # type: ignore[name-defined,misc]
     """Pickles dsckpt's inert stand-ins under DeepSpeed's own import paths.
 
     The files must unpickle with DeepSpeed's ``torch.load`` into DeepSpeed's classes (loss
@@ -745,11 +787,12 @@ class _DeepSpeedNamesPickler(pickle._Pickler):  # type: ignore[misc,name-defined
     def save_global(self, obj: Any, name: str | None = None) -> None:
         path = _DEEPSPEED_NAMES.get(obj)
         if path is None:
-            super().save_global(obj, name)
+            super().save_global(obj, name)  # type: ignore[misc]
             return
         module, _, qualname = path.rpartition(".")
-        self.write(pickle.GLOBAL + module.encode() + b"\n" + qualname.encode() + b"\n")
-        self.memoize(obj)
+        write, memoize = self.write, self.memoize  # type: ignore[attr-defined]
+        write(pickle.GLOBAL + module.encode() + b"\n" + qualname.encode() + b"\n")
+        memoize(obj)
 
 
 def _deepspeed_names() -> dict[Any, str]:
@@ -779,7 +822,9 @@ class _Writer:
         self.progress = progress
         self.stack = ExitStack()
         self.fds: dict[Path, int] = {}
-        self.storages: dict[tuple[Path, int], Any] = {}
+        # Closed by garbage collection once no tensor views them (an explicit close would fail
+        # while torch still holds a view).
+        self.maps: dict[Path, mmap.mmap] = {}
         if not _DEEPSPEED_NAMES:
             _DEEPSPEED_NAMES.update(_deepspeed_names())
 
@@ -805,6 +850,7 @@ class _Writer:
                 for name, _, build in jobs:
                     self._save(build(), tag_dir / name)
                     result.files.append(name)
+                    self.maps.clear()  # unmap what this file used once its tensors are gone
             for extra in self.source.extra_files:
                 shutil.copyfile(extra, tag_dir / extra.name)
                 result.files.append(extra.name)
@@ -841,7 +887,8 @@ class _Writer:
 
     def _jobs(self) -> list[tuple[str, int, Callable[[], Any]]]:
         """``(file name, bytes to read, builder)`` for every output rank file."""
-        plan, jobs = self.plan, []
+        plan = self.plan
+        jobs: list[tuple[str, int, Callable[[], Any]]] = []
         sizes = self._partition_bytes()
         if plan.kind == "zero3":
             for rank in range(plan.dp):
@@ -849,13 +896,13 @@ class _Writer:
                              self._model_bytes() + sum(
                                  self._frozen_itemsize(f.name) * f.partitions[rank].numel
                                  for f in plan.frozen),
-                             lambda r=rank: self._zero3_model_states(r)))
+                             functools.partial(self._zero3_model_states, rank)))
         else:
             jobs.append(("mp_rank_00_model_states.pt", self._model_bytes(),
                          lambda: self._model_states()))
         for rank in range(plan.dp):
             jobs.append((f"{self.source.optim_prefix}zero_pp_rank_{rank}_mp_rank_00_optim_states.pt",
-                         sizes[rank], lambda r=rank: self._optim_states(r)))
+                         sizes[rank], functools.partial(self._optim_states, rank)))
         return jobs
 
     def _advance(self, nbytes: int) -> None:
@@ -870,6 +917,12 @@ class _Writer:
             self.stack.callback(os.close, fd)
             self.fds[path] = fd
         return self.fds[path]
+
+    def _mmap(self, path: Path) -> mmap.mmap:
+        """A copy-on-write map of a source file (never written; torch wants a writable buffer)."""
+        if path not in self.maps:
+            self.maps[path] = mmap.mmap(self._fd(path), 0, access=mmap.ACCESS_COPY)
+        return self.maps[path]
 
     def _pread_into(self, path: Path, offset: int, view: memoryview) -> None:
         fd = self._fd(path)
@@ -895,6 +948,9 @@ class _Writer:
         item = out.element_size()
         for run in runs:
             ref = ref_of(run)
+            if run.dst_start + run.length > out.numel():
+                raise AssertionError(f"plan error: a run ends at {run.dst_start + run.length}, "
+                                     f"past the {out.numel()} elements of its target")
             if run.src_start + run.length > ref.numel:
                 raise InconsistentCheckpoint(
                     f"{ref.path.name}: a saved partition holds {ref.numel} elements, but the "
@@ -910,46 +966,52 @@ class _Writer:
                                                                             run.length)
             self._advance(run.length * item)
 
-    def _materialize(self, obj: Any, path: Path) -> Any:
+    def _materialize(self, obj: Any, path: Path, shared: dict[int | None, Any] | None = None
+                     ) -> Any:
         """The pickled structure with every meta tensor replaced by its saved values.
 
-        Tensors that shared a storage in the source share one again (tied weights, views into a
-        flat buffer), so the structure torch.save writes is the one that was read.
+        Tensors that shared a storage within ``obj`` share one again (tied weights, views into a
+        flat buffer), so the structure torch.save writes is the one that was read. Separate calls
+        never share: two state entries made from one source tensor (the ``step`` of a ZeRO-3
+        sub-group split in two) must be two tensors, or DeepSpeed would advance one twice.
         """
         torch = self.torch
+        if shared is None:
+            shared = {}
         if isinstance(obj, torch.Tensor):
             storage = obj.untyped_storage()
             nbytes = storage.nbytes()
             base = getattr(storage, "_checkpoint_offset", None)
-            key = (path, base)
-            real = self.storages.get(key) if nbytes else None
+            real = shared.get(base) if nbytes else None
             if real is None:
-                buf = torch.empty(nbytes, dtype=torch.uint8)
-                if nbytes:
+                if not nbytes:
+                    real = torch.empty(0, dtype=torch.uint8).untyped_storage()
+                else:
                     if base is None:
                         from dsckpt.errors import CorruptFile
 
                         raise CorruptFile(path, "a tensor has no record offset")
-                    self._pread_into(path, base, memoryview(buf.numpy()).cast("B"))
+                    # A private map of the source file: torch.save streams the pages out, so a
+                    # model-states file holding the whole 16-bit model is never resident.
+                    real = torch.frombuffer(self._mmap(path), dtype=torch.uint8, count=nbytes,
+                                            offset=base).untyped_storage()
                     self._advance(nbytes)
-                real = buf.untyped_storage()
-                if nbytes:
-                    self.storages[key] = real
+                    shared[base] = real
             value = torch.empty(0, dtype=obj.dtype).set_(real, obj.storage_offset(), obj.shape,
                                                          obj.stride())
             return self._like(obj, value)
         if isinstance(obj, OrderedDict):
-            copy = OrderedDict((k, self._materialize(v, path)) for k, v in obj.items())
+            copy = OrderedDict((k, self._materialize(v, path, shared)) for k, v in obj.items())
             # A module state dict carries per-module versions in `_metadata`: keep them.
             for k, v in vars(obj).items():
-                setattr(copy, k, self._materialize(v, path))
+                setattr(copy, k, self._materialize(v, path, shared))
             return copy
         if type(obj) is dict:
-            return {k: self._materialize(v, path) for k, v in obj.items()}
+            return {k: self._materialize(v, path, shared) for k, v in obj.items()}
         if type(obj) is list:
-            return [self._materialize(v, path) for v in obj]
+            return [self._materialize(v, path, shared) for v in obj]
         if type(obj) is tuple:
-            return tuple(self._materialize(v, path) for v in obj)
+            return tuple(self._materialize(v, path, shared) for v in obj)
         return obj
 
     def _like(self, meta: Any, value: Any) -> Any:
@@ -994,7 +1056,6 @@ class _Writer:
         sd["dp_world_size"] = self.plan.dp
         if self.plan.params_reordered:
             sd["param_shapes"] = self._param_shapes()
-        self.storages.clear()
         return sd
 
     def _param_shapes(self) -> list[Any]:
@@ -1012,9 +1073,10 @@ class _Writer:
         fp32 = []
         for group in plan.groups:
             part = group.partitions[rank]
-            t = self._partition(group, part, None)
-            if plan.kind == "zero":  # saved without its tail padding
-                t = t[: part.numel - plan.group_paddings[rank][group.index]].clone()
+            # ZeRO saves the fp32 slice without its tail padding, BF16_Optimizer with it.
+            length = part.numel - (plan.group_paddings[rank][group.index]
+                                   if plan.kind == "zero" else 0)
+            t = self._partition(group, part, None, length)
             fp32.append(self._like(self._src_fp32(0, group.index), t))
         base0 = osd0["base_optimizer_state"]
         state: dict[Any, Any] = {}
@@ -1026,11 +1088,13 @@ class _Writer:
             entry = {}
             for key, value in saved.items():
                 if key in self._partitioned_keys(group):
-                    entry[key] = self._like(value, self._partition(group, group.partitions[rank], key))
+                    part = group.partitions[rank]
+                    entry[key] = self._like(value, self._partition(group, part, key))
                 else:
                     entry[key] = self._materialize(value, path0)
             state[index] = entry
-        base = {k: (state if k == "state" else self._materialize(v, path0)) for k, v in base0.items()}
+        base = {k: (state if k == "state" else self._materialize(v, path0))
+                for k, v in base0.items()}
         osd: dict[str, Any] = {}
         for key, value in osd0.items():
             if key == "base_optimizer_state":
@@ -1050,7 +1114,6 @@ class _Writer:
                 osd[key] = self._materialize(value, path0)
         top = {k: (osd if k == "optimizer_state_dict" else self._materialize(v, path0))
                for k, v in sd0.items()}
-        self.storages.clear()
         return top
 
     def _src_fp32(self, rank: int, index: int) -> Any:
@@ -1101,12 +1164,14 @@ class _Writer:
         cache[group.index] = tuple(keys)
         return tuple(keys)
 
-    def _partition(self, group: TargetGroup, part: Partition, key: str | None) -> Any:
-        """One target partition of the fp32 master (``key`` None) or of optimizer state ``key``."""
+    def _partition(self, group: TargetGroup, part: Partition, key: str | None,
+                   length: int | None = None) -> Any:
+        """One target partition of the fp32 master (``key`` None) or of optimizer state ``key``,
+        ``length`` elements long (default: the whole partition, padding included)."""
         torch = self.torch
         probe = self._src_fp32(0, group.sources[0]) if key is None else \
             self._source_state(0, group.sources[0])[key]
-        out = torch.zeros(part.numel, dtype=probe.dtype)
+        out = torch.zeros(part.numel if length is None else length, dtype=probe.dtype)
 
         def ref_of(run: Run) -> Any:
             path, _ = self.source.optim[run.src_rank]
@@ -1125,7 +1190,9 @@ class _Writer:
 
     def _zero3_model_states(self, rank: int) -> Any:
         path, meta = self.source.model[0]
-        sd = self._materialize(meta, path)
+        # Rank 0's frozen fragments are replaced below: do not read them.
+        sd = self._materialize({k: (None if k == "frozen_param_fragments" and self.plan.frozen
+                                    else v) for k, v in meta.items()}, path)
         sd["dp_world_size"] = self.plan.dp
         sd["param_shapes"] = self._param_shapes()
         if rank != 0 and sd.get("shared_params") is not None:
@@ -1138,10 +1205,9 @@ class _Writer:
                 like = meta["frozen_param_fragments"][frozen.name]
                 part = frozen.partitions[rank]
                 out = self.torch.zeros(part.numel, dtype=like.dtype)
-                self._fill(out, part.runs, lambda run, refs=refs: refs[run.src_rank])
+                self._fill(out, part.runs, functools.partial(_by_rank, refs))
                 fragments[frozen.name] = self._like(like, out)
             sd["frozen_param_fragments"] = fragments
-        self.storages.clear()
         return sd
 
     def _zero3_optim_states(self, rank: int) -> Any:
@@ -1189,7 +1255,6 @@ class _Writer:
                 osd[key] = self._materialize(value, path0)
         top = {k: (osd if k == "optimizer_state_dict" else self._materialize(v, path0))
                for k, v in sd0.items()}
-        self.storages.clear()
         return top
 
     def _first_source(self, group: TargetGroup) -> int:
@@ -1200,6 +1265,10 @@ class _Writer:
             if any(n == first for n, _ in src.params):
                 return s
         return group.sources[0]
+
+
+def _by_rank(refs: Sequence[Any], run: Run) -> Any:
+    return refs[run.src_rank]
 
 
 def _tensors(obj: Any, torch: Any) -> Iterable[Any]:

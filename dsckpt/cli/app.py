@@ -60,11 +60,12 @@ def _root(
 
 
 def _register() -> None:
-    from dsckpt.cli import inspect_cmd, show_map_cmd, to_fp32_cmd
+    from dsckpt.cli import inspect_cmd, reshape_cmd, show_map_cmd, to_fp32_cmd
 
     app.command("inspect")(inspect_cmd.inspect)
     app.command("to-fp32")(to_fp32_cmd.to_fp32)
     app.command("show-map")(show_map_cmd.show_map)
+    app.command("reshape")(reshape_cmd.reshape)
 
 
 _register()
