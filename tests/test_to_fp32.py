@@ -44,25 +44,6 @@ def _assert_bitwise(got: dict[str, torch.Tensor], ref: dict[str, torch.Tensor]) 
         assert torch.equal(got[name], _as_out(value)), name
 
 
-def _live_truth(name: str) -> dict[str, torch.Tensor]:
-    """The weights gathered from the live engine at the end of the run.
-
-    Under ``round_robin_gradients`` DeepSpeed's own live gather (``safe_get_full_fp32_param``)
-    reads the wrong slices: its fragment map follows the unreordered parameter order. For those
-    fp32 runs the module weights saved in ``mp_rank_00`` are the values training actually used.
-    """
-    f = facts("zero", name)
-    live = torch.load(FIXTURES / "zero" / name / "ref_live.pt", weights_only=True)
-    wrong = (f.get("ref_deepspeed_vs_live") or {}).get("different") or {}
-    if wrong:
-        assert f["dtype"] == "fp32" and "roundrobin" in name
-        module = torch.load(
-            tag_dir("zero", name) / "mp_rank_00_model_states.pt", weights_only=False
-        )["module"]
-        live.update({k: module[k] for k in wrong})
-    return live
-
-
 @pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize("name", ZERO)
 def test_bitwise_equal_to_deepspeed_and_to_the_live_run(
@@ -73,7 +54,7 @@ def test_bitwise_equal_to_deepspeed_and_to_the_live_run(
     result = cli("to-fp32", ckpt("zero", name), out, "--max-shard-size", "1KB")
     assert result.exit_code == 0, result.output
     got = _load(out)
-    live = _live_truth(name)
+    live = torch.load(FIXTURES / "zero" / name / "ref_live.pt", weights_only=True)
     # Every name of the model's state dict, tied aliases and ZeRO-1 frozen weights included.
     assert set(got) == set(live) == set(f["state_dict_keys"])
     _assert_bitwise(got, live)
