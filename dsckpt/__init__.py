@@ -22,6 +22,7 @@ __all__ = [
     "consolidate",
     "load_into",
     "open_checkpoint",
+    "reshape",
     "state_dict",
 ]
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from conftest import ckpt, facts
 from rich.console import Console
 
-from conftest import ckpt, facts
 from dsckpt.files import RankFile, Role
 from dsckpt.layout import Layout, TensorEntry
 from dsckpt.render import map_report

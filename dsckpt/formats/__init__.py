@@ -19,7 +19,7 @@ from pathlib import Path
 from dsckpt.atomic import atomic_output
 from dsckpt.execute import execute
 from dsckpt.formats.safetensors_writer import SafetensorsWriter, ShardedSafetensorsWriter
-from dsckpt.formats.sharding import parse_size, plan_shards
+from dsckpt.formats.sharding import TensorSpec, parse_size, plan_shards
 from dsckpt.formats.torch_writer import TorchWriter
 from dsckpt.plan import ConsolidationPlan
 from dsckpt.progress import ProgressSink
@@ -46,7 +46,7 @@ def write_output(fmt: str, out: Path, plan: ConsolidationPlan, *, metadata: dict
     Returns:
         The number of files written.
     """
-    tensors = list(plan.tensors)
+    tensors = [TensorSpec(t.name, t.dtype, t.shape) for t in plan.tensors]
     cap = parse_size(max_shard_size, what="--max-shard-size")
     progress.start("consolidating", plan.nbytes)
     # No fsync: like torch.save and safetensors, durability against power loss is the
