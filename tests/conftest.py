@@ -27,6 +27,18 @@ def tag_dir(kind: str, name: str) -> Path:
     return ckpt(kind, name) / facts(kind, name)["tag"]
 
 
+class RunsAShellCommand:
+    """Pickles as a call to os.system: what a malicious checkpoint would carry."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):  # type: ignore[no-untyped-def]
+        import os
+
+        return (os.system, (f"touch {self.marker}",))
+
+
 @pytest.fixture
 def copy_fixture(tmp_path: Path):
     """Copy a fixture checkpoint into tmp_path so a test may damage it."""

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import FIXTURES, PIPE, ZERO, ckpt, facts
+from conftest import FIXTURES, PIPE, ZERO, RunsAShellCommand, ckpt, facts
 
 
 def test_help_and_version(cli) -> None:
@@ -171,18 +171,12 @@ def test_mixed_prefixes(cli, copy_fixture) -> None:
 def test_disallowed_global(cli, copy_fixture, tmp_path: Path) -> None:
     root = copy_fixture("zero", "z2-fp32-dp2")
     marker = tmp_path / "pwned"
-    torch.save({"module": {}, "evil": _Evil(marker)}, _tag(root) / "mp_rank_00_model_states.pt")
+    torch.save(
+        {"module": {}, "evil": RunsAShellCommand(marker)}, _tag(root) / "mp_rank_00_model_states.pt"
+    )
     line = _one_error_line(cli("inspect", root))
     assert "system" in line and "allow-list" in line
     assert not marker.exists()
-
-
-class _Evil:
-    def __init__(self, marker: Path) -> None:
-        self.marker = marker
-
-    def __reduce__(self):
-        return (os.system, (f"touch {self.marker}",))
 
 
 def test_debug_variable_shows_the_traceback(tmp_path: Path) -> None:

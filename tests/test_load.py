@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import ZERO, tag_dir
+from conftest import ZERO, RunsAShellCommand, tag_dir
 
 from dsckpt.errors import CorruptFile, UnsafeCheckpoint
 from dsckpt.load import (
@@ -20,18 +19,10 @@ from dsckpt.load import (
 )
 
 
-class _RunsAShellCommand:
-    def __init__(self, marker: Path) -> None:
-        self.marker = marker
-
-    def __reduce__(self):
-        return (os.system, (f"touch {self.marker}",))
-
-
 def test_a_pickle_that_would_run_a_command_is_refused_and_nothing_runs(tmp_path: Path) -> None:
     marker = tmp_path / "pwned"
     evil = tmp_path / "mp_rank_00_model_states.pt"
-    torch.save({"module": {}, "x": _RunsAShellCommand(marker)}, evil)
+    torch.save({"module": {}, "x": RunsAShellCommand(marker)}, evil)
     with pytest.raises(UnsafeCheckpoint, match=r"posix\.system|os\.system"):
         load_meta(evil)
     assert not marker.exists()
