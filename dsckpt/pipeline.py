@@ -169,7 +169,7 @@ def plan_pipeline_consolidation(
     outputs = []
     diverged = []
     for name, per_rank in slices.items():
-        shapes = [_shape(pieces) for pieces in per_rank]
+        shapes = [local.shape for local in per_rank]
         tp_plan = rules.merge_plan(name, shapes, strip_padding=strip_vocab_padding)
         if tp_plan.combine == "copy" and not _replicas_agree(per_rank):
             diverged.append(name)
@@ -209,10 +209,6 @@ def _read_slice(local: _LocalSlice) -> torch.Tensor:
     from dsckpt.load import read_tensor
 
     return torch.cat([read_tensor(r.source, r.src_start, r.length) for r in local.runs])
-
-
-def _shape(local: _LocalSlice) -> tuple[int, ...]:
-    return local.shape
 
 
 def _zero_slices(layout: Layout) -> dict[str, list[_LocalSlice]]:
