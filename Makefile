@@ -38,6 +38,7 @@ fixtures: $(VENV)/.deepspeed
 
 ## bench: the benchmark against DeepSpeed's own tools (large; minutes)
 bench: $(VENV)/.deepspeed
+	$(PIP) huggingface_hub  # DeepSpeed's zero_to_fp32.py CLI imports it
 	$(BIN)/python bench/bench_to_fp32.py
 
 lint: $(BIN)/dsckpt

@@ -112,6 +112,8 @@ def run_all(made: Made, args: argparse.Namespace) -> tuple[Runs, dict[str, Path]
 
 def verify(made: Made, outputs: dict[str, Path], runs: Runs, args: argparse.Namespace) -> None:
     """zero_to_fp32 on every reshaped checkpoint against zero_to_fp32 on the original."""
+    if set(outputs) == {UNIVERSAL}:  # nothing of dsckpt's to check
+        return
     check = args.workdir / "out-reshape" / made.spec.name / "check"
     reference = check / "original"
     remove(check)
