@@ -34,7 +34,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
@@ -244,7 +244,54 @@ def safetensors_layout(
 # --------------------------------------------------------------------------- writers
 
 
-class SafetensorsWriter:
+_W = TypeVar("_W", bound="ClosingWriter")
+
+
+class ClosingWriter:
+    """What every writer shares: ``with`` closes it, checking completeness unless the block
+    raised, and the file descriptor is closed exactly once."""
+
+    _fd: int | None = None
+    path: Path
+    layout: Any  # offsets: name -> (absolute start, size)
+    _dtypes: dict[str, torch.dtype]
+
+    def _checked_write(self, name: str, offset: int, data: Any) -> tuple[int, memoryview, int]:
+        """Validate a write, perform it, and return (fd, bytes written, end offset in tensor)."""
+        fd = self._fd
+        if fd is None:
+            raise ValueError(f"{self.path.name} is closed")
+        if name not in self._dtypes:
+            raise KeyError(f"{name!r} is not a tensor of {self.path.name}")
+        view = as_bytes(data, self._dtypes[name], name)
+        start, size = self.layout.offsets[name]
+        end = offset + view.nbytes
+        if offset < 0 or end > size:
+            raise ValueError(f"write to {name!r} at [{offset}, {end}) is outside its {size} bytes")
+        pwrite_all(fd, view, start + offset)
+        return fd, view, end
+
+    def close(self, *, check: bool = True) -> None:
+        raise NotImplementedError
+
+    def _close_fd(self) -> None:
+        if self._fd is not None:
+            fd, self._fd = self._fd, None
+            os.close(fd)
+
+    def __enter__(self: _W) -> _W:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close(check=exc_type is None)
+
+
+class SafetensorsWriter(ClosingWriter):
     """A safetensors file whose tensors are filled piece by piece, in any order.
 
     Example::
@@ -300,17 +347,7 @@ class SafetensorsWriter:
             offset: byte offset within the tensor.
             data: a contiguous CPU tensor of the output dtype, or any bytes-like object.
         """
-        fd = self._fd
-        if fd is None:
-            raise ValueError(f"{self.path.name} is closed")
-        if name not in self._dtypes:
-            raise KeyError(f"{name!r} is not a tensor of {self.path.name}")
-        view = as_bytes(data, self._dtypes[name], name)
-        start, size = self.layout.offsets[name]
-        end = offset + view.nbytes
-        if offset < 0 or end > size:
-            raise ValueError(f"write to {name!r} at [{offset}, {end}) is outside its {size} bytes")
-        pwrite_all(fd, view, start + offset)
+        fd, view, end = self._checked_write(name, offset, data)
         for alias in self._mirrors.get(name, ()):
             pwrite_all(fd, view, self.layout.offsets[alias][0] + offset)
         self._coverage.add(name, offset, end)
@@ -346,22 +383,6 @@ class SafetensorsWriter:
         finally:
             self._close_fd()
 
-    def _close_fd(self) -> None:
-        if self._fd is not None:
-            fd, self._fd = self._fd, None
-            os.close(fd)
-
-    def __enter__(self) -> SafetensorsWriter:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close(check=exc_type is None)
-
 
 def _shard_layouts(
     plan: ShardPlan[TensorSpec], metadata: Mapping[str, str] | None
@@ -386,7 +407,7 @@ def sharded_safetensors_size(
     return size
 
 
-class ShardedSafetensorsWriter:
+class ShardedSafetensorsWriter(ClosingWriter):
     """Hugging Face style output directory: one or more shards plus, if several, the index.
 
     Args:
@@ -464,14 +485,3 @@ class ShardedSafetensorsWriter:
         if check and self.plan.is_sharded:
             index_path = self.directory / self.plan.index_name
             index_path.write_text(self.plan.index_json(self._index_meta), encoding="utf-8")
-
-    def __enter__(self) -> ShardedSafetensorsWriter:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close(check=exc_type is None)

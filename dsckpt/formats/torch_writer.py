@@ -39,17 +39,16 @@ from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from types import TracebackType
 from typing import Any
 
 import torch
 
 from dsckpt.atomic import preallocate as _preallocate
 from dsckpt.formats.safetensors_writer import (
+    ClosingWriter,
     Coverage,
     ShardedSafetensorsWriter,
     _raise_incomplete,
-    as_bytes,
     pwrite_all,
 )
 from dsckpt.formats.sharding import ShardPlan, TensorSpec
@@ -347,7 +346,7 @@ def torch_layout(
 # --------------------------------------------------------------------------- writers
 
 
-class TorchWriter:
+class TorchWriter(ClosingWriter):
     """A ``torch.save``-compatible zip checkpoint whose tensors are filled piece by piece.
 
     Same interface as :class:`~dsckpt.formats.safetensors_writer.SafetensorsWriter`::
@@ -407,17 +406,7 @@ class TorchWriter:
             offset: byte offset within the tensor.
             data: a contiguous CPU tensor of the output dtype, or any bytes-like object.
         """
-        fd = self._fd
-        if fd is None:
-            raise ValueError(f"{self.path.name} is closed")
-        if name not in self._dtypes:
-            raise KeyError(f"{name!r} is not a tensor of {self.path.name}")
-        view = as_bytes(data, self._dtypes[name], name)
-        start, size = self.layout.offsets[name]
-        end = offset + view.nbytes
-        if offset < 0 or end > size:
-            raise ValueError(f"write to {name!r} at [{offset}, {end}) is outside its {size} bytes")
-        pwrite_all(fd, view, start + offset)
+        fd, view, end = self._checked_write(name, offset, data)
         self._coverage.add(name, offset, end, zlib.crc32(view) if self._crc32 else 0)
 
     def locate(self, name: str) -> tuple[int, int]:
@@ -491,22 +480,6 @@ class TorchWriter:
             pwrite_all(self._fd, memoryview(self.layout.tail(crcs)), self.layout.central_offset)
         finally:
             self._close_fd()
-
-    def _close_fd(self) -> None:
-        if self._fd is not None:
-            fd, self._fd = self._fd, None
-            os.close(fd)
-
-    def __enter__(self) -> TorchWriter:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close(check=exc_type is None)
 
 
 class ShardedTorchWriter(ShardedSafetensorsWriter):
