@@ -121,6 +121,16 @@ def load_meta(path: Path) -> Any:
         UnsafeCheckpoint: the pickle needs a global outside the allow-list.
         CorruptFile: the file is not a readable torch zip pickle (truncated, not a zip, ...).
     """
+    return _safe_load(path, map_location="meta")
+
+
+def load_mapped(path: Path) -> Any:
+    """Like :func:`load_meta`, but tensors are CPU views of a read-only map of the file: their
+    pages are read when touched, so a large file costs no memory until its values are used."""
+    return _safe_load(path, map_location="cpu", mmap=True)
+
+
+def _safe_load(path: Path, **options: Any) -> Any:
     if not zipfile.is_zipfile(path):
         size = path.stat().st_size
         reason = (
@@ -129,7 +139,7 @@ def load_meta(path: Path) -> Any:
         raise CorruptFile(path, reason)
     try:
         with torch.serialization.safe_globals(_allowed_globals()):
-            return torch.load(path, map_location="meta", weights_only=True)
+            return torch.load(path, weights_only=True, **options)
     except pickle.UnpicklingError as exc:
         found = _GLOBAL_IN_MESSAGE.search(str(exc))
         if found is None:

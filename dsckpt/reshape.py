@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import functools
 import math
-import mmap
 import os
 import pickle
 import shutil
@@ -736,17 +735,39 @@ def plan_reshape(ckpt: Path | str, dp: int, tag: str | None = None) -> tuple[Sou
     return source, plan_from_facts(source.facts, dp)
 
 
-def reshape(ckpt: Path | str, out: Path | str, *, dp: int, tag: str | None = None,
-            force: bool = False, dry_run: bool = False, progress: Any = None) -> ReshapeResult:
-    """Write ``ckpt`` re-partitioned for ``dp`` data-parallel ranks to ``out``.
+def reshape(ckpt: Path | str, out: Path | str, *, dp: int | None = None, tp: int | None = None,
+            pp: int | None = None, partition_method: str = "parameters",
+            layer_specs: str | None = None, tag: str | None = None, force: bool = False,
+            dry_run: bool = False, progress: Any = None) -> Any:
+    """Write ``ckpt`` re-partitioned for a new topology to ``out``; an omitted degree is kept.
 
     ``out`` becomes a save_dir DeepSpeed loads at the new size with
     ``engine.load_checkpoint(out)``: ``out/latest`` names the source tag, ``out/<tag>/`` holds
     the rank files. Nothing is written on a dry run or on any error; the input is never modified.
+    Pipeline / Megatron checkpoints go to :func:`dsckpt.reshape3d.reshape_pipeline` (any of
+    ``tp``, ``pp``, ``dp``); ZeRO checkpoints without model parallelism take ``dp`` only.
 
     Raises:
         UsageError, InconsistentCheckpoint, UnsupportedLayout, OutputError: one line each.
     """
+    from dsckpt.layout import open_checkpoint
+
+    for flag, value in (("--dp", dp), ("--tp", tp), ("--pp", pp)):
+        if value is not None and value < 1:
+            raise UsageError(f"{flag} {value}: degrees start at 1")
+    layout = open_checkpoint(ckpt, tag)
+    if layout.kind == "pipeline":
+        from dsckpt.reshape3d import reshape_pipeline
+
+        return reshape_pipeline(layout, out, tp=tp, pp=pp, dp=dp,
+                                partition_method=partition_method, layer_specs=layer_specs,
+                                force=force, dry_run=dry_run, progress=progress)
+    if (tp or 1) != 1 or (pp or 1) != 1:
+        raise UnsupportedLayout(
+            f"{layout.dir} is not a pipeline / Megatron checkpoint (no layer files): only --dp "
+            "can change")
+    if dp is None:
+        raise UsageError("give a target degree: --dp N (this checkpoint has no model parallelism)")
     source, plan = plan_reshape(ckpt, dp, tag)
     out = Path(out)
     check_output(source.layout.root, source.layout.dir, out, force)
@@ -807,12 +828,26 @@ _PICKLE_MODULE = types.ModuleType("dsckpt_deepspeed_pickle")
 _PICKLE_MODULE.Pickler = _DeepSpeedNamesPickler  # type: ignore[attr-defined]
 
 
+# Real CRC-32s in the output zips cost a re-read of every byte written; torch.load never checks
+# them (torch.serialization.set_crc32_options(False) writes zeros too).
+STREAM_CRC32 = True
+
+
 class _Writer:
-    """Builds the output directory one file at a time."""
+    """Builds the output directory one file at a time.
+
+    Each rank file's structure is built as DeepSpeed would pickle it, but every tensor in it is
+    a meta tensor standing for byte ranges of the source files (a saved record, or the runs of
+    a target partition). :func:`~dsckpt.formats.torch_writer.save_torch` pickles it and copies
+    those ranges kernel-side straight into the output zip, so memory stays at the pickled
+    structure, whatever the model size.
+    """
 
     def __init__(self, source: Source, plan: ReshapePlan, out: Path, force: bool,
                  progress: Any) -> None:
         import torch
+
+        from dsckpt.formats.torch_writer import LazyStorages
 
         self.torch = torch
         self.source = source
@@ -822,9 +857,9 @@ class _Writer:
         self.progress = progress
         self.stack = ExitStack()
         self.fds: dict[Path, int] = {}
-        # Closed by garbage collection once no tensor views them (an explicit close would fail
-        # while torch still holds a view).
-        self.maps: dict[Path, mmap.mmap] = {}
+        # The structures are built from meta tensors whose bytes are file ranges: nothing is
+        # read until save_torch copies them into the output. One registry per output file.
+        self.lazy = LazyStorages()
         if not _DEEPSPEED_NAMES:
             _DEEPSPEED_NAMES.update(_deepspeed_names())
 
@@ -850,7 +885,7 @@ class _Writer:
                 for name, _, build in jobs:
                     self._save(build(), tag_dir / name)
                     result.files.append(name)
-                    self.maps.clear()  # unmap what this file used once its tensors are gone
+                    self.lazy = type(self.lazy)()  # drop this file's sources
             for extra in self.source.extra_files:
                 shutil.copyfile(extra, tag_dir / extra.name)
                 result.files.append(extra.name)
@@ -876,10 +911,16 @@ class _Writer:
     def _save(self, obj: Any, path: Path) -> None:
         tmp = path.with_name(path.name + ".tmp")
         try:
-            with open(tmp, "wb") as f:
-                self.torch.save(obj, f, pickle_module=_PICKLE_MODULE)
-                f.flush()
-                os.fsync(f.fileno())
+            from dsckpt.formats.torch_writer import save_torch
+
+            save_torch(obj, tmp, lazy=self.lazy, pickler=_DeepSpeedNamesPickler,
+                       archive_name=path.name.split(".", 1)[0], crc32=STREAM_CRC32,
+                       progress=self._advance)
+            fd = os.open(tmp, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
             os.replace(tmp, path)
         except OSError as exc:
             tmp.unlink(missing_ok=True)
@@ -918,11 +959,8 @@ class _Writer:
             self.fds[path] = fd
         return self.fds[path]
 
-    def _mmap(self, path: Path) -> mmap.mmap:
-        """A copy-on-write map of a source file (never written; torch wants a writable buffer)."""
-        if path not in self.maps:
-            self.maps[path] = mmap.mmap(self._fd(path), 0, access=mmap.ACCESS_COPY)
-        return self.maps[path]
+    def _size(self, path: Path) -> int:
+        return os.fstat(self._fd(path)).st_size
 
     def _pread_into(self, path: Path, offset: int, view: memoryview) -> None:
         fd = self._fd(path)
@@ -940,24 +978,48 @@ class _Writer:
 
         return tensor_ref(path, tensor)
 
-    def _fill(self, out: Any, runs: Sequence[Run], ref_of: Callable[[Run], Any]) -> None:
-        """Copy each run's elements into the zero-initialised flat tensor ``out``."""
+    def _flat(self, dtype: Any, numel: int, runs: Sequence[Run],
+              ref_of: Callable[[Run], Any]) -> Any:
+        """A flat target tensor of ``numel`` elements made of ``runs``, zeros elsewhere.
+
+        Normally a lazy tensor: its bytes are copied from the source files when the output is
+        written. A strided source (never seen in DeepSpeed's flat partitions) is read into an
+        in-memory tensor instead, bounded by that one partition.
+        """
+        from dsckpt.formats.torch_writer import FileRange
+
+        refs = [ref_of(run) for run in runs]
+        item = self.torch.empty((), dtype=dtype).element_size()
+        for run, ref in zip(runs, refs, strict=True):
+            self._check_run(run, ref, numel, dtype)
+        if not all(ref.is_contiguous for ref in refs):
+            out = self.torch.zeros(numel, dtype=dtype)
+            self._fill(out, runs, refs)
+            return out
+        ranges = [FileRange(ref.path, ref.offset + run.src_start * item, run.length * item,
+                            run.dst_start * item) for run, ref in zip(runs, refs, strict=True)]
+        return self.lazy.tensor(dtype, (numel,), ranges)
+
+    @staticmethod
+    def _check_run(run: Run, ref: Any, numel: int, dtype: Any) -> None:
+        if run.dst_start + run.length > numel:
+            raise AssertionError(f"plan error: a run ends at {run.dst_start + run.length}, "
+                                 f"past the {numel} elements of its target")
+        if run.src_start + run.length > ref.numel:
+            raise InconsistentCheckpoint(
+                f"{ref.path.name}: a saved partition holds {ref.numel} elements, but the "
+                f"layout needs elements up to {run.src_start + run.length}")
+        if ref.dtype != dtype:
+            raise InconsistentCheckpoint(f"{ref.path.name}: partitions of one group are saved "
+                                         f"in different dtypes ({ref.dtype}, {dtype})")
+
+    def _fill(self, out: Any, runs: Sequence[Run], refs: Sequence[Any]) -> None:
+        """Copy each run's elements into the zero-initialised in-memory flat tensor ``out``."""
         from dsckpt.load import read_tensor
 
         raw = memoryview(out.view(self.torch.uint8).numpy()).cast("B")
         item = out.element_size()
-        for run in runs:
-            ref = ref_of(run)
-            if run.dst_start + run.length > out.numel():
-                raise AssertionError(f"plan error: a run ends at {run.dst_start + run.length}, "
-                                     f"past the {out.numel()} elements of its target")
-            if run.src_start + run.length > ref.numel:
-                raise InconsistentCheckpoint(
-                    f"{ref.path.name}: a saved partition holds {ref.numel} elements, but the "
-                    f"layout needs elements up to {run.src_start + run.length}")
-            if ref.dtype != out.dtype:
-                raise InconsistentCheckpoint(f"{ref.path.name}: partitions of one group are saved "
-                                             f"in different dtypes ({ref.dtype}, {out.dtype})")
+        for run, ref in zip(runs, refs, strict=True):
             if ref.is_contiguous:
                 self._pread_into(ref.path, ref.offset + run.src_start * item,
                                  raw[run.dst_start * item:(run.dst_start + run.length) * item])
@@ -979,26 +1041,31 @@ class _Writer:
         if shared is None:
             shared = {}
         if isinstance(obj, torch.Tensor):
+            from dsckpt.formats.torch_writer import FileRange
+
             storage = obj.untyped_storage()
             nbytes = storage.nbytes()
             base = getattr(storage, "_checkpoint_offset", None)
-            real = shared.get(base) if nbytes else None
-            if real is None:
+            lazy = shared.get(base) if nbytes else None
+            if lazy is None:
                 if not nbytes:
-                    real = torch.empty(0, dtype=torch.uint8).untyped_storage()
+                    lazy = self.lazy.storage(0)
                 else:
                     if base is None:
                         from dsckpt.errors import CorruptFile
 
                         raise CorruptFile(path, "a tensor has no record offset")
-                    # A private map of the source file: torch.save streams the pages out, so a
+                    if base + nbytes > self._size(path):
+                        from dsckpt.errors import CorruptFile
+
+                        raise CorruptFile(path, "a tensor record runs past the end of the file "
+                                                "(truncated)")
+                    # The saved record, copied into the output when it is written: a
                     # model-states file holding the whole 16-bit model is never resident.
-                    real = torch.frombuffer(self._mmap(path), dtype=torch.uint8, count=nbytes,
-                                            offset=base).untyped_storage()
-                    self._advance(nbytes)
-                    shared[base] = real
-            value = torch.empty(0, dtype=obj.dtype).set_(real, obj.storage_offset(), obj.shape,
-                                                         obj.stride())
+                    lazy = self.lazy.storage(nbytes, [FileRange(path, base, nbytes, 0)])
+                    shared[base] = lazy
+            value = self.lazy.view(lazy, obj.dtype, obj.storage_offset(), obj.shape,
+                                   obj.stride())
             return self._like(obj, value)
         if isinstance(obj, OrderedDict):
             copy = OrderedDict((k, self._materialize(v, path, shared)) for k, v in obj.items())
@@ -1171,7 +1238,7 @@ class _Writer:
         torch = self.torch
         probe = self._src_fp32(0, group.sources[0]) if key is None else \
             self._source_state(0, group.sources[0])[key]
-        out = torch.zeros(part.numel if length is None else length, dtype=probe.dtype)
+        numel = part.numel if length is None else length
 
         def ref_of(run: Run) -> Any:
             path, _ = self.source.optim[run.src_rank]
@@ -1183,8 +1250,7 @@ class _Writer:
                                              f"optimizer state {key!r} but rank 0 has")
             return self._ref(path, value)
 
-        self._fill(out, part.runs, ref_of)
-        return out
+        return self._flat(probe.dtype, numel, part.runs, ref_of)
 
     # --- ZeRO-3 -------------------------------------------------------------------------------
 
@@ -1204,8 +1270,8 @@ class _Writer:
                 refs = layout.frozen_fragments[frozen.name]
                 like = meta["frozen_param_fragments"][frozen.name]
                 part = frozen.partitions[rank]
-                out = self.torch.zeros(part.numel, dtype=like.dtype)
-                self._fill(out, part.runs, functools.partial(_by_rank, refs))
+                out = self._flat(like.dtype, part.numel, part.runs,
+                                 functools.partial(_by_rank, refs))
                 fragments[frozen.name] = self._like(like, out)
             sd["frozen_param_fragments"] = fragments
         return sd

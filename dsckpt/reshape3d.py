@@ -1,0 +1,755 @@
+"""Reshape a pipeline / Megatron-DeepSpeed checkpoint to new TP, PP and DP degrees at once.
+
+The same three steps as everywhere in dsckpt:
+
+* **Discover** (:class:`PipelineSource`): every parameter's name, optimizer group, TP-local
+  shapes and the stages holding it, from each ``mp_rank`` file's ``param_shapes``; the layer
+  specs of the ``PipelineModule`` (given with ``--layer-specs`` or inferred from the files).
+* **Plan** (:func:`plan_pipeline`, metadata only): the target stage boundaries exactly as
+  DeepSpeed's ``PipelineModule`` computes them for the target (:func:`dsckpt.maps.partition_layers`
+  over the layer specs, counting parameters at the target TP), the parameters of every target
+  (stage, TP rank) per optimizer group in DeepSpeed's order, and each parameter's TP re-split
+  (:mod:`dsckpt.tp_rules`: vocabulary re-padded, fused QKV and gated MLP split per block,
+  replicated tensors copied).
+* **Execute** (:func:`reshape_pipeline`): per target (stage, TP rank), every parameter's fp32
+  master and optimizer state is cut from the source ZeRO partitions (memory-mapped), re-split for
+  the new TP, laid into the new flat groups and partitioned over the new DP size by DeepSpeed's
+  ZeRO-1 / BF16_Optimizer rules (the same arithmetic as :mod:`dsckpt.reshape`); layer files are
+  re-split the same way (copied byte for byte when TP is unchanged), ``mp_rank`` files get the
+  new degrees and ``param_shapes``. The output directory appears complete or not at all.
+
+What a checkpoint does not record, and what dsckpt decides:
+
+* The layer spec list. A layer with parameters has a ``layer_NN`` file; a tied module's other
+  uses (Megatron's LM head) have none, and parameter-free specs leave no trace. Inferred: a tied
+  module's other use sits right after the last layer with parameters of each stage that holds
+  the module without its layer file (after the last such layer overall for one stage) — where
+  Megatron-DeepSpeed's ``GPTModelPipe`` puts its head — and nothing follows it. ``--layer-specs``
+  gives the real list; ``uniform`` and ``type:`` partitioning need it.
+* Which copy of a tied module: the source stage with the same index if it holds the module,
+  else the first stage that does (stage 0's is the one DeepSpeed keeps in sync).
+* Vocabulary padding rows added by a larger TP are zeros; rows dropped by a smaller one were
+  padding (never a real token).
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import re
+import shutil
+from collections import OrderedDict
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from dsckpt import maps, zero
+from dsckpt.errors import InconsistentCheckpoint, UnsupportedLayout, UsageError
+from dsckpt.files import Role
+
+if TYPE_CHECKING:
+    import torch
+
+    from dsckpt.layout import Layout
+    from dsckpt.tp_rules import RuleSet, TPPlan
+
+Shape = tuple[int, ...]
+TIED_PREFIX = "tied_modules."
+ARG_DEGREES = {  # Megatron's args that record the topology
+    "tensor_model_parallel_size": "tp",
+    "pipeline_model_parallel_size": "pp",
+    "data_parallel_size": "dp",
+}
+
+# ---------------------------------------------------------------------------------------------
+# Layer specs
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    """One entry of ``PipelineModule``'s layer list: its class or function name (``None`` when
+    unknown) and, for a ``TiedLayerSpec``, its tie key."""
+
+    typename: str | None = None
+    tie_key: str | None = None
+
+    def __str__(self) -> str:
+        name = self.typename or "?"
+        return f"{self.tie_key}@{name}" if self.tie_key else name
+
+
+_SPEC = re.compile(r"^(?:(?P<key>[\w.-]+)@)?(?P<name>[\w.<>-]+)(?:\*(?P<count>\d+))?$")
+
+
+def parse_layer_specs(text: str) -> tuple[LayerSpec, ...]:
+    """``"_token_ids,embed@EmbeddingPipe,TransformerLayerPipe*3,..."`` -> layer specs.
+
+    Each comma-separated entry is one spec: its type name, ``KEY@TYPE`` for a tied spec, ``*N``
+    to repeat it.
+    """
+    specs: list[LayerSpec] = []
+    for entry in (e.strip() for e in text.split(",")):
+        found = _SPEC.match(entry)
+        if not found:
+            raise UsageError(
+                f"--layer-specs: {entry!r} is not TYPE, KEY@TYPE or either with *COUNT "
+                "(e.g. 'embed@EmbeddingPipe,TransformerLayerPipe*24,LayerNorm,embed@EmbeddingPipe')"
+            )
+        spec = LayerSpec(found["name"], found["key"])
+        specs.extend([spec] * int(found["count"] or 1))
+    return tuple(specs)
+
+
+def format_layer_specs(specs: Sequence[LayerSpec]) -> str:
+    """The inverse of :func:`parse_layer_specs`, runs of equal specs written ``*N``."""
+    out: list[str] = []
+    i = 0
+    while i < len(specs):
+        j = i
+        while j < len(specs) and specs[j] == specs[i]:
+            j += 1
+        out.append(str(specs[i]) + (f"*{j - i}" if j - i > 1 else ""))
+        i = j
+    return ",".join(out)
+
+
+# ---------------------------------------------------------------------------------------------
+# Discovery
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SourceParam:
+    """One parameter of the source: its optimizer group, TP-local shape on each source TP rank,
+    the stages holding it (several for a tied module) and its layer (``None`` when tied)."""
+
+    name: str
+    group: int
+    shapes: tuple[Shape, ...]
+    stages: tuple[int, ...]
+    layer: int | None
+    tie_key: str | None
+
+
+@dataclass
+class PipelineSource:
+    """What the planner needs from a pipeline checkpoint (metadata only)."""
+
+    layout: Layout
+    params: dict[str, SourceParam]  # in DeepSpeed's group order over the whole model
+    groups: int
+    layer_files: dict[int, dict[str, str]]  # layer -> {state dict key: parameter name}
+    rules: RuleSet
+    facts: Mapping[str, Any]
+
+    @property
+    def kind(self) -> str:
+        return self.layout.optimizer
+
+
+def open_pipeline(layout: Layout) -> PipelineSource:
+    """Check a pipeline checkpoint is one :func:`reshape_pipeline` handles and read its facts.
+
+    Raises:
+        InconsistentCheckpoint: missing, mixed or damaged rank files.
+        UnsupportedLayout: no ZeRO optimizer files, ZeRO stage other than 1, alignment padding.
+    """
+    from dsckpt.load import load_meta
+    from dsckpt.pipeline import _tied_names
+    from dsckpt.tp_rules import load_rules
+
+    where = layout.dir
+    if layout.errors:
+        first = layout.errors[0].message
+        more = (f" (and {len(layout.errors) - 1} more; `dsckpt inspect` lists them)"
+                if len(layout.errors) > 1 else "")
+        raise InconsistentCheckpoint(f"{first}{more}")
+    if layout.optimizer not in ("zero", "bf16_optimizer") or not layout.zero_sources:
+        raise UnsupportedLayout(
+            f"{where} has no ZeRO optimizer partitions (optimizer: {layout.optimizer}): without "
+            "ZeRO the pipeline saves its optimizer state keyed by position, with no parameter "
+            "names, so it cannot be re-split; resume it at the same degrees, or consolidate the "
+            "weights with `dsckpt to-fp32 --from-layers`")
+    if layout.zero_stage != 1:
+        raise UnsupportedLayout(f"{where}: ZeRO stage {layout.zero_stage} with pipeline "
+                                "parallelism is not a layout DeepSpeed writes; reshape reads "
+                                "ZeRO-1 and BF16_Optimizer pipelines")
+    params: dict[str, SourceParam] = {}
+    groups = 0
+    for mp in sorted(layout.zero_sources):
+        stage, tp_rank = divmod(mp, layout.tp)
+        sources = layout.zero_sources[mp]
+        groups = max(groups, len(sources.groups))
+        for g, group in enumerate(sources.groups):
+            if any(p.offset != sum(q.numel for q in group.params[:i])
+                   for i, p in enumerate(group.params)):
+                raise UnsupportedLayout(f"{where}: optimizer group {g} of model-parallel rank "
+                                        f"{mp} has parameter_alignment padding, which reshape "
+                                        "does not re-create")
+            for p in group.params:
+                known = params.get(p.name)
+                if known is None:
+                    head = p.name.split(".", 2)
+                    tie_key = head[1] if p.name.startswith(TIED_PREFIX) else None
+                    layer = int(head[0]) if head[0].isdigit() else None
+                    known = SourceParam(p.name, g, (), (), layer, tie_key)
+                shapes = known.shapes
+                if tp_rank == len(shapes):
+                    shapes = (*shapes, p.shape)
+                stages = known.stages if stage in known.stages else (*known.stages, stage)
+                params[p.name] = SourceParam(p.name, known.group, shapes, stages, known.layer,
+                                             known.tie_key)
+                if known.group != g:
+                    raise InconsistentCheckpoint(
+                        f"{where}: {p.name} is in optimizer group {known.group} on one stage "
+                        f"and {g} on another")
+    for p in params.values():
+        if p.layer is None and p.tie_key is None:
+            raise UnsupportedLayout(
+                f"{where}: parameter {p.name!r} is neither in a numbered layer nor a tied module, "
+                "so the stage that holds it cannot be derived")
+    tied = _tied_names(layout)
+    layer_files: dict[int, dict[str, str]] = {}
+    for f in layout.files:
+        if f.role is Role.LAYER and f.tp == 0 and f.layer is not None:
+            keys = load_meta(layout.dir / f.name) or {}
+            layer_files[f.layer] = {k: tied.get((f.layer, k), f"{f.layer}.{k}") for k in keys}
+    info = layout.model_info
+    vocab = (info.get("checkpoint_info") or {}).get("original_vocab_size")
+    rules = load_rules(None, info.get("universal_checkpoint_info"), model_args=info.get("args"),
+                       facts={"original_vocab_size": vocab} if vocab else None)
+    return PipelineSource(layout, params, groups, layer_files, rules, rules.facts)
+
+
+def infer_layer_specs(source: PipelineSource) -> tuple[LayerSpec, ...]:
+    """The layer list as far as the files show it (see the module docstring for the rules)."""
+    layout = source.layout
+    at: dict[int, LayerSpec] = {}
+    file_tie: dict[str, int] = {}
+    for layer, names in source.layer_files.items():
+        keys = {source.params[n].tie_key for n in names.values() if n in source.params}
+        key = next((k for k in keys if k), None)
+        at[layer] = LayerSpec(None, key)
+        if key:
+            file_tie[key] = layer
+    tied_stages: dict[str, set[int]] = {}
+    for p in source.params.values():
+        if p.tie_key:
+            tied_stages.setdefault(p.tie_key, set()).update(p.stages)
+    parts = layout.stage_parts
+    for key, stages in sorted(tied_stages.items()):
+        home = maps.layer_stage(parts)[file_tie[key]] if key in file_tie and parts else None
+        for stage in sorted(stages):
+            if stage == home and layout.pp > 1:
+                continue
+            inside = [x for x in at if not parts or parts[stage] <= x < parts[stage + 1]]
+            position = max(inside, default=(parts[stage] - 1) if parts else -1) + 1
+            while position in at:
+                position += 1
+            at[position] = LayerSpec(None, key)
+    count = max(at, default=-1) + 1
+    return tuple(at.get(i, LayerSpec(None)) for i in range(count))
+
+
+def _check_specs(source: PipelineSource, specs: Sequence[LayerSpec]) -> None:
+    for layer, names in sorted(source.layer_files.items()):
+        keys = {source.params[n].tie_key for n in names.values() if n in source.params}
+        key = next((k for k in keys if k), None)
+        if layer >= len(specs):
+            raise UsageError(f"--layer-specs lists {len(specs)} layers, but the checkpoint has "
+                             f"a file for layer {layer}")
+        if specs[layer].tie_key != key:
+            want = f"tied to {key!r} ({key}@TYPE)" if key else "not tied"
+            raise UsageError(f"--layer-specs: layer {layer} is {specs[layer]} but its layer file "
+                             f"says it is {want}")
+    keys = {p.tie_key for p in source.params.values() if p.tie_key}
+    for i, spec in enumerate(specs):
+        if spec.tie_key and spec.tie_key not in keys:
+            raise UsageError(f"--layer-specs: layer {i} is tied to {spec.tie_key!r}, but the "
+                             f"checkpoint's tied modules are {sorted(keys) or 'none'}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Plan
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TargetStage:
+    """One target stage: its layers and, per optimizer group, its parameters in flat order."""
+
+    stage: int
+    layers: range
+    groups: tuple[tuple[str, ...], ...]
+
+
+@dataclass(frozen=True)
+class PipelinePlan:
+    """Everything the output depends on, in names and integers (plus the TP re-split plans)."""
+
+    source: PipelineSource
+    dst: maps.Topology
+    method: str
+    specs: tuple[LayerSpec, ...]
+    specs_inferred: bool
+    dst_parts: tuple[int, ...]
+    stages: tuple[TargetStage, ...]
+    tp_plans: Mapping[str, TPPlan]  # empty when TP is unchanged
+
+    @property
+    def src(self) -> maps.Topology:
+        layout = self.source.layout
+        return maps.Topology(pp=layout.pp, tp=layout.tp, dp=layout.dp)
+
+    def local_shape(self, name: str, tp_rank: int) -> Shape:
+        plan = self.tp_plans.get(name)
+        if plan is None:
+            return self.source.params[name].shapes[tp_rank]
+        return tuple(plan.dst_shapes[tp_rank])
+
+    def layer_counts(self) -> list[int]:
+        """Trainable elements of each layer spec as one target TP rank builds it."""
+        by_layer: dict[int | str, int] = {}
+        for p in self.source.params.values():
+            where: int | str = p.layer if p.layer is not None else f"tied:{p.tie_key}"
+            by_layer[where] = by_layer.get(where, 0) + zero.numel(self.local_shape(p.name, 0))
+        return [by_layer.get(f"tied:{s.tie_key}" if s.tie_key else i, 0)
+                for i, s in enumerate(self.specs)]
+
+
+def plan_pipeline(layout: Layout, *, tp: int | None = None, pp: int | None = None,
+                  dp: int | None = None, partition_method: str = "parameters",
+                  layer_specs: str | None = None,
+                  source: PipelineSource | None = None) -> PipelinePlan:
+    """Plan the reshape of a pipeline checkpoint (reads metadata only).
+
+    Raises:
+        UsageError: a degree below 1, a target the layers cannot fill, bad ``layer_specs``.
+        RuleError: a parameter no TP rule covers, or a TP degree that does not divide it.
+    """
+    from dsckpt.tp_rules import RuleError
+
+    for flag, value in (("--dp", dp), ("--tp", tp), ("--pp", pp)):
+        if value is not None and value < 1:
+            raise UsageError(f"{flag} {value}: degrees start at 1")
+    source = source or open_pipeline(layout)
+    dst = maps.Topology(pp=pp or layout.pp, tp=tp or layout.tp, dp=dp or layout.dp)
+    tp_plans: dict[str, TPPlan] = {}
+    if dst.tp != layout.tp:
+        source.rules.check(list(source.params))
+        for name, p in source.params.items():
+            try:
+                tp_plans[name] = source.rules.reshard_plan(name, p.shapes, dst.tp)
+            except RuleError as exc:
+                raise RuleError(f"--tp {dst.tp}: {exc}") from None
+    specs = parse_layer_specs(layer_specs) if layer_specs else infer_layer_specs(source)
+    _check_specs(source, specs)
+    lowered = partition_method.lower()
+    if layer_specs is None and (lowered == "uniform" or lowered.startswith("type:")):
+        raise UsageError(
+            f"--partition-method {partition_method} needs the model's layer spec list, which "
+            "the checkpoint does not record: pass --layer-specs (what the files show: "
+            f"{format_layer_specs(specs)}, where ? is an unknown type and parameter-free "
+            "layers after the last one with parameters are not visible)")
+    plan = PipelinePlan(source, dst, partition_method, specs, layer_specs is None, (), (),
+                        tp_plans)
+    try:
+        parts = tuple(maps.partition_layers(
+            partition_method, dst.pp, num_layers=len(specs), param_counts=plan.layer_counts(),
+            layer_types=[s.typename for s in specs]))
+    except maps.MapError as exc:
+        raise UsageError(f"--partition-method: {exc}") from None
+    stages = tuple(_target_stage(source, specs, parts, s) for s in range(dst.pp))
+    for stage in stages:
+        if not any(stage.groups):
+            raise UsageError(
+                f"--pp {dst.pp}: stage {stage.stage} would hold layers {list(stage.layers)} "
+                f"with no parameters ({partition_method} partitioning of {len(specs)} layers); "
+                "choose fewer stages")
+        for g, names in enumerate(stage.groups):
+            if not names:
+                raise UnsupportedLayout(
+                    f"--pp {dst.pp}: stage {stage.stage} would have no parameter in optimizer "
+                    f"group {g}; DeepSpeed cannot build an empty flat group")
+    placed = {n for stage in stages for names in stage.groups for n in names}
+    lost = [n for n in source.params if n not in placed]
+    if lost:
+        raise UsageError(f"the layer specs place no stage on {len(lost)} parameter(s) "
+                         f"({', '.join(lost[:3])}): check --layer-specs")
+    return PipelinePlan(source, dst, partition_method, specs, layer_specs is None, parts,
+                        stages, tp_plans)
+
+
+def _target_stage(source: PipelineSource, specs: Sequence[LayerSpec], parts: Sequence[int],
+                  stage: int) -> TargetStage:
+    """DeepSpeed's flat order: the client's groups list the tied modules (registered first in
+    ``PipelineModule``) and then the layers in index order, each in its own parameter order."""
+    layers = range(parts[stage], parts[stage + 1])
+    keys = {specs[i].tie_key for i in layers if specs[i].tie_key}
+    groups: list[list[str]] = [[] for _ in range(source.groups)]
+    for p in source.params.values():  # tied modules come first in this order already
+        if p.tie_key in keys or (p.layer is not None and p.layer in layers
+                                 and not specs[p.layer].tie_key):
+            groups[p.group].append(p.name)
+    tied = [[n for n in names if source.params[n].tie_key] for names in groups]
+    rest = [sorted((n for n in names if not source.params[n].tie_key),
+                   key=lambda n: source.params[n].layer or 0) for names in groups]
+    return TargetStage(stage, layers, tuple(tuple(t + r) for t, r in zip(tied, rest,
+                                                                          strict=True)))
+
+
+# ---------------------------------------------------------------------------------------------
+# Execution
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class PipelineReshapeResult:
+    """What :func:`reshape_pipeline` did (or, for a dry run, would do)."""
+
+    plan: PipelinePlan
+    source: Path
+    out: Path
+    tag: str
+    written: bool
+    files: list[str] = field(default_factory=list)
+    nbytes: int = 0
+
+    @property
+    def dst_parts(self) -> tuple[int, ...]:
+        return self.plan.dst_parts
+
+    def summary(self) -> str:
+        from dsckpt.reshape import _human
+
+        src, dst = self.plan.src, self.plan.dst
+        move = (f"PP {src.pp} x TP {src.tp} x DP {src.dp} -> PP {dst.pp} x TP {dst.tp} x "
+                f"DP {dst.dp}")
+        if not self.written:
+            return f"dry run: {move}; nothing written (would write {self.out}/{self.tag}/)"
+        return (f"wrote {self.out} (tag {self.tag}): {move}, {len(self.files)} files, "
+                f"{_human(self.nbytes)}")
+
+
+def reshape_pipeline(layout: Layout, out: Path | str, *, tp: int | None = None,
+                     pp: int | None = None, dp: int | None = None,
+                     partition_method: str = "parameters", layer_specs: str | None = None,
+                     force: bool = False, dry_run: bool = False,
+                     progress: Any = None) -> PipelineReshapeResult:
+    """Write the pipeline checkpoint ``layout`` re-split for (``pp``, ``tp``, ``dp``) to ``out``.
+
+    Raises:
+        UsageError, RuleError, InconsistentCheckpoint, UnsupportedLayout, OutputError.
+    """
+    from dsckpt.reshape import check_output
+
+    plan = plan_pipeline(layout, tp=tp, pp=pp, dp=dp, partition_method=partition_method,
+                         layer_specs=layer_specs)
+    out = Path(out)
+    check_output(layout.root, layout.dir, out, force)
+    tag = layout.tag if layout.tag is not None else layout.dir.name
+    result = PipelineReshapeResult(plan, layout.dir, out, tag, written=False)
+    if dry_run:
+        return result
+    _PipelineWriter(plan, progress).write(out, tag, force, result)
+    result.written = True
+    return result
+
+
+class _PipelineWriter:
+    def __init__(self, plan: PipelinePlan, progress: Any) -> None:
+        import torch
+
+        self.torch = torch
+        self.plan = plan
+        self.source = plan.source
+        self.layout = plan.source.layout
+        self.progress = progress
+        self._loaded: dict[Path, Any] = {}
+
+    # --- the directory ------------------------------------------------------------------------
+
+    def write(self, out: Path, tag: str, force: bool, result: PipelineReshapeResult) -> None:
+        from dsckpt.atomic import atomic_output
+        from dsckpt.files import scan
+        from dsckpt.reshape import _location_of, _write_text
+
+        plan, dst = self.plan, self.plan.dst
+        _, unrelated = scan(_location_of(self.layout))
+        jobs: list[tuple[str, Callable[[Path], None]]] = []
+        for stage in plan.stages:
+            for t in range(dst.tp):
+                mp = stage.stage * dst.tp + t
+                for layer in stage.layers:
+                    if layer in self.source.layer_files:  # a tied module's other uses have none
+                        name = f"layer_{layer:02d}-model_{t:02d}-model_states.pt"
+                        jobs.append((name, _bind(self._layer_file, layer, t)))
+                jobs.append((f"mp_rank_{mp:02d}_model_states.pt",
+                             _bind(self._model_file, stage, t)))
+                jobs.append(("", _bind(self._optim_files, stage, t)))
+        if self.progress is not None:
+            self.progress.start(f"reshape to PP {dst.pp} x TP {dst.tp} x DP {dst.dp}",
+                                self.layout.bytes_on_disk)
+        with atomic_output(out, force=force, is_dir=True) as tmp:
+            tag_dir = tmp / tag
+            tag_dir.mkdir()
+            for name, build in jobs:
+                build(tag_dir / name if name else tag_dir)
+            for extra in unrelated:
+                if (self.layout.dir / extra).is_file():
+                    shutil.copyfile(self.layout.dir / extra, tag_dir / extra)
+            _write_text(tmp / "latest", tag)
+            result.files = sorted(p.name for p in tag_dir.iterdir())
+            result.nbytes = sum(p.stat().st_size for p in tag_dir.iterdir())
+
+    def _save(self, obj: Any, path: Path) -> None:
+        from dsckpt.reshape import _DEEPSPEED_NAMES, _PICKLE_MODULE, _deepspeed_names
+
+        if not _DEEPSPEED_NAMES:
+            _DEEPSPEED_NAMES.update(_deepspeed_names())
+        with open(path, "wb") as f:
+            self.torch.save(obj, f, pickle_module=_PICKLE_MODULE)
+        self._advance(path.stat().st_size)
+
+    def _advance(self, nbytes: int) -> None:
+        if self.progress is not None:
+            self.progress.advance(nbytes)
+
+    def _load(self, path: Path) -> Any:
+        from dsckpt.load import load_mapped
+
+        if path not in self._loaded:
+            self._loaded[path] = load_mapped(path)
+        return self._loaded[path]
+
+    def _template_mp(self, stage: TargetStage, tp_rank: int) -> int:
+        """The source model-parallel rank whose files serve as templates for a target one
+        (scalars, RNG states, hyperparameters): the stage its first parameter comes from."""
+        first = stage.groups[0][0]
+        return (self._source_stage(first, stage.stage) * self.layout.tp
+                + min(tp_rank, self.layout.tp - 1))
+
+    # --- values -------------------------------------------------------------------------------
+
+    def _source_stage(self, name: str, target_stage: int) -> int:
+        """The source stage whose copy of ``name`` to take (tied modules live on several)."""
+        stages = self.source.params[name].stages
+        return target_stage if target_stage in stages else min(stages)
+
+    def _source_local(self, name: str, key: str, stage: int, tp_rank: int) -> torch.Tensor:
+        """Source TP rank ``tp_rank``'s slice of ``name`` (fp32 master or optimizer state
+        ``key``), gathered from that (stage, TP rank)'s DP partitions."""
+        layout = self.layout
+        mp = stage * layout.tp + tp_rank
+        sources = layout.zero_sources[mp]
+        g = self.source.params[name].group
+        group = sources.groups[g]
+        param = next(p for p in group.params if p.name == name)
+        pieces = []
+        for piece in group.pieces(param):
+            flat = self._source_flat(mp, piece.rank, g, key)
+            pieces.append(flat[piece.src_start:piece.src_start + piece.length])
+        out = self.torch.cat(pieces) if len(pieces) != 1 else pieces[0]
+        return out.view(param.shape)
+
+    def _source_flat(self, mp: int, dp_rank: int, g: int, key: str) -> torch.Tensor:
+        path = self.layout.zero_sources[mp].fp32[dp_rank][g].path
+        osd = self._load(path)["optimizer_state_dict"]
+        if key == "fp32":
+            return osd["single_partition_of_fp32_groups"][g]
+        base = osd["base_optimizer_state"]
+        value = base["state"][_state_index(base, g, path)].get(key)
+        if value is None:
+            raise InconsistentCheckpoint(f"{path.name}: group {g} has no optimizer state {key!r}")
+        return value
+
+    def _target_local(self, name: str, key: str, stage: int, tp_rank: int) -> torch.Tensor:
+        """Target TP rank ``tp_rank``'s slice of ``name`` for target stage ``stage``."""
+        src_stage = self._source_stage(name, stage)
+        tp_plan = self.plan.tp_plans.get(name)
+        if tp_plan is None:
+            return self._source_local(name, key, src_stage, tp_rank)
+        return _resplit(tp_plan, tp_rank,
+                        lambda r: self._source_local(name, key, src_stage, r),
+                        check=key == "fp32", name=name)
+
+    # --- files --------------------------------------------------------------------------------
+
+    def _layer_file(self, layer: int, tp_rank: int, path: Path) -> None:
+        src_dir = self.layout.dir
+        if not self.plan.tp_plans:
+            shutil.copyfile(src_dir / f"layer_{layer:02d}-model_{tp_rank:02d}-model_states.pt",
+                            path)
+            self._advance(path.stat().st_size)
+            return
+        names = self.source.layer_files[layer]
+        per_rank = [self._load(src_dir / f"layer_{layer:02d}-model_{r:02d}-model_states.pt")
+                    for r in range(self.layout.tp)]
+        out = OrderedDict()
+        for key, name in names.items():
+            tp_plan = self.plan.tp_plans[name]
+            out[key] = _resplit(tp_plan, tp_rank, lambda r, k=key: per_rank[r][k], check=False,
+                                name=name)
+        for k, v in vars(per_rank[0]).items():  # module versions in `_metadata`
+            setattr(out, k, copy.deepcopy(v))
+        self._save(out, path)
+
+    def _model_file(self, stage: TargetStage, tp_rank: int, path: Path) -> None:
+        torch = self.torch
+        plan, dst, layout = self.plan, self.plan.dst, self.layout
+        src_mp = self._template_mp(stage, tp_rank)
+        template = self._load(layout.dir / f"mp_rank_{src_mp:02d}_model_states.pt")
+        sd = dict(template)
+        sd["param_shapes"] = [OrderedDict((n, torch.Size(plan.local_shape(n, tp_rank)))
+                                          for n in names) for names in stage.groups]
+        sd["dp_world_size"] = dst.dp
+        sd["mp_world_size"] = dst.pp * dst.tp
+        if isinstance(sd.get("checkpoint_parallel_dimensions"), Mapping):
+            sd["checkpoint_parallel_dimensions"] = {
+                **sd["checkpoint_parallel_dimensions"], "pp_degree": dst.pp, "tp_degree": dst.tp}
+        padded = self._padded_vocab()
+        if sd.get("args") is not None:
+            args = copy.copy(sd["args"])
+            for attr, axis in ARG_DEGREES.items():
+                if hasattr(args, attr):
+                    setattr(args, attr, getattr(dst, axis))
+            if hasattr(args, "world_size"):
+                args.world_size = dst.world_size
+            if padded is not None and hasattr(args, "padded_vocab_size"):
+                args.padded_vocab_size = padded
+            sd["args"] = args
+        for key in ("checkpoint_info", "universal_checkpoint_info"):
+            info = sd.get(key)
+            if padded is not None and isinstance(info, Mapping) and "padded_vocab_size" in info:
+                sd[key] = {**info, "padded_vocab_size": padded}
+        self._save(sd, path)
+
+    def _padded_vocab(self) -> int | None:
+        """The padded vocabulary at the target TP, when a vocabulary parameter shows it."""
+        for name, tp_plan in self.plan.tp_plans.items():
+            if tp_plan.rule.kind == "vocab" and tp_plan.dim is not None:
+                return int(tp_plan.dst_shapes[0][tp_plan.dim]) * self.plan.dst.tp
+        return None
+
+    def _optim_files(self, stage: TargetStage, tp_rank: int, tag_dir: Path) -> None:
+        from dsckpt.load import FragmentAddress
+        from dsckpt.reshape import slice_mapping, zero12_group_paddings
+
+        torch = self.torch
+        plan, dst, layout = self.plan, self.plan.dst, self.layout
+        kind = self.source.kind
+        mp = stage.stage * dst.tp + tp_rank
+        src_mp = self._template_mp(stage, tp_rank)
+        template_path = layout.zero_sources[src_mp].fp32[0][0].path
+        template = self._load(template_path)
+        osd0 = template["optimizer_state_dict"]
+        base0 = osd0["base_optimizer_state"]
+        state_keys = [k for k, v in base0["state"][_state_index(base0, 0, template_path)].items()
+                      if isinstance(v, torch.Tensor) and v.dim() == 1]
+        # Each group's flat buffer, padded to 2*dp as ZeRO-1 and BF16_Optimizer align it.
+        flats: list[dict[str, torch.Tensor]] = []
+        sizes: list[tuple[int, int]] = []
+        for names in stage.groups:
+            numels = [zero.numel(plan.local_shape(n, tp_rank)) for n in names]
+            data = sum(numels)
+            size = zero.zero12_partition_size(data, dst.dp)
+            sizes.append((data, size))
+            per_key = {}
+            for key in ("fp32", *state_keys):
+                like = self._source_flat(src_mp, 0, 0, key)
+                flat = torch.zeros(size * dst.dp, dtype=like.dtype)
+                offset = 0
+                for n, count in zip(names, numels, strict=True):
+                    flat[offset:offset + count] = self._target_local(
+                        n, key, stage.stage, tp_rank).reshape(-1)
+                    offset += count
+                per_key[key] = flat
+            flats.append(per_key)
+        prefix = next((f.prefix for f in layout.files if f.role is Role.OPTIM), "")
+        for d in range(dst.dp):
+            osd: dict[str, Any] = {}
+            paddings = [zero12_group_paddings(data, data, size, dst.dp, kind)[d]
+                        for data, size in sizes]
+            for key, value in osd0.items():
+                if key == "base_optimizer_state":
+                    state = {}
+                    for g, per_key in enumerate(flats):
+                        index = _state_index(base0, g, template_path)
+                        saved = base0["state"][index]
+                        size = sizes[g][1]
+                        state[index] = {
+                            k: (per_key[k][d * size:(d + 1) * size].clone() if k in per_key
+                                else v.clone() if isinstance(v, torch.Tensor) else v)
+                            for k, v in saved.items()}
+                    osd[key] = {**value, "state": state}
+                elif key == "single_partition_of_fp32_groups":
+                    parts = []
+                    for g, per_key in enumerate(flats):
+                        size = sizes[g][1]
+                        # ZeRO saves its slice without the tail padding, BF16_Optimizer with it.
+                        length = size - (paddings[g] if kind == "zero" else 0)
+                        part = per_key["fp32"][d * size:d * size + length].clone()
+                        part.requires_grad_(value[g].requires_grad)
+                        parts.append(part)
+                    osd[key] = parts
+                elif key == "group_paddings":
+                    osd[key] = paddings
+                elif key == "partition_count":
+                    osd[key] = [dst.dp] * len(flats)
+                elif key == "param_alignment_paddings":
+                    osd[key] = [[0] * len(names) for names in stage.groups]
+                elif key == "param_slice_mappings":
+                    osd[key] = [
+                        OrderedDict(
+                            (n, FragmentAddress(numel=c, start=s))
+                            for n, c, s in slice_mapping(
+                                names, [zero.numel(plan.local_shape(n, tp_rank)) for n in names],
+                                None, d, sizes[g][1]))
+                        for g, names in enumerate(stage.groups)]
+                else:
+                    osd[key] = value
+            top = {k: (osd if k == "optimizer_state_dict" else v) for k, v in template.items()}
+            self._save(top, tag_dir / f"{prefix}zero_pp_rank_{d}_mp_rank_{mp:02d}_optim_states.pt")
+
+
+def _bind(fn: Callable[..., None], *args: Any) -> Callable[[Path], None]:
+    return lambda path: fn(*args, path)
+
+
+def _state_index(base: Mapping[str, Any], group: int, path: Path) -> Any:
+    """The torch optimizer state key of flat group ``group`` (ZeRO-1 keeps one tensor per group)."""
+    params = base["param_groups"][group]["params"]
+    if len(params) != 1:
+        raise InconsistentCheckpoint(f"{path.name}: optimizer group {group} holds {len(params)} "
+                                     "tensors; ZeRO-1 keeps one flat partition per group")
+    return params[0]
+
+
+def _resplit(tp_plan: TPPlan, tp_rank: int, source: Callable[[int], torch.Tensor], *,
+             check: bool, name: str) -> torch.Tensor:
+    """Target TP rank ``tp_rank``'s tensor from the source ranks' tensors, as ``tp_plan`` says."""
+    import torch
+
+    pieces = tp_plan.pieces[tp_rank]
+    if tp_plan.combine == "copy":
+        first = source(pieces[0].src)
+        if check and tp_rank == 0:
+            for r in tp_plan.replicas[1:]:
+                if not torch.equal(first, source(r)):
+                    raise InconsistentCheckpoint(
+                        f"{name}: the TP rules call it replicated, but TP ranks {pieces[0].src} "
+                        f"and {r} hold different values, so no single copy is right; if it is "
+                        'in fact partitioned, pass a rules file with kind "split" for it')
+        return first.clone()
+    if tp_plan.combine == "mean":
+        return torch.stack([source(p.src) for p in pieces]).mean(0)
+    dim = tp_plan.dim
+    assert dim is not None
+    sample = source(pieces[0].src)
+    out = torch.zeros(tp_plan.dst_shapes[tp_rank], dtype=sample.dtype)
+    for piece in pieces:
+        out.narrow(dim, piece.dst_start, piece.length).copy_(
+            source(piece.src).narrow(dim, piece.src_start, piece.length))
+    return out
