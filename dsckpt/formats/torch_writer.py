@@ -54,11 +54,15 @@ from dsckpt.formats.safetensors_writer import (
 from dsckpt.formats.sharding import ShardPlan, TensorSpec
 
 __all__ = [
+    "FileRange",
+    "LazyStorages",
     "ShardedTorchWriter",
     "TensorSpec",
     "TorchLayout",
     "TorchWriter",
     "crc32_combine",
+    "pickle_for_torch",
+    "save_torch",
     "torch_layout",
 ]
 
@@ -312,11 +316,17 @@ def torch_layout(
     for alias, canonical in aliases.items():
         if alias in names or canonical not in names:
             raise ValueError(f"bad alias {alias!r} -> {canonical!r}")
-    if not archive_name or "/" in archive_name:
-        raise ValueError(f"invalid archive name {archive_name!r}")
 
     data_pkl = _pickle_state_dict(specs, aliases)
-    sizes = ",".join(f"{s.name}:{s.nbytes}" for s in specs).encode()
+    return _archive_layout(data_pkl, [(s.name, s.nbytes) for s in specs], archive_name)
+
+
+def _archive_layout(data_pkl: bytes, storages: Sequence[tuple[str, int]],
+                    archive_name: str) -> TorchLayout:
+    """The zip layout for a pickle and its storages ``(name, nbytes)``, stored as data/0.."""
+    if not archive_name or "/" in archive_name:
+        raise ValueError(f"invalid archive name {archive_name!r}")
+    sizes = ",".join(f"{name}:{nbytes}" for name, nbytes in storages).encode()
     digest = int.from_bytes(hashlib.sha256(data_pkl + sizes).digest(), "big")
     serialization_id = f"{digest % 10**40:040d}".encode()
 
@@ -326,7 +336,7 @@ def torch_layout(
         (b".format_version", 1, b"1"),
         (b".storage_alignment", 2, b"64"),
         (b"byteorder", 6, b"little"),
-        *((f"data/{i}".encode(), s.nbytes, None) for i, s in enumerate(specs)),
+        *((f"data/{i}".encode(), nbytes, None) for i, (_, nbytes) in enumerate(storages)),
         (b"version", 2, b"3\n"),
         (b".data/serialization_id", len(serialization_id), serialization_id),
     ]
@@ -337,8 +347,9 @@ def torch_layout(
         records.append(rec)
         cursor = rec.end
     first = 4  # index of data/0
-    offsets = {s.name: (records[first + i].data_offset, s.nbytes) for i, s in enumerate(specs)}
-    storage = {s.name: first + i for i, s in enumerate(specs)}
+    offsets = {name: (records[first + i].data_offset, nbytes)
+               for i, (name, nbytes) in enumerate(storages)}
+    storage = {name: first + i for i, (name, _) in enumerate(storages)}
     tail_size = len(TorchLayout(tuple(records), {}, {}, cursor, 0).tail([0] * len(records)))
     return TorchLayout(tuple(records), offsets, storage, cursor, cursor + tail_size)
 
@@ -375,9 +386,23 @@ class TorchWriter(ClosingWriter):
         crc32: bool = True,
         preallocate: bool = True,
     ) -> None:
+        layout = torch_layout(specs, aliases=aliases, archive_name=archive_name)
+        self._start(path, layout, {s.name: s.dtype for s in specs}, crc32, preallocate)
+
+    @classmethod
+    def for_layout(cls, path: os.PathLike[str] | str, layout: TorchLayout, *, crc32: bool = True,
+                   preallocate: bool = True) -> TorchWriter:
+        """A writer for a precomputed layout whose storages (named as in ``layout.offsets``)
+        take raw bytes (:func:`save_torch` uses it)."""
+        self = cls.__new__(cls)
+        self._start(path, layout, dict.fromkeys(layout.offsets, torch.uint8), crc32, preallocate)
+        return self
+
+    def _start(self, path: os.PathLike[str] | str, layout: TorchLayout,
+               dtypes: dict[str, torch.dtype], crc32: bool, preallocate: bool) -> None:
         self.path = Path(path)
-        self.layout = torch_layout(specs, aliases=aliases, archive_name=archive_name)
-        self._dtypes = {s.name: s.dtype for s in specs}
+        self.layout = layout
+        self._dtypes = dtypes
         self._crc32 = crc32
         self._coverage = Coverage()
         self._fd: int | None = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
@@ -510,3 +535,215 @@ class ShardedTorchWriter(ShardedSafetensorsWriter):
             crc32=self._crc32,
             preallocate=preallocate,
         )
+
+
+# --------------------------------------------------------------------------- any object
+
+
+@dataclass(frozen=True)
+class FileRange:
+    """``nbytes`` bytes at ``offset`` of file ``path``, placed at byte ``at`` of a storage."""
+
+    path: Path
+    offset: int
+    nbytes: int
+    at: int
+
+
+class LazyStorages:
+    """Meta-device storages whose bytes are ranges of files, for :func:`save_torch`.
+
+    A tensor on a storage made here behaves like any tensor while a structure is built (views,
+    ``nn.Parameter``, ``requires_grad``, attributes) but holds no data: :func:`save_torch`
+    copies its bytes from the files when it writes the storage. Bytes no range covers are zeros.
+    """
+
+    def __init__(self) -> None:
+        # keyed by the storage's identity (its StorageImpl); the storage is kept alive with it
+        self._ranges: dict[int, tuple[Any, tuple[FileRange, ...]]] = {}
+
+    def storage(self, nbytes: int, ranges: Sequence[FileRange] = ()) -> Any:
+        """A new meta ``UntypedStorage`` of ``nbytes`` whose bytes come from ``ranges``."""
+        for r in ranges:
+            if r.nbytes < 0 or r.at < 0 or r.at + r.nbytes > nbytes:
+                raise ValueError(f"range {r} is outside a storage of {nbytes} bytes")
+        storage = torch.UntypedStorage(nbytes, device="meta")
+        self._ranges[storage._cdata] = (storage, tuple(r for r in ranges if r.nbytes))
+        return storage
+
+    def tensor(self, dtype: torch.dtype, shape: Sequence[int], ranges: Sequence[FileRange] = (),
+               ) -> torch.Tensor:
+        """A contiguous meta tensor on a new storage filled from ``ranges``."""
+        numel = 1
+        for d in shape:
+            numel *= d
+        storage = self.storage(numel * _itemsize(dtype), ranges)
+        return self.view(storage, dtype, 0, shape, _contiguous_strides(tuple(shape)))
+
+    @staticmethod
+    def view(storage: Any, dtype: torch.dtype, offset: int, shape: Sequence[int],
+             stride: Sequence[int]) -> torch.Tensor:
+        """A meta tensor viewing ``storage`` (element ``offset``, ``shape``, ``stride``)."""
+        return torch.empty(0, dtype=dtype, device="meta").set_(storage, offset, tuple(shape),
+                                                               tuple(stride))
+
+    def ranges(self, storage: Any) -> tuple[FileRange, ...] | None:
+        entry = self._ranges.get(storage._cdata)
+        return None if entry is None else entry[1]
+
+
+def _itemsize(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+@dataclass
+class _Storage:
+    key: str
+    nbytes: int
+    dtype: torch.dtype
+    ranges: tuple[FileRange, ...] | None  # lazy: from files
+    memory: Any = None  # in-memory CPU UntypedStorage
+
+
+class _TorchPickling:
+    """Mixin for a ``pickle.Pickler`` class (C or pure Python): tensors pickle exactly as
+    ``torch.save`` pickles CPU tensors (``_rebuild_tensor_v2``/``v3``, ``_rebuild_parameter``,
+    ``_rebuild_from_type_v2`` for tensors with attributes), their storages as persistent ids
+    ``("storage", type, key, "cpu", numel)``. Keys number storages in first-seen order; two
+    tensors on one storage refer to one key, as in ``torch.save``."""
+
+    _lazy: LazyStorages | None
+    _by_storage: dict[int, _Storage]
+    storages: list[_Storage]
+
+    def persistent_id(self, obj: Any) -> Any:
+        if isinstance(obj, _StorageRef):
+            return ("storage", obj.cls, obj.key, "cpu", obj.numel)
+        return None
+
+    def reducer_override(self, obj: Any) -> Any:
+        if type(obj) is torch.Tensor:
+            return self._reduce_tensor(obj)
+        if isinstance(obj, torch.Tensor) and not isinstance(obj, torch.nn.Parameter):
+            raise TypeError(f"cannot stream a {type(obj).__name__}: only plain tensors and "
+                            "nn.Parameter are supported")
+        if isinstance(obj, (torch.UntypedStorage, torch.storage.TypedStorage)):
+            raise TypeError("cannot stream a bare storage: save a tensor viewing it instead")
+        return NotImplemented  # nn.Parameter reduces to its .data, a plain tensor
+
+    def _reduce_tensor(self, t: torch.Tensor) -> Any:
+        if t.device.type not in ("cpu", "meta") or t.layout != torch.strided or t.is_quantized:
+            raise TypeError(f"cannot stream a {t.device.type} {t.layout} tensor")
+        stored = self._storage_of(t)
+        legacy = _LEGACY_STORAGE.get(t.dtype)
+        args: tuple[Any, ...]
+        if legacy is not None:
+            ref = _StorageRef(stored.key, getattr(torch, legacy), stored.nbytes // t.element_size())
+            func = torch._utils._rebuild_tensor_v2
+            args = (ref, t.storage_offset(), tuple(t.size()), t.stride(), t.requires_grad,
+                    OrderedDict())
+        else:
+            ref = _StorageRef(stored.key, torch.storage.UntypedStorage, stored.nbytes)
+            func = torch._utils._rebuild_tensor_v3
+            args = (ref, t.storage_offset(), tuple(t.size()), t.stride(), t.requires_grad,
+                    OrderedDict(), t.dtype)
+        metadata = torch._utils.get_tensor_metadata(t)
+        if metadata:
+            args += (metadata,)
+        state = torch._utils._get_obj_state(t)
+        if state:
+            return torch._tensor._rebuild_from_type_v2, (func, torch.Tensor, args, state)
+        return func, args
+
+    def _storage_of(self, t: torch.Tensor) -> _Storage:
+        storage = t.untyped_storage()
+        stored = self._by_storage.get(storage._cdata)
+        if stored is None:
+            if t.device.type == "meta":
+                ranges = self._lazy.ranges(storage) if self._lazy is not None else None
+                if ranges is None:
+                    raise ValueError("a meta tensor whose storage is not a LazyStorages one: "
+                                     "its bytes are unknown")
+                stored = _Storage(str(len(self.storages)), storage.nbytes(), t.dtype, ranges)
+            else:
+                stored = _Storage(str(len(self.storages)), storage.nbytes(), t.dtype, None,
+                                  storage)
+            self._by_storage[storage._cdata] = stored
+            self.storages.append(stored)
+        elif stored.dtype != t.dtype:
+            raise ValueError(f"tensors of {stored.dtype} and {t.dtype} view one storage, which "
+                             "torch.save refuses too")
+        return stored
+
+
+def pickle_for_torch(obj: Any, pickler: type = pickle.Pickler,
+                     lazy: LazyStorages | None = None) -> tuple[bytes, list[_Storage]]:
+    """``obj``'s ``data.pkl`` (protocol 2, as torch.save) and its storages in key order."""
+    cls = type("_StreamPickler", (_TorchPickling, pickler), {})
+    buf = io.BytesIO()
+    p = cls(buf, protocol=2)
+    p._lazy, p._by_storage, p.storages = lazy, {}, []
+    p.dump(obj)
+    return buf.getvalue(), p.storages
+
+
+def save_torch(
+    obj: Any,
+    path: os.PathLike[str] | str,
+    *,
+    lazy: LazyStorages | None = None,
+    pickler: type = pickle.Pickler,
+    archive_name: str = "archive",
+    crc32: bool = True,
+    preallocate: bool = True,
+    progress: Any = None,
+) -> int:
+    """``torch.save(obj, path)`` in bounded memory: lazy tensors' bytes are copied from files.
+
+    ``obj`` is any structure ``torch.save`` takes whose tensors are CPU tensors (written from
+    memory) or meta tensors on ``lazy``'s storages (their bytes copied kernel-side with
+    ``copy_file_range`` from the source files, straight into the output; zeros elsewhere).
+    Tensors sharing a storage share it in the file; ``nn.Parameter``, ``requires_grad`` and
+    tensor attributes are kept; ``torch.load`` gives back what ``torch.save`` would have
+    written. The file is written in one pass and not fsynced.
+
+    Args:
+        obj: the structure to save.
+        path: the file to create (truncated if it exists).
+        lazy: the registry of ``obj``'s meta tensors' storages.
+        pickler: the ``pickle.Pickler`` class to extend (one writing other GLOBAL names, say).
+        archive_name: the zip's top folder.
+        crc32: real CRC-32s (re-read from the output's page cache) or zeros as
+            ``torch.serialization.set_crc32_options(False)`` writes; ``torch.load`` never
+            checks them.
+        preallocate: reserve the file's blocks up front (early ENOSPC).
+        progress: called with each number of bytes copied.
+
+    Returns:
+        The file's size in bytes.
+    """
+    from dsckpt.execute import _copy_bytes
+
+    data_pkl, storages = pickle_for_torch(obj, pickler, lazy)
+    layout = _archive_layout(data_pkl, [(s.key, s.nbytes) for s in storages], archive_name)
+    fds: dict[Path, int] = {}
+    try:
+        with TorchWriter.for_layout(path, layout, crc32=crc32, preallocate=preallocate) as w:
+            for s in storages:
+                if s.memory is not None:
+                    if s.nbytes:
+                        raw = torch.empty(0, dtype=torch.uint8).set_(s.memory)
+                        w.write(s.key, 0, raw)
+                    continue
+                fd, base = w.locate(s.key)
+                for r in s.ranges or ():
+                    src = fds.get(r.path)
+                    if src is None:
+                        src = fds[r.path] = os.open(r.path, os.O_RDONLY)
+                    _copy_bytes(src, r.offset, fd, base + r.at, r.nbytes)
+                    if progress is not None:
+                        progress(r.nbytes)
+    finally:
+        for fd in fds.values():
+            os.close(fd)
+    return layout.file_size
