@@ -509,8 +509,11 @@ class Source:
     extra_files: tuple[Path, ...] = ()  # files DeepSpeed users keep beside the rank files
 
 
-def open_source(ckpt: Path | str, tag: str | None = None) -> Source:
+def open_source(ckpt: Path | str | Layout, tag: str | None = None) -> Source:
     """Open a checkpoint and check it is one :func:`reshape` handles.
+
+    ``ckpt`` is a path, or a :class:`~dsckpt.layout.Layout` already opened by
+    :func:`~dsckpt.layout.open_checkpoint` (then ``tag`` is ignored and it is not opened again).
 
     Raises:
         InconsistentCheckpoint: missing, mixed or damaged rank files (``inspect`` lists them all).
@@ -518,10 +521,10 @@ def open_source(ckpt: Path | str, tag: str | None = None) -> Source:
             NVMe-offloaded checkpoints.
     """
     from dsckpt.files import Role, scan
-    from dsckpt.layout import open_checkpoint
+    from dsckpt.layout import Layout, open_checkpoint
     from dsckpt.load import load_meta
 
-    layout = open_checkpoint(ckpt, tag)
+    layout = ckpt if isinstance(ckpt, Layout) else open_checkpoint(ckpt, tag)
     where = layout.dir
     if layout.kind == "universal":
         raise UnsupportedLayout(
@@ -727,8 +730,10 @@ def _human(n: float) -> str:
     return f"{n} B"
 
 
-def plan_reshape(ckpt: Path | str, dp: int, tag: str | None = None) -> tuple[Source, ReshapePlan]:
-    """Open a checkpoint and plan its reshape to ``dp`` ranks (reads metadata only)."""
+def plan_reshape(ckpt: Path | str | Layout, dp: int, tag: str | None = None
+                 ) -> tuple[Source, ReshapePlan]:
+    """Open a checkpoint (a path, or an already opened Layout) and plan its reshape to ``dp``
+    ranks (reads metadata only)."""
     if dp < 1:
         raise UsageError(f"--dp {dp}: the data-parallel size must be at least 1")
     source = open_source(ckpt, tag)
