@@ -268,6 +268,8 @@ def map_json(tmap: TopologyMap) -> dict[str, Any]:
             **topo(tmap.dst),
             "stage_parts": list(tmap.dst_parts),
             "partition_method": tmap.method,
+            "layer_specs": tmap.layer_specs or None,
+            "layer_specs_inferred": tmap.specs_inferred,
             "tp_unit": tmap.tp_unit,
         }
         data["targets"] = [
@@ -361,4 +363,8 @@ def _targets_table(tmap: TopologyMap) -> Table:
             _few(tp_cells),
             _few(dp_cells),
         )
+    if tmap.layer_specs:
+        how = "inferred from the files; --layer-specs to set" if tmap.specs_inferred else "given"
+        table.caption = f"layer specs ({how}): {tmap.layer_specs}"
+        table.caption_justify = "left"
     return table

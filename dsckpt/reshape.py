@@ -491,8 +491,7 @@ def _zero3_ds_id(facts: SourceFacts, chosen: Sequence[tuple[str, Shape]],
 # Reading the source: facts from metadata, tensor locations for the executor
 # ---------------------------------------------------------------------------------------------
 
-PIPELINE_HINT = ("`dsckpt reshape --tp/--pp` is the command for model-parallel layouts; it is not "
-                 "available yet")
+PIPELINE_HINT = "`reshape()` (the `dsckpt reshape` command) takes them to dsckpt.reshape3d"
 
 
 @dataclass
@@ -742,8 +741,9 @@ def plan_reshape(ckpt: Path | str | Layout, dp: int, tag: str | None = None
 
 def reshape(ckpt: Path | str, out: Path | str, *, dp: int | None = None, tp: int | None = None,
             pp: int | None = None, partition_method: str = "parameters",
-            layer_specs: str | None = None, tag: str | None = None, force: bool = False,
-            dry_run: bool = False, progress: Any = None) -> Any:
+            layer_specs: str | None = None, rules_file: Path | None = None,
+            tag: str | None = None, force: bool = False, dry_run: bool = False,
+            progress: Any = None) -> Any:
     """Write ``ckpt`` re-partitioned for a new topology to ``out``; an omitted degree is kept.
 
     ``out`` becomes a save_dir DeepSpeed loads at the new size with
@@ -766,11 +766,12 @@ def reshape(ckpt: Path | str, out: Path | str, *, dp: int | None = None, tp: int
 
         return reshape_pipeline(layout, out, tp=tp, pp=pp, dp=dp,
                                 partition_method=partition_method, layer_specs=layer_specs,
-                                force=force, dry_run=dry_run, progress=progress)
-    if (tp or 1) != 1 or (pp or 1) != 1:
+                                rules_file=rules_file, force=force, dry_run=dry_run,
+                                progress=progress)
+    if (tp or 1) != 1 or (pp or 1) != 1 or rules_file is not None:
         raise UnsupportedLayout(
             f"{layout.dir} is not a pipeline / Megatron checkpoint (no layer files): only --dp "
-            "can change")
+            "can change, and there are no TP rules to apply")
     if dp is None:
         raise UsageError("give a target degree: --dp N (this checkpoint has no model parallelism)")
     source, plan = plan_reshape(ckpt, dp, tag)
@@ -919,7 +920,7 @@ class _Writer:
             from dsckpt.formats.torch_writer import save_torch
 
             save_torch(obj, tmp, lazy=self.lazy, pickler=_DeepSpeedNamesPickler,
-                       archive_name=path.name.split(".", 1)[0], crc32=STREAM_CRC32,
+                       crc32=STREAM_CRC32,
                        progress=self._advance)
             fd = os.open(tmp, os.O_RDONLY)
             try:

@@ -149,7 +149,7 @@ class PipelineSource:
         return self.layout.optimizer
 
 
-def open_pipeline(layout: Layout) -> PipelineSource:
+def open_pipeline(layout: Layout, rules_file: Path | None = None) -> PipelineSource:
     """Check a pipeline checkpoint is one :func:`reshape_pipeline` handles and read its facts.
 
     Raises:
@@ -218,7 +218,7 @@ def open_pipeline(layout: Layout) -> PipelineSource:
             layer_files[f.layer] = {k: tied.get((f.layer, k), f"{f.layer}.{k}") for k in keys}
     info = layout.model_info
     vocab = (info.get("checkpoint_info") or {}).get("original_vocab_size")
-    rules = load_rules(None, info.get("universal_checkpoint_info"), model_args=info.get("args"),
+    rules = load_rules(rules_file, info.get("universal_checkpoint_info"), model_args=info.get("args"),
                        facts={"original_vocab_size": vocab} if vocab else None)
     return PipelineSource(layout, params, groups, layer_files, rules, rules.facts)
 
@@ -322,7 +322,7 @@ class PipelinePlan:
 def plan_pipeline(layout: Layout, *, tp: int | None = None, pp: int | None = None,
                   dp: int | None = None, partition_method: str = "parameters",
                   layer_specs: str | None = None,
-                  source: PipelineSource | None = None) -> PipelinePlan:
+                  rules_file: Path | None = None) -> PipelinePlan:
     """Plan the reshape of a pipeline checkpoint (reads metadata only).
 
     Raises:
@@ -334,7 +334,7 @@ def plan_pipeline(layout: Layout, *, tp: int | None = None, pp: int | None = Non
     for flag, value in (("--dp", dp), ("--tp", tp), ("--pp", pp)):
         if value is not None and value < 1:
             raise UsageError(f"{flag} {value}: degrees start at 1")
-    source = source or open_pipeline(layout)
+    source = open_pipeline(layout, rules_file)
     dst = maps.Topology(pp=pp or layout.pp, tp=tp or layout.tp, dp=dp or layout.dp)
     tp_plans: dict[str, TPPlan] = {}
     if dst.tp != layout.tp:
@@ -353,6 +353,10 @@ def plan_pipeline(layout: Layout, *, tp: int | None = None, pp: int | None = Non
             "the checkpoint does not record: pass --layer-specs (what the files show: "
             f"{format_layer_specs(specs)}, where ? is an unknown type and parameter-free "
             "layers after the last one with parameters are not visible)")
+    if dst.pp > len(specs):
+        how = "inferred from the files" if layer_specs is None else "given"
+        raise UsageError(f"--pp {dst.pp}: the model has {len(specs)} layer specs ({how}), so "
+                         f"at most {len(specs)} stages can each hold one")
     plan = PipelinePlan(source, dst, partition_method, specs, layer_specs is None, (), (),
                         tp_plans)
     try:
@@ -421,6 +425,16 @@ class PipelineReshapeResult:
     def dst_parts(self) -> tuple[int, ...]:
         return self.plan.dst_parts
 
+    def topology_map(self) -> Any:
+        """The show-map view of this plan (what ``--dry-run`` renders)."""
+        from dsckpt.topology_map import topology_map
+
+        plan = self.plan
+        return topology_map(plan.source.layout, tp=plan.dst.tp, pp=plan.dst.pp, dp=plan.dst.dp,
+                            method=plan.method,
+                            layer_specs=None if plan.specs_inferred else
+                            format_layer_specs(plan.specs))
+
     def summary(self) -> str:
         from dsckpt.reshape import _human
 
@@ -436,7 +450,7 @@ class PipelineReshapeResult:
 def reshape_pipeline(layout: Layout, out: Path | str, *, tp: int | None = None,
                      pp: int | None = None, dp: int | None = None,
                      partition_method: str = "parameters", layer_specs: str | None = None,
-                     force: bool = False, dry_run: bool = False,
+                     rules_file: Path | None = None, force: bool = False, dry_run: bool = False,
                      progress: Any = None) -> PipelineReshapeResult:
     """Write the pipeline checkpoint ``layout`` re-split for (``pp``, ``tp``, ``dp``) to ``out``.
 
@@ -446,7 +460,7 @@ def reshape_pipeline(layout: Layout, out: Path | str, *, tp: int | None = None,
     from dsckpt.reshape import check_output
 
     plan = plan_pipeline(layout, tp=tp, pp=pp, dp=dp, partition_method=partition_method,
-                         layer_specs=layer_specs)
+                         layer_specs=layer_specs, rules_file=rules_file)
     out = Path(out)
     check_output(layout.root, layout.dir, out, force)
     tag = layout.tag if layout.tag is not None else layout.dir.name

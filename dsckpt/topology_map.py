@@ -49,6 +49,8 @@ class TopologyMap:
     method: str = ""
     tp_unit: int = 1
     targets: tuple[TargetRow, ...] = ()
+    layer_specs: str = ""  # the PipelineModule layer list the target stages were computed over
+    specs_inferred: bool = False
 
 
 def topology_map(
@@ -57,6 +59,7 @@ def topology_map(
     pp: int | None = None,
     dp: int | None = None,
     method: str = "parameters",
+    layer_specs: str | None = None,
 ) -> TopologyMap:
     """The source maps of ``layout`` and, when any degree is given, the old -> new maps.
 
@@ -88,20 +91,31 @@ def topology_map(
             f"{layout.dir}: the stage boundaries are not recorded (no ZeRO "
             "param_shapes), so a target pipeline map cannot be drawn"
         )
-    num_layers = parts[-1]
-    if dst.pp > num_layers:
-        raise UsageError(
-            f"--pp {dst.pp}: the checkpoint shows {num_layers} layers, so at most "
-            f"{num_layers} stages can each hold one"
+    specs_text, inferred = "", False
+    if layout.kind == "pipeline" and layout.zero_sources:
+        # The same plan `reshape` writes: layer specs, parameter counts at the target TP.
+        from dsckpt.reshape3d import format_layer_specs, plan_pipeline
+
+        plan = plan_pipeline(layout, tp=dst.tp, pp=dst.pp, dp=dst.dp, partition_method=method,
+                             layer_specs=layer_specs)
+        dst_parts = plan.dst_parts
+        parts = (*parts[:-1], max(parts[-1], len(plan.specs)))
+        specs_text, inferred = format_layer_specs(plan.specs), plan.specs_inferred
+    else:
+        num_layers = parts[-1]
+        if dst.pp > num_layers:
+            raise UsageError(
+                f"--pp {dst.pp}: the checkpoint shows {num_layers} layers, so at most "
+                f"{num_layers} stages can each hold one"
+            )
+        dst_parts = tuple(
+            maps.partition_layers(
+                method,
+                dst.pp,
+                num_layers=num_layers,
+                param_counts=_layer_param_counts(layout, num_layers),
+            )
         )
-    dst_parts = tuple(
-        maps.partition_layers(
-            method,
-            dst.pp,
-            num_layers=num_layers,
-            param_counts=_layer_param_counts(layout, num_layers),
-        )
-    )
     try:
         reshape = maps.map_3d(src, dst, src_parts=parts, dst_parts=dst_parts)
     except maps.MapError as exc:
@@ -133,6 +147,8 @@ def topology_map(
         method=method,
         tp_unit=reshape.model_map.tp_unit,
         targets=tuple(targets),
+        layer_specs=specs_text,
+        specs_inferred=inferred,
     )
 
 

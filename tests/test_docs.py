@@ -1,8 +1,8 @@
 """Every command shown in README.md and docs/ runs, and shown output is exactly what it prints.
 
 The console blocks in the docs are the golden files of `inspect` and `show-map` at 100 columns:
-when the output changes on purpose, regenerate a block with the command it shows, e.g.
-`DSCKPT_WIDTH=100 dsckpt show-map tests/fixtures/pipe/p2t2d2-z1-fp32/ckpt --tp 1 --pp 3 --dp 2`,
+when the output changes on purpose, regenerate every block with `python tests/test_docs.py`
+(it runs each shown command at 100 columns and writes its output under it; review the diff),
 and `docs/cli.md` with `typer dsckpt.cli.app utils docs --name dsckpt --output docs/cli.md`.
 """
 
@@ -84,3 +84,45 @@ def test_cli_reference_is_generated_from_the_app(tmp_path: Path) -> None:
     assert out.read_text() == GENERATED.read_text(), (
         "docs/cli.md is stale: typer dsckpt.cli.app utils docs --name dsckpt --output docs/cli.md"
     )
+
+
+def regenerate() -> None:
+    """Rewrite the shown output under each `$ dsckpt ...` line of the docs with what it prints
+    now (blocks that show no output stay so), running in a scratch directory as the test does."""
+    import os
+    import tempfile
+
+    env = {**os.environ, "DSCKPT_WIDTH": "100"}
+    dsckpt = Path(sys.executable).with_name("dsckpt")
+
+    def segment(lines: list[str]) -> list[str]:
+        if not lines[0].startswith("$ dsckpt ") or not "".join(lines[1:]).strip():
+            return lines
+        command = shlex.split(lines[0])[2:]
+        scratch = Path(tempfile.mkdtemp())  # each command in its own directory, as in the test
+        (scratch / "tests").symlink_to(ROOT / "tests")
+        run = subprocess.run([str(dsckpt), *command], cwd=scratch, env=env, capture_output=True,
+                             text=True)
+        return [lines[0], *(x.rstrip() for x in run.stdout.rstrip("\n").splitlines())]
+
+    def block(match: re.Match[str]) -> str:
+        segments: list[list[str]] = []
+        for line in match.group(1).rstrip("\n").split("\n"):
+            if line.startswith("$ ") or not segments:
+                segments.append([line])
+            else:
+                segments[-1].append(line)
+        lines = [x for seg in segments for x in segment(seg)]
+        return "```console\n" + "\n".join(lines) + "\n```"
+
+    for doc in DOCS:
+        if doc != GENERATED:
+            text = doc.read_text()
+            new = re.sub(r"```console\n(.*?)```", block, text, flags=re.S)
+            if new != text:
+                doc.write_text(new)
+                print(f"regenerated {doc.relative_to(ROOT)}")
+
+
+if __name__ == "__main__":
+    regenerate()

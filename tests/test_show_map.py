@@ -33,17 +33,21 @@ def test_source_map_matches_the_files(cli) -> None:
 
 
 def test_target_map_grows_tp_and_moves_layers(cli) -> None:
-    result = cli("show-map", ckpt("pipe", "p2t2d1-z1-fp32"), "--tp", "4", "--pp", "3", "--json")
+    result = cli("show-map", ckpt("pipe", "p2t1d1-z1-fp32"), "--tp", "2", "--pp", "3", "--json")
     data = json.loads(result.stdout)
-    assert data["target"]["tp_unit"] == 4
+    assert data["target"]["tp_unit"] == 2
     targets = {(t["stage"], t["tp"]): t for t in data["targets"]}
-    assert len(targets) == 12
-    # Growing TP 2 -> 4: target rank r takes half of source rank r // 2.
+    assert len(targets) == 6
+    # Growing TP 1 -> 2: target rank r takes half r of the source's only rank.
     for (_, tp), t in targets.items():
-        assert t["tp_pieces"] == [{"src_tp": tp // 2, "src_start": (tp % 2), "length": 1,
-                                   "dst_start": 0}]
+        assert t["tp_pieces"] == [{"src_tp": 0, "src_start": tp, "length": 1, "dst_start": 0}]
     layers = [layer for s in range(3) for layer in targets[(s, 0)]["layers"]]
     assert layers == list(range(data["source"]["stage_parts"][-1]))
+    # The stage split `reshape` would use, over the layer specs the files show (the tied LM
+    # head after the final norm), counting parameters at the target TP.
+    assert data["target"]["stage_parts"] == [0, 3, 4, 7]
+    assert data["target"]["layer_specs"] == "?,embed@?,?*4,embed@?"
+    assert data["target"]["layer_specs_inferred"] is True
 
 
 def test_dp_map_of_a_zero_checkpoint(cli) -> None:
@@ -56,7 +60,8 @@ def test_dp_map_of_a_zero_checkpoint(cli) -> None:
 
 
 def test_refusals(cli) -> None:
-    for args, needle in [(["--pp", "99"], "at most"), (["--tp", "0"], "start at 1")]:
+    for args, needle in [(["--pp", "99"], "at most"), (["--tp", "0"], "start at 1"),
+                         (["--tp", "4"], "possible degrees are 1, 2")]:
         result = cli("show-map", ckpt("pipe", "p2t2d1-z1-fp32"), *args)
         assert result.exit_code == 1 and needle in result.stderr, result.output
     result = cli("show-map", ckpt("zero", "z2-fp32-dp2"), "--tp", "2")

@@ -33,3 +33,31 @@ RulesOpt = Annotated[
         "checkpoint's own patterns and the Megatron defaults (see docs/megatron.md).",
     ),
 ]
+TPOpt = Annotated[
+    int | None, typer.Option("--tp", help="Target tensor-parallel degree (default: keep).")
+]
+PPOpt = Annotated[
+    int | None, typer.Option("--pp", help="Target pipeline-parallel degree (default: keep).")
+]
+DPOpt = Annotated[
+    int | None, typer.Option("--dp", help="Target data-parallel degree (default: keep).")
+]
+PartitionMethodOpt = Annotated[
+    str,
+    typer.Option(
+        "--partition-method",
+        help="How the target assigns layers to stages, as "
+        "PipelineModule(partition_method=...): parameters, uniform or type:REGEX "
+        "(the checkpoint does not record it).",
+    ),
+]
+LayerSpecsOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--layer-specs",
+        help="The PipelineModule's layer list, one comma-separated entry per spec: TYPE, "
+        "KEY@TYPE for a TiedLayerSpec, *N to repeat (e.g. "
+        "'embed@EmbeddingPipe,TransformerLayerPipe*24,LayerNorm,embed@EmbeddingPipe'). "
+        "Default: inferred from the files; uniform and type: need it.",
+    ),
+]

@@ -1,4 +1,4 @@
-"""`dsckpt reshape`: re-partition a ZeRO checkpoint for another data-parallel size."""
+"""`dsckpt reshape`: re-partition a checkpoint for other TP, PP and DP degrees."""
 
 from __future__ import annotations
 
@@ -8,7 +8,18 @@ from typing import Annotated, Any
 import typer
 
 from dsckpt.cli.console import console
-from dsckpt.cli.options import CheckpointArg, ForceOpt, QuietOpt, TagOpt
+from dsckpt.cli.options import (
+    CheckpointArg,
+    DPOpt,
+    ForceOpt,
+    LayerSpecsOpt,
+    PartitionMethodOpt,
+    PPOpt,
+    QuietOpt,
+    RulesOpt,
+    TagOpt,
+    TPOpt,
+)
 from dsckpt.cli.progress import byte_progress
 
 
@@ -22,35 +33,59 @@ def reshape(
             show_default=False,
         ),
     ],
-    dp: Annotated[
-        int, typer.Option("--dp", help="Target data-parallel size (>= 1).", show_default=False)
-    ],
+    dp: DPOpt = None,
+    tp: TPOpt = None,
+    pp: PPOpt = None,
+    partition_method: PartitionMethodOpt = "parameters",
+    layer_specs: LayerSpecsOpt = None,
+    rules: RulesOpt = None,
     tag: TagOpt = None,
     dry_run: Annotated[
         bool,
         typer.Option(
             "--dry-run",
-            help="Show which source ranks and element ranges make each new partition; "
-            "write nothing.",
+            help="Show the plan (which source ranks, slices and element ranges make each new "
+            "rank); write nothing.",
         ),
     ] = False,
     force: ForceOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
-    """Reshape a ZeRO 1/2/3 checkpoint to another DP size: weights, optimizer state, counters."""
+    """Reshape a checkpoint to new degrees (ZeRO 1/2/3: --dp; Megatron pipelines: --tp, --pp,
+    --dp together): weights, optimizer state and counters, loadable by unmodified DeepSpeed."""
     from dsckpt.reshape import reshape as run
 
     with byte_progress(enabled=not quiet and not dry_run) as progress:
-        result = run(ckpt, out, dp=dp, tag=tag, force=force, dry_run=dry_run, progress=progress)
+        result = run(
+            ckpt,
+            out,
+            dp=dp,
+            tp=tp,
+            pp=pp,
+            partition_method=partition_method,
+            layer_specs=layer_specs,
+            rules_file=rules,
+            tag=tag,
+            force=force,
+            dry_run=dry_run,
+            progress=progress,
+        )
     if dry_run:
-        console().print(plan_table(result.plan))
+        console().print(plan_table(result))
     console().print(result.summary())
 
 
-def plan_table(plan: Any) -> Any:
-    """The plan as a Rich table: per group and target rank, where the partition comes from."""
+def plan_table(result: Any) -> Any:
+    """The plan as Rich tables: for a pipeline the show-map tables of the target; for ZeRO, per
+    group and target rank, where the partition comes from."""
     from rich.table import Table
     from rich.text import Text
+
+    if not hasattr(result.plan, "rows"):
+        from dsckpt.render import map_report
+
+        return map_report(result.topology_map())
+    plan = result.plan
 
     what = {"zero": f"ZeRO-{plan.stage}", "bf16_optimizer": "BF16_Optimizer", "zero3": "ZeRO-3"}[
         plan.kind
