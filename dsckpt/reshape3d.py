@@ -35,7 +35,6 @@ What a checkpoint does not record, and what dsckpt decides:
 from __future__ import annotations
 
 import copy
-import os
 import re
 import shutil
 from collections import OrderedDict
@@ -205,10 +204,10 @@ def open_pipeline(layout: Layout, rules_file: Path | None = None) -> PipelineSou
                     raise InconsistentCheckpoint(
                         f"{where}: {p.name} is in optimizer group {known.group} on one stage "
                         f"and {g} on another")
-    for p in params.values():
-        if p.layer is None and p.tie_key is None:
+    for sp in params.values():
+        if sp.layer is None and sp.tie_key is None:
             raise UnsupportedLayout(
-                f"{where}: parameter {p.name!r} is neither in a numbered layer nor a tied module, "
+                f"{where}: parameter {sp.name!r} is neither in a numbered layer nor a tied module, "
                 "so the stage that holds it cannot be derived")
     tied = _tied_names(layout)
     layer_files: dict[int, dict[str, str]] = {}
@@ -218,7 +217,8 @@ def open_pipeline(layout: Layout, rules_file: Path | None = None) -> PipelineSou
             layer_files[f.layer] = {k: tied.get((f.layer, k), f"{f.layer}.{k}") for k in keys}
     info = layout.model_info
     vocab = (info.get("checkpoint_info") or {}).get("original_vocab_size")
-    rules = load_rules(rules_file, info.get("universal_checkpoint_info"), model_args=info.get("args"),
+    rules = load_rules(rules_file, info.get("universal_checkpoint_info"),
+                       model_args=info.get("args"),
                        facts={"original_vocab_size": vocab} if vocab else None)
     return PipelineSource(layout, params, groups, layer_files, rules, rules.facts)
 
@@ -228,9 +228,8 @@ def infer_layer_specs(source: PipelineSource) -> tuple[LayerSpec, ...]:
     layout = source.layout
     at: dict[int, LayerSpec] = {}
     file_tie: dict[str, int] = {}
-    for layer, names in source.layer_files.items():
-        keys = {source.params[n].tie_key for n in names.values() if n in source.params}
-        key = next((k for k in keys if k), None)
+    for layer in source.layer_files:
+        key = _file_tie_key(source, layer)
         at[layer] = LayerSpec(None, key)
         if key:
             file_tie[key] = layer
@@ -253,10 +252,16 @@ def infer_layer_specs(source: PipelineSource) -> tuple[LayerSpec, ...]:
     return tuple(at.get(i, LayerSpec(None)) for i in range(count))
 
 
+def _file_tie_key(source: PipelineSource, layer: int) -> str | None:
+    """The tie key of the module saved in ``layer``'s file, if it is a tied module."""
+    names = source.layer_files[layer].values()
+    return next((k for n in names if n in source.params and (k := source.params[n].tie_key)),
+                None)
+
+
 def _check_specs(source: PipelineSource, specs: Sequence[LayerSpec]) -> None:
-    for layer, names in sorted(source.layer_files.items()):
-        keys = {source.params[n].tie_key for n in names.values() if n in source.params}
-        key = next((k for k in keys if k), None)
+    for layer in sorted(source.layer_files):
+        key = _file_tie_key(source, layer)
         if layer >= len(specs):
             raise UsageError(f"--layer-specs lists {len(specs)} layers, but the checkpoint has "
                              f"a file for layer {layer}")
@@ -264,11 +269,11 @@ def _check_specs(source: PipelineSource, specs: Sequence[LayerSpec]) -> None:
             want = f"tied to {key!r} ({key}@TYPE)" if key else "not tied"
             raise UsageError(f"--layer-specs: layer {layer} is {specs[layer]} but its layer file "
                              f"says it is {want}")
-    keys = {p.tie_key for p in source.params.values() if p.tie_key}
+    tie_keys = {k for p in source.params.values() if (k := p.tie_key)}
     for i, spec in enumerate(specs):
-        if spec.tie_key and spec.tie_key not in keys:
+        if spec.tie_key and spec.tie_key not in tie_keys:
             raise UsageError(f"--layer-specs: layer {i} is tied to {spec.tie_key!r}, but the "
-                             f"checkpoint's tied modules are {sorted(keys) or 'none'}")
+                             f"checkpoint's tied modules are {sorted(tie_keys) or 'none'}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -603,9 +608,10 @@ class _PipelineWriter:
                     for r in range(self.layout.tp)]
         out = OrderedDict()
         for key, name in names.items():
-            tp_plan = self.plan.tp_plans[name]
-            out[key] = _resplit(tp_plan, tp_rank, lambda r, k=key: per_rank[r][k], check=False,
-                                name=name)
+            def saved(r: int, key: str = key) -> Any:
+                return per_rank[r][key]
+
+            out[key] = _resplit(self.plan.tp_plans[name], tp_rank, saved, check=False, name=name)
         for k, v in vars(per_rank[0]).items():  # module versions in `_metadata`
             setattr(out, k, copy.deepcopy(v))
         self._save(out, path)
@@ -642,7 +648,7 @@ class _PipelineWriter:
 
     def _padded_vocab(self) -> int | None:
         """The padded vocabulary at the target TP, when a vocabulary parameter shows it."""
-        for name, tp_plan in self.plan.tp_plans.items():
+        for tp_plan in self.plan.tp_plans.values():
             if tp_plan.rule.kind == "vocab" and tp_plan.dim is not None:
                 return int(tp_plan.dst_shapes[0][tp_plan.dim]) * self.plan.dst.tp
         return None
@@ -663,7 +669,7 @@ class _PipelineWriter:
         state_keys = [k for k, v in base0["state"][_state_index(base0, 0, template_path)].items()
                       if isinstance(v, torch.Tensor) and v.dim() == 1]
         # Each group's flat buffer, padded to 2*dp as ZeRO-1 and BF16_Optimizer align it.
-        flats: list[dict[str, torch.Tensor]] = []
+        flats: list[dict[str, Any]] = []
         sizes: list[tuple[int, int]] = []
         for names in stage.groups:
             numels = [zero.numel(plan.local_shape(n, tp_rank)) for n in names]
