@@ -1,7 +1,8 @@
 """Benchmark ``dsckpt reshape --dp`` against DeepSpeed's universal-checkpoint converter.
 
-    python bench/bench_reshape.py            # ZeRO-2, DP 2, 420M params -> DP 4 and DP 1
-    python bench/bench_reshape.py --quick    # 50M params: a smoke test
+    python bench/bench_reshape.py                   # ZeRO-2, DP 2, 420M params -> DP 4 and DP 1
+    python bench/bench_reshape.py --scales 0.5 1    # 210M and 420M: does memory grow?
+    python bench/bench_reshape.py --quick           # 50M params: a smoke test
 
 DeepSpeed cannot load a ZeRO checkpoint at another data-parallel size; its route is
 ``ds_to_universal`` (one conversion into a per-parameter "universal" checkpoint that a run started
@@ -41,6 +42,8 @@ from bench_to_fp32 import check_deepspeed_cli, compare_outputs, deepspeed_comman
 from make_checkpoint import TAG, Made, Spec, describe, ensure_checkpoint
 
 UNIVERSAL = "ds_to_universal"
+TARGET_SPEEDUP = 3.0  # issue 5: at least 3x faster than ds_to_universal
+TARGET_GROWTH = 0.10  # "memory that does not grow with the model": < 10% when it doubles
 
 
 @dataclass
@@ -132,6 +135,36 @@ def verify(made: Made, outputs: dict[str, Path], runs: Runs, args: argparse.Name
     remove(check)
 
 
+def verdict(ok: bool) -> str:
+    return "met" if ok else "MISSED"
+
+
+def summary(results: list[tuple[Made, Runs]]) -> str:
+    """The issue's targets: speed against ds_to_universal per size, and memory growth."""
+    lines = ["== targets =="]
+    for made, runs in results:
+        for tool in runs.by_tool:
+            if tool == UNIVERSAL:
+                continue
+            ratio = runs.wall(UNIVERSAL) / runs.wall(tool)
+            lines.append(f"{made.spec.label()} params, {tool}: {ratio:.1f}x faster than "
+                         f"{UNIVERSAL}, target {TARGET_SPEEDUP:g}x {verdict(ratio >= TARGET_SPEEDUP)}")
+    by_scale = sorted(results, key=lambda r: r[0].spec.scale)
+    for (small, a), (large, b) in zip(by_scale, by_scale[1:]):
+        if large.spec.scale != 2 * small.spec.scale:
+            continue
+        for tool in a.by_tool:
+            if tool not in b.by_tool:
+                continue
+            change = b.mem(tool) / a.mem(tool) - 1
+            mark = "" if tool == UNIVERSAL else \
+                f", target < {TARGET_GROWTH:.0%} {verdict(change < TARGET_GROWTH)}"
+            lines.append(f"{tool}: peak {fmt_mb(a.mem(tool))} MB at {small.spec.label()}, "
+                         f"{fmt_mb(b.mem(tool))} MB at {large.spec.label()} "
+                         f"({change:+.1%}){mark}")
+    return "\n".join(lines)
+
+
 def report(made: Made, runs: Runs) -> str:
     base = runs.wall(UNIVERSAL), runs.mem(UNIVERSAL)
     rows = []
@@ -157,6 +190,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="scratch dir for checkpoints, outputs and logs (default %(default)s)")
     p.add_argument("--repeats", type=int, default=3, help="timed runs per tool (default 3)")
     p.add_argument("--quick", action="store_true", help="a 50M-parameter model: a smoke test")
+    p.add_argument("--scales", type=float, nargs="+", choices=(0.5, 1, 2), default=[1],
+                   help="model scales (make_checkpoint.py --scale), each benchmarked in turn; "
+                        "two that double show the memory growth (default 1: 420M)")
     p.add_argument("--dp", type=int, nargs="+", default=[4, 1], help="target DP sizes (4 1)")
     p.add_argument("--extract-workers", type=int, default=4,
                    help="ds_to_universal --num_extract_workers (its default, 4)")
@@ -170,14 +206,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     check_deepspeed_cli()
-    made = ensure_checkpoint(Spec(stage=2, scale=1, quick=args.quick), args.workdir)
-    print(describe(made), flush=True)
-    runs, outputs = run_all(made, args)
-    if not args.no_verify:
-        verify(made, outputs, runs, args)
-    print(report(made, runs))
-    if not args.keep_outputs:
-        remove(args.workdir / "out-reshape" / made.spec.name)
+    results = []
+    for scale in args.scales:
+        made = ensure_checkpoint(Spec(stage=2, scale=scale, quick=args.quick), args.workdir)
+        print(describe(made), flush=True)
+        runs, outputs = run_all(made, args)
+        if not args.no_verify:
+            verify(made, outputs, runs, args)
+        print(report(made, runs), flush=True)
+        if not args.keep_outputs:
+            remove(args.workdir / "out-reshape" / made.spec.name)
+        results.append((made, runs))
+    if any(tool != UNIVERSAL for _, runs in results for tool in runs.by_tool):
+        print(summary(results))
     print(f"workdir {args.workdir}: {tree_bytes(args.workdir) / MB:,.0f} MB on disk")
 
 

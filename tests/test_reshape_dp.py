@@ -712,3 +712,74 @@ def test_a_flat_order_the_config_does_not_explain_is_refused(run_reshape, tmp_pa
     result = run_reshape(src, tmp_path / "out", "--dp", "3")
     assert result.exit_code == 1 and "misplace" in result.stderr, result.output
     assert not (tmp_path / "out").exists()
+
+
+# --------------------------------------------------------------------------------------------
+# Streaming: what the writer holds and what it keeps
+# --------------------------------------------------------------------------------------------
+
+
+def _storage_groups(obj: Any) -> list[list[str]]:
+    """Paths of the non-empty tensors, grouped by the storage they share."""
+    found: dict[int, list[str]] = {}
+
+    def walk(x: Any, path: str) -> None:
+        if isinstance(x, torch.Tensor):
+            if x.numel():
+                found.setdefault(x.untyped_storage().data_ptr(), []).append(path)
+        elif isinstance(x, dict):
+            for k, v in x.items():
+                walk(v, f"{path}/{k}")
+        elif type(x) in (list, tuple):
+            for i, v in enumerate(x):
+                walk(v, f"{path}[{i}]")
+
+    walk(obj, "")
+    return sorted(sorted(g) for g in found.values())
+
+
+@pytest.mark.parametrize("name", RESHAPABLE)
+def test_tensors_sharing_a_storage_still_share_one(reshaped, name: str) -> None:
+    """Tied weights and views into one buffer come back as one storage, as DeepSpeed saved them
+    (the same-size reshape compares values; this compares the sharing)."""
+    f = facts("zero", name)
+    src, dst = ckpt("zero", name) / f["tag"], reshaped(name, f["dp"]) / f["tag"]
+    for file in _files(src):
+        if file.endswith(".pt"):
+            assert _storage_groups(_load(dst / file)) == _storage_groups(_load(src / file)), file
+
+
+@pytest.mark.parametrize("name", ["z2-fp32-dp2", "z3-fp32-dp2", "z1-bf16-dp2"])
+def test_the_writer_holds_no_tensor_data(name: str, tmp_path: Path) -> None:
+    """Every tensor of every structure the writer builds is a meta tensor standing for file
+    ranges: memory does not follow the model size."""
+    from dsckpt.reshape import _Writer, plan_reshape
+
+    source, plan = plan_reshape(ckpt("zero", name), 3)
+    writer = _Writer(source, plan, tmp_path / "out", False, None)
+    with writer.stack:
+        for file, _, build in writer._jobs():
+            obj = build()
+            tensors = _flat_tensors(obj)
+            assert tensors, file
+            for t in tensors:
+                assert t.device.type == "meta", file
+                assert writer.lazy.ranges(t.untyped_storage()) is not None, file
+
+
+def _flat_tensors(obj: Any) -> list[torch.Tensor]:
+    if isinstance(obj, torch.Tensor):
+        return [obj]
+    if isinstance(obj, dict):
+        return [t for v in obj.values() for t in _flat_tensors(v)]
+    if type(obj) in (list, tuple):
+        return [t for v in obj for t in _flat_tensors(v)]
+    return []
+
+
+def test_open_source_takes_an_open_layout() -> None:
+    from dsckpt.layout import open_checkpoint
+    from dsckpt.reshape import open_source
+
+    layout = open_checkpoint(ckpt("zero", "z2-fp32-dp2"))
+    assert open_source(layout).facts == open_source(ckpt("zero", "z2-fp32-dp2")).facts

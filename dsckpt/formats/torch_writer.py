@@ -405,6 +405,7 @@ class TorchWriter(ClosingWriter):
         self._dtypes = dtypes
         self._crc32 = crc32
         self._coverage = Coverage()
+        self._known_crcs: dict[str, int] = {}
         self._fd: int | None = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
         try:
             if preallocate:
@@ -448,8 +449,20 @@ class TorchWriter(ClosingWriter):
         self._coverage.external.add(name)
         return self._fd, self.layout.offsets[name][0]
 
+    def reread_crc(self, name: str) -> int:
+        """CRC-32 of storage ``name`` as written so far, read back from the file (thread-safe:
+        a caller that filled a ``locate``-d storage can compute it on a worker thread while it
+        copies the next one, then hand it over with :meth:`set_crc`)."""
+        return self._reread_crc(*self.layout.offsets[name])
+
+    def set_crc(self, name: str, crc: int) -> None:
+        """Use ``crc`` for the complete storage ``name`` instead of computing it at close."""
+        self._known_crcs[name] = crc
+
     def _storage_crc(self, name: str) -> int:
         start, size = self.layout.offsets[name]
+        if name in self._known_crcs:
+            return self._known_crcs[name]
         if name in self._coverage.external:
             return self._reread_crc(start, size)
         pieces = self._coverage.pieces(name)
@@ -722,11 +735,17 @@ def save_torch(
     Returns:
         The file's size in bytes.
     """
+    from concurrent.futures import Future, ThreadPoolExecutor
+
     from dsckpt.execute import _copy_bytes
 
     data_pkl, storages = pickle_for_torch(obj, pickler, lazy)
     layout = _archive_layout(data_pkl, [(s.key, s.nbytes) for s in storages], archive_name)
     fds: dict[Path, int] = {}
+    # A copied storage's CRC is read back from the page cache on a worker thread while the
+    # next one is copied (zlib and the kernel copy both release the GIL).
+    pool = ThreadPoolExecutor(1, thread_name_prefix="dsckpt-crc") if crc32 else None
+    crcs: dict[str, Future[int]] = {}
     try:
         with TorchWriter.for_layout(path, layout, crc32=crc32, preallocate=preallocate) as w:
             for s in storages:
@@ -743,7 +762,13 @@ def save_torch(
                     _copy_bytes(src, r.offset, fd, base + r.at, r.nbytes)
                     if progress is not None:
                         progress(r.nbytes)
+                if pool is not None and s.nbytes:
+                    crcs[s.key] = pool.submit(w.reread_crc, s.key)
+            for key, future in crcs.items():
+                w.set_crc(key, future.result())
     finally:
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
         for fd in fds.values():
             os.close(fd)
     return layout.file_size
