@@ -147,10 +147,11 @@ def summary(results: list[tuple[Made, Runs]]) -> str:
             if tool == UNIVERSAL:
                 continue
             ratio = runs.wall(UNIVERSAL) / runs.wall(tool)
+            ok = verdict(ratio >= TARGET_SPEEDUP)
             lines.append(f"{made.spec.label()} params, {tool}: {ratio:.1f}x faster than "
-                         f"{UNIVERSAL}, target {TARGET_SPEEDUP:g}x {verdict(ratio >= TARGET_SPEEDUP)}")
+                         f"{UNIVERSAL}, target {TARGET_SPEEDUP:g}x {ok}")
     by_scale = sorted(results, key=lambda r: r[0].spec.scale)
-    for (small, a), (large, b) in zip(by_scale, by_scale[1:]):
+    for (small, a), (large, b) in zip(by_scale, by_scale[1:], strict=False):
         if large.spec.scale != 2 * small.spec.scale:
             continue
         for tool in a.by_tool:

@@ -1241,7 +1241,6 @@ class _Writer:
                    length: int | None = None) -> Any:
         """One target partition of the fp32 master (``key`` None) or of optimizer state ``key``,
         ``length`` elements long (default: the whole partition, padding included)."""
-        torch = self.torch
         probe = self._src_fp32(0, group.sources[0]) if key is None else \
             self._source_state(0, group.sources[0])[key]
         numel = part.numel if length is None else length

@@ -650,6 +650,7 @@ class _TorchPickling:
         stored = self._storage_of(t)
         legacy = _LEGACY_STORAGE.get(t.dtype)
         args: tuple[Any, ...]
+        func: Any
         if legacy is not None:
             ref = _StorageRef(stored.key, getattr(torch, legacy), stored.nbytes // t.element_size())
             func = torch._utils._rebuild_tensor_v2
