@@ -171,9 +171,9 @@ def plan_pipeline_consolidation(
     for name, per_rank in slices.items():
         shapes = [local.shape for local in per_rank]
         tp_plan = rules.merge_plan(name, shapes, strip_padding=strip_vocab_padding)
-        if tp_plan.combine == "copy" and not _replicas_agree(per_rank):
+        if tp_plan.combine == "copy" and not replicas_agree(per_rank):
             diverged.append(name)
-        reads = _compose(tp_plan, per_rank)
+        reads = compose_reads(tp_plan, per_rank)
         outputs.append(OutputTensor(name, tuple(tp_plan.full_shape), out_dtype, tuple(reads)))
     if diverged:
         raise InconsistentCheckpoint(
@@ -191,34 +191,34 @@ def plan_pipeline_consolidation(
 
 
 @dataclass(frozen=True)
-class _LocalSlice:
+class LocalSlice:
     """One TP rank's slice of a parameter: its local shape and the flat runs that hold it."""
 
     shape: tuple[int, ...]
     runs: tuple[Read, ...]  # dst_start = element offset inside the local (flattened) slice
 
 
-def _replicas_agree(per_rank: list[_LocalSlice]) -> bool:
+def replicas_agree(per_rank: list[LocalSlice]) -> bool:
     """Whether every TP rank holds the same bytes for a replicated tensor (read in full: such
     tensors are norms, biases and position embeddings, small next to the split weights)."""
     first = _read_slice(per_rank[0])
     return all(torch.equal(first, _read_slice(other)) for other in per_rank[1:])
 
 
-def _read_slice(local: _LocalSlice) -> torch.Tensor:
+def _read_slice(local: LocalSlice) -> torch.Tensor:
     from dsckpt.load import read_tensor
 
     return torch.cat([read_tensor(r.source, r.src_start, r.length) for r in local.runs])
 
 
-def _zero_slices(layout: Layout) -> dict[str, list[_LocalSlice]]:
+def _zero_slices(layout: Layout) -> dict[str, list[LocalSlice]]:
     """Per parameter, per TP rank: where its fp32 slice lives in that rank's ZeRO partitions."""
     if not layout.zero_sources:
         raise UnsupportedLayout(
             f"{layout.dir} has no ZeRO optimizer partitions to take fp32 master weights from: "
             "pass --from-layers to consolidate the layer files (model dtype, upcast)"
         )
-    slices: dict[str, list[_LocalSlice]] = {}
+    slices: dict[str, list[LocalSlice]] = {}
     for stage in range(layout.pp):
         for tp_rank in range(layout.tp):
             sources = layout.zero_sources.get(stage * layout.tp + tp_rank)
@@ -239,14 +239,14 @@ def _zero_slices(layout: Layout) -> dict[str, list[_LocalSlice]]:
                         Read(sources.fp32[p.rank][g], p.src_start, p.length, p.dst_start)
                         for p in group.pieces(param)
                     )
-                    slices.setdefault(param.name, []).append(_LocalSlice(param.shape, runs))
+                    slices.setdefault(param.name, []).append(LocalSlice(param.shape, runs))
     return slices
 
 
-def _layer_slices(layout: Layout) -> dict[str, list[_LocalSlice]]:
+def _layer_slices(layout: Layout) -> dict[str, list[LocalSlice]]:
     """Per parameter, per TP rank: the layer file tensor (saved whole, in the model dtype)."""
     tied = _tied_names(layout)
-    slices: dict[str, list[_LocalSlice]] = {}
+    slices: dict[str, list[LocalSlice]] = {}
     layer_files = sorted(
         (f for f in layout.files if f.role is Role.LAYER), key=lambda f: (f.layer or 0, f.tp or 0)
     )
@@ -258,7 +258,7 @@ def _layer_slices(layout: Layout) -> dict[str, list[_LocalSlice]]:
             name = tied.get((f.layer, key), f"{f.layer}.{key}")
             ref = tensor_ref(path, tensor)
             slices.setdefault(name, []).append(
-                _LocalSlice(tuple(tensor.shape), (Read(ref, 0, ref.numel, 0),))
+                LocalSlice(tuple(tensor.shape), (Read(ref, 0, ref.numel, 0),))
             )
     return slices
 
@@ -291,31 +291,33 @@ def _literal_names(layout: Layout) -> set[str]:
     return names
 
 
-def _compose(tp_plan: Any, per_rank: list[_LocalSlice]) -> list[Read]:
-    """Flat element reads for the merged tensor: TP pieces along ``dim`` over each rank's runs."""
+def compose_reads(tp_plan: Any, per_rank: list[LocalSlice], dst_rank: int = 0) -> list[Read]:
+    """Flat element reads for target TP rank ``dst_rank``'s tensor (the merged tensor when the
+    plan merges): TP pieces along ``dim`` over each source rank's runs; padding is not read."""
     if tp_plan.combine == "mean":
         raise UnsupportedLayout(
             f"{tp_plan.rule.pattern}: averaging replicated TP copies is not "
-            "supported in consolidation; use a `replicated` rule"
+            "supported here; use a `replicated` rule"
         )
-    full = tuple(tp_plan.full_shape)
+    full = tuple(tp_plan.dst_shapes[dst_rank])
     if tp_plan.combine == "copy" or tp_plan.dim is None:
-        return _clip(per_rank[0].runs, 0, zero.numel(full), 0)
+        local = per_rank[tp_plan.pieces[dst_rank][0].src]
+        return clip_reads(local.runs, 0, zero.numel(full), 0)
     dim = tp_plan.dim
     outer = zero.numel(full[:dim])
     inner = zero.numel(full[dim + 1 :])
     reads = []
-    for piece in tp_plan.pieces[0]:
+    for piece in tp_plan.pieces[dst_rank]:
         local = per_rank[piece.src]
         local_dim = local.shape[dim]
         for o in range(outer):
             src = (o * local_dim + piece.src_start) * inner
             dst = (o * full[dim] + piece.dst_start) * inner
-            reads.extend(_clip(local.runs, src, piece.length * inner, dst))
+            reads.extend(clip_reads(local.runs, src, piece.length * inner, dst))
     return reads
 
 
-def _clip(runs: tuple[Read, ...], start: int, count: int, dst: int) -> list[Read]:
+def clip_reads(runs: tuple[Read, ...], start: int, count: int, dst: int) -> list[Read]:
     """The parts of ``runs`` covering local elements ``[start, start+count)``, placed at ``dst``."""
     out = []
     end = start + count

@@ -46,11 +46,12 @@ from typing import TYPE_CHECKING, Any
 from dsckpt import maps, zero
 from dsckpt.errors import InconsistentCheckpoint, UnsupportedLayout, UsageError
 from dsckpt.files import Role
+from dsckpt.pipeline import LocalSlice, clip_reads, compose_reads, replicas_agree
+from dsckpt.plan import Read
 
 if TYPE_CHECKING:
-    import torch
-
     from dsckpt.layout import Layout
+    from dsckpt.load import TensorRef
     from dsckpt.tp_rules import RuleSet, TPPlan
 
 Shape = tuple[int, ...]
@@ -478,15 +479,24 @@ def reshape_pipeline(layout: Layout, out: Path | str, *, tp: int | None = None,
 
 
 class _PipelineWriter:
+    """Writes the target files. Partitions and re-split layer tensors are lazy: each is a list
+    of byte ranges of the source files (:class:`dsckpt.plan.Read` runs composed through the
+    TP plan and the ZeRO pieces) that ``save_torch`` copies straight into the output, so memory
+    does not grow with the model."""
+
     def __init__(self, plan: PipelinePlan, progress: Any) -> None:
         import torch
+
+        from dsckpt.formats.torch_writer import LazyStorages
 
         self.torch = torch
         self.plan = plan
         self.source = plan.source
         self.layout = plan.source.layout
         self.progress = progress
-        self._loaded: dict[Path, Any] = {}
+        self.lazy = LazyStorages()
+        self._metas: dict[Path, Any] = {}
+        self._mapped: dict[Path, Any] = {}
 
     # --- the directory ------------------------------------------------------------------------
 
@@ -497,25 +507,22 @@ class _PipelineWriter:
 
         plan, dst = self.plan, self.plan.dst
         _, unrelated = scan(_location_of(self.layout))
-        jobs: list[tuple[str, Callable[[Path], None]]] = []
+        jobs: list[Callable[[Path], None]] = []
         for stage in plan.stages:
             for t in range(dst.tp):
-                mp = stage.stage * dst.tp + t
                 for layer in stage.layers:
                     if layer in self.source.layer_files:  # a tied module's other uses have none
-                        name = f"layer_{layer:02d}-model_{t:02d}-model_states.pt"
-                        jobs.append((name, _bind(self._layer_file, layer, t)))
-                jobs.append((f"mp_rank_{mp:02d}_model_states.pt",
-                             _bind(self._model_file, stage, t)))
-                jobs.append(("", _bind(self._optim_files, stage, t)))
+                        jobs.append(_bind(self._layer_file, layer, t))
+                jobs.append(_bind(self._model_file, stage, t))
+                jobs.append(_bind(self._optim_files, stage, t))
         if self.progress is not None:
             self.progress.start(f"reshape to PP {dst.pp} x TP {dst.tp} x DP {dst.dp}",
                                 self.layout.bytes_on_disk)
         with atomic_output(out, force=force, is_dir=True) as tmp:
             tag_dir = tmp / tag
             tag_dir.mkdir()
-            for name, build in jobs:
-                build(tag_dir / name if name else tag_dir)
+            for build in jobs:
+                build(tag_dir)
             for extra in unrelated:
                 if (self.layout.dir / extra).is_file():
                     shutil.copyfile(self.layout.dir / extra, tag_dir / extra)
@@ -524,24 +531,32 @@ class _PipelineWriter:
             result.nbytes = sum(p.stat().st_size for p in tag_dir.iterdir())
 
     def _save(self, obj: Any, path: Path) -> None:
-        from dsckpt.reshape import _DEEPSPEED_NAMES, _PICKLE_MODULE, _deepspeed_names
+        from dsckpt.formats.torch_writer import save_torch
+        from dsckpt.reshape import _DEEPSPEED_NAMES, _deepspeed_names, _DeepSpeedNamesPickler
 
         if not _DEEPSPEED_NAMES:
             _DEEPSPEED_NAMES.update(_deepspeed_names())
-        with open(path, "wb") as f:
-            self.torch.save(obj, f, pickle_module=_PICKLE_MODULE)
-        self._advance(path.stat().st_size)
+        save_torch(obj, path, lazy=self.lazy, pickler=_DeepSpeedNamesPickler,
+                   progress=self._advance)
 
     def _advance(self, nbytes: int) -> None:
         if self.progress is not None:
             self.progress.advance(nbytes)
 
-    def _load(self, path: Path) -> Any:
+    def _meta(self, path: Path) -> Any:
+        from dsckpt.load import load_meta
+
+        if path not in self._metas:
+            self._metas[path] = load_meta(path)
+        return self._metas[path]
+
+    def _mapped_file(self, path: Path) -> Any:
+        """A template file with real (memory-mapped) tensors: its small values are copied."""
         from dsckpt.load import load_mapped
 
-        if path not in self._loaded:
-            self._loaded[path] = load_mapped(path)
-        return self._loaded[path]
+        if path not in self._mapped:
+            self._mapped[path] = load_mapped(path)
+        return self._mapped[path]
 
     def _template_mp(self, stage: TargetStage, tp_rank: int) -> int:
         """The source model-parallel rank whose files serve as templates for a target one
@@ -550,77 +565,99 @@ class _PipelineWriter:
         return (self._source_stage(first, stage.stage) * self.layout.tp
                 + min(tp_rank, self.layout.tp - 1))
 
-    # --- values -------------------------------------------------------------------------------
+    def _lazy_tensor(self, dtype: Any, shape: Sequence[int], reads: Sequence[Read]) -> Any:
+        """A tensor of ``shape`` whose elements are ``reads`` of source files (zeros elsewhere)."""
+        from dsckpt.formats.torch_writer import FileRange
+
+        ranges = []
+        for r in reads:
+            if not r.source.is_contiguous:
+                raise UnsupportedLayout(f"{r.source.path.name}: a saved tensor is a strided view, "
+                                        "which reshape does not re-split")
+            item = r.source.itemsize
+            ranges.append(FileRange(r.source.path, r.source.offset + r.src_start * item,
+                                    r.length * item, r.dst_start * item))
+        return self.lazy.tensor(dtype, tuple(shape), ranges)
+
+    # --- where values are ---------------------------------------------------------------------
 
     def _source_stage(self, name: str, target_stage: int) -> int:
         """The source stage whose copy of ``name`` to take (tied modules live on several)."""
         stages = self.source.params[name].stages
         return target_stage if target_stage in stages else min(stages)
 
-    def _source_local(self, name: str, key: str, stage: int, tp_rank: int) -> torch.Tensor:
-        """Source TP rank ``tp_rank``'s slice of ``name`` (fp32 master or optimizer state
-        ``key``), gathered from that (stage, TP rank)'s DP partitions."""
-        layout = self.layout
-        mp = stage * layout.tp + tp_rank
-        sources = layout.zero_sources[mp]
-        g = self.source.params[name].group
-        group = sources.groups[g]
-        param = next(p for p in group.params if p.name == name)
-        pieces = []
-        for piece in group.pieces(param):
-            flat = self._source_flat(mp, piece.rank, g, key)
-            pieces.append(flat[piece.src_start:piece.src_start + piece.length])
-        out = self.torch.cat(pieces) if len(pieces) != 1 else pieces[0]
-        return out.view(param.shape)
+    def _flat_ref(self, mp: int, dp_rank: int, g: int, key: str) -> TensorRef:
+        """The saved flat partition of group ``g`` on (``mp``, ``dp_rank``): the fp32 master or
+        optimizer state ``key``."""
+        from dsckpt.load import tensor_ref
 
-    def _source_flat(self, mp: int, dp_rank: int, g: int, key: str) -> torch.Tensor:
-        path = self.layout.zero_sources[mp].fp32[dp_rank][g].path
-        osd = self._load(path)["optimizer_state_dict"]
+        fp32 = self.layout.zero_sources[mp].fp32[dp_rank][g]
         if key == "fp32":
-            return osd["single_partition_of_fp32_groups"][g]
-        base = osd["base_optimizer_state"]
-        value = base["state"][_state_index(base, g, path)].get(key)
+            return fp32
+        base = self._meta(fp32.path)["optimizer_state_dict"]["base_optimizer_state"]
+        value = base["state"][_state_index(base, g, fp32.path)].get(key)
         if value is None:
-            raise InconsistentCheckpoint(f"{path.name}: group {g} has no optimizer state {key!r}")
-        return value
+            raise InconsistentCheckpoint(f"{fp32.path.name}: group {g} has no optimizer state "
+                                         f"{key!r}")
+        return tensor_ref(fp32.path, value)
 
-    def _target_local(self, name: str, key: str, stage: int, tp_rank: int) -> torch.Tensor:
-        """Target TP rank ``tp_rank``'s slice of ``name`` for target stage ``stage``."""
+    def _source_slice(self, name: str, key: str, stage: int, tp_rank: int) -> LocalSlice:
+        """Where source TP rank ``tp_rank``'s slice of ``name`` lies in that (stage, TP rank)'s
+        DP partitions."""
+        mp = stage * self.layout.tp + tp_rank
+        group = self.layout.zero_sources[mp].groups[self.source.params[name].group]
+        param = next(p for p in group.params if p.name == name)
+        g = self.source.params[name].group
+        runs = tuple(Read(self._flat_ref(mp, piece.rank, g, key), piece.src_start, piece.length,
+                          piece.dst_start) for piece in group.pieces(param))
+        return LocalSlice(param.shape, runs)
+
+    def _target_reads(self, name: str, key: str, stage: int, tp_rank: int) -> list[Read]:
+        """Reads making target TP rank ``tp_rank``'s slice of ``name`` (flattened)."""
         src_stage = self._source_stage(name, stage)
         tp_plan = self.plan.tp_plans.get(name)
         if tp_plan is None:
-            return self._source_local(name, key, src_stage, tp_rank)
-        return _resplit(tp_plan, tp_rank,
-                        lambda r: self._source_local(name, key, src_stage, r),
-                        check=key == "fp32", name=name)
+            return list(self._source_slice(name, key, src_stage, tp_rank).runs)
+        per_rank = [self._source_slice(name, key, src_stage, r) for r in range(self.layout.tp)]
+        if key == "fp32" and tp_plan.combine == "copy" and not replicas_agree(per_rank):
+            raise InconsistentCheckpoint(
+                f"{name}: the TP rules call it replicated, but its TP ranks hold different "
+                "values, so no single copy is right; if it is in fact partitioned, pass a rules "
+                'file with kind "split" for it (--rules)')
+        return compose_reads(tp_plan, per_rank, tp_rank)
 
     # --- files --------------------------------------------------------------------------------
 
-    def _layer_file(self, layer: int, tp_rank: int, path: Path) -> None:
+    def _layer_file(self, layer: int, tp_rank: int, tag_dir: Path) -> None:
+        from dsckpt.load import tensor_ref
+
+        name = f"layer_{layer:02d}-model_{tp_rank:02d}-model_states.pt"
         src_dir = self.layout.dir
-        if not self.plan.tp_plans:
-            shutil.copyfile(src_dir / f"layer_{layer:02d}-model_{tp_rank:02d}-model_states.pt",
-                            path)
-            self._advance(path.stat().st_size)
+        if not self.plan.tp_plans:  # names keep the global layer index: the file is unchanged
+            shutil.copyfile(src_dir / name, tag_dir / name)
+            self._advance((tag_dir / name).stat().st_size)
             return
-        names = self.source.layer_files[layer]
-        per_rank = [self._load(src_dir / f"layer_{layer:02d}-model_{r:02d}-model_states.pt")
-                    for r in range(self.layout.tp)]
+        paths = [src_dir / f"layer_{layer:02d}-model_{r:02d}-model_states.pt"
+                 for r in range(self.layout.tp)]
+        metas = [self._meta(path) for path in paths]
         out = OrderedDict()
-        for key, name in names.items():
-            def saved(r: int, key: str = key) -> Any:
-                return per_rank[r][key]
-
-            out[key] = _resplit(self.plan.tp_plans[name], tp_rank, saved, check=False, name=name)
-        for k, v in vars(per_rank[0]).items():  # module versions in `_metadata`
+        for key, param in self.source.layer_files[layer].items():
+            refs = [tensor_ref(path, meta[key]) for path, meta in zip(paths, metas, strict=True)]
+            per_rank = [LocalSlice(ref.shape, (Read(ref, 0, ref.numel, 0),)) for ref in refs]
+            tp_plan = self.plan.tp_plans[param]
+            shape = tp_plan.dst_shapes[tp_rank]
+            value = self._lazy_tensor(refs[0].dtype, shape,
+                                      compose_reads(tp_plan, per_rank, tp_rank))
+            out[key] = value.requires_grad_(metas[0][key].requires_grad)
+        for k, v in vars(metas[0]).items():  # module versions in `_metadata`
             setattr(out, k, copy.deepcopy(v))
-        self._save(out, path)
+        self._save(out, tag_dir / name)
 
-    def _model_file(self, stage: TargetStage, tp_rank: int, path: Path) -> None:
+    def _model_file(self, stage: TargetStage, tp_rank: int, tag_dir: Path) -> None:
         torch = self.torch
         plan, dst, layout = self.plan, self.plan.dst, self.layout
         src_mp = self._template_mp(stage, tp_rank)
-        template = self._load(layout.dir / f"mp_rank_{src_mp:02d}_model_states.pt")
+        template = self._mapped_file(layout.dir / f"mp_rank_{src_mp:02d}_model_states.pt")
         sd = dict(template)
         sd["param_shapes"] = [OrderedDict((n, torch.Size(plan.local_shape(n, tp_rank)))
                                           for n in names) for names in stage.groups]
@@ -644,7 +681,8 @@ class _PipelineWriter:
             info = sd.get(key)
             if padded is not None and isinstance(info, Mapping) and "padded_vocab_size" in info:
                 sd[key] = {**info, "padded_vocab_size": padded}
-        self._save(sd, path)
+        mp = stage.stage * dst.tp + tp_rank
+        self._save(sd, tag_dir / f"mp_rank_{mp:02d}_model_states.pt")
 
     def _padded_vocab(self) -> int | None:
         """The padded vocabulary at the target TP, when a vocabulary parameter shows it."""
@@ -663,57 +701,54 @@ class _PipelineWriter:
         mp = stage.stage * dst.tp + tp_rank
         src_mp = self._template_mp(stage, tp_rank)
         template_path = layout.zero_sources[src_mp].fp32[0][0].path
-        template = self._load(template_path)
+        template = self._mapped_file(template_path)
         osd0 = template["optimizer_state_dict"]
         base0 = osd0["base_optimizer_state"]
         state_keys = [k for k, v in base0["state"][_state_index(base0, 0, template_path)].items()
                       if isinstance(v, torch.Tensor) and v.dim() == 1]
-        # Each group's flat buffer, padded to 2*dp as ZeRO-1 and BF16_Optimizer align it.
-        flats: list[dict[str, Any]] = []
-        sizes: list[tuple[int, int]] = []
-        for names in stage.groups:
-            numels = [zero.numel(plan.local_shape(n, tp_rank)) for n in names]
-            data = sum(numels)
-            size = zero.zero12_partition_size(data, dst.dp)
-            sizes.append((data, size))
+        # Each group's flat buffer as reads, padded to 2*dp as ZeRO-1 and BF16_Optimizer do.
+        numels = [[zero.numel(plan.local_shape(n, tp_rank)) for n in names]
+                  for names in stage.groups]
+        sizes = [zero.zero12_partition_size(sum(counts), dst.dp) for counts in numels]
+        flats: list[dict[str, tuple[Any, list[Read]]]] = []
+        for g, names in enumerate(stage.groups):
             per_key = {}
             for key in ("fp32", *state_keys):
-                like = self._source_flat(src_mp, 0, 0, key)
-                flat = torch.zeros(size * dst.dp, dtype=like.dtype)
+                reads: list[Read] = []
                 offset = 0
-                for n, count in zip(names, numels, strict=True):
-                    flat[offset:offset + count] = self._target_local(
-                        n, key, stage.stage, tp_rank).reshape(-1)
+                for n, count in zip(names, numels[g], strict=True):
+                    reads.extend(Read(r.source, r.src_start, r.length, offset + r.dst_start)
+                                 for r in self._target_reads(n, key, stage.stage, tp_rank))
                     offset += count
-                per_key[key] = flat
+                per_key[key] = (self._flat_ref(src_mp, 0, 0, key).dtype, reads)
             flats.append(per_key)
         prefix = next((f.prefix for f in layout.files if f.role is Role.OPTIM), "")
         for d in range(dst.dp):
+            paddings = [zero12_group_paddings(sum(counts), sum(counts), size, dst.dp, kind)[d]
+                        for counts, size in zip(numels, sizes, strict=True)]
+
+            def part(g: int, key: str, length: int, d: int = d) -> Any:
+                dtype, reads = flats[g][key]
+                start = d * sizes[g]
+                return self._lazy_tensor(dtype, (length,), clip_reads(tuple(reads), start,
+                                                                      length, 0))
+
             osd: dict[str, Any] = {}
-            paddings = [zero12_group_paddings(data, data, size, dst.dp, kind)[d]
-                        for data, size in sizes]
             for key, value in osd0.items():
                 if key == "base_optimizer_state":
                     state = {}
-                    for g, per_key in enumerate(flats):
+                    for g in range(len(flats)):
                         index = _state_index(base0, g, template_path)
-                        saved = base0["state"][index]
-                        size = sizes[g][1]
                         state[index] = {
-                            k: (per_key[k][d * size:(d + 1) * size].clone() if k in per_key
+                            k: (part(g, k, sizes[g]) if k in state_keys
                                 else v.clone() if isinstance(v, torch.Tensor) else v)
-                            for k, v in saved.items()}
+                            for k, v in base0["state"][index].items()}
                     osd[key] = {**value, "state": state}
                 elif key == "single_partition_of_fp32_groups":
-                    parts = []
-                    for g, per_key in enumerate(flats):
-                        size = sizes[g][1]
-                        # ZeRO saves its slice without the tail padding, BF16_Optimizer with it.
-                        length = size - (paddings[g] if kind == "zero" else 0)
-                        part = per_key["fp32"][d * size:d * size + length].clone()
-                        part.requires_grad_(value[g].requires_grad)
-                        parts.append(part)
-                    osd[key] = parts
+                    # ZeRO saves its slice without the tail padding, BF16_Optimizer with it.
+                    osd[key] = [part(g, "fp32", sizes[g] - (paddings[g] if kind == "zero" else 0))
+                                .requires_grad_(value[g].requires_grad)
+                                for g in range(len(flats))]
                 elif key == "group_paddings":
                     osd[key] = paddings
                 elif key == "partition_count":
@@ -722,11 +757,9 @@ class _PipelineWriter:
                     osd[key] = [[0] * len(names) for names in stage.groups]
                 elif key == "param_slice_mappings":
                     osd[key] = [
-                        OrderedDict(
-                            (n, FragmentAddress(numel=c, start=s))
-                            for n, c, s in slice_mapping(
-                                names, [zero.numel(plan.local_shape(n, tp_rank)) for n in names],
-                                None, d, sizes[g][1]))
+                        OrderedDict((n, FragmentAddress(numel=c, start=s))
+                                    for n, c, s in slice_mapping(names, numels[g], None, d,
+                                                                 sizes[g]))
                         for g, names in enumerate(stage.groups)]
                 else:
                     osd[key] = value
@@ -745,31 +778,3 @@ def _state_index(base: Mapping[str, Any], group: int, path: Path) -> Any:
         raise InconsistentCheckpoint(f"{path.name}: optimizer group {group} holds {len(params)} "
                                      "tensors; ZeRO-1 keeps one flat partition per group")
     return params[0]
-
-
-def _resplit(tp_plan: TPPlan, tp_rank: int, source: Callable[[int], torch.Tensor], *,
-             check: bool, name: str) -> torch.Tensor:
-    """Target TP rank ``tp_rank``'s tensor from the source ranks' tensors, as ``tp_plan`` says."""
-    import torch
-
-    pieces = tp_plan.pieces[tp_rank]
-    if tp_plan.combine == "copy":
-        first = source(pieces[0].src)
-        if check and tp_rank == 0:
-            for r in tp_plan.replicas[1:]:
-                if not torch.equal(first, source(r)):
-                    raise InconsistentCheckpoint(
-                        f"{name}: the TP rules call it replicated, but TP ranks {pieces[0].src} "
-                        f"and {r} hold different values, so no single copy is right; if it is "
-                        'in fact partitioned, pass a rules file with kind "split" for it')
-        return first.clone()
-    if tp_plan.combine == "mean":
-        return torch.stack([source(p.src) for p in pieces]).mean(0)
-    dim = tp_plan.dim
-    assert dim is not None
-    sample = source(pieces[0].src)
-    out = torch.zeros(tp_plan.dst_shapes[tp_rank], dtype=sample.dtype)
-    for piece in pieces:
-        out.narrow(dim, piece.dst_start, piece.length).copy_(
-            source(piece.src).narrow(dim, piece.src_start, piece.length))
-    return out
