@@ -8,9 +8,12 @@ Three layers, as everywhere in dsckpt:
   (ZeRO-1/2 optimizer group, ZeRO-3 sub-group) which source ranks and element ranges make its
   partition (:class:`Run`), plus the bookkeeping DeepSpeed records for the new size
   (``group_paddings``, ``param_slice_mappings``, ZeRO-3 sub-groups and ``param_shapes``).
-* **Execution** (:func:`reshape`): one output file at a time, reading only the byte ranges each
-  target partition needs with ``pread``, written with ``torch.save`` under a temporary name and
-  renamed; the whole output directory is built beside ``OUT`` and renamed at the end.
+* **Execution** (:func:`reshape`): one output file at a time, streamed: its structure holds meta
+  tensors standing for the byte ranges each target partition needs, and
+  :func:`~dsckpt.formats.torch_writer.save_torch` writes torch's zip format directly, copying
+  those ranges kernel-side (``copy_file_range``) under a temporary name, then renamed; the whole
+  output directory is built beside ``OUT`` and renamed at the end. Memory does not follow the
+  model size.
 
 DeepSpeed's rules for a size ``N`` (read from its source, checked on real checkpoints):
 

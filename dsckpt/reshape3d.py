@@ -142,7 +142,6 @@ class PipelineSource:
     groups: int
     layer_files: dict[int, dict[str, str]]  # layer -> {state dict key: parameter name}
     rules: RuleSet
-    facts: Mapping[str, Any]
 
     @property
     def kind(self) -> str:
@@ -221,7 +220,7 @@ def open_pipeline(layout: Layout, rules_file: Path | None = None) -> PipelineSou
     rules = load_rules(rules_file, info.get("universal_checkpoint_info"),
                        model_args=info.get("args"),
                        facts={"original_vocab_size": vocab} if vocab else None)
-    return PipelineSource(layout, params, groups, layer_files, rules, rules.facts)
+    return PipelineSource(layout, params, groups, layer_files, rules)
 
 
 def infer_layer_specs(source: PipelineSource) -> tuple[LayerSpec, ...]:
