@@ -292,7 +292,13 @@ class TargetStage:
 
 @dataclass(frozen=True)
 class PipelinePlan:
-    """Everything the output depends on, in names and integers (plus the TP re-split plans)."""
+    """Everything the output depends on, in names and integers (plus the TP re-split plans).
+
+    ``dst_parts`` are the target stage boundaries over ``specs``: DeepSpeed's
+    ``PipelineModule.parts`` exactly when the layer specs are given; with inferred specs the
+    parameter-free specs after the last visible one are missing, so the last boundary can be
+    smaller than DeepSpeed's (every layer with parameters is on the same stage either way).
+    """
 
     source: PipelineSource
     dst: maps.Topology
