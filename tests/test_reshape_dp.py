@@ -664,32 +664,6 @@ def test_tag_option_and_tag_directory_input(run_reshape, tmp_path: Path) -> None
         assert (out / "latest").read_text() == "global_step3"
 
 
-def _doc_examples() -> list[tuple[str, str]]:
-    """(command, shown output) of each `$ dsckpt reshape` line in docs/reshape.md's console
-    blocks."""
-    doc = (Path(__file__).parents[1] / "docs" / "reshape.md").read_text()
-    found = []
-    for block in re.findall(r"```console\n(.*?)```", doc, re.S):
-        lines = block.splitlines()
-        for i, line in enumerate(lines):
-            if line.startswith("$ dsckpt reshape "):
-                shown = list(itertools.takewhile(lambda x: not x.startswith("$ "), lines[i + 1:]))
-                found.append((line[2:], "\n".join(shown)))
-    return found
-
-
-@pytest.mark.parametrize(("command", "shown"), _doc_examples())
-def test_docs_examples_print_what_they_show(run_reshape, monkeypatch: pytest.MonkeyPatch,
-                                            tmp_path: Path, command: str, shown: str) -> None:
-    """As tests/test_docs.py does for every doc once the command is registered in the app."""
-    (tmp_path / "tests").symlink_to(Path(__file__).parent)
-    monkeypatch.chdir(tmp_path)
-    result = run_reshape(*command.split()[2:])
-    assert result.exit_code == 0, result.output
-    got = [line.rstrip() for line in result.stdout.strip("\n").splitlines()]
-    assert got == [line.rstrip() for line in shown.strip("\n").splitlines()]
-
-
 def test_files_beside_the_rank_files_are_carried_over(run_reshape, tmp_path: Path) -> None:
     src = tmp_path / "src"
     shutil.copytree(ckpt("zero", "z2-fp32-dp2"), src)
