@@ -8,14 +8,12 @@ dtype, shape) so the executor can read exactly the bytes it needs with ``pread``
 kernel-side with ``copy_file_range``, never holding a whole flat group in memory.
 
 DeepSpeed pickles a few of its own classes into checkpoints. They are replaced by the inert
-stand-ins below, registered under DeepSpeed's import paths, so DeepSpeed never needs importing and
-nothing in a checkpoint can run code.
+stand-ins of :mod:`dsckpt.standins`, registered under DeepSpeed's import paths, so DeepSpeed
+never needs importing and nothing in a checkpoint can run code.
 """
 
 from __future__ import annotations
 
-import argparse
-import enum
 import os
 import pickle
 import re
@@ -28,75 +26,18 @@ from typing import Any
 import torch
 
 from dsckpt.errors import CorruptFile, UnsafeCheckpoint
-
-
-class ZeroStageEnum(int, enum.Enum):
-    """Stand-in for ``deepspeed.runtime.zero.config.ZeroStageEnum`` (pickled as ``cls(value)``)."""
-
-    disabled = 0
-    optimizer_states = 1
-    gradients = 2
-    weights = 3
-
-
-class _StateHolder:
-    """An inert object whose pickled ``__dict__`` is restored as plain attributes."""
-
-    def __repr__(self) -> str:
-        fields = ", ".join(f"{k}={v!r}" for k, v in vars(self).items())
-        return f"{type(self).__name__}({fields})"
-
-
-class LossScaler(_StateHolder):
-    """Stand-in for DeepSpeed's static loss scaler (``cur_scale`` and friends)."""
-
-
-class DynamicLossScaler(_StateHolder):
-    """Stand-in for DeepSpeed's dynamic loss scaler (``cur_scale``, ``cur_iter``, ...)."""
-
-
-@dataclass
-class FragmentAddress:
-    """Stand-in for ``deepspeed.utils.tensor_fragment.fragment_address``."""
-
-    numel: int
-    start: int
-
-
-# Import path in the pickle -> the stand-in that replaces it. Only data-holding classes belong
-# here: the restricted unpickler may instantiate them and set their attributes, nothing more.
-STAND_INS: dict[str, type] = {
-    "deepspeed.runtime.zero.config.ZeroStageEnum": ZeroStageEnum,
-    "deepspeed.runtime.fp16.loss_scaler.LossScaler": LossScaler,
-    "deepspeed.runtime.fp16.loss_scaler.DynamicLossScaler": DynamicLossScaler,
-    "deepspeed.utils.tensor_fragment.fragment_address": FragmentAddress,
-    # Megatron-DeepSpeed stores its command-line arguments.
-    "argparse.Namespace": argparse.Namespace,
-}
+from dsckpt.standins import (  # noqa: F401  (re-exported: load.py's public names)
+    STAND_INS,
+    DynamicLossScaler,
+    FragmentAddress,
+    LossScaler,
+    ZeroStageEnum,
+    numpy_globals,
+)
 
 
 def _numpy_globals() -> list[tuple[Any, str]]:
-    """numpy's array and dtype reconstructors, for the RNG states Megatron-DeepSpeed saves.
-
-    They rebuild arrays from raw bytes and dtype strings only; object arrays get their elements
-    from this same restricted unpickler. Without numpy installed such files get a clear error.
-    """
-    try:
-        import numpy as np
-    except ImportError:
-        return []
-    multiarray = np._core.multiarray if hasattr(np, "_core") else np.core.multiarray  # type: ignore[attr-defined]
-    allowed: list[tuple[Any, str]] = [(np.ndarray, "numpy.ndarray"), (np.dtype, "numpy.dtype")]
-    # A dtype's state is restored onto an instance of its concrete class (numpy >= 1.25).
-    dtypes = getattr(np, "dtypes", None)
-    for name in getattr(dtypes, "__all__", []):
-        allowed.append((getattr(dtypes, name), f"numpy.dtypes.{name}"))
-    for module in ("numpy._core.multiarray", "numpy.core.multiarray"):
-        allowed += [
-            (multiarray._reconstruct, f"{module}._reconstruct"),
-            (multiarray.scalar, f"{module}.scalar"),
-        ]
-    return allowed
+    return [(obj, path) for path, obj in numpy_globals().items()]
 
 
 @lru_cache(maxsize=1)
