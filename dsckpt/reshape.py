@@ -777,7 +777,7 @@ def reshape(ckpt: Path | str, out: Path | str, *, dp: int | None = None, tp: int
             "can change, and there are no TP rules to apply")
     if dp is None:
         raise UsageError("give a target degree: --dp N (this checkpoint has no model parallelism)")
-    source, plan = plan_reshape(ckpt, dp, tag)
+    source, plan = plan_reshape(layout, dp)
     out = Path(out)
     check_output(source.layout.root, source.layout.dir, out, force)
     result = ReshapeResult(plan=plan, source=source.layout.dir, out=out, tag=source.tag,
