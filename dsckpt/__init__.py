@@ -11,10 +11,10 @@ from typing import TYPE_CHECKING, Any
 from dsckpt._version import __version__
 
 if TYPE_CHECKING:
-    from dsckpt.consolidate import consolidate, load_into, state_dict
+    from dsckpt.consolidation import consolidate, load_into, state_dict
     from dsckpt.errors import DsckptError
     from dsckpt.layout import open_checkpoint
-    from dsckpt.reshape import reshape
+    from dsckpt.reshaping import reshape
 
 __all__ = [
     "DsckptError",
@@ -27,11 +27,11 @@ __all__ = [
 ]
 
 _HOMES = {
-    "consolidate": "dsckpt.consolidate",
-    "load_into": "dsckpt.consolidate",
-    "state_dict": "dsckpt.consolidate",
+    "consolidate": "dsckpt.consolidation",
+    "load_into": "dsckpt.consolidation",
+    "state_dict": "dsckpt.consolidation",
     "open_checkpoint": "dsckpt.layout",
-    "reshape": "dsckpt.reshape",
+    "reshape": "dsckpt.reshaping",
     "DsckptError": "dsckpt.errors",
 }
 

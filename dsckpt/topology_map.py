@@ -94,7 +94,7 @@ def topology_map(
     specs_text, inferred = "", False
     if layout.kind == "pipeline" and layout.zero_sources:
         # The same plan `reshape` writes: layer specs, parameter counts at the target TP.
-        from dsckpt.reshape3d import format_layer_specs, plan_pipeline
+        from dsckpt.pipeline_reshape import format_layer_specs, plan_pipeline
 
         plan = plan_pipeline(layout, tp=dst.tp, pp=dst.pp, dp=dst.dp, partition_method=method,
                              layer_specs=layer_specs)

@@ -14,8 +14,7 @@ import torch
 from dsckpt.errors import UsageError
 from dsckpt.layout import open_checkpoint
 from dsckpt.load import load_mapped
-from dsckpt.reshape import reshape
-from dsckpt.reshape3d import (
+from dsckpt.pipeline_reshape import (
     LayerSpec,
     format_layer_specs,
     infer_layer_specs,
@@ -23,6 +22,7 @@ from dsckpt.reshape3d import (
     parse_layer_specs,
     plan_pipeline,
 )
+from dsckpt.reshaping import reshape
 
 PIPE = Path(__file__).parent / "fixtures" / "pipe"
 REAL_SPECS = (

@@ -187,7 +187,7 @@ import torch  # noqa: E402
 from conftest import PIPE, ckpt, facts  # noqa: E402
 
 from dsckpt.errors import DsckptError, OutputError, UnsupportedLayout  # noqa: E402
-from dsckpt.reshape import reshape  # noqa: E402
+from dsckpt.reshaping import reshape  # noqa: E402
 
 # --------------------------------------------------------------------------------------------
 # Helpers shared by the sections
@@ -387,7 +387,7 @@ def _assert_consistent(run: dict[str, Any], what: str) -> None:
 @pytest.mark.parametrize(("dtype", "a", "b"), CASES, ids=[_case_id(*c) for c in CASES])
 def test_resumed_run_continues_like_uninterrupted(runs: Runs, dtype: str, a: Topo,
                                                   b: Topo) -> None:
-    from dsckpt.consolidate import state_dict
+    from dsckpt.consolidation import state_dict
 
     at_a, at_b = runs.baseline(dtype, a), runs.baseline(dtype, b)
     resumed = runs.resumed(dtype, a, b)
@@ -477,7 +477,7 @@ def reshaped(tmp_path_factory: pytest.TempPathFactory) -> Callable[[Path, str, T
 def _to_fp32(path: Path, out: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
-    from dsckpt.consolidate import consolidate
+    from dsckpt.consolidation import consolidate
 
     consolidate(path, out)
     return load_file(out)
@@ -570,7 +570,7 @@ def test_same_degrees_reproduce_every_file(tmp_path: Path, name: str) -> None:
     # every layer dsckpt sees stays on its stage; with the real specs the split is the run's.
     seen = len(result.plan.specs)
     assert result.written and _stage_of(result.dst_parts) == _stage_of(f["parts"])[:seen]
-    from dsckpt.reshape3d import plan_pipeline
+    from dsckpt.pipeline_reshape import plan_pipeline
 
     with_specs = plan_pipeline(_layout(name), pp=f["pp"], tp=f["tp"], dp=f["dp"],
                                layer_specs=_spec_string(_deepspeed_specs(f["tp"])))
@@ -656,7 +656,7 @@ def test_stage_split_is_deepspeeds(source: str, method: str, with_specs: bool) -
     on TP for these stage counts (DeepSpeed gives the same parts at tp 1 and 2), so this checks
     the counting at the target TP only as far as it cannot shift a boundary.
     """
-    from dsckpt.reshape3d import plan_pipeline
+    from dsckpt.pipeline_reshape import plan_pipeline
 
     got: dict[tuple[int, int], Any] = {}
     want: dict[tuple[int, int], Any] = {}
@@ -686,7 +686,7 @@ def test_stage_split_is_deepspeeds(source: str, method: str, with_specs: bool) -
 
 
 def test_layer_specs_with_repeats_mean_the_same() -> None:
-    from dsckpt.reshape3d import plan_pipeline
+    from dsckpt.pipeline_reshape import plan_pipeline
 
     short = "_token_ids,embed@EmbeddingPipe,TransformerLayerPipe*3,FinalNormPipe,embed@EmbeddingPipe,_logits_to_fp32"  # noqa: E501
     assert short.replace("TransformerLayerPipe*3", ",".join(["TransformerLayerPipe"] * 3)) == \
@@ -700,7 +700,7 @@ def test_layer_specs_with_repeats_mean_the_same() -> None:
 
 
 def test_type_methods_need_layer_specs() -> None:
-    from dsckpt.reshape3d import plan_pipeline
+    from dsckpt.pipeline_reshape import plan_pipeline
 
     with pytest.raises(DsckptError, match="layer.specs") as exc:
         plan_pipeline(_layout("p2t2d1-z1-fp32"), pp=3, partition_method="type:transformer")

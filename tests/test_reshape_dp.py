@@ -30,14 +30,14 @@ from typer.testing import CliRunner
 
 from dsckpt import zero
 from dsckpt.errors import UsageError
-from dsckpt.reshape import (
+from dsckpt.reshaping import reshape
+from dsckpt.zero_reshape import (
     Partition,
     Run,
     SourceFacts,
     SourceGroup,
     alignment_paddings,
     plan_from_facts,
-    reshape,
     round_robin_order,
     slice_mapping,
     zero3_sub_groups,
@@ -584,7 +584,7 @@ BAD = {
     "dp-negative": (lambda t: ckpt("zero", "z2-fp32-dp2"), ["--dp", "-2"], "start at 1"),
     "missing-rank": (_missing, ["--dp", "3"], "is missing"),
     "mixed-ranks": (_mixed, ["--dp", "3"], "partition_count"),
-    # Pipeline / tensor-parallel checkpoints now go to dsckpt.reshape3d (its own tests).
+    # Pipeline / tensor-parallel checkpoints now go to dsckpt.pipeline_reshape (its own tests).
     "stage-0": (lambda t: ckpt("zero", "z0-fp32-dp2"), ["--dp", "1"], "stage 0"),
     "universal": (_universal, ["--dp", "2"], "universal"),
 }
@@ -632,7 +632,7 @@ def test_existing_out_needs_force(run_reshape, tmp_path: Path) -> None:
 @pytest.mark.parametrize("existing", [False, True])
 def test_a_failure_midway_leaves_nothing_behind(run_reshape, monkeypatch: pytest.MonkeyPatch,
                                                 tmp_path: Path, existing: bool) -> None:
-    from dsckpt import reshape as module
+    from dsckpt import zero_reshape as module
     from dsckpt.errors import OutputError
 
     out = tmp_path / "out"
@@ -727,7 +727,7 @@ def test_tensors_sharing_a_storage_still_share_one(reshaped, name: str) -> None:
 def test_the_writer_holds_no_tensor_data(name: str, tmp_path: Path) -> None:
     """Every tensor of every structure the writer builds is a meta tensor standing for file
     ranges: memory does not follow the model size."""
-    from dsckpt.reshape import _Writer, plan_reshape
+    from dsckpt.zero_reshape import _Writer, plan_reshape
 
     source, plan = plan_reshape(ckpt("zero", name), 3)
     writer = _Writer(source, plan, tmp_path / "out", False, None)
@@ -753,7 +753,7 @@ def _flat_tensors(obj: Any) -> list[torch.Tensor]:
 
 def test_open_source_takes_an_open_layout() -> None:
     from dsckpt.layout import open_checkpoint
-    from dsckpt.reshape import open_source
+    from dsckpt.zero_reshape import open_source
 
     layout = open_checkpoint(ckpt("zero", "z2-fp32-dp2"))
     assert open_source(layout).facts == open_source(ckpt("zero", "z2-fp32-dp2")).facts

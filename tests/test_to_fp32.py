@@ -12,7 +12,7 @@ from conftest import FIXTURES, PIPE, ZERO, ckpt, facts, tag_dir
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from dsckpt import consolidate as core
+from dsckpt import consolidation as core
 
 FORMATS = ["model.safetensors", "model.bin", "shards"]
 

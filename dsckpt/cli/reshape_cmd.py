@@ -53,7 +53,7 @@ def reshape(
 ) -> None:
     """Reshape a checkpoint to new degrees (ZeRO 1/2/3: --dp; Megatron pipelines: --tp, --pp,
     --dp together): weights, optimizer state and counters, loadable by unmodified DeepSpeed."""
-    from dsckpt.reshape import reshape as run
+    from dsckpt.reshaping import reshape as run
 
     with byte_progress(enabled=not quiet and not dry_run) as progress:
         result = run(

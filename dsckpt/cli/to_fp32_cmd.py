@@ -53,7 +53,7 @@ def to_fp32(
     quiet: QuietOpt = False,
 ) -> None:
     """Consolidate a ZeRO 1/2/3, plain or Megatron 3D checkpoint into one fp32 state dict."""
-    from dsckpt.consolidate import consolidate
+    from dsckpt.consolidation import consolidate
 
     if from_layers:
         typer.echo(

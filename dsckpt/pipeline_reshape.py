@@ -14,7 +14,7 @@ The same three steps as everywhere in dsckpt:
 * **Execute** (:func:`reshape_pipeline`): per target (stage, TP rank), every parameter's fp32
   master and optimizer state is cut from the source ZeRO partitions (memory-mapped), re-split for
   the new TP, laid into the new flat groups and partitioned over the new DP size by DeepSpeed's
-  ZeRO-1 / BF16_Optimizer rules (the same arithmetic as :mod:`dsckpt.reshape`); layer files are
+  ZeRO-1 / BF16_Optimizer rules (the same arithmetic as :mod:`dsckpt.zero_reshape`); layer files are
   re-split the same way (copied byte for byte when TP is unchanged), ``mp_rank`` files get the
   new degrees and ``param_shapes``. The output directory appears complete or not at all.
 
@@ -447,7 +447,7 @@ class PipelineReshapeResult:
                             format_layer_specs(plan.specs))
 
     def summary(self) -> str:
-        from dsckpt.reshape import _human
+        from dsckpt.zero_reshape import _human
 
         src, dst = self.plan.src, self.plan.dst
         move = (f"PP {src.pp} x TP {src.tp} x DP {src.dp} -> PP {dst.pp} x TP {dst.tp} x "
@@ -468,7 +468,7 @@ def reshape_pipeline(layout: Layout, out: Path | str, *, tp: int | None = None,
     Raises:
         UsageError, RuleError, InconsistentCheckpoint, UnsupportedLayout, OutputError.
     """
-    from dsckpt.reshape import check_output
+    from dsckpt.zero_reshape import check_output
 
     plan = plan_pipeline(layout, tp=tp, pp=pp, dp=dp, partition_method=partition_method,
                          layer_specs=layer_specs, rules_file=rules_file)
@@ -508,7 +508,7 @@ class _PipelineWriter:
     def write(self, out: Path, tag: str, force: bool, result: PipelineReshapeResult) -> None:
         from dsckpt.atomic import atomic_output
         from dsckpt.files import scan
-        from dsckpt.reshape import _location_of, _write_text
+        from dsckpt.zero_reshape import _location_of, _write_text
 
         plan, dst = self.plan, self.plan.dst
         _, unrelated = scan(_location_of(self.layout))
@@ -537,7 +537,7 @@ class _PipelineWriter:
 
     def _save(self, obj: Any, path: Path) -> None:
         from dsckpt.formats.torch_writer import save_torch
-        from dsckpt.reshape import _DEEPSPEED_NAMES, _deepspeed_names, _DeepSpeedNamesPickler
+        from dsckpt.zero_reshape import _DEEPSPEED_NAMES, _deepspeed_names, _DeepSpeedNamesPickler
 
         if not _DEEPSPEED_NAMES:
             _DEEPSPEED_NAMES.update(_deepspeed_names())
@@ -698,7 +698,7 @@ class _PipelineWriter:
 
     def _optim_files(self, stage: TargetStage, tp_rank: int, tag_dir: Path) -> None:
         from dsckpt.load import FragmentAddress
-        from dsckpt.reshape import slice_mapping, zero12_group_paddings
+        from dsckpt.zero_reshape import slice_mapping, zero12_group_paddings
 
         torch = self.torch
         plan, dst, layout = self.plan, self.plan.dst, self.layout

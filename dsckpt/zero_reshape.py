@@ -494,7 +494,7 @@ def _zero3_ds_id(facts: SourceFacts, chosen: Sequence[tuple[str, Shape]],
 # Reading the source: facts from metadata, tensor locations for the executor
 # ---------------------------------------------------------------------------------------------
 
-PIPELINE_HINT = "`reshape()` (the `dsckpt reshape` command) takes them to dsckpt.reshape3d"
+PIPELINE_HINT = "`reshape()` (the `dsckpt reshape` command) takes them to dsckpt.pipeline_reshape"
 
 
 @dataclass
@@ -742,41 +742,10 @@ def plan_reshape(ckpt: Path | str | Layout, dp: int, tag: str | None = None
     return source, plan_from_facts(source.facts, dp)
 
 
-def reshape(ckpt: Path | str, out: Path | str, *, dp: int | None = None, tp: int | None = None,
-            pp: int | None = None, partition_method: str = "parameters",
-            layer_specs: str | None = None, rules_file: Path | None = None,
-            tag: str | None = None, force: bool = False, dry_run: bool = False,
-            progress: Any = None) -> Any:
-    """Write ``ckpt`` re-partitioned for a new topology to ``out``; an omitted degree is kept.
-
-    ``out`` becomes a save_dir DeepSpeed loads at the new size with
-    ``engine.load_checkpoint(out)``: ``out/latest`` names the source tag, ``out/<tag>/`` holds
-    the rank files. Nothing is written on a dry run or on any error; the input is never modified.
-    Pipeline / Megatron checkpoints go to :func:`dsckpt.reshape3d.reshape_pipeline` (any of
-    ``tp``, ``pp``, ``dp``); ZeRO checkpoints without model parallelism take ``dp`` only.
-
-    Raises:
-        UsageError, InconsistentCheckpoint, UnsupportedLayout, OutputError: one line each.
-    """
-    from dsckpt.layout import open_checkpoint
-
-    for flag, value in (("--dp", dp), ("--tp", tp), ("--pp", pp)):
-        if value is not None and value < 1:
-            raise UsageError(f"{flag} {value}: degrees start at 1")
-    layout = open_checkpoint(ckpt, tag)
-    if layout.kind == "pipeline":
-        from dsckpt.reshape3d import reshape_pipeline
-
-        return reshape_pipeline(layout, out, tp=tp, pp=pp, dp=dp,
-                                partition_method=partition_method, layer_specs=layer_specs,
-                                rules_file=rules_file, force=force, dry_run=dry_run,
-                                progress=progress)
-    if (tp or 1) != 1 or (pp or 1) != 1 or rules_file is not None:
-        raise UnsupportedLayout(
-            f"{layout.dir} is not a pipeline / Megatron checkpoint (no layer files): only --dp "
-            "can change, and there are no TP rules to apply")
-    if dp is None:
-        raise UsageError("give a target degree: --dp N (this checkpoint has no model parallelism)")
+def reshape_zero(layout: Layout, out: Path | str, *, dp: int, force: bool = False,
+                 dry_run: bool = False, progress: Any = None) -> ReshapeResult:
+    """Write the ZeRO checkpoint ``layout`` re-partitioned for ``dp`` ranks to ``out`` (see
+    :func:`dsckpt.reshaping.reshape`)."""
     source, plan = plan_reshape(layout, dp)
     out = Path(out)
     check_output(source.layout.root, source.layout.dir, out, force)

@@ -1,0 +1,53 @@
+"""The front door of ``reshape``: a checkpoint to new degrees, whatever its layout.
+
+ZeRO checkpoints without model parallelism go to :mod:`dsckpt.zero_reshape` (``--dp``);
+pipeline / Megatron-DeepSpeed checkpoints to :mod:`dsckpt.pipeline_reshape` (``--tp``, ``--pp``,
+``--dp`` together).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from dsckpt.errors import UnsupportedLayout, UsageError
+
+
+def reshape(ckpt: Path | str, out: Path | str, *, dp: int | None = None, tp: int | None = None,
+            pp: int | None = None, partition_method: str = "parameters",
+            layer_specs: str | None = None, rules_file: Path | None = None,
+            tag: str | None = None, force: bool = False, dry_run: bool = False,
+            progress: Any = None) -> Any:
+    """Write ``ckpt`` re-partitioned for a new topology to ``out``; an omitted degree is kept.
+
+    ``out`` becomes a save_dir DeepSpeed loads at the new size with
+    ``engine.load_checkpoint(out)``: ``out/latest`` names the source tag, ``out/<tag>/`` holds
+    the rank files. Nothing is written on a dry run or on any error; the input is never modified.
+    Pipeline / Megatron checkpoints go to :func:`dsckpt.pipeline_reshape.reshape_pipeline` (any of
+    ``tp``, ``pp``, ``dp``); ZeRO checkpoints without model parallelism take ``dp`` only.
+
+    Raises:
+        UsageError, InconsistentCheckpoint, UnsupportedLayout, OutputError: one line each.
+    """
+    from dsckpt.layout import open_checkpoint
+
+    for flag, value in (("--dp", dp), ("--tp", tp), ("--pp", pp)):
+        if value is not None and value < 1:
+            raise UsageError(f"{flag} {value}: degrees start at 1")
+    layout = open_checkpoint(ckpt, tag)
+    if layout.kind == "pipeline":
+        from dsckpt.pipeline_reshape import reshape_pipeline
+
+        return reshape_pipeline(layout, out, tp=tp, pp=pp, dp=dp,
+                                partition_method=partition_method, layer_specs=layer_specs,
+                                rules_file=rules_file, force=force, dry_run=dry_run,
+                                progress=progress)
+    if (tp or 1) != 1 or (pp or 1) != 1 or rules_file is not None:
+        raise UnsupportedLayout(
+            f"{layout.dir} is not a pipeline / Megatron checkpoint (no layer files): only --dp "
+            "can change, and there are no TP rules to apply")
+    if dp is None:
+        raise UsageError("give a target degree: --dp N (this checkpoint has no model parallelism)")
+    from dsckpt.zero_reshape import reshape_zero
+
+    return reshape_zero(layout, out, dp=dp, force=force, dry_run=dry_run, progress=progress)
