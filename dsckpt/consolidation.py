@@ -7,15 +7,16 @@ import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from dsckpt.errors import OutputError, UsageError
 from dsckpt.execute import iter_tensors, materialize
 from dsckpt.layout import Layout, open_checkpoint
 from dsckpt.plan import DTYPES, ConsolidationPlan, plan_consolidation
 from dsckpt.progress import ProgressSink
+
+if TYPE_CHECKING:
+    import torch
 
 ALIASES_KEY = "dsckpt.aliases"  # metadata: JSON {alias: canonical} of tied weights
 
@@ -148,7 +149,7 @@ def _refuse_inside(out: Path, layout: Layout) -> None:
         )
 
 
-class LazyStateDict(Mapping[str, torch.Tensor]):
+class LazyStateDict(Mapping[str, "torch.Tensor"]):
     """A consolidated state dict whose tensors are read from disk when asked for, one at a time."""
 
     def __init__(self, plan: ConsolidationPlan) -> None:
@@ -195,6 +196,8 @@ def load_into(
             f"the checkpoint does not fit the module: missing {missing[:5]}, "
             f"unexpected {unexpected[:5]}"
         )
+    import torch
+
     with torch.no_grad():
         for name, value in iter_tensors(plan):
             if name in own:

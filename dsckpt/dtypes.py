@@ -167,6 +167,11 @@ def to_torch(dtype: DType) -> torch.dtype:
     return found
 
 
+def name_of(dtype: DType | torch.dtype) -> str:
+    """``"bfloat16"`` for a :class:`DType` or a ``torch.dtype`` alike (no torch import)."""
+    return str(dtype).removeprefix("torch.")
+
+
 def from_torch(dtype: torch.dtype) -> DType:
     """The :class:`DType` for a ``torch.dtype``."""
     return by_name(str(dtype))

@@ -14,12 +14,15 @@ import os
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
-import torch
-
-from dsckpt.load import read_tensor
+from dsckpt import dtypes
+from dsckpt.dtypes import DType
+from dsckpt.load import TensorRef, read_tensor
 from dsckpt.plan import ConsolidationPlan, OutputTensor, Read
+
+if TYPE_CHECKING:
+    import torch
 
 # Elements cast per chunk: bounds memory for casting reads (16 MiB of fp32).
 CAST_CHUNK = 4 << 20
@@ -71,17 +74,40 @@ def _copy(
         start = src.offset + read.src_start * src.itemsize
         _copy_bytes(sources.fd(src.path), start, out_fd, out_offset, read.length * src.itemsize)
         return
+    fd = sources.fd(src.path)
     done = 0
     while done < read.length:
         count = min(CAST_CHUNK, read.length - done)
-        piece = read_tensor(src, read.src_start + done, count).to(tensor.dtype)
-        # numpy has no bfloat16: hand over the raw bytes
-        _pwrite_all(
-            out_fd,
-            memoryview(piece.view(torch.uint8).numpy().data),
-            out_offset + done * tensor.dtype.itemsize,
-        )
+        piece = _cast(src, read.src_start + done, count, tensor.dtype, fd)
+        _pwrite_all(out_fd, piece, out_offset + done * tensor.dtype.itemsize)
         done += count
+
+
+def _cast(src: TensorRef, start: int, count: int, dtype: DType, fd: int) -> memoryview:
+    """Elements ``[start, start+count)`` of ``src`` as ``dtype`` bytes.
+
+    The exact widenings (bfloat16 and float16 to float32) use numpy, which is much cheaper to
+    import than torch; everything else, and strided sources, go through torch's own cast.
+    """
+    if src.is_contiguous and dtype == dtypes.FLOAT32 and src.dtype in _WIDEN:
+        import numpy as np
+
+        raw = os.pread(fd, count * src.itemsize, src.offset + start * src.itemsize)
+        if len(raw) != count * src.itemsize:
+            raise OSError(errno.EIO, f"unexpected end of {src.path}")
+        if src.dtype == dtypes.BFLOAT16:  # the high half of a float32: exact
+            wide = np.frombuffer(raw, dtype="<u2").astype("<u4") << 16
+        else:
+            wide = np.frombuffer(raw, dtype="<f2").astype("<f4")
+        return memoryview(wide.tobytes())
+    piece = read_tensor(src, start, count).to(dtypes.to_torch(dtype))
+    # numpy has no bfloat16: hand over the raw bytes
+    import torch
+
+    return memoryview(piece.view(torch.uint8).numpy().data)
+
+
+_WIDEN = (dtypes.BFLOAT16, dtypes.FLOAT16)
 
 
 def _copy_bytes(in_fd: int, in_offset: int, out_fd: int, out_offset: int, nbytes: int) -> None:
@@ -116,11 +142,14 @@ def _pwrite_all(fd: int, data: bytes | memoryview, offset: int) -> None:
 
 def materialize(tensor: OutputTensor) -> torch.Tensor:
     """One output tensor, in memory (for the library's lazy state dict)."""
-    out = torch.empty(tensor.numel, dtype=tensor.dtype)
+    import torch
+
+    dtype = dtypes.to_torch(tensor.dtype)
+    out = torch.empty(tensor.numel, dtype=dtype)
     for read in tensor.reads:
         out[read.dst_start : read.dst_start + read.length] = read_tensor(
             read.source, read.src_start, read.length
-        ).to(tensor.dtype)
+        ).to(dtype)
     return out.view(tensor.shape)
 
 

@@ -14,12 +14,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from dsckpt import zero
+from dsckpt import dtypes, zero
 from dsckpt.errors import CheckpointNotFound, CorruptFile
 from dsckpt.files import Location, RankFile, Role, locate, scan
-from dsckpt.load import TensorRef, load_meta, read_full, tensor_ref
+from dsckpt.load import TensorRef, read_scalar, tensor_ref
+from dsckpt.unpickle import SavedTensor, load_saved
 
 ERROR, WARNING, INFO = "error", "warning", "info"
 MODEL_INFO_KEYS = ("args", "checkpoint_info", "universal_checkpoint_info")
@@ -158,10 +157,11 @@ class _Reader:
         return self.location.dir / f.name
 
     def load(self, f: RankFile, required: bool = False) -> Any:
-        """The file's pickle (meta tensors), or None with an error finding if it is damaged."""
+        """The file's pickle (tensors as :class:`SavedTensor`), or None with an error finding if
+        it is damaged."""
         if f.name not in self._cache:
             try:
-                self._cache[f.name] = load_meta(self.path(f))
+                self._cache[f.name] = load_saved(self.path(f))
             except CorruptFile as exc:
                 if required:
                     raise
@@ -229,7 +229,7 @@ class _Reader:
         by_storage: dict[tuple[int, int], str] = {}
         path = self.path(min(model_files, key=lambda f: f.mp or 0))
         for name, t in module.items():
-            if not isinstance(t, torch.Tensor):
+            if not isinstance(t, SavedTensor):
                 continue
             ref = tensor_ref(path, t)
             key = (ref.offset, ref.numel)
@@ -243,7 +243,9 @@ class _Reader:
                 by_storage[key] = name
             whole[name] = (ref,)
             tensors.append(
-                TensorEntry(name, tuple(t.shape), _dtype(t.dtype), kind, placement, alias_of=alias)
+                TensorEntry(
+                    name, tuple(t.shape), dtypes.name_of(t.dtype), kind, placement, alias_of=alias
+                )
             )
         optimizer = meta.get("optimizer")
         return self._layout(
@@ -361,7 +363,7 @@ class _Reader:
         master = None
         for src in sources.values():
             if src.fp32 and src.fp32[0]:
-                master = _dtype(src.fp32[0][0].dtype)
+                master = dtypes.name_of(src.fp32[0][0].dtype)
                 break
         if param_dtype is None:
             param_dtype = next((t.dtype for t in tensors if t.kind == "trainable"), None)
@@ -620,15 +622,19 @@ class _Reader:
 
         def module_dtype(name: str) -> str:
             t = module.get(name)
-            return _dtype(t.dtype) if isinstance(t, torch.Tensor) else "unknown"
+            return dtypes.name_of(t.dtype) if isinstance(t, SavedTensor) else "unknown"
 
         for name in meta.get("buffer_names") or []:
-            if isinstance(module.get(name), torch.Tensor):
+            if isinstance(module.get(name), SavedTensor):
                 t = module[name]
                 whole[name] = (tensor_ref(path, t),)
                 tensors.append(
                     TensorEntry(
-                        name, tuple(t.shape), _dtype(t.dtype), "buffer", "whole in model states"
+                        name,
+                        tuple(t.shape),
+                        dtypes.name_of(t.dtype),
+                        "buffer",
+                        "whole in model states",
                     )
                 )
         frozen_shapes = meta.get("frozen_param_shapes")
@@ -653,7 +659,7 @@ class _Reader:
             buffers = set(meta.get("buffer_names") or [])
             for name, t in module.items():
                 if (
-                    isinstance(t, torch.Tensor)
+                    isinstance(t, SavedTensor)
                     and name not in trainable
                     and name not in buffers
                     and name not in aliases
@@ -663,7 +669,7 @@ class _Reader:
                         TensorEntry(
                             name,
                             tuple(t.shape),
-                            _dtype(t.dtype),
+                            dtypes.name_of(t.dtype),
                             "frozen",
                             "frozen; whole in model states only",
                         )
@@ -746,12 +752,9 @@ def _first_step(path: Path, osd: Mapping[str, Any]) -> int | None:
         return None
     for state in states:
         step = state.get("step") if isinstance(state, dict) else None
-        if isinstance(step, torch.Tensor):
-            return int(read_full(tensor_ref(path, step)).item())
+        if isinstance(step, SavedTensor):
+            return int(read_scalar(tensor_ref(path, step)))
         if isinstance(step, (int, float)):
             return int(step)
     return None
 
-
-def _dtype(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")

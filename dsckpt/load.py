@@ -1,9 +1,13 @@
-"""The only place dsckpt unpickles anything.
+"""Reading checkpoint files: the allow-listed loaders and where tensors' bytes are.
 
-Every checkpoint file is opened with ``torch.load(weights_only=True, map_location="meta")``: the
-restricted unpickler refuses any global that is not on an allow-list, and the meta device means
-no tensor data is read at all. What comes back is the file's structure with shapeless-in-memory
-meta tensors; :func:`tensor_ref` turns one of them into a :class:`TensorRef` (file, byte offset,
+Two loaders, both refusing any global outside an allow-list, neither reading tensor data:
+
+* :func:`dsckpt.unpickle.load_saved`, dsckpt's own torch-free unpickler, for discovery and
+  consolidation (``import torch`` alone costs more than copying a large model);
+* :func:`load_meta`, ``torch.load(weights_only=True, map_location="meta")``, where torch objects
+  are needed anyway (reshape builds torch structures to save).
+
+:func:`tensor_ref` turns a tensor from either into a :class:`TensorRef` (file, byte offset,
 dtype, shape) so the executor can read exactly the bytes it needs with ``pread`` or copy them
 kernel-side with ``copy_file_range``, never holding a whole flat group in memory.
 
@@ -17,14 +21,15 @@ from __future__ import annotations
 import os
 import pickle
 import re
+import struct
 import zipfile
 from dataclasses import dataclass
-from functools import cache, lru_cache
+from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-
+from dsckpt import dtypes
+from dsckpt.dtypes import DType
 from dsckpt.errors import CorruptFile, UnsafeCheckpoint
 from dsckpt.standins import (  # noqa: F401  (re-exported: load.py's public names)
     STAND_INS,
@@ -34,6 +39,10 @@ from dsckpt.standins import (  # noqa: F401  (re-exported: load.py's public name
     ZeroStageEnum,
     numpy_globals,
 )
+from dsckpt.unpickle import SavedTensor
+
+if TYPE_CHECKING:
+    import torch
 
 
 def _numpy_globals() -> list[tuple[Any, str]]:
@@ -78,6 +87,8 @@ def _safe_load(path: Path, **options: Any) -> Any:
             "empty file" if size == 0 else "not a torch zip file (truncated or not a checkpoint)"
         )
         raise CorruptFile(path, reason)
+    import torch
+
     try:
         with torch.serialization.safe_globals(_allowed_globals()):
             return torch.load(path, weights_only=True, **options)
@@ -110,7 +121,7 @@ class TensorRef:
 
     path: Path
     offset: int
-    dtype: torch.dtype
+    dtype: DType
     shape: tuple[int, ...]
     stride: tuple[int, ...]
 
@@ -123,7 +134,7 @@ class TensorRef:
 
     @property
     def itemsize(self) -> int:
-        return _itemsize(self.dtype)
+        return self.dtype.itemsize
 
     @property
     def nbytes(self) -> int:
@@ -139,29 +150,32 @@ class TensorRef:
         return True
 
 
-@cache
-def _itemsize(dtype: torch.dtype) -> int:
-    return torch.empty((), dtype=dtype).element_size()
-
-
-def tensor_ref(path: Path, tensor: torch.Tensor) -> TensorRef:
-    """Locate a meta tensor returned by :func:`load_meta` inside its file."""
-    storage = tensor.untyped_storage()
-    base = getattr(storage, "_checkpoint_offset", None)
-    if base is None:
-        raise CorruptFile(path, "a tensor has no record offset (not loaded through load_meta?)")
-    itemsize = tensor.element_size()
-    ref = TensorRef(
-        path=path,
-        offset=base + tensor.storage_offset() * itemsize,
-        dtype=tensor.dtype,
-        shape=tuple(tensor.shape),
-        stride=tuple(tensor.stride()),
-    )
-    span = _span_bytes(ref)
-    if base + tensor.storage_offset() * itemsize + span > path.stat().st_size:
+def tensor_ref(path: Path, tensor: SavedTensor | torch.Tensor) -> TensorRef:
+    """Locate a tensor from :func:`~dsckpt.unpickle.load_saved` or :func:`load_meta` in its
+    file."""
+    if isinstance(tensor, SavedTensor):
+        ref = TensorRef(path, tensor.offset, tensor.dtype, tensor.shape, tensor.stride)
+    else:
+        storage = tensor.untyped_storage()
+        base = getattr(storage, "_checkpoint_offset", None)
+        if base is None:
+            raise CorruptFile(path, "a tensor has no record offset (not loaded through load_meta?)")
+        ref = TensorRef(
+            path=path,
+            offset=base + tensor.storage_offset() * tensor.element_size(),
+            dtype=dtypes.from_torch(tensor.dtype),
+            shape=tuple(tensor.shape),
+            stride=tuple(tensor.stride()),
+        )
+    if ref.offset + _span_bytes(ref) > _file_size(path):
         raise CorruptFile(path, "a tensor record runs past the end of the file (truncated)")
     return ref
+
+
+@lru_cache(maxsize=4096)
+def _file_size(path: Path) -> int:
+    # Checkpoint inputs are never written while dsckpt reads them: one stat per file is enough.
+    return path.stat().st_size
 
 
 def _span_bytes(ref: TensorRef) -> int:
@@ -178,20 +192,47 @@ def read_tensor(ref: TensorRef, start: int = 0, count: int | None = None) -> tor
     Contiguous tensors read only the asked bytes; strided ones are read whole and sliced, which
     only happens for small bookkeeping tensors.
     """
+    import torch
+
+    dtype = dtypes.to_torch(ref.dtype)
     if count is None:
         count = ref.numel - start
     if ref.is_contiguous:
         data = _pread_exact(ref.path, ref.offset + start * ref.itemsize, count * ref.itemsize)
-        return torch.frombuffer(data, dtype=ref.dtype) if count else torch.empty(0, dtype=ref.dtype)
+        return torch.frombuffer(data, dtype=dtype) if count else torch.empty(0, dtype=dtype)
     data = _pread_exact(ref.path, ref.offset, _span_bytes(ref))
-    flat = torch.frombuffer(data, dtype=ref.dtype)
+    flat = torch.frombuffer(data, dtype=dtype)
     whole = torch.as_strided(flat, ref.shape, ref.stride).reshape(-1)
     return whole[start : start + count].clone()
+
+
+def read_bytes(ref: TensorRef, start: int, count: int) -> bytes:
+    """The raw bytes of elements ``[start, start+count)`` of a contiguous tensor."""
+    if not ref.is_contiguous:
+        raise ValueError(f"{ref.path.name}: a strided tensor has no contiguous byte range")
+    return bytes(_pread_exact(ref.path, ref.offset + start * ref.itemsize, count * ref.itemsize))
 
 
 def read_full(ref: TensorRef) -> torch.Tensor:
     """Read a whole (small) tensor with its shape."""
     return read_tensor(ref).reshape(ref.shape)
+
+
+_SCALAR_FORMATS = {"float64": "<d", "float32": "<f", "float16": "<e", "int64": "<q",
+                   "int32": "<i", "int16": "<h", "int8": "<b", "uint8": "<B", "bool": "<?"}
+
+
+def read_scalar(ref: TensorRef) -> float | int | bool:
+    """The value of a one-element tensor (an optimizer ``step``), without torch."""
+    if ref.numel != 1:
+        raise ValueError(f"{ref.path.name}: a tensor of {ref.numel} elements is not a scalar")
+    raw = read_bytes(ref, 0, 1)
+    if ref.dtype.name == "bfloat16":  # the top half of a float32
+        return float(struct.unpack("<f", b"\0\0" + raw)[0])
+    fmt = _SCALAR_FORMATS.get(ref.dtype.name)
+    if fmt is None:
+        raise ValueError(f"{ref.path.name}: cannot read a {ref.dtype} scalar")
+    return struct.unpack(fmt, raw)[0]  # type: ignore[no-any-return]
 
 
 def _pread_exact(path: Path, offset: int, nbytes: int) -> bytearray:

@@ -8,14 +8,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import torch
-
-from dsckpt import zero
+from dsckpt import dtypes, zero
 from dsckpt.errors import InconsistentCheckpoint, UnsupportedLayout
 from dsckpt.files import RankFile, Role
-from dsckpt.layout import ERROR, Layout, TensorEntry, ZeroSources, _dtype
-from dsckpt.load import load_meta, tensor_ref
+from dsckpt.layout import ERROR, Layout, TensorEntry, ZeroSources
+from dsckpt.load import tensor_ref
 from dsckpt.plan import Read
+from dsckpt.unpickle import SavedTensor, load_saved
 
 if TYPE_CHECKING:
     from dsckpt.layout import _Reader
@@ -134,8 +133,8 @@ def _layer_dtype(reader: _Reader, layers: list[RankFile]) -> str | None:
         sd = reader.load(f)
         if isinstance(sd, dict):
             for t in sd.values():
-                if isinstance(t, torch.Tensor) and t.is_floating_point():
-                    return _dtype(t.dtype)
+                if isinstance(t, SavedTensor) and t.is_floating_point():
+                    return dtypes.name_of(t.dtype)
     return None
 
 
@@ -201,14 +200,14 @@ class LocalSlice:
 def replicas_agree(per_rank: list[LocalSlice]) -> bool:
     """Whether every TP rank holds the same bytes for a replicated tensor (read in full: such
     tensors are norms, biases and position embeddings, small next to the split weights)."""
-    first = _read_slice(per_rank[0])
-    return all(torch.equal(first, _read_slice(other)) for other in per_rank[1:])
+    first = _slice_bytes(per_rank[0])
+    return all(first == _slice_bytes(other) for other in per_rank[1:])
 
 
-def _read_slice(local: LocalSlice) -> torch.Tensor:
-    from dsckpt.load import read_tensor
+def _slice_bytes(local: LocalSlice) -> bytes:
+    from dsckpt.load import read_bytes
 
-    return torch.cat([read_tensor(r.source, r.src_start, r.length) for r in local.runs])
+    return b"".join(read_bytes(r.source, r.src_start, r.length) for r in local.runs)
 
 
 def _zero_slices(layout: Layout) -> dict[str, list[LocalSlice]]:
@@ -252,8 +251,8 @@ def _layer_slices(layout: Layout) -> dict[str, list[LocalSlice]]:
     )
     for f in layer_files:
         path = layout.dir / f.name
-        for key, tensor in (load_meta(path) or {}).items():
-            if not isinstance(tensor, torch.Tensor):
+        for key, tensor in (load_saved(path) or {}).items():
+            if not isinstance(tensor, SavedTensor):
                 continue
             name = tied.get((f.layer, key), f"{f.layer}.{key}")
             ref = tensor_ref(path, tensor)
@@ -269,7 +268,7 @@ def _tied_names(layout: Layout) -> dict[tuple[int | None, str], str]:
     tied = {}
     for f in layout.files:
         if f.role is Role.LAYER and f.tp == 0:
-            for key in load_meta(layout.dir / f.name) or {}:
+            for key in load_saved(layout.dir / f.name) or {}:
                 if f"{f.layer}.{key}" in known:
                     continue
                 match = [

@@ -43,7 +43,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from dsckpt import maps, zero
+from dsckpt import dtypes, maps, zero
 from dsckpt.errors import InconsistentCheckpoint, UnsupportedLayout, UsageError
 from dsckpt.files import Role
 from dsckpt.pipeline import LocalSlice, clip_reads, compose_reads, replicas_agree
@@ -155,9 +155,9 @@ def open_pipeline(layout: Layout, rules_file: Path | None = None) -> PipelineSou
         InconsistentCheckpoint: missing, mixed or damaged rank files.
         UnsupportedLayout: no ZeRO optimizer files, ZeRO stage other than 1, alignment padding.
     """
-    from dsckpt.load import load_meta
     from dsckpt.pipeline import _tied_names
     from dsckpt.tp_rules import load_rules
+    from dsckpt.unpickle import load_saved
 
     where = layout.dir
     if layout.errors:
@@ -213,7 +213,7 @@ def open_pipeline(layout: Layout, rules_file: Path | None = None) -> PipelineSou
     layer_files: dict[int, dict[str, str]] = {}
     for f in layout.files:
         if f.role is Role.LAYER and f.tp == 0 and f.layer is not None:
-            keys = load_meta(layout.dir / f.name) or {}
+            keys = load_saved(layout.dir / f.name) or {}
             layer_files[f.layer] = {k: tied.get((f.layer, k), f"{f.layer}.{k}") for k in keys}
     info = layout.model_info
     vocab = (info.get("checkpoint_info") or {}).get("original_vocab_size")
@@ -651,7 +651,7 @@ class _PipelineWriter:
             per_rank = [LocalSlice(ref.shape, (Read(ref, 0, ref.numel, 0),)) for ref in refs]
             tp_plan = self.plan.tp_plans[param]
             shape = tp_plan.dst_shapes[tp_rank]
-            value = self._lazy_tensor(refs[0].dtype, shape,
+            value = self._lazy_tensor(dtypes.to_torch(refs[0].dtype), shape,
                                       compose_reads(tp_plan, per_rank, tp_rank))
             out[key] = value.requires_grad_(metas[0][key].requires_grad)
         for k, v in vars(metas[0]).items():  # module versions in `_metadata`
@@ -725,7 +725,7 @@ class _PipelineWriter:
                     reads.extend(Read(r.source, r.src_start, r.length, offset + r.dst_start)
                                  for r in self._target_reads(n, key, stage.stage, tp_rank))
                     offset += count
-                per_key[key] = (self._flat_ref(src_mp, 0, 0, key).dtype, reads)
+                per_key[key] = (dtypes.to_torch(self._flat_ref(src_mp, 0, 0, key).dtype), reads)
             flats.append(per_key)
         prefix = next((f.prefix for f in layout.files if f.role is Role.OPTIM), "")
         for d in range(dst.dp):

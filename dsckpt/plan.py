@@ -11,14 +11,13 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
-
-from dsckpt import zero
+from dsckpt import dtypes, zero
+from dsckpt.dtypes import DType
 from dsckpt.errors import InconsistentCheckpoint, UnsupportedLayout
 from dsckpt.layout import Layout, TensorEntry
 from dsckpt.load import TensorRef
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+DTYPES = {"fp32": dtypes.FLOAT32, "bf16": dtypes.BFLOAT16, "fp16": dtypes.FLOAT16}
 
 
 @dataclass(frozen=True)
@@ -35,7 +34,7 @@ class Read:
 class OutputTensor:
     name: str
     shape: tuple[int, ...]
-    dtype: torch.dtype
+    dtype: DType
     reads: tuple[Read, ...]
 
     @property
@@ -44,7 +43,7 @@ class OutputTensor:
 
     @property
     def nbytes(self) -> int:
-        return self.numel * torch.empty((), dtype=self.dtype).element_size()
+        return self.numel * self.dtype.itemsize
 
 
 @dataclass(frozen=True)
@@ -134,17 +133,17 @@ def plan_consolidation(
     return ConsolidationPlan(tensors=tuple(outputs), aliases=aliases, source=source)
 
 
-def _cast_to(saved: torch.dtype, out: torch.dtype) -> torch.dtype:
-    return out if saved.is_floating_point else saved
+def _cast_to(saved: DType, out: DType) -> DType:
+    return out if saved.is_floating else saved
 
 
-def _whole(entry: TensorEntry, ref: TensorRef, out_dtype: torch.dtype) -> OutputTensor:
+def _whole(entry: TensorEntry, ref: TensorRef, out_dtype: DType) -> OutputTensor:
     return OutputTensor(
         entry.name, entry.shape, _cast_to(ref.dtype, out_dtype), (Read(ref, 0, ref.numel, 0),)
     )
 
 
-def _frozen(layout: Layout, entry: TensorEntry, out_dtype: torch.dtype) -> OutputTensor:
+def _frozen(layout: Layout, entry: TensorEntry, out_dtype: DType) -> OutputTensor:
     if entry.name in layout.whole:  # ZeRO-1: only the module copy exists
         return _whole(entry, layout.whole[entry.name][0], out_dtype)
     fragments = layout.frozen_fragments[entry.name]
@@ -164,7 +163,7 @@ def _frozen(layout: Layout, entry: TensorEntry, out_dtype: torch.dtype) -> Outpu
 
 
 def _trainable(
-    layout: Layout, entries: list[TensorEntry], out_dtype: torch.dtype
+    layout: Layout, entries: list[TensorEntry], out_dtype: DType
 ) -> list[OutputTensor]:
     if not layout.zero_sources:  # plain checkpoint: the module weights are the values
         return [_whole(e, layout.whole[e.name][0], out_dtype) for e in entries]

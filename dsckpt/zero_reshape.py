@@ -44,7 +44,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from dsckpt import zero
+from dsckpt import dtypes, zero
 from dsckpt.errors import InconsistentCheckpoint, OutputError, UnsupportedLayout, UsageError
 
 if TYPE_CHECKING:
@@ -988,7 +988,7 @@ class _Writer:
             raise InconsistentCheckpoint(
                 f"{ref.path.name}: a saved partition holds {ref.numel} elements, but the "
                 f"layout needs elements up to {run.src_start + run.length}")
-        if ref.dtype != dtype:
+        if dtypes.name_of(ref.dtype) != dtypes.name_of(dtype):
             raise InconsistentCheckpoint(f"{ref.path.name}: partitions of one group are saved "
                                          f"in different dtypes ({ref.dtype}, {dtype})")
 

@@ -355,3 +355,34 @@ def test_a_user_rules_file_overrides_the_defaults(cli, tmp_path: Path) -> None:
     name = next(k for k in truth if k.endswith("self_attention.dense.bias"))
     # Concatenated across the 2 TP ranks instead of taken once: the user's rule won.
     assert load_file(out)[name].shape[0] == 2 * truth[name].shape[0]
+
+
+def test_safetensors_output_and_inspect_never_import_torch(tmp_path: Path) -> None:
+    # `import torch` costs more than copying a large model: the common path must not pay it.
+    # Every fixture, both safetensors forms, the exact bf16/fp16 -> fp32 widenings (buffers and
+    # frozen weights of mixed-precision runs), pipelines with TP replicas compared.
+    script = tmp_path / "run.py"
+    script.write_text(
+        "import sys\n"
+        "from dsckpt.cli.app import app\n"
+        "for args in [a.split('|') for a in sys.argv[1:]]:\n"
+        "    try:\n"
+        "        app(args, prog_name='dsckpt')\n"
+        "    except SystemExit as e:\n"
+        "        assert not e.code, (args, e.code)\n"
+        "assert 'torch' not in sys.modules, 'torch was imported'\n"
+    )
+    runs = []
+    for kind, name in [("zero", n) for n in ZERO] + [
+        ("pipe", "p2t2d2-z1-fp32"),
+        ("pipe", "p1t2d2-z1-bf16"),
+    ]:
+        src = str(ckpt(kind, name))
+        runs.append(f"inspect|{src}")
+        runs.append(f"to-fp32|{src}|{tmp_path / name}.safetensors|-q")
+        runs.append(f"to-fp32|{src}|{tmp_path / name}|--max-shard-size|1KB|-q")
+    import subprocess
+    import sys
+
+    subprocess.run([sys.executable, str(script), *runs], check=True, capture_output=True)
+    assert len(list(tmp_path.glob("*.safetensors"))) == len(runs) // 3

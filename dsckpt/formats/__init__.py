@@ -15,12 +15,12 @@ writers' ``locate`` (the executor's sink protocol):
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from dsckpt.atomic import atomic_output
 from dsckpt.execute import execute
 from dsckpt.formats.safetensors_writer import SafetensorsWriter, ShardedSafetensorsWriter
 from dsckpt.formats.sharding import TensorSpec, parse_size, plan_shards
-from dsckpt.formats.torch_writer import TorchWriter
 from dsckpt.plan import ConsolidationPlan
 from dsckpt.progress import ProgressSink
 
@@ -55,10 +55,13 @@ def write_output(fmt: str, out: Path, plan: ConsolidationPlan, *, metadata: dict
                        durable=False) as tmp:
         if fmt == SHARDED:
             shards = plan_shards(tensors, cap, aliases=plan.aliases)
-            writer: SafetensorsWriter | ShardedSafetensorsWriter | TorchWriter = (
-                ShardedSafetensorsWriter(tmp, shards, metadata=metadata, index_metadata=metadata))
+            writer: Any = ShardedSafetensorsWriter(tmp, shards, metadata=metadata,
+                                                   index_metadata=metadata)
             files = len(shards.shards) + shards.is_sharded
         elif fmt == TORCH:
+            # torch output needs torch anyway (it pickles torch's storage classes and dtypes)
+            from dsckpt.formats.torch_writer import TorchWriter
+
             writer, files = TorchWriter(tmp, tensors, aliases=plan.aliases), 1
         else:
             writer = SafetensorsWriter(tmp, tensors, metadata=metadata, aliases=plan.aliases)

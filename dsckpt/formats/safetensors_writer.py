@@ -29,6 +29,7 @@ from __future__ import annotations
 import ctypes
 import json
 import os
+import sys
 import threading
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -36,9 +37,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, TypeVar
 
-import torch
-
 from dsckpt.atomic import preallocate as _preallocate
+from dsckpt.dtypes import name_of
 from dsckpt.formats.sharding import Shard, ShardPlan, TensorSpec
 
 __all__ = [
@@ -70,15 +70,13 @@ _TORCH_NAMES = {
     "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2",
     "F8_E4M3FNUZ": "float8_e4m3fnuz", "F8_E5M2FNUZ": "float8_e5m2fnuz",
 }  # fmt: skip
-_DTYPE_CODES: dict[torch.dtype, str] = {
-    getattr(torch, name): code for code, name in _TORCH_NAMES.items() if hasattr(torch, name)
-}
+_DTYPE_CODES = {name: code for code, name in _TORCH_NAMES.items()}
 
 
-def safetensors_dtype(dtype: torch.dtype) -> str:
-    """The safetensors code of a torch dtype (``torch.bfloat16`` -> ``"BF16"``)."""
+def safetensors_dtype(dtype: Any) -> str:
+    """The safetensors code of a dtype, dsckpt's or torch's (``bfloat16`` -> ``"BF16"``)."""
     try:
-        return _DTYPE_CODES[dtype]
+        return _DTYPE_CODES[name_of(dtype)]
     except KeyError:
         raise ValueError(f"dtype {dtype} cannot be stored in a safetensors file") from None
 
@@ -90,13 +88,14 @@ class IncompleteOutputError(RuntimeError):
 # --------------------------------------------------------------------------- shared helpers
 
 
-def as_bytes(data: Any, expected: torch.dtype | None = None, what: str = "") -> memoryview:
+def as_bytes(data: Any, expected: Any = None, what: str = "") -> memoryview:
     """A zero-copy byte view of a contiguous CPU tensor or any buffer-protocol object.
 
     The caller must keep ``data`` alive while the view is used.
     """
-    if isinstance(data, torch.Tensor):
-        if expected is not None and data.dtype != expected:
+    torch = sys.modules.get("torch")  # without torch loaded, data cannot be a tensor
+    if torch is not None and isinstance(data, torch.Tensor):
+        if expected is not None and name_of(data.dtype) != name_of(expected):
             raise ValueError(
                 f"piece of {what} is {data.dtype} but the output is {expected}: cast it first"
             )
@@ -254,7 +253,7 @@ class ClosingWriter:
     _fd: int | None = None
     path: Path
     layout: Any  # offsets: name -> (absolute start, size)
-    _dtypes: dict[str, torch.dtype]
+    _dtypes: dict[str, Any]
 
     def _checked_write(self, name: str, offset: int, data: Any) -> tuple[int, memoryview, int]:
         """Validate a write, perform it, and return (fd, bytes written, end offset in tensor)."""

@@ -29,6 +29,8 @@ from dsckpt.errors import UsageError
 if TYPE_CHECKING:
     import torch
 
+    from dsckpt.dtypes import DType
+
 __all__ = [
     "DEFAULT_MAX_SHARD_SIZE",
     "SAFETENSORS_PATTERN",
@@ -57,7 +59,7 @@ class TensorSpec:
     """
 
     name: str
-    dtype: torch.dtype
+    dtype: DType | torch.dtype
     shape: tuple[int, ...]
 
     def __post_init__(self) -> None:

@@ -43,6 +43,7 @@ from typing import Any
 
 import torch
 
+from dsckpt import dtypes
 from dsckpt.atomic import preallocate as _preallocate
 from dsckpt.formats.safetensors_writer import (
     ClosingWriter,
@@ -166,19 +167,25 @@ def _contiguous_strides(shape: tuple[int, ...]) -> tuple[int, ...]:
     return tuple(reversed(strides))
 
 
+def _torch_dtype(dtype: Any) -> torch.dtype:
+    """Specs may carry dsckpt's :class:`~dsckpt.dtypes.DType` (plans do) or torch dtypes."""
+    return dtype if isinstance(dtype, torch.dtype) else dtypes.to_torch(dtype)
+
+
 def _pickle_state_dict(specs: Sequence[TensorSpec], aliases: Mapping[str, str]) -> bytes:
     tensors: dict[str, _TensorRef] = {}
     for i, s in enumerate(specs):
         key = str(i)
         stride = _contiguous_strides(s.shape)
-        legacy = _LEGACY_STORAGE.get(s.dtype)
+        dtype = _torch_dtype(s.dtype)
+        legacy = _LEGACY_STORAGE.get(dtype)
         if legacy is not None:
             storage = _StorageRef(key, getattr(torch, legacy), s.numel)
             args: tuple[Any, ...] = (storage, 0, s.shape, stride, False, OrderedDict())
             tensors[s.name] = _TensorRef(torch._utils._rebuild_tensor_v2, args)
         else:
             storage = _StorageRef(key, torch.storage.UntypedStorage, s.nbytes)
-            args = (storage, 0, s.shape, stride, False, OrderedDict(), s.dtype)
+            args = (storage, 0, s.shape, stride, False, OrderedDict(), dtype)
             tensors[s.name] = _TensorRef(torch._utils._rebuild_tensor_v3, args)
     state = {s.name: tensors[s.name] for s in specs}
     for alias, canonical in aliases.items():
@@ -387,7 +394,8 @@ class TorchWriter(ClosingWriter):
         preallocate: bool = True,
     ) -> None:
         layout = torch_layout(specs, aliases=aliases, archive_name=archive_name)
-        self._start(path, layout, {s.name: s.dtype for s in specs}, crc32, preallocate)
+        self._start(path, layout, {s.name: _torch_dtype(s.dtype) for s in specs}, crc32,
+                    preallocate)
 
     @classmethod
     def for_layout(cls, path: os.PathLike[str] | str, layout: TorchLayout, *, crc32: bool = True,
