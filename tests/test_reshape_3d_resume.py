@@ -65,8 +65,6 @@ import hashlib
 import json
 import os
 import shutil
-import socket
-import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -250,28 +248,10 @@ def _listing(root: Path) -> list[str]:
 # --------------------------------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def _torchrun(world: int, jobs: list[dict[str, Any]], work: Path, label: str) -> float:
-    spec = work / f"{label}.json"
-    spec.write_text(json.dumps({"jobs": jobs}, indent=1))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(world),
-           "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
-           str(Path(__file__).resolve()), str(spec)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu",
-           "CUDA_VISIBLE_DEVICES": ""}
-    start = time.monotonic()
-    log = work / f"{label}.log"
-    with open(log, "w") as out:
-        proc = subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=REPO)
-    if proc.returncode != 0:
-        tail = "\n".join(log.read_text().splitlines()[-40:])
-        raise RuntimeError(f"torchrun {label} exited {proc.returncode}:\n{tail}")
-    return time.monotonic() - start
+    from conftest import torchrun_jobs
+
+    return torchrun_jobs(Path(__file__).resolve(), world, jobs, work, label)
 
 
 def _train_args(dtype: str, topo: Topo) -> list[str]:
