@@ -355,6 +355,11 @@ def plan_pipeline(layout: Layout, *, tp: int | None = None, pp: int | None = Non
                 tp_plans[name] = source.rules.reshard_plan(name, p.shapes, dst.tp)
             except RuleError as exc:
                 raise RuleError(f"--tp {dst.tp}: {exc}") from None
+            if tp_plans[name].combine == "mean":
+                raise UnsupportedLayout(
+                    f"{name}: its rule averages the TP copies, which gives new values rather "
+                    "than the saved ones; reshape copies replicated tensors (rule kind "
+                    '"replicated"), so use that rule to reshape')
     specs = parse_layer_specs(layer_specs) if layer_specs else infer_layer_specs(source)
     _check_specs(source, specs)
     lowered = partition_method.lower()
@@ -404,9 +409,8 @@ def _target_stage(source: PipelineSource, specs: Sequence[LayerSpec], parts: Seq
     layers = range(parts[stage], parts[stage + 1])
     keys = {specs[i].tie_key for i in layers if specs[i].tie_key}
     groups: list[list[str]] = [[] for _ in range(source.groups)]
-    for p in source.params.values():  # tied modules come first in this order already
-        if p.tie_key in keys or (p.layer is not None and p.layer in layers
-                                 and not specs[p.layer].tie_key):
+    for p in source.params.values():
+        if p.tie_key in keys or p.layer in layers:
             groups[p.group].append(p.name)
     tied = [[n for n in names if source.params[n].tie_key] for names in groups]
     rest = [sorted((n for n in names if not source.params[n].tie_key),
