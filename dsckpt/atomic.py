@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import ctypes.util
 import errno
 import os
 import re
@@ -94,13 +93,17 @@ def check_disk_space(dest: os.PathLike[str] | str, nbytes: int) -> None:
 _fallocate_fn: object = None  # None: not looked up yet; False: unavailable
 
 
+def _libc() -> ctypes.CDLL:
+    # The process's own symbols include libc's (ctypes.util.find_library would spawn ldconfig).
+    return ctypes.CDLL(None, use_errno=True)
+
+
 def _libc_fallocate():  # type: ignore[no-untyped-def]
     global _fallocate_fn
     if _fallocate_fn is None:
         _fallocate_fn = False
         with contextlib.suppress(OSError, AttributeError, TypeError):
-            libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
-            fn = libc.fallocate
+            fn = _libc().fallocate
             fn.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
             fn.restype = ctypes.c_int
             _fallocate_fn = fn
@@ -168,8 +171,7 @@ _RENAME_EXCHANGE = 2
 def _exchange(a: Path, b: Path) -> bool:
     """Atomically swap two paths (Linux ``renameat2(RENAME_EXCHANGE)``); False if unsupported."""
     with contextlib.suppress(OSError, AttributeError, TypeError):
-        libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
-        fn = libc.renameat2
+        fn = _libc().renameat2
         fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
         fn.restype = ctypes.c_int
         at_fdcwd = -100
