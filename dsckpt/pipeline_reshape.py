@@ -512,7 +512,7 @@ class _PipelineWriter:
     def write(self, out: Path, tag: str, force: bool, result: PipelineReshapeResult) -> None:
         from dsckpt.atomic import atomic_output
         from dsckpt.files import scan
-        from dsckpt.zero_reshape import _location_of, _write_text
+        from dsckpt.zero_reshape import _location_of
 
         plan, dst = self.plan, self.plan.dst
         _, unrelated = scan(_location_of(self.layout))
@@ -527,7 +527,7 @@ class _PipelineWriter:
         if self.progress is not None:
             self.progress.start(f"reshape to PP {dst.pp} x TP {dst.tp} x DP {dst.dp}",
                                 self.layout.bytes_on_disk)
-        with atomic_output(out, force=force, is_dir=True) as tmp:
+        with atomic_output(out, force=force, is_dir=True, durable=False) as tmp:
             tag_dir = tmp / tag
             tag_dir.mkdir()
             for build in jobs:
@@ -535,18 +535,14 @@ class _PipelineWriter:
             for extra in unrelated:
                 if (self.layout.dir / extra).is_file():
                     shutil.copyfile(self.layout.dir / extra, tag_dir / extra)
-            _write_text(tmp / "latest", tag)
+            (tmp / "latest").write_text(tag)
             result.files = sorted(p.name for p in tag_dir.iterdir())
             result.nbytes = sum(p.stat().st_size for p in tag_dir.iterdir())
 
     def _save(self, obj: Any, path: Path) -> None:
-        from dsckpt.formats.torch_writer import save_torch
-        from dsckpt.zero_reshape import _DEEPSPEED_NAMES, _deepspeed_names, _DeepSpeedNamesPickler
+        from dsckpt.zero_reshape import save_rank_file
 
-        if not _DEEPSPEED_NAMES:
-            _DEEPSPEED_NAMES.update(_deepspeed_names())
-        save_torch(obj, path, lazy=self.lazy, pickler=_DeepSpeedNamesPickler,
-                   progress=self._advance)
+        save_rank_file(obj, path, self.lazy, self._advance)
 
     def _advance(self, nbytes: int) -> None:
         if self.progress is not None:

@@ -31,12 +31,12 @@ DeepSpeed's rules for a size ``N`` (read from its source, checked on real checkp
 
 from __future__ import annotations
 
+import errno
 import functools
 import math
 import os
 import pickle
 import shutil
-import types
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from contextlib import ExitStack
@@ -801,15 +801,34 @@ def _deepspeed_names() -> dict[Any, str]:
 
 
 _DEEPSPEED_NAMES: dict[Any, str] = {}
-# torch.save takes a pickle module; this one differs from `pickle` only in its Pickler.
-_PICKLE_MODULE = types.ModuleType("dsckpt_deepspeed_pickle")
-_PICKLE_MODULE.Pickler = _DeepSpeedNamesPickler  # type: ignore[attr-defined]
 
 
 # Real CRC-32s in the output zips cost a re-read of every byte written (measured: twice the wall
 # time at 420M parameters, 13 GB of input and output competing for the page cache); torch.load
 # never checks them, and torch.serialization.set_crc32_options(False) writes zeros as we do.
 STREAM_CRC32 = False
+
+
+def save_rank_file(obj: Any, path: Path, lazy: Any, progress: Any = None) -> None:
+    """Write one rank file as DeepSpeed's ``torch.save`` would, streamed: ``lazy``'s tensors
+    are copied from their source byte ranges by :func:`~dsckpt.formats.torch_writer.save_torch`,
+    and dsckpt's stand-ins are pickled under DeepSpeed's class paths.
+
+    No fsync: the files are written inside a staging directory that is renamed only when
+    complete, the same durability policy as ``to-fp32`` (and as ``torch.save``, which DeepSpeed
+    itself saves with).
+    """
+    from dsckpt.formats.torch_writer import save_torch
+
+    if not _DEEPSPEED_NAMES:
+        _DEEPSPEED_NAMES.update(_deepspeed_names())
+    try:
+        save_torch(obj, path, lazy=lazy, pickler=_DeepSpeedNamesPickler, crc32=STREAM_CRC32,
+                   progress=progress)
+    except OSError as exc:
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise  # atomic_output turns it into its one-line out-of-space error
+        raise OutputError(f"{path.name} cannot be written: {exc.strerror or exc}") from exc
 
 
 class _Writer:
@@ -839,24 +858,15 @@ class _Writer:
         # The structures are built from meta tensors whose bytes are file ranges: nothing is
         # read until save_torch copies them into the output. One registry per output file.
         self.lazy = LazyStorages()
-        if not _DEEPSPEED_NAMES:
-            _DEEPSPEED_NAMES.update(_deepspeed_names())
 
     # --- the directory ------------------------------------------------------------------------
 
     def run(self, result: ReshapeResult) -> None:
-        out = self.out
-        try:
-            out.parent.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise OutputError(f"{out.parent} cannot be created: {exc.strerror}") from exc
-        staging = out.parent / f".{out.name}.dsckpt-{os.getpid()}.tmp"
-        if staging.exists():
-            shutil.rmtree(staging)
-        old: Path | None = None
-        try:
+        from dsckpt.atomic import atomic_output
+
+        with atomic_output(self.out, force=self.force, is_dir=True, durable=False) as staging:
             tag_dir = staging / self.source.tag
-            tag_dir.mkdir(parents=True)
+            tag_dir.mkdir()
             jobs = self._jobs()
             if self.progress is not None:
                 self.progress.start(f"reshape to DP {self.plan.dp}", sum(j[1] for j in jobs))
@@ -868,42 +878,11 @@ class _Writer:
             for extra in self.source.extra_files:
                 shutil.copyfile(extra, tag_dir / extra.name)
                 result.files.append(extra.name)
-            _write_text(staging / "latest", self.source.tag)
+            (staging / "latest").write_text(self.source.tag)
             result.nbytes = sum(p.stat().st_size for p in tag_dir.iterdir())
-            if out.exists() or out.is_symlink():
-                old = out.parent / f".{out.name}.dsckpt-{os.getpid()}.old"
-                os.replace(out, old)
-            os.replace(staging, out)
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
-            if old is not None and not out.exists():
-                os.replace(old, out)
-                old = None
-            raise
-        finally:
-            if old is not None:
-                if old.is_dir() and not old.is_symlink():
-                    shutil.rmtree(old, ignore_errors=True)
-                else:
-                    old.unlink(missing_ok=True)
 
     def _save(self, obj: Any, path: Path) -> None:
-        tmp = path.with_name(path.name + ".tmp")
-        try:
-            from dsckpt.formats.torch_writer import save_torch
-
-            save_torch(obj, tmp, lazy=self.lazy, pickler=_DeepSpeedNamesPickler,
-                       crc32=STREAM_CRC32,
-                       progress=self._advance)
-            fd = os.open(tmp, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            os.replace(tmp, path)
-        except OSError as exc:
-            tmp.unlink(missing_ok=True)
-            raise OutputError(f"{path} cannot be written: {exc.strerror or exc}") from exc
+        save_rank_file(obj, path, self.lazy, self._advance)
 
     def _jobs(self) -> list[tuple[str, int, Callable[[], Any]]]:
         """``(file name, bytes to read, builder)`` for every output rank file."""
@@ -1326,10 +1305,3 @@ def _tensors(obj: Any, torch: Any) -> Iterable[Any]:
             yield from _tensors(v, torch)
 
 
-def _write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
