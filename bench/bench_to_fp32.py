@@ -280,8 +280,8 @@ def run_tool(tool: str, made: Made, args: argparse.Namespace, dsckpt: list[str] 
     if tool == IMPORT_DEEPSPEED:
         cmd = [sys.executable, "-c", "import deepspeed.utils.zero_to_fp32"]
     elif tool == DSCKPT_STARTUP:
-        cmd = [*(dsckpt or []), str(SAMPLE), str(out.parent / "sample.safetensors"), "--force",
-               "--quiet"]
+        cmd = [*(dsckpt or []), str(SAMPLE), str(args.workdir / "out" / "sample.safetensors"),
+               "--force", "--quiet"]
     elif tool == DEEPSPEED:
         cmd = deepspeed_command(made, out, args.ds_format)
     else:
