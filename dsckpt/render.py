@@ -368,3 +368,24 @@ def _targets_table(tmap: TopologyMap) -> Table:
         table.caption = f"layer specs ({how}): {tmap.layer_specs}"
         table.caption_justify = "left"
     return table
+
+
+def zero_reshape_table(plan: Any) -> Table:
+    """A ZeRO reshape plan: per group and target rank, where the partition comes from."""
+    what = {"zero": f"ZeRO-{plan.stage}", "bf16_optimizer": "BF16_Optimizer", "zero3": "ZeRO-3"}[
+        plan.kind
+    ]
+    table = Table(title=f"{what}: DP {plan.source_dp} -> {plan.dp}", title_justify="left")
+    table.add_column("group")
+    table.add_column("rank", justify="right")
+    table.add_column("elements", justify="right")
+    table.add_column("padding", justify="right")
+    table.add_column(Text("from: source rank[elements]->offset"), overflow="fold")
+    for group, rank, numel, padding, sources in plan.rows():
+        table.add_row(group, str(rank), str(numel), str(padding), Text(sources))
+    if plan.frozen:
+        table.caption = (
+            f"{len(plan.frozen)} frozen parameter(s) re-split the same way into "
+            f"ceil(numel/{plan.dp}) fragments per rank"
+        )
+    return table

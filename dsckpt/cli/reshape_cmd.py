@@ -71,36 +71,16 @@ def reshape(
             progress=progress,
         )
     if dry_run:
-        console().print(plan_table(result))
+        console().print(plan_report(result))
     console().print(result.summary())
 
 
-def plan_table(result: Any) -> Any:
-    """The plan as Rich tables: for a pipeline the show-map tables of the target; for ZeRO, per
-    group and target rank, where the partition comes from."""
-    from rich.table import Table
-    from rich.text import Text
+def plan_report(result: Any) -> Any:
+    """What --dry-run shows: a pipeline's target maps (the show-map tables), or a ZeRO plan's
+    partitions and where they come from."""
+    from dsckpt.pipeline_reshape import PipelineReshapeResult
+    from dsckpt.render import map_report, zero_reshape_table
 
-    if not hasattr(result.plan, "rows"):
-        from dsckpt.render import map_report
-
+    if isinstance(result, PipelineReshapeResult):
         return map_report(result.topology_map())
-    plan = result.plan
-
-    what = {"zero": f"ZeRO-{plan.stage}", "bf16_optimizer": "BF16_Optimizer", "zero3": "ZeRO-3"}[
-        plan.kind
-    ]
-    table = Table(title=f"{what}: DP {plan.source_dp} -> {plan.dp}", title_justify="left")
-    table.add_column("group")
-    table.add_column("rank", justify="right")
-    table.add_column("elements", justify="right")
-    table.add_column("padding", justify="right")
-    table.add_column(Text("from: source rank[elements]->offset"), overflow="fold")
-    for group, rank, numel, padding, sources in plan.rows():
-        table.add_row(group, str(rank), str(numel), str(padding), Text(sources))
-    if plan.frozen:
-        table.caption = (
-            f"{len(plan.frozen)} frozen parameter(s) re-split the same way into "
-            f"ceil(numel/{plan.dp}) fragments per rank"
-        )
-    return table
+    return zero_reshape_table(result.plan)
