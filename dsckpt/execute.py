@@ -14,7 +14,7 @@ import os
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from dsckpt import dtypes
 from dsckpt.dtypes import DType
@@ -86,12 +86,11 @@ def _copy(
 def _cast(src: TensorRef, start: int, count: int, dtype: DType, fd: int) -> memoryview:
     """Elements ``[start, start+count)`` of ``src`` as ``dtype`` bytes.
 
-    The exact widenings (bfloat16 and float16 to float32) use numpy, which is much cheaper to
-    import than torch; everything else, and strided sources, go through torch's own cast.
+    The exact widenings (bfloat16 and float16 to float32) use numpy where it is installed (much
+    cheaper to import than torch); everything else, and strided sources, go through torch.
     """
-    if src.is_contiguous and dtype == dtypes.FLOAT32 and src.dtype in _WIDEN:
-        import numpy as np
-
+    np = _numpy() if src.is_contiguous and dtype == dtypes.FLOAT32 else None
+    if np is not None and src.dtype in _WIDEN:
         raw = os.pread(fd, count * src.itemsize, src.offset + start * src.itemsize)
         if len(raw) != count * src.itemsize:
             raise OSError(errno.EIO, f"unexpected end of {src.path}")
@@ -108,6 +107,14 @@ def _cast(src: TensorRef, start: int, count: int, dtype: DType, fd: int) -> memo
 
 
 _WIDEN = (dtypes.BFLOAT16, dtypes.FLOAT16)
+
+
+def _numpy() -> Any:
+    try:
+        import numpy
+    except ImportError:  # not a dependency of dsckpt or torch: torch casts instead
+        return None
+    return numpy
 
 
 def _copy_bytes(in_fd: int, in_offset: int, out_fd: int, out_offset: int, nbytes: int) -> None:

@@ -386,3 +386,16 @@ def test_safetensors_output_and_inspect_never_import_torch(tmp_path: Path) -> No
 
     subprocess.run([sys.executable, str(script), *runs], check=True, capture_output=True)
     assert len(list(tmp_path.glob("*.safetensors"))) == len(runs) // 3
+
+
+def test_widening_without_numpy_gives_the_same_bytes(tmp_path: Path, monkeypatch) -> None:
+    # numpy is optional (neither dsckpt nor torch requires it): torch then does the widening.
+    from dsckpt import execute
+
+    src = ckpt("zero", "z3-bf16-dp2")  # bf16 buffers and frozen weights are widened to fp32
+    core.consolidate(src, tmp_path / "numpy.safetensors")
+    monkeypatch.setattr(execute, "_numpy", lambda: None)
+    core.consolidate(src, tmp_path / "torch.safetensors")
+    assert (tmp_path / "numpy.safetensors").read_bytes() == (
+        tmp_path / "torch.safetensors"
+    ).read_bytes()
