@@ -446,9 +446,7 @@ class PipelineReshapeResult:
 
         plan = self.plan
         return topology_map(plan.source.layout, tp=plan.dst.tp, pp=plan.dst.pp, dp=plan.dst.dp,
-                            method=plan.method,
-                            layer_specs=None if plan.specs_inferred else
-                            format_layer_specs(plan.specs))
+                            method=plan.method, plan=plan)
 
     def summary(self) -> str:
         from dsckpt.zero_reshape import _human
@@ -549,10 +547,11 @@ class _PipelineWriter:
             self.progress.advance(nbytes)
 
     def _meta(self, path: Path) -> Any:
-        from dsckpt.load import load_meta
+        """A source file's structure, tensors located but not read (torch-free reader)."""
+        from dsckpt.unpickle import load_saved
 
         if path not in self._metas:
-            self._metas[path] = load_meta(path)
+            self._metas[path] = load_saved(path)
         return self._metas[path]
 
     def _mapped_file(self, path: Path) -> Any:

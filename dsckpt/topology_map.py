@@ -7,11 +7,15 @@ Pure data over a :class:`~dsckpt.layout.Layout` and the integer maps of :mod:`ds
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from dsckpt import maps, zero
 from dsckpt.errors import UnsupportedLayout, UsageError
 from dsckpt.files import Role
 from dsckpt.layout import Layout, ZeroSources
+
+if TYPE_CHECKING:
+    from dsckpt.pipeline_reshape import PipelinePlan
 
 
 @dataclass(frozen=True)
@@ -60,6 +64,7 @@ def topology_map(
     dp: int | None = None,
     method: str = "parameters",
     layer_specs: str | None = None,
+    plan: PipelinePlan | None = None,
 ) -> TopologyMap:
     """The source maps of ``layout`` and, when any degree is given, the old -> new maps.
 
@@ -96,8 +101,9 @@ def topology_map(
         # The same plan `reshape` writes: layer specs, parameter counts at the target TP.
         from dsckpt.pipeline_reshape import format_layer_specs, plan_pipeline
 
-        plan = plan_pipeline(layout, tp=dst.tp, pp=dst.pp, dp=dst.dp, partition_method=method,
-                             layer_specs=layer_specs)
+        if plan is None:  # reshape --dry-run passes the plan it made
+            plan = plan_pipeline(layout, tp=dst.tp, pp=dst.pp, dp=dst.dp,
+                                 partition_method=method, layer_specs=layer_specs)
         dst_parts = plan.dst_parts
         parts = (*parts[:-1], max(parts[-1], len(plan.specs)))
         specs_text, inferred = format_layer_specs(plan.specs), plan.specs_inferred
