@@ -101,8 +101,10 @@ def plan_optimizer_state(layout: Layout, master: ConsolidationPlan) -> Optimizer
             plans[key].append(OutputTensor(tensor.name, tensor.shape, dtype, tuple(reads)))
     return OptimizerState(
         keys=tuple(keys),
-        plans={k: ConsolidationPlan(tensors=tuple(v), source=f"optimizer state {k}")
-               for k, v in plans.items()},
+        plans={
+            k: ConsolidationPlan(tensors=tuple(v), source=f"optimizer state {k}")
+            for k, v in plans.items()
+        },
         steps=steps,
     )
 
@@ -110,7 +112,7 @@ def plan_optimizer_state(layout: Layout, master: ConsolidationPlan) -> Optimizer
 def _group_states(sources: ZeroSources) -> dict[TensorRef, GroupState]:
     """Each fp32 partition of one model-parallel rank -> the state saved beside it."""
     out: dict[TensorRef, GroupState] = {}
-    for rank, refs in enumerate(sources.fp32):
+    for refs in sources.fp32:
         if not refs:
             continue
         path = refs[0].path
