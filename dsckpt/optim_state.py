@@ -82,14 +82,13 @@ def plan_optimizer_state(layout: Layout, master: ConsolidationPlan) -> Optimizer
     plans: dict[str, list[OutputTensor]] = {k: [] for k in keys}
     steps: dict[str, float | int | None] = {}
     for tensor in master.tensors:
-        states = [by_source.get(r.source) for r in tensor.reads]
-        if not states or None in states:
+        if not tensor.reads or any(r.source not in by_source for r in tensor.reads):
             continue  # buffers and frozen parameters: no optimizer state
-        steps[tensor.name] = states[0].step  # type: ignore[union-attr]
+        states = [by_source[r.source] for r in tensor.reads]
+        steps[tensor.name] = states[0].step
         for key in keys:
             reads = []
             for read, state in zip(tensor.reads, states, strict=True):
-                assert state is not None
                 ref = state.tensors.get(key)
                 if ref is None:
                     raise InconsistentCheckpoint(

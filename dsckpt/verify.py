@@ -83,7 +83,7 @@ class VerifyResult:
 
     def summary(self) -> str:
         """One line: ``equal: ...`` or ``differ: ...`` with the first differing names."""
-        what = "optimizer state, " if self.mode == "checkpoints" else ""
+        what = "weights and optimizer state, " if self.mode == "checkpoints" else ""
         compared = (
             f"{self.tensors} tensors ({what}{human_bytes(self.nbytes)}) in {self.seconds:.2f} s"
         )

@@ -66,6 +66,9 @@ def _register() -> None:
     app.command("to-fp32")(to_fp32_cmd.to_fp32)
     app.command("show-map")(show_map_cmd.show_map)
     app.command("reshape")(reshape_cmd.reshape)
+    from dsckpt.cli.verify_cmd import verify
+
+    app.command("verify")(verify)
 
 
 _register()
