@@ -439,6 +439,7 @@ def verify_output(
     exclude_frozen: bool = False,
     rules_file: Path | None = None,
     strip_vocab_padding: bool = True,
+    from_layers: bool = False,
     progress: ProgressSink | None = None,
 ) -> VerifyResult:
     """Check that every tensor of the output ``out`` equals what the checkpoint holds.
@@ -466,7 +467,7 @@ def verify_output(
         dtype = _dtype_of(stored)
     elif dtype not in DTYPES:
         raise UsageError(f"--dtype {dtype}: choose one of {', '.join(DTYPES)}")
-    plan = _plan(layout, dtype, exclude_frozen, rules_file, strip_vocab_padding)
+    plan = _plan(layout, dtype, exclude_frozen, rules_file, strip_vocab_padding, from_layers)
     result = VerifyResult("output", layout.root, stored.path, stored.format)
     if dtype != "fp32" and not strict:
         result.notes.append(f"OUT holds {DTYPES[dtype]}: compared with the weights cast to it")
@@ -525,6 +526,7 @@ def _plan(
     exclude_frozen: bool,
     rules_file: Path | None,
     strip_vocab_padding: bool,
+    from_layers: bool = False,
 ) -> ConsolidationPlan:
     from dsckpt.consolidation import plan_for
 
@@ -534,6 +536,7 @@ def _plan(
         exclude_frozen=exclude_frozen,
         rules_file=rules_file,
         strip_vocab_padding=strip_vocab_padding,
+        from_layers=from_layers,
     )
 
 

@@ -39,6 +39,10 @@ def verify(
         bool,
         typer.Option("--keep-vocab-padding", help="OUT keeps Megatron's vocabulary padding rows."),
     ] = False,
+    from_layers: Annotated[
+        bool,
+        typer.Option("--from-layers", help="OUT was written by to-fp32 --from-layers (pipelines)."),
+    ] = False,
     rules: RulesOpt = None,
     as_json: JsonOpt = False,
     quiet: QuietOpt = False,
@@ -55,10 +59,11 @@ def verify(
 
     with byte_progress(enabled=not quiet and not as_json) as progress:
         if is_checkpoint(other):
-            if dtype or exclude_frozen or keep_vocab_padding:
+            if dtype or exclude_frozen or keep_vocab_padding or from_layers:
                 raise UsageError(
-                    f"{other} is a DeepSpeed checkpoint: --dtype, --exclude-frozen and "
-                    "--keep-vocab-padding describe an output, not a second checkpoint"
+                    f"{other} is a DeepSpeed checkpoint: --dtype, --exclude-frozen, "
+                    "--keep-vocab-padding and --from-layers describe an output, not a second "
+                    "checkpoint"
                 )
             result = verify_checkpoints(ckpt, other, tag=tag, rules_file=rules, progress=progress)
         else:
@@ -70,6 +75,7 @@ def verify(
                 exclude_frozen=exclude_frozen,
                 rules_file=rules,
                 strip_vocab_padding=not keep_vocab_padding,
+                from_layers=from_layers,
                 progress=progress,
             )
     typer.echo(json.dumps(result.to_json(), indent=2) if as_json else result.summary())
