@@ -84,9 +84,8 @@ class VerifyResult:
     def summary(self) -> str:
         """One line: ``equal: ...`` or ``differ: ...`` with the first differing names."""
         what = "weights and optimizer state, " if self.mode == "checkpoints" else ""
-        compared = (
-            f"{self.tensors} tensors ({what}{human_bytes(self.nbytes)}) in {self.seconds:.2f} s"
-        )
+        # No timing here: the line is meant to be compared and grepped (--json has seconds).
+        compared = f"{self.tensors} tensors ({what}{human_bytes(self.nbytes)})"
         if self.equal:
             counters = f", {len(self.counters)} counters" if self.counters else ""
             notes = f"; {'; '.join(self.notes)}" if self.notes else ""
@@ -510,7 +509,8 @@ def verify_output(
             compared[ref] = canonical
             alias = f"tied to {canonical}: " if canonical != name else ""
             check.values(name, _Planned(expected, as_dtype, files), _Stored(ref, files), alias)
-    _missing(plan, stored.tensors.keys(), exclude_frozen, result)
+    frozen = {t.name for t in layout.tensors if t.kind == "frozen"}
+    _missing(plan, stored.tensors.keys(), frozen, result)
     if widened:
         result.notes.append(
             f"{len(widened)} in their saved dtype or a lossless widening of it, compared in "
@@ -562,7 +562,7 @@ def _comparable(expected: OutputTensor, found: DType, strict: bool) -> DType | N
 
 
 def _missing(
-    plan: ConsolidationPlan, present: Iterable[str], exclude_frozen: bool, result: VerifyResult
+    plan: ConsolidationPlan, present: Iterable[str], frozen: set[str], result: VerifyResult
 ) -> None:
     """Names the plan has and OUT lacks: a difference, unless another name of a tied set holds
     the values (then a note: Hugging Face and safetensors outputs drop tied duplicates)."""
@@ -580,15 +580,12 @@ def _missing(
             holder = next(n for n in names if n in present)
             omitted.extend(f"{n} (tied to {holder})" for n in absent)
             continue
-        hint = "" if exclude_frozen else " (pass --exclude-frozen if OUT leaves out frozen ones)"
+        # Only a frozen parameter can be missing on purpose (plans made with --exclude-frozen
+        # hold none, so this hint never shows then).
+        hint = ", frozen: --exclude-frozen if left out on purpose" if tensor.name in frozen else ""
         for n in absent:
             result.differences.append(
-                Difference(
-                    n,
-                    "missing",
-                    f"in the checkpoint ({tensor.dtype}, "
-                    f"{list(tensor.shape)}) but not in OUT{hint}",
-                )
+                Difference(n, "missing", f"{tensor.dtype} {list(tensor.shape)} not in OUT{hint}")
             )
     if omitted:
         result.notes.append(
