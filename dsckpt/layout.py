@@ -932,13 +932,13 @@ class _Reader:
                 "the number of fp32 groups",
             )
             return None
-        if first.alignment is not None:
-            for g, (pads, group) in enumerate(zip(first.alignment, shapes, strict=True)):
+        for s in states.values():
+            for g, (pads, group) in enumerate(zip(s.alignment or (), shapes, strict=False)):
                 if len(pads) != len(group):
                     self.note(
                         ERROR,
                         "bad-metadata",
-                        f"{first.file.name}: `optimizer_state_dict.param_alignment_paddings"
+                        f"{s.file.name}: `optimizer_state_dict.param_alignment_paddings"
                         f"[{g}]` has {len(pads)} entries for the {len(group)} parameters of "
                         f"group {g} in param_shapes: the files do not belong together",
                     )
