@@ -105,14 +105,8 @@ def topology_map(
         from dsckpt.pipeline_reshape import format_layer_specs, plan_pipeline
 
         if plan is None:  # reshape --dry-run passes the plan it made
-            plan = plan_pipeline(
-                layout,
-                tp=dst.tp,
-                pp=dst.pp,
-                dp=dst.dp,
-                partition_method=method,
-                layer_specs=layer_specs,
-            )
+            plan = plan_pipeline(layout, tp=dst.tp, pp=dst.pp, dp=dst.dp,
+                                 partition_method=method, layer_specs=layer_specs)
         dst_parts = plan.dst_parts
         parts = (*parts[:-1], max(parts[-1], len(plan.specs)))
         specs_text, inferred = format_layer_specs(plan.specs), plan.specs_inferred
