@@ -8,17 +8,26 @@ is read except a few 0-d bookkeeping tensors (optimizer ``step``) used to cross-
 
 from __future__ import annotations
 
-from collections import defaultdict
-from collections.abc import Mapping
+import re
+from collections import Counter, defaultdict
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
-from dsckpt import dtypes, zero
-from dsckpt.errors import CheckpointNotFound, CorruptFile
+from dsckpt import checks, dtypes, zero
+from dsckpt.checks import At, BadMetadata
+from dsckpt.errors import (
+    CheckpointNotFound,
+    CorruptFile,
+    InconsistentCheckpoint,
+    UnsupportedLayout,
+)
 from dsckpt.files import Location, RankFile, Role, locate, scan
 from dsckpt.load import TensorRef, read_scalar, tensor_ref
 from dsckpt.unpickle import SavedTensor, load_saved
+
+T = TypeVar("T")
 
 ERROR, WARNING, INFO = "error", "warning", "info"
 MODEL_INFO_KEYS = ("args", "checkpoint_info", "universal_checkpoint_info")
@@ -92,6 +101,11 @@ class Layout:
     # Pipelines: stage boundaries over the layer indices (len pp + 1), as far as the files show
     # them (layers without parameters at the very end leave no trace); empty when unknown.
     stage_parts: tuple[int, ...] = ()
+    # Every key of the model's state dict as the checkpoint records it independently of the
+    # partitions (ZeRO and plain: the keys of `module`; pipelines: param_shapes and the layer
+    # files), and where that record is: what a consolidation must write, no more, no less.
+    model_keys: tuple[str, ...] = ()
+    model_keys_from: str = ""
 
     @property
     def world_size(self) -> int:
@@ -106,6 +120,34 @@ class Layout:
         return sum(f.size for f in self.files)
 
 
+def refuse_errors(layout: Layout) -> None:
+    """Raise if discovery found an error: the one gate every command that writes passes.
+
+    Unsupported layouts (``unsupported-*`` findings) are reported first, since nothing else about
+    such a checkpoint can be fixed by the user; otherwise the first error in discovery order.
+
+    Raises:
+        UnsupportedLayout: files or features dsckpt does not read yet (MoE).
+        InconsistentCheckpoint: any other error finding.
+    """
+    errors = sorted(layout.errors, key=lambda f: not f.code.startswith("unsupported"))
+    if not errors:
+        return
+    first = errors[0]
+    more = f" (and {len(errors) - 1} more; `dsckpt inspect` lists them)" if len(errors) > 1 else ""
+    cls = UnsupportedLayout if first.code.startswith("unsupported") else InconsistentCheckpoint
+    raise cls(f"{first.message}{more}")
+
+
+# File names that follow DeepSpeed's rank-file naming (`*model_states.pt`, `*optim_states.pt`)
+# but that no layout here accounts for: MoE expert files above all. Ignoring them would write a
+# model without its experts, so they are an error for every command that writes.
+_MOE_FILE = re.compile(
+    r"^(layer_\d+_)?expert_\d+_mp_rank_\d+_model_states\.pt$|^expp_rank_\d+_mp_rank_\d+_optim_states\.pt$"
+)
+_DEEPSPEED_LIKE = re.compile(r"(model_states|optim_states)\.pt$")
+
+
 def open_checkpoint(path: Path | str, tag: str | None = None) -> Layout:
     """Discover a checkpoint: root with ``latest``, root plus ``tag``, or a tag directory.
 
@@ -117,6 +159,7 @@ def open_checkpoint(path: Path | str, tag: str | None = None) -> Layout:
     location = locate(Path(path), tag)
     files, unrelated = scan(location)
     reader = _Reader(location, files)
+    unrelated = reader.unsupported_files(unrelated)
     if unrelated:
         reader.note(
             INFO,
@@ -135,10 +178,52 @@ def open_checkpoint(path: Path | str, tag: str | None = None) -> Layout:
     if location.universal:
         return reader.universal()
     if not files:
+        if reader.findings and reader.findings[0].code == "unsupported-files":
+            raise UnsupportedLayout(reader.findings[0].message)
         raise CheckpointNotFound(
             f"{location.dir} holds no DeepSpeed rank files (*_model_states.pt, *_optim_states.pt)"
         )
     return reader.read()
+
+
+@dataclass(frozen=True)
+class ModelMeta:
+    """The checked metadata of a model-states file (see :mod:`dsckpt.checks`)."""
+
+    file: RankFile
+    raw: Mapping[str, Any]
+    module: Mapping[str, Any]
+    param_shapes: list[list[tuple[str, tuple[int, ...]]]] | None
+    buffer_names: list[str]
+    frozen_shapes: dict[str, tuple[int, ...]] | None
+    frozen_fragments: dict[str, SavedTensor]
+    shared: dict[str, str]
+    dp_world_size: int | None
+    mp_world_size: int | None
+    global_steps: int | None
+    ds_version: str | None
+    tp_degree: int | None
+    pp_degree: int | None
+
+
+@dataclass(frozen=True)
+class OptimMeta:
+    """The checked metadata of one ZeRO-1/2/3 or BF16_Optimizer optimizer file."""
+
+    file: RankFile
+    kind: str  # "zero" | "bf16_optimizer"
+    stage: int
+    counts: tuple[int, ...]  # partition_count, per group (ZeRO-3: one)
+    fp32: tuple[SavedTensor, ...]  # per group (ZeRO-1/2) or sub-group (ZeRO-3)
+    group_paddings: tuple[int, ...]
+    alignment: tuple[tuple[int, ...], ...] | None
+    ds_version: str | None
+    step: float | int | None
+
+    @property
+    def dp(self) -> int:
+        # Expert groups may be partitioned over fewer ranks; the DP size is the largest count.
+        return max(self.counts)
 
 
 class _Reader:
@@ -169,8 +254,44 @@ class _Reader:
                 self._cache[f.name] = None
         return self._cache[f.name]
 
+    def checked(self, check: Callable[[], T], default: T) -> T:
+        """``check()``, or ``default`` with an error finding when a value fails its check."""
+        try:
+            return check()
+        except BadMetadata as exc:
+            self.note(ERROR, exc.code, str(exc))
+            return default
+
+    def missing_key(self, f: RankFile, key: str) -> None:
+        """An error finding: ``f`` lacks ``key``, which DeepSpeed always writes."""
+        try:
+            At(self.path(f)).missing(key)
+        except BadMetadata as exc:
+            self.note(ERROR, exc.code, str(exc))
+
     def of_role(self, role: Role) -> list[RankFile]:
         return [f for f in self.files if f.role is role]
+
+    def unsupported_files(self, unrelated: list[str]) -> list[str]:
+        """Record files named like DeepSpeed's that no layout here reads; return the rest."""
+        moe = [n for n in unrelated if _MOE_FILE.match(n)]
+        other = [n for n in unrelated if _DEEPSPEED_LIKE.search(n) and n not in moe]
+        for found, why in (
+            (moe, "mixture-of-experts (MoE) expert files: MoE checkpoints are not supported yet"),
+            (other, "files named like DeepSpeed rank files that match no layout dsckpt knows"),
+        ):
+            if found:
+                listed = ", ".join(found[:4]) + (
+                    f" ... ({len(found)} files)" if len(found) > 4 else ""
+                )
+                self.note(
+                    ERROR,
+                    "unsupported-files",
+                    f"{self.location.dir} holds {why}: {listed}; dsckpt writes nothing from a "
+                    "checkpoint whose files it does not all understand (inspect still shows "
+                    "the rest)",
+                )
+        return [n for n in unrelated if n not in moe and n not in other]
 
     # --- the kinds ----------------------------------------------------------------------------
 
@@ -189,7 +310,7 @@ class _Reader:
             pp=1,
             tp=1,
             dp=1,
-            meta={},
+            meta=None,
             tensors=[],
             sources={},
         )
@@ -210,66 +331,152 @@ class _Reader:
             return self._plain(model_files)
         return self._zero12(model_files)
 
-    def _model_meta(self, model_files: list[RankFile]) -> dict[str, Any]:
+    def _model_meta(self, model_files: list[RankFile]) -> ModelMeta:
         first = min(model_files, key=lambda f: (f.mp or 0, f.dp or 0))
-        meta = self.load(first, required=True)
-        if not isinstance(meta, dict) or "module" not in meta:
+        raw = self.load(first, required=True)
+        if not isinstance(raw, dict) or "module" not in raw:
             raise CheckpointNotFound(
                 f"{self.path(first)} is not a DeepSpeed model-states file (no `module` key)"
             )
-        return meta
+        return self.model_meta(first, raw)
+
+    def model_meta(self, f: RankFile, raw: Mapping[str, Any]) -> ModelMeta:
+        """Check the values of a model-states file; a bad one is an error finding and its
+        default, so inspect shows the rest."""
+        at = At(self.path(f))
+        c = self.checked
+
+        def optional(key: str, check: Callable[[Any, At], T]) -> T | None:
+            value = raw.get(key)
+            return None if value is None else c(lambda: check(value, at / key), None)
+
+        module = raw.get("module")
+        module = (
+            {} if module is None else c(lambda: dict(checks.mapping(module, at / "module")), {})
+        )
+        frozen_shapes = optional("frozen_param_shapes", checks.shape_map)
+        fragments: dict[str, SavedTensor] = {}
+        if frozen_shapes:
+            fragments = c(lambda: self._fragments(raw, frozen_shapes, at), {})
+        empty: Mapping[Any, Any] = {}
+        dims = c(
+            lambda: checks.mapping(
+                raw.get("checkpoint_parallel_dimensions") or {},
+                at / "checkpoint_parallel_dimensions",
+            ),
+            empty,
+        )
+        dims_at = at / "checkpoint_parallel_dimensions"
+        version = raw.get("ds_version")
+        return ModelMeta(
+            file=f,
+            raw=raw,
+            module=module,
+            param_shapes=optional("param_shapes", checks.shape_groups),
+            buffer_names=optional("buffer_names", checks.names) or [],
+            frozen_shapes=frozen_shapes,
+            frozen_fragments=fragments,
+            shared=optional("shared_params", checks.name_map) or {},
+            dp_world_size=optional("dp_world_size", checks.count),
+            mp_world_size=optional("mp_world_size", checks.count),
+            global_steps=optional("global_steps", checks.integer),
+            ds_version=version if isinstance(version, str) else None,
+            tp_degree=None
+            if dims.get("tp_degree") is None
+            else c(lambda: checks.count(dims["tp_degree"], dims_at / "tp_degree"), None),
+            pp_degree=None
+            if dims.get("pp_degree") is None
+            else c(lambda: checks.count(dims["pp_degree"], dims_at / "pp_degree"), None),
+        )
+
+    @staticmethod
+    def _fragments(
+        raw: Mapping[str, Any], frozen_shapes: Mapping[str, Any], at: At
+    ) -> dict[str, SavedTensor]:
+        saved = checks.mapping(
+            checks.field(raw, "frozen_param_fragments", at), at / "frozen_param_fragments"
+        )
+        out = {}
+        for name in frozen_shapes:
+            if name not in saved:
+                (at / "frozen_param_fragments").missing(name)
+            out[name] = checks.tensor(saved[name], at / "frozen_param_fragments" / name)
+        return out
 
     def _plain(self, model_files: list[RankFile]) -> Layout:
         meta = self._model_meta(model_files)
         self._check_mp_files(meta, model_files)
-        module = meta.get("module") or {}
-        buffers = set(meta.get("buffer_names") or [])
+        buffers = set(meta.buffer_names)
         whole = {}
         tensors = []
-        by_storage: dict[tuple[int, int], str] = {}
-        path = self.path(min(model_files, key=lambda f: f.mp or 0))
-        for name, t in module.items():
-            if not isinstance(t, SavedTensor):
-                continue
+        # Tied weights are the same view of one storage: same storage, offset, shape, strides
+        # and dtype. A transposed or sliced view of another tensor's storage is its own tensor.
+        by_view: dict[tuple[Any, ...], str] = {}
+        path = self.path(meta.file)
+        for name, t in self._module_tensors(meta).items():
             ref = tensor_ref(path, t)
-            key = (ref.offset, ref.numel)
+            view = (t.storage_key, t.storage_offset, t.shape, t.stride, t.dtype.name)
             if name in buffers:
                 kind, placement, alias = "buffer", "whole in model states", None
-            elif key in by_storage and ref.numel:
-                kind, alias = "tied", by_storage[key]
+            elif view in by_view and t.numel():
+                kind, alias = "tied", by_view[view]
                 placement = f"alias of {alias}"
             else:
                 kind, placement, alias = "trainable", "whole in model states", None
-                by_storage[key] = name
+                by_view.setdefault(view, name)
             whole[name] = (ref,)
             tensors.append(
                 TensorEntry(
                     name, tuple(t.shape), dtypes.name_of(t.dtype), kind, placement, alias_of=alias
                 )
             )
-        optimizer = meta.get("optimizer")
         return self._layout(
             kind="plain",
             zero_stage=0,
-            optimizer="torch" if optimizer else "none",
+            optimizer="torch" if meta.raw.get("optimizer") else "none",
             pp=1,
             tp=len(model_files),
-            dp=int(meta.get("dp_world_size") or 1),
+            dp=meta.dp_world_size or 1,
             meta=meta,
             tensors=tensors,
             sources={},
             whole=whole,
         )
 
+    def _module_tensors(self, meta: ModelMeta) -> dict[str, SavedTensor]:
+        """The tensors of ``module``, each checked; other values (a module's extra state) are a
+        warning, since no consolidation can carry them."""
+        at = At(self.path(meta.file), "module")
+        out = {}
+        extra = []
+        for name, value in meta.module.items():
+            if not isinstance(value, SavedTensor):
+                extra.append(str(name))
+                continue
+            try:
+                out[name] = checks.tensor(value, at / name)
+            except BadMetadata as exc:
+                self.note(ERROR, exc.code, str(exc))
+        if extra:
+            self.note(
+                WARNING,
+                "not-a-tensor",
+                f"{meta.file.name}: `module` holds values that are not tensors "
+                f"({', '.join(extra[:3])}{', ...' if len(extra) > 3 else ''}: extra state?); "
+                "they are left out of every output",
+            )
+        return out
+
     def _zero12(self, model_files: list[RankFile]) -> Layout:
         meta = self._model_meta(model_files)
         self._check_mp_files(meta, model_files)
-        mp0 = min(f.mp or 0 for f in model_files)
-        sources, optim_kind, stage, dp = self._zero_sources(mp0, meta["param_shapes"])
-        self._check_dp(meta, dp)
-        tensors, whole, frozen = self._model_tensors(
-            meta, self.path(next(f for f in model_files if (f.mp or 0) == mp0)), sources, stage
+        self._require_shapes(meta)
+        mp0 = meta.file.mp or 0
+        sources, optim_kind, stage, dp = self._zero_sources(
+            mp0, meta.param_shapes, meta.dp_world_size
         )
+        self._check_dp(meta, dp)
+        tensors, whole, frozen = self._model_tensors(meta, sources, stage, dp)
         return self._layout(
             kind="zero",
             zero_stage=stage,
@@ -284,10 +491,17 @@ class _Reader:
             frozen=frozen,
         )
 
+    def _require_shapes(self, meta: ModelMeta) -> None:
+        if meta.raw.get("param_shapes") is None:  # (a bad value is a finding already)
+            self.missing_key(meta.file, "param_shapes")
+
     def _zero3(self, zero3_models: list[RankFile]) -> Layout:
         by_dp = {f.dp: f for f in zero3_models if (f.mp or 0) == 0}
         meta = self._model_meta(zero3_models)
-        sources, optim_kind, stage, dp = self._zero_sources(0, meta["param_shapes"])
+        self._require_shapes(meta)
+        sources, optim_kind, stage, dp = self._zero_sources(
+            0, meta.param_shapes, meta.dp_world_size
+        )
         self._check_dp(meta, dp)
         self._check_rank_set(
             "model-states",
@@ -295,32 +509,39 @@ class _Reader:
             dp,
             lambda d: f"zero_pp_rank_{d}_mp_rank_00_model_states.pt",
         )
-        steps = {}
+        metas: dict[int, ModelMeta] = {}
         for d, f in sorted(by_dp.items()):
-            other = self.load(f)
-            if other is not None:
-                steps[d] = other.get("global_steps")
-        if len(set(steps.values())) > 1:
-            self.note(
-                ERROR,
-                "mixed-runs",
-                "ZeRO-3 model-states files come from different "
-                f"iterations (global_steps by DP rank: {steps}): copy the files of one save",
-            )
-        tensors, whole, frozen = self._model_tensors(
-            meta, self.path(by_dp.get(0) or zero3_models[0]), sources, stage
+            other = meta if f == meta.file else self.load(f)
+            if isinstance(other, ModelMeta):
+                metas[d or 0] = other
+            elif isinstance(other, dict):
+                metas[d or 0] = self.model_meta(f, other)
+        self._disagree(
+            {m.file.name: m.global_steps for m in metas.values() if m.global_steps is not None},
+            "ZeRO-3 model-states",
+            "global_steps",
         )
-        if meta.get("frozen_param_shapes"):
+        tensors, whole, frozen = self._model_tensors(meta, sources, stage, dp)
+        if meta.frozen_shapes:
             frozen = {}
-            for name in meta["frozen_param_shapes"]:
+            for name, shape in meta.frozen_shapes.items():
+                per = zero.zero3_partition_numel(zero.numel(shape), dp)
                 refs = []
                 for d in range(dp):
-                    rank_file = by_dp.get(d)
-                    other = self.load(rank_file) if rank_file else None
-                    if rank_file is None or other is None:
+                    m = metas.get(d)
+                    fragment = m.frozen_fragments.get(name) if m else None
+                    if m is None or fragment is None:
                         break
-                    fragment = other["frozen_param_fragments"][name]
-                    refs.append(tensor_ref(self.path(rank_file), fragment))
+                    if fragment.numel() < per:
+                        self.note(
+                            ERROR,
+                            "short-partition",
+                            f"{m.file.name}: `frozen_param_fragments.{name}` holds "
+                            f"{fragment.numel()} elements where ZeRO-3 saves {per} "
+                            f"(ceil({zero.numel(shape)}/{dp})): the file does not belong",
+                        )
+                        break
+                    refs.append(tensor_ref(self.path(m.file), fragment))
                 frozen[name] = tuple(refs)
         return self._layout(
             kind="zero3",
@@ -352,13 +573,15 @@ class _Reader:
         pp: int,
         tp: int,
         dp: int,
-        meta: Mapping[str, Any],
+        meta: ModelMeta | None,
         tensors: list[TensorEntry],
         sources: Mapping[int, ZeroSources],
         whole: Mapping[str, tuple[TensorRef, ...]] | None = None,
         frozen: Mapping[str, tuple[TensorRef, ...]] | None = None,
         param_dtype: str | None = None,
         stage_parts: tuple[int, ...] = (),
+        model_keys: tuple[str, ...] | None = None,
+        model_keys_from: str = "",
     ) -> Layout:
         master = None
         for src in sources.values():
@@ -369,6 +592,10 @@ class _Reader:
             param_dtype = next((t.dtype for t in tensors if t.kind == "trainable"), None)
         if master is None and kind == "plain":
             master = param_dtype
+        raw = meta.raw if meta is not None else {}
+        if model_keys is None and meta is not None:
+            model_keys = tuple(k for k, v in meta.module.items() if isinstance(v, SavedTensor))
+            model_keys_from = f"`module` of {meta.file.name}"
         return Layout(
             root=self.location.root,
             tag=self.location.tag,
@@ -381,8 +608,8 @@ class _Reader:
             dp=dp,
             param_dtype=param_dtype,
             master_dtype=master,
-            iteration=meta.get("global_steps"),
-            ds_version=meta.get("ds_version"),
+            iteration=meta.global_steps if meta is not None else None,
+            ds_version=meta.ds_version if meta is not None else None,
             files=tuple(self.files),
             tensors=tuple(tensors),
             findings=tuple(self.findings),
@@ -390,12 +617,14 @@ class _Reader:
             zero_sources=dict(sources),
             whole=dict(whole or {}),
             frozen_fragments=dict(frozen or {}),
-            model_info={k: meta[k] for k in MODEL_INFO_KEYS if meta.get(k) is not None},
+            model_info={k: raw[k] for k in MODEL_INFO_KEYS if raw.get(k) is not None},
             stage_parts=stage_parts,
+            model_keys=model_keys or (),
+            model_keys_from=model_keys_from,
         )
 
-    def _check_mp_files(self, meta: Mapping[str, Any], model_files: list[RankFile]) -> None:
-        mp = meta.get("mp_world_size")
+    def _check_mp_files(self, meta: ModelMeta, model_files: list[RankFile]) -> None:
+        mp = meta.mp_world_size
         if mp is not None and mp != len(model_files):
             self.note(
                 ERROR,
@@ -404,26 +633,28 @@ class _Reader:
                 f"{len(model_files)} mp_rank_*_model_states.pt files are present",
             )
 
-    def _check_dp(self, meta: Mapping[str, Any], dp: int) -> None:
-        recorded = meta.get("dp_world_size")
+    def _check_dp(self, meta: ModelMeta, dp: int) -> None:
+        recorded = meta.dp_world_size
         if recorded is not None and recorded != dp:
             self.note(
                 ERROR,
                 "count-mismatch",
-                f"model states record dp_world_size={recorded} but "
+                f"{meta.file.name} records dp_world_size={recorded} but "
                 f"the optimizer files record partition_count={dp}",
             )
 
     def _check_rank_set(self, what: str, present: set[int], dp: int, name_of: Any) -> None:
-        for d in range(dp):
-            if d not in present:
-                self.note(
-                    ERROR,
-                    "missing-rank-file",
-                    f"{name_of(d)} is missing: the checkpoint was "
-                    f"saved by {dp} data-parallel ranks but only {len(present & set(range(dp)))} "
-                    f"{what} files are present",
-                )
+        missing = [d for d in range(dp) if d not in present]
+        if missing:
+            listed = ", ".join(name_of(d) for d in missing[:3])
+            more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+            self.note(
+                ERROR,
+                "missing-rank-file",
+                f"{listed}{more} {'is' if len(missing) == 1 else 'are'} missing: the checkpoint "
+                f"was saved by {dp} data-parallel ranks but only {dp - len(missing)} "
+                f"{what} files are present",
+            )
         for d in sorted(present - set(range(dp))):
             self.note(
                 ERROR,
@@ -433,7 +664,137 @@ class _Reader:
                 "run? move it out of the tag directory",
             )
 
-    def _zero_sources(self, mp: int, param_shapes: Any) -> tuple[ZeroSources | None, str, int, int]:
+    def _disagree(self, values: Mapping[str, Any], noun: str, what: str) -> None:
+        """An error naming the files that do not belong when ``values`` (file -> value) differ:
+        the minority against the majority, or every file when no value has a majority."""
+        if len(set(values.values())) <= 1:
+            return
+        tally = Counter(values.values()).most_common()
+        common, n_common = tally[0]
+
+        def has(value: Any, plural: bool) -> str:
+            if isinstance(value, tuple):
+                value = list(value)
+            if what == "step":
+                return f"{'are' if plural else 'is'} at step {value}"
+            return f"{'record' if plural else 'records'} {what}={value}"
+
+        if n_common > tally[1][1]:
+            odd = sorted(name for name, v in values.items() if v != common)
+            plural = len(odd) > 1
+            names = ", ".join(odd[:4]) + (" ..." if len(odd) > 4 else "")
+            message = (
+                f"{names} {has(values[odd[0]], plural)}"
+                + (" (and others)" if len({values[n] for n in odd}) > 1 else "")
+                + f" where the other {n_common} {noun} files {has(common, True)}: "
+                + ("they come" if plural else "it comes")
+                + " from another save; copy one save whole"
+            )
+        else:
+            listed = ", ".join(f"{name} {has(v, False)}" for name, v in sorted(values.items()))
+            message = (
+                f"{noun} files disagree on {what}: {listed}: files from different runs or "
+                "saves are mixed; copy one save whole"
+            )
+        self.note(ERROR, "mixed-runs", message)
+
+    def optim_meta(self, f: RankFile, raw: Any) -> OptimMeta | None:
+        """Check an optimizer file's values; None (with a finding) when one is bad."""
+        at = At(self.path(f))
+        if not isinstance(raw, dict) or not isinstance(raw.get("optimizer_state_dict"), dict):
+            self.missing_key(f, "optimizer_state_dict")
+            return None
+        return self.checked(lambda: self._optim_meta(f, raw["optimizer_state_dict"], at), None)
+
+    def _optim_meta(self, f: RankFile, osd: Mapping[str, Any], top: At) -> OptimMeta:
+        at = top / "optimizer_state_dict"
+        stage_value = osd.get("zero_stage")
+        kind = "bf16_optimizer" if stage_value is None else "zero"
+        stage = 1 if stage_value is None else checks.integer(stage_value, at / "zero_stage", 1, 3)
+        raw_counts = checks.field(osd, "partition_count", at)
+        if isinstance(raw_counts, (list, tuple)):
+            counts = tuple(
+                checks.integer(c, at / "partition_count" / i, 1, checks.MAX_RANKS)
+                for i, c in enumerate(raw_counts)
+            )
+            if not counts:
+                (at / "partition_count").fail("is an empty list")
+        else:
+            counts = (checks.count(raw_counts, at / "partition_count"),)
+        if stage == 3:
+            fp32 = checks.tensor_list(
+                checks.field(osd, "fp32_flat_groups", at), at / "fp32_flat_groups", flat=True
+            )
+            paddings: tuple[int, ...] = ()
+            alignment = None
+        else:
+            fp32 = checks.tensor_list(
+                checks.field(osd, "single_partition_of_fp32_groups", at),
+                at / "single_partition_of_fp32_groups",
+                flat=True,
+            )
+            paddings = tuple(
+                checks.int_list(checks.field(osd, "group_paddings", at), at / "group_paddings")
+            )
+            for key, n in (("group_paddings", len(paddings)), ("partition_count", len(counts))):
+                if n != len(fp32):
+                    (at / key).fail(f"has {n} entries for {len(fp32)} fp32 groups")
+            aligns = osd.get("param_alignment_paddings")
+            alignment = None
+            if aligns is not None:
+                if not isinstance(aligns, (list, tuple)) or len(aligns) != len(fp32):
+                    (at / "param_alignment_paddings").fail(
+                        f"is not a list of {len(fp32)} per-group lists"
+                    )
+                alignment = tuple(
+                    tuple(checks.int_list(a, at / "param_alignment_paddings" / g))
+                    for g, a in enumerate(aligns)
+                )
+        version = osd.get("ds_version")
+        return OptimMeta(
+            file=f,
+            kind=kind,
+            stage=stage,
+            counts=counts,
+            fp32=tuple(fp32),
+            group_paddings=paddings,
+            alignment=alignment,
+            ds_version=version if isinstance(version, str) else None,
+            step=self._first_step(f, osd, at),
+        )
+
+    def _first_step(self, f: RankFile, osd: Mapping[str, Any], at: At) -> float | int | None:
+        """The optimizer's step count on this rank (a 0-d tensor read with one pread), if any."""
+        key = "base_optimizer_state" if "base_optimizer_state" in osd else "optimizer_state_dict"
+        base = osd.get(key)
+        if isinstance(base, list):  # elastic ZeRO-1/2: one lean state per group
+            states = list(enumerate(base))
+        elif isinstance(base, dict) and isinstance(base.get("state"), dict):
+            states = list(base["state"].items())
+        else:
+            return None
+        for index, state in states:
+            step = state.get("step") if isinstance(state, dict) else None
+            if step is None:
+                continue
+            where = (at / key / "state" if isinstance(base, dict) else at / key) / index / "step"
+            if isinstance(step, SavedTensor):
+                if step.numel() != 1:
+                    where.fail(f"is a tensor of {step.numel()} elements, not a step count")
+                try:
+                    value = read_scalar(tensor_ref(self.path(f), step))
+                except ValueError as exc:
+                    where.fail(f"cannot be read as a number ({exc})")
+                return checks.number(value, where)
+            return checks.number(step, where)
+        return None
+
+    def _zero_sources(
+        self,
+        mp: int,
+        param_shapes: list[list[tuple[str, tuple[int, ...]]]] | None,
+        meta_dp: int | None = None,
+    ) -> tuple[ZeroSources | None, str, int, int]:
         """Read the optimizer files of model-parallel rank ``mp``: fp32 partition locations."""
         optim = [f for f in self.of_role(Role.OPTIM) if f.mp == mp]
         prefixes = sorted({f.prefix for f in optim})
@@ -455,138 +816,184 @@ class _Reader:
                     "duplicate-rank-file",
                     f"DP rank {d} has several optimizer files: " + ", ".join(f.name for f in fs),
                 )
-        states = {}
+        states: dict[int, OptimMeta] = {}
         for d, fs in sorted(by_dp.items()):
             sd = self.load(fs[0])
             if sd is None:
                 continue
-            osd = sd.get("optimizer_state_dict") if isinstance(sd, dict) else None
-            if not isinstance(osd, dict):
-                self.note(ERROR, "not-optimizer", f"{fs[0].name} holds no optimizer_state_dict")
-                continue
-            states[d] = (fs[0], osd)
+            state = self.optim_meta(fs[0], sd)
+            if state is not None:
+                states[d] = state
         if not states:
+            if any(f.level == ERROR for f in self.findings):  # inspect shows what is wrong
+                return None, "zero", 1, meta_dp or len(by_dp)
             raise CorruptFile(
                 self.location.dir / (optim[0].name if optim else "optimizer files"),
                 "no readable optimizer file",
             )
-        first_file, first = states[min(states)]
-        stage = int(first.get("zero_stage", 1))
-        kind = "zero" if "zero_stage" in first else "bf16_optimizer"
-        counts = {d: _partition_count(osd) for d, (_, osd) in states.items()}
-        dp = counts[min(counts)]
+        first = states[min(states)]
+        dp = first.dp
         for what, values in (
-            ("partition_count", counts),
-            ("zero_stage", {d: osd.get("zero_stage") for d, (_, osd) in states.items()}),
-            ("ds_version", {d: osd.get("ds_version") for d, (_, osd) in states.items()}),
+            (
+                "partition_count",
+                {
+                    s.file.name: s.counts if len(s.counts) > 1 else s.counts[0]
+                    for s in states.values()
+                },
+            ),
+            ("zero_stage", {s.file.name: s.stage for s in states.values()}),
+            ("ds_version", {s.file.name: s.ds_version for s in states.values()}),
+            ("step", {s.file.name: s.step for s in states.values() if s.step is not None}),
         ):
-            if len(set(values.values())) > 1:
-                self.note(
-                    ERROR,
-                    "mixed-runs",
-                    f"optimizer files disagree on {what} (by DP rank: "
-                    f"{values}): files from different runs are mixed; copy one save whole",
-                )
-        prefix = first_file.prefix
+            self._disagree(values, "optimizer", what)
+        if len(set(first.counts)) > 1:
+            self.note(
+                ERROR,
+                "unsupported-moe",
+                f"{first.file.name}: optimizer groups are partitioned over different numbers of "
+                f"ranks (partition_count={list(first.counts)}): expert parallelism (MoE) is not "
+                "supported yet",
+            )
+        prefix = first.file.prefix
         self._check_rank_set(
             "optimizer",
             set(by_dp),
             dp,
             lambda d: f"{prefix}zero_pp_rank_{d}_mp_rank_{mp:02d}_optim_states.pt",
         )
-        self._check_steps(states)
-        shapes = [[(n, tuple(s)) for n, s in group.items()] for group in (param_shapes or [])]
-        if stage == 3:
-            return self._zero3_sources(states, shapes, dp), kind, 3, dp
-        return self._zero12_sources(states, shapes, dp, kind), kind, stage, dp
+        if not self._check_master_dtype(states):
+            return None, first.kind, first.stage, dp
+        shapes = param_shapes or []
+        if first.stage == 3:
+            return self._zero3_sources(states, shapes, dp), first.kind, 3, dp
+        return self._zero12_sources(states, shapes, dp, first.kind), first.kind, first.stage, dp
 
-    def _check_steps(self, states: Mapping[int, tuple[RankFile, dict[str, Any]]]) -> None:
-        steps = {}
-        for d, (f, osd) in states.items():
-            step = _first_step(self.path(f), osd)
-            if step is not None:
-                steps[d] = step
-        if len(set(steps.values())) > 1:
+    def _check_master_dtype(self, states: Mapping[int, OptimMeta]) -> bool:
+        """The fp32 master must be floating point, one dtype in every group of every rank."""
+        ok = True
+        key = (
+            "fp32_flat_groups"
+            if states[min(states)].stage == 3
+            else ("single_partition_of_fp32_groups")
+        )
+        seen: dict[str, list[str]] = defaultdict(list)
+        for state in states.values():
+            for g, t in enumerate(state.fp32):
+                where = f"{state.file.name}: `optimizer_state_dict.{key}[{g}]`"
+                if not t.dtype.is_floating:
+                    self.note(
+                        ERROR,
+                        "master-dtype",
+                        f"{where} is {t.dtype}, not floating point: it cannot be the fp32 "
+                        "master weights; the file is damaged or not a DeepSpeed optimizer file",
+                    )
+                    ok = False
+                seen[t.dtype.name].append(where)
+        if len(seen) > 1:
+            tally = sorted(seen.items(), key=lambda kv: -len(kv[1]))
+            odd = [f"{w} is {dtype}" for dtype, wheres in tally[1:] for w in wheres[:2]]
             self.note(
                 ERROR,
-                "mixed-runs",
-                f"optimizer files are at different steps (by DP rank: "
-                f"{steps}): shards from different saves are mixed; copy one save whole",
+                "master-dtype",
+                f"the master weights mix dtypes: {'; '.join(odd[:3])} where "
+                f"{len(tally[0][1])} others are {tally[0][0]}: files from different runs?",
             )
+            return False
+        if ok and seen and "float32" not in seen:
+            self.note(
+                WARNING,
+                "master-dtype",
+                f"the master weights are {next(iter(seen))}, not float32 "
+                "(a low-precision master option?): outputs carry that precision",
+            )
+        return ok
 
     def _zero12_sources(
         self,
-        states: Mapping[int, tuple[RankFile, dict[str, Any]]],
+        states: Mapping[int, OptimMeta],
         shapes: list[list[tuple[str, tuple[int, ...]]]],
         dp: int,
         kind: str,
     ) -> ZeroSources | None:
-        fp32: list[tuple[TensorRef, ...]] = []
-        groups: list[zero.Zero12Group] = []
-        _, first = states[min(states)]
-        n_groups = len(first["single_partition_of_fp32_groups"])
+        first = states[min(states)]
+        n_groups = len(first.fp32)
         if n_groups != len(shapes):
             self.note(
                 ERROR,
                 "count-mismatch",
                 f"model states list {len(shapes)} parameter groups "
-                f"but the optimizer files hold {n_groups} fp32 groups",
+                f"but {first.file.name} holds {n_groups} fp32 groups",
             )
             return None
+        if any(len(s.fp32) != n_groups for s in states.values()):
+            self._disagree(
+                {s.file.name: len(s.fp32) for s in states.values()},
+                "optimizer",
+                "the number of fp32 groups",
+            )
+            return None
+        for s in states.values():
+            for g, (pads, group) in enumerate(zip(s.alignment or (), shapes, strict=False)):
+                if len(pads) != len(group):
+                    self.note(
+                        ERROR,
+                        "bad-metadata",
+                        f"{s.file.name}: `optimizer_state_dict.param_alignment_paddings"
+                        f"[{g}]` has {len(pads)} entries for the {len(group)} parameters of "
+                        f"group {g} in param_shapes: the files do not belong together",
+                    )
+                    return None
+        fp32: list[tuple[TensorRef, ...]] = []
         for d in range(dp):
             if d not in states:
                 return None
-            f, osd = states[d]
-            fp32.append(
-                tuple(tensor_ref(self.path(f), t) for t in osd["single_partition_of_fp32_groups"])
-            )
-        aligns = first.get("param_alignment_paddings")
+            s = states[d]
+            fp32.append(tuple(tensor_ref(self.path(s.file), t) for t in s.fp32))
+        groups: list[zero.Zero12Group] = []
         for g, group_shapes in enumerate(shapes):
             # The slice size per rank, read from rank 0: ZeRO-1/2 save it without its tail
             # padding (group_paddings says how much); BF16_Optimizer saves it whole.
-            size = fp32[0][g].numel + (first["group_paddings"][g] if kind == "zero" else 0)
-            layout = zero.zero12_group(group_shapes, dp, aligns[g] if aligns else None, size)
+            size = fp32[0][g].numel + (first.group_paddings[g] if kind == "zero" else 0)
+            layout = zero.zero12_group(
+                group_shapes, dp, first.alignment[g] if first.alignment else None, size
+            )
             groups.append(layout)
             self._check_zero12_group(g, layout, fp32, states, kind)
-        return ZeroSources(
-            stage=int(first.get("zero_stage", 1)), fp32=tuple(fp32), groups=tuple(groups)
-        )
+        return ZeroSources(stage=first.stage, fp32=tuple(fp32), groups=tuple(groups))
 
     def _check_zero12_group(
         self,
         g: int,
         layout: zero.Zero12Group,
         fp32: list[tuple[TensorRef, ...]],
-        states: Mapping[int, tuple[RankFile, dict[str, Any]]],
+        states: Mapping[int, OptimMeta],
         kind: str,
     ) -> None:
         if layout.padded_numel < layout.data_numel:
-            f, _ = states[0]
             self.note(
                 ERROR,
                 "short-partition",
                 f"group {g}: the parameter shapes need "
                 f"{layout.data_numel} elements but the {layout.dp} partitions of "
                 f"{layout.partition_size} hold only {layout.padded_numel} "
-                f"(e.g. {f.name}): the optimizer files do not match the model states",
+                f"(e.g. {states[0].file.name}): the optimizer files do not match the model states",
             )
             return
         for d in range(layout.dp):
-            f, osd = states[d]
             saved = fp32[d][g].numel
             expected = layout.partition_size - (layout.tail_padding(d) if kind == "zero" else 0)
             if saved != expected:
                 self.note(
                     ERROR,
                     "short-partition",
-                    f"{f.name}: group {g} holds {saved} fp32 "
+                    f"{states[d].file.name}: group {g} holds {saved} fp32 "
                     f"elements where the parameter shapes need {expected}: the file does not "
                     "belong with the others",
                 )
 
     def _zero3_sources(
         self,
-        states: Mapping[int, tuple[RankFile, dict[str, Any]]],
+        states: Mapping[int, OptimMeta],
         shapes: list[list[tuple[str, tuple[int, ...]]]],
         dp: int,
     ) -> ZeroSources | None:
@@ -595,13 +1002,13 @@ class _Reader:
         for d in range(dp):
             if d not in states:
                 return None
-            f, osd = states[d]
-            refs = tuple(tensor_ref(self.path(f), t) for t in osd["fp32_flat_groups"])
+            s = states[d]
+            refs = tuple(tensor_ref(self.path(s.file), t) for t in s.fp32)
             if tuple(r.numel for r in refs) != layout.sub_group_numels:
                 self.note(
                     ERROR,
                     "short-partition",
-                    f"{f.name}: fp32 sub-groups hold "
+                    f"{s.file.name}: fp32 sub-groups hold "
                     f"{[r.numel for r in refs]} elements where the parameter shapes need "
                     f"{list(layout.sub_group_numels)}: the file does not belong with the others",
                 )
@@ -610,60 +1017,64 @@ class _Reader:
         return ZeroSources(stage=3, fp32=tuple(fp32), zero3=layout)
 
     def _model_tensors(
-        self, meta: Mapping[str, Any], path: Path, sources: ZeroSources | None, stage: int
+        self, meta: ModelMeta, sources: ZeroSources | None, stage: int, dp: int
     ) -> tuple[
         list[TensorEntry], dict[str, tuple[TensorRef, ...]], dict[str, tuple[TensorRef, ...]]
     ]:
         """The consolidated tensors: trainable (fp32 partitions), frozen, buffers, tied."""
-        module = meta.get("module") or {}
+        path = self.path(meta.file)
+        module = self._module_tensors(meta)
         tensors: list[TensorEntry] = []
         whole: dict[str, tuple[TensorRef, ...]] = {}
         frozen: dict[str, tuple[TensorRef, ...]] = {}
 
         def module_dtype(name: str) -> str:
             t = module.get(name)
-            return dtypes.name_of(t.dtype) if isinstance(t, SavedTensor) else "unknown"
+            return dtypes.name_of(t.dtype) if t is not None else "unknown"
 
-        for name in meta.get("buffer_names") or []:
-            if isinstance(module.get(name), SavedTensor):
-                t = module[name]
-                whole[name] = (tensor_ref(path, t),)
-                tensors.append(
-                    TensorEntry(
-                        name,
-                        tuple(t.shape),
-                        dtypes.name_of(t.dtype),
-                        "buffer",
-                        "whole in model states",
-                    )
+        for name in meta.buffer_names:
+            t = module.get(name)
+            if t is None:
+                self.note(
+                    ERROR,
+                    "missing-key",
+                    f"{meta.file.name}: `buffer_names` lists {name!r} but `module` holds no "
+                    "tensor of that name: the file is damaged or incomplete",
                 )
-        frozen_shapes = meta.get("frozen_param_shapes")
-        if frozen_shapes:
-            for name, shape in frozen_shapes.items():
-                if stage == 3:
-                    per = zero.zero3_partition_numel(
-                        zero.numel(tuple(shape)), int(meta.get("dp_world_size") or 1)
-                    )
-                    placement = f"frozen; ZeRO-3 fragments of {per} per rank"
-                else:
-                    frag = meta["frozen_param_fragments"][name]
-                    frozen[name] = (tensor_ref(path, frag),)
-                    placement = "frozen; whole in model states"
-                tensors.append(
-                    TensorEntry(name, tuple(shape), module_dtype(name), "frozen", placement)
+                continue
+            whole[name] = (tensor_ref(path, t),)
+            tensors.append(
+                TensorEntry(
+                    name, tuple(t.shape), dtypes.name_of(t.dtype), "buffer", "whole in model states"
                 )
+            )
+        for name, shape in (meta.frozen_shapes or {}).items():
+            if stage == 3:
+                per = zero.zero3_partition_numel(zero.numel(shape), dp)
+                placement = f"frozen; ZeRO-3 fragments of {per} per rank"
+            else:
+                fragment = meta.frozen_fragments.get(name)
+                if fragment is None:
+                    continue  # its missing key is a finding already
+                if fragment.numel() != zero.numel(shape):
+                    self.note(
+                        ERROR,
+                        "short-partition",
+                        f"{meta.file.name}: `frozen_param_fragments.{name}` holds "
+                        f"{fragment.numel()} elements where `frozen_param_shapes` says "
+                        f"{list(shape)}: the file is damaged",
+                    )
+                    continue
+                frozen[name] = (tensor_ref(path, fragment),)
+                placement = "frozen; whole in model states"
+            tensors.append(TensorEntry(name, shape, module_dtype(name), "frozen", placement))
         trainable = {p.name for p in _trainable_params(sources)}
-        if not frozen_shapes:
-            # ZeRO-1 records no frozen parameters: they exist only in `module`.
-            aliases = set((meta.get("shared_params") or {}).keys())
-            buffers = set(meta.get("buffer_names") or [])
+        if meta.frozen_shapes is None:
+            # ZeRO-1 records no frozen parameters: they exist only in `module`. (From ZeRO-2 on
+            # they are recorded, so a module tensor found nowhere else is missing, not frozen.)
+            buffers = set(meta.buffer_names)
             for name, t in module.items():
-                if (
-                    isinstance(t, SavedTensor)
-                    and name not in trainable
-                    and name not in buffers
-                    and name not in aliases
-                ):
+                if name not in trainable and name not in buffers and name not in meta.shared:
                     whole[name] = (tensor_ref(path, t),)
                     tensors.append(
                         TensorEntry(
@@ -675,19 +1086,42 @@ class _Reader:
                         )
                     )
         tensors.extend(self._trainable_entries(sources, module_dtype))
-        for alias, canonical in (meta.get("shared_params") or {}).items():
-            shape = next((t.shape for t in tensors if t.name == canonical), ())
-            tensors.append(
+        tensors.extend(self._aliases(meta, tensors, module_dtype))
+        return tensors, whole, frozen
+
+    def _aliases(
+        self, meta: ModelMeta, tensors: list[TensorEntry], module_dtype: Any
+    ) -> list[TensorEntry]:
+        """Tied names from ``shared_params``: each must name a tensor that is not itself an
+        alias (which also rules out cycles) and must not shadow one."""
+        by_name = {t.name: t for t in tensors}
+        out = []
+        for alias, canonical in meta.shared.items():
+            problem = None
+            if alias in by_name:
+                problem = f"aliases {alias!r}, which is a tensor of its own"
+            elif canonical in meta.shared:
+                problem = f"points at {canonical!r}, itself an alias (a chain or a cycle)"
+            elif canonical not in by_name:
+                problem = f"points at {canonical!r}, which the checkpoint does not hold"
+            if problem is not None:
+                self.note(
+                    ERROR,
+                    "bad-metadata",
+                    f"{meta.file.name}: `shared_params.{alias}` {problem}: the file is damaged",
+                )
+                continue
+            out.append(
                 TensorEntry(
                     alias,
-                    tuple(shape),
+                    by_name[canonical].shape,
                     module_dtype(alias),
                     "tied",
                     f"alias of {canonical}",
                     alias_of=canonical,
                 )
             )
-        return tensors, whole, frozen
+        return out
 
     def _trainable_entries(
         self, sources: ZeroSources | None, module_dtype: Any
@@ -733,28 +1167,3 @@ def _trainable_params(sources: ZeroSources | None) -> list[Any]:
     if sources.zero3 is not None:
         return list(sources.zero3.params)
     return [p for g in sources.groups for p in g.params]
-
-
-def _partition_count(osd: Mapping[str, Any]) -> int:
-    count = osd.get("partition_count", 1)
-    # ZeRO-1/2 record one count per group (expert groups may differ); the DP size is the largest.
-    return int(max(count)) if isinstance(count, (list, tuple)) else int(count)
-
-
-def _first_step(path: Path, osd: Mapping[str, Any]) -> int | None:
-    """The optimizer's step count on this rank (a 0-d tensor read with one pread), if any."""
-    base = osd.get("base_optimizer_state") or osd.get("optimizer_state_dict")
-    if isinstance(base, list):  # elastic ZeRO-1/2: one lean state per group
-        states = base
-    elif isinstance(base, dict):
-        states = list((base.get("state") or {}).values())
-    else:
-        return None
-    for state in states:
-        step = state.get("step") if isinstance(state, dict) else None
-        if isinstance(step, SavedTensor):
-            return int(read_scalar(tensor_ref(path, step)))
-        if isinstance(step, (int, float)):
-            return int(step)
-    return None
-

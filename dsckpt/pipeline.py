@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 from collections import defaultdict
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -29,12 +30,11 @@ def read_pipeline(reader: _Reader, model_files: list[RankFile]) -> Layout:
             "mp_rank_*_model_states.pt: the pipeline model states are missing"
         )
     meta = reader._model_meta(model_files)
-    dims = meta.get("checkpoint_parallel_dimensions") or {}
     layers = [f for f in reader.files if f.role is Role.LAYER]
     tp_from_layers = 1 + max(f.tp or 0 for f in layers)
-    tp = int(dims.get("tp_degree") or tp_from_layers)
-    mp = int(meta.get("mp_world_size") or len(model_files))
-    pp = int(dims.get("pp_degree") or max(1, mp // tp))
+    tp = meta.tp_degree or tp_from_layers
+    mp = meta.mp_world_size or len(model_files)
+    pp = meta.pp_degree or max(1, mp // tp)
     reader._check_mp_files(meta, model_files)
     if pp * tp != mp:
         reader.note(
@@ -52,21 +52,30 @@ def read_pipeline(reader: _Reader, model_files: list[RankFile]) -> Layout:
 
     sources: dict[int, ZeroSources] = {}
     stage = 0
-    optimizer = "torch" if meta.get("optimizer") else "none"
-    dp = int(meta.get("dp_world_size") or 1)
+    optimizer = "torch" if meta.raw.get("optimizer") else "none"
+    dp = meta.dp_world_size or 1
     tensors: list[TensorEntry] = []
     first_layer: dict[int, int] = {}
     last_named = 0
+    steps: dict[str, int] = {}
     for f in sorted(model_files, key=lambda f: f.mp or 0):
         m = f.mp or 0
-        shapes_meta = reader.load(f) if m else meta
-        if shapes_meta is None:
+        raw = reader.load(f) if m else meta.raw
+        if not isinstance(raw, dict):
+            if raw is not None:
+                reader.missing_key(f, "module")
             continue
-        param_shapes = shapes_meta.get("param_shapes")
-        if param_shapes and reader.of_role(Role.OPTIM):
-            src, optimizer, stage, dp = reader._zero_sources(m, param_shapes)
-            if src is not None:
-                sources[m] = src
+        stage_meta = reader.model_meta(f, raw) if m else meta
+        if stage_meta.global_steps is not None:
+            steps[f.name] = stage_meta.global_steps
+        param_shapes = stage_meta.param_shapes
+        if reader.of_role(Role.OPTIM):
+            if param_shapes is None:
+                reader._require_shapes(stage_meta)
+            else:
+                src, optimizer, stage, dp = reader._zero_sources(m, param_shapes, dp)
+                if src is not None:
+                    sources[m] = src
         stage_index, tp_rank = divmod(m, tp)
         if tp_rank == 0:
             entries = _stage_entries(param_shapes, stage_index, tp)
@@ -77,8 +86,10 @@ def read_pipeline(reader: _Reader, model_files: list[RankFile]) -> Layout:
             if indices:
                 first_layer[stage_index] = min(indices)
                 last_named = max([last_named, *indices])
+    reader._disagree(steps, "model-states", "global_steps")
     reader._check_dp(meta, dp)
     param_dtype = _layer_dtype(reader, layers)
+    keys = _model_keys(reader, tensors, layers, _literal_names(meta.raw))
     return reader._layout(
         kind="pipeline",
         zero_stage=stage,
@@ -91,7 +102,37 @@ def read_pipeline(reader: _Reader, model_files: list[RankFile]) -> Layout:
         sources=sources,
         param_dtype=param_dtype,
         stage_parts=_stage_parts(first_layer, layers, pp, last_named),
+        model_keys=keys,
+        model_keys_from="param_shapes and the TP rank 0 layer files",
     )
+
+
+def _model_keys(
+    reader: _Reader, tensors: list[TensorEntry], layers: list[RankFile], literal: set[str]
+) -> tuple[str, ...]:
+    """Every tensor the pipeline's files record, named as the consolidated model names them:
+    ``param_shapes`` (the optimizer's parameters) and every tensor of the TP rank 0 layer files
+    (buffers and frozen parameters too), tied-module copies folded into their one name."""
+    names = dict.fromkeys(t.name for t in tensors)
+    known = set(names) | literal
+    for f in sorted(layers, key=lambda f: f.layer or 0):
+        if f.tp:
+            continue
+        sd = reader.load(f)
+        for key, value in sd.items() if isinstance(sd, dict) else ():
+            if isinstance(value, SavedTensor):
+                names.setdefault(_layer_key_name(f.layer, str(key), known), None)
+    return tuple(names)
+
+
+def _layer_key_name(layer: int | None, key: str, known: set[str]) -> str:
+    """``<layer>.<key>``, or the ``tied_modules.*`` name when ``param_shapes`` lists the tensor
+    under its tied module (Megatron's embedding, held by the first and the last stage)."""
+    plain = f"{layer}.{key}"
+    if plain in known:
+        return plain
+    match = [n for n in known if n.startswith("tied_modules.") and n.endswith("." + key)]
+    return match[0] if len(match) == 1 else plain
 
 
 def _stage_parts(
@@ -119,10 +160,12 @@ def _check_layer_grid(reader: _Reader, layers: list[RankFile], tp: int) -> None:
             )
 
 
-def _stage_entries(param_shapes: Any, stage: int, tp: int) -> list[TensorEntry]:
+def _stage_entries(
+    param_shapes: list[list[tuple[str, tuple[int, ...]]]] | None, stage: int, tp: int
+) -> list[TensorEntry]:
     entries = []
     for g, group in enumerate(param_shapes or []):
-        for name, shape in group.items():
+        for name, shape in group:
             where = f"stage {stage}" + (f", TP slice of {tp}" if tp > 1 else "")
             entries.append(TensorEntry(name, tuple(shape), "unknown", "trainable", where, group=g))
     return entries
@@ -264,25 +307,22 @@ def _layer_slices(layout: Layout) -> dict[str, list[LocalSlice]]:
 
 def _tied_names(layout: Layout) -> dict[tuple[int | None, str], str]:
     """(layer, key) -> tied_modules name, for layers whose parameters param_shapes lists as tied."""
-    known = {t.name for t in layout.tensors} | _literal_names(layout)
+    known = {t.name for t in layout.tensors} | _literal_names(layout.model_info)
     tied = {}
     for f in layout.files:
         if f.role is Role.LAYER and f.tp == 0:
             for key in load_saved(layout.dir / f.name) or {}:
-                if f"{f.layer}.{key}" in known:
-                    continue
-                match = [
-                    n for n in known if n.startswith("tied_modules.") and n.endswith("." + key)
-                ]
-                if len(match) == 1:
-                    tied[(f.layer, key)] = match[0]
+                name = _layer_key_name(f.layer, key, known)
+                if name.startswith("tied_modules.") and f"{f.layer}.{key}" not in known:
+                    tied[(f.layer, key)] = name
     return tied
 
 
-def _literal_names(layout: Layout) -> set[str]:
+def _literal_names(model_info: Mapping[str, Any]) -> set[str]:
     """Parameter names that Megatron's universal_checkpoint_info spells out as plain literals."""
     names = set()
-    for patterns in (layout.model_info.get("universal_checkpoint_info") or {}).values():
+    info = model_info.get("universal_checkpoint_info")
+    for patterns in (info if isinstance(info, Mapping) else {}).values():
         for pattern in patterns if isinstance(patterns, list) else []:
             literal = pattern.replace("\\.", ".")
             if isinstance(pattern, str) and not re.search(r"[\\^$*+?()\[\]{}|]", literal):

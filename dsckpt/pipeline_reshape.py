@@ -155,16 +155,13 @@ def open_pipeline(layout: Layout, rules_file: Path | None = None) -> PipelineSou
         InconsistentCheckpoint: missing, mixed or damaged rank files.
         UnsupportedLayout: no ZeRO optimizer files, ZeRO stage other than 1, alignment padding.
     """
+    from dsckpt.layout import refuse_errors
     from dsckpt.pipeline import _tied_names
     from dsckpt.tp_rules import load_rules
     from dsckpt.unpickle import load_saved
 
     where = layout.dir
-    if layout.errors:
-        first = layout.errors[0].message
-        more = (f" (and {len(layout.errors) - 1} more; `dsckpt inspect` lists them)"
-                if len(layout.errors) > 1 else "")
-        raise InconsistentCheckpoint(f"{first}{more}")
+    refuse_errors(layout)  # the gate every writing command passes
     if layout.optimizer not in ("zero", "bf16_optimizer") or not layout.zero_sources:
         raise UnsupportedLayout(
             f"{where} has no ZeRO optimizer partitions (optimizer: {layout.optimizer}): without "

@@ -7,6 +7,7 @@ space) and can stream the copies in any order or split them across workers.
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,7 +15,7 @@ from pathlib import Path
 from dsckpt import dtypes, zero
 from dsckpt.dtypes import DType
 from dsckpt.errors import InconsistentCheckpoint, UnsupportedLayout
-from dsckpt.layout import Layout, TensorEntry
+from dsckpt.layout import Layout, TensorEntry, refuse_errors
 from dsckpt.load import TensorRef
 
 DTYPES = {"fp32": dtypes.FLOAT32, "bf16": dtypes.BFLOAT16, "fp16": dtypes.FLOAT16}
@@ -81,11 +82,11 @@ def plan_consolidation(
     parameters, then tied aliases. Floating tensors become ``dtype``; other buffers keep theirs.
 
     Raises:
-        InconsistentCheckpoint: discovery found errors that make the values untrustworthy.
-        UnsupportedLayout: the layout has no consolidation here (universal checkpoints).
+        InconsistentCheckpoint: discovery found errors that make the values untrustworthy, or
+            the plan's keys are not the model's keys as the checkpoint records them.
+        UnsupportedLayout: the layout has no consolidation here (universal checkpoints, MoE).
     """
-    if layout.errors:
-        raise InconsistentCheckpoint(layout.errors[0].message)
+    refuse_errors(layout)
     if layout.kind == "universal":
         raise UnsupportedLayout(
             f"{layout.dir} is a universal checkpoint: dsckpt consolidates "
@@ -94,13 +95,15 @@ def plan_consolidation(
     if layout.kind == "pipeline":
         from dsckpt.pipeline import plan_pipeline_consolidation
 
-        return plan_pipeline_consolidation(
+        plan = plan_pipeline_consolidation(
             layout,
             dtype,
             rules_file=rules_file,
             from_layers=from_layers,
             strip_vocab_padding=strip_vocab_padding,
         )
+        check_complete(layout, plan)
+        return plan
     if layout.tp > 1:
         # Tensor-parallel slices without pipeline layer files carry no names to merge by.
         raise UnsupportedLayout(
@@ -130,7 +133,51 @@ def plan_consolidation(
         if layout.zero_sources
         else f"module weights ({layout.param_dtype})"
     )
-    return ConsolidationPlan(tensors=tuple(outputs), aliases=aliases, source=source)
+    plan = ConsolidationPlan(tensors=tuple(outputs), aliases=aliases, source=source)
+    check_complete(layout, plan, exclude_frozen)
+    return plan
+
+
+def check_complete(layout: Layout, plan: ConsolidationPlan, exclude_frozen: bool = False) -> None:
+    """Refuse a plan whose keys are not the model's keys as the checkpoint records them
+    (``layout.model_keys``), so nothing is written that would load with missing or unexpected
+    keys. With ``exclude_frozen`` the frozen parameters are expected to be left out.
+
+    Raises:
+        InconsistentCheckpoint: naming the missing and extra keys (the first few and a count).
+    """
+    names = plan.names()
+    written = set(names)
+    twice = sorted(n for n, c in Counter(names).items() if c > 1)
+    if twice:
+        raise InconsistentCheckpoint(
+            f"{layout.dir}: the consolidated state dict would hold {_few(twice)} more than once: "
+            "the checkpoint's metadata lists them in several places; the files are damaged"
+        )
+    if not layout.model_keys:
+        return  # nothing records the model's keys apart from what the plan was made of
+    expected = set(layout.model_keys)
+    if exclude_frozen:
+        frozen = {t.name for t in layout.tensors if t.kind == "frozen"}
+        expected -= frozen | {t.name for t in layout.tensors if t.alias_of in frozen}
+    missing = [n for n in layout.model_keys if n in expected and n not in written]
+    extra = [n for n in names if n not in expected]
+    if missing or extra:
+        parts = [
+            f"misses {_few(missing)}" if missing else "",
+            f"adds {_few(extra)}" if extra else "",
+        ]
+        raise InconsistentCheckpoint(
+            f"{layout.dir}: the consolidated state dict would not match the model's keys as "
+            f"{layout.model_keys_from} records them: it "
+            + " and ".join(p for p in parts if p)
+            + "; the files disagree with each other, so nothing was written"
+        )
+
+
+def _few(names: list[str], shown: int = 3) -> str:
+    more = f" and {len(names) - shown} more" if len(names) > shown else ""
+    return f"{len(names)} key{'s' if len(names) != 1 else ''} ({', '.join(names[:shown])}{more})"
 
 
 def _cast_to(saved: DType, out: DType) -> DType:
@@ -162,9 +209,7 @@ def _frozen(layout: Layout, entry: TensorEntry, out_dtype: DType) -> OutputTenso
     )
 
 
-def _trainable(
-    layout: Layout, entries: list[TensorEntry], out_dtype: DType
-) -> list[OutputTensor]:
+def _trainable(layout: Layout, entries: list[TensorEntry], out_dtype: DType) -> list[OutputTensor]:
     if not layout.zero_sources:  # plain checkpoint: the module weights are the values
         return [_whole(e, layout.whole[e.name][0], out_dtype) for e in entries]
     if len(layout.zero_sources) != 1:

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 from dsckpt import maps, zero
 from dsckpt.errors import UnsupportedLayout, UsageError
 from dsckpt.files import Role
-from dsckpt.layout import Layout, ZeroSources
+from dsckpt.layout import Finding, Layout, ZeroSources
 
 if TYPE_CHECKING:
     from dsckpt.pipeline_reshape import PipelinePlan
@@ -55,6 +55,9 @@ class TopologyMap:
     targets: tuple[TargetRow, ...] = ()
     layer_specs: str = ""  # the PipelineModule layer list the target stages were computed over
     specs_inferred: bool = False
+    # What discovery found wrong or notable (missing, stale or mixed files, bad metadata): a map
+    # of a broken checkpoint is shown with them, never alone.
+    findings: tuple[Finding, ...] = ()
 
 
 def topology_map(
@@ -80,7 +83,7 @@ def topology_map(
     elif layout.pp == 1 and not parts:
         last = max((f.layer or 0 for f in layout.files if f.role is Role.LAYER), default=-1)
         parts = (0, last + 1)
-    base = TopologyMap(src=src, src_parts=tuple(parts), rows=rows)
+    base = TopologyMap(src=src, src_parts=tuple(parts), rows=rows, findings=layout.findings)
     if tp is None and pp is None and dp is None:
         return base
     for flag, value in (("--tp", tp), ("--pp", pp), ("--dp", dp)):
@@ -155,6 +158,7 @@ def topology_map(
         targets=tuple(targets),
         layer_specs=specs_text,
         specs_inferred=inferred,
+        findings=layout.findings,
     )
 
 

@@ -523,7 +523,7 @@ def open_source(ckpt: Path | str | Layout, tag: str | None = None) -> Source:
             NVMe-offloaded checkpoints.
     """
     from dsckpt.files import Role, scan
-    from dsckpt.layout import Layout, open_checkpoint
+    from dsckpt.layout import Layout, open_checkpoint, refuse_errors
     from dsckpt.load import load_meta
 
     layout = ckpt if isinstance(ckpt, Layout) else open_checkpoint(ckpt, tag)
@@ -536,11 +536,7 @@ def open_source(ckpt: Path | str | Layout, tag: str | None = None) -> Source:
         raise UnsupportedLayout(
             f"{where} is a pipeline/tensor-parallel checkpoint (TP {layout.tp} x PP {layout.pp}): "
             f"reshape --dp handles single-model-rank ZeRO checkpoints; {PIPELINE_HINT}")
-    if layout.errors:
-        first = layout.errors[0].message
-        more = f" (and {len(layout.errors) - 1} more; `dsckpt inspect` lists them)" \
-            if len(layout.errors) > 1 else ""
-        raise InconsistentCheckpoint(f"{first}{more}")
+    refuse_errors(layout)  # the gate every writing command passes
     if layout.kind == "plain" or layout.zero_stage == 0:
         raise UnsupportedLayout(
             f"{where} is a ZeRO stage 0 checkpoint: nothing to reshape, its files do not depend on "
