@@ -10,6 +10,7 @@ import importlib.util
 import json
 import re
 import shutil
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +20,7 @@ import torch
 FIXTURES = Path(__file__).parent / "fixtures"
 HF = FIXTURES / "hf"
 EXPECTED = {
-    "accelerate-z3-bf16-tied",
+    "accelerate-z3-bf16-2models",
     "lora-z3-bf16-untied",
     "trainer-z2-bf16-untied",
     "trainer-z2-fp32-tied",
@@ -29,7 +30,7 @@ EXPECTED = {
 NAMES = sorted(p.parent.name for p in HF.glob("*/facts.json"))
 TRAINER = [n for n in NAMES if n.startswith(("trainer-", "lora-"))]
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
-# What dsckpt's own tests must never need beyond these: committed bytes of distinct contents.
+# Committed size of the whole hf/ folder.
 SIZE_LIMIT = 3 * 1024 * 1024
 
 
@@ -65,12 +66,13 @@ def test_files_on_disk_are_the_listed_ones(name: str) -> None:
 
 
 def test_committed_size_is_small() -> None:
-    # Identical files (DeepSpeed's copied scripts) are one blob in git.
-    blobs = {
-        hashlib.sha256(p.read_bytes()).hexdigest(): p.stat().st_size
-        for p in HF.rglob("*")
-        if p.is_file()
-    }
+    # What git stores: each distinct content once (DeepSpeed's copied scripts are one blob),
+    # zlib-compressed.
+    blobs = {}
+    for path in HF.rglob("*"):
+        if path.is_file():
+            data = path.read_bytes()
+            blobs[hashlib.sha256(data).hexdigest()] = len(zlib.compress(data))
     assert sum(blobs.values()) < SIZE_LIMIT
 
 
@@ -115,39 +117,58 @@ def test_two_checkpoints_newest_by_step() -> None:
 
 
 def test_accelerate_save_state_layout() -> None:
-    fx = facts("accelerate-z3-bf16-tied")
-    [(info, folder)] = checkpoints("accelerate-z3-bf16-tied")
-    assert (folder / "latest").read_text() == "pytorch_model" == info["tag"]
-    assert {p.name for p in (folder / "pytorch_model").iterdir()} == zero_files(3, "bf16", 2)
+    name = "accelerate-z3-bf16-2models"
+    fx = facts(name)
+    [(info, folder)] = checkpoints(name)
+    # Each model's save_checkpoint rewrites `latest`: it names the last model, not the first.
+    assert (folder / "latest").read_text() == "pytorch_model_1" == info["tag"]
+    assert [(m["tag"], m["tied"]) for m in info["models"]] == [
+        ("pytorch_model", True),
+        ("pytorch_model_1", False),
+    ]
+    for tag in ("pytorch_model", "pytorch_model_1"):
+        assert {p.name for p in (folder / tag).iterdir()} == zero_files(3, "bf16", 2)
     names = {p.name for p in folder.iterdir() if p.is_file()}
     assert names == {"latest", "zero_to_fp32.py", "zero_to_torch.py"} | {
         f"random_states_{r}.pkl" for r in range(fx["dp"])
     }
 
 
+def models(name: str, info: dict[str, Any]) -> list[dict[str, Any]]:
+    """Each model saved in a checkpoint folder with its tag, ref suffix and key facts (the first
+    model's key facts are the fixture's own)."""
+    fx = facts(name)
+    first = {k: fx[k] for k in ("state_dict_keys", "tied_aliases", "save_pretrained_keys")}
+    return [first | info["models"][0]] + info["models"][1:]
+
+
 @pytest.mark.parametrize("name", NAMES)
 def test_model_states_agree_with_refs(name: str) -> None:
     fx = facts(name)
     for info, folder in checkpoints(name):
-        live = refs(name, info["name"], "ref_live.pt")
-        assert list(live) == info["ref_live_keys"]
-        if fx["mode"] != "lora":  # LoRA: the PeftModel's names; state_dict_keys are the base's
-            assert list(live) == fx["state_dict_keys"]
-        rank0 = "mp_rank_00" if fx["zero_stage"] < 3 else "zero_pp_rank_0_mp_rank_00"
-        states = torch.load(folder / info["tag"] / f"{rank0}_model_states.pt", weights_only=True)
-        assert states["global_steps"] == info["step"]
-        assert states["shared_params"] == fx["tied_aliases"]
-        shapes = {k: list(v) for group in states["param_shapes"] for k, v in group.items()}
-        trainable = {k: list(v.shape) for k, v in live.items() if k not in fx["tied_aliases"]}
-        if fx["mode"] == "lora":
-            # The Trainer saves PEFT models with exclude_frozen_parameters: only LoRA weights.
-            trainable = {k: s for k, s in trainable.items() if ".lora_" in k}
-        assert shapes == trainable
-        for key in trainable:
-            assert live[key].dtype == torch.float32, key
-        if fx["zero_stage"] == 3:
-            zero = states["ds_config"]["zero_optimization"]
-            assert zero["stage3_gather_16bit_weights_on_model_save"] is False
+        for model in models(name, info):
+            live = refs(name, info["name"], f"ref_live{model['suffix']}.pt")
+            if fx["mode"] != "lora":  # LoRA: the PeftModel's names; state_dict_keys: the base's
+                assert list(live) == model["state_dict_keys"]
+            rank0 = "mp_rank_00" if fx["zero_stage"] < 3 else "zero_pp_rank_0_mp_rank_00"
+            path = folder / model["tag"] / f"{rank0}_model_states.pt"
+            states = torch.load(path, weights_only=True)
+            assert states["global_steps"] == info["step"]
+            assert states["shared_params"] == model["tied_aliases"]
+            shapes = {k: list(v) for group in states["param_shapes"] for k, v in group.items()}
+            trainable = {
+                k: list(v.shape) for k, v in live.items() if k not in model["tied_aliases"]
+            }
+            if fx["mode"] == "lora":
+                # The Trainer saves PEFT models with exclude_frozen_parameters: LoRA weights only.
+                trainable = {k: s for k, s in trainable.items() if ".lora_" in k}
+            assert shapes == trainable
+            for key in trainable:
+                assert live[key].dtype == torch.float32, key
+            if fx["zero_stage"] == 3:
+                zero = states["ds_config"]["zero_optimization"]
+                assert zero["stage3_gather_16bit_weights_on_model_save"] is False
+        assert list(refs(name, info["name"], "ref_live.pt")) == info["ref_live_keys"]
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -156,14 +177,18 @@ def test_deepspeed_zero_to_fp32_reproduces_ref_live(name: str) -> None:
     fp32 masters, so ref_live is what the files hold (frozen LoRA base weights are not saved)."""
     fx = facts(name)
     for info, _ in checkpoints(name):
-        cmp = info["zero_to_fp32_vs_live"]
         assert info["zero_to_fp32_refused"] is None
+        cmp = info["zero_to_fp32_vs_live"]
         assert cmp["different"] == {} and cmp["extra"] == []
         if fx["mode"] == "lora":
             assert cmp["bitwise_equal"] == len(info["live_lora_keys"])
             assert set(cmp["missing"]) == set(info["ref_live_keys"]) - set(info["live_lora_keys"])
-        else:
-            assert cmp["bitwise_equal"] == len(fx["state_dict_keys"]) and cmp["missing"] == []
+            continue
+        for model in models(name, info):
+            cmp = model.get("zero_to_fp32_vs_live", info["zero_to_fp32_vs_live"])
+            assert model.get("zero_to_fp32_refused") is None
+            assert cmp["different"] == {} and cmp["extra"] == [] and cmp["missing"] == []
+            assert cmp["bitwise_equal"] == len(model["state_dict_keys"])
 
 
 def test_trainer_weight_files_recorded() -> None:
@@ -207,14 +232,18 @@ def fp32_model(config_source: dict[str, Any] | Path) -> Any:
 def test_ref_live_loads_strictly_and_gives_ref_logits(name: str) -> None:
     fx = facts(name)
     for info, folder in checkpoints(name):
-        source = folder if (folder / "config.json").exists() else fx["model_config"]
-        model = fp32_model(source)
-        model.load_state_dict(refs(name, info["name"], "ref_live.pt"), strict=True)
-        with torch.no_grad():
-            logits = model(input_ids=torch.tensor(fx["fixed_input"])).logits
-        want = refs(name, info["name"], "ref_logits.pt")
-        assert logits.shape == (2, 12, fx["model_config"]["vocab_size"])
-        torch.testing.assert_close(logits, want, rtol=1e-5, atol=1e-6)
+        for m in models(name, info):
+            if (folder / "config.json").exists():
+                source: dict[str, Any] | Path = folder
+            else:
+                source = fx["model_config"] | {"tie_word_embeddings": m["tied"]}
+            model = fp32_model(source)
+            model.load_state_dict(refs(name, info["name"], f"ref_live{m['suffix']}.pt"))
+            with torch.no_grad():
+                logits = model(input_ids=torch.tensor(fx["fixed_input"])).logits
+            want = refs(name, info["name"], f"ref_logits{m['suffix']}.pt")
+            assert logits.shape == (2, 12, fx["model_config"]["vocab_size"])
+            torch.testing.assert_close(logits, want, rtol=1e-5, atol=1e-6)
 
 
 @needs_transformers
