@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+import warnings
 from typing import Annotated, Any
 
 import typer
@@ -88,6 +89,8 @@ def _root(
     ] = False,
 ) -> None:
     """Inspect, consolidate and reshape DeepSpeed checkpoints, without DeepSpeed."""
+    # torch warns on import when numpy is absent; dsckpt does not need it for what it then does.
+    warnings.filterwarnings("ignore", message="Failed to initialize NumPy", category=UserWarning)
 
 
 def _register() -> None:
