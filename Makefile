@@ -5,6 +5,11 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 PIP := $(BIN)/pip install --disable-pip-version-check -q -c constraints.txt
+# A second environment as a user gets it from a plain `pip install .`: no extras, no DeepSpeed,
+# no numpy. tests/test_plain_install.py runs the CLI there on every fixture against the dev env.
+PLAIN ?= .venv-plain
+PLAIN_PIP := $(PLAIN)/bin/pip install --disable-pip-version-check -q -c constraints.txt
+SOURCES := $(shell find dsckpt -name '*.py' -o -name '*.json')
 DEEPSPEED_VERSION := 0.19.8
 SAMPLE := tests/fixtures/zero/z2-bf16-dp2/ckpt
 DEMO_OUT := demo-out
@@ -15,6 +20,13 @@ $(BIN)/dsckpt: pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(PIP) torch==2.13.0
 	$(PIP) -e '.[test]'
+	touch $@
+
+# Not editable: the copy installed is what a wheel holds (remade when a source changes).
+$(PLAIN)/.installed: pyproject.toml constraints.txt $(SOURCES)
+	test -x $(PLAIN)/bin/python || $(PYTHON) -m venv $(PLAIN)
+	$(PLAIN_PIP) torch==2.13.0
+	$(PLAIN_PIP) .  # a local project is rebuilt and reinstalled on every run
 	touch $@
 
 $(VENV)/.deepspeed: $(BIN)/dsckpt
@@ -28,8 +40,8 @@ demo: $(BIN)/dsckpt
 	$(BIN)/python -c "from safetensors.torch import load_file; sd = load_file('$(DEMO_OUT)/model.safetensors'); print(len(sd), 'tensors loaded back without DeepSpeed')"
 
 ## test: set up (with test-only DeepSpeed) and run the whole suite
-test: $(VENV)/.deepspeed
-	$(BIN)/python -m pytest -q
+test: $(VENV)/.deepspeed $(PLAIN)/.installed
+	DSCKPT_PLAIN_VENV=$(PLAIN) $(BIN)/python -m pytest -q
 
 ## fixtures: regenerate the DeepSpeed-written checkpoints under tests/fixtures
 fixtures: $(VENV)/.deepspeed
@@ -48,4 +60,4 @@ lint: $(BIN)/dsckpt
 	$(BIN)/mypy dsckpt
 
 clean:
-	rm -rf $(VENV) $(DEMO_OUT) .pytest_cache
+	rm -rf $(VENV) $(PLAIN) $(DEMO_OUT) .pytest_cache

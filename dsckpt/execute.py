@@ -86,27 +86,56 @@ def _copy(
 def _cast(src: TensorRef, start: int, count: int, dtype: DType, fd: int) -> memoryview:
     """Elements ``[start, start+count)`` of ``src`` as ``dtype`` bytes.
 
-    The exact widenings (bfloat16 and float16 to float32) use numpy where it is installed (much
-    cheaper to import than torch); everything else, and strided sources, go through torch.
+    The exact widenings (bfloat16 and float16 to float32) of contiguous sources read the raw
+    bytes and widen them with numpy where it is installed (much cheaper to import than torch),
+    else with torch; everything else, and strided sources, go through torch. Both give the same
+    bits: the widenings are exact.
     """
-    np = _numpy() if src.is_contiguous and dtype == dtypes.FLOAT32 else None
-    if np is not None and src.dtype in _WIDEN:
+    if src.is_contiguous and dtype == dtypes.FLOAT32 and src.dtype in _WIDEN:
         raw = os.pread(fd, count * src.itemsize, src.offset + start * src.itemsize)
         if len(raw) != count * src.itemsize:
             raise OSError(errno.EIO, f"unexpected end of {src.path}")
+        np = _numpy()
+        if np is None:
+            return _widen_with_torch(raw, src.dtype)
         if src.dtype == dtypes.BFLOAT16:  # the high half of a float32: exact
             wide = np.frombuffer(raw, dtype="<u2").astype("<u4") << 16
         else:
             wide = np.frombuffer(raw, dtype="<f2").astype("<f4")
         return memoryview(wide.tobytes())
-    piece = read_tensor(src, start, count).to(dtypes.to_torch(dtype))
-    # numpy has no bfloat16: hand over the raw bytes
-    import torch
-
-    return memoryview(piece.view(torch.uint8).numpy().data)
+    return tensor_memory(read_tensor(src, start, count).to(dtypes.to_torch(dtype)))
 
 
 _WIDEN = (dtypes.BFLOAT16, dtypes.FLOAT16)
+
+
+def _widen_with_torch(raw: bytes, dtype: DType) -> memoryview:
+    import torch
+
+    if not raw:
+        return memoryview(b"")
+    narrow = torch.frombuffer(bytearray(raw), dtype=dtypes.to_torch(dtype))
+    return tensor_memory(narrow.to(torch.float32))
+
+
+def tensor_memory(tensor: torch.Tensor) -> memoryview:
+    """The bytes of a CPU tensor, as a writable memoryview sharing its memory (no copy).
+
+    torch's own ``.numpy()`` would do, but needs numpy, which neither torch nor dsckpt requires.
+    The view keeps the tensor alive. A non-contiguous tensor is copied to a contiguous one first,
+    so writes through the view reach ``tensor`` only when it is contiguous.
+    """
+    import ctypes
+
+    flat = tensor.reshape(-1).contiguous()
+    if flat.device.type != "cpu":
+        raise ValueError(f"tensor_memory needs a CPU tensor, not {flat.device}")
+    nbytes = flat.numel() * flat.element_size()
+    if nbytes == 0:
+        return memoryview(bytearray())
+    block = (ctypes.c_char * nbytes).from_address(flat.data_ptr())
+    block._tensor = flat  # type: ignore[attr-defined]  # the memory's owner outlives the view
+    return memoryview(block).cast("B")
 
 
 def _numpy() -> Any:

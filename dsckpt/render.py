@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
+import enum
+import json
+import math
 from collections import defaultdict
+from collections.abc import Iterable, Mapping
+from pathlib import PurePath
 from typing import Any
 
 from rich.console import Group, RenderableType
@@ -10,11 +16,85 @@ from rich.table import Table
 from rich.text import Text
 
 from dsckpt.files import RankFile, Role
-from dsckpt.layout import ERROR, Layout
+from dsckpt.layout import ERROR, Finding, Layout
+from dsckpt.printable import printable
 from dsckpt.topology_map import TopologyMap
 
 JSON_SCHEMA_VERSION = 1
 _LEVEL_STYLE = {"error": "bold red", "warning": "yellow", "info": "dim"}
+
+
+def text(value: object, style: str = "") -> Text:
+    """A table cell, title or line: control characters escaped, never read as Rich markup (a
+    key named ``[bold]`` or ``[/]`` is shown as it is)."""
+    return Text(printable(value), style=style)
+
+
+def _row(table: Table, *cells: object) -> None:
+    table.add_row(*(c if isinstance(c, Text) else text(c) for c in cells))
+
+
+def to_json(data: Any) -> str:
+    """``data`` as strict JSON text (RFC 8259): what every ``--json`` prints.
+
+    Values read from a checkpoint can be anything a pickle holds, so they are made plain first:
+    sets and tuples become lists (sets sorted), paths and unknown objects their ``str``, enums
+    their value, dataclasses dicts, mapping keys strings. Non-finite floats, which JSON has no
+    token for, become the strings ``"NaN"``, ``"Infinity"`` and ``"-Infinity"``: a NaN step
+    counter stays visible as what it is, where ``null`` would read as "not recorded".
+    """
+    return json.dumps(_plain(data, set()), indent=2, allow_nan=False)
+
+
+def _plain(value: Any, path: set[int]) -> Any:
+    if value is None or type(value) in (bool, int, str):
+        return value
+    if isinstance(value, enum.Enum):
+        return _plain(value.value, path)
+    if isinstance(value, (bool, int, float, str)):
+        return _number(value)
+    if isinstance(value, PurePath):
+        return str(value)
+    if id(value) in path:  # render builds fresh data; a cycle here would be a bug, not a hang
+        return "<circular>"
+    path.add(id(value))
+    try:
+        if dataclasses.is_dataclass(value) and not isinstance(value, type):
+            return {f.name: _plain(getattr(value, f.name), path) for f in dataclasses.fields(value)}
+        if isinstance(value, Mapping):
+            return {_key(k): _plain(v, path) for k, v in value.items()}
+        if isinstance(value, (set, frozenset)):
+            items = [_plain(v, path) for v in value]
+            return sorted(items, key=lambda v: json.dumps(v, sort_keys=True))
+        if isinstance(value, (list, tuple, range)):
+            return [_plain(v, path) for v in value]
+    finally:
+        path.discard(id(value))
+    item = getattr(value, "item", None)  # numpy and torch scalars
+    if callable(item):
+        try:
+            got = item()
+        except Exception:  # anything odd is shown as text
+            return str(value)
+        if got is None or isinstance(got, (bool, int, float, str)):
+            return _plain(got, path)
+    return str(value)
+
+
+def _number(value: bool | int | float | str) -> Any:
+    """A subclass of a JSON scalar type as the plain type; non-finite floats as strings."""
+    for kind in (bool, int, float, str):
+        if isinstance(value, kind):
+            plain = kind(value)
+            break
+    if isinstance(plain, float) and not math.isfinite(plain):
+        return "NaN" if math.isnan(plain) else ("Infinity" if plain > 0 else "-Infinity")
+    return plain
+
+
+def _key(key: Any) -> str:
+    plain = _plain(key, set())
+    return plain if isinstance(plain, str) else json.dumps(plain)
 
 
 def human_bytes(n: float) -> str:
@@ -81,9 +161,7 @@ def layout_json(layout: Layout, params: bool = False) -> dict[str, Any]:
             }
             for f in layout.files
         ],
-        "findings": [
-            {"level": x.level, "code": x.code, "message": x.message} for x in layout.findings
-        ],
+        "findings": findings_json(layout.findings),
         "other_tags": list(layout.other_tags),
     }
     if params:
@@ -154,7 +232,7 @@ def _summary(layout: Layout) -> Table:
         rows.append((label, f"{c['tensors']} {noun}, {human_count(c['numel'])} elements"))
     rows.append(("on disk", f"{human_bytes(layout.bytes_on_disk)} in {len(layout.files)} files"))
     for key, value in rows:
-        table.add_row(key, value)
+        _row(table, key, value)
     return table
 
 
@@ -163,16 +241,21 @@ def _files(layout: Layout) -> Table:
     for col in ("pp", "tp", "dp", "role", "file", "size"):
         numeric = col in ("pp", "tp", "dp", "size")
         # A file name must stay whole on a narrow terminal: fold it rather than cut it.
-        table.add_column(col, justify="right" if numeric else "left",
-                         overflow="fold", no_wrap=numeric)
+        table.add_column(
+            col, justify="right" if numeric else "left", overflow="fold", no_wrap=numeric
+        )
     ordered = sorted(
         (f for f in layout.files if f.role is not Role.LAYER),
         key=lambda f: (f.mp or 0, -1 if f.dp is None else f.dp, f.role.value),
     )
     for f in ordered:
         c = file_coordinates(layout, f)
-        table.add_row(
-            *(_opt(c[k]) for k in ("pp", "tp", "dp")), f.role.value, f.name, human_bytes(f.size)
+        _row(
+            table,
+            *(_opt(c[k]) for k in ("pp", "tp", "dp")),
+            f.role.value,
+            f.name,
+            human_bytes(f.size),
         )
     return table
 
@@ -188,7 +271,8 @@ def _layer_grid(layout: Layout) -> Table:
     for tp in tps:
         table.add_column(f"tp {tp}", justify="right")
     for layer in sorted(by_layer):
-        table.add_row(
+        _row(
+            table,
             str(layer),
             *(
                 human_bytes(by_layer[layer][tp])
@@ -205,7 +289,7 @@ def _params(layout: Layout) -> Table:
     for col in ("name", "shape", "dtype", "kind", "placement"):
         table.add_column(col, overflow="fold")
     for t in layout.tensors:
-        table.add_row(t.name, "x".join(map(str, t.shape)) or "scalar", t.dtype, t.kind, t.placement)
+        _row(table, t.name, "x".join(map(str, t.shape)) or "scalar", t.dtype, t.kind, t.placement)
     return table
 
 
@@ -216,7 +300,7 @@ def findings_table(layout: Layout) -> RenderableType:
     table.add_column("level")
     table.add_column("what", overflow="fold")
     for f in sorted(layout.findings, key=lambda x: x.level != ERROR):
-        table.add_row(Text(f.level, style=_LEVEL_STYLE.get(f.level, "")), f.message)
+        _row(table, text(f.level, _LEVEL_STYLE.get(f.level, "")), f.message)
     return table
 
 
@@ -244,7 +328,13 @@ def _few(parts: list[str]) -> str:
     )
 
 
-def map_json(tmap: TopologyMap) -> dict[str, Any]:
+def findings_json(findings: Iterable[Finding]) -> list[dict[str, str]]:
+    return [{"level": x.level, "code": x.code, "message": x.message} for x in findings]
+
+
+def map_json(tmap: TopologyMap, findings: Iterable[Finding] = ()) -> dict[str, Any]:
+    """The maps as JSON-ready data, with the checkpoint's findings (the same as ``inspect``)."""
+
     def topo(t: Any) -> dict[str, int]:
         return {"pp": t.pp, "tp": t.tp, "dp": t.dp}
 
@@ -262,6 +352,7 @@ def map_json(tmap: TopologyMap) -> dict[str, Any]:
             }
             for r in tmap.rows
         ],
+        "findings": findings_json(findings),
     }
     if tmap.dst is not None:
         data["target"] = {
@@ -322,7 +413,8 @@ def map_report(tmap: TopologyMap) -> RenderableType:
             if dps > 1
             else (first.optim_files[0] if dps and len(rows) == 1 else f"{dps} per TP rank")
         )
-        table.add_row(
+        _row(
+            table,
             str(stage),
             _span(layers),
             _span([r.tp_rank for r in rows]),
@@ -340,8 +432,10 @@ def _targets_table(tmap: TopologyMap) -> Table:
     dst = tmap.dst
     assert dst is not None
     table = Table(
-        title=f"Target: PP {dst.pp} x TP {dst.tp} x DP {dst.dp} "
-        f"(layers by '{tmap.method}'; TP pieces in 1/{tmap.tp_unit} of a split dim)",
+        title=text(
+            f"Target: PP {dst.pp} x TP {dst.tp} x DP {dst.dp} "
+            f"(layers by '{tmap.method}'; TP pieces in 1/{tmap.tp_unit} of a split dim)"
+        ),
         title_justify="left",
     )
     for col in ("stage'", "layers", "from stages", "TP' <- source TP slices", "DP' <- source DP"):
@@ -356,7 +450,8 @@ def _targets_table(tmap: TopologyMap) -> Table:
             for t in targets
         ]
         dp_cells = [f"{d}<-{_span(srcs)}" for d, srcs in enumerate(targets[0].dp_sources)]
-        table.add_row(
+        _row(
+            table,
             str(stage),
             _span(targets[0].layers),
             _span(targets[0].source_stages),
@@ -365,7 +460,7 @@ def _targets_table(tmap: TopologyMap) -> Table:
         )
     if tmap.layer_specs:
         how = "inferred from the files; --layer-specs to set" if tmap.specs_inferred else "given"
-        table.caption = f"layer specs ({how}): {tmap.layer_specs}"
+        table.caption = text(f"layer specs ({how}): {tmap.layer_specs}")
         table.caption_justify = "left"
     return table
 
@@ -382,7 +477,7 @@ def zero_reshape_table(plan: Any) -> Table:
     table.add_column("padding", justify="right")
     table.add_column(Text("from: source rank[elements]->offset"), overflow="fold")
     for group, rank, numel, padding, sources in plan.rows():
-        table.add_row(group, str(rank), str(numel), str(padding), Text(sources))
+        _row(table, group, str(rank), str(numel), str(padding), sources)
     if plan.frozen:
         table.caption = (
             f"{len(plan.frozen)} frozen parameter(s) re-split the same way into "

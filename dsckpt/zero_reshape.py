@@ -969,9 +969,10 @@ class _Writer:
 
     def _fill(self, out: Any, runs: Sequence[Run], refs: Sequence[Any]) -> None:
         """Copy each run's elements into the zero-initialised in-memory flat tensor ``out``."""
+        from dsckpt.execute import tensor_memory
         from dsckpt.load import read_tensor
 
-        raw = memoryview(out.view(self.torch.uint8).numpy()).cast("B")
+        raw = tensor_memory(out)  # shares out's memory; torch-only (no numpy needed)
         item = out.element_size()
         for run, ref in zip(runs, refs, strict=True):
             if ref.is_contiguous:

@@ -3,33 +3,65 @@
 from __future__ import annotations
 
 import os
+import sys
+import warnings
 from typing import Annotated, Any
 
 import typer
 from typer.core import TyperGroup
 
 from dsckpt._version import __version__
+from dsckpt.cli.errors import Interrupted
 from dsckpt.errors import DsckptError
 
 
 class _Group(TyperGroup):
-    """Turns dsckpt's typed errors into one line on stderr and exit code 1.
+    """Turns what escapes a command into one line on stderr and exit code 1.
 
-    Unknown exceptions keep their traceback: they are bugs. ``DSCKPT_DEBUG=1`` shows the
-    traceback of known ones too.
+    dsckpt's typed errors carry their own message; operating-system errors, memory and recursion
+    exhaustion (hostile files) get one from :mod:`dsckpt.cli.errors`. Any other exception keeps
+    its traceback: it is a bug. ``DSCKPT_DEBUG=1`` shows the traceback of all of them.
     """
 
     def invoke(self, ctx: Any) -> Any:
         try:
             return super().invoke(ctx)
-        except DsckptError as exc:
+        except BrokenPipeError:
+            # The reader went away (`dsckpt inspect ... | head`): nothing left to say to it.
+            _silence_stdout()
+            raise typer.Exit(1) from None
+        except (DsckptError, OSError, MemoryError, RecursionError) as exc:
             if os.environ.get("DSCKPT_DEBUG"):
                 raise
-            typer.echo(f"error: {exc}", err=True)
+            from dsckpt.cli.console import echo_error
+
+            echo_error(_one_line(exc))
             raise typer.Exit(1) from None
+        except Interrupted as exc:
+            typer.echo(str(exc), err=True)
+            raise typer.Exit(130) from None
         except KeyboardInterrupt:
+            # Commands that write wrap their work in reporting_interrupt; here nothing was.
             typer.echo("interrupted: nothing was written", err=True)
             raise typer.Exit(130) from None
+
+
+def _one_line(exc: BaseException) -> str:
+    from dsckpt.cli import errors
+
+    if isinstance(exc, DsckptError):
+        return str(exc)
+    if isinstance(exc, OSError):
+        return errors.os_error_line(exc)
+    if isinstance(exc, MemoryError):
+        return errors.memory_error_line()
+    return errors.recursion_error_line()
+
+
+def _silence_stdout() -> None:
+    # Python flushes stdout at exit and would report the broken pipe again, with a traceback.
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
 
 
 app = typer.Typer(
@@ -57,6 +89,8 @@ def _root(
     ] = False,
 ) -> None:
     """Inspect, consolidate and reshape DeepSpeed checkpoints, without DeepSpeed."""
+    # torch warns on import when numpy is absent; dsckpt does not need it for what it then does.
+    warnings.filterwarnings("ignore", message="Failed to initialize NumPy", category=UserWarning)
 
 
 def _register() -> None:

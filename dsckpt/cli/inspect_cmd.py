@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import json
-
 import typer
 
-from dsckpt.cli.console import console
+from dsckpt.cli.console import console, exit_on_errors
 from dsckpt.cli.options import CheckpointArg, JsonOpt, TagOpt
 
 
@@ -23,15 +21,11 @@ def inspect(
     Exits 1 when any finding is an error (missing, stale or inconsistent files).
     """
     from dsckpt.layout import open_checkpoint
-    from dsckpt.render import layout_json, layout_report
+    from dsckpt.render import layout_json, layout_report, to_json
 
     layout = open_checkpoint(ckpt, tag)
     if as_json:
-        typer.echo(json.dumps(layout_json(layout, params=params), indent=2))
+        typer.echo(to_json(layout_json(layout, params=params)))
     else:
         console().print(layout_report(layout, params=params))
-    if layout.errors:
-        first = layout.errors[0].message
-        more = f" (and {len(layout.errors) - 1} more)" if len(layout.errors) > 1 else ""
-        typer.echo(f"error: {first}{more}", err=True)
-        raise typer.Exit(1)
+    exit_on_errors(layout.findings)

@@ -42,7 +42,12 @@ class _RichSink(ProgressSink):
         self.task = None
 
     def start(self, description: str, total: int) -> None:
-        self.task = self.bar.add_task(description, total=total)
+        from rich.markup import escape
+
+        from dsckpt.printable import printable
+
+        # The description is set into a markup template: escape it so it stays text.
+        self.task = self.bar.add_task(escape(printable(description)), total=total)
 
     def advance(self, nbytes: int) -> None:
         self.bar.advance(self.task, nbytes)

@@ -7,7 +7,8 @@ from typing import Annotated, Any
 
 import typer
 
-from dsckpt.cli.console import console
+from dsckpt.cli.console import console, print_line
+from dsckpt.cli.errors import reporting_interrupt
 from dsckpt.cli.options import (
     CheckpointArg,
     DPOpt,
@@ -55,7 +56,10 @@ def reshape(
     --dp together): weights, optimizer state and counters, loadable by unmodified DeepSpeed."""
     from dsckpt.reshaping import reshape as run
 
-    with byte_progress(enabled=not quiet and not dry_run) as progress:
+    with (
+        reporting_interrupt(None if dry_run else out),
+        byte_progress(enabled=not quiet and not dry_run) as progress,
+    ):
         result = run(
             ckpt,
             out,
@@ -72,7 +76,7 @@ def reshape(
         )
     if dry_run:
         console().print(plan_report(result))
-    console().print(result.summary())
+    print_line(result.summary())
 
 
 def plan_report(result: Any) -> Any:

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import json
-
 import typer
 
-from dsckpt.cli.console import console
+from dsckpt.cli.console import console, exit_on_errors
 from dsckpt.cli.options import (
     CheckpointArg,
     DPOpt,
@@ -29,20 +27,31 @@ def show_map(
     layer_specs: LayerSpecsOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Show the rank and layer maps; with target degrees, which sources feed each new rank."""
+    """Show the rank and layer maps; with target degrees, which sources feed each new rank.
+
+    Exits 1 when the checkpoint has errors (the findings `inspect` reports): what can be mapped
+    is shown, then the findings.
+    """
+    from dsckpt.errors import DsckptError
     from dsckpt.layout import open_checkpoint
-    from dsckpt.render import map_json, map_report
+    from dsckpt.render import findings_table, map_json, map_report, to_json
     from dsckpt.topology_map import topology_map
 
-    tmap = topology_map(
-        open_checkpoint(ckpt, tag),
-        tp=tp,
-        pp=pp,
-        dp=dp,
-        method=partition_method,
-        layer_specs=layer_specs,
-    )
+    layout = open_checkpoint(ckpt, tag)
+    try:
+        tmap = topology_map(
+            layout, tp=tp, pp=pp, dp=dp, method=partition_method, layer_specs=layer_specs
+        )
+    except DsckptError:
+        if not layout.errors:
+            raise
+        # A broken checkpoint may not support a target map; its findings say why, so show what
+        # can be mapped and them rather than only the symptom.
+        tmap = topology_map(layout)
     if as_json:
-        typer.echo(json.dumps(map_json(tmap), indent=2))
+        typer.echo(to_json(map_json(tmap, findings=layout.findings)))
     else:
         console().print(map_report(tmap))
+        if layout.findings:
+            console().print(findings_table(layout))
+    exit_on_errors(layout.findings)

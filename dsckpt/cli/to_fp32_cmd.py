@@ -7,7 +7,8 @@ from typing import Annotated
 
 import typer
 
-from dsckpt.cli.console import console
+from dsckpt.cli.console import print_line
+from dsckpt.cli.errors import reporting_interrupt
 from dsckpt.cli.options import CheckpointArg, ForceOpt, QuietOpt, RulesOpt, TagOpt
 from dsckpt.cli.progress import byte_progress
 
@@ -61,7 +62,7 @@ def to_fp32(
             "master weights",
             err=True,
         )
-    with byte_progress(enabled=not quiet) as progress:
+    with reporting_interrupt(out), byte_progress(enabled=not quiet) as progress:
         result = consolidate(
             ckpt,
             out,
@@ -75,4 +76,4 @@ def to_fp32(
             from_layers=from_layers,
             strip_vocab_padding=not keep_vocab_padding,
         )
-    console().print(result.summary())
+    print_line(result.summary())
