@@ -21,10 +21,10 @@ bit for bit (see :func:`master_value`): trainable parameter ``p``'s fp32 master 
 ``k``'s element ``i`` is ``-(k + 1) - i / 64`` in the model dtype, Adam's moments are the master
 divided by 1024 and 4096. Padding is zero (DeepSpeed leaves ZeRO-3 padding uninitialised).
 
-The model is a stack of transformer-like layers with Hugging Face names: ``model.embed_tokens.weight``
-(tied to ``lm_head.weight``), then ``model.layers.{L}.{...}``; a few frozen parameters and two
-buffers (an fp32 ``inv_freq``, an int64 ``position_ids``) are spread through it, and parameters
-alternate between a decay and a no-decay optimizer group.
+The model is a stack of transformer-like layers with Hugging Face names:
+``model.embed_tokens.weight`` (tied to ``lm_head.weight``), then ``model.layers.{L}.{...}``;
+a few frozen parameters and two buffers (an fp32 ``inv_freq``, an int64 ``position_ids``) are
+spread through it, and parameters alternate between a decay and a no-decay optimizer group.
 
 Speed: a ZeRO-3 run writes one model-states file per rank, each holding an empty placeholder
 tensor per parameter (20,000 zip records of ~250 bytes); ``torch.save`` takes ~0.5 s for one, so
@@ -77,8 +77,18 @@ SUFFIXES = (
 )
 MODEL_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 ADAM_KEYS = (
-    "weight_decay", "lr", "betas", "eps", "amsgrad", "maximize", "foreach", "capturable",
-    "differentiable", "fused", "decoupled_weight_decay", "params",
+    "weight_decay",
+    "lr",
+    "betas",
+    "eps",
+    "amsgrad",
+    "maximize",
+    "foreach",
+    "capturable",
+    "differentiable",
+    "fused",
+    "decoupled_weight_decay",
+    "params",
 )  # torch.optim.AdamW's param_group keys, in its state_dict order
 
 
@@ -144,11 +154,14 @@ def model_entries(spec: Spec) -> list[Entry]:
         name = f"model.layers.{layer}.{SUFFIXES[suffix]}"
         entries.append(Entry(name, "trainable", shape_of(p), p, p % spec.groups))
         if frozen_every and k < spec.frozen and p % frozen_every == 0:
-            entries.append(Entry(f"model.layers.{layer}.adapter{k}.weight", "frozen",
-                                 (3 + k % 5, 2 + k % 4), k))
+            entries.append(
+                Entry(
+                    f"model.layers.{layer}.adapter{k}.weight", "frozen", (3 + k % 5, 2 + k % 4), k
+                )
+            )
             k += 1
-    for k in range(k, spec.frozen):  # what the layers did not take goes after them
-        entries.append(Entry(f"model.norm{k}.weight", "frozen", (5 + k % 3,), k))
+    for rest in range(k, spec.frozen):  # what the layers did not take goes after them
+        entries.append(Entry(f"model.norm{rest}.weight", "frozen", (5 + rest % 3,), rest))
     entries.append(Entry("model.position_ids", "buffer", (16,), 1))
     entries.append(Entry("lm_head.weight", "tied", shape_of(1), 0))
     return entries
@@ -186,6 +199,7 @@ def expected_state_dict(spec: Spec) -> dict[str, torch.Tensor]:
 
 
 # --- pickling DeepSpeed's classes without DeepSpeed ----------------------------------------------
+
 
 def _global(module: str, name: str) -> bytes:
     return pickle.GLOBAL + module.encode() + b"\n" + name.encode() + b"\n"
@@ -250,12 +264,19 @@ def ds_config(spec: Spec) -> dict[str, Any]:
         "gradient_accumulation_steps": 1,
         "gradient_clipping": 1.0,
         "steps_per_print": 1000000,
-        "optimizer": {"type": "AdamW", "params": {"torch_adam": True, "lr": 0.01,
-                                                  "betas": [0.9, 0.95], "eps": 1e-08}},
-        "scheduler": {"type": "WarmupLR", "params": {"warmup_min_lr": [0.001] * spec.groups,
-                                                     "warmup_max_lr": [0.01] * spec.groups,
-                                                     "warmup_num_steps": 10,
-                                                     "warmup_type": "linear"}},
+        "optimizer": {
+            "type": "AdamW",
+            "params": {"torch_adam": True, "lr": 0.01, "betas": [0.9, 0.95], "eps": 1e-08},
+        },
+        "scheduler": {
+            "type": "WarmupLR",
+            "params": {
+                "warmup_min_lr": [0.001] * spec.groups,
+                "warmup_max_lr": [0.01] * spec.groups,
+                "warmup_num_steps": 10,
+                "warmup_type": "linear",
+            },
+        },
         "zero_optimization": zero,
     }
     if spec.dtype == "bf16":
@@ -264,16 +285,31 @@ def ds_config(spec: Spec) -> dict[str, Any]:
 
 
 def param_group(g: int, params: list[int]) -> dict[str, Any]:
-    values = {"weight_decay": 0.1 if g == 0 else 0.0, "lr": 0.01 / (g + 1), "betas": (0.9, 0.95),
-              "eps": 1e-08, "amsgrad": False, "maximize": False, "foreach": None,
-              "capturable": False, "differentiable": False, "fused": None,
-              "decoupled_weight_decay": True, "params": params}
+    values = {
+        "weight_decay": 0.1 if g == 0 else 0.0,
+        "lr": 0.01 / (g + 1),
+        "betas": (0.9, 0.95),
+        "eps": 1e-08,
+        "amsgrad": False,
+        "maximize": False,
+        "foreach": None,
+        "capturable": False,
+        "differentiable": False,
+        "fused": None,
+        "decoupled_weight_decay": True,
+        "params": params,
+    }
     return {k: values[k] for k in ADAM_KEYS}
 
 
-def model_states(spec: Spec, module: dict[str, torch.Tensor], param_shapes: list[Any],
-                 frozen_fragments: dict[str, torch.Tensor], shared: dict[str, str],
-                 entries: list[Entry]) -> dict[str, Any]:
+def model_states(
+    spec: Spec,
+    module: dict[str, torch.Tensor],
+    param_shapes: list[Any],
+    frozen_fragments: dict[str, torch.Tensor],
+    shared: dict[str, str],
+    entries: list[Entry],
+) -> dict[str, Any]:
     """engine._common_checkpoint_state, key for key."""
     return dict(
         module=module,
@@ -281,7 +317,8 @@ def model_states(spec: Spec, module: dict[str, torch.Tensor], param_shapes: list
         optimizer=None,
         param_shapes=param_shapes,
         frozen_param_shapes=OrderedDict(
-            (e.name, torch.Size(e.shape)) for e in entries if e.kind == "frozen"),
+            (e.name, torch.Size(e.shape)) for e in entries if e.kind == "frozen"
+        ),
         shared_params=shared,
         frozen_param_fragments=frozen_fragments,
         lr_scheduler={"last_batch_iteration": spec.step - 1},
@@ -318,8 +355,9 @@ def _master(ids: torch.Tensor, i: torch.Tensor) -> torch.Tensor:
 def write_zero12(spec: Spec, tag_dir: Path) -> int:
     entries = model_entries(spec)
     dtype = spec.model_dtype
-    groups = [[e for e in entries if e.kind == "trainable" and e.group == g]
-              for g in range(spec.groups)]
+    groups = [
+        [e for e in entries if e.kind == "trainable" and e.group == g] for g in range(spec.groups)
+    ]
     # The bit16 flat groups: module weights are views into them, as DeepSpeed's params are.
     module_of: dict[str, torch.Tensor] = {}
     flats, sizes = [], []
@@ -361,14 +399,17 @@ def write_zero12(spec: Spec, tag_dir: Path) -> int:
 
     mappings = _slice_mappings(spec, groups, flats)
     for rank in range(spec.dp):
-        save(_zero12_optim(spec, rank, groups, flats, sizes, mappings[rank]),
-             tag_dir / f"{spec.prefix}zero_pp_rank_{rank}_mp_rank_00_optim_states.pt",
-             deepspeed_classes=True)
+        save(
+            _zero12_optim(spec, rank, groups, flats, sizes, mappings[rank]),
+            tag_dir / f"{spec.prefix}zero_pp_rank_{rank}_mp_rank_00_optim_states.pt",
+            deepspeed_classes=True,
+        )
     return spec.dp + 1
 
 
-def _slice_mappings(spec: Spec, groups: list[list[Entry]], flats: list[torch.Tensor]
-                    ) -> list[list[OrderedDict[str, FragmentAddress]]]:
+def _slice_mappings(
+    spec: Spec, groups: list[list[Entry]], flats: list[torch.Tensor]
+) -> list[list[OrderedDict[str, FragmentAddress]]]:
     """param_slice_mappings of every rank: the fragment of each parameter in its partition,
     found in one pass over the parameters (not rank x parameter)."""
     out = [[OrderedDict() for _ in groups] for _ in range(spec.dp)]
@@ -384,27 +425,38 @@ def _slice_mappings(spec: Spec, groups: list[list[Entry]], flats: list[torch.Ten
     return out
 
 
-def _zero12_optim(spec: Spec, rank: int, groups: list[list[Entry]], flats: list[torch.Tensor],
-                  sizes: list[int], mappings: list[Any]) -> dict[str, Any]:
+def _zero12_optim(
+    spec: Spec,
+    rank: int,
+    groups: list[list[Entry]],
+    flats: list[torch.Tensor],
+    sizes: list[int],
+    mappings: list[Any],
+) -> dict[str, Any]:
     """stage_1_and_2.DeepSpeedZeroOptimizer.state_dict of one rank."""
     fp32, state, paddings = [], {}, []
     for g, flat in enumerate(flats):
         size = flat.numel() // spec.dp
-        part = flat[rank * size: (rank + 1) * size].clone()
+        part = flat[rank * size : (rank + 1) * size].clone()
         pad = max(0, min(size, (rank + 1) * size - sizes[g]))
         paddings.append(pad)
         lean = part.narrow(0, 0, size - pad)  # saved without its tail padding, as a view
         lean.requires_grad_(True)
         fp32.append(lean)
-        state[g] = {"step": torch.tensor(float(spec.step)), "exp_avg": part / 1024,
-                    "exp_avg_sq": part / 4096}
+        state[g] = {
+            "step": torch.tensor(float(spec.step)),
+            "exp_avg": part / 1024,
+            "exp_avg_sq": part / 4096,
+        }
     osd = {
         "loss_scaler": loss_scaler(),
         "dynamic_loss_scale": False,
         "overflow": False,
         "clip_grad": 1.0,
-        "base_optimizer_state": {"state": state, "param_groups": [
-            param_group(g, [g]) for g in range(len(groups))]},
+        "base_optimizer_state": {
+            "state": state,
+            "param_groups": [param_group(g, [g]) for g in range(len(groups))],
+        },
         "single_partition_of_fp32_groups": fp32,
         "zero_stage": ZeroStageEnum(spec.stage),
         "group_paddings": paddings,
@@ -450,13 +502,13 @@ def write_zero3(spec: Spec, tag_dir: Path, stamp: bool = True) -> int:
     entries = model_entries(spec)
     dtype = spec.model_dtype
     # ds_id: DeepSpeed numbers parameters as zero.Init registers them (module order).
-    ds_id = {e.name: i for i, e in enumerate(e for e in entries if e.kind in ("trainable",
-                                                                              "frozen"))}
+    ds_id = {
+        e.name: i for i, e in enumerate(e for e in entries if e.kind in ("trainable", "frozen"))
+    }
     subs: list[list[Entry]] = []
     group_of_sub: list[int] = []
     for g in range(spec.groups):
-        for sub in sub_groups(spec, [e for e in entries
-                                     if e.kind == "trainable" and e.group == g]):
+        for sub in sub_groups(spec, [e for e in entries if e.kind == "trainable" and e.group == g]):
             subs.append(sub)
             group_of_sub.append(g)
     shapes = [OrderedDict((e.name, torch.Size(e.shape)) for e in sub) for sub in subs]
@@ -470,10 +522,15 @@ def write_zero3(spec: Spec, tag_dir: Path, stamp: bool = True) -> int:
             flat.requires_grad_(True)
             flat.ds_id = f"{ds_id[sub[0].name]}_{ds_id[sub[-1].name]}"  # type: ignore[attr-defined]
             fp32.append(flat)
-            state[s] = {"step": torch.tensor(float(spec.step)), "exp_avg": rows[s][rank] / 1024,
-                        "exp_avg_sq": rows[s][rank] / 4096}
-        groups = [param_group(g, [s for s, gs in enumerate(group_of_sub) if gs == g])
-                  for g in range(spec.groups)]
+            state[s] = {
+                "step": torch.tensor(float(spec.step)),
+                "exp_avg": rows[s][rank] / 1024,
+                "exp_avg_sq": rows[s][rank] / 4096,
+            }
+        groups = [
+            param_group(g, [s for s, gs in enumerate(group_of_sub) if gs == g])
+            for g in range(spec.groups)
+        ]
         osd = {
             "zero_stage": ZeroStageEnum(3),
             "loss_scaler": loss_scaler(),
@@ -483,17 +540,21 @@ def write_zero3(spec: Spec, tag_dir: Path, stamp: bool = True) -> int:
             "optimizer_state_dict": {"state": state, "param_groups": groups},
             "fp32_flat_groups": fp32,
         }
-        save({"optimizer_state_dict": osd, "ds_config": ds_config(spec),
-              "ds_version": DS_VERSION},
-             tag_dir / f"{spec.prefix}zero_pp_rank_{rank}_mp_rank_00_optim_states.pt",
-             deepspeed_classes=True)
+        save(
+            {"optimizer_state_dict": osd, "ds_config": ds_config(spec), "ds_version": DS_VERSION},
+            tag_dir / f"{spec.prefix}zero_pp_rank_{rank}_mp_rank_00_optim_states.pt",
+            deepspeed_classes=True,
+        )
 
     # Model-states files: every parameter an empty placeholder, buffers whole, this rank's
     # zero-padded slice of each frozen parameter.
     frozen = [e for e in entries if e.kind == "frozen"]
-    frozen_rows = {e.name: _rank_pieces([e], spec.dp,
-                                        lambda e: frozen_value(e.index, e.numel, torch.float32))
-                   .to(dtype) for e in frozen}
+    frozen_rows = {
+        e.name: _rank_pieces(
+            [e], spec.dp, lambda e: frozen_value(e.index, e.numel, torch.float32)
+        ).to(dtype)
+        for e in frozen
+    }
     placeholders: dict[str, torch.Tensor] = OrderedDict()
     canonical = {}
     for e in entries:
@@ -510,8 +571,9 @@ def write_zero3(spec: Spec, tag_dir: Path, stamp: bool = True) -> int:
     def states(rank: int) -> dict[str, Any]:
         fragments = OrderedDict((e.name, frozen_rows[e.name][rank].clone()) for e in frozen)
         # _get_shared_params runs its search on global rank 0 only.
-        return model_states(spec, placeholders, shapes, fragments, shared if rank == 0 else {},
-                            entries)
+        return model_states(
+            spec, placeholders, shapes, fragments, shared if rank == 0 else {}, entries
+        )
 
     name = "zero_pp_rank_{}_mp_rank_00_model_states.pt"
     templates: dict[int, _Template] = {}
@@ -545,28 +607,35 @@ class _Template:
             infos = {i.filename: i for i in zf.infolist()}
             keys = sorted((int(n.rsplit("/", 1)[1]), n) for n in infos if "/data/" in n)
             central = self._central_offsets(zf.start_dir, len(infos))  # type: ignore[attr-defined]
-        for _, record in keys[len(keys) - len(frozen):]:
+        for _, record in keys[len(keys) - len(frozen) :]:
             info = infos[record]
             local = info.header_offset
             name_len, extra_len = struct.unpack_from("<HH", self.data, local + 26)
-            self.patches.append((local + 30 + name_len + extra_len, info.file_size, local + 14,
-                                 central[record] + 16))
+            self.patches.append(
+                (
+                    local + 30 + name_len + extra_len,
+                    info.file_size,
+                    local + 14,
+                    central[record] + 16,
+                )
+            )
 
     def _central_offsets(self, start: int, count: int) -> dict[str, int]:
         offsets, pos = {}, start
         for _ in range(count):
             n, e, c = struct.unpack_from("<HHH", self.data, pos + 28)
-            offsets[self.data[pos + 46: pos + 46 + n].decode()] = pos
+            offsets[self.data[pos + 46 : pos + 46 + n].decode()] = pos
             pos += 46 + n + e + c
         return offsets
 
     def write(self, path: Path, fragments: list[torch.Tensor]) -> None:
         out = bytearray(self.data.replace(self.stem + b"/", path.stem.encode() + b"/"))
-        for (start, size, local_crc, central_crc), tensor in zip(self.patches, fragments,
-                                                                 strict=True):
+        for (start, size, local_crc, central_crc), tensor in zip(
+            self.patches, fragments, strict=True
+        ):
             raw = tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b""
             assert len(raw) == size, (path, size, len(raw))
-            out[start: start + size] = raw
+            out[start : start + size] = raw
             crc = zlib.crc32(raw)
             struct.pack_into("<I", out, local_crc, crc)
             struct.pack_into("<I", out, central_crc, crc)
@@ -609,14 +678,18 @@ def make(spec: Spec, out: Path | str, force: bool = False, stamp: bool = True) -
     seconds = time.perf_counter() - started
     size = sum(p.stat().st_size for p in tag_dir.iterdir())
     made = Made(spec, out, files, seconds, size)
-    (out / "synthetic.json").write_text(json.dumps(
-        {**asdict(spec), "files": files, "seconds": round(seconds, 2), "bytes": size}, indent=1))
+    (out / "synthetic.json").write_text(
+        json.dumps(
+            {**asdict(spec), "files": files, "seconds": round(seconds, 2), "bytes": size}, indent=1
+        )
+    )
     return made
 
 
 def _iter_args(argv: list[str] | None) -> Iterator[argparse.Namespace]:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("out", type=Path, help="the save_dir to create")
     ap.add_argument("--stage", type=int, choices=(1, 2, 3), default=2)
     ap.add_argument("--dp", type=int, default=8)
@@ -631,11 +704,20 @@ def _iter_args(argv: list[str] | None) -> Iterator[argparse.Namespace]:
 
 def main(argv: list[str] | None = None) -> int:
     for args in _iter_args(argv):
-        spec = Spec(stage=args.stage, dp=args.dp, params=args.params, dtype=args.dtype,
-                    frozen=args.frozen, groups=args.groups, sub_group_size=args.sub_group_size)
+        spec = Spec(
+            stage=args.stage,
+            dp=args.dp,
+            params=args.params,
+            dtype=args.dtype,
+            frozen=args.frozen,
+            groups=args.groups,
+            sub_group_size=args.sub_group_size,
+        )
         made = make(spec, args.out, force=args.force)
-        print(f"wrote {made.path}: {made.files} files, {made.bytes / 1e6:,.1f} MB "
-              f"in {made.seconds:.1f} s")
+        print(
+            f"wrote {made.path}: {made.files} files, {made.bytes / 1e6:,.1f} MB "
+            f"in {made.seconds:.1f} s"
+        )
     return 0
 
 

@@ -36,8 +36,12 @@ SPECS = {
 }
 # Dicts keyed by parameter name (or group index): their keys are data, not structure.
 NAME_KEYED = {
-    "module", "param_shapes[*]", "frozen_param_shapes", "frozen_param_fragments",
-    "shared_params", "optimizer_state_dict.param_slice_mappings[*]",
+    "module",
+    "param_shapes[*]",
+    "frozen_param_shapes",
+    "frozen_param_fragments",
+    "shared_params",
+    "optimizer_state_dict.param_slice_mappings[*]",
     "optimizer_state_dict.base_optimizer_state.state",
     "optimizer_state_dict.optimizer_state_dict.state",
 }
@@ -54,8 +58,9 @@ def load(path: Path) -> Any:
         return torch.load(path, weights_only=True, map_location="cpu")
 
 
-def skeleton(obj: Any, path: str = "", out: set[tuple[Any, ...]] | None = None
-             ) -> set[tuple[Any, ...]]:
+def skeleton(
+    obj: Any, path: str = "", out: set[tuple[Any, ...]] | None = None
+) -> set[tuple[Any, ...]]:
     """Every (path, type[, keys in order]) of a pickled structure; tensors by their class,
     requires_grad and attribute names (DeepSpeed's ``ds_id``)."""
     out = set() if out is None else out
@@ -91,35 +96,77 @@ def synthetic(made: dict[str, Path], key: str, name: str) -> Path:
 # keeps shared_params on rank 0 only, ZeRO-1/2's last rank holds the tail padding.
 PAIRS = [
     ("z2-fp32", "mp_rank_00_model_states.pt", "z2-fp32-dp2", "mp_rank_00_model_states.pt"),
-    ("z2-fp32", "zero_pp_rank_0_mp_rank_00_optim_states.pt", "z2-fp32-dp2",
-     "zero_pp_rank_0_mp_rank_00_optim_states.pt"),
-    ("z2-fp32", "zero_pp_rank_7_mp_rank_00_optim_states.pt", "z2-fp32-dp2",
-     "zero_pp_rank_1_mp_rank_00_optim_states.pt"),
+    (
+        "z2-fp32",
+        "zero_pp_rank_0_mp_rank_00_optim_states.pt",
+        "z2-fp32-dp2",
+        "zero_pp_rank_0_mp_rank_00_optim_states.pt",
+    ),
+    (
+        "z2-fp32",
+        "zero_pp_rank_7_mp_rank_00_optim_states.pt",
+        "z2-fp32-dp2",
+        "zero_pp_rank_1_mp_rank_00_optim_states.pt",
+    ),
     ("z2-bf16", "mp_rank_00_model_states.pt", "z2-bf16-dp2", "mp_rank_00_model_states.pt"),
-    ("z2-bf16", "bf16_zero_pp_rank_3_mp_rank_00_optim_states.pt", "z2-bf16-dp2",
-     "bf16_zero_pp_rank_1_mp_rank_00_optim_states.pt"),
+    (
+        "z2-bf16",
+        "bf16_zero_pp_rank_3_mp_rank_00_optim_states.pt",
+        "z2-bf16-dp2",
+        "bf16_zero_pp_rank_1_mp_rank_00_optim_states.pt",
+    ),
     ("z1-fp32", "mp_rank_00_model_states.pt", "z1-fp32-dp2", "mp_rank_00_model_states.pt"),
-    ("z1-fp32", "zero_pp_rank_5_mp_rank_00_optim_states.pt", "z1-fp32-dp2",
-     "zero_pp_rank_1_mp_rank_00_optim_states.pt"),
-    ("z3-fp32", "zero_pp_rank_0_mp_rank_00_model_states.pt", "z3-fp32-dp2",
-     "zero_pp_rank_0_mp_rank_00_model_states.pt"),
-    ("z3-fp32", "zero_pp_rank_6_mp_rank_00_model_states.pt", "z3-fp32-dp2",
-     "zero_pp_rank_1_mp_rank_00_model_states.pt"),
-    ("z3-fp32", "zero_pp_rank_6_mp_rank_00_optim_states.pt", "z3-fp32-dp2",
-     "zero_pp_rank_1_mp_rank_00_optim_states.pt"),
-    ("z3-bf16", "zero_pp_rank_2_mp_rank_00_model_states.pt", "z3-bf16-dp2",
-     "zero_pp_rank_1_mp_rank_00_model_states.pt"),
-    ("z3-bf16", "bf16_zero_pp_rank_2_mp_rank_00_optim_states.pt", "z3-bf16-dp2",
-     "bf16_zero_pp_rank_1_mp_rank_00_optim_states.pt"),
-    ("z3-fp32-sub", "zero_pp_rank_4_mp_rank_00_optim_states.pt", "z3-fp32-dp3",
-     "zero_pp_rank_1_mp_rank_00_optim_states.pt"),
+    (
+        "z1-fp32",
+        "zero_pp_rank_5_mp_rank_00_optim_states.pt",
+        "z1-fp32-dp2",
+        "zero_pp_rank_1_mp_rank_00_optim_states.pt",
+    ),
+    (
+        "z3-fp32",
+        "zero_pp_rank_0_mp_rank_00_model_states.pt",
+        "z3-fp32-dp2",
+        "zero_pp_rank_0_mp_rank_00_model_states.pt",
+    ),
+    (
+        "z3-fp32",
+        "zero_pp_rank_6_mp_rank_00_model_states.pt",
+        "z3-fp32-dp2",
+        "zero_pp_rank_1_mp_rank_00_model_states.pt",
+    ),
+    (
+        "z3-fp32",
+        "zero_pp_rank_6_mp_rank_00_optim_states.pt",
+        "z3-fp32-dp2",
+        "zero_pp_rank_1_mp_rank_00_optim_states.pt",
+    ),
+    (
+        "z3-bf16",
+        "zero_pp_rank_2_mp_rank_00_model_states.pt",
+        "z3-bf16-dp2",
+        "zero_pp_rank_1_mp_rank_00_model_states.pt",
+    ),
+    (
+        "z3-bf16",
+        "bf16_zero_pp_rank_2_mp_rank_00_optim_states.pt",
+        "z3-bf16-dp2",
+        "bf16_zero_pp_rank_1_mp_rank_00_optim_states.pt",
+    ),
+    (
+        "z3-fp32-sub",
+        "zero_pp_rank_4_mp_rank_00_optim_states.pt",
+        "z3-fp32-dp3",
+        "zero_pp_rank_1_mp_rank_00_optim_states.pt",
+    ),
 ]
 
 
-@pytest.mark.parametrize(("key", "ours", "fixture", "theirs"), PAIRS,
-                         ids=[f"{p[0]}:{p[1]}" for p in PAIRS])
-def test_same_structure_as_deepspeed(made: dict[str, Path], key: str, ours: str,
-                                     fixture: str, theirs: str) -> None:
+@pytest.mark.parametrize(
+    ("key", "ours", "fixture", "theirs"), PAIRS, ids=[f"{p[0]}:{p[1]}" for p in PAIRS]
+)
+def test_same_structure_as_deepspeed(
+    made: dict[str, Path], key: str, ours: str, fixture: str, theirs: str
+) -> None:
     mine, real_one = load(synthetic(made, key, ours)), load(real(fixture, theirs))
     a, b = skeleton(mine), skeleton(real_one)
     # ds_config is the user's JSON: compare the parts the fixture's run set.
@@ -159,22 +206,26 @@ def test_zero2_storage_sharing_matches(made: dict[str, Path]) -> None:
             and module[alias].storage_offset() == module[canonical].storage_offset(),
             "frozen fragments are module tensors": all(
                 t.untyped_storage().data_ptr() == module[n].untyped_storage().data_ptr()
-                for n, t in states["frozen_param_fragments"].items()),
+                for n, t in states["frozen_param_fragments"].items()
+            ),
             "lean view of padded": lean.untyped_storage().nbytes()
             == osd["base_optimizer_state"]["state"][0]["exp_avg"].nbytes
             and osd["group_paddings"][0] > 0,
         }
 
-    ours = facts(load(synthetic(made, "z2-fp32", "mp_rank_00_model_states.pt")),
-                 load(synthetic(made, "z2-fp32", f"zero_pp_rank_{DP - 1}_mp_rank_00_optim_states.pt")))
-    theirs = facts(load(real("z2-fp32-dp2", "mp_rank_00_model_states.pt")),
-                   load(real("z2-fp32-dp2", "zero_pp_rank_1_mp_rank_00_optim_states.pt")))
+    ours = facts(
+        load(synthetic(made, "z2-fp32", "mp_rank_00_model_states.pt")),
+        load(synthetic(made, "z2-fp32", f"zero_pp_rank_{DP - 1}_mp_rank_00_optim_states.pt")),
+    )
+    theirs = facts(
+        load(real("z2-fp32-dp2", "mp_rank_00_model_states.pt")),
+        load(real("z2-fp32-dp2", "zero_pp_rank_1_mp_rank_00_optim_states.pt")),
+    )
     assert ours == theirs == dict.fromkeys(theirs, True)
 
 
 @pytest.mark.parametrize("key", sorted(SPECS))
-def test_consolidates_to_the_known_values(made: dict[str, Path], key: str,
-                                          tmp_path: Path) -> None:
+def test_consolidates_to_the_known_values(made: dict[str, Path], key: str, tmp_path: Path) -> None:
     from safetensors.torch import load_file
 
     spec = SPECS[key]
@@ -182,13 +233,15 @@ def test_consolidates_to_the_known_values(made: dict[str, Path], key: str,
     result = dsckpt.consolidate(made[key], out)
     got = load_file(out)
     # to-fp32 gives every floating tensor in fp32 (bf16 frozen weights upcast, exactly).
-    expected = {n: t.float() if t.is_floating_point() else t
-                for n, t in expected_state_dict(spec).items()}
+    expected = {
+        n: t.float() if t.is_floating_point() else t for n, t in expected_state_dict(spec).items()
+    }
     if spec.stage == 1:  # ZeRO-1 frozen weights are in `module` only: still there, same values
         assert result.tensors + result.aliases == len(expected)
     assert sorted(got) == sorted(expected)
-    wrong = [n for n, t in expected.items()
-             if got[n].dtype != t.dtype or not torch.equal(got[n], t)]
+    wrong = [
+        n for n, t in expected.items() if got[n].dtype != t.dtype or not torch.equal(got[n], t)
+    ]
     assert wrong == []
 
 
@@ -214,8 +267,10 @@ def test_stamped_files_are_what_torch_save_writes(tmp_path: Path) -> None:
     fast, slow = make(spec, tmp_path / "fast").path, make(spec, tmp_path / "slow", stamp=False).path
     for rank in range(spec.dp):
         name = f"zero_pp_rank_{rank}_mp_rank_00_model_states.pt"
-        with zipfile.ZipFile(fast / spec.tag / name) as a, \
-                zipfile.ZipFile(slow / spec.tag / name) as b:
+        with (
+            zipfile.ZipFile(fast / spec.tag / name) as a,
+            zipfile.ZipFile(slow / spec.tag / name) as b,
+        ):
             assert a.namelist() == b.namelist()
             assert a.testzip() is None  # every CRC-32 right
             for record in a.namelist():
