@@ -803,10 +803,10 @@ def _deepspeed_names() -> dict[Any, str]:
 _DEEPSPEED_NAMES: dict[Any, str] = {}
 
 
-# Real CRC-32s in the output zips cost a re-read of every byte written (measured: twice the wall
-# time at 420M parameters, 13 GB of input and output competing for the page cache); torch.load
-# never checks them, and torch.serialization.set_crc32_options(False) writes zeros as we do.
-STREAM_CRC32 = False
+# Real CRC-32s in every zip record, so zip tools accept the files (torch.load never checks them):
+# computed from the source chunks on a worker thread while the kernel copies them
+# (dsckpt.formats.crc; bench/bench_crc.py measured the options).
+STREAM_CRC32 = True
 
 
 def save_rank_file(obj: Any, path: Path, lazy: Any, progress: Any = None) -> None:
