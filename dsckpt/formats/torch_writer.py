@@ -513,7 +513,7 @@ class ShardedTorchWriter(ShardedSafetensorsWriter):
             path,
             shard.tensors,
             aliases=dict(shard.aliases),
-            archive_name=path.name.split(".", 1)[0],
+            archive_name=shard.filename.split(".", 1)[0],
             crc32=self._crc32,
             preallocate=preallocate,
         )
