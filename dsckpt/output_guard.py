@@ -82,6 +82,9 @@ def refuse_overlap(
                 raise OutputError(f"{out} is {what} being read ({path}): {fix}")
             if target in path.parents:
                 raise OutputError(f"{out} contains {what} being read ({path}): {fix}")
+        for path in _read_paths(root, tag_dir):
+            if _within(path, target):
+                raise OutputError(f"{out} would replace {path}, which this command reads: {fix}")
         if _within(target, real_tag):
             raise OutputError(
                 f"{out} is inside the tag directory being read ({real_tag}): {fix} "
@@ -95,9 +98,4 @@ def refuse_overlap(
                 raise OutputError(
                     f"{out} would write over tag directory {other} of the checkpoint "
                     f"({other_dir}): {fix}"
-                )
-        for path in _read_paths(root, tag_dir):
-            if _within(path, target):
-                raise OutputError(
-                    f"{out} would replace {path}, which this command reads: {fix}"
                 )
