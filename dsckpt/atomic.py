@@ -518,6 +518,10 @@ def atomic_entries(
             or the reverse), or a file-system error on the write path.
     """
     directory = Path(directory)
+    for name in names:  # a name from a checkpoint (the tag) must never lead outside directory
+        if name in ("", ".", "..") or "/" in name or "\0" in name or os.sep in name:
+            raise OutputError(f"{name!r} cannot be an entry of {directory}: it is not a single "
+                              "file name")
     staged = {name: _temp_name(directory / name, TMP_MARKER) for name in names}
     try:
         _check_entries(directory, names, dirs, force=force)

@@ -603,3 +603,14 @@ def test_save_torch_overlapping_ranges_get_the_crc_of_the_bytes_written(tmp_path
     want[1024:3072] = raw[8192:10240]
     want[6000:6100] = raw[100:200]
     assert bytes(got.numpy()) == bytes(want)
+
+
+@pytest.mark.parametrize("name", ["", ".", "..", "../escape", "a/b", "x\0y"])
+def test_atomic_entries_names_stay_inside(tmp_path: Path, name: str) -> None:
+    from dsckpt.atomic import atomic_entries
+    from dsckpt.errors import OutputError
+
+    entries = atomic_entries(tmp_path / "out", [name, "latest"], dirs={name})
+    with pytest.raises(OutputError, match="single file name"), entries:
+        pass
+    assert list(tmp_path.iterdir()) == []
