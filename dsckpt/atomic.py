@@ -11,8 +11,12 @@ Guarantees and limits:
 
 * On success the data is fsync'ed before the rename and the directory after it, so a crash
   never leaves a destination that looks complete but is not.
-* On any exception, including ``KeyboardInterrupt``, the temporary is removed and the
-  exception propagates. ``ENOSPC``/``EDQUOT`` become a one-line :class:`OutputError`.
+* On any exception, including ``KeyboardInterrupt``, the temporary (and any parent directory
+  created for it) is removed and the exception propagates; a clean-up that fails never replaces
+  it. File-system errors on the write path (``ENOSPC``/``EDQUOT``, ``EACCES``/``EPERM``,
+  ``EROFS``, ``ENAMETOOLONG``, ``ENOTDIR``, ``ENOENT``, ``EISDIR``, ...) become a one-line
+  :class:`OutputError` naming the path and what to do: this module is the one place that maps
+  them.
 * ``SIGTERM`` (while the context runs in the main thread) is turned into ``SystemExit(143)``
   so the same cleanup runs.
 * ``SIGKILL``, a power cut or a kernel panic cannot be intercepted: they can leave a temporary
@@ -32,7 +36,7 @@ import secrets
 import shutil
 import signal
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from pathlib import Path
 from types import FrameType
 
@@ -40,6 +44,7 @@ from dsckpt.errors import OutputError
 
 __all__ = [
     "TMP_MARKER",
+    "atomic_entries",
     "atomic_output",
     "check_disk_space",
     "format_bytes",
@@ -185,15 +190,103 @@ def _temp_name(dest: Path, marker: str) -> Path:
     return dest.with_name(f".{dest.name[:200]}{marker}{os.getpid()}-{secrets.token_hex(4)}")
 
 
-def _no_space_error(exc: BaseException) -> OSError | None:
+_ADVICE = {
+    errno.EACCES: "permission denied: choose a directory you can write to, or fix its permissions",
+    errno.EPERM: "operation not permitted: choose a directory you can write to",
+    errno.EROFS: "the file system is read-only: choose an output path on a writable one",
+    errno.ENAMETOOLONG: "a name in the path is too long: choose a shorter output path",
+    errno.ENOTDIR: "a parent of the output path is a file, not a directory: choose another path",
+    errno.ENOENT: "a parent directory of the output is missing (removed while writing?): "
+    "choose an existing location",
+    errno.EISDIR: "a directory is in the way: remove it or choose another output path",
+    errno.EEXIST: "something appeared at the output path meanwhile: choose another output path",
+    errno.ELOOP: "too many symbolic links in the output path: choose another path",
+    errno.EMLINK: "the directory holds too many entries: choose another output path",
+    errno.EIO: "the device reported an I/O error: check it, or choose another output path",
+    errno.EFBIG: "the file is too large for this file system: choose another output path",
+}
+
+
+def _chain(exc: BaseException) -> Iterator[BaseException]:
     seen: set[int] = set()
     cur: BaseException | None = exc
     while cur is not None and id(cur) not in seen:
         seen.add(id(cur))
-        if isinstance(cur, OSError) and cur.errno in _NO_SPACE:
-            return cur
+        yield cur
         cur = cur.__cause__ or cur.__context__
+
+
+def _touches(filename: object, dest: Path, staged: Iterable[Path]) -> bool:
+    """Whether an OSError's path is on the output side: ``dest``, a temporary, or an ancestor
+    or descendant of either (source files being read are not)."""
+    if not isinstance(filename, (str, bytes, os.PathLike)):
+        return False
+    path = Path(os.fsdecode(filename)).absolute()
+    for ref in (dest, *staged):
+        ref = ref.absolute()
+        if path == ref or path in ref.parents or ref in path.parents:
+            return True
+    return False
+
+
+def output_error(exc: BaseException, dest: Path, staged: Iterable[Path] = (),
+                 nbytes: int | None = None) -> OutputError | None:
+    """The one-line :class:`OutputError` for a file-system error writing ``dest``, or None when
+    ``exc`` is not one (an error reading the input, say, keeps its own type).
+
+    ``staged`` are the temporaries being written for ``dest``: errors naming them count too.
+    """
+    staged = list(staged)
+    for cur in _chain(exc):
+        if isinstance(cur, OutputError):
+            return None  # already one line
+        if not isinstance(cur, OSError) or cur.errno is None:
+            continue
+        if cur.errno in _NO_SPACE:
+            need = f"need {format_bytes(nbytes)}" if nbytes is not None else "need more"
+            try:
+                free = f"{format_bytes(_free_bytes(dest.parent))} free"
+            except OSError:
+                free = "free space unknown"
+            return OutputError(f"no space left on device writing {dest}: {need}, {free}")
+        on_output = _touches(cur.filename, dest, staged) or _touches(cur.filename2, dest, staged)
+        # Errors without a path (a pwrite on an output descriptor) that only a write can give.
+        if on_output or (cur.filename is None and cur.errno in (errno.EROFS, errno.EFBIG)):
+            where = os.fsdecode(cur.filename) if cur.filename is not None else str(dest)
+            advice = _ADVICE.get(cur.errno, "choose another output path")
+            reason = cur.strerror or os.strerror(cur.errno)
+            return OutputError(f"cannot write {dest}: {reason} ({where}): {advice}")
     return None
+
+
+def _make_parents(directory: Path) -> list[Path]:
+    """``mkdir -p directory``; returns the directories created, outermost first."""
+    missing = []
+    cur = directory.absolute()
+    while not cur.exists() and cur != cur.parent:
+        missing.append(cur)
+        cur = cur.parent
+    missing.reverse()
+    for d in missing:
+        d.mkdir(exist_ok=True)
+    return missing
+
+
+def _remove_created(created: list[Path]) -> None:
+    for d in reversed(created):  # only if still empty: never remove what someone else put there
+        with contextlib.suppress(OSError):
+            d.rmdir()
+
+
+def _cleanup(paths: Iterable[Path], exc: BaseException) -> None:
+    """Remove temporaries after a failure; a removal that fails is noted on ``exc`` (the first
+    error stays the one raised)."""
+    for path in paths:
+        try:
+            _remove(path)
+        except OSError as cleanup_exc:
+            exc.add_note(f"dsckpt could not remove its temporary {path}: {cleanup_exc}; "
+                         "delete it by hand")
 
 
 def _refuse_existing(dest: Path, *, force: bool, is_dir: bool) -> None:
@@ -283,12 +376,19 @@ def atomic_output(
 
     Raises:
         OutputError: ``dest`` exists without ``force``, is of the other kind (file vs
-            directory), or the device ran out of space (ENOSPC/EDQUOT).
+            directory), or a file-system error on the write path (no space, permission
+            denied, read-only, name too long, a parent that is a file...).
     """
     dest = Path(dest)
-    _refuse_existing(dest, force=force, is_dir=is_dir)
-    dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = _temp_name(dest, TMP_MARKER)
+    try:
+        _refuse_existing(dest, force=force, is_dir=is_dir)
+        created = _make_parents(dest.parent)
+    except OSError as exc:
+        mapped = output_error(exc, dest, (tmp,), nbytes)
+        if mapped is not None:
+            raise mapped from exc
+        raise
     with _SigtermGuard() as guard:
         try:
             if is_dir:
@@ -305,14 +405,11 @@ def atomic_output(
                 _fsync_path(dest.parent)
         except BaseException as exc:
             guard.defer()
-            _remove(tmp)
-            no_space = _no_space_error(exc)
-            if no_space is not None:
-                need = f"need {format_bytes(nbytes)}" if nbytes is not None else "need more"
-                raise OutputError(
-                    f"no space left on device writing {dest}: {need}, "
-                    f"{format_bytes(_free_bytes(dest.parent))} free"
-                ) from exc
+            _cleanup([tmp], exc)
+            _remove_created(created)
+            mapped = output_error(exc, dest, (tmp,), nbytes)
+            if mapped is not None:
+                raise mapped from exc
             raise
         guard.resume()  # complete and in place; now honour a SIGTERM that came during commit
 
@@ -334,6 +431,158 @@ def _commit(tmp: Path, dest: Path, *, is_dir: bool) -> None:
         os.rename(old, dest)
         raise
     _remove(old)
+
+
+def _is_empty_dir(path: Path) -> bool:
+    with os.scandir(path) as it:
+        return next(it, None) is None
+
+
+def _check_entries(directory: Path, names: Sequence[str], dirs: Collection[str], *,
+                   force: bool) -> None:
+    if os.path.lexists(directory) and not directory.is_dir():
+        raise OutputError(f"{directory} is a file and the output is a directory: remove it or "
+                          "choose another output path (--force does not replace a file with a "
+                          "directory)")
+    if not directory.is_dir() or _is_empty_dir(directory):
+        return  # a new or empty directory needs no --force
+    if not force:
+        raise OutputError(f"{directory} exists and is not empty: pass --force to write dsckpt's "
+                          "files into it (files it does not write are kept), or choose another "
+                          "output path")
+    for name in names:
+        path = directory / name
+        if not os.path.lexists(path):
+            continue
+        is_dir = path.is_dir() and not path.is_symlink()
+        if name in dirs and not is_dir:
+            raise OutputError(f"{path} is a file and dsckpt writes a directory there: remove it "
+                              "or choose another output path")
+        if name not in dirs and is_dir:
+            raise OutputError(f"{path} is a directory and dsckpt writes a file there: remove it "
+                              "or choose another output path")
+
+
+@contextlib.contextmanager
+def atomic_entries(
+    directory: os.PathLike[str] | str,
+    names: Sequence[str],
+    *,
+    force: bool = False,
+    dirs: Collection[str] = (),
+    withdraw: Collection[str] = (),
+    stale: Callable[[str], bool] | None = None,
+    nbytes: int | None = None,
+    durable: bool = True,
+) -> Iterator[dict[str, Path]]:
+    """Write some entries of a directory that may hold other files, which are kept.
+
+    Each entry is staged under a hidden temporary name inside ``directory`` (same filesystem),
+    then, once all are complete, renamed into place in the order of ``names``: the last one is
+    the commit point (an index, ``latest``). Example::
+
+        with atomic_entries(out, ["model-00001-of-00002.safetensors", ...,
+                                  "model.safetensors.index.json"], force=True) as paths:
+            write each name to paths[name]
+
+    Guarantees:
+
+    * Nothing outside ``names`` (and ``withdraw``/``stale`` entries, below) is ever touched.
+    * Every name, at every instant, is either absent or a complete file (old or new): each is
+      replaced by one ``rename``; a directory entry by an atomic swap where Linux supports it.
+    * ``withdraw`` entries (old entry points, e.g. the previous index) are moved aside before
+      the first rename and deleted after the last, so a crash in between never leaves an old
+      entry point naming a mixture of old and new files.
+    * After the commit, regular files (never directories or symlinks' targets) for which
+      ``stale(name)`` is true and that are not in ``names`` are deleted: the previous output's
+      leftovers, e.g. shards the new index no longer lists.
+    * On an exception everything staged is removed (and a ``directory`` created for the call);
+      withdrawn entries are put back if no entry was replaced yet.
+
+    Args:
+        directory: the output directory; created (with parents) if missing. An existing
+            non-empty one needs ``force``; an empty one does not.
+        names: the entries to write, in commit order.
+        force: write into an existing non-empty directory.
+        dirs: which of ``names`` are directories (created empty for the caller).
+        withdraw: existing entries to move out of the way before the first rename.
+        stale: which other file names are the caller's own naming, deleted when not rewritten.
+        nbytes: the expected output size, for the out-of-space message.
+        durable: fsync the staged entries before the renames and the directory after.
+
+    Yields:
+        ``{name: temporary path to write}``.
+
+    Raises:
+        OutputError: refused up front (not empty without force, a file where a directory goes
+            or the reverse), or a file-system error on the write path.
+    """
+    directory = Path(directory)
+    for name in names:  # a name from a checkpoint (the tag) must never lead outside directory
+        if name in ("", ".", "..") or "/" in name or "\0" in name or os.sep in name:
+            raise OutputError(f"{name!r} cannot be an entry of {directory}: it is not a single "
+                              "file name")
+    staged = {name: _temp_name(directory / name, TMP_MARKER) for name in names}
+    try:
+        _check_entries(directory, names, dirs, force=force)
+        created = _make_parents(directory)
+    except OSError as exc:
+        mapped = output_error(exc, directory, staged.values(), nbytes)
+        if mapped is not None:
+            raise mapped from exc
+        raise
+    aside: dict[Path, Path] = {}
+    replaced = False
+    with _SigtermGuard() as guard:
+        try:
+            for name in dirs:
+                staged[name].mkdir()
+            yield dict(staged)
+            for tmp in staged.values():
+                if not os.path.lexists(tmp):
+                    raise RuntimeError(f"nothing was written to the temporary output {tmp}")
+                if durable:
+                    _fsync_tree(tmp)
+            _check_entries(directory, names, dirs, force=True)  # kinds may have changed since
+            guard.defer()
+            for name in withdraw:
+                path = directory / name
+                if os.path.lexists(path):
+                    aside[path] = _temp_name(path, OLD_MARKER)
+                    os.rename(path, aside[path])
+            for name, tmp in staged.items():
+                replaced = True
+                _commit(tmp, directory / name, is_dir=name in dirs)
+            for old in aside.values():
+                _remove(old)
+            if stale is not None:
+                _remove_stale(directory, set(names), stale)
+            if durable:
+                _fsync_path(directory)
+        except BaseException as exc:
+            guard.defer()
+            _cleanup(staged.values(), exc)
+            if not replaced:
+                for path, old in aside.items():
+                    with contextlib.suppress(OSError):
+                        os.rename(old, path)
+            else:
+                _cleanup(aside.values(), exc)
+            _remove_created(created)
+            mapped = output_error(exc, directory, [*staged.values(), *aside.values()], nbytes)
+            if mapped is not None:
+                raise mapped from exc
+            raise
+        guard.resume()
+
+
+def _remove_stale(directory: Path, keep: set[str], stale: Callable[[str], bool]) -> None:
+    with os.scandir(directory) as it:
+        leftovers = [e for e in it if e.name not in keep and stale(e.name)
+                     and e.is_file(follow_symlinks=False)]
+    for entry in leftovers:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(entry.path)
 
 
 _TEMP_RE = re.compile(r"^\..*(?:\.dsckpt-tmp-|\.dsckpt-old-)(\d+)-[0-9a-f]{8}$")

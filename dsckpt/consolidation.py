@@ -140,13 +140,9 @@ def consolidate(
 
 
 def _refuse_inside(out: Path, layout: Layout) -> None:
-    target = out.resolve()
-    root = layout.root.resolve()
-    if target == root or root in target.parents:
-        raise OutputError(
-            f"{out} is inside the checkpoint {layout.root}: write the output "
-            "elsewhere (dsckpt never writes into its input)"
-        )
+    from dsckpt.output_guard import refuse_overlap
+
+    refuse_overlap(out, root=layout.root, tag_dir=layout.dir, other_tags=layout.other_tags)
 
 
 class LazyStateDict(Mapping[str, "torch.Tensor"]):

@@ -432,6 +432,7 @@ class PipelineReshapeResult:
     written: bool
     files: list[str] = field(default_factory=list)
     nbytes: int = 0
+    skipped: list[str] = field(default_factory=list)  # tag-directory entries not copied
 
     @property
     def dst_parts(self) -> tuple[int, ...]:
@@ -446,7 +447,7 @@ class PipelineReshapeResult:
                             method=plan.method, plan=plan)
 
     def summary(self) -> str:
-        from dsckpt.zero_reshape import _human
+        from dsckpt.zero_reshape import _human, skipped_note
 
         src, dst = self.plan.src, self.plan.dst
         move = (f"PP {src.pp} x TP {src.tp} x DP {src.dp} -> PP {dst.pp} x TP {dst.tp} x "
@@ -454,7 +455,7 @@ class PipelineReshapeResult:
         if not self.written:
             return f"dry run: {move}; nothing written (would write {self.out}/{self.tag}/)"
         return (f"wrote {self.out} (tag {self.tag}): {move}, {len(self.files)} files, "
-                f"{_human(self.nbytes)}")
+                f"{_human(self.nbytes)}{skipped_note(self.skipped)}")
 
 
 def reshape_pipeline(layout: Layout, out: Path | str, *, tp: int | None = None,
@@ -472,7 +473,7 @@ def reshape_pipeline(layout: Layout, out: Path | str, *, tp: int | None = None,
     plan = plan_pipeline(layout, tp=tp, pp=pp, dp=dp, partition_method=partition_method,
                          layer_specs=layer_specs, rules_file=rules_file)
     out = Path(out)
-    check_output(layout.root, layout.dir, out, force)
+    check_output(layout, out, force)
     tag = layout.tag if layout.tag is not None else layout.dir.name
     result = PipelineReshapeResult(plan, layout.dir, out, tag, written=False)
     if dry_run:
@@ -505,12 +506,13 @@ class _PipelineWriter:
     # --- the directory ------------------------------------------------------------------------
 
     def write(self, out: Path, tag: str, force: bool, result: PipelineReshapeResult) -> None:
-        from dsckpt.atomic import atomic_output
+        from dsckpt.atomic import atomic_entries
         from dsckpt.files import scan
-        from dsckpt.zero_reshape import _location_of
+        from dsckpt.zero_reshape import _location_of, copy_extra_files, extra_entries
 
         plan, dst = self.plan, self.plan.dst
-        _, unrelated = scan(_location_of(self.layout))
+        rank_files, _ = scan(_location_of(self.layout))
+        extras = extra_entries(self.layout.dir, rank_files)
         jobs: list[Callable[[Path], None]] = []
         for stage in plan.stages:
             for t in range(dst.tp):
@@ -522,15 +524,13 @@ class _PipelineWriter:
         if self.progress is not None:
             self.progress.start(f"reshape to PP {dst.pp} x TP {dst.tp} x DP {dst.dp}",
                                 self.layout.bytes_on_disk)
-        with atomic_output(out, force=force, is_dir=True, durable=False) as tmp:
-            tag_dir = tmp / tag
-            tag_dir.mkdir()
+        with atomic_entries(out, [tag, "latest"], dirs={tag}, force=force,
+                            durable=False) as staged:
+            tag_dir = staged[tag]
             for build in jobs:
                 build(tag_dir)
-            for extra in unrelated:
-                if (self.layout.dir / extra).is_file():
-                    shutil.copyfile(self.layout.dir / extra, tag_dir / extra)
-            (tmp / "latest").write_text(tag)
+            _, result.skipped = copy_extra_files(self.layout.dir, extras, tag_dir)
+            staged["latest"].write_text(tag)
             result.files = sorted(p.name for p in tag_dir.iterdir())
             result.nbytes = sum(p.stat().st_size for p in tag_dir.iterdir())
 

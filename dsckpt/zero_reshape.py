@@ -31,12 +31,11 @@ DeepSpeed's rules for a size ``N`` (read from its source, checked on real checkp
 
 from __future__ import annotations
 
-import errno
 import functools
 import math
 import os
 import pickle
-import shutil
+import stat
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from contextlib import ExitStack
@@ -508,7 +507,7 @@ class Source:
     model: dict[int, tuple[Path, Any]]  # model-states file of DP rank 0, the template for all
     optim: dict[int, tuple[Path, Any]]  # dp rank -> optimizer file
     optim_prefix: str
-    extra_files: tuple[Path, ...] = ()  # files DeepSpeed users keep beside the rank files
+    extra_files: tuple[Path, ...] = ()  # other entries of the tag directory (copied if regular)
 
 
 def open_source(ckpt: Path | str | Layout, tag: str | None = None) -> Source:
@@ -547,7 +546,7 @@ def open_source(ckpt: Path | str | Layout, tag: str | None = None) -> Source:
     if not layout.zero_sources:
         raise InconsistentCheckpoint(f"{where}: the optimizer partitions could not be located")
 
-    files, unrelated = scan(_location_of(layout))
+    files, _ = scan(_location_of(layout))
     optim: dict[int, tuple[Path, Any]] = {}
     model: dict[int, tuple[Path, Any]] = {}
     prefix = ""
@@ -564,7 +563,7 @@ def open_source(ckpt: Path | str | Layout, tag: str | None = None) -> Source:
                                 "partitioned over expert groups, which reshape does not handle")
     facts = _facts(layout, meta, optim)
     name = layout.tag if layout.tag is not None else where.name
-    extra = tuple(where / n for n in unrelated if (where / n).is_file())
+    extra = tuple(where / n for n in extra_entries(where, files))
     return Source(layout=layout, tag=name, facts=facts, model=model, optim=optim,
                   optim_prefix=prefix, extra_files=extra)
 
@@ -708,6 +707,7 @@ class ReshapeResult:
     written: bool
     files: list[str] = field(default_factory=list)
     nbytes: int = 0
+    skipped: list[str] = field(default_factory=list)  # tag-directory entries not copied
 
     def summary(self) -> str:
         what = {"zero": f"ZeRO-{self.plan.stage}", "bf16_optimizer": "BF16_Optimizer (ZeRO-1)",
@@ -717,7 +717,7 @@ class ReshapeResult:
                     f"(would write {self.out}/{self.tag}/)")
         return (f"wrote {self.out} (tag {self.tag}): {what} resharded from DP "
                 f"{self.plan.source_dp} to DP {self.plan.dp}, {len(self.files)} files, "
-                f"{_human(self.nbytes)}")
+                f"{_human(self.nbytes)}{skipped_note(self.skipped)}")
 
 
 def _human(n: float) -> str:
@@ -744,7 +744,7 @@ def reshape_zero(layout: Layout, out: Path | str, *, dp: int, force: bool = Fals
     :func:`dsckpt.reshaping.reshape`)."""
     source, plan = plan_reshape(layout, dp)
     out = Path(out)
-    check_output(source.layout.root, source.layout.dir, out, force)
+    check_output(source.layout, out, force)
     result = ReshapeResult(plan=plan, source=source.layout.dir, out=out, tag=source.tag,
                            written=False)
     if dry_run:
@@ -754,21 +754,16 @@ def reshape_zero(layout: Layout, out: Path | str, *, dp: int, force: bool = Fals
     return result
 
 
-def check_output(root: Path, tag_dir: Path, out: Path, force: bool) -> None:
-    """Refuse an ``out`` that is, holds, or sits inside the checkpoint, or exists without force."""
-    target = out.resolve()
-    paths = [root.resolve(), tag_dir.resolve()]
-    for path in paths:
-        if target == path or path in target.parents:
-            raise OutputError(f"{out} is inside the checkpoint being read ({path}): choose an "
-                              "output directory outside it")
-    for path in paths:
-        if target in path.parents:
-            raise OutputError(f"{out} contains the checkpoint being read ({path}): choose an "
-                              "output directory that does not hold the input")
-    if out.exists() and not force:
-        raise OutputError(f"{out} already exists: pass --force to replace it, or choose another "
-                          "output directory")
+def check_output(layout: Layout, out: Path, force: bool) -> None:
+    """Refuse, before anything is written, an ``out`` that overlaps the checkpoint
+    (:func:`dsckpt.output_guard.refuse_overlap`) or is a non-empty directory without force."""
+    from dsckpt.output_guard import refuse_overlap
+
+    refuse_overlap(out, root=layout.root, tag_dir=layout.dir, other_tags=layout.other_tags)
+    if os.path.lexists(out) and not force and not (out.is_dir() and not any(out.iterdir())):
+        raise OutputError(f"{out} already exists: pass --force to replace `latest` and the tag "
+                          "directory in it (other files are kept), or choose another output "
+                          "directory")
 
 
 class _DeepSpeedNamesPickler(pickle._Pickler):  # type: ignore[name-defined,misc]
@@ -799,10 +794,10 @@ def _deepspeed_names() -> dict[Any, str]:
 _DEEPSPEED_NAMES: dict[Any, str] = {}
 
 
-# Real CRC-32s in the output zips cost a re-read of every byte written (measured: twice the wall
-# time at 420M parameters, 13 GB of input and output competing for the page cache); torch.load
-# never checks them, and torch.serialization.set_crc32_options(False) writes zeros as we do.
-STREAM_CRC32 = False
+# Real CRC-32s in every zip record, so zip tools accept the files (torch.load never checks them):
+# computed from the source chunks on a worker thread while the kernel copies them
+# (dsckpt.formats.crc; bench/bench_crc.py measured the options).
+STREAM_CRC32 = True
 
 
 def save_rank_file(obj: Any, path: Path, lazy: Any, progress: Any = None) -> None:
@@ -818,13 +813,82 @@ def save_rank_file(obj: Any, path: Path, lazy: Any, progress: Any = None) -> Non
 
     if not _DEEPSPEED_NAMES:
         _DEEPSPEED_NAMES.update(_deepspeed_names())
-    try:
-        save_torch(obj, path, lazy=lazy, pickler=_DeepSpeedNamesPickler, crc32=STREAM_CRC32,
-                   progress=progress)
-    except OSError as exc:
-        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise  # atomic_output turns it into its one-line out-of-space error
-        raise OutputError(f"{path.name} cannot be written: {exc.strerror or exc}") from exc
+    # File-system errors propagate: atomic_entries maps those of the write path to one line.
+    save_torch(obj, path, lazy=lazy, pickler=_DeepSpeedNamesPickler, crc32=STREAM_CRC32,
+               progress=progress)
+
+
+def extra_entries(tag_dir: Path, rank_files: Iterable[Any]) -> list[str]:
+    """Names of the tag directory's entries that are not rank files (config copies, notes,
+    and whatever else a user keeps there), whatever their kind."""
+    rank = {f.name for f in rank_files}
+    with os.scandir(tag_dir) as it:
+        return sorted(e.name for e in it if e.name not in rank)
+
+
+_KINDS = ((stat.S_ISLNK, "a symbolic link"), (stat.S_ISDIR, "a directory"),
+          (stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),
+          (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
+
+
+def _kind(mode: int) -> str:
+    return next((name for test, name in _KINDS if test(mode)), "not a regular file")
+
+
+def copy_extra_files(src_dir: Path, names: Iterable[str], dst_dir: Path
+                     ) -> tuple[list[str], list[str]]:
+    """Copy the tag directory's extra entries that are regular files, and only those.
+
+    Nothing is followed: an entry is judged by ``lstat`` and opened with ``O_NOFOLLOW`` and
+    ``O_NONBLOCK`` (a FIFO swapped in meanwhile cannot block), and the opened file must still be
+    the regular file judged; so no symlink target (``/etc/passwd``, ``/proc/self/environ``) and
+    no device or FIFO content ever reaches the output.
+
+    Returns:
+        ``(copied names, skipped entries as "name (why)")``: the caller reports the skipped ones.
+    """
+    from dsckpt.execute import _copy_bytes
+
+    copied, skipped = [], []
+    for name in names:
+        src = src_dir / name
+        try:
+            before = os.lstat(src)
+        except FileNotFoundError:
+            skipped.append(f"{name} (removed while reshaping)")
+            continue
+        if not stat.S_ISREG(before.st_mode):
+            skipped.append(f"{name} ({_kind(before.st_mode)})")
+            continue
+        try:
+            fd = os.open(src, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError as exc:
+            skipped.append(f"{name} (unreadable: {exc.strerror})")
+            continue
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode) or (st.st_dev, st.st_ino) != (before.st_dev,
+                                                                            before.st_ino):
+                skipped.append(f"{name} (changed while reshaping)")
+                continue
+            out = os.open(dst_dir / name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC,
+                          0o644)
+            try:
+                _copy_bytes(fd, 0, out, 0, st.st_size)
+            finally:
+                os.close(out)
+        finally:
+            os.close(fd)
+        copied.append(name)
+    return copied, skipped
+
+
+def skipped_note(skipped: Sequence[str]) -> str:
+    """The summary's warning about tag-directory entries that were not copied."""
+    if not skipped:
+        return ""
+    return (f"; warning: not copied, as only regular files are: {', '.join(skipped)} "
+            "(copy them by hand if the run needs them)")
 
 
 class _Writer:
@@ -858,11 +922,12 @@ class _Writer:
     # --- the directory ------------------------------------------------------------------------
 
     def run(self, result: ReshapeResult) -> None:
-        from dsckpt.atomic import atomic_output
+        from dsckpt.atomic import atomic_entries
 
-        with atomic_output(self.out, force=self.force, is_dir=True, durable=False) as staging:
-            tag_dir = staging / self.source.tag
-            tag_dir.mkdir()
+        tag = self.source.tag
+        with atomic_entries(self.out, [tag, "latest"], dirs={tag}, force=self.force,
+                            durable=False) as staged:
+            tag_dir = staged[tag]
             jobs = self._jobs()
             if self.progress is not None:
                 self.progress.start(f"reshape to DP {self.plan.dp}", sum(j[1] for j in jobs))
@@ -871,10 +936,10 @@ class _Writer:
                     self._save(build(), tag_dir / name)
                     result.files.append(name)
                     self.lazy = type(self.lazy)()  # drop this file's sources
-            for extra in self.source.extra_files:
-                shutil.copyfile(extra, tag_dir / extra.name)
-                result.files.append(extra.name)
-            (staging / "latest").write_text(self.source.tag)
+            copied, result.skipped = copy_extra_files(
+                self.source.layout.dir, [p.name for p in self.source.extra_files], tag_dir)
+            result.files += copied
+            staged["latest"].write_text(tag)
             result.nbytes = sum(p.stat().st_size for p in tag_dir.iterdir())
 
     def _save(self, obj: Any, path: Path) -> None:

@@ -748,7 +748,9 @@ BAD: dict[str, tuple[Callable[[Path], Path], str | None, dict[str, int], str]] =
     "tp-4": (_fixture, None, {"tp": 4}, "--tp 4"),
     "tp-5": (_fixture, None, {"tp": 5}, "--tp 5"),
     "uncovered-param": (_with_uncovered_param, None, {"tp": 1}, UNCOVERED_NEW),
-    "out-inside-input": (_copy, "copy/resharded", {"tp": 1}, "inside"),
+    # copy/resharded, beside the tag directory, is allowed (tests/test_output_safety.py)
+    "out-is-input": (_copy, "copy", {"tp": 1}, "is the checkpoint"),
+    "out-is-latest": (_copy, "copy/latest", {"tp": 1}, "would replace"),
     "out-inside-tag": (_copy, "copy/global_step3/x", {"tp": 1}, "inside"),
 }
 
@@ -802,5 +804,6 @@ def test_existing_output_needs_force(cli, tmp_path: Path) -> None:
     assert (out / "keep.txt").read_text() == "mine"
     result = cli("reshape", ckpt("pipe", "p2t2d1-z1-fp32"), out, "--tp", "1", "--force", "-q")
     assert result.exit_code == 0, result.output
-    assert sorted(p.name for p in out.iterdir()) == ["global_step3", "latest"]
+    # --force replaces `latest` and the tag directory only: the user's file is kept
+    assert sorted(p.name for p in out.iterdir()) == ["global_step3", "keep.txt", "latest"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]

@@ -608,9 +608,10 @@ def test_output_must_not_touch_the_input(run_reshape, tmp_path: Path) -> None:
     root = tmp_path / "runs" / "ckpt"
     shutil.copytree(ckpt("zero", "z2-fp32-dp2"), root)
     before = _digest(root)
-    for out, text in ((root, "inside"), (root / "resharded", "inside"),
-                      (root / "global_step3" / "x", "inside"), (tmp_path / "runs", "contains"),
-                      (tmp_path, "contains")):
+    # root/resharded (beside the tag directory) is allowed: tests/test_output_safety.py
+    for out, text in ((root, "is the checkpoint"), (root / "latest", "would replace"),
+                      (root / "global_step3" / "x", "inside the tag directory"),
+                      (tmp_path / "runs", "contains"), (tmp_path, "contains")):
         result = run_reshape(root, out, "--dp", "3", "--force")
         assert result.exit_code == 1 and text in result.stderr, (out, result.output)
     assert _digest(root) == before
@@ -625,7 +626,8 @@ def test_existing_out_needs_force(run_reshape, tmp_path: Path) -> None:
     assert (out / "keep.txt").read_text() == "mine"
     result = run_reshape(ckpt("zero", "z2-fp32-dp2"), out, "--dp", "3", "--force", "-q")
     assert result.exit_code == 0, result.output
-    assert sorted(p.name for p in out.iterdir()) == ["global_step3", "latest"]
+    # --force replaces `latest` and the tag directory only: the user's file is kept
+    assert sorted(p.name for p in out.iterdir()) == ["global_step3", "keep.txt", "latest"]
     assert _siblings(out) == ["out"]
 
 

@@ -254,9 +254,11 @@ def test_unknown_suffix(cli, tmp_path: Path) -> None:
 
 
 def test_out_inside_the_checkpoint(cli, copy_fixture, tmp_path: Path) -> None:
+    # Beside the tag directory is allowed (tests/test_output_safety.py); inside it is not.
     root = copy_fixture("zero", "z2-fp32-dp2")
     before = sorted(p.name for p in root.rglob("*"))
-    _fails_cleanly(cli("to-fp32", root, root / "m.safetensors"), tmp_path, "inside the checkpoint")
+    out = root / "global_step3" / "m.safetensors"
+    _fails_cleanly(cli("to-fp32", root, out), tmp_path, "inside the tag directory")
     assert sorted(p.name for p in root.rglob("*")) == before
 
 

@@ -7,17 +7,21 @@ writers' ``locate`` (the executor's sink protocol):
 - ``*.safetensors``: :class:`~dsckpt.formats.safetensors_writer.SafetensorsWriter`; a tied alias
   gets its own copy of its canonical tensor's bytes (safetensors cannot alias).
 - a directory: Hugging Face shards plus ``model.safetensors.index.json`` (one shard is written as
-  ``model.safetensors``, as transformers does).
+  ``model.safetensors``, as transformers does). Other files in the directory (``config.json``,
+  tokenizer files) are kept: only dsckpt's own names are written, and after the new index is in
+  place, files of its naming that it no longer lists are removed, as ``save_pretrained`` does
+  (see :func:`dsckpt.atomic.atomic_entries` for the commit order and its guarantees).
 - ``*.bin`` / ``*.pt``: :class:`~dsckpt.formats.torch_writer.TorchWriter`, a ``torch.save`` zip
   written in one pass; aliases share their canonical tensor's storage.
 """
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
-from dsckpt.atomic import atomic_output
+from dsckpt.atomic import atomic_entries, atomic_output
 from dsckpt.execute import execute
 from dsckpt.formats.safetensors_writer import SafetensorsWriter, ShardedSafetensorsWriter
 from dsckpt.formats.sharding import TensorSpec, parse_size, plan_shards
@@ -25,6 +29,15 @@ from dsckpt.plan import ConsolidationPlan
 from dsckpt.progress import ProgressSink
 
 SAFETENSORS, TORCH, SHARDED = "safetensors", "torch", "sharded safetensors"
+SINGLE_NAME = "model.safetensors"
+INDEX_NAME = "model.safetensors.index.json"
+_SHARD_NAME = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")
+
+
+def is_own_name(name: str) -> bool:
+    """Whether ``name`` is one dsckpt writes in a directory output (a shard, the single file,
+    the index): the only files ``--force`` may replace or remove there."""
+    return name in (SINGLE_NAME, INDEX_NAME) or _SHARD_NAME.fullmatch(name) is not None
 
 
 def output_format(out: Path) -> str | None:
@@ -49,23 +62,36 @@ def write_output(fmt: str, out: Path, plan: ConsolidationPlan, *, metadata: dict
     tensors = [TensorSpec(t.name, t.dtype, t.shape) for t in plan.tensors]
     cap = parse_size(max_shard_size, what="--max-shard-size")
     progress.start("consolidating", plan.nbytes)
+    if fmt == SHARDED:
+        return _write_shards(out, plan, tensors, cap, metadata, force, progress)
     # No fsync: like torch.save and safetensors, durability against power loss is the
     # filesystem's; the rename still guarantees no half-written file carries OUT's name.
-    with atomic_output(out, force=force, is_dir=fmt == SHARDED, nbytes=plan.nbytes,
-                       durable=False) as tmp:
-        if fmt == SHARDED:
-            shards = plan_shards(tensors, cap, aliases=plan.aliases)
-            writer: Any = ShardedSafetensorsWriter(tmp, shards, metadata=metadata,
-                                                   index_metadata=metadata)
-            files = len(shards.shards) + shards.is_sharded
-        elif fmt == TORCH:
+    with atomic_output(out, force=force, nbytes=plan.nbytes, durable=False) as tmp:
+        writer: Any
+        if fmt == TORCH:
             # torch output needs torch anyway (it pickles torch's storage classes and dtypes)
             from dsckpt.formats.torch_writer import TorchWriter
 
-            writer, files = TorchWriter(tmp, tensors, aliases=plan.aliases), 1
+            writer = TorchWriter(tmp, tensors, aliases=plan.aliases)
         else:
             writer = SafetensorsWriter(tmp, tensors, metadata=metadata, aliases=plan.aliases)
-            files = 1
         with writer:
             execute(plan, writer, progress.advance)
-    return files
+    return 1
+
+
+def _write_shards(out: Path, plan: ConsolidationPlan, tensors: list[TensorSpec], cap: int,
+                  metadata: dict[str, str], force: bool, progress: ProgressSink) -> int:
+    """Shards + index into ``out``, keeping every file that is not of dsckpt's naming."""
+    shards = plan_shards(tensors, cap, aliases=plan.aliases)
+    names = [s.filename for s in shards.shards] + ([shards.index_name] if shards.is_sharded else [])
+    # The old entry points go first: no index may name a mix of old and new shards, and a
+    # stale single file must not shadow new shards (transformers loads model.safetensors first).
+    withdraw = [INDEX_NAME, SINGLE_NAME] if shards.is_sharded else [INDEX_NAME]
+    with atomic_entries(out, names, force=force, withdraw=withdraw, stale=is_own_name,
+                        nbytes=plan.nbytes, durable=False) as paths:
+        writer = ShardedSafetensorsWriter(out, shards, metadata=metadata, index_metadata=metadata,
+                                          paths=paths)
+        with writer:
+            execute(plan, writer, progress.advance)
+    return len(names)

@@ -417,6 +417,8 @@ class ShardedSafetensorsWriter(ClosingWriter):
             index's ``metadata``.
         index_metadata: extra JSON values for the index's ``metadata`` only.
         preallocate: reserve every shard's blocks up front.
+        paths: where to write each file instead of ``directory / name`` (temporary names
+            staged by :func:`dsckpt.atomic.atomic_entries`).
     """
 
     def __init__(
@@ -427,8 +429,10 @@ class ShardedSafetensorsWriter(ClosingWriter):
         metadata: Mapping[str, str] | None = None,
         index_metadata: Mapping[str, Any] | None = None,
         preallocate: bool = True,
+        paths: Mapping[str, Path] | None = None,
     ) -> None:
         self.directory = Path(directory)
+        self._paths = dict(paths or {})
         self.plan = plan
         self._metadata = metadata
         self._index_meta = {**(metadata or {}), **(index_metadata or {})}
@@ -436,13 +440,16 @@ class ShardedSafetensorsWriter(ClosingWriter):
         self._route: dict[str, Any] = {}
         try:
             for shard in plan.shards:
-                w = self._open_shard(self.directory / shard.filename, shard, preallocate)
+                w = self._open_shard(self._path(shard.filename), shard, preallocate)
                 self._writers[shard.filename] = w
                 for t in shard.tensors:
                     self._route[t.name] = w
         except BaseException:
             self.close(check=False)
             raise
+
+    def _path(self, name: str) -> Path:
+        return self._paths.get(name, self.directory / name)
 
     def _open_shard(self, path: Path, shard: Shard[TensorSpec], preallocate: bool) -> Any:
         return SafetensorsWriter(
@@ -482,5 +489,6 @@ class ShardedSafetensorsWriter(ClosingWriter):
         if error is not None:
             raise error
         if check and self.plan.is_sharded:
-            index_path = self.directory / self.plan.index_name
-            index_path.write_text(self.plan.index_json(self._index_meta), encoding="utf-8")
+            self._path(self.plan.index_name).write_text(
+                self.plan.index_json(self._index_meta), encoding="utf-8"
+            )

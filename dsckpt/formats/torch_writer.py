@@ -34,7 +34,6 @@ import io
 import os
 import pickle
 import struct
-import zlib
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -45,6 +44,8 @@ import torch
 
 from dsckpt import dtypes
 from dsckpt.atomic import preallocate as _preallocate
+from dsckpt.formats.crc import CrcCopier, crc32_combine
+from dsckpt.formats.crc import crc32 as _crc32
 from dsckpt.formats.safetensors_writer import (
     ClosingWriter,
     Coverage,
@@ -88,46 +89,6 @@ _LEGACY_STORAGE = {
     torch.complex128: "ComplexDoubleStorage",
     torch.complex64: "ComplexFloatStorage",
 }
-
-
-# --------------------------------------------------------------------------- CRC-32
-
-
-_POLY = 0xEDB88320  # reflected CRC-32 polynomial (zip, zlib)
-
-
-def _multmodp(a: int, b: int) -> int:
-    """a * b modulo the CRC polynomial, in the reflected bit order CRC-32 uses."""
-    m, p = 1 << 31, 0
-    while a:
-        if a & m:
-            p ^= b
-            a ^= m
-        m >>= 1
-        b = (b >> 1) ^ _POLY if b & 1 else b >> 1
-    return p
-
-
-def _x2n_table() -> list[int]:
-    table, p = [], 1 << 30  # x^1
-    for _ in range(32):
-        table.append(p)
-        p = _multmodp(p, p)
-    return table
-
-
-_X2N = _x2n_table()  # x^(2^n) modulo the polynomial
-
-
-def crc32_combine(crc1: int, crc2: int, len2: int) -> int:
-    """CRC-32 of ``A + B`` from ``crc32(A)``, ``crc32(B)`` and ``len(B)`` (as zlib's C API)."""
-    p, k, n = 1 << 31, 3, len2  # x^0; multiply by x^(8 * len2)
-    while n:
-        if n & 1:
-            p = _multmodp(_X2N[k & 31], p)
-        n >>= 1
-        k += 1
-    return _multmodp(p, crc1) ^ crc2
 
 
 # --------------------------------------------------------------------------- pickle
@@ -441,7 +402,7 @@ class TorchWriter(ClosingWriter):
             data: a contiguous CPU tensor of the output dtype, or any bytes-like object.
         """
         fd, view, end = self._checked_write(name, offset, data)
-        self._coverage.add(name, offset, end, zlib.crc32(view) if self._crc32 else 0)
+        self._coverage.add(name, offset, end, _crc32(view) if self._crc32 else 0)
 
     def locate(self, name: str) -> tuple[int, int]:
         """``(fd, absolute file offset)`` of tensor ``name``'s storage, for callers doing
@@ -491,7 +452,7 @@ class TorchWriter(ClosingWriter):
             n = os.preadv(self._fd, [view[: min(len(buf), size - pos)]], start + pos)
             if n <= 0:
                 raise OSError(f"unexpected end of {self.path} while computing a CRC")
-            crc = zlib.crc32(view[:n], crc)
+            crc = _crc32(view[:n], crc)
             pos += n
         return crc
 
@@ -514,7 +475,7 @@ class TorchWriter(ClosingWriter):
             storage_name = {i: n for n, i in self.layout.storage_records.items()}
             for i, rec in enumerate(self.layout.records):
                 if rec.payload is not None:
-                    crc = zlib.crc32(rec.payload)
+                    crc = _crc32(rec.payload)
                 elif self._crc32 and rec.size:
                     crc = self._storage_crc(storage_name[i])
                 else:
@@ -552,7 +513,7 @@ class ShardedTorchWriter(ShardedSafetensorsWriter):
             path,
             shard.tensors,
             aliases=dict(shard.aliases),
-            archive_name=path.name.split(".", 1)[0],
+            archive_name=shard.filename.split(".", 1)[0],
             crc32=self._crc32,
             preallocate=preallocate,
         )
@@ -735,26 +696,24 @@ def save_torch(
         lazy: the registry of ``obj``'s meta tensors' storages.
         pickler: the ``pickle.Pickler`` class to extend (one writing other GLOBAL names, say).
         archive_name: the zip's top folder.
-        crc32: real CRC-32s (re-read from the output's page cache) or zeros as
-            ``torch.serialization.set_crc32_options(False)`` writes; ``torch.load`` never
-            checks them.
+        crc32: real CRC-32s (computed from the source chunks on a worker thread while the
+            kernel copies them), or zeros as ``torch.serialization.set_crc32_options(False)``
+            writes (``torch.load`` never checks them; zip tools do).
         preallocate: reserve the file's blocks up front (early ENOSPC).
         progress: called with each number of bytes copied.
 
     Returns:
         The file's size in bytes.
     """
-    from concurrent.futures import Future, ThreadPoolExecutor
-
     from dsckpt.execute import _copy_bytes
 
     data_pkl, storages = pickle_for_torch(obj, pickler, lazy)
     layout = _archive_layout(data_pkl, [(s.key, s.nbytes) for s in storages], archive_name)
     fds: dict[Path, int] = {}
-    # A copied storage's CRC is read back from the page cache on a worker thread while the
-    # next one is copied (zlib and the kernel copy both release the GIL).
-    pool = ThreadPoolExecutor(1, thread_name_prefix="dsckpt-crc") if crc32 else None
-    crcs: dict[str, Future[int]] = {}
+    # Each chunk's CRC is computed from the source on a worker thread while the kernel copies
+    # the next chunk (both release the GIL): no second pass over the output.
+    copier = CrcCopier() if crc32 else None
+    pending: dict[str, list[tuple[Any, int]] | None] = {}
     try:
         with TorchWriter.for_layout(path, layout, crc32=crc32, preallocate=preallocate) as w:
             for s in storages:
@@ -764,20 +723,44 @@ def save_torch(
                         w.write(s.key, 0, raw)
                     continue
                 fd, base = w.locate(s.key)
+                copied: list[tuple[FileRange, list[tuple[Any, int]]]] = []
                 for r in s.ranges or ():
                     src = fds.get(r.path)
                     if src is None:
                         src = fds[r.path] = os.open(r.path, os.O_RDONLY)
-                    _copy_bytes(src, r.offset, fd, base + r.at, r.nbytes)
+                    if copier is None:
+                        _copy_bytes(src, r.offset, fd, base + r.at, r.nbytes)
+                    else:
+                        copied.append((r, copier.copy(src, r.offset, fd, base + r.at, r.nbytes)))
                     if progress is not None:
                         progress(r.nbytes)
-                if pool is not None and s.nbytes:
-                    crcs[s.key] = pool.submit(w.reread_crc, s.key)
-            for key, future in crcs.items():
-                w.set_crc(key, future.result())
+                if copier is not None and s.nbytes:
+                    pending[s.key] = _storage_parts(copied, s.nbytes)
+                    if pending[s.key] is None:  # overlapping ranges: CRC the bytes in place
+                        pending[s.key] = copier.crc_file(fd, base, s.nbytes)
+            for key, parts in pending.items():
+                w.set_crc(key, CrcCopier.crc_of(parts or ()))
     finally:
-        if pool is not None:
-            pool.shutdown(wait=True, cancel_futures=True)
+        if copier is not None:
+            copier.close()
         for fd in fds.values():
             os.close(fd)
     return layout.file_size
+
+
+def _storage_parts(copied: Sequence[tuple[FileRange, list[tuple[Any, int]]]], nbytes: int
+                   ) -> list[tuple[Any, int]] | None:
+    """A storage's CRC parts in byte order, zero holes included, or None when ranges overlap
+    (a later range overwrote an earlier one, so the copied bytes are not the stored ones)."""
+    parts: list[tuple[Any, int]] = []
+    pos = 0
+    for r, chunks in sorted(copied, key=lambda item: item[0].at):
+        if r.at < pos:
+            return None
+        if r.at > pos:
+            parts.append((None, r.at - pos))
+        parts.extend(chunks)
+        pos = r.at + r.nbytes
+    if pos < nbytes:
+        parts.append((None, nbytes - pos))
+    return parts
