@@ -291,7 +291,21 @@ def load_saved(path: Path) -> Any:
         CorruptFile: not a readable torch zip pickle (empty, truncated, not a zip, bad pickle).
     """
     path = Path(path)
-    pkl, records = _read_archive(path)
+    fd = open_regular(path)
+    try:
+        return load_saved_fd(path, fd)
+    finally:
+        os.close(fd)
+
+
+def load_saved_fd(path: Path, fd: int) -> Any:
+    """:func:`load_saved` on a descriptor already open on ``path`` (checked to be a regular
+    file, as :func:`dsckpt.files.open_regular` does): callers that go on reading the same file
+    read what was checked, even if the name is swapped meanwhile."""
+    try:
+        pkl, records = _read_archive_fd(path, fd)
+    except OSError as exc:
+        raise CorruptFile(path, _first_line(exc)) from exc
     unpickler = _Unpickler(pkl, path, records)
     try:
         return unpickler.load()
@@ -336,17 +350,6 @@ class _Record(NamedTuple):
     header_offset: int
     size: int
     crc: int
-
-
-def _read_archive(path: Path) -> tuple[bytes, dict[str, tuple[int, int]]]:
-    """``data.pkl``'s bytes and, per storage key, (absolute data offset, size in bytes)."""
-    fd = open_regular(path)
-    try:
-        return _read_archive_fd(path, fd)
-    except OSError as exc:
-        raise CorruptFile(path, _first_line(exc)) from exc
-    finally:
-        os.close(fd)
 
 
 def _read_archive_fd(path: Path, fd: int) -> tuple[bytes, dict[str, tuple[int, int]]]:
