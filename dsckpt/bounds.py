@@ -15,7 +15,7 @@ walker's stack. Listing such cases is a losing game, so the reader counts instea
   shared parts are counted every time they are reached (the "billion laughs" through lists and
   dicts), so code that walks the result recursively stays bounded too.
 
-The figures are far above what DeepSpeed writes (a model of 100k tensors: ~2.5M opcode units,
+The figures are far above what DeepSpeed writes (a model of 100k tensors: ~10M opcode units,
 depth under 10, no sharing beyond leaves) and far below what hurts.
 """
 
@@ -29,7 +29,7 @@ from typing import Any
 
 from dsckpt.errors import UnsafeCheckpoint
 
-MAX_OP_UNITS = 16_000_000  # opcode budget: about 40 bytes a unit at most, a few seconds
+MAX_OP_UNITS = 12_000_000  # opcode budget: at most ~350 MB and ~2 s of CPU, measured
 MAX_HASH_UNITS = 32_000_000  # tuple elements hashed for keys and call arguments: ~1 s
 MAX_KEY_WEIGHT = 1024  # a dict key or set member: a leaf or a small tuple
 MAX_DEPTH = 100  # containers inside containers; DeepSpeed's nest under 10 deep
@@ -38,36 +38,52 @@ MAX_INT_BYTES = 32  # Python ints up to 256 bits (sizes, steps, seeds need 64)
 
 
 def _costs() -> bytes:
-    """Units per opcode: 1 for a reference pushed (8-40 bytes), more for new containers."""
+    """Units per opcode, about one per 24 bytes it can make live: a reference pushed is 8 bytes,
+    a new int or float 32-40, a new container 56-216, a memo entry about 100."""
     table = bytearray([1] * 256)
     heavy = {
-        pickle.EMPTY_SET: 6,  # 216 bytes
-        pickle.FROZENSET: 6,
-        pickle.EMPTY_DICT: 2,  # 64 bytes
-        pickle.DICT: 2,
-        pickle.EMPTY_LIST: 2,  # 56 bytes
-        pickle.LIST: 2,
-        pickle.MARK: 2,  # a new stack list
+        pickle.EMPTY_SET: 9,  # 216 bytes
+        pickle.FROZENSET: 9,
+        pickle.EMPTY_DICT: 3,  # 64 bytes
+        pickle.DICT: 3,
+        pickle.EMPTY_LIST: 3,  # 56 bytes
+        pickle.LIST: 3,
+        pickle.MARK: 3,  # a new stack list
         pickle.TUPLE: 2,
         pickle.TUPLE1: 2,
-        pickle.TUPLE2: 2,
-        pickle.TUPLE3: 2,
-        pickle.MEMOIZE: 3,  # a memo entry and its int key, ~100 bytes
-        pickle.BINPUT: 3,
-        pickle.LONG_BINPUT: 3,
-        pickle.PUT: 3,
-        pickle.SHORT_BINUNICODE: 2,  # a str object is 50 bytes before its text
-        pickle.BINUNICODE: 2,
+        pickle.TUPLE2: 3,
+        pickle.TUPLE3: 3,
+        pickle.MEMOIZE: 4,  # a memo entry and its int key
+        pickle.BINPUT: 4,
+        pickle.LONG_BINPUT: 4,
+        pickle.PUT: 4,
+        pickle.BININT: 2,  # a new int
+        pickle.BININT2: 2,
+        pickle.LONG1: 2,
+        pickle.LONG4: 2,
+        pickle.INT: 2,
+        pickle.LONG: 2,
+        pickle.BINFLOAT: 2,
+        pickle.FLOAT: 2,
+        pickle.SHORT_BINUNICODE: 3,  # a str is 50 bytes before its text
+        pickle.BINUNICODE: 3,
+        pickle.UNICODE: 3,
+        pickle.BINUNICODE8: 3,
         pickle.SHORT_BINBYTES: 2,
-        pickle.SHORT_BINSTRING: 2,
-        pickle.REDUCE: 3,  # an object: a tuple, or a tensor stand-in of ~200 bytes
-        pickle.NEWOBJ: 3,
-        pickle.NEWOBJ_EX: 3,
-        pickle.OBJ: 3,
-        pickle.INST: 3,
-        pickle.BUILD: 2,
-        pickle.BINPERSID: 3,
-        pickle.PERSID: 3,
+        pickle.BINBYTES: 2,
+        pickle.BINBYTES8: 2,
+        pickle.SHORT_BINSTRING: 3,
+        pickle.BINSTRING: 3,
+        pickle.STRING: 3,
+        pickle.BYTEARRAY8: 3,
+        pickle.REDUCE: 5,  # an object: a tensor stand-in is ~200 bytes with its dict
+        pickle.NEWOBJ: 5,
+        pickle.NEWOBJ_EX: 5,
+        pickle.OBJ: 5,
+        pickle.INST: 5,
+        pickle.BUILD: 3,
+        pickle.BINPERSID: 4,
+        pickle.PERSID: 4,
         pickle.SETITEM: 2,  # a dict entry
     }
     for opcode, units in heavy.items():
