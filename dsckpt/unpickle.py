@@ -882,6 +882,12 @@ class _Unpickler(pickle._Unpickler):
                             self._key(key)
         super().load_build()
 
+    def load_frame(self) -> None:
+        (size,) = struct.unpack("<Q", self.read(8))
+        if size > len(self._input.getbuffer()) - self._input.tell():
+            raise pickle.UnpicklingError(f"a pickle frame of {size} bytes, longer than the pickle")
+        self._unframer.load_frame(size)
+
     # -- integers: bounded before they are converted
 
     def load_long1(self) -> None:
