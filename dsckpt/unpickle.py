@@ -714,7 +714,7 @@ class _Unpickler(pickle._Unpickler):
         except pickle._Stop as stop:  # type: ignore[attr-defined]
             value = stop.value
         self.stack = self.metastack = []
-        self.memo.clear()
+        self.memo.clear()  # type: ignore[attr-defined]
         self._tuple_weights.clear()
         bounds.check_graph(self._path, value, _children, _LEAVES)
         return value
@@ -784,8 +784,11 @@ class _Unpickler(pickle._Unpickler):
 
     # -- opcodes that build containers or call: the standard ones, checked
 
+    def _pop_mark(self) -> list[Any]:
+        return pickle._Unpickler.pop_mark(self)  # type: ignore[attr-defined,no-any-return]
+
     def load_dict(self) -> None:
-        items = self.pop_mark()
+        items = self._pop_mark()
         result: dict[Any, Any] = {}
         for i in range(0, len(items) - 1, 2):
             if type(items[i]) is tuple:
@@ -800,7 +803,7 @@ class _Unpickler(pickle._Unpickler):
         self._setitems(stack[-1], [key, value])
 
     def load_setitems(self) -> None:
-        items = self.pop_mark()
+        items = self._pop_mark()
         self._setitems(self.stack[-1], items)
 
     def _setitems(self, target: Any, items: list[Any]) -> None:
@@ -816,7 +819,7 @@ class _Unpickler(pickle._Unpickler):
         self._extend(self.stack[-1], [value])
 
     def load_appends(self) -> None:
-        items = self.pop_mark()
+        items = self._pop_mark()
         self._extend(self.stack[-1], items)
 
     @staticmethod
@@ -826,7 +829,7 @@ class _Unpickler(pickle._Unpickler):
         target.extend(items)
 
     def load_additems(self) -> None:
-        items = self.pop_mark()
+        items = self._pop_mark()
         target = self.stack[-1]
         if not isinstance(target, set):
             raise pickle.UnpicklingError(f"set items added to a {type(target).__name__}")
@@ -835,7 +838,7 @@ class _Unpickler(pickle._Unpickler):
         target.update(items)
 
     def load_frozenset(self) -> None:
-        items = self.pop_mark()
+        items = self._pop_mark()
         for item in items:
             self._key(item)
         self.append(frozenset(items))
@@ -880,7 +883,7 @@ class _Unpickler(pickle._Unpickler):
                     for key in part:
                         if type(key) is not str:
                             self._key(key)
-        super().load_build()
+        super().load_build()  # type: ignore[misc]
 
     def load_frame(self) -> None:
         (size,) = struct.unpack("<Q", self.read(8))
@@ -1213,7 +1216,7 @@ _Unpickler.dispatch = {  # type: ignore[attr-defined]
     for code, function in pickle._Unpickler.dispatch.items()  # type: ignore[attr-defined]
 }
 
-_LEAVES = frozenset(
+_LEAVES: frozenset[type] = frozenset(
     {str, int, float, bool, bytes, bytearray, complex, type(None), SavedStorage, DType, Device}
 )
 _CONTAINERS = (list, tuple, set, frozenset)
