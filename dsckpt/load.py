@@ -5,7 +5,9 @@ Two loaders, both refusing any global outside an allow-list, neither reading ten
 * :func:`dsckpt.unpickle.load_saved`, dsckpt's own torch-free unpickler, for discovery and
   consolidation (``import torch`` alone costs more than copying a large model);
 * :func:`load_meta`, ``torch.load(weights_only=True, map_location="meta")``, where torch objects
-  are needed anyway (reshape builds torch structures to save).
+  are needed anyway (reshape builds torch structures to save). torch.load bounds neither time nor
+  memory on a hostile pickle, so each file is first read by dsckpt's own reader, with its bounds
+  (:mod:`dsckpt.bounds`) and zip checks, from the same open descriptor torch then loads.
 
 :func:`tensor_ref` turns a tensor from either into a :class:`TensorRef` (file, byte offset,
 dtype, shape) so the executor can read exactly the bytes it needs with ``pread`` or copy them

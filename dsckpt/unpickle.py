@@ -16,6 +16,11 @@ map to plain stand-ins (:class:`SavedTensor`, ``tuple``, :class:`Device`, :class
 quantized, nested and other tensor kinds torch can save are refused with
 :class:`~dsckpt.errors.UnsupportedLayout`; any other global with
 :class:`~dsckpt.errors.UnsafeCheckpoint`.
+
+Every file is untrusted: only regular files are opened (:func:`dsckpt.files.open_regular`), the
+zip is refused if any reader could see it differently (duplicate or case-folded names, overlapping
+records, bad zip64 fields), ``data.pkl`` is at most :data:`MAX_PICKLE_BYTES`, and the unpickling
+itself runs under the budgets of :mod:`dsckpt.bounds` (memory, time, hashing, depth, cycles).
 """
 
 from __future__ import annotations
