@@ -32,6 +32,19 @@ class CorruptFile(DsckptError):
         self.path = path
 
 
+class UnreadableFile(CorruptFile):
+    """A path dsckpt must read cannot be read as a file: not a regular file (a FIFO, a device, a
+    directory), a dangling link or a link loop, or the system refuses it (permission, I/O error).
+
+    A :class:`CorruptFile`, so code that tolerates a damaged rank file tolerates these the same
+    way; the message says what the path is instead of calling it damaged.
+    """
+
+    def __init__(self, path: Path, reason: str, fix: str) -> None:
+        DsckptError.__init__(self, f"{path}: {reason}: {fix}")
+        self.path = path
+
+
 class InconsistentCheckpoint(DsckptError):
     """The rank files disagree with each other or with their own metadata."""
 

@@ -5,7 +5,9 @@ Two loaders, both refusing any global outside an allow-list, neither reading ten
 * :func:`dsckpt.unpickle.load_saved`, dsckpt's own torch-free unpickler, for discovery and
   consolidation (``import torch`` alone costs more than copying a large model);
 * :func:`load_meta`, ``torch.load(weights_only=True, map_location="meta")``, where torch objects
-  are needed anyway (reshape builds torch structures to save).
+  are needed anyway (reshape builds torch structures to save). torch.load bounds neither time nor
+  memory on a hostile pickle, so each file is first read by dsckpt's own reader, with its bounds
+  (:mod:`dsckpt.bounds`) and zip checks, from the same open descriptor torch then loads.
 
 :func:`tensor_ref` turns a tensor from either into a :class:`TensorRef` (file, byte offset,
 dtype, shape) so the executor can read exactly the bytes it needs with ``pread`` or copy them
@@ -22,7 +24,6 @@ import os
 import pickle
 import re
 import struct
-import zipfile
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -31,6 +32,7 @@ from typing import TYPE_CHECKING, Any
 from dsckpt import dtypes
 from dsckpt.dtypes import DType
 from dsckpt.errors import CorruptFile, UnsafeCheckpoint
+from dsckpt.files import open_regular, os_error
 from dsckpt.standins import (  # noqa: F401  (re-exported: load.py's public names)
     STAND_INS,
     DynamicLossScaler,
@@ -39,7 +41,7 @@ from dsckpt.standins import (  # noqa: F401  (re-exported: load.py's public name
     ZeroStageEnum,
     numpy_globals,
 )
-from dsckpt.unpickle import SavedTensor
+from dsckpt.unpickle import SavedTensor, load_saved_fd
 
 if TYPE_CHECKING:
     import torch
@@ -81,17 +83,27 @@ def load_mapped(path: Path) -> Any:
 
 
 def _safe_load(path: Path, **options: Any) -> Any:
-    if not zipfile.is_zipfile(path):
-        size = path.stat().st_size
-        reason = (
-            "empty file" if size == 0 else "not a torch zip file (truncated or not a checkpoint)"
-        )
-        raise CorruptFile(path, reason)
+    # torch.load bounds neither memory nor time on a hostile pickle, and its zip reader resolves
+    # duplicate names its own way: the file is first read whole by dsckpt's own reader, which
+    # applies the same bounds as discovery and refuses what torch might read differently. Both
+    # read the same open file (through /proc/self/fd where there is one), so a file swapped
+    # between the two reads is not the one torch loads.
+    path = Path(path)
+    fd = open_regular(path)
+    try:
+        load_saved_fd(path, fd)
+        same_file = f"/proc/self/fd/{fd}"
+        return _torch_load(path, same_file if os.path.exists(same_file) else path, **options)
+    finally:
+        os.close(fd)
+
+
+def _torch_load(path: Path, source: str | Path, **options: Any) -> Any:
     import torch
 
     try:
         with torch.serialization.safe_globals(_allowed_globals()):
-            return torch.load(path, weights_only=True, **options)
+            return torch.load(source, weights_only=True, **options)
     except pickle.UnpicklingError as exc:
         found = _GLOBAL_IN_MESSAGE.search(str(exc))
         if found is None:
@@ -218,8 +230,17 @@ def read_full(ref: TensorRef) -> torch.Tensor:
     return read_tensor(ref).reshape(ref.shape)
 
 
-_SCALAR_FORMATS = {"float64": "<d", "float32": "<f", "float16": "<e", "int64": "<q",
-                   "int32": "<i", "int16": "<h", "int8": "<b", "uint8": "<B", "bool": "<?"}
+_SCALAR_FORMATS = {
+    "float64": "<d",
+    "float32": "<f",
+    "float16": "<e",
+    "int64": "<q",
+    "int32": "<i",
+    "int16": "<h",
+    "int8": "<b",
+    "uint8": "<B",
+    "bool": "<?",
+}
 
 
 def read_scalar(ref: TensorRef) -> float | int | bool:
@@ -236,8 +257,8 @@ def read_scalar(ref: TensorRef) -> float | int | bool:
 
 
 def _pread_exact(path: Path, offset: int, nbytes: int) -> bytearray:
+    fd = open_regular(path)
     buf = bytearray(nbytes)
-    fd = os.open(path, os.O_RDONLY)
     try:
         view = memoryview(buf)
         done = 0
@@ -246,6 +267,8 @@ def _pread_exact(path: Path, offset: int, nbytes: int) -> bytearray:
             if n == 0:
                 raise CorruptFile(path, "unexpected end of file while reading a tensor")
             done += n
+    except OSError as exc:
+        raise os_error(path, exc) from exc
     finally:
         os.close(fd)
     return buf

@@ -16,28 +16,36 @@ map to plain stand-ins (:class:`SavedTensor`, ``tuple``, :class:`Device`, :class
 quantized, nested and other tensor kinds torch can save are refused with
 :class:`~dsckpt.errors.UnsupportedLayout`; any other global with
 :class:`~dsckpt.errors.UnsafeCheckpoint`.
+
+Every file is untrusted: only regular files are opened (:func:`dsckpt.files.open_regular`), the
+zip is refused if any reader could see it differently (duplicate or case-folded names, overlapping
+records, bad zip64 fields), ``data.pkl`` is at most :data:`MAX_PICKLE_BYTES`, and the unpickling
+itself runs under the budgets of :mod:`dsckpt.bounds` (memory, time, hashing, depth, cycles).
 """
 
 from __future__ import annotations
 
 import _compat_pickle
 import io
+import itertools
 import os
 import pickle
 import re
 import struct
 import zlib
 from collections import Counter, OrderedDict
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from dsckpt import dtypes
+from dsckpt import bounds, dtypes
+from dsckpt.bounds import short
 from dsckpt.dtypes import DType
 from dsckpt.errors import CorruptFile, DsckptError, UnsafeCheckpoint, UnsupportedLayout
-from dsckpt.standins import STAND_INS, numpy_globals
+from dsckpt.files import open_regular
+from dsckpt.standins import STAND_INS, check_numpy_build, checked_numpy_globals
 
 __all__ = ["Device", "SavedStorage", "SavedTensor", "load_saved"]
 
@@ -288,7 +296,21 @@ def load_saved(path: Path) -> Any:
         CorruptFile: not a readable torch zip pickle (empty, truncated, not a zip, bad pickle).
     """
     path = Path(path)
-    pkl, records = _read_archive(path)
+    fd = open_regular(path)
+    try:
+        return load_saved_fd(path, fd)
+    finally:
+        os.close(fd)
+
+
+def load_saved_fd(path: Path, fd: int) -> Any:
+    """:func:`load_saved` on a descriptor already open on ``path`` (checked to be a regular
+    file, as :func:`dsckpt.files.open_regular` does): callers that go on reading the same file
+    read what was checked, even if the name is swapped meanwhile."""
+    try:
+        pkl, records = _read_archive_fd(path, fd)
+    except OSError as exc:
+        raise CorruptFile(path, _first_line(exc)) from exc
     unpickler = _Unpickler(pkl, path, records)
     try:
         return unpickler.load()
@@ -318,6 +340,16 @@ _MAX_COMMENT = 0xFFFF
 _U16, _U32 = 0xFFFF, 0xFFFFFFFF
 
 
+# Bounds on what a file may make dsckpt read or build. DeepSpeed's data.pkl files are KBs to a
+# few MB (a model of 100k tensors pickles in about 7 MB) and hold thousands of records, not
+# millions: these leave room for ten times that and keep a hostile file to a few hundred MB and a
+# few seconds.
+MAX_PICKLE_BYTES = 32 << 20
+MAX_RECORDS = 1 << 20
+_MAX_DIRECTORY_BYTES = 128 << 20
+_CENTRAL_MIN = _CENTRAL.size
+
+
 class _Record(NamedTuple):
     name: str
     header_offset: int
@@ -325,53 +357,47 @@ class _Record(NamedTuple):
     crc: int
 
 
-def _read_archive(path: Path) -> tuple[bytes, dict[str, tuple[int, int]]]:
-    """``data.pkl``'s bytes and, per storage key, (absolute data offset, size in bytes)."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError as exc:
-        raise CorruptFile(path, _first_line(exc)) from exc
-    try:
-        file_size = os.fstat(fd).st_size
-        if file_size == 0:
-            raise CorruptFile(path, "empty file")
-        records = _central_directory(path, fd, file_size)
-        tops = {record.name.partition("/")[0] for record in records}
-        if len(tops) != 1:
-            raise CorruptFile(
-                path,
-                f"a torch.save zip has one top folder, this one has {len(tops)} "
-                f"({', '.join(sorted(tops)[:3])})",
+def _read_archive_fd(path: Path, fd: int) -> tuple[bytes, dict[str, tuple[int, int]]]:
+    file_size = os.fstat(fd).st_size
+    if file_size == 0:
+        raise CorruptFile(path, "empty file")
+    records, directory_start = _central_directory(path, fd, file_size)
+    tops = {record.name.partition("/")[0] for record in records}
+    if len(tops) != 1:
+        raise CorruptFile(
+            path,
+            f"a torch.save zip has one top folder, this one has {len(tops)} "
+            f"({', '.join(repr(t) for t in sorted(tops)[:3])})",
+        )
+    top = tops.pop()
+    data_prefix = f"{top}/data/"
+    storages: dict[str, tuple[int, int]] = {}
+    pkl = byteorder = None
+    extents = []
+    for record in records:
+        start = _data_offset(path, fd, record, file_size)
+        extents.append((record.header_offset, start + record.size, record.name))
+        if record.name.startswith(data_prefix):
+            storages[record.name[len(data_prefix) :]] = (start, record.size)
+        elif record.name == f"{top}/data.pkl":
+            pkl = record
+        elif record.name == f"{top}/byteorder":
+            byteorder = record
+    _check_extents(path, extents, directory_start)
+    if pkl is None:
+        raise CorruptFile(path, f"no {top}/data.pkl in the zip: not a torch.save file")
+    if byteorder is not None:
+        order = _read_record(path, fd, byteorder, file_size, 16).strip()
+        if order != b"little":
+            raise UnsupportedLayout(
+                f"{path}: the tensors were saved {order.decode(errors='replace')!r}-endian; "
+                "dsckpt reads little-endian files only: load and re-save it with torch"
             )
-        top = tops.pop()
-        data_prefix = f"{top}/data/"
-        storages: dict[str, tuple[int, int]] = {}
-        pkl = byteorder = None
-        for record in records:
-            if record.name.startswith(data_prefix):
-                start = _data_offset(path, fd, record, file_size)
-                storages[record.name[len(data_prefix) :]] = (start, record.size)
-            elif record.name == f"{top}/data.pkl":
-                pkl = record
-            elif record.name == f"{top}/byteorder":
-                byteorder = record
-        if pkl is None:
-            raise CorruptFile(path, f"no {top}/data.pkl in the zip: not a torch.save file")
-        if byteorder is not None:
-            order = _read_record(path, fd, byteorder, file_size).strip()
-            if order != b"little":
-                raise UnsupportedLayout(
-                    f"{path}: the tensors were saved {order.decode(errors='replace')}-endian; "
-                    "dsckpt reads little-endian files only: load and re-save it with torch"
-                )
-        return _read_record(path, fd, pkl, file_size), storages
-    except OSError as exc:
-        raise CorruptFile(path, _first_line(exc)) from exc
-    finally:
-        os.close(fd)
+    return _read_record(path, fd, pkl, file_size, MAX_PICKLE_BYTES), storages
 
 
-def _central_directory(path: Path, fd: int, file_size: int) -> list[_Record]:
+def _central_directory(path: Path, fd: int, file_size: int) -> tuple[list[_Record], int]:
+    """The records of the zip's central directory, checked, and where that directory starts."""
     not_a_zip = CorruptFile(path, "not a torch zip file (truncated or not a checkpoint)")
     tail_size = min(file_size, _EOCD.size + _MAX_COMMENT + _EOCD64_LOCATOR.size)
     tail_start = file_size - tail_size
@@ -391,6 +417,8 @@ def _central_directory(path: Path, fd: int, file_size: int) -> list[_Record]:
     locator_at = at - _EOCD64_LOCATOR.size
     if locator_at >= 0 and tail[locator_at : locator_at + 4] == b"PK\x06\x07":
         _, _, eocd64_offset, _ = _EOCD64_LOCATOR.unpack_from(tail, locator_at)
+        if eocd64_offset + _EOCD64.size > tail_start + locator_at:
+            raise not_a_zip
         eocd64 = os.pread(fd, _EOCD64.size, eocd64_offset)
         if len(eocd64) < _EOCD64.size or eocd64[:4] != b"PK\x06\x06":
             raise not_a_zip
@@ -400,14 +428,23 @@ def _central_directory(path: Path, fd: int, file_size: int) -> list[_Record]:
         raise not_a_zip
     if disk or cd_disk:
         raise CorruptFile(path, "a multi-disk zip: not a file torch.save wrote")
+    if count > MAX_RECORDS or cd_size > _MAX_DIRECTORY_BYTES:
+        raise CorruptFile(
+            path,
+            f"the zip directory claims {count} records in {cd_size} bytes, more than dsckpt "
+            f"reads ({MAX_RECORDS} records, {_MAX_DIRECTORY_BYTES >> 20} MiB): not a checkpoint",
+        )
+    if count * _CENTRAL_MIN > cd_size or cd_size > cd_end:
+        raise not_a_zip
     # Bytes before the zip (zipfile allows them too) shift every offset.
     shift = cd_end - cd_size - cd_offset
-    if shift < 0 or cd_offset + shift < 0:
+    if shift < 0:
         raise not_a_zip
     directory = os.pread(fd, cd_size, cd_offset + shift)
     if len(directory) < cd_size:
         raise not_a_zip
     records = []
+    seen: dict[str, str] = {}
     pos = 0
     for _ in range(count):
         if pos + _CENTRAL.size > cd_size:
@@ -417,59 +454,110 @@ def _central_directory(path: Path, fd: int, file_size: int) -> list[_Record]:
         if sig != b"PK\x01\x02":
             raise not_a_zip
         pos += _CENTRAL.size
-        raw_name = directory[pos : pos + name_len]
-        name = raw_name.decode("utf-8" if flags & 0x800 else "cp437")
+        if pos + name_len + extra_len + comment_len > cd_size:
+            raise not_a_zip
+        name = _record_name(path, directory[pos : pos + name_len], flags)
+        # torch's zip reader (miniz) looks names up ignoring case: two names that differ only
+        # in case are one name to it, and which of them it reads is not ours to guess.
+        folded = name.lower()
+        if folded in seen:
+            raise CorruptFile(
+                path,
+                f"the zip holds two records named {seen[folded]!r} and {name!r}: torch would "
+                "read one and dsckpt might read the other",
+            )
+        seen[folded] = name
         if method != 0 or flags & 0x1:
             raise CorruptFile(
                 path,
-                f"record {name} is compressed or encrypted (zip method {method}); "
+                f"record {name!r} is compressed or encrypted (zip method {method}); "
                 "torch.save never does that, so torch did not write this file",
             )
         if _U32 in (size, packed, header_offset):
-            size, header_offset = _zip64_extra(
-                directory[pos + name_len : pos + name_len + extra_len], size, packed, header_offset
+            extra = directory[pos + name_len : pos + name_len + extra_len]
+            size, packed, header_offset = _zip64_extra(
+                path, name, extra, size, packed, header_offset
             )
-            if size is None:
-                raise not_a_zip
+        if packed != size:
+            raise CorruptFile(path, f"record {name!r} is stored with two different sizes")
         pos += name_len + extra_len + comment_len
         records.append(_Record(name, header_offset + shift, size, crc))
-    return records
+    return records, cd_offset + shift
 
 
-def _zip64_extra(extra: bytes, size: int, packed: int, offset: int) -> tuple[Any, int]:
+def _record_name(path: Path, raw: bytes, flags: int) -> str:
+    try:
+        name = raw.decode("utf-8" if flags & 0x800 else "cp437")
+    except UnicodeDecodeError:
+        raise CorruptFile(
+            path, f"a zip record name is not valid UTF-8 ({raw[:40]!r}): torch did not write it"
+        ) from None
+    if not name or "\0" in name:
+        raise CorruptFile(path, f"a zip record has the malformed name {name!r}")
+    return name
+
+
+def _zip64_extra(
+    path: Path, name: str, extra: bytes, size: int, packed: int, offset: int
+) -> tuple[int, int, int]:
     """Sizes and offset too big for the central entry, from its zip64 extra field (id 1)."""
+    malformed = CorruptFile(path, f"record {name!r} has a malformed zip64 extra field")
     pos = 0
     while pos + 4 <= len(extra):
         tag, length = struct.unpack_from("<HH", extra, pos)
+        if pos + 4 + length > len(extra):
+            raise malformed
         if tag == 1:
-            values = iter(struct.unpack_from(f"<{length // 8}Q", extra, pos + 4))
             # Only the fields that overflowed are present, in this order.
-            size = next(values) if size == _U32 else size
-            packed = next(values) if packed == _U32 else packed
-            offset = next(values) if offset == _U32 else offset
-            return size, offset
+            needed = [size == _U32, packed == _U32, offset == _U32]
+            if length < 8 * sum(needed):
+                raise malformed
+            values = iter(struct.unpack_from(f"<{sum(needed)}Q", extra, pos + 4))
+            size = next(values) if needed[0] else size
+            packed = next(values) if needed[1] else packed
+            offset = next(values) if needed[2] else offset
+            return size, packed, offset
         pos += 4 + length
-    return None, offset
+    raise malformed
 
 
 def _data_offset(path: Path, fd: int, record: _Record, file_size: int) -> int:
     header = os.pread(fd, _LOCAL.size, record.header_offset)
     if len(header) < _LOCAL.size:
-        raise CorruptFile(path, f"record {record.name} runs past the end of the file (truncated)")
+        raise CorruptFile(path, f"record {record.name!r} runs past the end of the file (truncated)")
     signature, name_len, extra_len = _LOCAL.unpack(header)
     if signature != _LOCAL_SIGNATURE:
-        raise CorruptFile(path, f"bad local zip header for record {record.name}")
+        raise CorruptFile(path, f"bad local zip header for record {record.name!r}")
     start = record.header_offset + _LOCAL.size + name_len + extra_len
     if start + record.size > file_size:
-        raise CorruptFile(path, f"record {record.name} runs past the end of the file (truncated)")
+        raise CorruptFile(path, f"record {record.name!r} runs past the end of the file (truncated)")
     return start
 
 
-def _read_record(path: Path, fd: int, record: _Record, file_size: int) -> bytes:
-    """A small record's bytes, CRC-checked."""
+def _check_extents(path: Path, extents: list[tuple[int, int, str]], directory_start: int) -> None:
+    """Refuse records that overlap each other or the central directory: torch.save writes them
+    one after another, and overlapping ones are how a file shows two readers different bytes."""
+    extents.sort()
+    end, previous = 0, ""
+    for start, stop, name in extents:
+        if start < end:
+            raise CorruptFile(path, f"zip records {previous!r} and {name!r} overlap")
+        end, previous = stop, name
+    if end > directory_start:
+        raise CorruptFile(path, f"zip record {previous!r} overlaps the zip directory")
+
+
+def _read_record(path: Path, fd: int, record: _Record, file_size: int, limit: int) -> bytes:
+    """A small record's bytes, CRC-checked; one over ``limit`` bytes is refused unread."""
+    if record.size > limit:
+        raise UnsafeCheckpoint(
+            f"{path}: record {record.name!r} is {record.size} bytes, more than dsckpt reads "
+            f"({limit >> 10} KiB; a DeepSpeed checkpoint's is far smaller), so the file was "
+            "refused; if it really is a DeepSpeed checkpoint, report it"
+        )
     data = os.pread(fd, record.size, _data_offset(path, fd, record, file_size))
     if zlib.crc32(data) != record.crc:
-        raise CorruptFile(path, f"record {record.name} fails its CRC check")
+        raise CorruptFile(path, f"record {record.name!r} fails its CRC check")
     return data
 
 
@@ -574,6 +662,8 @@ class _Unpickler(pickle._Unpickler):
         self._path = path
         self._records = records
         self._storages: dict[str, SavedStorage] = {}
+        self._hash_units = 0
+        self._tuple_weights: dict[int, tuple[tuple[Any, ...], int]] = {}
         self._snapshots: dict[type, list[tuple[Any, dict[str, Any]]]] = {}
         # Bound methods, not functions: a pickle's BUILD can set attributes on any object it
         # holds, and a bound method refuses them (a function would take new __defaults__).
@@ -590,28 +680,257 @@ class _Unpickler(pickle._Unpickler):
             "_codecs.encode": self._encode,
             "builtins.bytearray": self._bytearray,
         }
+        self._own_calls = frozenset(id(call) for call in self._calls.values())
 
     def load(self) -> Any:
-        """pickle._Unpickler.load, minus its frame reader on unframed protocols (a third faster:
-        every opcode's read otherwise goes through one more Python call)."""
-        if not self._unframed:
-            return super().load()
-        self.read = self._input.read  # type: ignore[method-assign]
-        self.readline = self._input.readline  # type: ignore[method-assign]
+        """pickle._Unpickler.load with every opcode charged to a budget (see
+        :mod:`dsckpt.bounds`), and without its frame reader on unframed protocols (a third
+        faster: every opcode's read otherwise goes through one more Python call). The result is
+        checked for cycles, depth and shared-part blow-ups before it is returned."""
+        if self._unframed:
+            self.read = self._input.read  # type: ignore[method-assign]
+            self.readline = self._input.readline  # type: ignore[method-assign]
+        else:
+            unframer = pickle._Unframer(self._input.read, self._input.readline)  # type: ignore[attr-defined]
+            self._unframer = unframer
+            self.read = unframer.read  # type: ignore[method-assign]
+            self.readinto = unframer.readinto
+            self.readline = unframer.readline  # type: ignore[method-assign]
         self.metastack: list[Any] = []
         self.stack: list[Any] = []
         self.append = self.stack.append
         self.proto = 0
         read = self.read
         dispatch = self.dispatch
+        costs = bounds.COSTS
+        units = bounds.MAX_OP_UNITS
         try:
             while True:
                 key = read(1)
                 if not key:
                     raise EOFError
-                dispatch[key[0]](self)  # type: ignore[arg-type]
+                code = key[0]
+                units -= costs[code]
+                if units < 0:
+                    raise bounds.refused(
+                        self._path, f"takes more than {bounds.MAX_OP_UNITS} steps to build"
+                    )
+                dispatch[code](self)  # type: ignore[arg-type]
         except pickle._Stop as stop:  # type: ignore[attr-defined]
-            return stop.value
+            value = stop.value
+        self.stack = self.metastack = []
+        self.memo.clear()  # type: ignore[attr-defined]
+        self._tuple_weights.clear()
+        bounds.check_graph(self._path, value, _children, _LEAVES)
+        return value
+
+    # -- hashing: dict keys, set members and call arguments are weighed first
+
+    def _weight(self, obj: Any) -> int:
+        """How many elements hashing ``obj`` visits (tuples count through nested tuples).
+
+        Worked out when a tuple is first hashed, not when it is built (most never are), and
+        remembered: each distinct tuple is measured once however often it is shared.
+        """
+        if type(obj) is not tuple:
+            return 1
+        known = self._tuple_weights
+        found = known.get(id(obj))
+        if found is not None:
+            return found[1]
+        pending = [obj]
+        while pending:
+            item = pending[-1]
+            if id(item) in known:
+                pending.pop()
+                continue
+            inner = [c for c in item if type(c) is tuple and id(c) not in known]
+            if inner:
+                pending.extend(inner)
+                continue
+            weight = 1
+            for c in item:
+                weight += known[id(c)][1] if type(c) is tuple else 1
+            # Kept with the tuple, so its id cannot pass to another object meanwhile.
+            known[id(item)] = (item, min(weight, 1 << 62))
+            pending.pop()
+        return known[id(obj)][1]
+
+    def _key(self, key: Any) -> None:
+        """Charge hashing ``key``; refuse one too heavy to be a key DeepSpeed writes."""
+        weight = self._weight(key)
+        if weight > bounds.MAX_KEY_WEIGHT:
+            raise bounds.refused(
+                self._path, f"hashes a key of {weight} nested tuple elements (a tuple bomb)"
+            )
+        self._hash_units += weight
+        if self._hash_units > bounds.MAX_HASH_UNITS:
+            raise bounds.refused(self._path, f"hashes more than {bounds.MAX_HASH_UNITS} elements")
+
+    def _check_args(self, args: Any) -> None:
+        """Charge what an allow-listed callable may hash: its arguments and their members."""
+        if type(args) is not tuple and type(args) is not list:
+            raise pickle.UnpicklingError(f"call arguments that are a {type(args).__name__}")
+        for arg in args:
+            kind = type(arg)
+            if kind is tuple:
+                self._key(arg)
+                members: Any = arg
+            elif kind in (list, set, frozenset) or isinstance(arg, dict):
+                members = arg
+            else:
+                continue
+            self._hash_units += len(members)
+            for member in members:
+                if type(member) is tuple:
+                    self._key(member)
+        if self._hash_units > bounds.MAX_HASH_UNITS:
+            raise bounds.refused(self._path, f"hashes more than {bounds.MAX_HASH_UNITS} elements")
+
+    # -- opcodes that build containers or call: the standard ones, checked
+
+    def _pop_mark(self) -> list[Any]:
+        return pickle._Unpickler.pop_mark(self)  # type: ignore[attr-defined,no-any-return]
+
+    def load_dict(self) -> None:
+        items = self._pop_mark()
+        result: dict[Any, Any] = {}
+        for i in range(0, len(items) - 1, 2):
+            if type(items[i]) is tuple:
+                self._key(items[i])
+            result[items[i]] = items[i + 1]
+        self.append(result)
+
+    def load_setitem(self) -> None:
+        stack = self.stack
+        value = stack.pop()
+        key = stack.pop()
+        self._setitems(stack[-1], [key, value])
+
+    def load_setitems(self) -> None:
+        items = self._pop_mark()
+        self._setitems(self.stack[-1], items)
+
+    def _setitems(self, target: Any, items: list[Any]) -> None:
+        if not isinstance(target, dict):
+            raise pickle.UnpicklingError(f"dict items set on a {type(target).__name__}")
+        for i in range(0, len(items) - 1, 2):
+            if type(items[i]) is tuple:
+                self._key(items[i])
+            target[items[i]] = items[i + 1]
+
+    def load_append(self) -> None:
+        value = self.stack.pop()
+        self._extend(self.stack[-1], [value])
+
+    def load_appends(self) -> None:
+        items = self._pop_mark()
+        self._extend(self.stack[-1], items)
+
+    @staticmethod
+    def _extend(target: Any, items: list[Any]) -> None:
+        if not isinstance(target, list):
+            raise pickle.UnpicklingError(f"list items appended to a {type(target).__name__}")
+        target.extend(items)
+
+    def load_additems(self) -> None:
+        items = self._pop_mark()
+        target = self.stack[-1]
+        if not isinstance(target, set):
+            raise pickle.UnpicklingError(f"set items added to a {type(target).__name__}")
+        for item in items:
+            self._key(item)
+        target.update(items)
+
+    def load_frozenset(self) -> None:
+        items = self._pop_mark()
+        for item in items:
+            self._key(item)
+        self.append(frozenset(items))
+
+    def load_reduce(self) -> None:
+        stack = self.stack
+        args = stack.pop()
+        func = stack[-1]
+        if id(func) not in self._own_calls:  # torch's rebuilds (ours) hash nothing
+            self._check_args(args)
+        stack[-1] = func(*args)
+
+    def load_newobj(self) -> None:
+        args = self.stack.pop()
+        cls = self.stack.pop()
+        self._check_args(args)
+        self.append(cls.__new__(cls, *args))
+
+    def load_newobj_ex(self) -> None:
+        kwargs = self.stack.pop()
+        args = self.stack.pop()
+        cls = self.stack.pop()
+        if type(kwargs) is not dict or not all(type(k) is str for k in kwargs):
+            raise pickle.UnpicklingError("keyword arguments that are not a dict of names")
+        self._check_args(args)
+        self._check_args(tuple(kwargs.values()))
+        self.append(cls.__new__(cls, *args, **kwargs))
+
+    def _instantiate(self, klass: Any, args: list[Any]) -> None:
+        self._check_args(args)
+        super()._instantiate(klass, args)  # type: ignore[misc]
+
+    def load_build(self) -> None:
+        state = self.stack[-1]
+        inst = self.stack[-2]
+        if type(inst).__module__.partition(".")[0] == "numpy":
+            check_numpy_build(inst, state)
+        else:
+            parts = state if type(state) is tuple and len(state) == 2 else (state,)
+            for part in parts:
+                if isinstance(part, dict):
+                    for key in part:
+                        if type(key) is not str:
+                            self._key(key)
+        super().load_build()  # type: ignore[misc]
+
+    def load_frame(self) -> None:
+        (size,) = struct.unpack("<Q", self.read(8))
+        if size > len(self._input.getbuffer()) - self._input.tell():
+            raise pickle.UnpicklingError(f"a pickle frame of {size} bytes, longer than the pickle")
+        self._unframer.load_frame(size)
+
+    # -- integers: bounded before they are converted
+
+    def load_long1(self) -> None:
+        size = self.read(1)[0]
+        self._int_size(size)
+        self.append(pickle.decode_long(self.read(size)))
+
+    def load_long4(self) -> None:
+        (size,) = struct.unpack("<i", self.read(4))
+        if size < 0:
+            raise pickle.UnpicklingError("LONG4 with a negative length")
+        self._int_size(size)
+        self.append(pickle.decode_long(self.read(size)))
+
+    def load_int(self) -> None:
+        line = self.readline()
+        self._int_size(len(line) // 2)
+        if line in (b"00\n", b"01\n"):
+            self.append(line == b"01\n")
+        else:
+            self.append(self._checked_int(int(line, 0)))
+
+    def load_long(self) -> None:
+        line = self.readline()
+        self._int_size(len(line) // 2)
+        digits = line[:-1].removesuffix(b"L")
+        self.append(self._checked_int(int(digits, 0)))
+
+    def _int_size(self, nbytes: int) -> None:
+        if nbytes > bounds.MAX_INT_BYTES:
+            raise bounds.refused(self._path, f"holds an integer of about {nbytes} bytes")
+
+    def _checked_int(self, value: int) -> int:
+        self._int_size((value.bit_length() + 7) // 8)
+        return value
 
     # -- globals and persistent ids
 
@@ -645,7 +964,7 @@ class _Unpickler(pickle._Unpickler):
         return found
 
     def _numpy_global(self, full: str) -> Any:
-        allowed = numpy_globals()
+        allowed = checked_numpy_globals()
         if not allowed:
             raise UnsupportedLayout(
                 f"{self._path}: the pickle holds numpy values (`{full}`) and numpy is not "
@@ -694,9 +1013,9 @@ class _Unpickler(pickle._Unpickler):
             and isinstance(key, str)
             and isinstance(location, str)
             and type(numel) is int
-            and numel >= 0
+            and 0 <= numel < _INT64
         ):
-            raise pickle.UnpicklingError(f"a malformed storage id {pid!r}")
+            raise pickle.UnpicklingError(f"a malformed storage id {short(pid)}")
         found = self._storages.get(key)
         if found is not None:
             # torch keeps the first type it saw for a key; torch.save refuses to write one
@@ -704,13 +1023,16 @@ class _Unpickler(pickle._Unpickler):
             return found
         record = self._records.get(key)
         if record is None:
-            raise CorruptFile(self._path, f"the pickle needs storage record data/{key}, missing")
+            raise CorruptFile(
+                self._path, f"the pickle needs storage record data/{key[:60]}, missing"
+            )
         start, size = record
         storage = SavedStorage(self._path, key, storage_type.dtype, numel, start, location)
         if storage.nbytes > size:
             raise CorruptFile(
                 self._path,
-                f"storage record data/{key} holds {size} bytes, its tensors need {storage.nbytes}",
+                f"storage record data/{key[:60]} holds {size} bytes, "
+                f"its tensors need {storage.nbytes}",
             )
         self._storages[key] = storage
         return storage
@@ -729,31 +1051,53 @@ class _Unpickler(pickle._Unpickler):
     ) -> SavedTensor:
         if type(storage) is not SavedStorage:
             raise pickle.UnpicklingError("a tensor whose storage is not a storage record")
-        shape = size if type(size) is tuple else tuple(size)
-        strides = stride if type(stride) is tuple else tuple(stride)
-        if type(storage_offset) is not int or storage_offset < 0 or len(shape) != len(strides):
-            raise pickle.UnpicklingError(f"a malformed tensor ({shape}, {strides})")
-        # One pass: check the sizes and strides, and find the furthest element.
+        if type(size) not in (tuple, list) or type(stride) not in (tuple, list):
+            raise pickle.UnpicklingError("a tensor whose size or stride is not a sequence")
+        shape, strides = tuple(size), tuple(stride)
+        if (
+            type(storage_offset) is not int
+            or not 0 <= storage_offset < _INT64
+            or len(shape) != len(strides)
+            or len(shape) > _MAX_DIMS
+        ):
+            raise pickle.UnpicklingError(
+                f"a malformed tensor ({short(shape)}, {short(strides)}, "
+                f"offset {short(storage_offset)})"
+            )
+        # One pass: check the sizes and strides, and find the furthest element and the count.
         last = 0
-        empty = False
+        numel = 1
         for n, step in zip(shape, strides, strict=True):
-            if type(n) is not int or type(step) is not int or n < 0 or step < 0:
-                raise pickle.UnpicklingError(f"a malformed tensor ({shape}, {strides})")
-            if n == 0:
-                empty = True
+            if (
+                type(n) is not int
+                or type(step) is not int
+                or not (0 <= n < _INT64 and 0 <= step < _INT64)
+            ):
+                raise pickle.UnpicklingError(
+                    f"a malformed tensor ({short(shape)}, {short(strides)})"
+                )
+            numel *= n
             last += (n - 1) * step
         if metadata and any(metadata.values()):
             raise UnsupportedLayout(
                 f"{self._path}: a tensor carries torch's lazy conjugate/negative bits "
-                f"({metadata}); dsckpt's torch-free reader does not apply them"
+                f"({short(metadata)}); dsckpt's torch-free reader does not apply them"
             )
         itemsize = dtype.itemsize
         storage_numel = storage.numel * storage.dtype.itemsize // itemsize
-        if not empty and storage_offset + last >= storage_numel:
+        if numel and storage_offset + last >= storage_numel:
             raise CorruptFile(
                 self._path,
                 f"a tensor of shape {list(shape)} runs past the end of its storage data/"
-                f"{storage.key} ({storage_numel} elements)",
+                f"{short(storage.key)} ({storage_numel} elements)",
+            )
+        if numel > storage_numel:
+            # Strides that revisit elements (an expand()ed view): DeepSpeed never saves one, and
+            # what reads it would build far more than the file holds.
+            raise UnsupportedLayout(
+                f"{self._path}: a tensor of shape {list(shape)} and strides {list(strides)} "
+                f"repeats the elements of its storage data/{storage.key[:60]} "
+                f"({storage_numel} elements); dsckpt reads tensors that are views without overlap"
             )
         return SavedTensor(
             self._path,
@@ -827,17 +1171,31 @@ class _Unpickler(pickle._Unpickler):
         )
 
     def _size(self, sizes: Any = ()) -> tuple[int, ...]:
+        if type(sizes) not in (tuple, list) or len(sizes) > _MAX_DIMS:
+            raise pickle.UnpicklingError(f"a torch.Size of {short(sizes)}")
         shape = tuple(sizes)
-        if not all(type(n) is int for n in shape):
-            raise pickle.UnpicklingError(f"a torch.Size of non-integers {shape!r}")
+        numel = 1
+        for n in shape:
+            # torch's sizes are int64; DeepSpeed's shapes are those of real tensors
+            if type(n) is not int or not 0 <= n < _INT64:
+                raise pickle.UnpicklingError(f"a torch.Size of {short(shape)}")
+            numel *= n
+        if numel >= _INT64:
+            raise pickle.UnpicklingError(f"a torch.Size of {short(shape)}, {numel} elements")
         return shape
 
     def _device(self, kind: Any, index: Any = None) -> Device:
         if isinstance(kind, str) and index is None and ":" in kind:
             kind, _, number = kind.partition(":")
-            index = int(number)
-        if not isinstance(kind, str) or not (index is None or type(index) is int):
-            raise pickle.UnpicklingError(f"a malformed torch.device ({kind!r}, {index!r})")
+            index = int(number) if number.isdigit() and len(number) < 10 else -1
+        if not (
+            isinstance(kind, str)
+            and len(kind) < 64
+            and (index is None or (type(index) is int and 0 <= index < 1 << 31))
+        ):
+            raise pickle.UnpicklingError(
+                f"a malformed torch.device ({short(kind)}, {short(index)})"
+            )
         return Device(kind, index)
 
     def _bytearray(self, data: Any = b"", encoding: Any = None) -> bytearray:
@@ -857,7 +1215,40 @@ class _Unpickler(pickle._Unpickler):
         return text.encode("latin1")
 
 
+# The standard dispatch table, pointing at this class's checked versions where it has them.
+_Unpickler.dispatch = {  # type: ignore[attr-defined]
+    code: getattr(_Unpickler, function.__name__)
+    for code, function in pickle._Unpickler.dispatch.items()  # type: ignore[attr-defined]
+}
+
+_LEAVES: frozenset[type] = frozenset(
+    {str, int, float, bool, bytes, bytearray, complex, type(None), SavedStorage, DType, Device}
+)
+_CONTAINERS = (list, tuple, set, frozenset)
+
+
+def _children(obj: Any) -> Iterable[Any] | None:
+    """What a value in an unpickled result holds (None for a leaf), for bounds.check_graph."""
+    kind = type(obj)
+    if kind is SavedTensor:
+        return (obj.attrs,) if obj.attrs else None
+    if isinstance(obj, type):
+        return None
+    state = getattr(obj, "__dict__", None)  # what a pickle's BUILD set: Namespace, stand-ins
+    extra = (state,) if isinstance(state, dict) and state else ()
+    if isinstance(obj, dict):
+        return itertools.chain(obj.keys(), obj.values(), extra)
+    if isinstance(obj, _CONTAINERS):
+        return itertools.chain(obj, extra)
+    if kind.__module__.partition(".")[0] == "numpy":
+        dtype = getattr(obj, "dtype", None)
+        return obj.flat if getattr(dtype, "hasobject", False) and obj.ndim else None
+    return extra or None
+
+
 _MISSING = object()
+_INT64 = 1 << 63
+_MAX_DIMS = 64
 
 
 def _state_attrs(state: Any) -> dict[str, Any]:
