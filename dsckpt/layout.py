@@ -8,7 +8,6 @@ is read except a few 0-d bookkeeping tensors (optimizer ``step``) used to cross-
 
 from __future__ import annotations
 
-import re
 from collections import Counter, defaultdict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -23,7 +22,7 @@ from dsckpt.errors import (
     InconsistentCheckpoint,
     UnsupportedLayout,
 )
-from dsckpt.files import Location, RankFile, Role, locate, scan
+from dsckpt.files import Location, RankFile, Role, UnsupportedFile, locate, survey
 from dsckpt.load import TensorRef, read_scalar, tensor_ref
 from dsckpt.unpickle import SavedTensor, load_saved
 
@@ -142,11 +141,6 @@ def refuse_errors(layout: Layout) -> None:
 # File names that follow DeepSpeed's rank-file naming (`*model_states.pt`, `*optim_states.pt`)
 # but that no layout here accounts for: MoE expert files above all. Ignoring them would write a
 # model without its experts, so they are an error for every command that writes.
-_MOE_FILE = re.compile(
-    r"^(layer_\d+_)?expert_\d+_mp_rank_\d+_model_states\.pt$|^expp_rank_\d+_mp_rank_\d+_optim_states\.pt$"
-)
-_DEEPSPEED_LIKE = re.compile(r"(model_states|optim_states)\.pt$")
-
 
 def open_checkpoint(path: Path | str, tag: str | None = None) -> Layout:
     """Discover a checkpoint: root with ``latest``, root plus ``tag``, or a tag directory.
@@ -157,9 +151,10 @@ def open_checkpoint(path: Path | str, tag: str | None = None) -> Layout:
         CorruptFile: a file every consolidation needs cannot be read.
     """
     location = locate(Path(path), tag)
-    files, unrelated = scan(location)
+    found = survey(location)
+    files, unrelated = found.rank_files, found.unrelated
     reader = _Reader(location, files)
-    unrelated = reader.unsupported_files(unrelated)
+    reader.unsupported_files(found.unsupported)
     if unrelated:
         reader.note(
             INFO,
@@ -272,26 +267,20 @@ class _Reader:
     def of_role(self, role: Role) -> list[RankFile]:
         return [f for f in self.files if f.role is role]
 
-    def unsupported_files(self, unrelated: list[str]) -> list[str]:
-        """Record files named like DeepSpeed's that no layout here reads; return the rest."""
-        moe = [n for n in unrelated if _MOE_FILE.match(n)]
-        other = [n for n in unrelated if _DEEPSPEED_LIKE.search(n) and n not in moe]
-        for found, why in (
-            (moe, "mixture-of-experts (MoE) expert files: MoE checkpoints are not supported yet"),
-            (other, "files named like DeepSpeed rank files that match no layout dsckpt knows"),
-        ):
-            if found:
-                listed = ", ".join(found[:4]) + (
-                    f" ... ({len(found)} files)" if len(found) > 4 else ""
-                )
-                self.note(
-                    ERROR,
-                    "unsupported-files",
-                    f"{self.location.dir} holds {why}: {listed}; dsckpt writes nothing from a "
-                    "checkpoint whose files it does not all understand (inspect still shows "
-                    "the rest)",
-                )
-        return [n for n in unrelated if n not in moe and n not in other]
+    def unsupported_files(self, found: list[UnsupportedFile]) -> None:
+        """Record files named like DeepSpeed's that no layout here reads: a writing command must
+        refuse the checkpoint rather than drop the tensors they hold."""
+        if not found:
+            return
+        listed = "; ".join(f"{f.name} ({f.why})" for f in found[:4])
+        more = f"; and {len(found) - 4} more" if len(found) > 4 else ""
+        self.note(
+            ERROR,
+            "unsupported-files",
+            f"{self.location.dir} holds {len(found)} file(s) dsckpt does not read yet: "
+            f"{listed}{more}; it writes nothing from a checkpoint whose files it does not all "
+            "understand (inspect still shows the rest)",
+        )
 
     # --- the kinds ----------------------------------------------------------------------------
 
