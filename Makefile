@@ -35,6 +35,7 @@ test: $(VENV)/.deepspeed
 fixtures: $(VENV)/.deepspeed
 	$(BIN)/python tests/fixtures/generate.py
 	$(BIN)/python tests/fixtures/generate_pipe.py
+	$(PIP) transformers accelerate && $(BIN)/python tests/fixtures/generate_moe.py  # pinned in constraints.txt
 
 ## bench: the benchmark against DeepSpeed's own tools (large; minutes)
 bench: $(VENV)/.deepspeed
