@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import shutil
 import sys
 from pathlib import Path
 from typing import Any
@@ -273,3 +274,25 @@ def test_autoep_ground_truth_maps_to_hf_names(name: str) -> None:
     hf = tiny_moe.autoep_to_hf(ref(name))
     assert {k: list(v.shape) for k, v in hf.items()} == f["hf_state_dict_shapes"]
     MixtralForCausalLM(tiny_moe.mixtral_config()).load_state_dict(hf, strict=True)
+
+
+def snapshot(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in root.rglob("*") if p.is_file()}
+
+
+@pytest.mark.deepspeed
+@pytest.mark.parametrize("name", ["z2-fp32-ep2-dp2", "autoep-z2-fp32-ep2-dp2"])
+def test_resuming_a_copy_continues_bitwise(name: str, tmp_path: Path) -> None:
+    """train_moe.py --load at the fixture's own topology, in unmodified DeepSpeed, gives the
+    losses the generator's uninterrupted run had for the next steps, bit for bit."""
+    pytest.importorskip("deepspeed")
+    import generate_moe
+
+    fx = {f.name: f for f in generate_moe.FIXTURES}[name]
+    copy = tmp_path / "ckpt"
+    shutil.copytree(MOE / name / "ckpt", copy)
+    before = snapshot(copy)
+    generate_moe.run(fx, tmp_path, generate_moe.STEPS, load=copy)
+    losses = json.loads((tmp_path / "losses.json").read_text())
+    assert losses == facts(name)["resume_check"]["straight_losses"][generate_moe.STEPS :]
+    assert snapshot(copy) == before
