@@ -31,6 +31,7 @@ $(PLAIN)/.installed: pyproject.toml constraints.txt $(SOURCES)
 
 $(VENV)/.deepspeed: $(BIN)/dsckpt
 	$(PIP) --no-build-isolation deepspeed==$(DEEPSPEED_VERSION)
+	$(PIP) transformers accelerate peft  # test-only, pinned in constraints.txt
 	touch $@
 
 ## demo: set up, then inspect and consolidate the bundled sample checkpoint
@@ -47,7 +48,8 @@ test: $(VENV)/.deepspeed $(PLAIN)/.installed
 fixtures: $(VENV)/.deepspeed
 	$(BIN)/python tests/fixtures/generate.py
 	$(BIN)/python tests/fixtures/generate_pipe.py
-	$(PIP) transformers accelerate peft && $(BIN)/python tests/fixtures/generate_hf.py
+	$(BIN)/python tests/fixtures/generate_hf.py
+	$(BIN)/python tests/fixtures/generate_moe.py
 
 ## bench: the benchmark against DeepSpeed's own tools (large; minutes)
 bench: $(VENV)/.deepspeed
