@@ -138,9 +138,6 @@ def refuse_errors(layout: Layout) -> None:
     raise cls(f"{first.message}{more}")
 
 
-# File names that follow DeepSpeed's rank-file naming (`*model_states.pt`, `*optim_states.pt`)
-# but that no layout here accounts for: MoE expert files above all. Ignoring them would write a
-# model without its experts, so they are an error for every command that writes.
 
 def open_checkpoint(path: Path | str, tag: str | None = None) -> Layout:
     """Discover a checkpoint: root with ``latest``, root plus ``tag``, or a tag directory.
@@ -326,6 +323,16 @@ class _Reader:
         if not isinstance(raw, dict) or "module" not in raw:
             raise CheckpointNotFound(
                 f"{self.path(first)} is not a DeepSpeed model-states file (no `module` key)"
+            )
+        if raw.get("num_experts") is not None or raw.get("ds_autoep_layers") is not None:
+            # Expert weights live in files of their own (none at all in an AutoEP ZeRO-3 save):
+            # without MoE support, any output would silently miss or misplace them.
+            self.note(
+                ERROR,
+                "unsupported-moe",
+                f"{first.name} records a mixture-of-experts model (`num_experts`"
+                + (", `ds_autoep_layers`" if raw.get("ds_autoep_layers") is not None else "")
+                + "): MoE checkpoints are not supported yet",
             )
         return self.model_meta(first, raw)
 
