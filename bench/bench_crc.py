@@ -46,7 +46,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from dsckpt.formats.crc import crc32_combine  # noqa: E402
+from dsckpt.execute.formats.crc import crc32_combine  # noqa: E402
 
 DEFAULT_WORKDIR = Path("/tmp/dsckpt-bench")
 CHUNK = 8 << 20
@@ -238,10 +238,11 @@ def bench_copy(size: int, rounds: int, impls: dict[str, Crc], workdir: Path) -> 
 
 
 _RESHAPE_VARIANTS = {
-    "CRC zero (before)": "import dsckpt.zero_reshape as z; z.STREAM_CRC32 = False",
-    "real CRC, zlib": "import zlib, dsckpt.formats.crc as c, dsckpt.formats.torch_writer as t; "
-    "c.crc32 = t._crc32 = zlib.crc32",
-    "real CRC, isal": "import dsckpt.formats.crc as c; assert c.crc_impl == 'isal', c.crc_impl",
+    "CRC zero (before)": "import dsckpt.plan.zero_reshape as z; z.STREAM_CRC32 = False",
+    "real CRC, zlib": "import zlib, dsckpt.execute.formats.crc as c, "
+    "dsckpt.execute.formats.torch_writer as t; c.crc32 = t._crc32 = zlib.crc32",
+    "real CRC, isal": "import dsckpt.execute.formats.crc as c; "
+    "assert c.crc_impl == 'isal', c.crc_impl",
 }
 
 

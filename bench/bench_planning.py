@@ -10,8 +10,8 @@ tensors), cached in WORKDIR/synthetic/<name> (a directory counts once its synthe
 The grid is two sweeps through one corner: DP at the largest parameter count, parameters at the
 largest DP. Every point runs three probes, each a fresh process started by _measure's launcher
 (exact peak RSS from wait4): discovery alone (``dsckpt.open_checkpoint``), discovery + the
-to-fp32 plan (``dsckpt.consolidation.plan_for``), discovery + the reshape plan
-(``dsckpt.zero_reshape.plan_reshape`` to half the DP). A probe prints its own phase timings, so
+to-fp32 plan (``dsckpt.api.consolidation.plan_for``), discovery + the reshape plan
+(``dsckpt.plan.zero_reshape.plan_reshape`` to half the DP). A probe prints its own phase timings, so
 start-up (interpreter, imports) is not counted as planning. The slopes of each sweep give the
 cost per rank file (at the largest parameter count) and per parameter (at the largest DP).
 """
@@ -35,16 +35,16 @@ PROBES = ("discover", "to-fp32", "reshape")
 def probe(ckpt: str, what: str) -> None:
     """Runs in the measured child: time discovery, then one plan; print JSON."""
     started = time.perf_counter()
-    from dsckpt.layout import open_checkpoint
+    from dsckpt.discover.layout import open_checkpoint
 
     layout = open_checkpoint(ckpt)
     found = time.perf_counter()
     if what == "to-fp32":
-        from dsckpt.consolidation import plan_for
+        from dsckpt.api.consolidation import plan_for
 
         plan_for(layout)
     elif what == "reshape":
-        from dsckpt.zero_reshape import plan_reshape
+        from dsckpt.plan.zero_reshape import plan_reshape
 
         plan_reshape(layout, max(1, layout.dp // 2))
     done = time.perf_counter()

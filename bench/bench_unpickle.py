@@ -24,7 +24,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from dsckpt.unpickle import SavedTensor, load_saved  # noqa: E402
+from dsckpt.io.unpickle import SavedTensor, load_saved  # noqa: E402
 
 FIXTURES = REPO / "tests" / "fixtures"
 
@@ -84,7 +84,7 @@ def main() -> None:
     import torch  # noqa: F401  (load_meta needs it; its import time is reported apart)
 
     import_torch_ms = (time.perf_counter() - start) * 1000
-    from dsckpt.load import load_meta
+    from dsckpt.io.load import load_meta
 
     print(f"import torch (in process, once): {import_torch_ms:.0f} ms")
     header = f"{'file':<72} {'MB':>8} {'tensors':>7} {'load_saved':>11} {'load_meta':>10} {'x':>6}"
@@ -117,10 +117,10 @@ def main() -> None:
     path = max(files, key=lambda p: ("model_states" in p.name, p.stat().st_size))
     repeat = max(1, min(3, args.repeat))
     ours = _fresh_process_ms(
-        f"from dsckpt.unpickle import load_saved; load_saved({str(path)!r})", repeat
+        f"from dsckpt.io.unpickle import load_saved; load_saved({str(path)!r})", repeat
     )
     theirs = _fresh_process_ms(
-        "from pathlib import Path; from dsckpt.load import load_meta; "
+        "from pathlib import Path; from dsckpt.io.load import load_meta; "
         f"load_meta(Path({str(path)!r}))",
         repeat,
     )

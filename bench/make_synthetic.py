@@ -61,7 +61,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from dsckpt.standins import STAND_INS, FragmentAddress, LossScaler, ZeroStageEnum  # noqa: E402
+from dsckpt.io.standins import STAND_INS, FragmentAddress, LossScaler, ZeroStageEnum  # noqa: E402
 
 DS_VERSION = "0.19.8"
 MAX_NUMEL = 63  # every shape stays under 64 elements, so p + i/64 is exact in fp32

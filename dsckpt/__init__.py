@@ -11,10 +11,10 @@ from typing import TYPE_CHECKING, Any
 from dsckpt._version import __version__
 
 if TYPE_CHECKING:
-    from dsckpt.consolidation import consolidate, load_into, state_dict
+    from dsckpt.api.consolidation import consolidate, load_into, state_dict
+    from dsckpt.api.reshaping import reshape
+    from dsckpt.discover.layout import open_checkpoint
     from dsckpt.errors import DsckptError
-    from dsckpt.layout import open_checkpoint
-    from dsckpt.reshaping import reshape
 
 __all__ = [
     "DsckptError",
@@ -27,11 +27,11 @@ __all__ = [
 ]
 
 _HOMES = {
-    "consolidate": "dsckpt.consolidation",
-    "load_into": "dsckpt.consolidation",
-    "state_dict": "dsckpt.consolidation",
-    "open_checkpoint": "dsckpt.layout",
-    "reshape": "dsckpt.reshaping",
+    "consolidate": "dsckpt.api.consolidation",
+    "load_into": "dsckpt.api.consolidation",
+    "state_dict": "dsckpt.api.consolidation",
+    "open_checkpoint": "dsckpt.discover.layout",
+    "reshape": "dsckpt.api.reshaping",
     "DsckptError": "dsckpt.errors",
 }
 

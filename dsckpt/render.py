@@ -15,10 +15,10 @@ from rich.console import Group, RenderableType
 from rich.table import Table
 from rich.text import Text
 
-from dsckpt.files import RankFile, Role
-from dsckpt.layout import ERROR, Finding, Layout
+from dsckpt.discover.files import RankFile, Role
+from dsckpt.discover.layout import ERROR, Finding, Layout
+from dsckpt.plan.topology_map import TopologyMap
 from dsckpt.printable import printable
-from dsckpt.topology_map import TopologyMap
 
 JSON_SCHEMA_VERSION = 1
 _LEVEL_STYLE = {"error": "bold red", "warning": "yellow", "info": "dim"}

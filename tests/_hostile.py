@@ -286,9 +286,9 @@ from pathlib import Path
 from dsckpt.errors import DsckptError
 path, how = Path(sys.argv[1]), sys.argv[2]
 if how == "load_meta":
-    from dsckpt.load import load_meta as load
+    from dsckpt.io.load import load_meta as load
 else:
-    from dsckpt.unpickle import load_saved as load
+    from dsckpt.io.unpickle import load_saved as load
 before = resource.getrusage(resource.RUSAGE_SELF)
 start = time.perf_counter()
 try:

@@ -11,7 +11,13 @@ import dsckpt
 
 def test_api_names_stay_functions_after_their_modules_are_imported() -> None:
     # A submodule named like an API function would replace it on the package once imported.
-    for module in ("consolidation", "reshaping", "zero_reshape", "pipeline_reshape", "layout"):
+    for module in (
+        "api.consolidation",
+        "api.reshaping",
+        "plan.zero_reshape",
+        "plan.pipeline_reshape",
+        "discover.layout",
+    ):
         importlib.import_module(f"dsckpt.{module}")
     for name in ("consolidate", "state_dict", "load_into", "reshape", "open_checkpoint"):
         assert callable(getattr(dsckpt, name)) and not isinstance(getattr(dsckpt, name), type(sys))

@@ -11,17 +11,17 @@ from pathlib import Path
 import pytest
 import torch
 
-import dsckpt.atomic as atomic
-from dsckpt.atomic import (
+import dsckpt.execute.atomic as atomic
+from dsckpt.errors import DsckptError, OutputError
+from dsckpt.execute.atomic import (
     atomic_output,
     check_disk_space,
     format_bytes,
     preallocate,
     stale_temporaries,
 )
-from dsckpt.errors import DsckptError, OutputError
-from dsckpt.formats.safetensors_writer import SafetensorsWriter, TensorSpec
-from dsckpt.formats.torch_writer import TorchWriter
+from dsckpt.execute.formats.safetensors_writer import SafetensorsWriter, TensorSpec
+from dsckpt.execute.formats.torch_writer import TorchWriter
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -263,7 +263,7 @@ CHILD = textwrap.dedent(
     """
     import sys, time
     from pathlib import Path
-    from dsckpt.atomic import atomic_output
+    from dsckpt.execute.atomic import atomic_output
     with atomic_output(Path(sys.argv[1])) as tmp:
         tmp.write_bytes(b"half of a checkpoint")
         print(tmp, flush=True)

@@ -242,7 +242,7 @@ def test_to_json_makes_every_value_plain() -> None:
 def test_a_nan_from_the_layout_is_a_string(copy_fixture) -> None:
     import dataclasses
 
-    from dsckpt.layout import open_checkpoint
+    from dsckpt.discover.layout import open_checkpoint
     from dsckpt.render import layout_json
 
     layout = dataclasses.replace(open_checkpoint(ckpt("zero", "z2-fp32-dp2")), iteration=math.nan)
@@ -344,14 +344,14 @@ def test_show_map_reports_inspects_findings_and_exits_1(cli, copy_fixture, case:
 def test_an_os_error_is_one_line(cli, monkeypatch, tmp_path: Path, code: int, advice: str) -> None:
     import os
 
-    import dsckpt.layout
+    import dsckpt.discover.layout
 
     victim = tmp_path / f"rank{CLEAR}.pt"
 
     def fail(*args: Any, **kwargs: Any) -> None:
         raise OSError(code, os.strerror(code), str(victim))
 
-    monkeypatch.setattr(dsckpt.layout, "open_checkpoint", fail)
+    monkeypatch.setattr(dsckpt.discover.layout, "open_checkpoint", fail)
     line = _one_error_line(cli("inspect", tmp_path))
     _clean(line)
     assert line.startswith(f"error: {tmp_path}/rank\\x1b[2J.pt: {os.strerror(code)}: ")
@@ -365,22 +365,22 @@ def test_an_os_error_is_one_line(cli, monkeypatch, tmp_path: Path, code: int, ad
 def test_memory_and_recursion_exhaustion_are_one_line(
     cli, monkeypatch, tmp_path: Path, exc: BaseException, words: str
 ) -> None:
-    import dsckpt.layout
+    import dsckpt.discover.layout
 
     def fail(*args: Any, **kwargs: Any) -> None:
         raise exc
 
-    monkeypatch.setattr(dsckpt.layout, "open_checkpoint", fail)
+    monkeypatch.setattr(dsckpt.discover.layout, "open_checkpoint", fail)
     assert words in _one_error_line(cli("inspect", tmp_path))
 
 
 def test_debug_shows_the_os_error(cli, monkeypatch, tmp_path: Path) -> None:
-    import dsckpt.layout
+    import dsckpt.discover.layout
 
     def fail(*args: Any, **kwargs: Any) -> None:
         raise PermissionError(errno.EACCES, "Permission denied", str(tmp_path))
 
-    monkeypatch.setattr(dsckpt.layout, "open_checkpoint", fail)
+    monkeypatch.setattr(dsckpt.discover.layout, "open_checkpoint", fail)
     monkeypatch.setenv("DSCKPT_DEBUG", "1")
     assert isinstance(cli("inspect", tmp_path).exception, PermissionError)
 
@@ -400,12 +400,12 @@ def test_real_file_system_failures_are_one_line(cli, tmp_path: Path) -> None:
 
 
 def test_an_unknown_exception_keeps_its_traceback(cli, monkeypatch, tmp_path: Path) -> None:
-    import dsckpt.layout
+    import dsckpt.discover.layout
 
     def fail(*args: Any, **kwargs: Any) -> None:
         raise ZeroDivisionError("a bug")
 
-    monkeypatch.setattr(dsckpt.layout, "open_checkpoint", fail)
+    monkeypatch.setattr(dsckpt.discover.layout, "open_checkpoint", fail)
     assert isinstance(cli("inspect", tmp_path).exception, ZeroDivisionError)
 
 
@@ -413,12 +413,12 @@ def test_an_unknown_exception_keeps_its_traceback(cli, monkeypatch, tmp_path: Pa
 
 
 def test_interrupt_before_anything_is_written(cli, monkeypatch, tmp_path: Path) -> None:
-    import dsckpt.consolidation
+    import dsckpt.api.consolidation
 
     def interrupted(*args: Any, **kwargs: Any) -> None:
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(dsckpt.consolidation, "consolidate", interrupted)
+    monkeypatch.setattr(dsckpt.api.consolidation, "consolidate", interrupted)
     out = tmp_path / "o.safetensors"
     result = cli("to-fp32", ckpt("zero", "z2-fp32-dp2"), out)
     assert result.exit_code == 130
@@ -427,7 +427,7 @@ def test_interrupt_before_anything_is_written(cli, monkeypatch, tmp_path: Path) 
 
 
 def test_interrupt_after_out_was_committed_says_so(cli, monkeypatch, tmp_path: Path) -> None:
-    import dsckpt.consolidation
+    import dsckpt.api.consolidation
 
     out = tmp_path / "hf"
     out.mkdir()
@@ -437,7 +437,7 @@ def test_interrupt_after_out_was_committed_says_so(cli, monkeypatch, tmp_path: P
         (Path(dest) / "model.safetensors").write_bytes(b"done")
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(dsckpt.consolidation, "consolidate", commits_then_interrupted)
+    monkeypatch.setattr(dsckpt.api.consolidation, "consolidate", commits_then_interrupted)
     result = cli("to-fp32", ckpt("zero", "z2-fp32-dp2"), out, "--force")
     assert result.exit_code == 130
     assert "nothing was written" not in result.stderr
@@ -445,11 +445,11 @@ def test_interrupt_after_out_was_committed_says_so(cli, monkeypatch, tmp_path: P
 
 
 def test_interrupt_of_a_read_only_command(cli, monkeypatch, tmp_path: Path) -> None:
-    import dsckpt.layout
+    import dsckpt.discover.layout
 
     def interrupted(*args: Any, **kwargs: Any) -> None:
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(dsckpt.layout, "open_checkpoint", interrupted)
+    monkeypatch.setattr(dsckpt.discover.layout, "open_checkpoint", interrupted)
     result = cli("show-map", tmp_path)
     assert result.exit_code == 130 and result.stderr.strip() == "interrupted: nothing was written"

@@ -50,6 +50,8 @@ from _hostile import (
 )
 from conftest import ckpt
 
+from dsckpt.discover.files import Location, locate, open_regular, read_latest, scan, survey
+from dsckpt.discover.layout import open_checkpoint
 from dsckpt.errors import (
     CheckpointNotFound,
     CorruptFile,
@@ -57,10 +59,8 @@ from dsckpt.errors import (
     UnreadableFile,
     UnsafeCheckpoint,
 )
-from dsckpt.files import Location, locate, open_regular, read_latest, scan, survey
-from dsckpt.layout import open_checkpoint
-from dsckpt.load import load_meta, read_full, tensor_ref
-from dsckpt.unpickle import load_saved
+from dsckpt.io.load import load_meta, read_full, tensor_ref
+from dsckpt.io.unpickle import load_saved
 
 FIXTURE = ("zero", "z2-fp32-dp2")
 RANK = "zero_pp_rank_1_mp_rank_00_optim_states.pt"
@@ -190,7 +190,8 @@ def test_a_fifo_swapped_in_after_the_check_is_caught_on_the_descriptor(
     real_stat = os.stat
     # The name looked like a regular file when checked; by the open it is a FIFO.
     monkeypatch.setattr(
-        "dsckpt.files.os.stat", lambda p, **kw: real_stat(regular if p == fifo else p, **kw)
+        "dsckpt.discover.files.os.stat",
+        lambda p, **kw: real_stat(regular if p == fifo else p, **kw),
     )
     with pytest.raises(UnreadableFile, match="FIFO"):
         open_regular(fifo)  # O_NONBLOCK: returns at once, fstat refuses
@@ -240,7 +241,7 @@ def test_listing_and_reading_errors_are_one_line_naming_the_path(
         raise PermissionError(13, "Permission denied", str(path))
 
     with monkeypatch.context() as patch:
-        patch.setattr("dsckpt.files.os.scandir", no_listing)
+        patch.setattr("dsckpt.discover.files.os.scandir", no_listing)
         with pytest.raises(UnreadableFile, match="cannot be listed: permission denied") as caught:
             open_checkpoint(root)
         assert str(root) in str(caught.value)
@@ -251,7 +252,7 @@ def test_listing_and_reading_errors_are_one_line_naming_the_path(
             raise PermissionError(13, "Permission denied", str(path))
         return real_open(path, *args, **kwargs)  # type: ignore[arg-type]
 
-    monkeypatch.setattr("dsckpt.files.os.open", refuse)
+    monkeypatch.setattr("dsckpt.discover.files.os.open", refuse)
     with pytest.raises(UnreadableFile, match=f"{RANK}: cannot be read: permission denied"):
         load_saved(tag_dir / RANK)
 
@@ -408,7 +409,7 @@ def test_the_duplicate_zip_torch_would_misread_is_refused_by_the_cli(
 
 
 def test_a_data_pkl_over_the_limit_is_refused_unread(tmp_path: Path) -> None:
-    from dsckpt.unpickle import MAX_PICKLE_BYTES
+    from dsckpt.io.unpickle import MAX_PICKLE_BYTES
 
     path = tmp_path / MODEL
     with zipfile.ZipFile(path, "w") as archive:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from conftest import ZERO, ckpt, facts, tag_dir
 
-from dsckpt.layout import open_checkpoint
+from dsckpt.discover.layout import open_checkpoint
 
 
 @pytest.mark.parametrize("name", ZERO)

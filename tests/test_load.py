@@ -9,7 +9,7 @@ import torch
 from conftest import ZERO, RunsAShellCommand, tag_dir
 
 from dsckpt.errors import CorruptFile, UnsafeCheckpoint
-from dsckpt.load import (
+from dsckpt.io.load import (
     DynamicLossScaler,
     LossScaler,
     ZeroStageEnum,

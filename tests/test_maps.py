@@ -1,4 +1,4 @@
-"""Tests for dsckpt.maps: integers only, except the tests marked as comparing with DeepSpeed.
+"""Tests for dsckpt.plan.maps: integers only, except the tests marked as comparing with DeepSpeed.
 
 The DeepSpeed comparisons import DeepSpeed inside the test (a test-only dependency) and skip when
 it is absent. The pipeline-partition comparison runs DeepSpeed's real
@@ -17,8 +17,8 @@ import random
 
 import pytest
 
-from dsckpt import maps
-from dsckpt.maps import MapError, Piece, Topology
+from dsckpt.plan import maps
+from dsckpt.plan.maps import MapError, Piece, Topology
 
 DEGREES = range(1, 9)
 

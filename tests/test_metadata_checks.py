@@ -20,8 +20,8 @@ import pytest
 import torch
 from conftest import ckpt, tag_dir
 
+from dsckpt.discover.layout import open_checkpoint, refuse_errors
 from dsckpt.errors import InconsistentCheckpoint, UnsupportedLayout
-from dsckpt.layout import open_checkpoint, refuse_errors
 
 pytest.importorskip("deepspeed")  # the optimizer files pickle DeepSpeed classes
 
@@ -525,7 +525,7 @@ def test_pipeline_layer_tensor_outside_param_shapes_is_missing(cli, tmp_path: Pa
 def test_fixtures_record_their_keys(kind: str, name: str) -> None:
     from conftest import facts
 
-    from dsckpt.plan import plan_consolidation
+    from dsckpt.plan.consolidation import plan_consolidation
 
     layout = open_checkpoint(ckpt(kind, name))
     assert layout.model_keys and layout.model_keys_from
@@ -536,7 +536,7 @@ def test_fixtures_record_their_keys(kind: str, name: str) -> None:
 
 
 def test_exclude_frozen_expects_no_frozen_keys(tmp_path: Path) -> None:
-    from dsckpt.plan import plan_consolidation
+    from dsckpt.plan.consolidation import plan_consolidation
 
     layout = open_checkpoint(ckpt("zero", "z2-fp32-dp2"))
     names = plan_consolidation(layout, exclude_frozen=True).names()
@@ -605,7 +605,7 @@ def test_refuse_errors_is_the_gate(tmp_path: Path) -> None:
 
 
 def test_topology_map_carries_the_findings(tmp_path: Path) -> None:
-    from dsckpt.topology_map import topology_map
+    from dsckpt.plan.topology_map import topology_map
 
     root = _copy(tmp_path, "pipe", "p2t2d1-z1-fp32")
     (_tag(root) / "layer_01-model_01-model_states.pt").unlink()

@@ -195,7 +195,7 @@ def test_beside_the_tag_directory_is_allowed(cli, home: Path) -> None:
 
 def test_refuse_overlap_api(home: Path) -> None:
     from dsckpt.errors import OutputError
-    from dsckpt.output_guard import refuse_overlap
+    from dsckpt.execute.output_guard import refuse_overlap
 
     root, tag = home / "ckpt", home / "ckpt" / "global_step3"
     refuse_overlap(root / "model.safetensors", root=root, tag_dir=tag)
@@ -232,7 +232,7 @@ def shard_dir_is_valid(out: Path, expected_keys: set[str]) -> list[str]:
 
 
 def keys_of(home: Path) -> set[str]:
-    from dsckpt.consolidation import plan_for
+    from dsckpt.api.consolidation import plan_for
 
     return set(plan_for(home / "ckpt").names())
 
@@ -312,7 +312,7 @@ def test_a_failure_at_any_commit_step_leaves_a_consistent_directory(
     """Renames fail one after the other (the old index moved aside, each shard, the new index):
     whatever happened, the directory's index never names a missing or foreign shard, nothing
     staged is left, and the user's file is kept."""
-    from dsckpt import atomic
+    from dsckpt.execute import atomic
 
     out, keys = home / "hf", keys_of(home)
     out.mkdir()
@@ -396,7 +396,7 @@ def test_reshape_copies_only_regular_extra_files(
 
 
 def test_copy_extra_files_unit(tmp_path: Path) -> None:
-    from dsckpt.zero_reshape import copy_extra_files
+    from dsckpt.plan.zero_reshape import copy_extra_files
 
     src, dst = tmp_path / "src", tmp_path / "dst"
     src.mkdir()
@@ -460,7 +460,7 @@ def test_output_open_fails(cli, home: Path, monkeypatch, kind: str, code: int) -
 
 @pytest.mark.parametrize("kind", ["to-fp32 safetensors", "to-fp32 dir", "reshape --dp"])
 def test_commit_rename_fails_readonly(cli, home: Path, monkeypatch, kind: str) -> None:
-    from dsckpt import atomic
+    from dsckpt.execute import atomic
 
     def refuse(src, dst, *a, **k):
         raise OSError(errno.EROFS, "Read-only file system", os.fspath(dst))
@@ -475,7 +475,7 @@ def test_commit_rename_fails_readonly(cli, home: Path, monkeypatch, kind: str) -
 
 
 def test_failing_cleanup_does_not_hide_the_first_error(cli, home: Path, monkeypatch) -> None:
-    from dsckpt import atomic
+    from dsckpt.execute import atomic
 
     def refuse(src, dst, *a, **k):
         raise OSError(errno.EROFS, "Read-only file system", os.fspath(dst))
@@ -492,7 +492,7 @@ def test_failing_cleanup_does_not_hide_the_first_error(cli, home: Path, monkeypa
 
 
 def test_source_read_errors_are_not_output_errors(tmp_path: Path) -> None:
-    from dsckpt.atomic import output_error
+    from dsckpt.execute.atomic import output_error
 
     dest = tmp_path / "out.safetensors"
     assert output_error(OSError(errno.EACCES, "denied", "/data/ckpt/rank.pt"), dest) is None
@@ -554,13 +554,13 @@ def test_to_fp32_outputs_are_valid(cli, tmp_path: Path) -> None:
     with safe_open(tmp_path / "m.safetensors", "np") as f:
         assert f.metadata()["format"] == "pt"
     assert cli("to-fp32", src, tmp_path / "hf", "--max-shard-size", "200").exit_code == 0
-    from dsckpt.consolidation import plan_for
+    from dsckpt.api.consolidation import plan_for
 
     shard_dir_is_valid(tmp_path / "hf", set(plan_for(src).names()))
 
 
 def test_crc_copier_with_holes_and_chunks(tmp_path: Path) -> None:
-    from dsckpt.formats.crc import CrcCopier, zero_crc
+    from dsckpt.execute.formats.crc import CrcCopier, zero_crc
 
     data = os.urandom(5 << 20)
     (tmp_path / "src").write_bytes(data)
@@ -583,7 +583,7 @@ def test_crc_copier_with_holes_and_chunks(tmp_path: Path) -> None:
 def test_save_torch_overlapping_ranges_get_the_crc_of_the_bytes_written(tmp_path: Path) -> None:
     import torch
 
-    from dsckpt.formats.torch_writer import FileRange, LazyStorages, save_torch
+    from dsckpt.execute.formats.torch_writer import FileRange, LazyStorages, save_torch
 
     src = tmp_path / "src.bin"
     src.write_bytes(bytes(range(256)) * 64)
@@ -607,8 +607,8 @@ def test_save_torch_overlapping_ranges_get_the_crc_of_the_bytes_written(tmp_path
 
 @pytest.mark.parametrize("name", ["", ".", "..", "../escape", "a/b", "x\0y"])
 def test_atomic_entries_names_stay_inside(tmp_path: Path, name: str) -> None:
-    from dsckpt.atomic import atomic_entries
     from dsckpt.errors import OutputError
+    from dsckpt.execute.atomic import atomic_entries
 
     entries = atomic_entries(tmp_path / "out", [name, "latest"], dirs={name})
     with pytest.raises(OutputError, match="single file name"), entries:

@@ -11,10 +11,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from dsckpt.api.reshaping import reshape
+from dsckpt.discover.layout import open_checkpoint
 from dsckpt.errors import UsageError
-from dsckpt.layout import open_checkpoint
-from dsckpt.load import load_mapped
-from dsckpt.pipeline_reshape import (
+from dsckpt.io.load import load_mapped
+from dsckpt.plan.pipeline_reshape import (
     LayerSpec,
     format_layer_specs,
     infer_layer_specs,
@@ -22,7 +23,6 @@ from dsckpt.pipeline_reshape import (
     parse_layer_specs,
     plan_pipeline,
 )
-from dsckpt.reshaping import reshape
 
 PIPE = Path(__file__).parent / "fixtures" / "pipe"
 REAL_SPECS = (

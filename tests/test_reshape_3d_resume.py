@@ -184,8 +184,8 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 from conftest import PIPE, ckpt, facts  # noqa: E402
 
+from dsckpt.api.reshaping import reshape  # noqa: E402
 from dsckpt.errors import DsckptError, OutputError, UnsupportedLayout  # noqa: E402
-from dsckpt.reshaping import reshape  # noqa: E402
 
 # --------------------------------------------------------------------------------------------
 # Helpers shared by the sections
@@ -197,7 +197,7 @@ VOCAB = facts("pipe", "p2t2d1-z1-fp32")["orig_vocab_size"]
 
 @cache
 def _layout(name: str) -> Any:
-    from dsckpt.layout import open_checkpoint
+    from dsckpt.discover.layout import open_checkpoint
 
     return open_checkpoint(ckpt("pipe", name))
 
@@ -367,7 +367,7 @@ def _assert_consistent(run: dict[str, Any], what: str) -> None:
 @pytest.mark.parametrize(("dtype", "a", "b"), CASES, ids=[_case_id(*c) for c in CASES])
 def test_resumed_run_continues_like_uninterrupted(runs: Runs, dtype: str, a: Topo,
                                                   b: Topo) -> None:
-    from dsckpt.consolidation import state_dict
+    from dsckpt.api.consolidation import state_dict
 
     at_a, at_b = runs.baseline(dtype, a), runs.baseline(dtype, b)
     resumed = runs.resumed(dtype, a, b)
@@ -457,7 +457,7 @@ def reshaped(tmp_path_factory: pytest.TempPathFactory) -> Callable[[Path, str, T
 def _to_fp32(path: Path, out: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
-    from dsckpt.consolidation import consolidate
+    from dsckpt.api.consolidation import consolidate
 
     consolidate(path, out)
     return load_file(out)
@@ -473,7 +473,7 @@ def _assert_same_fp32(source: Path, result: Path, tmp_path: Path) -> None:
 
 
 def _assert_topology(path: Path, topo: Topo) -> None:
-    from dsckpt.layout import open_checkpoint
+    from dsckpt.discover.layout import open_checkpoint
 
     layout = open_checkpoint(path)
     assert (layout.kind, layout.pp, layout.tp, layout.dp) == ("pipeline", *topo)
@@ -550,7 +550,7 @@ def test_same_degrees_reproduce_every_file(tmp_path: Path, name: str) -> None:
     # every layer dsckpt sees stays on its stage; with the real specs the split is the run's.
     seen = len(result.plan.specs)
     assert result.written and _stage_of(result.dst_parts) == _stage_of(f["parts"])[:seen]
-    from dsckpt.pipeline_reshape import plan_pipeline
+    from dsckpt.plan.pipeline_reshape import plan_pipeline
 
     with_specs = plan_pipeline(_layout(name), pp=f["pp"], tp=f["tp"], dp=f["dp"],
                                layer_specs=_spec_string(_deepspeed_specs(f["tp"])))
@@ -636,7 +636,7 @@ def test_stage_split_is_deepspeeds(source: str, method: str, with_specs: bool) -
     on TP for these stage counts (DeepSpeed gives the same parts at tp 1 and 2), so this checks
     the counting at the target TP only as far as it cannot shift a boundary.
     """
-    from dsckpt.pipeline_reshape import plan_pipeline
+    from dsckpt.plan.pipeline_reshape import plan_pipeline
 
     got: dict[tuple[int, int], Any] = {}
     want: dict[tuple[int, int], Any] = {}
@@ -666,7 +666,7 @@ def test_stage_split_is_deepspeeds(source: str, method: str, with_specs: bool) -
 
 
 def test_layer_specs_with_repeats_mean_the_same() -> None:
-    from dsckpt.pipeline_reshape import plan_pipeline
+    from dsckpt.plan.pipeline_reshape import plan_pipeline
 
     short = "_token_ids,embed@EmbeddingPipe,TransformerLayerPipe*3,FinalNormPipe,embed@EmbeddingPipe,_logits_to_fp32"  # noqa: E501
     assert short.replace("TransformerLayerPipe*3", ",".join(["TransformerLayerPipe"] * 3)) == \
@@ -680,7 +680,7 @@ def test_layer_specs_with_repeats_mean_the_same() -> None:
 
 
 def test_type_methods_need_layer_specs() -> None:
-    from dsckpt.pipeline_reshape import plan_pipeline
+    from dsckpt.plan.pipeline_reshape import plan_pipeline
 
     with pytest.raises(DsckptError, match="layer.specs") as exc:
         plan_pipeline(_layout("p2t2d1-z1-fp32"), pp=3, partition_method="type:transformer")

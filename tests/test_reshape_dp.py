@@ -28,10 +28,10 @@ import typer
 from conftest import FIXTURES, ZERO, ckpt, facts
 from typer.testing import CliRunner
 
-from dsckpt import zero
+from dsckpt.api.reshaping import reshape
 from dsckpt.errors import UsageError
-from dsckpt.reshaping import reshape
-from dsckpt.zero_reshape import (
+from dsckpt.plan import zero
+from dsckpt.plan.zero_reshape import (
     Partition,
     Run,
     SourceFacts,
@@ -320,16 +320,16 @@ CROSS = [(n, d) for n in RESHAPABLE for d in _targets(facts("zero", n)["dp"])]
 
 
 def _fp32(path: Path) -> OrderedDict[str, torch.Tensor]:
-    from dsckpt.execute import iter_tensors
-    from dsckpt.layout import open_checkpoint
-    from dsckpt.plan import plan_consolidation
+    from dsckpt.discover.layout import open_checkpoint
+    from dsckpt.execute.executor import iter_tensors
+    from dsckpt.plan.consolidation import plan_consolidation
 
     return OrderedDict(iter_tensors(plan_consolidation(open_checkpoint(path))))
 
 
 def _moments(path: Path) -> dict[str, dict[str, torch.Tensor]]:
     """Full exp_avg / exp_avg_sq per trainable parameter, read back from the partitions."""
-    from dsckpt.layout import open_checkpoint
+    from dsckpt.discover.layout import open_checkpoint
 
     layout = open_checkpoint(path)
     sources = layout.zero_sources[0]
@@ -363,7 +363,7 @@ def _moments(path: Path) -> dict[str, dict[str, torch.Tensor]]:
 
 @pytest.mark.parametrize(("name", "dp"), CROSS, ids=[f"{n}-to{d}" for n, d in CROSS])
 def test_other_dp_keeps_weights_and_optimizer_state(reshaped, name: str, dp: int) -> None:
-    from dsckpt.layout import open_checkpoint
+    from dsckpt.discover.layout import open_checkpoint
 
     out = reshaped(name, dp)
     layout = open_checkpoint(out)
@@ -584,7 +584,7 @@ BAD = {
     "dp-negative": (lambda t: ckpt("zero", "z2-fp32-dp2"), ["--dp", "-2"], "start at 1"),
     "missing-rank": (_missing, ["--dp", "3"], "is missing"),
     "mixed-ranks": (_mixed, ["--dp", "3"], "partition_count"),
-    # Pipeline / tensor-parallel checkpoints now go to dsckpt.pipeline_reshape (its own tests).
+    # Pipeline / tensor-parallel checkpoints now go to dsckpt.plan.pipeline_reshape (its own tests).
     "stage-0": (lambda t: ckpt("zero", "z0-fp32-dp2"), ["--dp", "1"], "stage 0"),
     "universal": (_universal, ["--dp", "2"], "universal"),
 }
@@ -634,8 +634,8 @@ def test_existing_out_needs_force(run_reshape, tmp_path: Path) -> None:
 @pytest.mark.parametrize("existing", [False, True])
 def test_a_failure_midway_leaves_nothing_behind(run_reshape, monkeypatch: pytest.MonkeyPatch,
                                                 tmp_path: Path, existing: bool) -> None:
-    from dsckpt import zero_reshape as module
     from dsckpt.errors import OutputError
+    from dsckpt.plan import zero_reshape as module
 
     out = tmp_path / "out"
     if existing:
@@ -729,7 +729,7 @@ def test_tensors_sharing_a_storage_still_share_one(reshaped, name: str) -> None:
 def test_the_writer_holds_no_tensor_data(name: str, tmp_path: Path) -> None:
     """Every tensor of every structure the writer builds is a meta tensor standing for file
     ranges: memory does not follow the model size."""
-    from dsckpt.zero_reshape import _Writer, plan_reshape
+    from dsckpt.plan.zero_reshape import _Writer, plan_reshape
 
     source, plan = plan_reshape(ckpt("zero", name), 3)
     writer = _Writer(source, plan, tmp_path / "out", False, None)
@@ -754,8 +754,8 @@ def _flat_tensors(obj: Any) -> list[torch.Tensor]:
 
 
 def test_open_source_takes_an_open_layout() -> None:
-    from dsckpt.layout import open_checkpoint
-    from dsckpt.zero_reshape import open_source
+    from dsckpt.discover.layout import open_checkpoint
+    from dsckpt.plan.zero_reshape import open_source
 
     layout = open_checkpoint(ckpt("zero", "z2-fp32-dp2"))
     assert open_source(layout).facts == open_source(ckpt("zero", "z2-fp32-dp2")).facts

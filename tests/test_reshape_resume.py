@@ -147,7 +147,7 @@ def _result(path: Path) -> dict[str, Any]:
 @pytest.fixture(scope="session")
 def runs(tmp_path_factory: pytest.TempPathFactory) -> Runs:
     pytest.importorskip("deepspeed")
-    from dsckpt.reshaping import reshape
+    from dsckpt.api.reshaping import reshape
 
     kept = os.environ.get("DSCKPT_RESUME_RUNS")
     work = Path(kept) if kept else tmp_path_factory.mktemp("reshape-resume")

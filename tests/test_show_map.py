@@ -8,10 +8,10 @@ from pathlib import Path
 from conftest import ckpt, facts
 from rich.console import Console
 
-from dsckpt.files import RankFile, Role
-from dsckpt.layout import Layout, TensorEntry
+from dsckpt.discover.files import RankFile, Role
+from dsckpt.discover.layout import Layout, TensorEntry
+from dsckpt.plan.topology_map import topology_map
 from dsckpt.render import map_report
-from dsckpt.topology_map import topology_map
 
 
 def test_source_map_matches_the_files(cli) -> None:

@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 from make_synthetic import Spec, expected_state_dict, make  # noqa: E402
 
 import dsckpt  # noqa: E402
-from dsckpt.load import _allowed_globals  # noqa: E402
+from dsckpt.io.load import _allowed_globals  # noqa: E402
 
 DP, PARAMS = 8, 200
 SPECS = {

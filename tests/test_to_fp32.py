@@ -12,7 +12,7 @@ from conftest import FIXTURES, PIPE, ZERO, ckpt, facts, tag_dir
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from dsckpt import consolidation as core
+from dsckpt.api import consolidation as core
 
 FORMATS = ["model.safetensors", "model.bin", "shards"]
 
@@ -275,7 +275,7 @@ def test_existing_out_needs_force(cli, tmp_path: Path) -> None:
 def test_no_space_left_removes_the_temporary(cli, tmp_path: Path, monkeypatch) -> None:
     import ctypes
 
-    from dsckpt import atomic
+    from dsckpt.execute import atomic
 
     def full(fd: int, mode: int, offset: int, length: int) -> int:
         ctypes.set_errno(errno.ENOSPC)  # what fallocate(2) says on a full device
@@ -293,7 +293,7 @@ def test_no_space_left_removes_the_temporary(cli, tmp_path: Path, monkeypatch) -
 def test_an_interrupted_run_leaves_nothing_that_looks_complete(
     cli, tmp_path: Path, monkeypatch
 ) -> None:
-    from dsckpt import execute
+    from dsckpt.execute import executor as execute
 
     calls = {"n": 0}
     real = execute._copy
@@ -322,9 +322,9 @@ def test_tensor_parallel_without_layer_files_is_refused() -> None:
     """Several mp ranks but no layer files: no names to merge TP slices by, so no guessing."""
     from dataclasses import replace
 
+    from dsckpt.discover.layout import open_checkpoint
     from dsckpt.errors import UnsupportedLayout
-    from dsckpt.layout import open_checkpoint
-    from dsckpt.plan import plan_consolidation
+    from dsckpt.plan.consolidation import plan_consolidation
 
     layout = replace(open_checkpoint(ckpt("zero", "z2-fp32-dp2")), tp=2)
     with pytest.raises(UnsupportedLayout, match="not supported"):
@@ -392,7 +392,7 @@ def test_safetensors_output_and_inspect_never_import_torch(tmp_path: Path) -> No
 
 def test_widening_without_numpy_gives_the_same_bytes(tmp_path: Path, monkeypatch) -> None:
     # numpy is optional (neither dsckpt nor torch requires it): torch then does the widening.
-    from dsckpt import execute
+    from dsckpt.execute import executor as execute
 
     src = ckpt("zero", "z3-bf16-dp2")  # bf16 buffers and frozen weights are widened to fp32
     core.consolidate(src, tmp_path / "numpy.safetensors")

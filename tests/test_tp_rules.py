@@ -1,4 +1,4 @@
-"""Tests for dsckpt.tp_rules: names, integers and small files only (no torch, no DeepSpeed run).
+"""Tests for dsckpt.plan.tp_rules: names, integers and small files only (no torch, no DeepSpeed).
 
 DeepSpeed's ``universal_checkpoint_info`` key names are read from its installed
 ``deepspeed/checkpoint/constants.py`` (loaded by path, without importing the deepspeed package,
@@ -18,9 +18,9 @@ from typing import Any
 import pytest
 from conftest import PIPE, facts
 
-from dsckpt import maps, tp_rules
 from dsckpt.errors import DsckptError
-from dsckpt.tp_rules import (
+from dsckpt.plan import maps, tp_rules
+from dsckpt.plan.tp_rules import (
     Rule,
     RuleError,
     default_rules,

@@ -1,7 +1,7 @@
 """The torch-free reader: same structure, tensors and byte offsets as torch's own loader, no torch.
 
-Every fixture file is read twice, by :func:`dsckpt.unpickle.load_saved` and by
-:func:`dsckpt.load.load_meta` (torch's restricted unpickler, meta tensors), and the results are
+Every fixture file is read twice, by :func:`dsckpt.io.unpickle.load_saved` and by
+:func:`dsckpt.io.load.load_meta` (torch's restricted unpickler, meta tensors), and the results are
 compared value by value; the bytes at each :class:`SavedTensor`'s offset are compared with the
 tensor torch maps from the same file.
 """
@@ -26,10 +26,10 @@ import pytest
 import torch
 from conftest import FIXTURES, RunsAShellCommand
 
-from dsckpt import dtypes
 from dsckpt.errors import CorruptFile, UnsafeCheckpoint, UnsupportedLayout, UsageError
-from dsckpt.load import load_mapped, load_meta, tensor_ref
-from dsckpt.unpickle import Device, SavedStorage, SavedTensor, load_saved
+from dsckpt.io import dtypes
+from dsckpt.io.load import load_mapped, load_meta, tensor_ref
+from dsckpt.io.unpickle import Device, SavedStorage, SavedTensor, load_saved
 
 REPO = Path(__file__).parent.parent
 FILES = sorted(FIXTURES.rglob("*.pt"))
@@ -329,7 +329,7 @@ def test_a_missing_storage_record_is_corrupt(tmp_path: Path) -> None:
 def test_loading_every_fixture_never_imports_torch() -> None:
     script = (
         "import sys, pathlib\n"
-        "from dsckpt.unpickle import load_saved\n"
+        "from dsckpt.io.unpickle import load_saved\n"
         f"files = sorted(pathlib.Path({str(FIXTURES)!r}).rglob('*.pt'))\n"
         "for path in files:\n"
         "    load_saved(path)\n"
@@ -340,7 +340,7 @@ def test_loading_every_fixture_never_imports_torch() -> None:
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     subprocess.run([sys.executable, "-c", script], check=True, env=env, cwd=REPO)
     timing = subprocess.run(
-        [sys.executable, "-X", "importtime", "-c", "import dsckpt.unpickle"],
+        [sys.executable, "-X", "importtime", "-c", "import dsckpt.io.unpickle"],
         check=True,
         env=env,
         cwd=REPO,
@@ -348,7 +348,7 @@ def test_loading_every_fixture_never_imports_torch() -> None:
         text=True,
     )
     imported = [line.rsplit("|", 1)[-1].strip() for line in timing.stderr.splitlines()]
-    assert "dsckpt.unpickle" in imported
+    assert "dsckpt.io.unpickle" in imported
     assert not [m for m in imported if m.split(".")[0] in ("torch", "numpy")]
 
 

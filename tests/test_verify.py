@@ -18,13 +18,13 @@ from conftest import FIXTURES, PIPE, ZERO, ckpt, facts
 from safetensors.torch import load_file, save_file
 
 import dsckpt
-from dsckpt import verify as core
-from dsckpt.consolidation import plan_for
+from dsckpt.api import verify as core
+from dsckpt.api.consolidation import plan_for
+from dsckpt.discover.layout import open_checkpoint
 from dsckpt.errors import CorruptFile, UnsupportedLayout
-from dsckpt.execute import materialize
-from dsckpt.layout import open_checkpoint
-from dsckpt.optim_state import plan_optimizer_state
-from dsckpt.progress import ProgressSink
+from dsckpt.execute.executor import materialize
+from dsckpt.execute.progress import ProgressSink
+from dsckpt.plan.optim_state import plan_optimizer_state
 
 ZERO_OPTIM = [n for n in ZERO if facts("zero", n)["zero_stage"] > 0]
 PIPE_OPTIM = [n for n in PIPE if facts("pipe", n).get("zero_stage", 1) > 0 and "z0" not in n]

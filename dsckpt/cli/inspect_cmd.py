@@ -20,7 +20,7 @@ def inspect(
 
     Exits 1 when any finding is an error (missing, stale or inconsistent files).
     """
-    from dsckpt.layout import open_checkpoint
+    from dsckpt.discover.layout import open_checkpoint
     from dsckpt.render import layout_json, layout_report, to_json
 
     layout = open_checkpoint(ckpt, tag)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from dsckpt.progress import ProgressSink
+from dsckpt.execute.progress import ProgressSink
 
 
 @contextmanager

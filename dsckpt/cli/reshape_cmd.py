@@ -54,7 +54,7 @@ def reshape(
 ) -> None:
     """Reshape a checkpoint to new degrees (ZeRO 1/2/3: --dp; Megatron pipelines: --tp, --pp,
     --dp together): weights, optimizer state and counters, loadable by unmodified DeepSpeed."""
-    from dsckpt.reshaping import reshape as run
+    from dsckpt.api.reshaping import reshape as run
 
     with (
         reporting_interrupt(None if dry_run else out),
@@ -82,7 +82,7 @@ def reshape(
 def plan_report(result: Any) -> Any:
     """What --dry-run shows: a pipeline's target maps (the show-map tables), or a ZeRO plan's
     partitions and where they come from."""
-    from dsckpt.pipeline_reshape import PipelineReshapeResult
+    from dsckpt.plan.pipeline_reshape import PipelineReshapeResult
     from dsckpt.render import map_report, zero_reshape_table
 
     if isinstance(result, PipelineReshapeResult):

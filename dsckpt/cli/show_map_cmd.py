@@ -32,10 +32,10 @@ def show_map(
     Exits 1 when the checkpoint has errors (the findings `inspect` reports): what can be mapped
     is shown, then the findings.
     """
+    from dsckpt.discover.layout import open_checkpoint
     from dsckpt.errors import DsckptError
-    from dsckpt.layout import open_checkpoint
+    from dsckpt.plan.topology_map import topology_map
     from dsckpt.render import findings_table, map_json, map_report, to_json
-    from dsckpt.topology_map import topology_map
 
     layout = open_checkpoint(ckpt, tag)
     try:

@@ -54,7 +54,7 @@ def to_fp32(
     quiet: QuietOpt = False,
 ) -> None:
     """Consolidate a ZeRO 1/2/3, plain or Megatron 3D checkpoint into one fp32 state dict."""
-    from dsckpt.consolidation import consolidate
+    from dsckpt.api.consolidation import consolidate
 
     if from_layers:
         typer.echo(

@@ -54,8 +54,8 @@ def verify(
     master weights, the optimizer state of every parameter, and the counters and
     hyper-parameters (listed with --json).
     """
+    from dsckpt.api.verify import is_checkpoint, verify_checkpoints, verify_output
     from dsckpt.errors import UsageError
-    from dsckpt.verify import is_checkpoint, verify_checkpoints, verify_output
 
     with byte_progress(enabled=not quiet and not as_json) as progress:
         if is_checkpoint(other):

@@ -9,7 +9,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from dsckpt.formats.safetensors_writer import (
+from dsckpt.execute.formats.safetensors_writer import (
     IncompleteOutputError,
     SafetensorsWriter,
     ShardedSafetensorsWriter,
@@ -18,7 +18,7 @@ from dsckpt.formats.safetensors_writer import (
     safetensors_layout,
     sharded_safetensors_size,
 )
-from dsckpt.formats.sharding import plan_shards
+from dsckpt.execute.formats.sharding import plan_shards
 
 
 def sample_state_dict():

@@ -10,7 +10,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from dsckpt.formats.torch_writer import FileRange, LazyStorages, pickle_for_torch, save_torch
+from dsckpt.execute.formats.torch_writer import (
+    FileRange,
+    LazyStorages,
+    pickle_for_torch,
+    save_torch,
+)
 
 
 def _structure():
@@ -166,7 +171,7 @@ def test_memory_stays_flat_whatever_the_tensor_size(tmp_path: Path) -> None:
     script = f"""
 import os, resource, torch
 from pathlib import Path
-from dsckpt.formats.torch_writer import FileRange, LazyStorages, save_torch
+from dsckpt.execute.formats.torch_writer import FileRange, LazyStorages, save_torch
 src = Path({str(tmp_path / "src.bin")!r})
 n = 384 << 20
 with open(src, "wb") as f:

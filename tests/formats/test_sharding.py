@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from dsckpt.errors import DsckptError, UsageError
-from dsckpt.formats.sharding import (
+from dsckpt.execute.formats.sharding import (
     DEFAULT_MAX_SHARD_SIZE,
     TORCH_PATTERN,
     TensorSpec,

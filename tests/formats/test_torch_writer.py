@@ -8,9 +8,14 @@ import zlib
 import pytest
 import torch
 
-from dsckpt.formats.safetensors_writer import IncompleteOutputError
-from dsckpt.formats.sharding import TORCH_PATTERN, TensorSpec, plan_shards
-from dsckpt.formats.torch_writer import ShardedTorchWriter, TorchWriter, crc32_combine, torch_layout
+from dsckpt.execute.formats.safetensors_writer import IncompleteOutputError
+from dsckpt.execute.formats.sharding import TORCH_PATTERN, TensorSpec, plan_shards
+from dsckpt.execute.formats.torch_writer import (
+    ShardedTorchWriter,
+    TorchWriter,
+    crc32_combine,
+    torch_layout,
+)
 
 
 def sample_state_dict():

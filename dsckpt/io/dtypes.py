@@ -2,7 +2,7 @@
 
 A :class:`DType` names an element type the way torch does (``"bfloat16"``, without ``torch.``)
 and carries what dsckpt needs to move its bytes: the item size and the safetensors code. The
-torch-free reader (:mod:`dsckpt.unpickle`) turns torch's dtype and legacy storage-class globals
+torch-free reader (:mod:`dsckpt.io.unpickle`) turns torch's dtype and legacy storage-class globals
 into these; :func:`to_torch` and :func:`from_torch` cross over where torch is loaded anyway.
 """
 
@@ -38,7 +38,7 @@ class DType:
         return self.name
 
     def __repr__(self) -> str:
-        return f"dsckpt.dtypes.{self.name.upper()}"
+        return f"dsckpt.io.dtypes.{self.name.upper()}"
 
     # Pickling and copying give back the module's constant. The explicit __setstate__ stops
     # dataclass(slots=True) from adding one that rewrites the fields: an untrusted pickle's BUILD

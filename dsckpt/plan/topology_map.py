@@ -1,7 +1,8 @@
 """Which file holds which layer slice for which rank, now and for a target topology.
 
-Pure data over a :class:`~dsckpt.layout.Layout` and the integer maps of :mod:`dsckpt.maps`;
-``show-map`` renders it and ``reshape --dry-run`` will render the same thing.
+Pure data over a :class:`~dsckpt.discover.layout.Layout` and the integer maps of
+:mod:`dsckpt.plan.maps`; ``show-map`` renders it and ``reshape --dry-run`` will render the same
+thing.
 """
 
 from __future__ import annotations
@@ -9,13 +10,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from dsckpt import maps, zero
+from dsckpt.discover.files import Role
+from dsckpt.discover.layout import Finding, Layout, ZeroSources
 from dsckpt.errors import UnsupportedLayout, UsageError
-from dsckpt.files import Role
-from dsckpt.layout import Finding, Layout, ZeroSources
+from dsckpt.plan import maps, zero
 
 if TYPE_CHECKING:
-    from dsckpt.pipeline_reshape import PipelinePlan
+    from dsckpt.plan.pipeline_reshape import PipelinePlan
 
 
 @dataclass(frozen=True)
@@ -102,7 +103,7 @@ def topology_map(
     specs_text, inferred = "", False
     if layout.kind == "pipeline" and layout.zero_sources:
         # The same plan `reshape` writes: layer specs, parameter counts at the target TP.
-        from dsckpt.pipeline_reshape import format_layer_specs, plan_pipeline
+        from dsckpt.plan.pipeline_reshape import format_layer_specs, plan_pipeline
 
         if plan is None:  # reshape --dry-run passes the plan it made
             plan = plan_pipeline(layout, tp=dst.tp, pp=dst.pp, dp=dst.dp,

@@ -42,18 +42,18 @@ from typing import Any
 
 import torch
 
-from dsckpt import dtypes
-from dsckpt.atomic import preallocate as _preallocate
-from dsckpt.formats.crc import CrcCopier, crc32_combine
-from dsckpt.formats.crc import crc32 as _crc32
-from dsckpt.formats.safetensors_writer import (
+from dsckpt.execute.atomic import preallocate as _preallocate
+from dsckpt.execute.formats.crc import CrcCopier, crc32_combine
+from dsckpt.execute.formats.crc import crc32 as _crc32
+from dsckpt.execute.formats.safetensors_writer import (
     ClosingWriter,
     Coverage,
     ShardedSafetensorsWriter,
     _raise_incomplete,
     pwrite_all,
 )
-from dsckpt.formats.sharding import ShardPlan, TensorSpec
+from dsckpt.execute.formats.sharding import ShardPlan, TensorSpec
+from dsckpt.io import dtypes
 
 __all__ = [
     "FileRange",
@@ -705,7 +705,7 @@ def save_torch(
     Returns:
         The file's size in bytes.
     """
-    from dsckpt.execute import _copy_bytes
+    from dsckpt.execute.executor import _copy_bytes
 
     data_pkl, storages = pickle_for_torch(obj, pickler, lazy)
     layout = _archive_layout(data_pkl, [(s.key, s.nbytes) for s in storages], archive_name)

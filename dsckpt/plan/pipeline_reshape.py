@@ -43,16 +43,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from dsckpt import dtypes, maps, zero
+from dsckpt.discover.files import Role
+from dsckpt.discover.pipeline import LocalSlice, clip_reads, compose_reads, replicas_agree
 from dsckpt.errors import InconsistentCheckpoint, UnsupportedLayout, UsageError
-from dsckpt.files import Role
-from dsckpt.pipeline import LocalSlice, clip_reads, compose_reads, replicas_agree
-from dsckpt.plan import Read
+from dsckpt.io import dtypes
+from dsckpt.plan import maps, zero
+from dsckpt.plan.consolidation import Read
 
 if TYPE_CHECKING:
-    from dsckpt.layout import Layout
-    from dsckpt.load import TensorRef
-    from dsckpt.tp_rules import RuleSet, TPPlan
+    from dsckpt.discover.layout import Layout
+    from dsckpt.io.load import TensorRef
+    from dsckpt.plan.tp_rules import RuleSet, TPPlan
 
 Shape = tuple[int, ...]
 TIED_PREFIX = "tied_modules."
@@ -155,10 +156,10 @@ def open_pipeline(layout: Layout, rules_file: Path | None = None) -> PipelineSou
         InconsistentCheckpoint: missing, mixed or damaged rank files.
         UnsupportedLayout: no ZeRO optimizer files, ZeRO stage other than 1, alignment padding.
     """
-    from dsckpt.layout import refuse_errors
-    from dsckpt.pipeline import _tied_names
-    from dsckpt.tp_rules import load_rules
-    from dsckpt.unpickle import load_saved
+    from dsckpt.discover.layout import refuse_errors
+    from dsckpt.discover.pipeline import _tied_names
+    from dsckpt.io.unpickle import load_saved
+    from dsckpt.plan.tp_rules import load_rules
 
     where = layout.dir
     refuse_errors(layout)  # the gate every writing command passes
@@ -337,7 +338,7 @@ def plan_pipeline(layout: Layout, *, tp: int | None = None, pp: int | None = Non
         UsageError: a degree below 1, a target the layers cannot fill, bad ``layer_specs``.
         RuleError: a parameter no TP rule covers, or a TP degree that does not divide it.
     """
-    from dsckpt.tp_rules import RuleError
+    from dsckpt.plan.tp_rules import RuleError
 
     for flag, value in (("--dp", dp), ("--tp", tp), ("--pp", pp)):
         if value is not None and value < 1:
@@ -440,14 +441,14 @@ class PipelineReshapeResult:
 
     def topology_map(self) -> Any:
         """The show-map view of this plan (what ``--dry-run`` renders)."""
-        from dsckpt.topology_map import topology_map
+        from dsckpt.plan.topology_map import topology_map
 
         plan = self.plan
         return topology_map(plan.source.layout, tp=plan.dst.tp, pp=plan.dst.pp, dp=plan.dst.dp,
                             method=plan.method, plan=plan)
 
     def summary(self) -> str:
-        from dsckpt.zero_reshape import _human, skipped_note
+        from dsckpt.plan.zero_reshape import _human, skipped_note
 
         src, dst = self.plan.src, self.plan.dst
         move = (f"PP {src.pp} x TP {src.tp} x DP {src.dp} -> PP {dst.pp} x TP {dst.tp} x "
@@ -468,7 +469,7 @@ def reshape_pipeline(layout: Layout, out: Path | str, *, tp: int | None = None,
     Raises:
         UsageError, RuleError, InconsistentCheckpoint, UnsupportedLayout, OutputError.
     """
-    from dsckpt.zero_reshape import check_output
+    from dsckpt.plan.zero_reshape import check_output
 
     plan = plan_pipeline(layout, tp=tp, pp=pp, dp=dp, partition_method=partition_method,
                          layer_specs=layer_specs, rules_file=rules_file)
@@ -492,7 +493,7 @@ class _PipelineWriter:
     def __init__(self, plan: PipelinePlan, progress: Any) -> None:
         import torch
 
-        from dsckpt.formats.torch_writer import LazyStorages
+        from dsckpt.execute.formats.torch_writer import LazyStorages
 
         self.torch = torch
         self.plan = plan
@@ -506,9 +507,9 @@ class _PipelineWriter:
     # --- the directory ------------------------------------------------------------------------
 
     def write(self, out: Path, tag: str, force: bool, result: PipelineReshapeResult) -> None:
-        from dsckpt.atomic import atomic_entries
-        from dsckpt.files import scan
-        from dsckpt.zero_reshape import _location_of, copy_extra_files, extra_entries
+        from dsckpt.discover.files import scan
+        from dsckpt.execute.atomic import atomic_entries
+        from dsckpt.plan.zero_reshape import _location_of, copy_extra_files, extra_entries
 
         plan, dst = self.plan, self.plan.dst
         rank_files, _ = scan(_location_of(self.layout))
@@ -535,7 +536,7 @@ class _PipelineWriter:
             result.nbytes = sum(p.stat().st_size for p in tag_dir.iterdir())
 
     def _save(self, obj: Any, path: Path) -> None:
-        from dsckpt.zero_reshape import save_rank_file
+        from dsckpt.plan.zero_reshape import save_rank_file
 
         save_rank_file(obj, path, self.lazy, self._advance)
 
@@ -545,7 +546,7 @@ class _PipelineWriter:
 
     def _meta(self, path: Path) -> Any:
         """A source file's structure, tensors located but not read (torch-free reader)."""
-        from dsckpt.unpickle import load_saved
+        from dsckpt.io.unpickle import load_saved
 
         if path not in self._metas:
             self._metas[path] = load_saved(path)
@@ -553,7 +554,7 @@ class _PipelineWriter:
 
     def _mapped_file(self, path: Path) -> Any:
         """A template file with real (memory-mapped) tensors: its small values are copied."""
-        from dsckpt.load import load_mapped
+        from dsckpt.io.load import load_mapped
 
         if path not in self._mapped:
             self._mapped[path] = load_mapped(path)
@@ -568,7 +569,7 @@ class _PipelineWriter:
 
     def _lazy_tensor(self, dtype: Any, shape: Sequence[int], reads: Sequence[Read]) -> Any:
         """A tensor of ``shape`` whose elements are ``reads`` of source files (zeros elsewhere)."""
-        from dsckpt.formats.torch_writer import FileRange
+        from dsckpt.execute.formats.torch_writer import FileRange
 
         ranges = []
         for r in reads:
@@ -590,7 +591,7 @@ class _PipelineWriter:
     def _flat_ref(self, mp: int, dp_rank: int, g: int, key: str) -> TensorRef:
         """The saved flat partition of group ``g`` on (``mp``, ``dp_rank``): the fp32 master or
         optimizer state ``key``."""
-        from dsckpt.load import tensor_ref
+        from dsckpt.io.load import tensor_ref
 
         fp32 = self.layout.zero_sources[mp].fp32[dp_rank][g]
         if key == "fp32":
@@ -630,7 +631,7 @@ class _PipelineWriter:
     # --- files --------------------------------------------------------------------------------
 
     def _layer_file(self, layer: int, tp_rank: int, tag_dir: Path) -> None:
-        from dsckpt.load import tensor_ref
+        from dsckpt.io.load import tensor_ref
 
         name = f"layer_{layer:02d}-model_{tp_rank:02d}-model_states.pt"
         src_dir = self.layout.dir
@@ -693,8 +694,8 @@ class _PipelineWriter:
         return None
 
     def _optim_files(self, stage: TargetStage, tp_rank: int, tag_dir: Path) -> None:
-        from dsckpt.load import FragmentAddress
-        from dsckpt.zero_reshape import slice_mapping, zero12_group_paddings
+        from dsckpt.io.load import FragmentAddress
+        from dsckpt.plan.zero_reshape import slice_mapping, zero12_group_paddings
 
         torch = self.torch
         plan, dst, layout = self.plan, self.plan.dst, self.layout

@@ -10,8 +10,9 @@ parameter's state. :func:`plan_optimizer_state` builds the plan of the master we
 1/2/3, BF16_Optimizer, Megatron pipelines with their TP merge rules) and swaps each read's
 source for the matching state tensor, reading metadata only.
 
-The result is plain plans (:class:`~dsckpt.plan.ConsolidationPlan`), so the executor streams them
-like weights: ``verify`` compares them, and they can be written as a state dict.
+The result is plain plans (:class:`~dsckpt.plan.consolidation.ConsolidationPlan`), so the
+executor streams them like weights: ``verify`` compares them, and they can be written as a state
+dict.
 """
 
 from __future__ import annotations
@@ -21,11 +22,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from dsckpt.discover.layout import Layout, ZeroSources
 from dsckpt.errors import InconsistentCheckpoint, UnsupportedLayout
-from dsckpt.layout import Layout, ZeroSources
-from dsckpt.load import TensorRef, read_scalar, tensor_ref
-from dsckpt.plan import ConsolidationPlan, OutputTensor, Read
-from dsckpt.unpickle import SavedTensor, load_saved
+from dsckpt.io.load import TensorRef, read_scalar, tensor_ref
+from dsckpt.io.unpickle import SavedTensor, load_saved
+from dsckpt.plan.consolidation import ConsolidationPlan, OutputTensor, Read
 
 
 @dataclass(frozen=True)
@@ -59,7 +60,7 @@ def plan_optimizer_state(layout: Layout, master: ConsolidationPlan) -> Optimizer
 
     Args:
         layout: an opened checkpoint with fp32 optimizer partitions.
-        master: its fp32 consolidation plan (:func:`dsckpt.consolidation.plan_for`, not
+        master: its fp32 consolidation plan (:func:`dsckpt.api.consolidation.plan_for`, not
             ``from_layers``): trainable tensors read from the partitions get state.
 
     Raises:

@@ -37,9 +37,9 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, TypeVar
 
-from dsckpt.atomic import preallocate as _preallocate
-from dsckpt.dtypes import name_of
-from dsckpt.formats.sharding import Shard, ShardPlan, TensorSpec
+from dsckpt.execute.atomic import preallocate as _preallocate
+from dsckpt.execute.formats.sharding import Shard, ShardPlan, TensorSpec
+from dsckpt.io.dtypes import name_of
 
 __all__ = [
     "IncompleteOutputError",

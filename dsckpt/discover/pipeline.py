@@ -9,17 +9,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from dsckpt import dtypes, zero
+from dsckpt.discover.files import RankFile, Role
+from dsckpt.discover.layout import ERROR, Layout, TensorEntry, ZeroSources
 from dsckpt.errors import InconsistentCheckpoint, UnsupportedLayout
-from dsckpt.files import RankFile, Role
-from dsckpt.layout import ERROR, Layout, TensorEntry, ZeroSources
-from dsckpt.load import tensor_ref
-from dsckpt.plan import Read
-from dsckpt.unpickle import SavedTensor, load_saved
+from dsckpt.io import dtypes
+from dsckpt.io.load import tensor_ref
+from dsckpt.io.unpickle import SavedTensor, load_saved
+from dsckpt.plan import zero
+from dsckpt.plan.consolidation import Read
 
 if TYPE_CHECKING:
-    from dsckpt.layout import _Reader
-    from dsckpt.plan import ConsolidationPlan
+    from dsckpt.discover.layout import _Reader
+    from dsckpt.plan.consolidation import ConsolidationPlan
 
 
 def read_pipeline(reader: _Reader, model_files: list[RankFile]) -> Layout:
@@ -191,12 +192,12 @@ def plan_pipeline_consolidation(
 ) -> ConsolidationPlan:
     """Plan one full state dict from TP slices and PP stages, named as ``param_shapes`` names them.
 
-    Each parameter's TP slices combine as its rule says (see :mod:`dsckpt.tp_rules`); each slice
-    is itself read from the fp32 ZeRO partitions of its (stage, TP rank), or from the layer files
-    with ``from_layers``. Tied modules are taken from the first stage that holds them.
+    Each parameter's TP slices combine as its rule says (see :mod:`dsckpt.plan.tp_rules`); each
+    slice is itself read from the fp32 ZeRO partitions of its (stage, TP rank), or from the layer
+    files with ``from_layers``. Tied modules are taken from the first stage that holds them.
     """
-    from dsckpt.plan import DTYPES, ConsolidationPlan, OutputTensor
-    from dsckpt.tp_rules import load_rules
+    from dsckpt.plan.consolidation import DTYPES, ConsolidationPlan, OutputTensor
+    from dsckpt.plan.tp_rules import load_rules
 
     info = layout.model_info
     vocab = (info.get("checkpoint_info") or {}).get("original_vocab_size")
@@ -248,7 +249,7 @@ def replicas_agree(per_rank: list[LocalSlice]) -> bool:
 
 
 def _slice_bytes(local: LocalSlice) -> bytes:
-    from dsckpt.load import read_bytes
+    from dsckpt.io.load import read_bytes
 
     return b"".join(read_bytes(r.source, r.src_start, r.length) for r in local.runs)
 

@@ -122,7 +122,7 @@ class CrcCopier:
         Returns:
             The pending per-chunk CRCs with their lengths, in order, for :meth:`crc_of`.
         """
-        from dsckpt.execute import _copy_bytes
+        from dsckpt.execute.executor import _copy_bytes
 
         parts = []
         for off in range(0, nbytes, self.chunk):

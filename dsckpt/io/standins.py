@@ -1,7 +1,7 @@
 """Inert stand-ins for the classes DeepSpeed pickles into its checkpoints (no torch import).
 
-Both unpicklers use them: :mod:`dsckpt.load` (torch's restricted unpickler) and
-:mod:`dsckpt.unpickle` (dsckpt's own, torch-free). Each is registered under DeepSpeed's import
+Both unpicklers use them: :mod:`dsckpt.io.load` (torch's restricted unpickler) and
+:mod:`dsckpt.io.unpickle` (dsckpt's own, torch-free). Each is registered under DeepSpeed's import
 path, so DeepSpeed never needs importing and nothing in a checkpoint can run code.
 """
 
@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from functools import cache
 from typing import Any
 
-from dsckpt.bounds import short
+from dsckpt.io.bounds import short
 
 
 class ZeroStageEnum(int, enum.Enum):

@@ -12,11 +12,12 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from dsckpt import dtypes, zero
-from dsckpt.dtypes import DType
+from dsckpt.discover.layout import Layout, TensorEntry, refuse_errors
 from dsckpt.errors import InconsistentCheckpoint, UnsupportedLayout
-from dsckpt.layout import Layout, TensorEntry, refuse_errors
-from dsckpt.load import TensorRef
+from dsckpt.io import dtypes
+from dsckpt.io.dtypes import DType
+from dsckpt.io.load import TensorRef
+from dsckpt.plan import zero
 
 DTYPES = {"fp32": dtypes.FLOAT32, "bf16": dtypes.BFLOAT16, "fp16": dtypes.FLOAT16}
 
@@ -93,7 +94,7 @@ def plan_consolidation(
             "native DeepSpeed checkpoints (the ones engine.save_checkpoint writes)"
         )
     if layout.kind == "pipeline":
-        from dsckpt.pipeline import plan_pipeline_consolidation
+        from dsckpt.discover.pipeline import plan_pipeline_consolidation
 
         plan = plan_pipeline_consolidation(
             layout,

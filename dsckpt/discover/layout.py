@@ -14,17 +14,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-from dsckpt import checks, dtypes, zero
-from dsckpt.checks import At, BadMetadata
+from dsckpt.discover import checks
+from dsckpt.discover.checks import At, BadMetadata
+from dsckpt.discover.files import Location, RankFile, Role, UnsupportedFile, locate, survey
 from dsckpt.errors import (
     CheckpointNotFound,
     CorruptFile,
     InconsistentCheckpoint,
     UnsupportedLayout,
 )
-from dsckpt.files import Location, RankFile, Role, UnsupportedFile, locate, survey
-from dsckpt.load import TensorRef, read_scalar, tensor_ref
-from dsckpt.unpickle import SavedTensor, load_saved
+from dsckpt.io import dtypes
+from dsckpt.io.load import TensorRef, read_scalar, tensor_ref
+from dsckpt.io.unpickle import SavedTensor, load_saved
+from dsckpt.plan import zero
 
 T = TypeVar("T")
 
@@ -554,7 +556,9 @@ class _Reader:
         )
 
     def _pipeline(self, model_files: list[RankFile]) -> Layout:
-        from dsckpt.pipeline import read_pipeline  # pipeline discovery lives with the 3D code
+        from dsckpt.discover.pipeline import (
+            read_pipeline,  # pipeline discovery lives with the 3D code
+        )
 
         return read_pipeline(self, model_files)
 

@@ -16,10 +16,10 @@ from contextlib import ExitStack
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
-from dsckpt import dtypes
-from dsckpt.dtypes import DType
-from dsckpt.load import TensorRef, read_tensor
-from dsckpt.plan import ConsolidationPlan, OutputTensor, Read
+from dsckpt.io import dtypes
+from dsckpt.io.dtypes import DType
+from dsckpt.io.load import TensorRef, read_tensor
+from dsckpt.plan.consolidation import ConsolidationPlan, OutputTensor, Read
 
 if TYPE_CHECKING:
     import torch

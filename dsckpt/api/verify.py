@@ -7,7 +7,7 @@ Two comparisons, one engine:
   the checkpoint's consolidation plan: names, dtypes, shapes, and every byte.
 * :func:`verify_checkpoints` - two DeepSpeed checkpoints (a reshape and its source, say),
   whatever their topologies: the fp32 master weights by name, the optimizer state per parameter
-  (:mod:`dsckpt.optim_state`), the step, and the counters and hyper-parameters.
+  (:mod:`dsckpt.plan.optim_state`), the step, and the counters and hyper-parameters.
 
 Each side of a comparison is a set of named tensors whose elements can be read in windows: a
 tensor stored in an output file (``pread`` of its bytes) or a planned tensor (its reads, cast as
@@ -28,17 +28,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from dsckpt import dtypes
-from dsckpt.dtypes import DType
+from dsckpt.discover.files import Role
+from dsckpt.discover.layout import Layout, open_checkpoint
 from dsckpt.errors import CorruptFile, UnsupportedLayout, UsageError
-from dsckpt.execute import CAST_CHUNK, _cast, _Sources
-from dsckpt.files import Role
-from dsckpt.layout import Layout, open_checkpoint
-from dsckpt.load import TensorRef, read_scalar, read_tensor, tensor_ref
-from dsckpt.plan import DTYPES, ConsolidationPlan, OutputTensor
-from dsckpt.progress import ProgressSink
+from dsckpt.execute.executor import CAST_CHUNK, _cast, _Sources
+from dsckpt.execute.progress import ProgressSink
+from dsckpt.io import dtypes
+from dsckpt.io.dtypes import DType
+from dsckpt.io.load import TensorRef, read_scalar, read_tensor, tensor_ref
+from dsckpt.io.unpickle import SavedTensor, load_saved
+from dsckpt.plan.consolidation import DTYPES, ConsolidationPlan, OutputTensor
 from dsckpt.render import human_bytes
-from dsckpt.unpickle import SavedTensor, load_saved
 
 # How many differing names the one-line result shows (the JSON lists them all).
 SHOWN = 3
@@ -528,7 +528,7 @@ def _plan(
     strip_vocab_padding: bool,
     from_layers: bool = False,
 ) -> ConsolidationPlan:
-    from dsckpt.consolidation import plan_for
+    from dsckpt.api.consolidation import plan_for
 
     return plan_for(
         layout,
@@ -674,7 +674,7 @@ def _topology(layout: Layout) -> str:
 
 
 def _optimizer_plans(layout: Layout, master: ConsolidationPlan) -> Any:
-    from dsckpt.optim_state import plan_optimizer_state
+    from dsckpt.plan.optim_state import plan_optimizer_state
 
     if not layout.zero_sources:
         if layout.kind == "pipeline":
@@ -817,7 +817,7 @@ def is_checkpoint(path: Path) -> bool:
         return False
     if (path / "latest").is_file():
         return True
-    from dsckpt.files import classify
+    from dsckpt.discover.files import classify
 
     return any(classify(p) is not None for p in path.iterdir() if p.is_file()) or any(
         p.is_dir() and any(classify(q) is not None for q in p.iterdir() if q.is_file())

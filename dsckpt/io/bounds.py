@@ -1,4 +1,4 @@
-"""Resource bounds for unpickling untrusted files (used by :mod:`dsckpt.unpickle`).
+"""Resource bounds for unpickling untrusted files (used by :mod:`dsckpt.io.unpickle`).
 
 A pickle is a program for a small stack machine, and a few hundred bytes of it can ask for
 gigabytes or for centuries: containers by the million (an empty set is 216 bytes, its opcode one),

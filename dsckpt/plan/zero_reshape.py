@@ -43,11 +43,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from dsckpt import dtypes, zero
 from dsckpt.errors import InconsistentCheckpoint, OutputError, UnsupportedLayout, UsageError
+from dsckpt.io import dtypes
+from dsckpt.plan import zero
 
 if TYPE_CHECKING:
-    from dsckpt.layout import Layout
+    from dsckpt.discover.layout import Layout
 
 # DeepSpeed's default `zero_optimization.sub_group_size`.
 DEFAULT_SUB_GROUP_SIZE = 1_000_000_000
@@ -521,9 +522,9 @@ def open_source(ckpt: Path | str | Layout, tag: str | None = None) -> Source:
         UnsupportedLayout: pipeline/3D, tensor parallel, universal, stage 0, MoE, elastic or
             NVMe-offloaded checkpoints.
     """
-    from dsckpt.files import Role, scan
-    from dsckpt.layout import Layout, open_checkpoint, refuse_errors
-    from dsckpt.load import load_meta
+    from dsckpt.discover.files import Role, scan
+    from dsckpt.discover.layout import Layout, open_checkpoint, refuse_errors
+    from dsckpt.io.load import load_meta
 
     layout = ckpt if isinstance(ckpt, Layout) else open_checkpoint(ckpt, tag)
     where = layout.dir
@@ -569,7 +570,7 @@ def open_source(ckpt: Path | str | Layout, tag: str | None = None) -> Source:
 
 
 def _location_of(layout: Layout) -> Any:
-    from dsckpt.files import Location
+    from dsckpt.discover.files import Location
 
     return Location(root=layout.root, tag=layout.tag, dir=layout.dir)
 
@@ -757,7 +758,7 @@ def reshape_zero(layout: Layout, out: Path | str, *, dp: int, force: bool = Fals
 def check_output(layout: Layout, out: Path, force: bool) -> None:
     """Refuse, before anything is written, an ``out`` that overlaps the checkpoint
     (:func:`dsckpt.output_guard.refuse_overlap`) or is a non-empty directory without force."""
-    from dsckpt.output_guard import refuse_overlap
+    from dsckpt.execute.output_guard import refuse_overlap
 
     refuse_overlap(out, root=layout.root, tag_dir=layout.dir, other_tags=layout.other_tags)
     if os.path.lexists(out) and not force and not (out.is_dir() and not any(out.iterdir())):
@@ -786,7 +787,7 @@ class _DeepSpeedNamesPickler(pickle._Pickler):  # type: ignore[name-defined,misc
 
 
 def _deepspeed_names() -> dict[Any, str]:
-    from dsckpt.load import STAND_INS
+    from dsckpt.io.load import STAND_INS
 
     return {cls: path for path, cls in STAND_INS.items() if path.startswith("deepspeed.")}
 
@@ -809,7 +810,7 @@ def save_rank_file(obj: Any, path: Path, lazy: Any, progress: Any = None) -> Non
     complete, the same durability policy as ``to-fp32`` (and as ``torch.save``, which DeepSpeed
     itself saves with).
     """
-    from dsckpt.formats.torch_writer import save_torch
+    from dsckpt.execute.formats.torch_writer import save_torch
 
     if not _DEEPSPEED_NAMES:
         _DEEPSPEED_NAMES.update(_deepspeed_names())
@@ -847,7 +848,7 @@ def copy_extra_files(src_dir: Path, names: Iterable[str], dst_dir: Path
     Returns:
         ``(copied names, skipped entries as "name (why)")``: the caller reports the skipped ones.
     """
-    from dsckpt.execute import _copy_bytes
+    from dsckpt.execute.executor import _copy_bytes
 
     copied, skipped = [], []
     for name in names:
@@ -905,7 +906,7 @@ class _Writer:
                  progress: Any) -> None:
         import torch
 
-        from dsckpt.formats.torch_writer import LazyStorages
+        from dsckpt.execute.formats.torch_writer import LazyStorages
 
         self.torch = torch
         self.source = source
@@ -922,7 +923,7 @@ class _Writer:
     # --- the directory ------------------------------------------------------------------------
 
     def run(self, result: ReshapeResult) -> None:
-        from dsckpt.atomic import atomic_entries
+        from dsckpt.execute.atomic import atomic_entries
 
         tag = self.source.tag
         with atomic_entries(self.out, [tag, "latest"], dirs={tag}, force=self.force,
@@ -993,7 +994,7 @@ class _Writer:
             done += n
 
     def _ref(self, path: Path, tensor: Any) -> Any:
-        from dsckpt.load import tensor_ref
+        from dsckpt.io.load import tensor_ref
 
         return tensor_ref(path, tensor)
 
@@ -1005,7 +1006,7 @@ class _Writer:
         written. A strided source (never seen in DeepSpeed's flat partitions) is read into an
         in-memory tensor instead, bounded by that one partition.
         """
-        from dsckpt.formats.torch_writer import FileRange
+        from dsckpt.execute.formats.torch_writer import FileRange
 
         refs = [ref_of(run) for run in runs]
         item = self.torch.empty((), dtype=dtype).element_size()
@@ -1034,8 +1035,8 @@ class _Writer:
 
     def _fill(self, out: Any, runs: Sequence[Run], refs: Sequence[Any]) -> None:
         """Copy each run's elements into the zero-initialised in-memory flat tensor ``out``."""
-        from dsckpt.execute import tensor_memory
-        from dsckpt.load import read_tensor
+        from dsckpt.execute.executor import tensor_memory
+        from dsckpt.io.load import read_tensor
 
         raw = tensor_memory(out)  # shares out's memory; torch-only (no numpy needed)
         item = out.element_size()
@@ -1061,7 +1062,7 @@ class _Writer:
         if shared is None:
             shared = {}
         if isinstance(obj, torch.Tensor):
-            from dsckpt.formats.torch_writer import FileRange
+            from dsckpt.execute.formats.torch_writer import FileRange
 
             storage = obj.untyped_storage()
             nbytes = storage.nbytes()
@@ -1152,7 +1153,7 @@ class _Writer:
     def _optim_states(self, rank: int) -> Any:
         if self.plan.kind == "zero3":
             return self._zero3_optim_states(rank)
-        from dsckpt.load import FragmentAddress
+        from dsckpt.io.load import FragmentAddress
 
         path0, sd0 = self.source.optim[0]
         osd0 = sd0["optimizer_state_dict"]

@@ -21,12 +21,12 @@ import re
 from pathlib import Path
 from typing import Any
 
-from dsckpt.atomic import atomic_entries, atomic_output
-from dsckpt.execute import execute
-from dsckpt.formats.safetensors_writer import SafetensorsWriter, ShardedSafetensorsWriter
-from dsckpt.formats.sharding import TensorSpec, parse_size, plan_shards
-from dsckpt.plan import ConsolidationPlan
-from dsckpt.progress import ProgressSink
+from dsckpt.execute.atomic import atomic_entries, atomic_output
+from dsckpt.execute.executor import execute
+from dsckpt.execute.formats.safetensors_writer import SafetensorsWriter, ShardedSafetensorsWriter
+from dsckpt.execute.formats.sharding import TensorSpec, parse_size, plan_shards
+from dsckpt.execute.progress import ProgressSink
+from dsckpt.plan.consolidation import ConsolidationPlan
 
 SAFETENSORS, TORCH, SHARDED = "safetensors", "torch", "sharded safetensors"
 SINGLE_NAME = "model.safetensors"
@@ -70,7 +70,7 @@ def write_output(fmt: str, out: Path, plan: ConsolidationPlan, *, metadata: dict
         writer: Any
         if fmt == TORCH:
             # torch output needs torch anyway (it pickles torch's storage classes and dtypes)
-            from dsckpt.formats.torch_writer import TorchWriter
+            from dsckpt.execute.formats.torch_writer import TorchWriter
 
             writer = TorchWriter(tmp, tensors, aliases=plan.aliases)
         else:

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from dsckpt.errors import CorruptFile
-from dsckpt.unpickle import SavedTensor
+from dsckpt.io.unpickle import SavedTensor
 
 # Bounds that no real run reaches but that keep every later sum and loop small: a degree of
 # parallelism (the largest runs have ~10**5 ranks) and a tensor's elements (2**48 fp32 elements

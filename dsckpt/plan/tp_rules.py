@@ -4,7 +4,7 @@ Every TP-partitioned checkpoint needs, for each parameter name, the answer to on
 the TP ranks' tensors copies of one tensor, or slices of it, and if slices, along which dimension
 and in what layout? The answers live in a table, not in code paths:
 
-* the shipped defaults, ``dsckpt/rules/megatron.json`` (Megatron-DeepSpeed's GPT, BLOOM and
+* the shipped defaults, ``dsckpt/plan/rules/megatron.json`` (Megatron-DeepSpeed's GPT, BLOOM and
   LLaMA naming);
 * the checkpoint's own ``universal_checkpoint_info`` (the regex lists Megatron-DeepSpeed stores in
   every ``mp_rank_*_model_states.pt`` for DeepSpeed's universal-checkpoint converter), turned into
@@ -22,8 +22,8 @@ wins. Rules name their layout with four kinds:
     ``parameter_to_average_patterns``, for runs whose replicas drifted apart.
 ``split``
     Slices along ``dim``; the full dimension is ``blocks`` sub-blocks each split evenly across
-    the ranks, in whole ``unit`` elements. This is :func:`dsckpt.maps.reshard_dim`'s model, so a
-    column-parallel weight is ``dim=0``, a row-parallel weight ``dim=1``, a gated MLP's
+    the ranks, in whole ``unit`` elements. This is :func:`dsckpt.plan.maps.reshard_dim`'s model, so
+    a column-parallel weight is ``dim=0``, a row-parallel weight ``dim=1``, a gated MLP's
     ``[gate; up]`` ``dim=0, blocks=2``, Megatron's per-head ``[q; k; v]`` interleaved QKV
     ``dim=0, unit=qkv_group`` and a non-interleaved ``[Q; K; V]`` ``dim=0, blocks=3``.
 ``vocab``
@@ -35,8 +35,8 @@ wins. Rules name their layout with four kinds:
 from the user file's ``[model]`` table, the checkpoint's info and Megatron's saved ``args``.
 
 The plans (:func:`merge_plan`, :func:`split_plan`, :func:`reshard_plan`) are pure integer
-arithmetic on shapes, built on :func:`dsckpt.maps.reshard_dim` and
-:func:`dsckpt.maps.reshard_vocab`, so consolidation (TP n -> 1) and reshape (TP a -> b) are one
+arithmetic on shapes, built on :func:`dsckpt.plan.maps.reshard_dim` and
+:func:`dsckpt.plan.maps.reshard_vocab`, so consolidation (TP n -> 1) and reshape (TP a -> b) are one
 code path. No torch import here.
 """
 
@@ -52,9 +52,9 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Literal, TypeGuard
 
-from dsckpt import maps
 from dsckpt.errors import DsckptError
-from dsckpt.maps import MapError, Piece
+from dsckpt.plan import maps
+from dsckpt.plan.maps import MapError, Piece
 
 __all__ = [
     "RULES_OPTION",
@@ -440,7 +440,7 @@ def _read_rules_file(path: Path) -> _ParsedFile:
 
 @lru_cache(maxsize=1)
 def _default_file() -> _ParsedFile:
-    text = resources.files("dsckpt").joinpath(_DEFAULTS_RESOURCE).read_text(encoding="utf-8")
+    text = resources.files("dsckpt.plan").joinpath(_DEFAULTS_RESOURCE).read_text(encoding="utf-8")
     rules, model = parse_rules(json.loads(text), "defaults")
     return _ParsedFile(rules, model)
 
@@ -852,7 +852,7 @@ class TPPlan:
         full_shape: The unsplit shape (vocabulary rows stripped to the real size when it is
             known and stripping is on).
         dst_shapes: Target shapes, by target TP rank.
-        pieces: ``pieces[dst_rank]``: :class:`dsckpt.maps.Piece` runs (source rank, offset in
+        pieces: ``pieces[dst_rank]``: :class:`dsckpt.plan.maps.Piece` runs (source rank, offset in
             the source along ``dim``, length, offset in the target). For ``copy``/``mean`` each
             piece spans a whole source tensor (its ``length`` is dim 0's size, or 1 for a scalar).
         padding: ``padding[dst_rank] = (start, length)`` rows along ``dim`` to zero-fill
@@ -934,8 +934,8 @@ def reshard_plan(
     Vocabulary tensors: with ``facts["original_vocab_size"]`` known and ``strip_padding`` on,
     source rows at and past it are padding and are dropped; the target is padded to
     ``dst_padded_vocab`` if given, else to Megatron's size for the target degree
-    (:func:`dsckpt.maps.padded_vocab_size` with ``facts["make_vocab_size_divisible_by"]``), else
-    to the source's padded size. Padding rows are listed in ``padding`` for zero-filling (their
+    (:func:`dsckpt.plan.maps.padded_vocab_size` with ``facts["make_vocab_size_divisible_by"]``),
+    else to the source's padded size. Padding rows are listed in ``padding`` for zero-filling (their
     values carry nothing: Megatron never produces those tokens). :func:`merge_plan` instead
     strips to the real size, which is what a consolidated state dict wants.
 

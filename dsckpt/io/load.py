@@ -2,19 +2,19 @@
 
 Two loaders, both refusing any global outside an allow-list, neither reading tensor data:
 
-* :func:`dsckpt.unpickle.load_saved`, dsckpt's own torch-free unpickler, for discovery and
+* :func:`dsckpt.io.unpickle.load_saved`, dsckpt's own torch-free unpickler, for discovery and
   consolidation (``import torch`` alone costs more than copying a large model);
 * :func:`load_meta`, ``torch.load(weights_only=True, map_location="meta")``, where torch objects
   are needed anyway (reshape builds torch structures to save). torch.load bounds neither time nor
   memory on a hostile pickle, so each file is first read by dsckpt's own reader, with its bounds
-  (:mod:`dsckpt.bounds`) and zip checks, from the same open descriptor torch then loads.
+  (:mod:`dsckpt.io.bounds`) and zip checks, from the same open descriptor torch then loads.
 
 :func:`tensor_ref` turns a tensor from either into a :class:`TensorRef` (file, byte offset,
 dtype, shape) so the executor can read exactly the bytes it needs with ``pread`` or copy them
 kernel-side with ``copy_file_range``, never holding a whole flat group in memory.
 
 DeepSpeed pickles a few of its own classes into checkpoints. They are replaced by the inert
-stand-ins of :mod:`dsckpt.standins`, registered under DeepSpeed's import paths, so DeepSpeed
+stand-ins of :mod:`dsckpt.io.standins`, registered under DeepSpeed's import paths, so DeepSpeed
 never needs importing and nothing in a checkpoint can run code.
 """
 
@@ -29,11 +29,11 @@ from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from dsckpt import dtypes
-from dsckpt.dtypes import DType
+from dsckpt.discover.files import open_regular, os_error
 from dsckpt.errors import CorruptFile, UnsafeCheckpoint
-from dsckpt.files import open_regular, os_error
-from dsckpt.standins import (  # noqa: F401  (re-exported: load.py's public names)
+from dsckpt.io import dtypes
+from dsckpt.io.dtypes import DType
+from dsckpt.io.standins import (  # noqa: F401  (re-exported: load.py's public names)
     STAND_INS,
     DynamicLossScaler,
     FragmentAddress,
@@ -41,7 +41,7 @@ from dsckpt.standins import (  # noqa: F401  (re-exported: load.py's public name
     ZeroStageEnum,
     numpy_globals,
 )
-from dsckpt.unpickle import SavedTensor, load_saved_fd
+from dsckpt.io.unpickle import SavedTensor, load_saved_fd
 
 if TYPE_CHECKING:
     import torch
@@ -163,7 +163,7 @@ class TensorRef:
 
 
 def tensor_ref(path: Path, tensor: SavedTensor | torch.Tensor) -> TensorRef:
-    """Locate a tensor from :func:`~dsckpt.unpickle.load_saved` or :func:`load_meta` in its
+    """Locate a tensor from :func:`~dsckpt.io.unpickle.load_saved` or :func:`load_meta` in its
     file."""
     if isinstance(tensor, SavedTensor):
         ref = TensorRef(path, tensor.offset, tensor.dtype, tensor.shape, tensor.stride)

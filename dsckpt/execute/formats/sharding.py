@@ -29,7 +29,7 @@ from dsckpt.errors import UsageError
 if TYPE_CHECKING:
     import torch
 
-    from dsckpt.dtypes import DType
+    from dsckpt.io.dtypes import DType
 
 __all__ = [
     "DEFAULT_MAX_SHARD_SIZE",

@@ -9,11 +9,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from dsckpt.discover.layout import Layout, open_checkpoint
 from dsckpt.errors import OutputError, UsageError
-from dsckpt.execute import iter_tensors, materialize
-from dsckpt.layout import Layout, open_checkpoint
-from dsckpt.plan import DTYPES, ConsolidationPlan, plan_consolidation
-from dsckpt.progress import ProgressSink
+from dsckpt.execute.executor import iter_tensors, materialize
+from dsckpt.execute.progress import ProgressSink
+from dsckpt.plan.consolidation import DTYPES, ConsolidationPlan, plan_consolidation
 
 if TYPE_CHECKING:
     import torch
@@ -43,7 +43,7 @@ class ConsolidateResult:
 
 def output_format(out: Path) -> str:
     """The format OUT asks for, or an OutputError naming the suffixes dsckpt writes."""
-    from dsckpt.formats import output_format as by_suffix
+    from dsckpt.execute.formats import output_format as by_suffix
 
     fmt = by_suffix(out)
     if fmt is None:
@@ -100,7 +100,7 @@ def consolidate(
             unknown suffix, or the disk is full.
         DsckptError: the checkpoint cannot be consolidated (see the message).
     """
-    from dsckpt.formats import write_output
+    from dsckpt.execute.formats import write_output
 
     out = Path(out)
     fmt = output_format(out)
@@ -140,7 +140,7 @@ def consolidate(
 
 
 def _refuse_inside(out: Path, layout: Layout) -> None:
-    from dsckpt.output_guard import refuse_overlap
+    from dsckpt.execute.output_guard import refuse_overlap
 
     refuse_overlap(out, root=layout.root, tag_dir=layout.dir, other_tags=layout.other_tags)
 

@@ -40,12 +40,12 @@ from functools import cache
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from dsckpt import bounds, dtypes
-from dsckpt.bounds import short
-from dsckpt.dtypes import DType
+from dsckpt.discover.files import open_regular
 from dsckpt.errors import CorruptFile, DsckptError, UnsafeCheckpoint, UnsupportedLayout
-from dsckpt.files import open_regular
-from dsckpt.standins import STAND_INS, check_numpy_build, checked_numpy_globals
+from dsckpt.io import bounds, dtypes
+from dsckpt.io.bounds import short
+from dsckpt.io.dtypes import DType
+from dsckpt.io.standins import STAND_INS, check_numpy_build, checked_numpy_globals
 
 __all__ = ["Device", "SavedStorage", "SavedTensor", "load_saved"]
 

@@ -1,0 +1,1 @@
+"""The front doors: consolidate, reshape and verify, each discover -> plan -> execute."""

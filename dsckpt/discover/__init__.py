@@ -1,0 +1,1 @@
+"""Discovery: which files a checkpoint holds and what they say (the Layout)."""

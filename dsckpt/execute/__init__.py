@@ -1,0 +1,1 @@
+"""Execution: carrying out plans, writing outputs atomically in the supported formats."""

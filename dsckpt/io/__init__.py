@@ -1,0 +1,1 @@
+"""Reading files: the torch-free unpickler, its stand-ins, dtypes, tensor loading."""

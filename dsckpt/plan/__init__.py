@@ -1,0 +1,1 @@
+"""Planning: pure decisions about what goes where (consolidation, reshape, TP rules, maps)."""
