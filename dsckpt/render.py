@@ -193,7 +193,7 @@ def middle_ellipsis(name: str, width: int) -> str:
         return name[:width]
     keep = width - 1
     head = (keep + 1) // 2
-    return f"{name[:head]}…{name[len(name) - (keep - head):] if keep > head else ''}"
+    return f"{name[:head]}…{name[len(name) - (keep - head) :] if keep > head else ''}"
 
 
 # --- result lines and --json results of the commands that write --------------------------------
@@ -251,9 +251,7 @@ def reshape_line(result: Any, empty_ranks: int = 0) -> str:
         move = f"{kind} DP {src['dp']} -> {dst['dp']}"
     empty = f"; {empty_ranks} of {_world(dst)} target ranks hold no elements" if empty_ranks else ""
     if not result.written:
-        return (
-            f"dry run: {move}; nothing written (would write {result.out}/{result.tag}/){empty}"
-        )
+        return f"dry run: {move}; nothing written (would write {result.out}/{result.tag}/){empty}"
     return (
         f"wrote {result.out} (tag {result.tag}): {move}, {len(result.files)} files, "
         f"{human_bytes(result.nbytes)}{empty}"

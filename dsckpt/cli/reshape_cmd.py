@@ -61,8 +61,8 @@ def reshape(
 ) -> None:
     """Reshape a checkpoint to new degrees (ZeRO 1/2/3: --dp; Megatron pipelines: --tp, --pp,
     --dp together): weights, optimizer state and counters, loadable by unmodified DeepSpeed."""
-    from dsckpt.reshaping import reshape as run
     from dsckpt.render import reshape_json, reshape_line, to_json
+    from dsckpt.reshaping import reshape as run
 
     options: dict[str, Any] = dict(
         dp=dp,

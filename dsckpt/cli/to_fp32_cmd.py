@@ -13,7 +13,6 @@ from dsckpt.cli.help import examples
 from dsckpt.cli.options import (
     CheckpointArg,
     ForceOpt,
-    JsonOpt,
     QuietOpt,
     RulesOpt,
     TagOpt,
@@ -38,16 +37,14 @@ def to_fp32(
     dtype: Annotated[
         str,
         dtype_option(
-            "Output dtype of floating tensors: fp32, bf16 or fp16 (or float32, bfloat16, "
-            "float16)."
+            "Output dtype of floating tensors: fp32, bf16 or fp16 (or float32, bfloat16, float16)."
         ),
     ] = "fp32",
     max_shard_size: Annotated[
         str | None,
         typer.Option(
             metavar="SIZE",
-            help="Largest shard when OUT is a directory (e.g. 5GB, 500MB, 10GiB); "
-            "default 5GB.",
+            help="Largest shard when OUT is a directory (e.g. 5GB, 500MB, 10GiB); default 5GB.",
             show_default=False,
         ),
     ] = None,
