@@ -248,7 +248,11 @@ def reshape_line(result: Any, empty_ranks: int = 0) -> str:
     if not hasattr(plan, "src"):
         kind = {"zero": f"ZeRO-{plan.stage}", "bf16_optimizer": "BF16_Optimizer (ZeRO-1)",
                 "zero3": "ZeRO-3"}[plan.kind]  # fmt: skip
-        move = f"{kind} DP {src['dp']} -> {dst['dp']}"
+        move = (
+            f"{kind} resharded from DP {src['dp']} to DP {dst['dp']}"
+            if result.written
+            else f"{kind} DP {src['dp']} -> {dst['dp']}"
+        )
     empty = f"; {empty_ranks} of {_world(dst)} target ranks hold no elements" if empty_ranks else ""
     if not result.written:
         return f"dry run: {move}; nothing written (would write {result.out}/{result.tag}/){empty}"
