@@ -308,7 +308,9 @@ def test_from_layers_warns_only_when_layers_lose_bits(run, tmp_path: Path) -> No
     assert bf16.exit_code == 0, bf16.output
     assert bf16.stderr.startswith("warning: --from-layers reads the bfloat16 layer weights")
     assert "source: layer files" in bf16.stdout
-    fp32 = run("to-fp32", ckpt("pipe", "p2t2d1-z1-fp32"), tmp_path / "b.safetensors", "--from-layers")
+    fp32 = run(
+        "to-fp32", ckpt("pipe", "p2t2d1-z1-fp32"), tmp_path / "b.safetensors", "--from-layers"
+    )
     assert fp32.exit_code == 0 and fp32.stderr == ""
 
 
@@ -377,7 +379,9 @@ def test_empty_ranks_match_the_files_written(run, tmp_path: Path) -> None:
         )["optimizer_state_dict"]
         if all(t.numel() == 0 for t in sd["single_partition_of_fp32_groups"]):
             empty += 1
-    data = json.loads(run("reshape", Z2, tmp_path / "j", "--dp", "200", "--dry-run", "--json").stdout)
+    data = json.loads(
+        run("reshape", Z2, tmp_path / "j", "--dp", "200", "--dry-run", "--json").stdout
+    )
     assert data["empty_ranks"] == empty > 0
 
 
