@@ -31,7 +31,7 @@ def text(value: object, style: str = "") -> Text:
 
 
 def _row(table: Table, *cells: object) -> None:
-    table.add_row(*(c if isinstance(c, Text) else text(c) for c in cells))
+    table.add_row(*(c if isinstance(c, (Text, NameCell)) else text(c) for c in cells))
 
 
 def to_json(data: Any) -> str:
@@ -98,10 +98,16 @@ def _key(key: Any) -> str:
 
 
 def human_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
+    """Bytes in decimal units, one decimal: ``999 B``, ``1.5 kB``, ``201.5 MB``, ``5.0 GB``.
+
+    The one size format of every command (tables, result lines, the progress bar, verify). It is
+    the convention Hugging Face users read everywhere: the Hub's file sizes, ``hf``'s progress
+    bars, and ``max_shard_size="5GB"`` (5 * 10**9 bytes, which ``--max-shard-size`` parses alike).
+    """
+    for unit in ("B", "kB", "MB", "GB", "TB"):
+        if round(abs(n), 1) < 1000 or unit == "TB":
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
+        n /= 1000
     raise AssertionError("unreachable")
 
 
@@ -110,6 +116,172 @@ def human_count(n: int) -> str:
         if n >= size:
             return f"{n / size:.2f}{unit}"
     return str(n)
+
+
+# --- output for a pipe, and names that stay whole on a terminal ---------------------------------
+
+
+def plain_lines(renderable: RenderableType) -> list[str]:
+    """What the tables of a report say, as lines for a pipe: one record per line, never wrapped.
+
+    Each table gives a ``# title`` line, a tab-separated header (when the table shows one) and
+    one tab-separated line per row; tables are separated by a blank line. Cells are the text a
+    terminal shows (escaped by :func:`text`, so a tab or newline inside a name cannot split a
+    record) and lines carry no trailing spaces: ``grep``, ``cut -f`` and ``awk -F'\\t'`` work.
+    """
+    lines: list[str] = []
+    for part in _parts(renderable):
+        if lines:
+            lines.append("")
+        if isinstance(part, Table):
+            lines.extend(_table_lines(part))
+        else:
+            lines.append(_plain_text(part))
+    return lines
+
+
+def _parts(renderable: RenderableType) -> list[RenderableType]:
+    if isinstance(renderable, Group):
+        return [p for r in renderable.renderables for p in _parts(r)]
+    return [renderable]
+
+
+def _table_lines(table: Table) -> list[str]:
+    lines = [f"# {_plain_text(table.title)}"] if table.title else []
+    if table.show_header:
+        lines.append("\t".join(_plain_text(c.header) for c in table.columns))
+    columns = [list(c.cells) for c in table.columns]
+    for row in range(table.row_count):
+        lines.append("\t".join(_plain_text(cells[row]) for cells in columns).rstrip())
+    if table.caption:
+        lines.append(f"# {_plain_text(table.caption)}")
+    return lines
+
+
+def _plain_text(cell: object) -> str:
+    if isinstance(cell, NameCell):
+        return cell.name
+    if isinstance(cell, Text):
+        return cell.plain.rstrip()
+    return printable(cell).rstrip()
+
+
+class NameCell:
+    """A file name in a table: whole when the column has room; on a terminal too narrow for it,
+    cut in the middle (``zero_pp_rank_1…optim_states.pt``) so both ends, which tell the rank and
+    the role, stay readable. Never folded over two lines, which reads as two names."""
+
+    _MIN = 16  # the narrowest a name is squeezed to, before Rich gives up on the table's width
+
+    def __init__(self, name: object) -> None:
+        self.name = printable(name)
+
+    def __rich_measure__(self, console: Any, options: Any) -> Any:
+        from rich.measure import Measurement
+
+        return Measurement(min(len(self.name), self._MIN), len(self.name))
+
+    def __rich_console__(self, console: Any, options: Any) -> Any:
+        yield Text(middle_ellipsis(self.name, options.max_width), no_wrap=True, overflow="crop")
+
+
+def middle_ellipsis(name: str, width: int) -> str:
+    """``name`` cut to ``width`` characters by replacing its middle with one ``…``."""
+    if len(name) <= width:
+        return name
+    if width <= 1:
+        return name[:width]
+    keep = width - 1
+    head = (keep + 1) // 2
+    return f"{name[:head]}…{name[len(name) - (keep - head) :] if keep > head else ''}"
+
+
+# --- result lines and --json results of the commands that write --------------------------------
+
+
+def consolidate_line(result: Any) -> str:
+    """to-fp32's one result line."""
+    tied = f" + {result.aliases} tied" if result.aliases else ""
+    files = f", {result.files} files" if result.files > 1 else ""
+    return (
+        f"wrote {result.out} ({result.format}{files}): {result.tensors} tensors{tied}, "
+        f"{human_bytes(result.nbytes)} in {result.seconds:.2f} s; source: {result.source}"
+    )
+
+
+def consolidate_json(result: Any, dtype: str) -> dict[str, Any]:
+    """to-fp32 --json; keys are documented in docs/json.md."""
+    return {
+        "schema": JSON_SCHEMA_VERSION,
+        "path": str(result.out),
+        "format": result.format,
+        "dtype": dtype,
+        "files": result.files,
+        "tensors": result.tensors,
+        "tied_aliases": result.aliases,
+        "bytes": result.nbytes,
+        "seconds": round(result.seconds, 3),
+        "source": result.source,
+    }
+
+
+def reshape_topologies(result: Any) -> tuple[dict[str, int], dict[str, int]]:
+    """(source, target) ``{pp, tp, dp}`` of a ZeRO or pipeline reshape result."""
+    plan = result.plan
+    if hasattr(plan, "src"):  # a pipeline plan
+        return _topology(plan.src), _topology(plan.dst)
+    return {"pp": 1, "tp": 1, "dp": plan.source_dp}, {"pp": 1, "tp": 1, "dp": plan.dp}
+
+
+def _topology(t: Any) -> dict[str, int]:
+    return {"pp": t.pp, "tp": t.tp, "dp": t.dp}
+
+
+def reshape_line(result: Any, empty_ranks: int = 0) -> str:
+    """reshape's one result line (also after --dry-run), with the empty target ranks if any."""
+    src, dst = reshape_topologies(result)
+    move = (
+        f"PP {src['pp']} x TP {src['tp']} x DP {src['dp']} -> "
+        f"PP {dst['pp']} x TP {dst['tp']} x DP {dst['dp']}"
+    )
+    plan = result.plan
+    if not hasattr(plan, "src"):
+        kind = {"zero": f"ZeRO-{plan.stage}", "bf16_optimizer": "BF16_Optimizer (ZeRO-1)",
+                "zero3": "ZeRO-3"}[plan.kind]  # fmt: skip
+        move = (
+            f"{kind} resharded from DP {src['dp']} to DP {dst['dp']}"
+            if result.written
+            else f"{kind} DP {src['dp']} -> {dst['dp']}"
+        )
+    empty = f"; {empty_ranks} of {_world(dst)} target ranks hold no elements" if empty_ranks else ""
+    if not result.written:
+        return f"dry run: {move}; nothing written (would write {result.out}/{result.tag}/){empty}"
+    return (
+        f"wrote {result.out} (tag {result.tag}): {move}, {len(result.files)} files, "
+        f"{human_bytes(result.nbytes)}{empty}"
+    )
+
+
+def _world(topology: dict[str, int]) -> int:
+    return topology["pp"] * topology["tp"] * topology["dp"]
+
+
+def reshape_json(result: Any, seconds: float, empty_ranks: int) -> dict[str, Any]:
+    """reshape --json (and --dry-run --json); keys are documented in docs/json.md."""
+    src, dst = reshape_topologies(result)
+    return {
+        "schema": JSON_SCHEMA_VERSION,
+        "path": str(result.out),
+        "tag": result.tag,
+        "dry_run": not result.written,
+        "source_path": str(result.source),
+        "source": src,
+        "target": dst,
+        "files": list(result.files),
+        "bytes": result.nbytes,
+        "seconds": round(seconds, 3),
+        "empty_ranks": empty_ranks,
+    }
 
 
 def tensor_counts(layout: Layout) -> dict[str, dict[str, int]]:
@@ -238,12 +410,13 @@ def _summary(layout: Layout) -> Table:
 
 def _files(layout: Layout) -> Table:
     table = Table(title="Files by rank", title_justify="left")
-    for col in ("pp", "tp", "dp", "role", "file", "size"):
+    # No role column: the name ends in it (model_states, optim_states), and the width it took
+    # is what keeps a pipeline's longest name (47 characters) whole in 80 columns.
+    for col in ("pp", "tp", "dp", "file", "size"):
         numeric = col in ("pp", "tp", "dp", "size")
-        # A file name must stay whole on a narrow terminal: fold it rather than cut it.
-        table.add_column(
-            col, justify="right" if numeric else "left", overflow="fold", no_wrap=numeric
-        )
+        # Only the name gives way on a narrow terminal (NameCell cuts its middle): the short
+        # columns keep their width, and nothing is folded mid-name.
+        table.add_column(col, justify="right" if numeric else "left", no_wrap=numeric)
     ordered = sorted(
         (f for f in layout.files if f.role is not Role.LAYER),
         key=lambda f: (f.mp or 0, -1 if f.dp is None else f.dp, f.role.value),
@@ -253,8 +426,7 @@ def _files(layout: Layout) -> Table:
         _row(
             table,
             *(_opt(c[k]) for k in ("pp", "tp", "dp")),
-            f.role.value,
-            f.name,
+            NameCell(f.name),
             human_bytes(f.size),
         )
     return table
@@ -418,7 +590,7 @@ def map_report(tmap: TopologyMap) -> RenderableType:
             str(stage),
             _span(layers),
             _span([r.tp_rank for r in rows]),
-            model,
+            NameCell(model),
             f"layer_{_span(with_files)} x {len(rows)} TP" if with_files else "-",
             optim,
         )

@@ -50,7 +50,8 @@ def test_bitwise_equal_to_deepspeed_and_to_the_live_run(
 ) -> None:
     f = facts("zero", name)
     out = tmp_path / fmt
-    result = cli("to-fp32", ckpt("zero", name), out, "--max-shard-size", "1KB")
+    shards = ["--max-shard-size", "1KB"] if fmt == "shards" else []  # refused for one file
+    result = cli("to-fp32", ckpt("zero", name), out, *shards)
     assert result.exit_code == 0, result.output
     got = _load(out)
     live = torch.load(FIXTURES / "zero" / name / "ref_live.pt", weights_only=True)

@@ -71,8 +71,11 @@ app = typer.Typer(
     epilog="Errors print one line; set DSCKPT_DEBUG=1 to see the traceback.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
-    add_completion=False,
+    # `--install-completion` / `--show-completion`, as Typer apps have; the completion script
+    # calls dsckpt back, so it must start fast (nothing heavy at import: see tests).
+    add_completion=True,
     rich_markup_mode=None,
+    context_settings={"help_option_names": ["-h", "--help"]},
 )
 
 
@@ -94,15 +97,17 @@ def _root(
 
 
 def _register() -> None:
-    from dsckpt.cli import inspect_cmd, reshape_cmd, show_map_cmd, to_fp32_cmd
+    from dsckpt.cli import inspect_cmd, reshape_cmd, show_map_cmd, to_fp32_cmd, verify_cmd
+    from dsckpt.cli.help import Command
 
-    app.command("inspect")(inspect_cmd.inspect)
-    app.command("to-fp32")(to_fp32_cmd.to_fp32)
-    app.command("show-map")(show_map_cmd.show_map)
-    app.command("reshape")(reshape_cmd.reshape)
-    from dsckpt.cli.verify_cmd import verify
-
-    app.command("verify")(verify)
+    for name, module, function in (
+        ("inspect", inspect_cmd, inspect_cmd.inspect),
+        ("to-fp32", to_fp32_cmd, to_fp32_cmd.to_fp32),
+        ("show-map", show_map_cmd, show_map_cmd.show_map),
+        ("reshape", reshape_cmd, reshape_cmd.reshape),
+        ("verify", verify_cmd, verify_cmd.verify),
+    ):
+        app.command(name, cls=Command, epilog=module.EXAMPLES)(function)
 
 
 _register()

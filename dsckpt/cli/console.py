@@ -1,4 +1,4 @@
-"""One place that decides how output looks: plain when not a terminal, fixed width on request.
+"""One place that decides how output looks: tables on a terminal, plain records in a pipe.
 
 Everything the CLI prints as text goes through here or through :mod:`dsckpt.render`, where names
 from a checkpoint have their control characters escaped (:func:`dsckpt.printable.printable`).
@@ -16,15 +16,49 @@ from rich.console import Console
 
 def console(stderr: bool = False) -> Console:
     # DSCKPT_WIDTH pins the width (tests, golden files); otherwise Rich asks the terminal.
-    width = int(os.environ["DSCKPT_WIDTH"]) if os.environ.get("DSCKPT_WIDTH") else None
-    return Console(stderr=stderr, width=width, highlight=False, soft_wrap=False)
+    return Console(stderr=stderr, width=_pinned_width(), highlight=False, soft_wrap=False)
+
+
+def _pinned_width() -> int | None:
+    value = os.environ.get("DSCKPT_WIDTH")
+    return int(value) if value else None
+
+
+def tables_wanted() -> bool:
+    """Tables when stdout is a terminal, or when DSCKPT_WIDTH asks for one that wide (tests and
+    the docs' golden blocks show what a terminal shows); plain records otherwise."""
+    return _pinned_width() is not None or console().is_terminal
+
+
+def show(*renderables: Any) -> None:
+    """A report: Rich tables on a terminal; in a pipe, one record per line, never wrapped
+    (:func:`dsckpt.render.plain_lines`), so `grep`, `cut` and `wc -l` count what they should."""
+    from rich.console import Group
+
+    if tables_wanted():
+        out = console()
+        for renderable in renderables:
+            out.print(renderable)
+        return
+    from dsckpt.render import plain_lines
+
+    for line in plain_lines(Group(*renderables)):
+        typer.echo(line)
 
 
 def print_line(line: str) -> None:
-    """A result line (``wrote ...``, ``dry run: ...``): escaped, never read as Rich markup."""
-    from dsckpt.render import text
+    """A result line (``wrote ...``, ``dry run: ...``): escaped, one line whatever the width
+    (a terminal may show it over several rows; a pipe gets it whole)."""
+    from dsckpt.printable import printable
 
-    console().print(text(line))
+    typer.echo(printable(line))
+
+
+def warn(message: str) -> None:
+    """A ``warning:`` line on stderr, escaped like every other line."""
+    from dsckpt.printable import printable
+
+    typer.echo(f"warning: {printable(message)}", err=True)
 
 
 def echo_error(message: str) -> None:

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import typer
 
-from dsckpt.cli.console import console, exit_on_errors
+from dsckpt.cli.console import exit_on_errors, show
+from dsckpt.cli.help import examples
 from dsckpt.cli.options import CheckpointArg, JsonOpt, TagOpt
 
 
@@ -27,5 +28,13 @@ def inspect(
     if as_json:
         typer.echo(to_json(layout_json(layout, params=params)))
     else:
-        console().print(layout_report(layout, params=params))
+        show(layout_report(layout, params=params))
     exit_on_errors(layout.findings)
+
+
+EXAMPLES = examples(
+    "dsckpt inspect checkpoints/",
+    "dsckpt inspect checkpoints/global_step100 --params",
+    "dsckpt inspect checkpoints/ | grep -c optim_states",
+    "dsckpt inspect checkpoints/ --tag global_step100 --json",
+)

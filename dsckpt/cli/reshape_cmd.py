@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 
-from dsckpt.cli.console import console, print_line
+from dsckpt.cli.console import print_line, show, warn
 from dsckpt.cli.errors import reporting_interrupt
+from dsckpt.cli.help import examples
 from dsckpt.cli.options import (
     CheckpointArg,
     DPOpt,
@@ -29,6 +31,7 @@ def reshape(
     out: Annotated[
         Path,
         typer.Argument(
+            metavar="OUT",
             help="Output save_dir (created; must not exist unless --force): gets `latest` and the "
             "tag directory, ready for engine.load_checkpoint at the new size.",
             show_default=False,
@@ -51,32 +54,48 @@ def reshape(
     ] = False,
     force: ForceOpt = False,
     quiet: QuietOpt = False,
+    as_json: Annotated[
+        bool,
+        typer.Option("--json", help="Print the result (or the --dry-run plan) as JSON."),
+    ] = False,
 ) -> None:
     """Reshape a checkpoint to new degrees (ZeRO 1/2/3: --dp; Megatron pipelines: --tp, --pp,
     --dp together): weights, optimizer state and counters, loadable by unmodified DeepSpeed."""
     from dsckpt.api.reshaping import reshape as run
+    from dsckpt.render import reshape_json, reshape_line, to_json
 
-    with (
-        reporting_interrupt(None if dry_run else out),
-        byte_progress(enabled=not quiet and not dry_run) as progress,
-    ):
-        result = run(
-            ckpt,
-            out,
-            dp=dp,
-            tp=tp,
-            pp=pp,
-            partition_method=partition_method,
-            layer_specs=layer_specs,
-            rules_file=rules,
-            tag=tag,
-            force=force,
-            dry_run=dry_run,
-            progress=progress,
-        )
+    options: dict[str, Any] = dict(
+        dp=dp,
+        tp=tp,
+        pp=pp,
+        partition_method=partition_method,
+        layer_specs=layer_specs,
+        rules_file=rules,
+        tag=tag,
+        force=force,
+    )
+    empty = 0
+    started = time.perf_counter()
+    if dry_run or dp is not None:
+        # Plan first: the dry run's answer, or (when the DP size changes) a look at how many
+        # target ranks would be empty, said before anything is written.
+        preview = run(ckpt, out, dry_run=True, **options)
+        empty = empty_ranks(preview)
+        if empty and not dry_run:
+            warn(empty_warning(preview, empty))
     if dry_run:
-        console().print(plan_report(result))
-    print_line(result.summary())
+        result = preview
+    else:
+        started = time.perf_counter()
+        with reporting_interrupt(out), byte_progress(enabled=not quiet) as progress:
+            result = run(ckpt, out, dry_run=False, progress=progress, **options)
+    seconds = time.perf_counter() - started
+    if as_json:
+        typer.echo(to_json(reshape_json(result, seconds, empty)))
+        return
+    if dry_run:
+        show(plan_report(result))
+    print_line(reshape_line(result, empty))
 
 
 def plan_report(result: Any) -> Any:
@@ -88,3 +107,59 @@ def plan_report(result: Any) -> Any:
     if isinstance(result, PipelineReshapeResult):
         return map_report(result.topology_map())
     return zero_reshape_table(result.plan)
+
+
+def empty_ranks(result: Any) -> int:
+    """Target ranks whose every flat partition is DeepSpeed's padding only (no parameter
+    element): a DP size far beyond what the model's size can spread over.
+
+    Read from the plan: a ZeRO plan lists each rank's partition (length and padding); a
+    pipeline plan gives each target stage's parameters, partitioned as ZeRO-1 partitions them.
+    """
+    plan = result.plan
+    if hasattr(plan, "stages"):
+        return _pipeline_empty_ranks(plan)
+    held: dict[int, int] = {}
+    for group in plan.groups:
+        for part in group.partitions:
+            held[part.rank] = held.get(part.rank, 0) + part.numel - part.padding
+    return sum(1 for n in held.values() if n <= 0)
+
+
+def _pipeline_empty_ranks(plan: Any) -> int:
+    from dsckpt import zero
+
+    dst = plan.dst
+    empty = 0
+    for stage in plan.stages:
+        for tp_rank in range(dst.tp):
+            totals = [
+                sum(zero.numel(plan.local_shape(name, tp_rank)) for name in names)
+                for names in stage.groups
+            ]
+            sizes = [zero.zero12_partition_size(total, dst.dp) for total in totals]
+            empty += sum(
+                1
+                for d in range(dst.dp)
+                if all(d * size >= total for size, total in zip(sizes, totals, strict=True))
+            )
+    return empty
+
+
+def empty_warning(result: Any, empty: int) -> str:
+    from dsckpt.render import reshape_topologies
+
+    _, dst = reshape_topologies(result)
+    world = dst["pp"] * dst["tp"] * dst["dp"]
+    return (
+        f"{empty} of {world} target ranks would hold no parameter elements, only padding: "
+        f"the model is too small to spread over DP {dst['dp']} (a smaller --dp avoids it)"
+    )
+
+
+EXAMPLES = examples(
+    "dsckpt reshape checkpoints/ resized/ --dp 8",
+    "dsckpt reshape checkpoints/ resized/ --dp 8 --dry-run",
+    "dsckpt reshape megatron-ckpt/ resized/ --tp 1 --pp 2 --dp 4",
+    "dsckpt reshape checkpoints/ resized/ --dp 8 --json -q",
+)

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import typer
 
-from dsckpt.cli.console import console, exit_on_errors
+from dsckpt.cli.console import exit_on_errors, show
+from dsckpt.cli.help import examples
 from dsckpt.cli.options import (
     CheckpointArg,
     DPOpt,
@@ -51,7 +52,12 @@ def show_map(
     if as_json:
         typer.echo(to_json(map_json(tmap, findings=layout.findings)))
     else:
-        console().print(map_report(tmap))
-        if layout.findings:
-            console().print(findings_table(layout))
+        show(map_report(tmap), *([findings_table(layout)] if layout.findings else []))
     exit_on_errors(layout.findings)
+
+
+EXAMPLES = examples(
+    "dsckpt show-map checkpoints/",
+    "dsckpt show-map checkpoints/ --tp 1 --pp 4",
+    "dsckpt show-map checkpoints/ --tp 2 --pp 2 --dp 8 --json",
+)

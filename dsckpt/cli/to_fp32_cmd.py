@@ -7,10 +7,19 @@ from typing import Annotated
 
 import typer
 
-from dsckpt.cli.console import print_line
+from dsckpt.cli.console import print_line, warn
 from dsckpt.cli.errors import reporting_interrupt
-from dsckpt.cli.options import CheckpointArg, ForceOpt, QuietOpt, RulesOpt, TagOpt
+from dsckpt.cli.help import examples
+from dsckpt.cli.options import (
+    CheckpointArg,
+    ForceOpt,
+    QuietOpt,
+    RulesOpt,
+    TagOpt,
+    dtype_option,
+)
 from dsckpt.cli.progress import byte_progress
+from dsckpt.errors import UsageError
 
 
 def to_fp32(
@@ -18,6 +27,7 @@ def to_fp32(
     out: Annotated[
         Path,
         typer.Argument(
+            metavar="OUT",
             help="Output: *.safetensors, *.bin / *.pt (torch.save), or a directory for "
             "Hugging Face shards + model.safetensors.index.json.",
             show_default=False,
@@ -25,11 +35,19 @@ def to_fp32(
     ],
     tag: TagOpt = None,
     dtype: Annotated[
-        str, typer.Option(help="Output dtype of floating tensors: fp32, bf16 or fp16.")
+        str,
+        dtype_option(
+            "Output dtype of floating tensors: fp32, bf16 or fp16 (or float32, bfloat16, float16)."
+        ),
     ] = "fp32",
     max_shard_size: Annotated[
-        str, typer.Option(help="Largest shard when OUT is a directory (e.g. 5GB, 500MB, 10GiB).")
-    ] = "5GB",
+        str | None,
+        typer.Option(
+            metavar="SIZE",
+            help="Largest shard when OUT is a directory (e.g. 5GB, 500MB, 10GiB); default 5GB.",
+            show_default=False,
+        ),
+    ] = None,
     exclude_frozen: Annotated[
         bool, typer.Option("--exclude-frozen", help="Leave out frozen parameters.")
     ] = False,
@@ -52,23 +70,29 @@ def to_fp32(
     ] = False,
     force: ForceOpt = False,
     quiet: QuietOpt = False,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print the result as JSON (see docs/json.md).")
+    ] = False,
 ) -> None:
     """Consolidate a ZeRO 1/2/3, plain or Megatron 3D checkpoint into one fp32 state dict."""
-    from dsckpt.api.consolidation import consolidate
+    from dsckpt.api.consolidation import consolidate, output_format
+    from dsckpt.execute.formats import SHARDED
+    from dsckpt.render import consolidate_json, consolidate_line, to_json
 
-    if from_layers:
-        typer.echo(
-            "warning: --from-layers reads the model-dtype layer weights, not the fp32 "
-            "master weights",
-            err=True,
+    if max_shard_size is not None and output_format(out) != SHARDED:
+        raise UsageError(
+            f"--max-shard-size {max_shard_size}: {out} is a single file; shards are written "
+            "only when OUT is a directory (drop the option, or give a directory)"
         )
+    if from_layers:
+        check_from_layers(ckpt, tag, "to-fp32")
     with reporting_interrupt(out), byte_progress(enabled=not quiet) as progress:
         result = consolidate(
             ckpt,
             out,
             tag=tag,
             dtype=dtype,
-            max_shard_size=max_shard_size,
+            max_shard_size="5GB" if max_shard_size is None else max_shard_size,
             exclude_frozen=exclude_frozen,
             force=force,
             progress=progress,
@@ -76,4 +100,34 @@ def to_fp32(
             from_layers=from_layers,
             strip_vocab_padding=not keep_vocab_padding,
         )
-    print_line(result.summary())
+    if as_json:
+        typer.echo(to_json(consolidate_json(result, dtype)))
+    else:
+        print_line(consolidate_line(result))
+
+
+def check_from_layers(ckpt: Path, tag: str | None, command: str) -> None:
+    """--from-layers means something only for a pipeline checkpoint: refuse it elsewhere, and
+    warn, before any work, when the layer files hold fewer bits than the fp32 master weights."""
+    from dsckpt.discover.layout import open_checkpoint
+
+    layout = open_checkpoint(ckpt, tag)
+    if layout.kind != "pipeline":
+        raise UsageError(
+            f"--from-layers: {layout.dir} has no pipeline layer files (layer_*-model_states.pt); "
+            f"{command} reads the fp32 master weights from its optimizer partitions: drop the "
+            "option"
+        )
+    if layout.param_dtype not in (None, "float32"):
+        warn(
+            f"--from-layers reads the {layout.param_dtype} layer weights (upcast), not the fp32 "
+            "master weights"
+        )
+
+
+EXAMPLES = examples(
+    "dsckpt to-fp32 checkpoints/ model.safetensors",
+    "dsckpt to-fp32 checkpoints/ hf-model/ --max-shard-size 2GB --dtype bfloat16",
+    "dsckpt to-fp32 checkpoints/ pytorch_model.bin --tag global_step100 --exclude-frozen",
+    "dsckpt to-fp32 checkpoints/ model.safetensors --json -q",
+)

@@ -8,7 +8,8 @@ from typing import Annotated
 
 import typer
 
-from dsckpt.cli.options import CheckpointArg, JsonOpt, QuietOpt, RulesOpt, TagOpt
+from dsckpt.cli.help import examples
+from dsckpt.cli.options import CheckpointArg, JsonOpt, QuietOpt, RulesOpt, TagOpt, dtype_option
 from dsckpt.cli.progress import byte_progress
 
 
@@ -27,9 +28,9 @@ def verify(
     tag: TagOpt = None,
     dtype: Annotated[
         str | None,
-        typer.Option(
-            help="OUT was written with to-fp32 --dtype fp32, bf16 or fp16: every floating tensor "
-            "must be that cast. Default: read it from OUT.",
+        dtype_option(
+            "OUT was written with to-fp32 --dtype fp32, bf16 or fp16 (or float32, bfloat16, "
+            "float16): every floating tensor must be that cast. Default: read it from OUT."
         ),
     ] = None,
     exclude_frozen: Annotated[
@@ -55,6 +56,7 @@ def verify(
     hyper-parameters (listed with --json).
     """
     from dsckpt.api.verify import is_checkpoint, verify_checkpoints, verify_output
+    from dsckpt.cli.to_fp32_cmd import check_from_layers
     from dsckpt.errors import UsageError
 
     with byte_progress(enabled=not quiet and not as_json) as progress:
@@ -67,6 +69,8 @@ def verify(
                 )
             result = verify_checkpoints(ckpt, other, tag=tag, rules_file=rules, progress=progress)
         else:
+            if from_layers:
+                check_from_layers(ckpt, tag, "verify")
             result = verify_output(
                 ckpt,
                 other,
@@ -81,3 +85,11 @@ def verify(
     typer.echo(json.dumps(result.to_json(), indent=2) if as_json else result.summary())
     if not result.equal:
         raise typer.Exit(1)
+
+
+EXAMPLES = examples(
+    "dsckpt verify checkpoints/ model.safetensors",
+    "dsckpt verify checkpoints/ hf-model/ --dtype bfloat16",
+    "dsckpt verify checkpoints/ resized/",
+    "dsckpt verify checkpoints/ pytorch_model.bin --json",
+)
