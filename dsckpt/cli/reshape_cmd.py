@@ -127,7 +127,7 @@ def empty_ranks(result: Any) -> int:
 
 
 def _pipeline_empty_ranks(plan: Any) -> int:
-    from dsckpt import zero
+    from dsckpt.plan import zero
 
     dst = plan.dst
     empty = 0
