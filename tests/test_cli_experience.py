@@ -109,9 +109,14 @@ def test_root_help_offers_completion(run) -> None:
 
 
 def test_show_completion_prints_a_script() -> None:
+    # Typer detects the shell from the parent process, as a user typing in bash has it; `; exit $?`
+    # keeps bash from exec-ing dsckpt in its place (CI runs the suite under sh).
     env = {**os.environ, "PYTHONPATH": str(ROOT), "SHELL": "/bin/bash"}
     proc = subprocess.run(
-        [str(DSCKPT), "--show-completion", "bash"], capture_output=True, text=True, env=env
+        ["bash", "-c", f"'{DSCKPT}' --show-completion; exit $?"],
+        capture_output=True,
+        text=True,
+        env=env,
     )
     assert proc.returncode == 0, proc.stderr
     assert "_DSCKPT_COMPLETE" in proc.stdout and "complete" in proc.stdout
