@@ -180,6 +180,15 @@ def test_cli_refuses_a_fifo_latest_without_blocking(root: Path, tmp_path: Path) 
     _refused_by_cli(root, tmp_path, "latest")
 
 
+def test_verify_refuses_a_fifo_output_without_blocking(root: Path, tmp_path: Path) -> None:
+    out = tmp_path / "model.safetensors"
+    os.mkfifo(out)
+    done = _cli("verify", root, out)
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == 1 and len(lines) == 1, done.stderr
+    assert "FIFO" in lines[0] and "model.safetensors" in lines[0]
+
+
 def test_a_fifo_swapped_in_after_the_check_is_caught_on_the_descriptor(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from dsckpt.discover.files import Role
+from dsckpt.discover.files import Role, open_regular
 from dsckpt.discover.layout import Layout, open_checkpoint
 from dsckpt.errors import CorruptFile, UnsupportedLayout, UsageError
 from dsckpt.execute.executor import CAST_CHUNK, _cast, _Sources
@@ -243,8 +243,10 @@ def open_output(path: Path | str) -> StoredOutput:
     path = Path(path)
     if path.is_dir():
         return _open_dir(path)
-    if not path.is_file():
+    if not path.exists() and not path.is_symlink():
         raise UsageError(f"{path} does not exist: give the file or directory to verify")
+    # Anything else that is not a directory is opened as a regular file, which refuses (in one
+    # line, without blocking) a FIFO, a device or a dangling link.
     if path.suffix.lower() == ".safetensors":
         return StoredOutput(path, "safetensors", (path,), _safetensors(path))
     return StoredOutput(path, "torch", (path,), _torch_file(path))
@@ -293,8 +295,10 @@ def _sharded(path: Path, index: Path, fmt: str) -> StoredOutput:
 
 
 def _safetensors(path: Path) -> dict[str, TensorRef]:
-    size = path.stat().st_size
-    with open(path, "rb") as f:
+    # An output named on the command line is as untrusted as a checkpoint: a FIFO must not block.
+    fd = open_regular(path)
+    size = os.fstat(fd).st_size
+    with os.fdopen(fd, "rb") as f:
         head = f.read(8)
         if len(head) < 8:
             raise CorruptFile(path, "not a safetensors file (shorter than its 8-byte header size)")
