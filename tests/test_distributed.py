@@ -33,7 +33,10 @@ def _run(scenario: str, size: int = 3) -> list[dict]:
     procs = [
         subprocess.Popen(
             [sys.executable, str(DRIVER), scenario, str(rank), str(size), str(port)],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
         )  # fmt: skip
         for rank in range(size)
     ]

@@ -163,8 +163,13 @@ class Coordinator:
         self._wait_for(keys, step)
         return [self._store.get(k).decode() for k in keys]
 
-    def hand_out(self, step: str, make: Callable[[], T], encode: Callable[[T], str],
-                 decode: Callable[[str], T]) -> T:
+    def hand_out(
+        self,
+        step: str,
+        make: Callable[[], T],
+        encode: Callable[[T], str],
+        decode: Callable[[str], T],
+    ) -> T:
         """The leader makes a value (a staging path, say) and every rank receives it; if making
         it fails, every rank raises the leader's error."""
         if self.world.is_leader:
@@ -173,8 +178,9 @@ class Coordinator:
             return value
         return decode(self._expect(step))
 
-    def finish(self, error: BaseException | None, commit: Callable[[], None],
-               discard: Callable[[], None]) -> None:
+    def finish(
+        self, error: BaseException | None, commit: Callable[[], None], discard: Callable[[], None]
+    ) -> None:
         """Report this rank's share; the leader commits once every share is in, or discards the
         output, and every rank raises the first failure."""
         self._store.set(f"done/{self.world.rank}", _error_line(error) if error else "")
@@ -238,8 +244,9 @@ class Coordinator:
             raise DistributedError(answer[1:])
         return answer[1:]
 
-    def _wait_for(self, keys: list[str], step: str, watch: Sequence[int] | None = None,
-                  abort: bool = True) -> None:
+    def _wait_for(
+        self, keys: list[str], step: str, watch: Sequence[int] | None = None, abort: bool = True
+    ) -> None:
         """Wait for ``keys``, one per watched rank unless ``watch`` names the ranks (the
         leader's verdict: rank 0). A rank whose heartbeat stops meanwhile is lost; a rank that
         posted ``abort`` ends the wait with its error."""
@@ -288,8 +295,14 @@ def coordinator(world: World) -> Iterator[Coordinator]:
     from torch.distributed import TCPStore  # torch is a dependency; imported only when used
 
     try:
-        store = TCPStore(world.host, world.port, world.size, world.is_leader,
-                         timeout=_CONNECT_TIMEOUT, wait_for_workers=False)
+        store = TCPStore(
+            world.host,
+            world.port,
+            world.size,
+            world.is_leader,
+            timeout=_CONNECT_TIMEOUT,
+            wait_for_workers=False,
+        )
     except Exception as exc:
         raise DistributedError(
             f"rank {world.rank} cannot reach the leader at {world.host}:{world.port}: "
