@@ -37,7 +37,7 @@ def _run(scenario: str, size: int = 3) -> list[dict]:
             stderr=subprocess.PIPE,
             text=True,
             env=env,
-        )  # fmt: skip
+        )
         for rank in range(size)
     ]
     results = []
