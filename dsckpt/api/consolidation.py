@@ -129,6 +129,10 @@ def consolidate(
         check_optimizer_options(optimizer_format, from_layers)
     layout = open_checkpoint(ckpt, tag)
     _refuse_inside(out, layout)
+    if optimizer:
+        from dsckpt.plan.optim_export import refuse_without_state
+
+        refuse_without_state(layout)
     plan = plan_for(
         layout,
         dtype=dtype,

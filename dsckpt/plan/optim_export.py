@@ -16,12 +16,14 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from dsckpt.discover.files import Role
 from dsckpt.discover.layout import Layout
 from dsckpt.errors import InconsistentCheckpoint, UnsupportedLayout
 from dsckpt.io.load import read_scalar, tensor_ref
-from dsckpt.io.unpickle import SavedTensor
+from dsckpt.io.unpickle import SavedTensor, load_saved
 from dsckpt.plan.consolidation import ConsolidationPlan, OutputTensor
 from dsckpt.plan.optim_state import GroupState, plan_optimizer_state
+from dsckpt.plan.zero_reshape import group_order
 
 # safetensors metadata keys (each a JSON string)
 GROUPS_KEY = "dsckpt.optimizer.param_groups"
@@ -37,8 +39,8 @@ class ParamGroup:
     Attributes:
         options: its hyper-parameters (``lr``, ``betas``, ``eps``, ``weight_decay``, ...) as
             saved, ``params`` left out; a tensor-valued one is read as a number.
-        params: the names of its parameters, in DeepSpeed's order within the group (the order
-            the parameters were given to the optimizer).
+        params: the names of its parameters in the order they were given to the optimizer
+            (DeepSpeed's ``param_shapes`` order, ``round_robin_gradients`` undone).
         step: the optimizer step count of the group (``None`` when none is saved).
     """
 
@@ -103,17 +105,7 @@ def plan_optimizer_export(layout: Layout, master: ConsolidationPlan) -> Optimize
         InconsistentCheckpoint: the ranks disagree on a parameter's group, hyper-parameters
             or step, or a trainable parameter has no state.
     """
-    if not layout.zero_sources:
-        what = (
-            "no optimizer files"
-            if layout.optimizer == "none"
-            else f"no ZeRO optimizer partitions (ZeRO stage {layout.zero_stage}): its torch "
-            "optimizer state is keyed by position and names no parameter"
-        )
-        raise UnsupportedLayout(
-            f"{layout.dir} holds {what}, so there is no optimizer state per parameter to "
-            "write: convert the weights without --optimizer"
-        )
+    refuse_without_state(layout)
     state = plan_optimizer_state(layout, master)
     if not state.keys:
         raise UnsupportedLayout(
@@ -130,6 +122,11 @@ def plan_optimizer_export(layout: Layout, master: ConsolidationPlan) -> Optimize
     frozen = tuple(t.name for t in layout.tensors if t.kind == "frozen")
     _check_all_trainable_have_state(layout, master, {t.name for t in first.tensors}, frozen)
     groups = _param_groups([t.name for t in first.tensors], state.sources, state.steps)
+    if _round_robin(layout):
+        groups = tuple(
+            ParamGroup(g.options, tuple(group_order(g.params, layout.dp, True)), g.step)
+            for g in groups
+        )
     return OptimizerExport(
         plan=ConsolidationPlan(
             tensors=tuple(tensors), source=f"optimizer state ({', '.join(state.keys)})"
@@ -139,6 +136,42 @@ def plan_optimizer_export(layout: Layout, master: ConsolidationPlan) -> Optimize
         parameters=_parameter_order(layout, master, {t.name for t in first.tensors}, frozen),
         frozen=tuple(dict.fromkeys(frozen)),
     )
+
+
+def refuse_without_state(layout: Layout) -> None:
+    """Refuse, before any planning, a checkpoint that keeps no optimizer state per parameter.
+
+    Raises:
+        UnsupportedLayout: no ZeRO (or BF16_Optimizer) partitions: stage 0 and pipelines
+            without ZeRO keep torch's own state keyed by position, which names no parameter;
+            a checkpoint saved without optimizer files has none.
+    """
+    if layout.zero_sources:
+        return
+    what = (
+        "no optimizer files"
+        if layout.optimizer == "none"
+        else f"no ZeRO optimizer partitions (ZeRO stage {layout.zero_stage}): its torch "
+        "optimizer state is keyed by position and names no parameter"
+    )
+    raise UnsupportedLayout(
+        f"{layout.dir} holds {what}, so there is no optimizer state per parameter to "
+        "write: convert the weights without --optimizer"
+    )
+
+
+def _round_robin(layout: Layout) -> bool:
+    """Whether ZeRO-1/2 ``round_robin_gradients`` reordered the flat groups: their order (and
+    ``param_shapes``) is then not the order the parameters were given to the optimizer."""
+    if layout.kind != "zero" or layout.optimizer != "zero":
+        return False
+    files = [f for f in layout.files if f.role is Role.MODEL]
+    if not files:
+        return False
+    first = min(files, key=lambda f: (f.mp or 0, f.dp or 0))
+    config = (load_saved(layout.dir / first.name) or {}).get("ds_config")
+    zero_cfg = config.get("zero_optimization") if isinstance(config, Mapping) else None
+    return isinstance(zero_cfg, Mapping) and bool(zero_cfg.get("round_robin_gradients"))
 
 
 def _check_all_trainable_have_state(
