@@ -129,7 +129,7 @@ def consolidate(
         check_optimizer_options(optimizer_format, from_layers)
     layout = open_checkpoint(ckpt, tag)
     _refuse_inside(out, layout)
-    if optimizer:
+    if optimizer and layout.kind != "universal":  # universal: refused by the weights' plan
         from dsckpt.plan.optim_export import refuse_without_state
 
         refuse_without_state(layout)

@@ -152,6 +152,5 @@ EXAMPLES = examples(
     "dsckpt to-fp32 checkpoints/ model.safetensors",
     "dsckpt to-fp32 checkpoints/ hf-model/ --max-shard-size 2GB --dtype bfloat16",
     "dsckpt to-fp32 checkpoints/ pytorch_model.bin --tag global_step100 --exclude-frozen",
-    "dsckpt to-fp32 checkpoints/ model.safetensors --json -q",
-    "dsckpt to-fp32 checkpoints/ hf-model/ --optimizer --optimizer-format torch",
+    "dsckpt to-fp32 checkpoints/ model.safetensors --optimizer --json -q",
 )
