@@ -203,10 +203,19 @@ def consolidate_line(result: Any) -> str:
     """to-fp32's one result line."""
     tied = f" + {result.aliases} tied" if result.aliases else ""
     files = f", {result.files} files" if result.files > 1 else ""
-    return (
+    line = (
         f"wrote {result.out} ({result.format}{files}): {result.tensors} tensors{tied}, "
         f"{human_bytes(result.nbytes)} in {result.seconds:.2f} s; source: {result.source}"
     )
+    optim = getattr(result, "optimizer", None)
+    if optim is not None:
+        frozen = f", {optim.frozen} frozen without state" if optim.frozen else ""
+        line += (
+            f"; optimizer state: {optim.path} ({optim.format}): {', '.join(optim.keys)} of "
+            f"{optim.parameters} parameters in {optim.groups} groups{frozen}, "
+            f"{human_bytes(optim.nbytes)}"
+        )
+    return line
 
 
 def consolidate_json(result: Any, dtype: str) -> dict[str, Any]:
@@ -222,6 +231,21 @@ def consolidate_json(result: Any, dtype: str) -> dict[str, Any]:
         "bytes": result.nbytes,
         "seconds": round(result.seconds, 3),
         "source": result.source,
+        "optimizer": _optimizer_json(getattr(result, "optimizer", None)),
+    }
+
+
+def _optimizer_json(optim: Any) -> dict[str, Any] | None:
+    if optim is None:
+        return None
+    return {
+        "path": str(optim.path),
+        "format": optim.format,
+        "parameters": optim.parameters,
+        "frozen": optim.frozen,
+        "groups": optim.groups,
+        "keys": list(optim.keys),
+        "bytes": optim.nbytes,
     }
 
 

@@ -22,6 +22,19 @@ ALIASES_KEY = "dsckpt.aliases"  # metadata: JSON {alias: canonical} of tied weig
 
 
 @dataclass(frozen=True)
+class OptimizerResult:
+    """The optimizer state file ``--optimizer`` wrote beside the weights."""
+
+    path: Path
+    format: str  # "safetensors" or "torch"
+    parameters: int  # parameters with state
+    frozen: int  # parameters without state
+    groups: int
+    keys: tuple[str, ...]
+    nbytes: int
+
+
+@dataclass(frozen=True)
 class ConsolidateResult:
     out: Path
     format: str
@@ -31,6 +44,7 @@ class ConsolidateResult:
     seconds: float
     files: int
     source: str
+    optimizer: OptimizerResult | None = None
 
     def summary(self) -> str:
         tied = f" + {self.aliases} tied" if self.aliases else ""
@@ -88,6 +102,8 @@ def consolidate(
     rules_file: Path | None = None,
     from_layers: bool = False,
     strip_vocab_padding: bool = True,
+    optimizer: bool = False,
+    optimizer_format: str = "safetensors",
 ) -> ConsolidateResult:
     """Write one consolidated state dict of a DeepSpeed checkpoint.
 
@@ -95,17 +111,28 @@ def consolidate(
     directory of Hugging Face shards plus ``model.safetensors.index.json``. The output is written
     under a temporary name beside ``out`` and renamed only when complete.
 
+    With ``optimizer``, the consolidated optimizer state is written too, in the same atomic
+    step (both files or neither): ``optimizer.safetensors`` (or ``optimizer.pt`` with
+    ``optimizer_format="torch"``) inside a directory ``out``, ``<stem>.optimizer.<ext>``
+    beside a single file (see docs/to-fp32.md).
+
     Raises:
         OutputError: ``out`` exists (without ``force``), lies inside the checkpoint, has an
             unknown suffix, or the disk is full.
         DsckptError: the checkpoint cannot be consolidated (see the message).
     """
-    from dsckpt.execute.formats import write_output
+    from dsckpt.execute.formats import SHARDED, write_output
 
     out = Path(out)
     fmt = output_format(out)
+    if optimizer:
+        check_optimizer_options(optimizer_format, from_layers)
     layout = open_checkpoint(ckpt, tag)
     _refuse_inside(out, layout)
+    if optimizer and layout.kind != "universal":  # universal: refused by the weights' plan
+        from dsckpt.plan.optim_export import refuse_without_state
+
+        refuse_without_state(layout)
     plan = plan_for(
         layout,
         dtype=dtype,
@@ -114,6 +141,12 @@ def consolidate(
         from_layers=from_layers,
         strip_vocab_padding=strip_vocab_padding,
     )
+    companion, optim_result = None, None
+    if optimizer:
+        companion, optim_result = _optimizer_companion(
+            layout, plan, out, weights_in_directory=fmt == SHARDED, fmt=optimizer_format
+        )
+        _refuse_inside(optim_result.path, layout)
     metadata = {"format": "pt", "dsckpt.source": plan.source}
     if plan.aliases:
         metadata[ALIASES_KEY] = json.dumps(plan.aliases, sort_keys=True)
@@ -126,6 +159,7 @@ def consolidate(
         force=force,
         max_shard_size=max_shard_size,
         progress=progress or ProgressSink(),
+        companion=companion,
     )
     return ConsolidateResult(
         out=out,
@@ -136,7 +170,56 @@ def consolidate(
         seconds=time.perf_counter() - started,
         files=files,
         source=plan.source,
+        optimizer=optim_result,
     )
+
+
+def check_optimizer_options(optimizer_format: str, from_layers: bool) -> None:
+    """Refuse --optimizer combinations that cannot work, before anything is read."""
+    from dsckpt.execute.formats.optimizer_writer import OPTIMIZER_FORMATS
+
+    if optimizer_format not in OPTIMIZER_FORMATS:
+        raise UsageError(
+            f"--optimizer-format {optimizer_format}: choose one of {', '.join(OPTIMIZER_FORMATS)}"
+        )
+    if from_layers:
+        raise UsageError(
+            "--optimizer with --from-layers: the optimizer state lives beside the fp32 "
+            "partitions that --from-layers does without; drop one of the two options"
+        )
+
+
+def _optimizer_companion(
+    layout: Layout,
+    plan: ConsolidationPlan,
+    out: Path,
+    *,
+    weights_in_directory: bool,
+    fmt: str,
+) -> tuple[Any, OptimizerResult]:
+    """The optimizer file to write with the weights: planned now, so a checkpoint without
+    optimizer state is refused before anything is written."""
+    from dsckpt.execute.formats import Companion
+    from dsckpt.execute.formats.optimizer_writer import optimizer_file_name, write_optimizer
+    from dsckpt.plan.optim_export import plan_optimizer_export
+
+    export = plan_optimizer_export(layout, plan)
+    name = optimizer_file_name(fmt, None if weights_in_directory else out.stem)
+    path = (out if weights_in_directory else out.parent) / name
+    result = OptimizerResult(
+        path=path,
+        format=fmt,
+        parameters=sum(len(g.params) for g in export.groups),
+        frozen=len(export.frozen),
+        groups=len(export.groups),
+        keys=export.keys,
+        nbytes=export.nbytes,
+    )
+
+    def write(tmp: Path, progress: Any) -> None:
+        write_optimizer(tmp, export, fmt, progress)
+
+    return Companion(name, export.nbytes, write), result
 
 
 def _refuse_inside(out: Path, layout: Layout) -> None:

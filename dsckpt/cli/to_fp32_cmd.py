@@ -68,6 +68,23 @@ def to_fp32(
             "is recorded.",
         ),
     ] = False,
+    optimizer: Annotated[
+        bool,
+        typer.Option(
+            "--optimizer",
+            help="Also write the optimizer state (exp_avg, exp_avg_sq, step, param groups): "
+            "optimizer.safetensors inside a directory OUT, <stem>.optimizer.safetensors beside "
+            "a file OUT; written together with the weights (both or neither).",
+        ),
+    ] = False,
+    optimizer_format: Annotated[
+        str,
+        typer.Option(
+            metavar="FORMAT",
+            help="With --optimizer: safetensors (tensors by parameter name) or torch (a "
+            "torch.optim.AdamW state_dict() saved as optimizer.pt / <stem>.optimizer.pt).",
+        ),
+    ] = "safetensors",
     force: ForceOpt = False,
     quiet: QuietOpt = False,
     as_json: Annotated[
@@ -75,7 +92,7 @@ def to_fp32(
     ] = False,
 ) -> None:
     """Consolidate a ZeRO 1/2/3, plain or Megatron 3D checkpoint into one fp32 state dict."""
-    from dsckpt.api.consolidation import consolidate, output_format
+    from dsckpt.api.consolidation import check_optimizer_options, consolidate, output_format
     from dsckpt.execute.formats import SHARDED
     from dsckpt.render import consolidate_json, consolidate_line, to_json
 
@@ -84,6 +101,10 @@ def to_fp32(
             f"--max-shard-size {max_shard_size}: {out} is a single file; shards are written "
             "only when OUT is a directory (drop the option, or give a directory)"
         )
+    if optimizer:
+        check_optimizer_options(optimizer_format, from_layers)
+    elif optimizer_format != "safetensors":
+        raise UsageError(f"--optimizer-format {optimizer_format} needs --optimizer")
     if from_layers:
         check_from_layers(ckpt, tag, "to-fp32")
     with reporting_interrupt(out), byte_progress(enabled=not quiet) as progress:
@@ -99,6 +120,8 @@ def to_fp32(
             rules_file=rules,
             from_layers=from_layers,
             strip_vocab_padding=not keep_vocab_padding,
+            optimizer=optimizer,
+            optimizer_format=optimizer_format,
         )
     if as_json:
         typer.echo(to_json(consolidate_json(result, dtype)))
@@ -129,5 +152,5 @@ EXAMPLES = examples(
     "dsckpt to-fp32 checkpoints/ model.safetensors",
     "dsckpt to-fp32 checkpoints/ hf-model/ --max-shard-size 2GB --dtype bfloat16",
     "dsckpt to-fp32 checkpoints/ pytorch_model.bin --tag global_step100 --exclude-frozen",
-    "dsckpt to-fp32 checkpoints/ model.safetensors --json -q",
+    "dsckpt to-fp32 checkpoints/ model.safetensors --optimizer --json -q",
 )

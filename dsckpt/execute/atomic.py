@@ -439,14 +439,14 @@ def _is_empty_dir(path: Path) -> bool:
 
 
 def _check_entries(directory: Path, names: Sequence[str], dirs: Collection[str], *,
-                   force: bool) -> None:
+                   force: bool, per_entry: bool = False) -> None:
     if os.path.lexists(directory) and not directory.is_dir():
         raise OutputError(f"{directory} is a file and the output is a directory: remove it or "
                           "choose another output path (--force does not replace a file with a "
                           "directory)")
-    if not directory.is_dir() or _is_empty_dir(directory):
+    if not directory.is_dir() or (not per_entry and _is_empty_dir(directory)):
         return  # a new or empty directory needs no --force
-    if not force:
+    if not force and not per_entry:
         raise OutputError(f"{directory} exists and is not empty: pass --force to write dsckpt's "
                           "files into it (files it does not write are kept), or choose another "
                           "output path")
@@ -454,6 +454,8 @@ def _check_entries(directory: Path, names: Sequence[str], dirs: Collection[str],
         path = directory / name
         if not os.path.lexists(path):
             continue
+        if not force:  # per_entry: only the entries written need --force
+            raise OutputError(f"{path} exists: pass --force to overwrite")
         is_dir = path.is_dir() and not path.is_symlink()
         if name in dirs and not is_dir:
             raise OutputError(f"{path} is a file and dsckpt writes a directory there: remove it "
@@ -474,6 +476,7 @@ def atomic_entries(
     stale: Callable[[str], bool] | None = None,
     nbytes: int | None = None,
     durable: bool = True,
+    per_entry: bool = False,
 ) -> Iterator[dict[str, Path]]:
     """Write some entries of a directory that may hold other files, which are kept.
 
@@ -509,6 +512,9 @@ def atomic_entries(
         stale: which other file names are the caller's own naming, deleted when not rewritten.
         nbytes: the expected output size, for the out-of-space message.
         durable: fsync the staged entries before the renames and the directory after.
+        per_entry: the entries are files the caller named beside others (a weights file and
+            its optimizer file): ``force`` is needed only for entries that exist, not for a
+            non-empty directory.
 
     Yields:
         ``{name: temporary path to write}``.
@@ -524,7 +530,7 @@ def atomic_entries(
                               "file name")
     staged = {name: _temp_name(directory / name, TMP_MARKER) for name in names}
     try:
-        _check_entries(directory, names, dirs, force=force)
+        _check_entries(directory, names, dirs, force=force, per_entry=per_entry)
         created = _make_parents(directory)
     except OSError as exc:
         mapped = output_error(exc, directory, staged.values(), nbytes)
@@ -543,7 +549,9 @@ def atomic_entries(
                     raise RuntimeError(f"nothing was written to the temporary output {tmp}")
                 if durable:
                     _fsync_tree(tmp)
-            _check_entries(directory, names, dirs, force=True)  # kinds may have changed since
+            # kinds may have changed since (and, per entry, an entry may have appeared)
+            _check_entries(directory, names, dirs, force=force or not per_entry,
+                           per_entry=per_entry)
             guard.defer()
             for name in withdraw:
                 path = directory / name

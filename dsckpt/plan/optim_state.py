@@ -37,6 +37,8 @@ class GroupState:
     group: int  # flat group (ZeRO-1/2) or sub-group (ZeRO-3) index in the file
     tensors: Mapping[str, TensorRef]  # partitioned state: key -> flat tensor
     step: float | int | None
+    param_group: int = 0  # the torch optimizer's param group this partition belongs to
+    options: Mapping[str, Any] = field(default_factory=dict)  # that group's hyper-parameters
 
 
 @dataclass(frozen=True)
@@ -48,11 +50,14 @@ class OptimizerState:
         plans: per key, one full-shape tensor per trainable parameter, named as the
             consolidated state dict names it.
         steps: the ``step`` of each parameter's group (``None`` where the optimizer keeps none).
+        sources: each parameter's saved group states (one per read of its plan), for the
+            param group and hyper-parameters it was trained with.
     """
 
     keys: tuple[str, ...]
     plans: Mapping[str, ConsolidationPlan]
     steps: Mapping[str, float | int | None] = field(default_factory=dict)
+    sources: Mapping[str, tuple[GroupState, ...]] = field(default_factory=dict)
 
 
 def plan_optimizer_state(layout: Layout, master: ConsolidationPlan) -> OptimizerState:
@@ -82,11 +87,13 @@ def plan_optimizer_state(layout: Layout, master: ConsolidationPlan) -> Optimizer
         keys.extend(k for k in state.tensors if k not in keys)
     plans: dict[str, list[OutputTensor]] = {k: [] for k in keys}
     steps: dict[str, float | int | None] = {}
+    sources: dict[str, tuple[GroupState, ...]] = {}
     for tensor in master.tensors:
         if not tensor.reads or any(r.source not in by_source for r in tensor.reads):
             continue  # buffers and frozen parameters: no optimizer state
         states = [by_source[r.source] for r in tensor.reads]
         steps[tensor.name] = states[0].step
+        sources[tensor.name] = tuple(states)
         for key in keys:
             reads = []
             for read, state in zip(tensor.reads, states, strict=True):
@@ -106,6 +113,7 @@ def plan_optimizer_state(layout: Layout, master: ConsolidationPlan) -> Optimizer
             for k, v in plans.items()
         },
         steps=steps,
+        sources=sources,
     )
 
 
@@ -132,15 +140,27 @@ def _group_states(sources: ZeroSources) -> dict[TensorRef, GroupState]:
             if sources.zero3 is not None:
                 index: Any = g  # DeepSpeed numbers ZeRO-3 sub-group states 0, 1, 2, ...
                 length = ref.numel
+                param_group = _zero3_param_group(base, g, path)
             else:
                 index = _zero12_index(base, g, path)
                 length = sources.groups[g].partition_size
+                param_group = g
             state = saved.get(index)
             if not isinstance(state, Mapping):
                 raise InconsistentCheckpoint(
                     f"{path}: group {g} has no optimizer state (state key {index!r})"
                 )
-            out[ref] = GroupState(path, g, _partitioned(state, length, path, g), _step(state, path))
+            options = {
+                k: v for k, v in base["param_groups"][param_group].items() if k != "params"
+            }
+            out[ref] = GroupState(
+                path,
+                g,
+                _partitioned(state, length, path, g),
+                _step(state, path),
+                param_group,
+                options,
+            )
     return out
 
 
@@ -154,6 +174,17 @@ def _zero12_index(base: Mapping[str, Any], group: int, path: Path) -> Any:
             "flat partition per group"
         )
     return params[0]
+
+
+def _zero3_param_group(base: Mapping[str, Any], sub_group: int, path: Path) -> int:
+    """The param group of ZeRO-3 sub-group ``sub_group``: the one whose ``params`` list it."""
+    for g, group in enumerate(base.get("param_groups") or []):
+        if sub_group in (group.get("params") or ()):
+            return g
+    raise InconsistentCheckpoint(
+        f"{path}: no optimizer param group lists ZeRO-3 sub-group {sub_group}: the file's "
+        "param_groups do not match its fp32_flat_groups"
+    )
 
 
 def _partitioned(

@@ -18,6 +18,8 @@ writers' ``locate`` (the executor's sink protocol):
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -52,46 +54,82 @@ def output_format(out: Path) -> str | None:
     return None
 
 
+@dataclass(frozen=True)
+class Companion:
+    """A second file written together with the weights (both or neither): the optimizer state.
+
+    ``name`` is a file name beside a single-file OUT, or inside a directory OUT; ``write``
+    fills the temporary path it is given, reporting bytes to the progress callback.
+    """
+
+    name: str
+    nbytes: int
+    write: Callable[[Path, Callable[[int], None]], None]
+
+
 def write_output(fmt: str, out: Path, plan: ConsolidationPlan, *, metadata: dict[str, str],
-                 force: bool, max_shard_size: str | int, progress: ProgressSink) -> int:
+                 force: bool, max_shard_size: str | int, progress: ProgressSink,
+                 companion: Companion | None = None) -> int:
     """Write ``plan`` to ``out`` in format ``fmt``, streaming from the source files.
+
+    With a ``companion``, its file is staged too and renamed into place just before the
+    weights' commit point (the single file, or the index), so either both are new or, when
+    the write fails, neither is.
 
     Returns:
         The number of files written.
     """
     tensors = [TensorSpec(t.name, t.dtype, t.shape) for t in plan.tensors]
     cap = parse_size(max_shard_size, what="--max-shard-size")
-    progress.start("consolidating", plan.nbytes)
+    progress.start("consolidating", plan.nbytes + (companion.nbytes if companion else 0))
     if fmt == SHARDED:
-        return _write_shards(out, plan, tensors, cap, metadata, force, progress)
-    # No fsync: like torch.save and safetensors, durability against power loss is the
-    # filesystem's; the rename still guarantees no half-written file carries OUT's name.
-    with atomic_output(out, force=force, nbytes=plan.nbytes, durable=False) as tmp:
-        writer: Any
-        if fmt == TORCH:
-            # torch output needs torch anyway (it pickles torch's storage classes and dtypes)
-            from dsckpt.execute.formats.torch_writer import TorchWriter
+        return _write_shards(out, plan, tensors, cap, metadata, force, progress, companion)
+    if companion is None:
+        # No fsync: like torch.save and safetensors, durability against power loss is the
+        # filesystem's; the rename still guarantees no half-written file carries OUT's name.
+        with atomic_output(out, force=force, nbytes=plan.nbytes, durable=False) as tmp:
+            _write_single(fmt, tmp, plan, tensors, metadata, progress)
+        return 1
+    names = [companion.name, out.name]  # the weights last: they are the commit point
+    with atomic_entries(out.parent, names, force=force, per_entry=True,
+                        nbytes=plan.nbytes + companion.nbytes, durable=False) as paths:
+        _write_single(fmt, paths[out.name], plan, tensors, metadata, progress)
+        companion.write(paths[companion.name], progress.advance)
+    return 2
 
-            writer = TorchWriter(tmp, tensors, aliases=plan.aliases)
-        else:
-            writer = SafetensorsWriter(tmp, tensors, metadata=metadata, aliases=plan.aliases)
-        with writer:
-            execute(plan, writer, progress.advance)
-    return 1
+
+def _write_single(fmt: str, tmp: Path, plan: ConsolidationPlan, tensors: list[TensorSpec],
+                  metadata: dict[str, str], progress: ProgressSink) -> None:
+    writer: Any
+    if fmt == TORCH:
+        # torch output needs torch anyway (it pickles torch's storage classes and dtypes)
+        from dsckpt.execute.formats.torch_writer import TorchWriter
+
+        writer = TorchWriter(tmp, tensors, aliases=plan.aliases)
+    else:
+        writer = SafetensorsWriter(tmp, tensors, metadata=metadata, aliases=plan.aliases)
+    with writer:
+        execute(plan, writer, progress.advance)
 
 
 def _write_shards(out: Path, plan: ConsolidationPlan, tensors: list[TensorSpec], cap: int,
-                  metadata: dict[str, str], force: bool, progress: ProgressSink) -> int:
+                  metadata: dict[str, str], force: bool, progress: ProgressSink,
+                  companion: Companion | None = None) -> int:
     """Shards + index into ``out``, keeping every file that is not of dsckpt's naming."""
     shards = plan_shards(tensors, cap, aliases=plan.aliases)
     names = [s.filename for s in shards.shards] + ([shards.index_name] if shards.is_sharded else [])
+    extra = companion.nbytes if companion else 0
+    if companion is not None:  # renamed in before the commit point (the index, or the one file)
+        names.insert(len(names) - 1, companion.name)
     # The old entry points go first: no index may name a mix of old and new shards, and a
     # stale single file must not shadow new shards (transformers loads model.safetensors first).
     withdraw = [INDEX_NAME, SINGLE_NAME] if shards.is_sharded else [INDEX_NAME]
     with atomic_entries(out, names, force=force, withdraw=withdraw, stale=is_own_name,
-                        nbytes=plan.nbytes, durable=False) as paths:
+                        nbytes=plan.nbytes + extra, durable=False) as paths:
         writer = ShardedSafetensorsWriter(out, shards, metadata=metadata, index_metadata=metadata,
                                           paths=paths)
         with writer:
             execute(plan, writer, progress.advance)
+        if companion is not None:
+            companion.write(paths[companion.name], progress.advance)
     return len(names)
