@@ -530,6 +530,7 @@ def map_json(tmap: TopologyMap, findings: Iterable[Finding] = ()) -> dict[str, A
                 "mp": r.mp_rank,
                 "layers": list(r.layers),
                 "model_file": r.model_file,
+                "model_files": list(r.model_files),
                 "optim_files": list(r.optim_files),
             }
             for r in tmap.rows
@@ -583,11 +584,7 @@ def map_report(tmap: TopologyMap) -> RenderableType:
             range(tmap.src_parts[stage], tmap.src_parts[stage + 1]) if tmap.src_parts else range(0)
         )
         first, last = rows[0], rows[-1]
-        model = (
-            first.model_file
-            if len(rows) == 1
-            else f"mp_rank_{first.mp_rank:02d}..{last.mp_rank:02d}"
-        )
+        model = _model_cell(first, last, len(rows))
         with_files = sorted({x for r in rows for x in r.layers})
         dps = len(first.optim_files)
         optim = (
@@ -608,6 +605,18 @@ def map_report(tmap: TopologyMap) -> RenderableType:
     if tmap.dst is not None:
         parts.append(_targets_table(tmap))
     return Group(*parts)
+
+
+def _model_cell(first: Any, last: Any, n_rows: int) -> str:
+    """The model-states file(s) of a stage, named as DeepSpeed names them: one file per rank,
+    or under ZeRO-3 one per DP rank (``zero_pp_rank_D_mp_rank_MM_model_states.pt``)."""
+    if first.model_file is None:
+        dps = len(first.model_files)
+        mp = f"{first.mp_rank:02d}" if n_rows == 1 else f"{first.mp_rank:02d}..{last.mp_rank:02d}"
+        return f"zero_pp_rank_0..{dps - 1}_mp_rank_{mp}_model_states.pt"
+    if n_rows == 1:
+        return str(first.model_file)
+    return f"mp_rank_{first.mp_rank:02d}..{last.mp_rank:02d}"
 
 
 def _targets_table(tmap: TopologyMap) -> Table:

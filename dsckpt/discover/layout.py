@@ -121,6 +121,18 @@ class Layout:
         return sum(f.size for f in self.files)
 
 
+def missing_files_hint(tag_dir: Path) -> str:
+    """What to do about rank files absent from ``tag_dir``: the end of every missing-file error.
+
+    Every rank saves its own files, so a run over several nodes that saves to disks local to each
+    node leaves each node's share on that node: by far the most common reason files are missing.
+    """
+    return (
+        "multi-node runs that save to node-local disks leave each node's files on that node: "
+        f"copy every node's files of this tag into {tag_dir}"
+    )
+
+
 def refuse_errors(layout: Layout) -> None:
     """Raise if discovery found an error: the one gate every command that writes passes.
 
@@ -312,8 +324,9 @@ class _Reader:
             return self._zero3(zero3_models)
         if not model_files:
             raise CheckpointNotFound(
-                f"{self.location.dir} has optimizer files but no "
-                "mp_rank_*_model_states.pt: the model states are missing"
+                f"{self.location.dir} has optimizer files but no model-states files "
+                "(mp_rank_MM_model_states.pt; under ZeRO-3 zero_pp_rank_D_mp_rank_MM_model_states"
+                ".pt, one per DP rank): they are missing; " + missing_files_hint(self.location.dir)
             )
         if not self.of_role(Role.OPTIM):
             return self._plain(model_files)
@@ -626,6 +639,19 @@ class _Reader:
     def _check_mp_files(self, meta: ModelMeta, model_files: list[RankFile]) -> None:
         mp = meta.mp_world_size
         if mp is not None and mp != len(model_files):
+            absent = [m for m in range(mp) if m not in {f.mp for f in model_files}]
+            if absent and len(model_files) < mp:
+                listed = ", ".join(f"mp_rank_{m:02d}_model_states.pt" for m in absent[:3])
+                more = f" and {len(absent) - 3} more" if len(absent) > 3 else ""
+                self.note(
+                    ERROR,
+                    "missing-rank-file",
+                    f"{listed}{more} {'is' if len(absent) == 1 else 'are'} missing from "
+                    f"{self.location.dir}: the model states record mp_world_size={mp} but only "
+                    f"{len(model_files)} mp_rank_*_model_states.pt files are present; "
+                    + missing_files_hint(self.location.dir),
+                )
+                return
             self.note(
                 ERROR,
                 "count-mismatch",
@@ -651,9 +677,10 @@ class _Reader:
             self.note(
                 ERROR,
                 "missing-rank-file",
-                f"{listed}{more} {'is' if len(missing) == 1 else 'are'} missing: the checkpoint "
-                f"was saved by {dp} data-parallel ranks but only {dp - len(missing)} "
-                f"{what} files are present",
+                f"{listed}{more} {'is' if len(missing) == 1 else 'are'} missing from "
+                f"{self.location.dir}: the checkpoint was saved by {dp} data-parallel ranks but "
+                f"only {dp - len(missing)} {what} files are present; "
+                + missing_files_hint(self.location.dir),
             )
         for d in sorted(present - set(range(dp))):
             self.note(
@@ -1086,17 +1113,27 @@ class _Reader:
                         )
                     )
         tensors.extend(self._trainable_entries(sources, module_dtype))
-        tensors.extend(self._aliases(meta, tensors, module_dtype))
+        tensors.extend(self._aliases(meta, tensors, module_dtype, sources is not None))
         return tensors, whole, frozen
 
     def _aliases(
-        self, meta: ModelMeta, tensors: list[TensorEntry], module_dtype: Any
+        self,
+        meta: ModelMeta,
+        tensors: list[TensorEntry],
+        module_dtype: Any,
+        trainable_known: bool = True,
     ) -> list[TensorEntry]:
         """Tied names from ``shared_params``: each must name a tensor that is not itself an
-        alias (which also rules out cycles) and must not shadow one."""
+        alias (which also rules out cycles) and must not shadow one.
+
+        Without ``trainable_known`` (the optimizer files that list the trainable tensors could not
+        be read, an error already) an alias of a tensor not seen is left out, not reported: the
+        tensor may well be among the unread ones, and one cause should make one error."""
         by_name = {t.name: t for t in tensors}
         out = []
         for alias, canonical in meta.shared.items():
+            if not trainable_known and canonical not in by_name:
+                continue
             problem = None
             if alias in by_name:
                 problem = f"aliases {alias!r}, which is a tensor of its own"
