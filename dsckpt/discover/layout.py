@@ -107,6 +107,9 @@ class Layout:
     # files), and where that record is: what a consolidation must write, no more, no less.
     model_keys: tuple[str, ...] = ()
     model_keys_from: str = ""
+    # Files that could not be read (damaged, truncated, not a file): what they hold is unknown,
+    # so inspect marks what depends on them instead of showing it as empty.
+    unreadable: tuple[str, ...] = ()
 
     @property
     def world_size(self) -> int:
@@ -153,8 +156,14 @@ def refuse_errors(layout: Layout) -> None:
 
 
 
-def open_checkpoint(path: Path | str, tag: str | None = None) -> Layout:
+def open_checkpoint(
+    path: Path | str, tag: str | None = None, *, partial: bool = False
+) -> Layout:
     """Discover a checkpoint: root with ``latest``, root plus ``tag``, or a tag directory.
+
+    With ``partial`` (inspect), a file every layout needs that cannot be read (the model states)
+    does not raise: the layout holds what the file names say (kind ``"unreadable"``), the error
+    as a finding and the file in ``unreadable``.
 
     Raises:
         CheckpointNotFound: the path holds no checkpoint.
@@ -189,7 +198,12 @@ def open_checkpoint(path: Path | str, tag: str | None = None) -> Layout:
         raise CheckpointNotFound(
             f"{location.dir} holds no DeepSpeed rank files (*_model_states.pt, *_optim_states.pt)"
         )
-    return reader.read()
+    if not partial:
+        return reader.read()
+    try:
+        return reader.read()
+    except CorruptFile as exc:
+        return reader.unreadable_layout(exc)
 
 
 @dataclass(frozen=True)
@@ -240,6 +254,7 @@ class _Reader:
         self.files = files
         self.findings: list[Finding] = []
         self._cache: dict[str, Any] = {}
+        self.unreadable: list[str] = []
 
     def note(self, level: str, code: str, message: str) -> None:
         self.findings.append(Finding(level, code, message))
@@ -257,6 +272,7 @@ class _Reader:
                 if required:
                     raise
                 self.note(ERROR, "corrupt-file", str(exc))
+                self.unreadable.append(f.name)
                 self._cache[f.name] = None
         return self._cache[f.name]
 
@@ -310,6 +326,24 @@ class _Reader:
             pp=1,
             tp=1,
             dp=1,
+            meta=None,
+            tensors=[],
+            sources={},
+        )
+
+    def unreadable_layout(self, exc: CorruptFile) -> Layout:
+        """What the file names alone say, when a file every layout needs cannot be read."""
+        self.note(ERROR, "corrupt-file", str(exc))
+        self.unreadable.append(exc.path.name)
+        model = [f for f in self.files if f.role in (Role.MODEL, Role.ZERO3_MODEL)]
+        optim = self.of_role(Role.OPTIM)
+        return self._layout(
+            kind="unreadable",
+            zero_stage=0,
+            optimizer="unknown",
+            pp=1,
+            tp=max(1, len({f.mp for f in model})),
+            dp=max(1, len({f.dp for f in optim})),
             meta=None,
             tensors=[],
             sources={},
@@ -603,6 +637,18 @@ class _Reader:
                 break
         if param_dtype is None:
             param_dtype = next((t.dtype for t in tensors if t.kind == "trainable"), None)
+        if param_dtype is None and self.unreadable and meta is not None:
+            # The trainable tensors are unknown (their optimizer files are unreadable), but the
+            # module still says what dtype the parameters are kept in.
+            buffers = set(meta.buffer_names)
+            param_dtype = next(
+                (
+                    dtypes.name_of(t.dtype)
+                    for name, t in meta.module.items()
+                    if isinstance(t, SavedTensor) and t.dtype.is_floating and name not in buffers
+                ),
+                None,
+            )
         if master is None and kind == "plain":
             master = param_dtype
         raw = meta.raw if meta is not None else {}
@@ -634,6 +680,7 @@ class _Reader:
             stage_parts=stage_parts,
             model_keys=model_keys or (),
             model_keys_from=model_keys_from,
+            unreadable=tuple(self.unreadable),
         )
 
     def _check_mp_files(self, meta: ModelMeta, model_files: list[RankFile]) -> None:

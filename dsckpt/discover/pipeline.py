@@ -57,6 +57,10 @@ def read_pipeline(reader: _Reader, model_files: list[RankFile]) -> Layout:
             f"layer files carry {tp_from_layers} TP ranks but the checkpoint records TP {tp}",
         )
     _check_layer_grid(reader, layers, tp)
+    for f in sorted(layers, key=lambda f: (f.layer or 0, f.tp or 0)):
+        # Every layer file's pickle (metadata only, no tensor data): a damaged one is an error
+        # here, named once, rather than a surprise in the middle of a reshape.
+        reader.load(f)
 
     sources: dict[int, ZeroSources] = {}
     stage = 0
