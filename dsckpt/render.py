@@ -634,7 +634,13 @@ def map_report(tmap: TopologyMap) -> RenderableType:
     src = tmap.src
     title = f"Source: PP {src.pp} x TP {src.tp} x DP {src.dp}"
     table = Table(title=title, title_justify="left")
-    for col in ("stage", "layers", "tp", "model states", "layer files", "optimizer files (by dp)"):
+    # Layer columns only where there are layer files (pipelines): for ZeRO they would say "0"
+    # and "-", and take the width a model-states name needs (ZeRO-3's are 44 characters).
+    layered = any(r.layers for r in tmap.rows)
+    columns = ["stage", "layers", "tp", "model states", "layer files", "optimizer files (by dp)"]
+    if not layered:
+        columns = [c for c in columns if c not in ("layers", "layer files")]
+    for col in columns:
         table.add_column(col, overflow="fold")
     by_stage: dict[int, list[Any]] = defaultdict(list)
     for row in tmap.rows:
@@ -652,15 +658,17 @@ def map_report(tmap: TopologyMap) -> RenderableType:
             if dps > 1
             else (first.optim_files[0] if dps and len(rows) == 1 else f"{dps} per TP rank")
         )
-        _row(
-            table,
+        cells: list[object] = [
             str(stage),
             _span(layers),
             _span([r.tp_rank for r in rows]),
             NameCell(model),
             f"layer_{_span(with_files)} x {len(rows)} TP" if with_files else "-",
             optim,
-        )
+        ]
+        if not layered:
+            del cells[4], cells[1]
+        _row(table, *cells)
     parts: list[RenderableType] = [table]
     if tmap.dst is not None:
         parts.append(_targets_table(tmap))
