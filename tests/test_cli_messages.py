@@ -283,6 +283,13 @@ def test_tag_of_the_tag_directory_itself(run, tmp_path: Path, command: str) -> N
         assert _records(result.stdout)["path"] == f"{ckpt(*Z2)}  (tag {tag})"
 
 
+def test_tag_of_the_current_directory(run, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tag_dir(*Z2))
+    result = run("inspect", ".", "--tag", facts(*Z2)["tag"], "--json")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["path"] == str(ckpt(*Z2).absolute())
+
+
 def test_another_tag_inside_a_tag_directory_is_still_refused(run) -> None:
     line = _error(run("inspect", tag_dir(*Z2), "--tag", "global_step9"))
     assert "has no tag 'global_step9'" in line
