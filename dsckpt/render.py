@@ -417,7 +417,6 @@ def _summary(layout: Layout) -> Table:
         "plain": "no ZeRO (stage 0)",
         "universal": "universal checkpoint",
         "pipeline": f"pipeline / 3D (ZeRO stage {layout.zero_stage})",
-        "unreadable": "unknown: the model states are unreadable",
     }
     if layout.kind == "unreadable":
         return _unreadable_summary(table, layout)

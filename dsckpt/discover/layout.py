@@ -1173,9 +1173,10 @@ class _Reader:
         """Tied names from ``shared_params``: each must name a tensor that is not itself an
         alias (which also rules out cycles) and must not shadow one.
 
-        Without ``trainable_known`` (the optimizer files that list the trainable tensors could not
-        be read, an error already) an alias of a tensor not seen is left out, not reported: the
-        tensor may well be among the unread ones, and one cause should make one error."""
+        Without ``trainable_known`` (the optimizer partitions that list the trainable tensors are
+        unreadable, missing or inconsistent: an error finding already) an alias of a tensor not
+        seen is left out, not reported: the tensor may well be among the unread ones, and one
+        cause should make one error."""
         by_name = {t.name: t for t in tensors}
         out = []
         for alias, canonical in meta.shared.items():
