@@ -318,12 +318,42 @@ def reshape_json(result: Any, seconds: float, empty_ranks: int) -> dict[str, Any
     }
 
 
-def tensor_counts(layout: Layout) -> dict[str, dict[str, int]]:
-    counts: dict[str, dict[str, int]] = {}
+def tensor_counts(layout: Layout) -> dict[str, dict[str, Any]]:
+    counts: dict[str, dict[str, Any]] = {}
+    uncertain = uncertain_kinds(layout)
     for kind in ("trainable", "frozen", "buffer", "tied"):
         chosen = [t for t in layout.tensors if t.kind == kind]
-        counts[kind] = {"tensors": len(chosen), "numel": sum(t.numel for t in chosen)}
+        counts[kind] = {
+            "tensors": len(chosen),
+            "numel": sum(t.numel for t in chosen),
+            "complete": kind not in uncertain,
+        }
     return counts
+
+
+def uncertain_kinds(layout: Layout) -> set[str]:
+    """The tensor kinds an unreadable file may hold more of: their counts are a lower bound.
+
+    Trainable tensors are listed by the optimizer files (ZeRO) or the model states and layer
+    files (no ZeRO, pipelines); frozen tensors and buffers by the model states; tied aliases
+    point at any of them.
+    """
+    if layout.kind == "unreadable":
+        return {"trainable", "frozen", "buffer", "tied"}
+    roles = {f.name: f.role for f in layout.files}
+    bad = {roles.get(name) for name in layout.unreadable}
+    kinds = set()
+    if Role.OPTIM in bad:
+        kinds.add("trainable")
+    if bad & {Role.MODEL, Role.ZERO3_MODEL}:
+        kinds |= {"frozen", "buffer"}
+        if layout.kind in ("plain", "pipeline"):
+            kinds.add("trainable")
+    if Role.LAYER in bad and not layout.zero_sources:  # no ZeRO: the layer files are the weights
+        kinds.add("trainable")
+    if kinds:
+        kinds.add("tied")
+    return kinds
 
 
 def file_coordinates(layout: Layout, f: RankFile) -> dict[str, int | None]:
@@ -363,12 +393,14 @@ def layout_json(layout: Layout, params: bool = False) -> dict[str, Any]:
                 "role": f.role.value,
                 "size": f.size,
                 "prefix": f.prefix,
+                "readable": f.name not in layout.unreadable,
                 **file_coordinates(layout, f),
             }
             for f in layout.files
         ],
         "findings": findings_json(layout.findings),
         "other_tags": list(layout.other_tags),
+        "unreadable_files": list(layout.unreadable),
     }
     if params:
         data["params"] = [
@@ -410,7 +442,12 @@ def _summary(layout: Layout) -> Table:
         "universal": "universal checkpoint",
         "pipeline": f"pipeline / 3D (ZeRO stage {layout.zero_stage})",
     }
+    if layout.kind == "unreadable":
+        return _unreadable_summary(table, layout)
     counts = tensor_counts(layout)
+    # What an unreadable file held is unknown: say so rather than show it as "?" or empty.
+    unread = "unreadable" if layout.unreadable else "?"
+    master_unread = unread if any(n.endswith("optim_states.pt") for n in layout.unreadable) else "?"
     rows = [
         ("path", f"{layout.root}" + (f"  (tag {layout.tag})" if layout.tag else "")),
         ("layout", kinds.get(layout.kind, layout.kind)),
@@ -423,7 +460,10 @@ def _summary(layout: Layout) -> Table:
                 "none": "none",
             }.get(layout.optimizer, layout.optimizer),
         ),
-        ("dtypes", f"params {layout.param_dtype or '?'}, master {layout.master_dtype or '?'}"),
+        (
+            "dtypes",
+            f"params {layout.param_dtype or unread}, master {layout.master_dtype or master_unread}",
+        ),
         (
             "topology",
             f"TP {layout.tp} x PP {layout.pp} x DP {layout.dp} = world size {layout.world_size}",
@@ -435,8 +475,24 @@ def _summary(layout: Layout) -> Table:
         c = counts[kind]
         label = {"buffer": "buffers", "tied": "tied aliases"}.get(kind, kind)
         noun = "tensor" if c["tensors"] == 1 else "tensors"
-        rows.append((label, f"{c['tensors']} {noun}, {human_count(c['numel'])} elements"))
+        value = f"{c['tensors']} {noun}, {human_count(c['numel'])} elements"
+        if not c["complete"]:
+            value = "unreadable" if not c["tensors"] else f"at least {value} (files unreadable)"
+        rows.append((label, value))
     rows.append(("on disk", f"{human_bytes(layout.bytes_on_disk)} in {len(layout.files)} files"))
+    for key, value in rows:
+        _row(table, key, value)
+    return table
+
+
+def _unreadable_summary(table: Table, layout: Layout) -> Table:
+    """The summary of a checkpoint whose model states cannot be read: only the file names speak."""
+    rows = [
+        ("path", f"{layout.root}" + (f"  (tag {layout.tag})" if layout.tag else "")),
+        ("layout", "unknown: the model states are unreadable"),
+        ("files", f"{len(layout.files)} rank files; unreadable: {', '.join(layout.unreadable)}"),
+        ("on disk", f"{human_bytes(layout.bytes_on_disk)} in {len(layout.files)} files"),
+    ]
     for key, value in rows:
         _row(table, key, value)
     return table
@@ -457,20 +513,21 @@ def _files(layout: Layout) -> Table:
     )
     for f in ordered:
         c = file_coordinates(layout, f)
-        _row(
-            table,
-            *(_opt(c[k]) for k in ("pp", "tp", "dp")),
-            NameCell(f.name),
-            human_bytes(f.size),
-        )
+        size: object = human_bytes(f.size)
+        if f.name in layout.unreadable:
+            size = Text(f"{size} unreadable", style="bold red")
+        _row(table, *(_opt(c[k]) for k in ("pp", "tp", "dp")), NameCell(f.name), size)
     return table
 
 
 def _layer_grid(layout: Layout) -> Table:
     by_layer: dict[int, dict[int, int]] = defaultdict(dict)
+    unreadable: set[tuple[int, int]] = set()
     for f in layout.files:
         if f.role is Role.LAYER and f.layer is not None and f.tp is not None:
             by_layer[f.layer][f.tp] = f.size
+            if f.name in layout.unreadable:
+                unreadable.add((f.layer, f.tp))
     tps = sorted({tp for row in by_layer.values() for tp in row})
     table = Table(title="Layer files (layer x TP rank)", title_justify="left")
     table.add_column("layer", justify="right")
@@ -481,7 +538,9 @@ def _layer_grid(layout: Layout) -> Table:
             table,
             str(layer),
             *(
-                human_bytes(by_layer[layer][tp])
+                Text("unreadable", style="bold red")
+                if (layer, tp) in unreadable
+                else human_bytes(by_layer[layer][tp])
                 if tp in by_layer[layer]
                 else Text("missing", style="bold red")
                 for tp in tps
@@ -554,6 +613,7 @@ def map_json(tmap: TopologyMap, findings: Iterable[Finding] = ()) -> dict[str, A
                 "mp": r.mp_rank,
                 "layers": list(r.layers),
                 "model_file": r.model_file,
+                "model_files": list(r.model_files),
                 "optim_files": list(r.optim_files),
             }
             for r in tmap.rows
@@ -597,7 +657,13 @@ def map_report(tmap: TopologyMap) -> RenderableType:
     src = tmap.src
     title = f"Source: PP {src.pp} x TP {src.tp} x DP {src.dp}"
     table = Table(title=title, title_justify="left")
-    for col in ("stage", "layers", "tp", "model states", "layer files", "optimizer files (by dp)"):
+    # Layer columns only where there are layer files (pipelines): for ZeRO they would say "0"
+    # and "-", and take the width a model-states name needs (ZeRO-3's are 44 characters).
+    layered = any(r.layers for r in tmap.rows)
+    columns = ["stage", "layers", "tp", "model states", "layer files", "optimizer files (by dp)"]
+    if not layered:
+        columns = [c for c in columns if c not in ("layers", "layer files")]
+    for col in columns:
         table.add_column(col, overflow="fold")
     by_stage: dict[int, list[Any]] = defaultdict(list)
     for row in tmap.rows:
@@ -607,11 +673,7 @@ def map_report(tmap: TopologyMap) -> RenderableType:
             range(tmap.src_parts[stage], tmap.src_parts[stage + 1]) if tmap.src_parts else range(0)
         )
         first, last = rows[0], rows[-1]
-        model = (
-            first.model_file
-            if len(rows) == 1
-            else f"mp_rank_{first.mp_rank:02d}..{last.mp_rank:02d}"
-        )
+        model = _model_cell(first, last, len(rows))
         with_files = sorted({x for r in rows for x in r.layers})
         dps = len(first.optim_files)
         optim = (
@@ -619,19 +681,33 @@ def map_report(tmap: TopologyMap) -> RenderableType:
             if dps > 1
             else (first.optim_files[0] if dps and len(rows) == 1 else f"{dps} per TP rank")
         )
-        _row(
-            table,
+        cells: list[object] = [
             str(stage),
             _span(layers),
             _span([r.tp_rank for r in rows]),
             NameCell(model),
             f"layer_{_span(with_files)} x {len(rows)} TP" if with_files else "-",
             optim,
-        )
+        ]
+        if not layered:
+            del cells[4], cells[1]
+        _row(table, *cells)
     parts: list[RenderableType] = [table]
     if tmap.dst is not None:
         parts.append(_targets_table(tmap))
     return Group(*parts)
+
+
+def _model_cell(first: Any, last: Any, n_rows: int) -> str:
+    """The model-states file(s) of a stage, named as DeepSpeed names them: one file per rank,
+    or under ZeRO-3 one per DP rank (``zero_pp_rank_D_mp_rank_MM_model_states.pt``)."""
+    if first.model_file is None:
+        dps = len(first.model_files)
+        mp = f"{first.mp_rank:02d}" if n_rows == 1 else f"{first.mp_rank:02d}..{last.mp_rank:02d}"
+        return f"zero_pp_rank_0..{dps - 1}_mp_rank_{mp}_model_states.pt"
+    if n_rows == 1:
+        return str(first.model_file)
+    return f"mp_rank_{first.mp_rank:02d}..{last.mp_rank:02d}"
 
 
 def _targets_table(tmap: TopologyMap) -> Table:

@@ -8,6 +8,7 @@ and `docs/cli.md` with `typer dsckpt.cli.app utils docs --name dsckpt --output d
 
 from __future__ import annotations
 
+import os
 import re
 import shlex
 import subprocess
@@ -80,6 +81,9 @@ def test_cli_reference_is_generated_from_the_app(tmp_path: Path) -> None:
         check=True,
         capture_output=True,
         cwd=ROOT,
+        # The `typer` script imports the installed dsckpt, which may be another checkout's
+        # (an editable install): put the tree under test first.
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
     )
     assert out.read_text() == GENERATED.read_text(), (
         "docs/cli.md is stale: typer dsckpt.cli.app utils docs --name dsckpt --output docs/cli.md"
@@ -89,10 +93,9 @@ def test_cli_reference_is_generated_from_the_app(tmp_path: Path) -> None:
 def regenerate() -> None:
     """Rewrite the shown output under each `$ dsckpt ...` line of the docs with what it prints
     now (blocks that show no output stay so), running in a scratch directory as the test does."""
-    import os
     import tempfile
 
-    env = {**os.environ, "DSCKPT_WIDTH": "100"}
+    env = {**os.environ, "DSCKPT_WIDTH": "100", "PYTHONPATH": str(ROOT)}  # this tree
     dsckpt = Path(sys.executable).with_name("dsckpt")
 
     def segment(lines: list[str]) -> list[str]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -154,8 +155,8 @@ def test_library_state_dict_is_lazy_and_load_into_fills_a_module() -> None:
 def test_pipeline_to_fp32_equals_the_live_weights(tmp_path: Path, name: str) -> None:
     f = facts("pipe", name)
     out = tmp_path / "m.safetensors"
-    from_layers = f["zero_stage"] == 0
-    core.consolidate(ckpt("pipe", name), out, from_layers=from_layers)
+    # Without ZeRO (fp32) the layer files are taken automatically: no --from-layers here.
+    core.consolidate(ckpt("pipe", name), out)
     got = load_file(out)
     truth = torch.load(FIXTURES / "pipe" / name / "truth.pt", weights_only=True)
     assert set(got) == set(truth)
@@ -173,10 +174,24 @@ def test_pipeline_keeps_vocab_padding_when_asked(tmp_path: Path) -> None:
     assert torch.equal(load_file(out)[name], truth[name])
 
 
-def test_pipeline_without_optimizer_partitions_needs_from_layers(cli, tmp_path: Path) -> None:
+def test_fp32_pipeline_without_zero_takes_its_layer_files(cli, tmp_path: Path) -> None:
     result = cli("to-fp32", ckpt("pipe", "p2t1d1-z0-fp32"), tmp_path / "m.safetensors")
+    assert result.exit_code == 0 and result.stderr == "", result.output
+    assert "source: layer files (float32; without ZeRO they are the trained weights" in (
+        result.stdout
+    )
+
+
+def test_pipeline_without_zero_needs_from_layers_when_a_layer_may_be_missing(
+    cli, tmp_path: Path
+) -> None:
+    root = tmp_path / "ckpt"
+    shutil.copytree(ckpt("pipe", "p2t1d1-z0-fp32"), root)
+    (root / "global_step3" / "layer_03-model_00-model_states.pt").unlink()
+    result = cli("to-fp32", root, tmp_path / "m.safetensors")
     assert result.exit_code == 1 and "--from-layers" in result.stderr
-    assert not list(tmp_path.iterdir())
+    assert "some may be missing" in result.stderr
+    assert not (tmp_path / "m.safetensors").exists()
 
 
 # --- bad input: one line, exit 1, nothing written --------------------------------------------

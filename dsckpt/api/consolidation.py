@@ -78,13 +78,17 @@ def plan_for(
 ) -> ConsolidationPlan:
     if dtype not in DTYPES:
         raise UsageError(f"--dtype {dtype}: choose one of {', '.join(DTYPES)}")
+    from dsckpt.discover.pipeline import layer_files_exact
+
     layout = ckpt if isinstance(ckpt, Layout) else open_checkpoint(ckpt, tag)
     return plan_consolidation(
         layout,
         dtype,
         exclude_frozen,
         rules_file=rules_file,
-        from_layers=from_layers,
+        # A pipeline without ZeRO in fp32 has no other source: its layer files are the weights,
+        # bit for bit, so they are taken without --from-layers (the plan's source says so).
+        from_layers=from_layers or layer_files_exact(layout),
         strip_vocab_padding=strip_vocab_padding,
     )
 

@@ -45,6 +45,11 @@ class _Group(TyperGroup):
             typer.echo("interrupted: nothing was written", err=True)
             raise typer.Exit(130) from None
 
+    def format_epilog(self, ctx: Any, formatter: Any) -> None:
+        from dsckpt.cli.help import write_epilog
+
+        write_epilog(self.epilog, formatter)
+
 
 def _one_line(exc: BaseException) -> str:
     from dsckpt.cli import errors
@@ -64,11 +69,21 @@ def _silence_stdout() -> None:
     os.dup2(devnull, sys.stdout.fileno())
 
 
+ROOT_EPILOG = """Examples:
+
+    dsckpt inspect checkpoints/
+    dsckpt to-fp32 checkpoints/ model.safetensors
+    dsckpt verify checkpoints/ model.safetensors
+    dsckpt reshape checkpoints/ resharded/ --dp 4
+    dsckpt COMMAND -h
+
+Errors print one line; set DSCKPT_DEBUG=1 to see the traceback."""
+
 app = typer.Typer(
     cls=_Group,
     name="dsckpt",
     help="Inspect, consolidate and reshape DeepSpeed checkpoints, without DeepSpeed.",
-    epilog="Errors print one line; set DSCKPT_DEBUG=1 to see the traceback.",
+    epilog=ROOT_EPILOG,
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     # `--install-completion` / `--show-completion`, as Typer apps have; the completion script

@@ -27,12 +27,17 @@ class Command(TyperCommand):
         return pieces
 
     def format_epilog(self, ctx: Any, formatter: Any) -> None:
-        if not self.epilog:
-            return
-        formatter.write_paragraph()
-        with formatter.indentation():
-            for line in self.epilog.strip("\n").splitlines():
-                formatter.write(f"{'':>{formatter.current_indent}}{line}\n" if line else "\n")
+        write_epilog(self.epilog, formatter)
+
+
+def write_epilog(epilog: str | None, formatter: Any) -> None:
+    """An epilog as written, line by line (Click would re-flow it into one paragraph)."""
+    if not epilog:
+        return
+    formatter.write_paragraph()
+    with formatter.indentation():
+        for line in epilog.strip("\n").splitlines():
+            formatter.write(f"{'':>{formatter.current_indent}}{line}\n" if line else "\n")
 
 
 def examples(*lines: str) -> str:

@@ -24,7 +24,7 @@ def inspect(
     from dsckpt.discover.layout import open_checkpoint
     from dsckpt.render import layout_json, layout_report, to_json
 
-    layout = open_checkpoint(ckpt, tag)
+    layout = open_checkpoint(ckpt, tag, partial=True)  # a damaged file: show what was read
     if as_json:
         typer.echo(to_json(layout_json(layout, params=params)))
     else:

@@ -57,7 +57,8 @@ def to_fp32(
         typer.Option(
             "--from-layers",
             help="Pipeline checkpoints: take weights from the layer files (model dtype, upcast) "
-            "instead of the fp32 optimizer partitions.",
+            "instead of the fp32 optimizer partitions. Without ZeRO, fp32 layer files are taken "
+            "anyway: they are the weights.",
         ),
     ] = False,
     keep_vocab_padding: Annotated[

@@ -400,6 +400,10 @@ def locate(path: Path, tag: str | None = None) -> Location:
     tags = sorted(e.name for e in entries if _is_real_dir(e) and _names_rank_files(Path(e.path)))
     if tag is not None:
         check_tag(tag, "--tag")
+        here = path if path.name else Path(os.path.abspath(path))  # `.` has no name
+        if not _is_dir(path / tag) and here.name == tag and _names_rank_files(path):
+            # CKPT already is the tag directory: read it as the tag of its parent.
+            return locate(here.parent, tag)
         if not _is_dir(path / tag):
             raise CheckpointNotFound(f"{path} has no tag {tag!r}: tags present: {_list(tags)}")
         return _location(path, tag, path / tag, tags)
@@ -424,9 +428,15 @@ def locate(path: Path, tag: str | None = None) -> Location:
         )
     if not entries:
         raise CheckpointNotFound(f"{path} is empty: pass the directory the run saved into")
+    from dsckpt.discover.nearby import checkpoints_below, suggestion  # (nearby imports us)
+
     raise CheckpointNotFound(
         f"{path} holds no DeepSpeed checkpoint files (no `latest`, no *_model_states.pt, "
-        "no tag directories): pass the directory `engine.save_checkpoint` wrote"
+        "no tag directories): "
+        + (
+            suggestion(path, checkpoints_below(path))
+            or "pass the directory `engine.save_checkpoint` wrote"
+        )
     )
 
 

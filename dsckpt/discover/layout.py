@@ -107,6 +107,9 @@ class Layout:
     # files), and where that record is: what a consolidation must write, no more, no less.
     model_keys: tuple[str, ...] = ()
     model_keys_from: str = ""
+    # Files that could not be read (damaged, truncated, not a file): what they hold is unknown,
+    # so inspect marks what depends on them instead of showing it as empty.
+    unreadable: tuple[str, ...] = ()
 
     @property
     def world_size(self) -> int:
@@ -119,6 +122,18 @@ class Layout:
     @property
     def bytes_on_disk(self) -> int:
         return sum(f.size for f in self.files)
+
+
+def missing_files_hint(tag_dir: Path) -> str:
+    """What to do about rank files absent from ``tag_dir``: the end of every missing-file error.
+
+    Every rank saves its own files, so a run over several nodes that saves to disks local to each
+    node leaves each node's share on that node: by far the most common reason files are missing.
+    """
+    return (
+        "multi-node runs that save to node-local disks leave each node's files on that node: "
+        f"copy every node's files of this tag into {tag_dir}"
+    )
 
 
 def refuse_errors(layout: Layout) -> None:
@@ -141,8 +156,14 @@ def refuse_errors(layout: Layout) -> None:
 
 
 
-def open_checkpoint(path: Path | str, tag: str | None = None) -> Layout:
+def open_checkpoint(
+    path: Path | str, tag: str | None = None, *, partial: bool = False
+) -> Layout:
     """Discover a checkpoint: root with ``latest``, root plus ``tag``, or a tag directory.
+
+    With ``partial`` (inspect), a file every layout needs that cannot be read (the model states)
+    does not raise: the layout holds what the file names say (kind ``"unreadable"``), the error
+    as a finding and the file in ``unreadable``.
 
     Raises:
         CheckpointNotFound: the path holds no checkpoint.
@@ -177,7 +198,12 @@ def open_checkpoint(path: Path | str, tag: str | None = None) -> Layout:
         raise CheckpointNotFound(
             f"{location.dir} holds no DeepSpeed rank files (*_model_states.pt, *_optim_states.pt)"
         )
-    return reader.read()
+    if not partial:
+        return reader.read()
+    try:
+        return reader.read()
+    except CorruptFile as exc:
+        return reader.unreadable_layout(exc)
 
 
 @dataclass(frozen=True)
@@ -228,6 +254,7 @@ class _Reader:
         self.files = files
         self.findings: list[Finding] = []
         self._cache: dict[str, Any] = {}
+        self.unreadable: list[str] = []
 
     def note(self, level: str, code: str, message: str) -> None:
         self.findings.append(Finding(level, code, message))
@@ -245,6 +272,7 @@ class _Reader:
                 if required:
                     raise
                 self.note(ERROR, "corrupt-file", str(exc))
+                self.unreadable.append(f.name)
                 self._cache[f.name] = None
         return self._cache[f.name]
 
@@ -303,6 +331,24 @@ class _Reader:
             sources={},
         )
 
+    def unreadable_layout(self, exc: CorruptFile) -> Layout:
+        """What the file names alone say, when a file every layout needs cannot be read."""
+        self.note(ERROR, "corrupt-file", str(exc))
+        self.unreadable.append(exc.path.name)
+        model = [f for f in self.files if f.role in (Role.MODEL, Role.ZERO3_MODEL)]
+        optim = self.of_role(Role.OPTIM)
+        return self._layout(
+            kind="unreadable",
+            zero_stage=0,
+            optimizer="unknown",
+            pp=1,
+            tp=max(1, len({f.mp for f in model})),
+            dp=max(1, len({f.dp for f in optim})),
+            meta=None,
+            tensors=[],
+            sources={},
+        )
+
     def read(self) -> Layout:
         model_files = self.of_role(Role.MODEL)
         zero3_models = self.of_role(Role.ZERO3_MODEL)
@@ -312,8 +358,9 @@ class _Reader:
             return self._zero3(zero3_models)
         if not model_files:
             raise CheckpointNotFound(
-                f"{self.location.dir} has optimizer files but no "
-                "mp_rank_*_model_states.pt: the model states are missing"
+                f"{self.location.dir} has optimizer files but no model-states files "
+                "(mp_rank_MM_model_states.pt; under ZeRO-3 zero_pp_rank_D_mp_rank_MM_model_states"
+                ".pt, one per DP rank): they are missing; " + missing_files_hint(self.location.dir)
             )
         if not self.of_role(Role.OPTIM):
             return self._plain(model_files)
@@ -590,6 +637,18 @@ class _Reader:
                 break
         if param_dtype is None:
             param_dtype = next((t.dtype for t in tensors if t.kind == "trainable"), None)
+        if param_dtype is None and self.unreadable and meta is not None:
+            # The trainable tensors are unknown (their optimizer files are unreadable), but the
+            # module still says what dtype the parameters are kept in.
+            buffers = set(meta.buffer_names)
+            param_dtype = next(
+                (
+                    dtypes.name_of(t.dtype)
+                    for name, t in meta.module.items()
+                    if isinstance(t, SavedTensor) and t.dtype.is_floating and name not in buffers
+                ),
+                None,
+            )
         if master is None and kind == "plain":
             master = param_dtype
         raw = meta.raw if meta is not None else {}
@@ -621,11 +680,25 @@ class _Reader:
             stage_parts=stage_parts,
             model_keys=model_keys or (),
             model_keys_from=model_keys_from,
+            unreadable=tuple(self.unreadable),
         )
 
     def _check_mp_files(self, meta: ModelMeta, model_files: list[RankFile]) -> None:
         mp = meta.mp_world_size
         if mp is not None and mp != len(model_files):
+            absent = [m for m in range(mp) if m not in {f.mp for f in model_files}]
+            if absent and len(model_files) < mp:
+                listed = ", ".join(f"mp_rank_{m:02d}_model_states.pt" for m in absent[:3])
+                more = f" and {len(absent) - 3} more" if len(absent) > 3 else ""
+                self.note(
+                    ERROR,
+                    "missing-rank-file",
+                    f"{listed}{more} {'is' if len(absent) == 1 else 'are'} missing from "
+                    f"{self.location.dir}: the model states record mp_world_size={mp} but only "
+                    f"{len(model_files)} mp_rank_*_model_states.pt files are present; "
+                    + missing_files_hint(self.location.dir),
+                )
+                return
             self.note(
                 ERROR,
                 "count-mismatch",
@@ -651,9 +724,10 @@ class _Reader:
             self.note(
                 ERROR,
                 "missing-rank-file",
-                f"{listed}{more} {'is' if len(missing) == 1 else 'are'} missing: the checkpoint "
-                f"was saved by {dp} data-parallel ranks but only {dp - len(missing)} "
-                f"{what} files are present",
+                f"{listed}{more} {'is' if len(missing) == 1 else 'are'} missing from "
+                f"{self.location.dir}: the checkpoint was saved by {dp} data-parallel ranks but "
+                f"only {dp - len(missing)} {what} files are present; "
+                + missing_files_hint(self.location.dir),
             )
         for d in sorted(present - set(range(dp))):
             self.note(
@@ -1086,17 +1160,28 @@ class _Reader:
                         )
                     )
         tensors.extend(self._trainable_entries(sources, module_dtype))
-        tensors.extend(self._aliases(meta, tensors, module_dtype))
+        tensors.extend(self._aliases(meta, tensors, module_dtype, sources is not None))
         return tensors, whole, frozen
 
     def _aliases(
-        self, meta: ModelMeta, tensors: list[TensorEntry], module_dtype: Any
+        self,
+        meta: ModelMeta,
+        tensors: list[TensorEntry],
+        module_dtype: Any,
+        trainable_known: bool = True,
     ) -> list[TensorEntry]:
         """Tied names from ``shared_params``: each must name a tensor that is not itself an
-        alias (which also rules out cycles) and must not shadow one."""
+        alias (which also rules out cycles) and must not shadow one.
+
+        Without ``trainable_known`` (the optimizer partitions that list the trainable tensors are
+        unreadable, missing or inconsistent: an error finding already) an alias of a tensor not
+        seen is left out, not reported: the tensor may well be among the unread ones, and one
+        cause should make one error."""
         by_name = {t.name: t for t in tensors}
         out = []
         for alias, canonical in meta.shared.items():
+            if not trainable_known and canonical not in by_name:
+                continue
             problem = None
             if alias in by_name:
                 problem = f"aliases {alias!r}, which is a tensor of its own"

@@ -10,7 +10,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from dsckpt.discover.files import RankFile, Role
-from dsckpt.discover.layout import ERROR, Layout, TensorEntry, ZeroSources
+from dsckpt.discover.layout import (
+    ERROR,
+    WARNING,
+    Layout,
+    TensorEntry,
+    ZeroSources,
+    missing_files_hint,
+)
 from dsckpt.errors import InconsistentCheckpoint, UnsupportedLayout
 from dsckpt.io import dtypes
 from dsckpt.io.load import tensor_ref
@@ -50,6 +57,10 @@ def read_pipeline(reader: _Reader, model_files: list[RankFile]) -> Layout:
             f"layer files carry {tp_from_layers} TP ranks but the checkpoint records TP {tp}",
         )
     _check_layer_grid(reader, layers, tp)
+    for f in sorted(layers, key=lambda f: (f.layer or 0, f.tp or 0)):
+        # Every layer file's pickle (metadata only, no tensor data): a damaged one is an error
+        # here, named once, rather than a surprise in the middle of a reshape.
+        reader.load(f)
 
     sources: dict[int, ZeroSources] = {}
     stage = 0
@@ -87,6 +98,10 @@ def read_pipeline(reader: _Reader, model_files: list[RankFile]) -> Layout:
             if indices:
                 first_layer[stage_index] = min(indices)
                 last_named = max([last_named, *indices])
+    if any(t.name.split(".", 1)[0].isdigit() for t in tensors):
+        _check_named_layers(reader, layers, tensors, tp)
+    else:
+        _check_layer_gaps(reader, layers)
     reader._disagree(steps, "model-states", "global_steps")
     reader._check_dp(meta, dp)
     param_dtype = _layer_dtype(reader, layers)
@@ -146,19 +161,70 @@ def _stage_parts(
     return (0, *(first_layer[s] for s in range(1, pp)), end)
 
 
+def _layer_file(layer: int, tp_rank: int) -> str:
+    return f"layer_{layer:02d}-model_{tp_rank:02d}-model_states.pt"
+
+
 def _check_layer_grid(reader: _Reader, layers: list[RankFile], tp: int) -> None:
+    """Every layer that has a file must have one per TP rank."""
     by_layer: dict[int, set[int]] = defaultdict(set)
     for f in layers:
         by_layer[f.layer or 0].add(f.tp or 0)
+    where = reader.location.dir
     for layer, ranks in sorted(by_layer.items()):
         for missing in sorted(set(range(tp)) - ranks):
             reader.note(
                 ERROR,
                 "missing-rank-file",
-                f"layer_{layer:02d}-model_{missing:02d}"
-                f"-model_states.pt is missing: layer {layer} has files for TP ranks "
-                f"{sorted(ranks)} of {tp}",
+                f"{_layer_file(layer, missing)} is missing from {where}: layer {layer} has files "
+                f"for TP ranks {sorted(ranks)} of {tp}; " + missing_files_hint(where),
             )
+
+
+def _check_named_layers(
+    reader: _Reader, layers: list[RankFile], tensors: list[TensorEntry], tp: int
+) -> None:
+    """Every layer whose parameters ``param_shapes`` names must have its layer files: a layer
+    missing on every TP rank leaves no gap in the grid check, yet a reshape needs its files."""
+    have = {f.layer for f in layers}
+    named = sorted(
+        {int(head) for head in (t.name.split(".", 1)[0] for t in tensors) if head.isdigit()}
+    )
+    absent = [layer for layer in named if layer not in have]
+    if not absent:
+        return
+    where = reader.location.dir
+    files = [_layer_file(layer, r) for layer in absent for r in range(tp)]
+    listed = ", ".join(files[:3]) + (f" and {len(files) - 3} more" if len(files) > 3 else "")
+    reader.note(
+        ERROR,
+        "missing-rank-file",
+        f"{listed} {'is' if len(files) == 1 else 'are'} missing from {where}: param_shapes "
+        f"lists parameters of layer{'s' if len(absent) > 1 else ''} "
+        f"{', '.join(map(str, absent))} but no layer file holds them; "
+        + missing_files_hint(where),
+    )
+
+
+def _check_layer_gaps(reader: _Reader, layers: list[RankFile]) -> None:
+    """Without ``param_shapes`` (no ZeRO) the files alone say which layers exist: a layer index
+    missing between two that have files is a layer without parameters (a function) or a lost
+    file; only the user can tell, so it is a warning, and layer files are not taken silently."""
+    have = sorted({f.layer for f in layers if f.layer is not None})
+    if not have:
+        return
+    gaps = [layer for layer in range(have[0], have[-1] + 1) if layer not in have]
+    if gaps:
+        where = reader.location.dir
+        reader.note(
+            WARNING,
+            "layer-gap",
+            f"{where} has no layer file for layer{'s' if len(gaps) > 1 else ''} "
+            f"{', '.join(map(str, gaps))} between layers that have them "
+            f"(e.g. {_layer_file(gaps[0], 0)}): a layer without parameters has none, but if "
+            "these have parameters their files are missing; "
+            + missing_files_hint(where),
+        )
 
 
 def _stage_entries(
@@ -225,12 +291,34 @@ def plan_pipeline_consolidation(
             "tensor exists and dsckpt will not pick a copy silently; if they are in fact "
             'partitioned, pass --rules with kind "split" for them'
         )
-    source = (
-        "layer files (model dtype, upcast)"
-        if from_layers
-        else "fp32 master weights from the optimizer partitions"
-    )
+    if not from_layers:
+        source = "fp32 master weights from the optimizer partitions"
+    elif layer_files_exact(layout):
+        source = LAYERS_EXACT
+    else:
+        source = "layer files (model dtype, upcast)"
     return ConsolidationPlan(tensors=tuple(outputs), source=source)
+
+
+LAYERS_EXACT = "layer files (float32; without ZeRO they are the trained weights, exact)"
+
+
+def layer_files_exact(layout: Layout) -> bool:
+    """Whether a pipeline's layer files hold exactly the weights a consolidation wants.
+
+    Without ZeRO there are no fp32 partitions: in an fp32 run the optimizer updates the module's
+    own float32 parameters, which the layer files save whole, so they are the weights, bit for
+    bit. (A bf16/fp16 run keeps fp32 master weights elsewhere, which the layer files round.)
+    A layer-gap warning (layer files possibly missing) makes them not certain enough to take
+    without being asked.
+    """
+    return (
+        layout.kind == "pipeline"
+        and not layout.zero_sources
+        and not any(f.role is Role.OPTIM for f in layout.files)
+        and layout.param_dtype == "float32"
+        and not any(f.code == "layer-gap" for f in layout.findings)
+    )
 
 
 @dataclass(frozen=True)
@@ -257,9 +345,20 @@ def _slice_bytes(local: LocalSlice) -> bytes:
 def _zero_slices(layout: Layout) -> dict[str, list[LocalSlice]]:
     """Per parameter, per TP rank: where its fp32 slice lives in that rank's ZeRO partitions."""
     if not layout.zero_sources:
+        if any(f.code == "layer-gap" for f in layout.findings):
+            why = (
+                "its layer files are the weights, but some may be missing (`dsckpt inspect` "
+                "says which): pass --from-layers to take the layer files as they are"
+            )
+        else:
+            why = (
+                f"its layer files hold {layout.param_dtype} weights, which the fp32 master "
+                "weights of the run were rounded to: pass --from-layers to take them anyway "
+                "(upcast, not the fp32 master values)"
+            )
         raise UnsupportedLayout(
-            f"{layout.dir} has no ZeRO optimizer partitions to take fp32 master weights from: "
-            "pass --from-layers to consolidate the layer files (model dtype, upcast)"
+            f"{layout.dir} has no ZeRO optimizer partitions to take fp32 master weights from "
+            f"and {why}"
         )
     slices: dict[str, list[LocalSlice]] = {}
     for stage in range(layout.pp):

@@ -27,8 +27,13 @@ class StageRow:
     tp_rank: int
     mp_rank: int
     layers: tuple[int, ...]  # layers with a layer file on this TP rank, inside the stage
-    model_file: str
+    model_files: tuple[str, ...]  # one, or one per DP rank (ZeRO-3)
     optim_files: tuple[str, ...]  # by DP rank
+
+    @property
+    def model_file(self) -> str | None:
+        """The one model-states file of this rank; None where each DP rank writes its own."""
+        return self.model_files[0] if len(self.model_files) == 1 else None
 
 
 @dataclass(frozen=True)
@@ -195,16 +200,13 @@ def _rows(layout: Layout) -> list[StageRow]:
                 key=lambda f: f.dp or 0,
             )
             layers = tuple(sorted(x for x in layer_tps.get(tp_rank, ()) if x in inside))
-            rows.append(
-                StageRow(
-                    stage,
-                    tp_rank,
-                    mp,
-                    layers,
-                    f"mp_rank_{mp:02d}_model_states.pt",
-                    tuple(f.name for f in optim),
+            if layout.kind == "zero3":  # every DP rank saves its own share of the model states
+                model = tuple(
+                    f"zero_pp_rank_{d}_mp_rank_{mp:02d}_model_states.pt" for d in range(layout.dp)
                 )
-            )
+            else:
+                model = (f"mp_rank_{mp:02d}_model_states.pt",)
+            rows.append(StageRow(stage, tp_rank, mp, layers, model, tuple(f.name for f in optim)))
     return rows
 
 
