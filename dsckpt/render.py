@@ -206,6 +206,7 @@ def consolidate_line(result: Any) -> str:
     return (
         f"wrote {result.out} ({result.format}{files}): {result.tensors} tensors{tied}, "
         f"{human_bytes(result.nbytes)} in {result.seconds:.2f} s; source: {result.source}"
+        + (f"; read {result.picked}" if getattr(result, "picked", "") else "")
     )
 
 
@@ -222,6 +223,8 @@ def consolidate_json(result: Any, dtype: str) -> dict[str, Any]:
         "bytes": result.nbytes,
         "seconds": round(result.seconds, 3),
         "source": result.source,
+        "checkpoint": None if result.checkpoint is None else str(result.checkpoint),
+        "step": result.step,
     }
 
 

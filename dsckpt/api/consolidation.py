@@ -31,6 +31,11 @@ class ConsolidateResult:
     seconds: float
     files: int
     source: str
+    # A Trainer output_dir narrowed to one checkpoint-N: which and why ("" when read as given),
+    # the checkpoint root read, and its step where the folder name gives it.
+    picked: str = ""
+    checkpoint: Path | None = None
+    step: int | None = None
 
     def summary(self) -> str:
         tied = f" + {self.aliases} tied" if self.aliases else ""
@@ -56,6 +61,7 @@ def plan_for(
     ckpt: Path | str | Layout,
     *,
     tag: str | None = None,
+    step: int | None = None,
     dtype: str = "fp32",
     exclude_frozen: bool = False,
     rules_file: Path | None = None,
@@ -64,7 +70,7 @@ def plan_for(
 ) -> ConsolidationPlan:
     if dtype not in DTYPES:
         raise UsageError(f"--dtype {dtype}: choose one of {', '.join(DTYPES)}")
-    layout = ckpt if isinstance(ckpt, Layout) else open_checkpoint(ckpt, tag)
+    layout = ckpt if isinstance(ckpt, Layout) else open_checkpoint(ckpt, tag, step)
     return plan_consolidation(
         layout,
         dtype,
@@ -80,6 +86,7 @@ def consolidate(
     out: Path | str,
     *,
     tag: str | None = None,
+    step: int | None = None,
     dtype: str = "fp32",
     max_shard_size: str | int = "5GB",
     exclude_frozen: bool = False,
@@ -93,7 +100,9 @@ def consolidate(
 
     The format follows ``out``: ``*.safetensors``, ``*.bin``/``*.pt`` (torch.save), or a
     directory of Hugging Face shards plus ``model.safetensors.index.json``. The output is written
-    under a temporary name beside ``out`` and renamed only when complete.
+    under a temporary name beside ``out`` and renamed only when complete. ``ckpt`` may be a
+    Hugging Face Trainer ``output_dir``: its newest ``checkpoint-N`` is read (``step`` picks
+    another).
 
     Raises:
         OutputError: ``out`` exists (without ``force``), lies inside the checkpoint, has an
@@ -104,7 +113,7 @@ def consolidate(
 
     out = Path(out)
     fmt = output_format(out)
-    layout = open_checkpoint(ckpt, tag)
+    layout = open_checkpoint(ckpt, tag, step)
     _refuse_inside(out, layout)
     plan = plan_for(
         layout,
@@ -136,6 +145,9 @@ def consolidate(
         seconds=time.perf_counter() - started,
         files=files,
         source=plan.source,
+        picked=layout.picked,
+        checkpoint=layout.root,
+        step=layout.step,
     )
 
 

@@ -34,6 +34,15 @@ def to_fp32(
         ),
     ],
     tag: TagOpt = None,
+    step: Annotated[
+        int | None,
+        typer.Option(
+            "--step",
+            metavar="N",
+            min=0,
+            help="Trainer output_dir: read checkpoint-N/ (default: the newest).",
+        ),
+    ] = None,
     dtype: Annotated[
         str,
         dtype_option(
@@ -85,12 +94,13 @@ def to_fp32(
             "only when OUT is a directory (drop the option, or give a directory)"
         )
     if from_layers:
-        check_from_layers(ckpt, tag, "to-fp32")
+        check_from_layers(ckpt, tag, "to-fp32", step)
     with reporting_interrupt(out), byte_progress(enabled=not quiet) as progress:
         result = consolidate(
             ckpt,
             out,
             tag=tag,
+            step=step,
             dtype=dtype,
             max_shard_size="5GB" if max_shard_size is None else max_shard_size,
             exclude_frozen=exclude_frozen,
@@ -106,12 +116,12 @@ def to_fp32(
         print_line(consolidate_line(result))
 
 
-def check_from_layers(ckpt: Path, tag: str | None, command: str) -> None:
+def check_from_layers(ckpt: Path, tag: str | None, command: str, step: int | None = None) -> None:
     """--from-layers means something only for a pipeline checkpoint: refuse it elsewhere, and
     warn, before any work, when the layer files hold fewer bits than the fp32 master weights."""
     from dsckpt.discover.layout import open_checkpoint
 
-    layout = open_checkpoint(ckpt, tag)
+    layout = open_checkpoint(ckpt, tag, step)
     if layout.kind != "pipeline":
         raise UsageError(
             f"--from-layers: {layout.dir} has no pipeline layer files (layer_*-model_states.pt); "
@@ -127,7 +137,7 @@ def check_from_layers(ckpt: Path, tag: str | None, command: str) -> None:
 
 EXAMPLES = examples(
     "dsckpt to-fp32 checkpoints/ model.safetensors",
-    "dsckpt to-fp32 checkpoints/ hf-model/ --max-shard-size 2GB --dtype bfloat16",
+    "dsckpt to-fp32 output_dir/ hf-model/ --step 500 --max-shard-size 2GB --dtype bfloat16",
     "dsckpt to-fp32 checkpoints/ pytorch_model.bin --tag global_step100 --exclude-frozen",
     "dsckpt to-fp32 checkpoints/ model.safetensors --json -q",
 )

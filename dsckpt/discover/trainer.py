@@ -1,0 +1,139 @@
+"""Hugging Face Trainer and Accelerate folders: find the DeepSpeed checkpoint users point at.
+
+Users hold what the Trainer wrote, ``output_dir/checkpoint-N/`` (each a DeepSpeed checkpoint
+root: ``latest``, ``global_stepN/``, plus ``config.json`` and tokenizer files), or what
+Accelerate's ``save_state`` wrote (tags ``pytorch_model``, ``pytorch_model_1`` for a second
+model). :func:`resolve` turns the folder given into the DeepSpeed root and tag before
+:func:`dsckpt.discover.files.locate` reads it; :func:`model_folder` says where the model's
+``config.json`` and tokenizer files are. Names and directory listings only: nothing is opened.
+
+Why these rules (tests/fixtures/hf/FORMAT-NOTES.md has the observations):
+
+* ``output_dir`` holds one ``checkpoint-N`` per save; N is the global step, so "newest" is the
+  largest N (compared as numbers: ``checkpoint-10`` is newer than ``checkpoint-9``). Accelerate's
+  automatic naming writes ``checkpoint_N``, taken the same way.
+* With several Accelerate models in one folder, ``latest`` names the *last model saved*, not a
+  step: trusting it would silently convert the wrong model, so without ``--tag`` that is an error
+  listing the models.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from dsckpt.errors import CheckpointNotFound, UsageError
+
+_CHECKPOINT_DIR = re.compile(r"checkpoint[-_](\d+)")
+_ACCELERATE_TAG = re.compile(r"pytorch_model(?:_\d+)?")
+# Files whose presence marks a Hugging Face model folder (the Trainer's save_pretrained, PEFT's).
+MODEL_MARKERS = ("config.json", "adapter_config.json")
+
+
+@dataclass(frozen=True)
+class Resolved:
+    """The DeepSpeed root (or tag directory) to read, and how it was chosen."""
+
+    path: Path
+    tag: str | None
+    # "checkpoint-4 (newest of checkpoint-2, checkpoint-4)" when a folder was picked inside the
+    # one given; "" when the path is read as given.
+    picked: str = ""
+    step: int | None = None
+
+
+def _real_dirs(path: Path) -> list[str]:
+    """Names of the real (not symlinked) subdirectories of ``path``; [] if it cannot be listed
+    (``locate`` reports unreadable paths itself)."""
+    try:
+        with os.scandir(path) as entries:
+            return [e.name for e in entries if e.is_dir(follow_symlinks=False)]
+    except OSError:
+        return []
+
+
+def checkpoint_steps(output_dir: Path) -> dict[int, str]:
+    """``{N: "checkpoint-N"}`` for the Trainer (or Accelerate) checkpoint folders in a directory."""
+    steps: dict[int, str] = {}
+    for name in _real_dirs(output_dir):
+        m = _CHECKPOINT_DIR.fullmatch(name)
+        if m is not None:
+            steps.setdefault(int(m.group(1)), name)
+    return steps
+
+
+def _is_deepspeed_root(path: Path) -> bool:
+    """Whether ``path`` holds a ``latest`` file or tag directories of its own (by names)."""
+    return os.path.lexists(path / "latest")
+
+
+def _refuse_several_models(path: Path, tag: str | None) -> None:
+    if tag is not None:
+        return
+    models = sorted(n for n in _real_dirs(path) if _ACCELERATE_TAG.fullmatch(n))
+    if len(models) > 1:
+        raise UsageError(
+            f"{path} holds {len(models)} models saved by Accelerate's save_state: "
+            f"{', '.join(models)} (`latest` names only the last one saved): pass --tag to "
+            "choose one"
+        )
+
+
+def resolve(path: Path, tag: str | None = None, step: int | None = None) -> Resolved:
+    """The DeepSpeed checkpoint a user means by ``path``.
+
+    ``output_dir/`` (no ``latest`` of its own) -> its newest ``checkpoint-N/``, or
+    ``checkpoint-{step}/`` with ``step``; a checkpoint root or tag directory -> itself. A root
+    holding several Accelerate models needs ``tag``.
+
+    Raises:
+        CheckpointNotFound: ``step`` names no ``checkpoint-N`` folder.
+        UsageError: several Accelerate models and no ``tag``; ``step`` for a path that is not
+            an ``output_dir``.
+    """
+    path = Path(path)
+    if not path.is_dir():
+        if step is not None:
+            raise CheckpointNotFound(f"--step {step}: {path} is not a directory: pass the "
+                                     "Trainer's output_dir (the folder holding checkpoint-N/)")
+        return Resolved(path, tag)
+    steps = checkpoint_steps(path)
+    if step is None and (_is_deepspeed_root(path) or not steps):
+        _refuse_several_models(path, tag)
+        return Resolved(path, tag, step=_own_step(path))
+    if step is not None:
+        if step not in steps:
+            own = _own_step(path)
+            if own == step and not steps:
+                return Resolved(path, tag, step=step)
+            found = ", ".join(steps[n] for n in sorted(steps)) or "none"
+            raise CheckpointNotFound(
+                f"--step {step}: {path} has no checkpoint-{step}/ folder (checkpoint folders "
+                f"present: {found}): pass one of their steps, or the Trainer's output_dir"
+            )
+        chosen, why = step, f"--step {step}"
+    else:
+        chosen = max(steps)
+        others = [steps[n] for n in sorted(steps)]
+        why = "the only checkpoint" if len(others) == 1 else f"newest of {', '.join(others)}"
+    folder = path / steps[chosen]
+    _refuse_several_models(folder, tag)
+    return Resolved(folder, tag, picked=f"{steps[chosen]} ({why})", step=chosen)
+
+
+def _own_step(path: Path) -> int | None:
+    m = _CHECKPOINT_DIR.fullmatch(path.name)
+    return int(m.group(1)) if m is not None else None
+
+
+def model_folder(root: Path, tag_dir: Path) -> Path | None:
+    """The folder holding the model's ``config.json`` / ``adapter_config.json`` and tokenizer
+    files for a checkpoint read from ``root`` (``tag_dir`` when a tag directory was given
+    directly, whose parent is then the Trainer's ``checkpoint-N/``), or None."""
+    candidates = [root] + ([tag_dir.parent] if root == tag_dir else [])
+    for folder in candidates:
+        if any(os.path.isfile(folder / marker) for marker in MODEL_MARKERS):
+            return folder
+    return None
