@@ -206,8 +206,25 @@ def consolidate_line(result: Any) -> str:
     return (
         f"wrote {result.out} ({result.format}{files}): {result.tensors} tensors{tied}, "
         f"{human_bytes(result.nbytes)} in {result.seconds:.2f} s; source: {result.source}"
+        + _hf_folder_part(result)
         + (f"; read {result.picked}" if getattr(result, "picked", "") else "")
     )
+
+
+def _hf_folder_part(result: Any) -> str:
+    """What made OUT a Hugging Face folder (docs/hf.md), for to-fp32's result line."""
+    hf = getattr(result, "hf", None)
+    if hf is None:
+        return ""
+    opt_out = "; --no-hf for the weights alone" if hf.why != "--hf" else ""
+    part = f"; Hugging Face folder ({hf.why}{opt_out}): copied {', '.join(hf.folder.files)}"
+    if result.tied_left_out:
+        part += f"; tied {', '.join(result.tied_left_out)} left out as save_pretrained does"
+    if hf.dtype_from_config:
+        part += f"; dtype {result.dtype} from config.json"
+    if hf.folder.skipped:
+        part += "; not copied: " + ", ".join(f"{n} ({why})" for n, why in hf.folder.skipped)
+    return part
 
 
 def consolidate_json(result: Any, dtype: str) -> dict[str, Any]:
@@ -216,7 +233,7 @@ def consolidate_json(result: Any, dtype: str) -> dict[str, Any]:
         "schema": JSON_SCHEMA_VERSION,
         "path": str(result.out),
         "format": result.format,
-        "dtype": dtype,
+        "dtype": getattr(result, "dtype", "") or dtype,
         "files": result.files,
         "tensors": result.tensors,
         "tied_aliases": result.aliases,
@@ -225,6 +242,21 @@ def consolidate_json(result: Any, dtype: str) -> dict[str, Any]:
         "source": result.source,
         "checkpoint": None if result.checkpoint is None else str(result.checkpoint),
         "step": result.step,
+        "hf": _hf_folder_json(result),
+    }
+
+
+def _hf_folder_json(result: Any) -> dict[str, Any] | None:
+    hf = getattr(result, "hf", None)
+    if hf is None:
+        return None
+    return {
+        "folder": str(hf.folder.path),
+        "why": hf.why,
+        "copied": list(hf.folder.files),
+        "not_copied": [{"name": n, "why": why} for n, why in hf.folder.skipped],
+        "dtype_from_config": hf.dtype_from_config,
+        "tied_left_out": list(result.tied_left_out),
     }
 
 

@@ -36,6 +36,10 @@ class ConsolidateResult:
     picked: str = ""
     checkpoint: Path | None = None
     step: int | None = None
+    # Hugging Face folder output (dsckpt.api.hf): None for plain output.
+    hf: Any = None
+    dtype: str = ""
+    tied_left_out: tuple[str, ...] = ()  # as save_pretrained leaves them out
 
     def summary(self) -> str:
         tied = f" + {self.aliases} tied" if self.aliases else ""
@@ -95,6 +99,7 @@ def consolidate(
     rules_file: Path | None = None,
     from_layers: bool = False,
     strip_vocab_padding: bool = True,
+    hf: bool | None = False,
 ) -> ConsolidateResult:
     """Write one consolidated state dict of a DeepSpeed checkpoint.
 
@@ -102,7 +107,9 @@ def consolidate(
     directory of Hugging Face shards plus ``model.safetensors.index.json``. The output is written
     under a temporary name beside ``out`` and renamed only when complete. ``ckpt`` may be a
     Hugging Face Trainer ``output_dir``: its newest ``checkpoint-N`` is read (``step`` picks
-    another).
+    another). ``hf`` True makes a directory ``out`` a ``from_pretrained`` folder, None does so
+    when the checkpoint folder holds a ``config.json`` (see :mod:`dsckpt.api.hf`; ``dtype``
+    ``"auto"`` then takes the config's).
 
     Raises:
         OutputError: ``out`` exists (without ``force``), lies inside the checkpoint, has an
@@ -115,6 +122,11 @@ def consolidate(
     fmt = output_format(out)
     layout = open_checkpoint(ckpt, tag, step)
     _refuse_inside(out, layout)
+    from dsckpt.api import hf as hf_folder  # it builds on this module
+
+    target = hf_folder.hf_output(layout, hf, fmt, dtype)
+    if target is not None:
+        dtype = target.dtype
     plan = plan_for(
         layout,
         dtype=dtype,
@@ -123,6 +135,9 @@ def consolidate(
         from_layers=from_layers,
         strip_vocab_padding=strip_vocab_padding,
     )
+    left_out: tuple[str, ...] = ()
+    if target is not None:
+        plan, left_out = hf_folder.apply(plan, target)
     metadata = {"format": "pt", "dsckpt.source": plan.source}
     if plan.aliases:
         metadata[ALIASES_KEY] = json.dumps(plan.aliases, sort_keys=True)
@@ -135,6 +150,7 @@ def consolidate(
         force=force,
         max_shard_size=max_shard_size,
         progress=progress or ProgressSink(),
+        copies=target.copies if target is not None else None,
     )
     return ConsolidateResult(
         out=out,
@@ -148,6 +164,9 @@ def consolidate(
         picked=layout.picked,
         checkpoint=layout.root,
         step=layout.step,
+        hf=target,
+        dtype=dtype,
+        tied_left_out=left_out,
     )
 
 

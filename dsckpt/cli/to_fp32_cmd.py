@@ -46,9 +46,21 @@ def to_fp32(
     dtype: Annotated[
         str,
         dtype_option(
-            "Output dtype of floating tensors: fp32, bf16 or fp16 (or float32, bfloat16, float16)."
+            "Output dtype of floating tensors: fp32, bf16 or fp16 (or float32, bfloat16, "
+            "float16); auto: the one config.json names (Hugging Face folder output).",
+            allow_auto=True,
         ),
     ] = "fp32",
+    hf: Annotated[
+        bool | None,
+        typer.Option(
+            "--hf/--no-hf",
+            help="Write a from_pretrained folder: shards + index, config.json, tokenizer files "
+            "copied, tied weights as save_pretrained writes them. Default: when OUT is a "
+            "directory and the checkpoint folder holds config.json.",
+            show_default=False,
+        ),
+    ] = None,
     max_shard_size: Annotated[
         str | None,
         typer.Option(
@@ -102,6 +114,7 @@ def to_fp32(
             tag=tag,
             step=step,
             dtype=dtype,
+            hf=hf,
             max_shard_size="5GB" if max_shard_size is None else max_shard_size,
             exclude_frozen=exclude_frozen,
             force=force,

@@ -19,12 +19,16 @@ Why these rules (tests/fixtures/hf/FORMAT-NOTES.md has the observations):
 
 from __future__ import annotations
 
+import json
 import os
 import re
-from dataclasses import dataclass
+import stat
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-from dsckpt.errors import CheckpointNotFound, UsageError
+from dsckpt.errors import CheckpointNotFound, CorruptFile, UsageError
 
 _CHECKPOINT_DIR = re.compile(r"checkpoint[-_](\d+)")
 _ACCELERATE_TAG = re.compile(r"pytorch_model(?:_\d+)?")
@@ -134,6 +138,83 @@ def model_folder(root: Path, tag_dir: Path) -> Path | None:
     directly, whose parent is then the Trainer's ``checkpoint-N/``), or None."""
     candidates = [root] + ([tag_dir.parent] if root == tag_dir else [])
     for folder in candidates:
-        if any(os.path.isfile(folder / marker) for marker in MODEL_MARKERS):
+        if any(os.path.lexists(folder / marker) for marker in MODEL_MARKERS):
             return folder
     return None
+
+
+# What a `from_pretrained`-ready folder needs besides the weights, as `save_pretrained` of a
+# model, its generation config, tokenizer and processor write them. Everything else the Trainer
+# leaves in checkpoint-N/ is training state (trainer_state.json, training_args.bin, rng_state_*,
+# zero_to_*.py, latest) or the Trainer's own 16-bit model.safetensors, which are not copied.
+COPIED_FILES = (
+    "config.json",
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "tokenizer.model",
+    "spiece.model",
+    "sentencepiece.bpe.model",
+    "vocab.json",
+    "vocab.txt",
+    "merges.txt",
+    "chat_template.jinja",
+    "chat_template.json",
+    "preprocessor_config.json",
+    "processor_config.json",
+)
+_CONFIG_LIMIT = 16 << 20  # a config.json is a few KiB; refuse to parse anything absurd
+
+
+@dataclass(frozen=True)
+class ModelFolder:
+    """The Hugging Face files beside a Trainer checkpoint: what to copy, what not and why."""
+
+    path: Path
+    config: Mapping[str, Any] | None  # config.json parsed, None when absent
+    files: tuple[str, ...]  # regular files of COPIED_FILES, in that order
+    skipped: tuple[tuple[str, str], ...] = field(default_factory=tuple)  # (name, why)
+
+
+def read_model_folder(folder: Path) -> ModelFolder:
+    """List the files of :data:`COPIED_FILES` in ``folder`` and parse its ``config.json``.
+
+    Only regular files are copied: a symbolic link (it may point anywhere, e.g. into a Hub
+    cache) or anything else is skipped and reported, never followed.
+
+    Raises:
+        CorruptFile: ``config.json`` is not a JSON object.
+        UnreadableFile: ``config.json`` cannot be read.
+    """
+    from dsckpt.discover.files import read_head
+
+    files, skipped = [], []
+    for name in COPIED_FILES:
+        path = folder / name
+        try:
+            mode = os.lstat(path).st_mode
+        except FileNotFoundError:
+            continue
+        except OSError as exc:
+            skipped.append((name, exc.strerror or "cannot be examined"))
+            continue
+        if stat.S_ISREG(mode):
+            files.append(name)
+        else:
+            kind = "a symbolic link" if stat.S_ISLNK(mode) else "not a regular file"
+            skipped.append((name, kind))
+    config = None
+    if "config.json" in files:
+        path = folder / "config.json"
+        raw = read_head(path, _CONFIG_LIMIT + 1, follow_symlinks=False)
+        if len(raw) > _CONFIG_LIMIT:
+            raise CorruptFile(path, "is over 16 MiB, not a model configuration")
+        try:
+            config = json.loads(raw)
+        except (UnicodeDecodeError, ValueError) as exc:
+            raise CorruptFile(path, f"is not valid JSON ({exc})") from None
+        if not isinstance(config, dict):
+            raise CorruptFile(path, "holds no JSON object")
+    return ModelFolder(folder, config, tuple(files), tuple(skipped))

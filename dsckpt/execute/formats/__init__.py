@@ -11,6 +11,9 @@ writers' ``locate`` (the executor's sink protocol):
   tokenizer files) are kept: only dsckpt's own names are written, and after the new index is in
   place, files of its naming that it no longer lists are removed, as ``save_pretrained`` does
   (see :func:`dsckpt.atomic.atomic_entries` for the commit order and its guarantees).
+- a Hugging Face folder: the same, plus files copied unchanged beside the weights
+  (``config.json``, tokenizer files: :mod:`dsckpt.execute.formats.hf_folder`), staged and
+  renamed with the shards, before the index.
 - ``*.bin`` / ``*.pt``: :class:`~dsckpt.formats.torch_writer.TorchWriter`, a ``torch.save`` zip
   written in one pass; aliases share their canonical tensor's storage.
 """
@@ -18,6 +21,7 @@ writers' ``locate`` (the executor's sink protocol):
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -53,17 +57,22 @@ def output_format(out: Path) -> str | None:
 
 
 def write_output(fmt: str, out: Path, plan: ConsolidationPlan, *, metadata: dict[str, str],
-                 force: bool, max_shard_size: str | int, progress: ProgressSink) -> int:
+                 force: bool, max_shard_size: str | int, progress: ProgressSink,
+                 copies: Mapping[str, Path] | None = None) -> int:
     """Write ``plan`` to ``out`` in format ``fmt``, streaming from the source files.
+
+    ``copies`` (directory output only): ``{name in out: source file}`` copied unchanged.
 
     Returns:
         The number of files written.
     """
     tensors = [TensorSpec(t.name, t.dtype, t.shape) for t in plan.tensors]
     cap = parse_size(max_shard_size, what="--max-shard-size")
+    if copies and fmt != SHARDED:
+        raise ValueError("files are copied beside the weights only into a directory output")
     progress.start("consolidating", plan.nbytes)
     if fmt == SHARDED:
-        return _write_shards(out, plan, tensors, cap, metadata, force, progress)
+        return _write_shards(out, plan, tensors, cap, metadata, force, progress, copies or {})
     # No fsync: like torch.save and safetensors, durability against power loss is the
     # filesystem's; the rename still guarantees no half-written file carries OUT's name.
     with atomic_output(out, force=force, nbytes=plan.nbytes, durable=False) as tmp:
@@ -81,15 +90,22 @@ def write_output(fmt: str, out: Path, plan: ConsolidationPlan, *, metadata: dict
 
 
 def _write_shards(out: Path, plan: ConsolidationPlan, tensors: list[TensorSpec], cap: int,
-                  metadata: dict[str, str], force: bool, progress: ProgressSink) -> int:
+                  metadata: dict[str, str], force: bool, progress: ProgressSink,
+                  copies: Mapping[str, Path]) -> int:
     """Shards + index into ``out``, keeping every file that is not of dsckpt's naming."""
     shards = plan_shards(tensors, cap, aliases=plan.aliases)
-    names = [s.filename for s in shards.shards] + ([shards.index_name] if shards.is_sharded else [])
+    # Copied files go in first: the index, renamed last, is the commit point of the folder.
+    names = [*copies] + [s.filename for s in shards.shards]
+    names += [shards.index_name] if shards.is_sharded else []
     # The old entry points go first: no index may name a mix of old and new shards, and a
     # stale single file must not shadow new shards (transformers loads model.safetensors first).
     withdraw = [INDEX_NAME, SINGLE_NAME] if shards.is_sharded else [INDEX_NAME]
     with atomic_entries(out, names, force=force, withdraw=withdraw, stale=is_own_name,
                         nbytes=plan.nbytes, durable=False) as paths:
+        if copies:
+            from dsckpt.execute.formats.hf_folder import copy_files
+
+            copy_files(copies, paths)
         writer = ShardedSafetensorsWriter(out, shards, metadata=metadata, index_metadata=metadata,
                                           paths=paths)
         with writer:

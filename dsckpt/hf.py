@@ -1,0 +1,11 @@
+"""Hugging Face helpers of the library API (read-only on the checkpoint; see docs/hf.md).
+
+``export(ckpt, out, ...)`` writes a ``from_pretrained``-ready folder from a Trainer run's
+``output_dir``, a ``checkpoint-N`` folder or its ``global_stepN``.
+"""
+
+from __future__ import annotations
+
+from dsckpt.api.hf import export
+
+__all__ = ["export"]
