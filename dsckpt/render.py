@@ -216,14 +216,20 @@ def _hf_folder_part(result: Any) -> str:
     hf = getattr(result, "hf", None)
     if hf is None:
         return ""
+    if getattr(hf, "adapter_name", None) is not None:
+        part = (f"; PEFT adapter {hf.adapter_name!r} (its name removed from the keys, as PEFT "
+                f"saves them): copied {', '.join(hf.copied) or 'nothing'}")
+        if hf.not_copied:
+            part += "; not copied: " + ", ".join(f"{n} ({why})" for n, why in hf.not_copied)
+        return part
     opt_out = "; --no-hf for the weights alone" if hf.why != "--hf" else ""
-    part = f"; Hugging Face folder ({hf.why}{opt_out}): copied {', '.join(hf.folder.files)}"
+    part = f"; Hugging Face folder ({hf.why}{opt_out}): copied {', '.join(hf.copied) or 'nothing'}"
     if result.tied_left_out:
         part += f"; tied {', '.join(result.tied_left_out)} left out as save_pretrained does"
     if hf.dtype_from_config:
         part += f"; dtype {result.dtype} from config.json"
-    if hf.folder.skipped:
-        part += "; not copied: " + ", ".join(f"{n} ({why})" for n, why in hf.folder.skipped)
+    if hf.not_copied:
+        part += "; not copied: " + ", ".join(f"{n} ({why})" for n, why in hf.not_copied)
     return part
 
 
@@ -251,12 +257,13 @@ def _hf_folder_json(result: Any) -> dict[str, Any] | None:
     if hf is None:
         return None
     return {
-        "folder": str(hf.folder.path),
+        "folder": None if hf.folder is None else str(hf.folder.path),
         "why": hf.why,
-        "copied": list(hf.folder.files),
-        "not_copied": [{"name": n, "why": why} for n, why in hf.folder.skipped],
+        "adapter_name": getattr(hf, "adapter_name", None),
+        "copied": list(hf.copied),
+        "not_copied": [{"name": n, "why": why} for n, why in hf.not_copied],
         "dtype_from_config": hf.dtype_from_config,
-        "tied_left_out": list(result.tied_left_out),
+        "tied_left_out": list(getattr(result, "tied_left_out", ())),
     }
 
 

@@ -235,3 +235,74 @@ def test_library_export(tmp_path: Path) -> None:
     got = load(tmp_path / "hf-model").state_dict()
     for key, value in ref(name, "ref_live.pt").items():
         assert torch.equal(got[key], value.float()), key
+
+
+# -- PEFT ------------------------------------------------------------------------------------
+
+LORA = "lora-z3-bf16-untied"
+peft = pytest.importorskip("peft")
+
+
+def lora_base() -> Any:
+    return transformers.AutoModelForCausalLM.from_pretrained(HF / LORA / "base",
+                                                             dtype=torch.float32)
+
+
+def test_adapter_loads_in_peft_as_the_trained_fp32_adapter(cli, tmp_path: Path) -> None:
+    out = tmp_path / "adapter"
+    result = cli("to-fp32", HF / LORA / "output_dir", out, "--adapter", "-q")
+    assert result.exit_code == 0, result.output
+    assert "PEFT adapter 'default'" in result.output
+    want = ref(LORA, "ref_adapter.pt")
+    with safe_open(str(out / "adapter_model.safetensors"), "pt") as f:
+        assert sorted(f.keys()) == sorted(want)  # PEFT's names: no `.default`
+        assert f.metadata()["format"] == "pt"
+    checkpoint = HF / LORA / "output_dir" / "checkpoint-4"
+    for name in ("adapter_config.json", "tokenizer.json", "chat_template.jinja"):
+        assert (out / name).read_bytes() == (checkpoint / name).read_bytes()
+    assert not (out / "README.md").exists() and not (out / "config.json").exists()
+    model = peft.PeftModel.from_pretrained(lora_base(), out)
+    loaded = peft.get_peft_model_state_dict(model)
+    assert sorted(loaded) == sorted(want)
+    for key, value in want.items():
+        assert torch.equal(loaded[key], value), key
+    # The Trainer's own adapter file is the bf16 rounding, not these values.
+    with safe_open(str(checkpoint / "adapter_model.safetensors"), "pt") as f:
+        assert any(not torch.equal(f.get_tensor(k).float(), want[k]) for k in want)
+
+
+def test_adapter_refusals(cli, tmp_path: Path) -> None:
+    result = cli("to-fp32", HF / "trainer-z3-fp32-untied" / "output_dir", tmp_path / "a",
+                 "--adapter")
+    assert result.exit_code == 1
+    assert "not LoRA matrices" in result.output.replace("\n", " ")
+    result = cli("to-fp32", HF / LORA / "output_dir", tmp_path / "a.safetensors", "--adapter")
+    assert result.exit_code == 1 and "give a directory" in result.output.replace("\n", " ")
+    result = cli("to-fp32", HF / LORA / "output_dir", tmp_path / "a", "--adapter", "--hf")
+    assert result.exit_code == 1 and "--adapter" in result.output
+    result = cli("to-fp32", HF / LORA / "output_dir", tmp_path / "a", "--hf")
+    assert result.exit_code == 1 and "--adapter" in result.output.replace("\n", " ")
+    assert not (tmp_path / "a").exists()
+
+
+@pytest.mark.parametrize(("key", "value"), [("use_dora", True), ("bias", "lora_only"),
+                                            ("modules_to_save", ["lm_head"]),
+                                            ("peft_type", "IA3")])
+def test_adapter_configs_it_does_not_write_exactly_are_refused(cli, tmp_path: Path, key: str,
+                                                               value: Any) -> None:
+    ckpt = tmp_path / "checkpoint-4"
+    shutil.copytree(HF / LORA / "output_dir" / "checkpoint-4", ckpt)
+    config = json.loads((ckpt / "adapter_config.json").read_text())
+    config[key] = value
+    (ckpt / "adapter_config.json").write_text(json.dumps(config))
+    result = cli("to-fp32", ckpt, tmp_path / "a", "--adapter")
+    assert result.exit_code == 1
+    assert key in result.output.replace("\n", " ")
+    assert not (tmp_path / "a").exists()
+
+
+def test_library_export_adapter(tmp_path: Path) -> None:
+    import dsckpt.hf
+
+    result = dsckpt.hf.export_adapter(HF / LORA / "output_dir", tmp_path / "adapter")
+    assert result.hf.adapter_name == "default" and result.tensors == 8

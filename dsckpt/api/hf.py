@@ -14,6 +14,7 @@ as Transformers' shards and index; this module decides what makes the folder a H
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -21,12 +22,20 @@ from typing import Any
 
 from dsckpt.api.consolidation import ConsolidateResult, consolidate
 from dsckpt.discover.layout import Layout
-from dsckpt.discover.trainer import ModelFolder, model_folder, read_model_folder
-from dsckpt.errors import UsageError
+from dsckpt.discover.trainer import (
+    ADAPTER_FILES,
+    COPIED_FILES,
+    ModelFolder,
+    model_folder,
+    read_model_folder,
+)
+from dsckpt.errors import UnsupportedLayout, UsageError
+from dsckpt.execute.output_guard import refuse_overlap
 from dsckpt.execute.progress import ProgressSink
 from dsckpt.plan.consolidation import ConsolidationPlan
 
-__all__ = ["HfOutput", "export", "hf_output", "config_dtype", "ties_embeddings"]
+__all__ = ["AdapterOutput", "HfOutput", "config_dtype", "export", "export_adapter", "hf_output",
+           "peft_names", "ties_embeddings"]
 
 # config.json dtype names -> dsckpt's
 _CONFIG_DTYPES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
@@ -41,10 +50,12 @@ class HfOutput:
     dtype: str  # fp32 | bf16 | fp16, resolved from "auto"
     dtype_from_config: bool
     drop_aliases: bool  # tied names left out, as save_pretrained does
+    copied: tuple[str, ...] = ()  # files of the folder copied unchanged
+    not_copied: tuple[tuple[str, str], ...] = ()  # (name, why): symbolic links and the like
 
     @property
     def copies(self) -> dict[str, Path]:
-        return {name: self.folder.path / name for name in self.folder.files}
+        return {name: self.folder.path / name for name in self.copied}
 
 
 def config_dtype(config: Mapping[str, Any], where: Path) -> str:
@@ -105,8 +116,8 @@ def hf_output(layout: Layout, hf: bool | None, fmt: str, dtype: str) -> HfOutput
         adapter = folder is not None and (folder.path / "adapter_config.json").exists()
         raise UsageError(
             f"--hf: {where} holds no config.json"
-            + (" (it is a PEFT adapter checkpoint: the base model's config is elsewhere)"
-               if adapter else "")
+            + (" (a PEFT adapter checkpoint: --adapter writes the adapter folder; the base "
+               "model's config is elsewhere)" if adapter else "")
             + ": a from_pretrained folder needs the model's config; pass --no-hf for the "
             "weights alone"
         )
@@ -118,6 +129,8 @@ def hf_output(layout: Layout, hf: bool | None, fmt: str, dtype: str) -> HfOutput
         dtype=resolved,
         dtype_from_config=dtype == "auto",
         drop_aliases=ties_embeddings(config) is True,
+        copied=folder.present(COPIED_FILES),
+        not_copied=folder.not_copied(COPIED_FILES),
     )
 
 
@@ -158,3 +171,153 @@ def export(
     return consolidate(ckpt, out, tag=tag, step=step, dtype=dtype, hf=True,
                        max_shard_size=max_shard_size, exclude_frozen=exclude_frozen,
                        force=force, progress=progress)
+
+
+# -- PEFT adapters ---------------------------------------------------------------------------
+
+# LoRA parameters as a PeftModel names them: a Linear's A/B matrices are modules
+# (`...q_proj.lora_A.<adapter>.weight`), an Embedding's are parameters
+# (`...embed_tokens.lora_embedding_A.<adapter>`). PEFT's save_pretrained drops `.<adapter>`.
+_LORA_MODULE_KEY = re.compile(r"(?P<head>.+\.lora_[AB])\.(?P<adapter>[^.]+)\.(?P<leaf>weight|bias)")
+_LORA_PARAM_KEY = re.compile(r"(?P<head>.+\.lora_embedding_[AB])\.(?P<adapter>[^.]+)")
+# adapter_config.json settings whose saved tensors are more than LoRA's A and B matrices
+# (setting -> the value that adds nothing); dsckpt refuses what it does not write exactly.
+_PLAIN_LORA = {"use_dora": False, "bias": "none", "modules_to_save": None,
+               "trainable_token_indices": None}
+
+
+@dataclass(frozen=True)
+class AdapterOutput:
+    """A PEFT adapter folder: the renaming of the LoRA tensors and the files copied."""
+
+    folder: ModelFolder | None
+    adapter_name: str
+    renames: Mapping[str, str]  # live name -> PEFT's saved name
+    copied: tuple[str, ...] = ()
+    not_copied: tuple[tuple[str, str], ...] = ()
+    why: str = "--adapter"
+    dtype_from_config: bool = False
+
+    @property
+    def copies(self) -> dict[str, Path]:
+        assert self.folder is not None or not self.copied
+        return {name: self.folder.path / name for name in self.copied} if self.folder else {}
+
+
+def peft_names(names: list[str], where: Path) -> tuple[str, dict[str, str]]:
+    """``(adapter name, {live name: saved name})`` of LoRA tensors named as in a PeftModel.
+
+    Raises:
+        UnsupportedLayout: a name that is not a LoRA matrix, or several adapters.
+    """
+    renames: dict[str, str] = {}
+    adapters: set[str] = set()
+    others = []
+    for name in names:
+        m = _LORA_MODULE_KEY.fullmatch(name) or _LORA_PARAM_KEY.fullmatch(name)
+        if m is None:
+            others.append(name)
+            continue
+        adapters.add(m["adapter"])
+        leaf = m.groupdict().get("leaf")
+        renames[name] = m["head"] + (f".{leaf}" if leaf else "")
+    if others:
+        raise UnsupportedLayout(
+            f"{where}: trainable tensors that are not LoRA matrices ({', '.join(others[:3])}"
+            f"{' ...' if len(others) > 3 else ''}): --adapter writes LoRA adapters only "
+            "(lora_A / lora_B); use to-fp32 without --adapter for every tensor"
+        )
+    if len(adapters) != 1:
+        raise UnsupportedLayout(
+            f"{where}: " + (f"{len(adapters)} adapters ({', '.join(sorted(adapters))}): "
+                            "--adapter writes one" if adapters else "no LoRA tensors: "
+                            "--adapter needs a checkpoint of a PEFT LoRA model")
+        )
+    return adapters.pop(), renames
+
+
+def _check_adapter_config(config: Mapping[str, Any], path: Path) -> None:
+    if config.get("peft_type") != "LORA":
+        raise UnsupportedLayout(f"{path}: peft_type {config.get('peft_type')!r}: --adapter "
+                                "writes LoRA adapters only")
+    for key, plain in _PLAIN_LORA.items():
+        value = config.get(key, plain)
+        if value not in (plain, [], {}) and not (plain is False and value is None):
+            raise UnsupportedLayout(
+                f"{path}: {key} is {value!r}: the adapter then holds tensors besides the LoRA "
+                "matrices, which --adapter does not write yet; use to-fp32 without --adapter"
+            )
+
+
+def adapter_output(layout: Layout, names: list[str]) -> AdapterOutput:
+    """How the LoRA tensors ``names`` of ``layout`` become a PEFT adapter folder."""
+    found = model_folder(layout.root, layout.dir)
+    folder = read_model_folder(found) if found is not None else None
+    if folder is not None and folder.adapter_config is not None:
+        _check_adapter_config(folder.adapter_config, folder.path / "adapter_config.json")
+    adapter, renames = peft_names(names, layout.dir)
+    return AdapterOutput(
+        folder=folder,
+        adapter_name=adapter,
+        renames=renames,
+        copied=folder.present(ADAPTER_FILES) if folder is not None else (),
+        not_copied=folder.not_copied(ADAPTER_FILES) if folder is not None else (),
+    )
+
+
+def export_adapter(
+    ckpt: Path | str,
+    out: Path | str,
+    *,
+    step: int | None = None,
+    tag: str | None = None,
+    dtype: str = "fp32",
+    force: bool = False,
+    progress: ProgressSink | None = None,
+) -> ConsolidateResult:
+    """Write a PEFT adapter folder from a Trainer checkpoint of a LoRA model.
+
+    ``out`` gets ``adapter_model.safetensors`` holding the LoRA matrices, fp32 master weights
+    (cast to ``dtype``), named as PEFT's ``save_pretrained`` names them (the adapter name, e.g.
+    ``.default``, removed), plus ``adapter_config.json`` and tokenizer files copied unchanged;
+    ``PeftModel.from_pretrained(base, out)`` loads it.
+
+    Raises:
+        UnsupportedLayout: the checkpoint holds trainable tensors other than LoRA matrices, or
+            ``adapter_config.json`` asks for more (DoRA, biases, modules_to_save).
+        DsckptError: the checkpoint cannot be consolidated, or ``out`` cannot be written.
+    """
+    import time
+
+    from dsckpt.api.consolidation import output_format, plan_for
+    from dsckpt.discover.layout import open_checkpoint
+    from dsckpt.execute.formats import SHARDED
+    from dsckpt.execute.formats.hf_folder import write_adapter
+
+    out = Path(out)
+    if output_format(out) != SHARDED:
+        raise UsageError(f"--adapter writes a folder (adapter_model.safetensors, "
+                         f"adapter_config.json): {out} is a file name; give a directory")
+    if dtype == "auto":
+        _refuse_auto("an adapter is written in the dtype asked for (fp32 by default)")
+    layout = open_checkpoint(ckpt, tag, step)
+    refuse_overlap(out, root=layout.root, tag_dir=layout.dir, other_tags=layout.other_tags)
+    # The Trainer saves PEFT models without their frozen base; a checkpoint that has it still
+    # gives the adapter alone.
+    plan = plan_for(layout, dtype=dtype, exclude_frozen=True)
+    if plan.aliases:
+        raise UnsupportedLayout(f"{layout.dir}: tied LoRA tensors ({', '.join(plan.aliases)}): "
+                                "--adapter does not write them")
+    target = adapter_output(layout, [t.name for t in plan.tensors])
+    plan = replace(plan, tensors=tuple(replace(t, name=target.renames[t.name])
+                                       for t in plan.tensors))
+    started = time.perf_counter()
+    files = write_adapter(out, plan, copies=target.copies,
+                          metadata={"format": "pt", "dsckpt.source": plan.source},
+                          force=force, progress=progress or ProgressSink())
+    return ConsolidateResult(
+        out=out, format="PEFT adapter", tensors=len(plan.tensors), aliases=0,
+        nbytes=plan.nbytes, seconds=time.perf_counter() - started, files=files,
+        source=plan.source, picked=layout.picked, checkpoint=layout.root, step=layout.step,
+        hf=target, dtype=dtype,
+    )

@@ -61,6 +61,14 @@ def to_fp32(
             show_default=False,
         ),
     ] = None,
+    adapter: Annotated[
+        bool,
+        typer.Option(
+            "--adapter",
+            help="PEFT LoRA runs: write an adapter folder PeftModel.from_pretrained loads "
+            "(adapter_model.safetensors with PEFT's key names, adapter_config.json).",
+        ),
+    ] = False,
     max_shard_size: Annotated[
         str | None,
         typer.Option(
@@ -107,22 +115,31 @@ def to_fp32(
         )
     if from_layers:
         check_from_layers(ckpt, tag, "to-fp32", step)
+    if adapter and (hf or max_shard_size or exclude_frozen or from_layers):
+        raise UsageError("--adapter writes one adapter file of the LoRA matrices: it takes no "
+                         "--hf, --max-shard-size, --exclude-frozen or --from-layers")
     with reporting_interrupt(out), byte_progress(enabled=not quiet) as progress:
-        result = consolidate(
-            ckpt,
-            out,
-            tag=tag,
-            step=step,
-            dtype=dtype,
-            hf=hf,
-            max_shard_size="5GB" if max_shard_size is None else max_shard_size,
-            exclude_frozen=exclude_frozen,
-            force=force,
-            progress=progress,
-            rules_file=rules,
-            from_layers=from_layers,
-            strip_vocab_padding=not keep_vocab_padding,
-        )
+        if adapter:
+            from dsckpt.api.hf import export_adapter
+
+            result = export_adapter(ckpt, out, step=step, tag=tag, dtype=dtype, force=force,
+                                    progress=progress)
+        else:
+            result = consolidate(
+                ckpt,
+                out,
+                tag=tag,
+                step=step,
+                dtype=dtype,
+                hf=hf,
+                max_shard_size="5GB" if max_shard_size is None else max_shard_size,
+                exclude_frozen=exclude_frozen,
+                force=force,
+                progress=progress,
+                rules_file=rules,
+                from_layers=from_layers,
+                strip_vocab_padding=not keep_vocab_padding,
+            )
     if as_json:
         typer.echo(to_json(consolidate_json(result, dtype)))
     else:

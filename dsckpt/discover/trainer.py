@@ -165,6 +165,10 @@ COPIED_FILES = (
     "preprocessor_config.json",
     "processor_config.json",
 )
+# A PEFT adapter folder: PEFT's own config, and the tokenizer files the Trainer saves beside it.
+ADAPTER_FILES = ("adapter_config.json",) + tuple(
+    n for n in COPIED_FILES if n not in ("config.json", "generation_config.json")
+)
 _CONFIG_LIMIT = 16 << 20  # a config.json is a few KiB; refuse to parse anything absurd
 
 
@@ -174,24 +178,31 @@ class ModelFolder:
 
     path: Path
     config: Mapping[str, Any] | None  # config.json parsed, None when absent
-    files: tuple[str, ...]  # regular files of COPIED_FILES, in that order
+    files: tuple[str, ...]  # regular files of COPIED_FILES and ADAPTER_FILES, in that order
     skipped: tuple[tuple[str, str], ...] = field(default_factory=tuple)  # (name, why)
+    adapter_config: Mapping[str, Any] | None = None  # adapter_config.json parsed
+
+    def present(self, names: tuple[str, ...]) -> tuple[str, ...]:
+        """Those of ``names`` that are regular files here, in the order of ``names``."""
+        return tuple(n for n in names if n in self.files)
+
+    def not_copied(self, names: tuple[str, ...]) -> tuple[tuple[str, str], ...]:
+        return tuple((n, why) for n, why in self.skipped if n in names)
 
 
 def read_model_folder(folder: Path) -> ModelFolder:
-    """List the files of :data:`COPIED_FILES` in ``folder`` and parse its ``config.json``.
+    """List the files of :data:`COPIED_FILES` and :data:`ADAPTER_FILES` in ``folder`` and parse
+    its ``config.json`` and ``adapter_config.json``.
 
     Only regular files are copied: a symbolic link (it may point anywhere, e.g. into a Hub
     cache) or anything else is skipped and reported, never followed.
 
     Raises:
-        CorruptFile: ``config.json`` is not a JSON object.
-        UnreadableFile: ``config.json`` cannot be read.
+        CorruptFile: ``config.json`` or ``adapter_config.json`` is not a JSON object.
+        UnreadableFile: one of them cannot be read.
     """
-    from dsckpt.discover.files import read_head
-
     files, skipped = [], []
-    for name in COPIED_FILES:
+    for name in dict.fromkeys(COPIED_FILES + ADAPTER_FILES):
         path = folder / name
         try:
             mode = os.lstat(path).st_mode
@@ -205,16 +216,21 @@ def read_model_folder(folder: Path) -> ModelFolder:
         else:
             kind = "a symbolic link" if stat.S_ISLNK(mode) else "not a regular file"
             skipped.append((name, kind))
-    config = None
-    if "config.json" in files:
-        path = folder / "config.json"
-        raw = read_head(path, _CONFIG_LIMIT + 1, follow_symlinks=False)
-        if len(raw) > _CONFIG_LIMIT:
-            raise CorruptFile(path, "is over 16 MiB, not a model configuration")
-        try:
-            config = json.loads(raw)
-        except (UnicodeDecodeError, ValueError) as exc:
-            raise CorruptFile(path, f"is not valid JSON ({exc})") from None
-        if not isinstance(config, dict):
-            raise CorruptFile(path, "holds no JSON object")
-    return ModelFolder(folder, config, tuple(files), tuple(skipped))
+    config, adapter = (_read_json(folder / n) if n in files else None
+                       for n in ("config.json", "adapter_config.json"))
+    return ModelFolder(folder, config, tuple(files), tuple(skipped), adapter)
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    from dsckpt.discover.files import read_head
+
+    raw = read_head(path, _CONFIG_LIMIT + 1, follow_symlinks=False)
+    if len(raw) > _CONFIG_LIMIT:
+        raise CorruptFile(path, "is over 16 MiB, not a model configuration")
+    try:
+        config = json.loads(raw)
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise CorruptFile(path, f"is not valid JSON ({exc})") from None
+    if not isinstance(config, dict):
+        raise CorruptFile(path, "holds no JSON object")
+    return config
