@@ -216,6 +216,13 @@ def _hf_folder_part(result: Any) -> str:
     hf = getattr(result, "hf", None)
     if hf is None:
         return ""
+    if getattr(hf, "merged", None) is not None:
+        part = (f"; LoRA adapter {hf.adapter_name!r} merged into {len(hf.merged)} weights of "
+                f"{hf.base} (W + (B @ A) * {hf.scaling:g} in fp32, as PEFT's merge_and_unload): "
+                f"copied {', '.join(hf.copied) or 'nothing'}")
+        if hf.not_copied:
+            part += "; not copied: " + ", ".join(f"{n} ({why})" for n, why in hf.not_copied)
+        return part
     if getattr(hf, "adapter_name", None) is not None:
         part = (f"; PEFT adapter {hf.adapter_name!r} (its name removed from the keys, as PEFT "
                 f"saves them): copied {', '.join(hf.copied) or 'nothing'}")
@@ -260,6 +267,8 @@ def _hf_folder_json(result: Any) -> dict[str, Any] | None:
         "folder": None if hf.folder is None else str(hf.folder.path),
         "why": hf.why,
         "adapter_name": getattr(hf, "adapter_name", None),
+        "merged": None if getattr(hf, "merged", None) is None else list(hf.merged),
+        "base": None if getattr(hf, "base", None) is None else str(hf.base),
         "copied": list(hf.copied),
         "not_copied": [{"name": n, "why": why} for n, why in hf.not_copied],
         "dtype_from_config": hf.dtype_from_config,

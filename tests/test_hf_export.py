@@ -126,7 +126,7 @@ def test_dtype_auto_takes_the_configs(cli, tmp_path: Path, name: str, want: Any)
     assert record["dtype"] == {torch.bfloat16: "bf16", torch.float32: "fp32"}[want]
     assert record["hf"]["dtype_from_config"] is True
     with safe_open(str(out / "model.safetensors"), "pt") as f:
-        assert {f.get_tensor(k).dtype for k in f.keys()} == {want}
+        assert {f.get_tensor(k).dtype for k in f.keys()} == {want}  # noqa: SIM118
     live = ref(name, "ref_live.pt")
     got = load(out).state_dict()
     for key, value in live.items():  # from_pretrained upcasts the stored values exactly
@@ -306,3 +306,59 @@ def test_library_export_adapter(tmp_path: Path) -> None:
 
     result = dsckpt.hf.export_adapter(HF / LORA / "output_dir", tmp_path / "adapter")
     assert result.hf.adapter_name == "default" and result.tensors == 8
+
+
+def test_merge_adapter_equals_peft_merge_and_unload(cli, tmp_path: Path) -> None:
+    out = tmp_path / "merged"
+    result = cli("to-fp32", HF / LORA / "output_dir", out, "--merge-adapter", HF / LORA / "base",
+                 "-q")
+    assert result.exit_code == 0, result.output
+    assert "merged into 4 weights" in result.output.replace("\n", " ")
+    model = load(out)
+    got = model.state_dict()
+    want = ref(LORA, "ref_merged.pt")
+    assert set(got) == set(want)
+    for key, value in want.items():
+        assert torch.equal(got[key], value), key
+    # ... and PEFT's own merge of the trained fp32 adapter, run here.
+    adapter = tmp_path / "adapter"
+    assert cli("to-fp32", HF / LORA / "output_dir", adapter, "--adapter", "-q").exit_code == 0
+    peft_merged = peft.PeftModel.from_pretrained(lora_base(), adapter).merge_and_unload()
+    for key, value in peft_merged.state_dict().items():
+        assert torch.equal(got[key], value), key
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor(facts(LORA)["fixed_input"])).logits
+    torch.testing.assert_close(logits, ref(LORA, "ref_logits.pt"), rtol=1e-5, atol=1e-6)
+    # config from the base, tokenizer from the run
+    assert (out / "config.json").read_bytes() == (HF / LORA / "base" / "config.json").read_bytes()
+    checkpoint = HF / LORA / "output_dir" / "checkpoint-4"
+    assert (out / "tokenizer.json").read_bytes() == (checkpoint / "tokenizer.json").read_bytes()
+    assert not (out / "adapter_config.json").exists()
+
+
+def test_merge_adapter_into_a_model_it_does_not_fit_is_refused(cli, tmp_path: Path) -> None:
+    from safetensors.torch import load_file, save_file
+
+    base = tmp_path / "base"
+    shutil.copytree(HF / LORA / "base", base)
+    weights = load_file(base / "model.safetensors")
+    weights["model.layers.1.self_attn.v_proj.weight"] = torch.zeros(8, 8)
+    save_file(weights, str(base / "model.safetensors"), metadata={"format": "pt"})
+    result = cli("to-fp32", HF / LORA / "output_dir", tmp_path / "m", "--merge-adapter", base)
+    assert result.exit_code == 1
+    assert "model.layers.1.self_attn.v_proj.weight" in result.output.replace("\n", " ")
+    assert not (tmp_path / "m").exists()
+    result = cli("to-fp32", HF / LORA / "output_dir", tmp_path / "m", "--merge-adapter",
+                 tmp_path / "nowhere")
+    assert result.exit_code == 1 and "config.json" in result.output
+
+
+def test_merge_adapter_refuses_per_module_scaling(cli, tmp_path: Path) -> None:
+    ckpt = tmp_path / "checkpoint-4"
+    shutil.copytree(HF / LORA / "output_dir" / "checkpoint-4", ckpt)
+    config = json.loads((ckpt / "adapter_config.json").read_text())
+    config["rank_pattern"] = {"q_proj": 2}
+    (ckpt / "adapter_config.json").write_text(json.dumps(config))
+    result = cli("to-fp32", ckpt, tmp_path / "m", "--merge-adapter", HF / LORA / "base")
+    assert result.exit_code == 1 and "rank_pattern" in result.output
+    assert not (tmp_path / "m").exists()

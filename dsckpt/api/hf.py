@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +35,7 @@ from dsckpt.execute.progress import ProgressSink
 from dsckpt.plan.consolidation import ConsolidationPlan
 
 __all__ = ["AdapterOutput", "HfOutput", "config_dtype", "export", "export_adapter", "hf_output",
-           "peft_names", "ties_embeddings"]
+           "export_merged", "lora_scaling", "peft_names", "ties_embeddings"]
 
 # config.json dtype names -> dsckpt's
 _CONFIG_DTYPES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
@@ -321,3 +321,192 @@ def export_adapter(
         source=plan.source, picked=layout.picked, checkpoint=layout.root, step=layout.step,
         hf=target, dtype=dtype,
     )
+
+
+# -- merging a LoRA adapter into its base model ----------------------------------------------
+
+# PeftModel names: `base_model.model.` + the base model's own module path.
+_PEFT_PREFIX = "base_model.model."
+
+
+@dataclass(frozen=True)
+class MergeOutput:
+    """A base model with a LoRA adapter merged in: what is merged and what is copied."""
+
+    folder: ModelFolder | None  # the checkpoint's folder (adapter_config.json, tokenizer)
+    base: Path
+    adapter_name: str
+    merged: tuple[str, ...]  # base weight names that got a LoRA delta
+    scaling: float
+    copied: tuple[str, ...] = ()
+    sources: Mapping[str, Path] = field(default_factory=dict)  # name -> file copied
+    not_copied: tuple[tuple[str, str], ...] = ()
+    why: str = "--merge-adapter"
+    dtype_from_config: bool = False
+
+    @property
+    def copies(self) -> dict[str, Path]:
+        return dict(self.sources)
+
+
+def lora_scaling(config: Mapping[str, Any], path: Path) -> float:
+    """PEFT's scaling of a LoRA delta: ``lora_alpha / r`` (``/ sqrt(r)`` with rsLoRA).
+
+    Raises:
+        UnsupportedLayout: per-module ranks or alphas (``rank_pattern``, ``alpha_pattern``),
+            which give each module its own scaling: not merged yet.
+    """
+    import math
+
+    for key in ("rank_pattern", "alpha_pattern"):
+        if config.get(key):
+            raise UnsupportedLayout(f"{path}: {key} gives modules their own LoRA scaling, which "
+                                    "--merge-adapter does not handle yet: merge with PEFT")
+    try:
+        r, alpha = int(config["r"]), config["lora_alpha"]
+    except (KeyError, TypeError, ValueError):
+        raise UnsupportedLayout(f"{path} has no LoRA r / lora_alpha: --merge-adapter needs "
+                                "them (PEFT writes both)") from None
+    if not isinstance(alpha, (int, float)) or r <= 0:
+        raise UnsupportedLayout(f"{path}: r {r!r} and lora_alpha {alpha!r} are not a LoRA "
+                                "scaling")
+    return alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
+
+
+def export_merged(
+    ckpt: Path | str,
+    out: Path | str,
+    base: Path | str,
+    *,
+    step: int | None = None,
+    tag: str | None = None,
+    dtype: str = "fp32",
+    max_shard_size: str | int = "5GB",
+    force: bool = False,
+    progress: ProgressSink | None = None,
+) -> ConsolidateResult:
+    """Write the base model with the trained LoRA adapter merged in, as a ``from_pretrained``
+    folder.
+
+    The Trainer's checkpoint of a PEFT model holds the adapter only, so ``base`` is the base
+    model's folder (``save_pretrained`` safetensors, one file or shards). Each targeted weight
+    becomes ``W + (B @ A) * scaling`` computed in fp32 with ``W`` upcast, the formula and order
+    of PEFT's ``merge_and_unload``; every other base tensor is copied (cast to ``dtype``).
+    ``config.json`` and ``generation_config.json`` come from ``base``, tokenizer files from the
+    checkpoint folder (else from ``base``).
+
+    Raises:
+        UnsupportedLayout: the adapter is not plain LoRA (see :func:`export_adapter`), has
+            per-module scalings, or names a weight ``base`` does not hold (with its shape).
+        UsageError: ``base`` is not a model folder with ``config.json``.
+        DsckptError: the checkpoint cannot be consolidated, or ``out`` cannot be written.
+    """
+    import time
+
+    from dsckpt.api.consolidation import output_format, plan_for
+    from dsckpt.api.verify import open_output
+    from dsckpt.discover.layout import open_checkpoint
+    from dsckpt.execute.formats import SHARDED, write_output
+    from dsckpt.plan.consolidation import DTYPES, OutputTensor, Read
+
+    out, base = Path(out), Path(base)
+    if output_format(out) != SHARDED:
+        raise UsageError(f"--merge-adapter writes a model folder: {out} is a file name; give a "
+                         "directory")
+    if dtype == "auto":
+        _refuse_auto("the merged model is written in the dtype asked for (fp32 by default)")
+    base_folder = read_model_folder(base) if base.is_dir() else None
+    if base_folder is None or base_folder.config is None:
+        raise UsageError(f"--merge-adapter {base}: not a model folder with config.json: give "
+                         "the base model's folder (what save_pretrained wrote)")
+    layout = open_checkpoint(ckpt, tag, step)
+    refuse_overlap(out, root=layout.root, tag_dir=layout.dir, other_tags=layout.other_tags)
+    refuse_overlap(out, root=base, tag_dir=base)
+    adapter_plan = plan_for(layout, dtype="fp32", exclude_frozen=True)
+    target = adapter_output(layout, [t.name for t in adapter_plan.tensors])
+    if target.folder is None or target.folder.adapter_config is None:
+        raise UsageError(f"{layout.root} holds no adapter_config.json: --merge-adapter needs "
+                         "the LoRA rank and alpha it records")
+    config_path = target.folder.path / "adapter_config.json"
+    scaling = lora_scaling(target.folder.adapter_config, config_path)
+    fan_in_fan_out = bool(target.folder.adapter_config.get("fan_in_fan_out"))
+    lora = {target.renames[t.name]: t for t in adapter_plan.tensors}
+    stored = open_output(base).tensors
+    pairs: dict[str, tuple[OutputTensor, OutputTensor]] = {}
+    for name in lora:
+        if not name.endswith(".lora_A.weight"):
+            if not name.endswith(".lora_B.weight"):
+                raise UnsupportedLayout(f"{layout.dir}: {name}: --merge-adapter merges LoRA "
+                                        "Linear layers (lora_A / lora_B weights) only")
+            continue
+        module = name.removesuffix(".lora_A.weight")
+        weight = module.removeprefix(_PEFT_PREFIX) + ".weight"
+        b = lora.get(module + ".lora_B.weight")
+        if b is None or weight not in stored:
+            missing = module + ".lora_B.weight" if b is None else f"{weight} in {base}"
+            raise UnsupportedLayout(f"{layout.dir}: {name} has no {missing}: the adapter does "
+                                    "not fit this base model")
+        a = lora[name]
+        out_features, in_features = b.shape[0], a.shape[1]
+        want = (in_features, out_features) if fan_in_fan_out else (out_features, in_features)
+        if stored[weight].shape != want:
+            raise UnsupportedLayout(f"{name}: the LoRA delta is {list(want)} but {weight} in "
+                                    f"{base} is {list(stored[weight].shape)}: not the base model "
+                                    "the adapter was trained on")
+        pairs[weight] = (a, b)
+    if len(pairs) * 2 != len(lora):
+        raise UnsupportedLayout(f"{layout.dir}: lora_B weights without their lora_A: the "
+                                "adapter is incomplete")
+    out_dtype = DTYPES[dtype]
+    tensors, computed = [], {}
+    for name, ref in stored.items():
+        kept = out_dtype if ref.dtype.is_floating else ref.dtype
+        if name in pairs:
+            tensors.append(OutputTensor(name, ref.shape, kept, ()))
+            computed[name] = _merged(ref, *pairs[name], scaling, fan_in_fan_out, kept)
+        else:
+            tensors.append(OutputTensor(name, ref.shape, kept, (Read(ref, 0, ref.numel, 0),)))
+    plan = replace(adapter_plan, tensors=tuple(tensors), aliases={},
+                   source=f"{base} merged with the fp32 LoRA adapter from the optimizer "
+                          "partitions")
+    sources = {n: base / n for n in base_folder.present(("config.json",
+                                                         "generation_config.json"))}
+    tokenizer = tuple(n for n in ADAPTER_FILES if n != "adapter_config.json")
+    for name in tokenizer:
+        for folder in (target.folder, base_folder):
+            if name in folder.files:
+                sources.setdefault(name, folder.path / name)
+    merge = MergeOutput(folder=target.folder, base=base, adapter_name=target.adapter_name,
+                        merged=tuple(pairs), scaling=scaling, copied=tuple(sources),
+                        sources=sources,
+                        not_copied=target.folder.not_copied(tokenizer)
+                        + base_folder.not_copied(("config.json", "generation_config.json")))
+    started = time.perf_counter()
+    files = write_output(SHARDED, out, plan,
+                         metadata={"format": "pt", "dsckpt.source": plan.source}, force=force,
+                         max_shard_size=max_shard_size, progress=progress or ProgressSink(),
+                         copies=sources, computed=computed)
+    return ConsolidateResult(
+        out=out, format=SHARDED, tensors=len(plan.tensors), aliases=0, nbytes=plan.nbytes,
+        seconds=time.perf_counter() - started, files=files, source=plan.source,
+        picked=layout.picked, checkpoint=layout.root, step=layout.step, hf=merge, dtype=dtype,
+    )
+
+
+def _merged(ref: Any, a: Any, b: Any, scaling: float, fan_in_fan_out: bool,
+            dtype: Any) -> Any:
+    """A function making ``W + (B @ A) * scaling`` in fp32 (PEFT's merge), cast to ``dtype``."""
+
+    def make() -> Any:
+        from dsckpt.execute.executor import materialize
+        from dsckpt.io import dtypes
+        from dsckpt.io.load import read_full
+
+        weight = read_full(ref).to(dtypes.to_torch(dtypes.FLOAT32))
+        delta = materialize(b) @ materialize(a)
+        if fan_in_fan_out:
+            delta = delta.T
+        weight += delta * scaling
+        return weight.to(dtypes.to_torch(dtype)).contiguous()
+
+    return make

@@ -69,6 +69,16 @@ def to_fp32(
             "(adapter_model.safetensors with PEFT's key names, adapter_config.json).",
         ),
     ] = False,
+    merge_adapter: Annotated[
+        Path | None,
+        typer.Option(
+            "--merge-adapter",
+            metavar="BASE",
+            help="PEFT LoRA runs: write BASE (the base model's folder) with the trained "
+            "adapter merged in, as PEFT's merge_and_unload computes it, in fp32.",
+            show_default=False,
+        ),
+    ] = None,
     max_shard_size: Annotated[
         str | None,
         typer.Option(
@@ -115,15 +125,25 @@ def to_fp32(
         )
     if from_layers:
         check_from_layers(ckpt, tag, "to-fp32", step)
-    if adapter and (hf or max_shard_size or exclude_frozen or from_layers):
+    if adapter and (hf or max_shard_size or exclude_frozen or from_layers or merge_adapter):
         raise UsageError("--adapter writes one adapter file of the LoRA matrices: it takes no "
-                         "--hf, --max-shard-size, --exclude-frozen or --from-layers")
+                         "--hf, --merge-adapter, --max-shard-size, --exclude-frozen or "
+                         "--from-layers")
+    if merge_adapter and (hf is not None or exclude_frozen or from_layers):
+        raise UsageError("--merge-adapter writes a Hugging Face folder of the merged model: it "
+                         "takes no --hf/--no-hf, --exclude-frozen or --from-layers")
     with reporting_interrupt(out), byte_progress(enabled=not quiet) as progress:
         if adapter:
             from dsckpt.api.hf import export_adapter
 
             result = export_adapter(ckpt, out, step=step, tag=tag, dtype=dtype, force=force,
                                     progress=progress)
+        elif merge_adapter is not None:
+            from dsckpt.api.hf import export_merged
+
+            result = export_merged(ckpt, out, merge_adapter, step=step, tag=tag, dtype=dtype,
+                                   max_shard_size=max_shard_size or "5GB", force=force,
+                                   progress=progress)
         else:
             result = consolidate(
                 ckpt,

@@ -21,7 +21,7 @@ writers' ``locate`` (the executor's sink protocol):
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -58,21 +58,26 @@ def output_format(out: Path) -> str | None:
 
 def write_output(fmt: str, out: Path, plan: ConsolidationPlan, *, metadata: dict[str, str],
                  force: bool, max_shard_size: str | int, progress: ProgressSink,
-                 copies: Mapping[str, Path] | None = None) -> int:
+                 copies: Mapping[str, Path] | None = None,
+                 computed: Mapping[str, Callable[[], Any]] | None = None) -> int:
     """Write ``plan`` to ``out`` in format ``fmt``, streaming from the source files.
 
     ``copies`` (directory output only): ``{name in out: source file}`` copied unchanged.
+    ``computed`` (directory output only): output tensors of ``plan`` (with no reads) whose
+    values are not byte ranges of a source, each made in memory by its function, one at a time
+    (a merged LoRA weight), as a contiguous CPU tensor of the planned dtype and shape.
 
     Returns:
         The number of files written.
     """
     tensors = [TensorSpec(t.name, t.dtype, t.shape) for t in plan.tensors]
     cap = parse_size(max_shard_size, what="--max-shard-size")
-    if copies and fmt != SHARDED:
-        raise ValueError("files are copied beside the weights only into a directory output")
+    if (copies or computed) and fmt != SHARDED:
+        raise ValueError("copied files and computed tensors go only into a directory output")
     progress.start("consolidating", plan.nbytes)
     if fmt == SHARDED:
-        return _write_shards(out, plan, tensors, cap, metadata, force, progress, copies or {})
+        return _write_shards(out, plan, tensors, cap, metadata, force, progress, copies or {},
+                             computed or {})
     # No fsync: like torch.save and safetensors, durability against power loss is the
     # filesystem's; the rename still guarantees no half-written file carries OUT's name.
     with atomic_output(out, force=force, nbytes=plan.nbytes, durable=False) as tmp:
@@ -91,7 +96,7 @@ def write_output(fmt: str, out: Path, plan: ConsolidationPlan, *, metadata: dict
 
 def _write_shards(out: Path, plan: ConsolidationPlan, tensors: list[TensorSpec], cap: int,
                   metadata: dict[str, str], force: bool, progress: ProgressSink,
-                  copies: Mapping[str, Path]) -> int:
+                  copies: Mapping[str, Path], computed: Mapping[str, Callable[[], Any]]) -> int:
     """Shards + index into ``out``, keeping every file that is not of dsckpt's naming."""
     shards = plan_shards(tensors, cap, aliases=plan.aliases)
     # Copied files go in first: the index, renamed last, is the commit point of the folder.
@@ -110,4 +115,10 @@ def _write_shards(out: Path, plan: ConsolidationPlan, tensors: list[TensorSpec],
                                           paths=paths)
         with writer:
             execute(plan, writer, progress.advance)
+            sizes = {t.name: t.nbytes for t in plan.tensors}
+            for name, make in computed.items():
+                value = make()
+                writer.write(name, 0, value)
+                progress.advance(sizes[name])
+                del value  # one computed tensor in memory at a time
     return len(names)
