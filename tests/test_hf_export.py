@@ -362,3 +362,20 @@ def test_merge_adapter_refuses_per_module_scaling(cli, tmp_path: Path) -> None:
     result = cli("to-fp32", ckpt, tmp_path / "m", "--merge-adapter", HF / LORA / "base")
     assert result.exit_code == 1 and "rank_pattern" in result.output
     assert not (tmp_path / "m").exists()
+
+
+def test_a_symlinked_config_is_not_read(cli, tmp_path: Path) -> None:
+    ckpt = tmp_path / "checkpoint-4"
+    shutil.copytree(HF / "trainer-z3-bf16-tied" / "output_dir" / "checkpoint-4", ckpt)
+    real = tmp_path / "config.json"
+    (ckpt / "config.json").rename(real)
+    os.symlink(real, ckpt / "config.json")
+    result = cli("to-fp32", ckpt, tmp_path / "hf", "--hf")
+    assert result.exit_code == 1
+    assert "is a symbolic link" in result.output.replace("\n", " ")
+    assert not (tmp_path / "hf").exists()
+    # by default the folder is then not a Hugging Face one: plain shards, said by no HF part
+    result = cli("to-fp32", ckpt, tmp_path / "plain", "-q")
+    assert result.exit_code == 0, result.output
+    assert "Hugging Face" not in result.output
+    assert sorted(p.name for p in (tmp_path / "plain").iterdir()) == ["model.safetensors"]

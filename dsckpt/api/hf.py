@@ -111,6 +111,10 @@ def hf_output(layout: Layout, hf: bool | None, fmt: str, dtype: str) -> HfOutput
     if fmt != SHARDED:
         raise UsageError("--hf writes a folder (shards, index, config.json, tokenizer): give a "
                          "directory as OUT, or drop --hf for a single file")
+    if folder is not None and folder.config is None and "config.json" in dict(folder.skipped):
+        raise UsageError(f"--hf: {folder.path / 'config.json'} is "
+                         f"{dict(folder.skipped)['config.json']}: dsckpt copies regular files "
+                         "only; put the file itself there, or pass --no-hf")
     if folder is None or folder.config is None:
         where = found or layout.root
         adapter = folder is not None and (folder.path / "adapter_config.json").exists()
