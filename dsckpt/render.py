@@ -220,6 +220,8 @@ def _hf_folder_part(result: Any) -> str:
         part = (f"; LoRA adapter {hf.adapter_name!r} merged into {len(hf.merged)} weights of "
                 f"{hf.base} (W + (B @ A) * {hf.scaling:g} in fp32, as PEFT's merge_and_unload): "
                 f"copied {', '.join(hf.copied) or 'nothing'}")
+        if hf.dtype_from_config:
+            part += f"; dtype {result.dtype} from {hf.base}/config.json"
         if hf.not_copied:
             part += "; not copied: " + ", ".join(f"{n} ({why})" for n, why in hf.not_copied)
         return part

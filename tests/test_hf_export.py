@@ -379,3 +379,21 @@ def test_a_symlinked_config_is_not_read(cli, tmp_path: Path) -> None:
     assert result.exit_code == 0, result.output
     assert "Hugging Face" not in result.output
     assert sorted(p.name for p in (tmp_path / "plain").iterdir()) == ["model.safetensors"]
+
+
+def test_merge_adapter_dtype_auto_takes_the_bases(cli, tmp_path: Path) -> None:
+    base = tmp_path / "base"
+    shutil.copytree(HF / LORA / "base", base)
+    config = json.loads((base / "config.json").read_text())
+    config["dtype"] = "bfloat16"
+    (base / "config.json").write_text(json.dumps(config))
+    out = tmp_path / "merged"
+    result = cli("to-fp32", HF / LORA / "output_dir", out, "--merge-adapter", base,
+                 "--dtype", "auto", "--json", "-q")
+    assert result.exit_code == 0, result.output
+    record = json.loads(result.output)
+    assert record["dtype"] == "bf16" and record["hf"]["dtype_from_config"] is True
+    want = ref(LORA, "ref_merged.pt")
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        for key, value in want.items():
+            assert torch.equal(f.get_tensor(key), value.to(torch.bfloat16)), key

@@ -393,7 +393,8 @@ def export_merged(
     folder.
 
     The Trainer's checkpoint of a PEFT model holds the adapter only, so ``base`` is the base
-    model's folder (``save_pretrained`` safetensors, one file or shards). Each targeted weight
+    model's folder (``save_pretrained`` safetensors, one file or shards; ``dtype="auto"`` takes
+    the dtype its ``config.json`` names). Each targeted weight
     becomes ``W + (B @ A) * scaling`` computed in fp32 with ``W`` upcast, the formula and order
     of PEFT's ``merge_and_unload``; every other base tensor is copied (cast to ``dtype``).
     ``config.json`` and ``generation_config.json`` come from ``base``, tokenizer files from the
@@ -417,12 +418,13 @@ def export_merged(
     if output_format(out) != SHARDED:
         raise UsageError(f"--merge-adapter writes a model folder: {out} is a file name; give a "
                          "directory")
-    if dtype == "auto":
-        _refuse_auto("the merged model is written in the dtype asked for (fp32 by default)")
     base_folder = read_model_folder(base) if base.is_dir() else None
     if base_folder is None or base_folder.config is None:
         raise UsageError(f"--merge-adapter {base}: not a model folder with config.json: give "
                          "the base model's folder (what save_pretrained wrote)")
+    from_config = dtype == "auto"
+    if from_config:
+        dtype = config_dtype(base_folder.config, base / "config.json")
     layout = open_checkpoint(ckpt, tag, step)
     refuse_overlap(out, root=layout.root, tag_dir=layout.dir, other_tags=layout.other_tags)
     refuse_overlap(out, root=base, tag_dir=base)
@@ -484,7 +486,8 @@ def export_merged(
                         merged=tuple(pairs), scaling=scaling, copied=tuple(sources),
                         sources=sources,
                         not_copied=target.folder.not_copied(tokenizer)
-                        + base_folder.not_copied(("config.json", "generation_config.json")))
+                        + base_folder.not_copied(("config.json", "generation_config.json")),
+                        dtype_from_config=from_config)
     started = time.perf_counter()
     files = write_output(SHARDED, out, plan,
                          metadata={"format": "pt", "dsckpt.source": plan.source}, force=force,
