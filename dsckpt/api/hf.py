@@ -204,8 +204,9 @@ class AdapterOutput:
 
     @property
     def copies(self) -> dict[str, Path]:
-        assert self.folder is not None or not self.copied
-        return {name: self.folder.path / name for name in self.copied} if self.folder else {}
+        if self.folder is None:  # no model folder beside the checkpoint: nothing to copy
+            return {}
+        return {name: self.folder.path / name for name in self.copied}
 
 
 def peft_names(names: list[str], where: Path) -> tuple[str, dict[str, str]]:
