@@ -206,6 +206,8 @@ def consolidate_line(result: Any) -> str:
     line = (
         f"wrote {result.out} ({result.format}{files}): {result.tensors} tensors{tied}, "
         f"{human_bytes(result.nbytes)} in {result.seconds:.2f} s; source: {result.source}"
+        + _hf_folder_part(result)
+        + (f"; read {result.picked}" if getattr(result, "picked", "") else "")
     )
     optim = getattr(result, "optimizer", None)
     if optim is not None:
@@ -218,13 +220,44 @@ def consolidate_line(result: Any) -> str:
     return line
 
 
+def _hf_folder_part(result: Any) -> str:
+    """What made OUT a Hugging Face folder (docs/hf.md), for to-fp32's result line."""
+    hf = getattr(result, "hf", None)
+    if hf is None:
+        return ""
+    if getattr(hf, "merged", None) is not None:
+        part = (f"; LoRA adapter {hf.adapter_name!r} merged into {len(hf.merged)} weights of "
+                f"{hf.base} (W + (B @ A) * {hf.scaling:g} in fp32, as PEFT's merge_and_unload): "
+                f"copied {', '.join(hf.copied) or 'nothing'}")
+        if hf.dtype_from_config:
+            part += f"; dtype {result.dtype} from {hf.base}/config.json"
+        if hf.not_copied:
+            part += "; not copied: " + ", ".join(f"{n} ({why})" for n, why in hf.not_copied)
+        return part
+    if getattr(hf, "adapter_name", None) is not None:
+        part = (f"; PEFT adapter {hf.adapter_name!r} (its name removed from the keys, as PEFT "
+                f"saves them): copied {', '.join(hf.copied) or 'nothing'}")
+        if hf.not_copied:
+            part += "; not copied: " + ", ".join(f"{n} ({why})" for n, why in hf.not_copied)
+        return part
+    opt_out = "; --no-hf for the weights alone" if hf.why != "--hf" else ""
+    part = f"; Hugging Face folder ({hf.why}{opt_out}): copied {', '.join(hf.copied) or 'nothing'}"
+    if result.tied_left_out:
+        part += f"; tied {', '.join(result.tied_left_out)} left out as save_pretrained does"
+    if hf.dtype_from_config:
+        part += f"; dtype {result.dtype} from config.json"
+    if hf.not_copied:
+        part += "; not copied: " + ", ".join(f"{n} ({why})" for n, why in hf.not_copied)
+    return part
+
+
 def consolidate_json(result: Any, dtype: str) -> dict[str, Any]:
     """to-fp32 --json; keys are documented in docs/json.md."""
     return {
         "schema": JSON_SCHEMA_VERSION,
         "path": str(result.out),
         "format": result.format,
-        "dtype": dtype,
+        "dtype": getattr(result, "dtype", "") or dtype,
         "files": result.files,
         "tensors": result.tensors,
         "tied_aliases": result.aliases,
@@ -232,6 +265,9 @@ def consolidate_json(result: Any, dtype: str) -> dict[str, Any]:
         "seconds": round(result.seconds, 3),
         "source": result.source,
         "optimizer": _optimizer_json(getattr(result, "optimizer", None)),
+        "checkpoint": None if result.checkpoint is None else str(result.checkpoint),
+        "step": result.step,
+        "hf": _hf_folder_json(result),
     }
 
 
@@ -246,6 +282,23 @@ def _optimizer_json(optim: Any) -> dict[str, Any] | None:
         "groups": optim.groups,
         "keys": list(optim.keys),
         "bytes": optim.nbytes,
+    }
+
+
+def _hf_folder_json(result: Any) -> dict[str, Any] | None:
+    hf = getattr(result, "hf", None)
+    if hf is None:
+        return None
+    return {
+        "folder": None if hf.folder is None else str(hf.folder.path),
+        "why": hf.why,
+        "adapter_name": getattr(hf, "adapter_name", None),
+        "merged": None if getattr(hf, "merged", None) is None else list(hf.merged),
+        "base": None if getattr(hf, "base", None) is None else str(hf.base),
+        "copied": list(hf.copied),
+        "not_copied": [{"name": n, "why": why} for n, why in hf.not_copied],
+        "dtype_from_config": hf.dtype_from_config,
+        "tied_left_out": list(getattr(result, "tied_left_out", ())),
     }
 
 

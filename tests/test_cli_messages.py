@@ -308,25 +308,25 @@ def _runs(tmp_path: Path, names: list[str]) -> Path:
 
 
 def test_a_folder_of_runs_suggests_the_checkpoints_below(run, tmp_path: Path) -> None:
-    top = _runs(tmp_path, ["checkpoint-10", "nested/checkpoint-20"])
+    top = _runs(tmp_path, ["run-10", "nested/run-20"])
     line = _error(run("inspect", top))
     assert "holds no DeepSpeed checkpoint files" in line
     assert line.endswith(
-        f"2 checkpoints below it, newest first: {top / 'nested/checkpoint-20'}, "
-        f"{top / 'checkpoint-10'}: pass one of them as CKPT"
+        f"2 checkpoints below it, newest first: {top / 'nested/run-20'}, "
+        f"{top / 'run-10'}: pass one of them as CKPT"
     )
-    assert run("inspect", top / "nested/checkpoint-20").exit_code == 0
+    assert run("inspect", top / "nested/run-20").exit_code == 0
 
 
 def test_the_suggestion_is_bounded(run, tmp_path: Path) -> None:
-    top = _runs(tmp_path, [f"checkpoint-{i}" for i in range(7)])
+    top = _runs(tmp_path, [f"run-{i}" for i in range(7)])
     line = _error(run("to-fp32", top, tmp_path / "m.safetensors"))
-    shown = re.findall(r"checkpoint-\d+", line)
-    assert shown == [f"checkpoint-{i}" for i in (6, 5, 4, 3, 2)] and "(and 2 more)" in line
+    shown = re.findall(r"run-\d+", line)
+    assert shown == [f"run-{i}" for i in (6, 5, 4, 3, 2)] and "(and 2 more)" in line
 
 
 def test_no_suggestion_beyond_the_search_depth(run, tmp_path: Path) -> None:
-    top = _runs(tmp_path, ["a/b/c/checkpoint-1"])
+    top = _runs(tmp_path, ["a/b/c/run-1"])
     line = _error(run("inspect", top))
     assert "below it" not in line and "pass the directory `engine.save_checkpoint` wrote" in line
 

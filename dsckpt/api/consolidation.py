@@ -45,6 +45,15 @@ class ConsolidateResult:
     files: int
     source: str
     optimizer: OptimizerResult | None = None
+    # A Trainer output_dir narrowed to one checkpoint-N: which and why ("" when read as given),
+    # the checkpoint root read, and its step where the folder name gives it.
+    picked: str = ""
+    checkpoint: Path | None = None
+    step: int | None = None
+    # Hugging Face folder output (dsckpt.api.hf): None for plain output.
+    hf: Any = None
+    dtype: str = ""
+    tied_left_out: tuple[str, ...] = ()  # as save_pretrained leaves them out
 
     def summary(self) -> str:
         tied = f" + {self.aliases} tied" if self.aliases else ""
@@ -70,6 +79,7 @@ def plan_for(
     ckpt: Path | str | Layout,
     *,
     tag: str | None = None,
+    step: int | None = None,
     dtype: str = "fp32",
     exclude_frozen: bool = False,
     rules_file: Path | None = None,
@@ -80,7 +90,7 @@ def plan_for(
         raise UsageError(f"--dtype {dtype}: choose one of {', '.join(DTYPES)}")
     from dsckpt.discover.pipeline import layer_files_exact
 
-    layout = ckpt if isinstance(ckpt, Layout) else open_checkpoint(ckpt, tag)
+    layout = ckpt if isinstance(ckpt, Layout) else open_checkpoint(ckpt, tag, step)
     return plan_consolidation(
         layout,
         dtype,
@@ -98,6 +108,7 @@ def consolidate(
     out: Path | str,
     *,
     tag: str | None = None,
+    step: int | None = None,
     dtype: str = "fp32",
     max_shard_size: str | int = "5GB",
     exclude_frozen: bool = False,
@@ -108,12 +119,17 @@ def consolidate(
     strip_vocab_padding: bool = True,
     optimizer: bool = False,
     optimizer_format: str = "safetensors",
+    hf: bool | None = False,
 ) -> ConsolidateResult:
     """Write one consolidated state dict of a DeepSpeed checkpoint.
 
     The format follows ``out``: ``*.safetensors``, ``*.bin``/``*.pt`` (torch.save), or a
     directory of Hugging Face shards plus ``model.safetensors.index.json``. The output is written
-    under a temporary name beside ``out`` and renamed only when complete.
+    under a temporary name beside ``out`` and renamed only when complete. ``ckpt`` may be a
+    Hugging Face Trainer ``output_dir``: its newest ``checkpoint-N`` is read (``step`` picks
+    another). ``hf`` True makes a directory ``out`` a ``from_pretrained`` folder, None does so
+    when the checkpoint folder holds a ``config.json`` (see :mod:`dsckpt.api.hf`; ``dtype``
+    ``"auto"`` then takes the config's).
 
     With ``optimizer``, the consolidated optimizer state is written too, in the same atomic
     step (both files or neither): ``optimizer.safetensors`` (or ``optimizer.pt`` with
@@ -131,12 +147,17 @@ def consolidate(
     fmt = output_format(out)
     if optimizer:
         check_optimizer_options(optimizer_format, from_layers)
-    layout = open_checkpoint(ckpt, tag)
+    layout = open_checkpoint(ckpt, tag, step)
     _refuse_inside(out, layout)
     if optimizer and layout.kind != "universal":  # universal: refused by the weights' plan
         from dsckpt.plan.optim_export import refuse_without_state
 
         refuse_without_state(layout)
+    from dsckpt.api import hf as hf_folder  # it builds on this module
+
+    target = hf_folder.hf_output(layout, hf, fmt, dtype)
+    if target is not None:
+        dtype = target.dtype
     plan = plan_for(
         layout,
         dtype=dtype,
@@ -145,6 +166,9 @@ def consolidate(
         from_layers=from_layers,
         strip_vocab_padding=strip_vocab_padding,
     )
+    left_out: tuple[str, ...] = ()
+    if target is not None:
+        plan, left_out = hf_folder.apply(plan, target)
     companion, optim_result = None, None
     if optimizer:
         companion, optim_result = _optimizer_companion(
@@ -164,6 +188,7 @@ def consolidate(
         max_shard_size=max_shard_size,
         progress=progress or ProgressSink(),
         companion=companion,
+        copies=target.copies if target is not None else None,
     )
     return ConsolidateResult(
         out=out,
@@ -175,6 +200,12 @@ def consolidate(
         files=files,
         source=plan.source,
         optimizer=optim_result,
+        picked=layout.picked,
+        checkpoint=layout.root,
+        step=layout.step,
+        hf=target,
+        dtype=dtype,
+        tied_left_out=left_out,
     )
 
 

@@ -104,12 +104,19 @@ def _complete_dtype(incomplete: str) -> list[str]:
     return [name for name in DTYPE_NAMES if name.startswith(incomplete.lower())]
 
 
-def dtype_option(help: str) -> typer.models.OptionInfo:
-    """``--dtype DTYPE``: any name of :data:`DTYPE_NAMES`, normalised to fp32, bf16 or fp16."""
+def _normalise_dtype_or_auto(value: str | None) -> str | None:
+    if value is not None and value.strip().lower() == "auto":
+        return "auto"
+    return normalise_dtype(value)
+
+
+def dtype_option(help: str, allow_auto: bool = False) -> typer.models.OptionInfo:
+    """``--dtype DTYPE``: any name of :data:`DTYPE_NAMES`, normalised to fp32, bf16 or fp16
+    (and ``auto``, kept as is, where ``allow_auto``)."""
     return typer.Option(
         "--dtype",
         metavar="DTYPE",
         help=help,
-        callback=normalise_dtype,
+        callback=_normalise_dtype_or_auto if allow_auto else normalise_dtype,
         autocompletion=_complete_dtype,
     )

@@ -34,12 +34,51 @@ def to_fp32(
         ),
     ],
     tag: TagOpt = None,
+    step: Annotated[
+        int | None,
+        typer.Option(
+            "--step",
+            metavar="N",
+            min=0,
+            help="Trainer output_dir: read checkpoint-N/ (default: the newest).",
+        ),
+    ] = None,
     dtype: Annotated[
         str,
         dtype_option(
-            "Output dtype of floating tensors: fp32, bf16 or fp16 (or float32, bfloat16, float16)."
+            "Output dtype of floating tensors: fp32, bf16 or fp16 (or float32, bfloat16, "
+            "float16); auto: the one config.json names (Hugging Face folder output).",
+            allow_auto=True,
         ),
     ] = "fp32",
+    hf: Annotated[
+        bool | None,
+        typer.Option(
+            "--hf/--no-hf",
+            help="Write a from_pretrained folder: shards + index, config.json, tokenizer files "
+            "copied, tied weights as save_pretrained writes them. Default: when OUT is a "
+            "directory and the checkpoint folder holds config.json.",
+            show_default=False,
+        ),
+    ] = None,
+    adapter: Annotated[
+        bool,
+        typer.Option(
+            "--adapter",
+            help="PEFT LoRA runs: write an adapter folder PeftModel.from_pretrained loads "
+            "(adapter_model.safetensors with PEFT's key names, adapter_config.json).",
+        ),
+    ] = False,
+    merge_adapter: Annotated[
+        Path | None,
+        typer.Option(
+            "--merge-adapter",
+            metavar="BASE",
+            help="PEFT LoRA runs: write BASE (the base model's folder) with the trained "
+            "adapter merged in, as PEFT's merge_and_unload computes it, in fp32.",
+            show_default=False,
+        ),
+    ] = None,
     max_shard_size: Annotated[
         str | None,
         typer.Option(
@@ -102,40 +141,64 @@ def to_fp32(
             f"--max-shard-size {max_shard_size}: {out} is a single file; shards are written "
             "only when OUT is a directory (drop the option, or give a directory)"
         )
+    if optimizer and (adapter or merge_adapter):
+        raise UsageError("--optimizer exports the optimizer state of a full consolidation: it "
+                         "takes no --adapter or --merge-adapter")
     if optimizer:
         check_optimizer_options(optimizer_format, from_layers)
     elif optimizer_format != "safetensors":
         raise UsageError(f"--optimizer-format {optimizer_format} needs --optimizer")
     if from_layers:
-        check_from_layers(ckpt, tag, "to-fp32")
+        check_from_layers(ckpt, tag, "to-fp32", step)
+    if adapter and (hf or max_shard_size or exclude_frozen or from_layers or merge_adapter):
+        raise UsageError("--adapter writes one adapter file of the LoRA matrices: it takes no "
+                         "--hf, --merge-adapter, --max-shard-size, --exclude-frozen or "
+                         "--from-layers")
+    if merge_adapter and (hf is not None or exclude_frozen or from_layers):
+        raise UsageError("--merge-adapter writes a Hugging Face folder of the merged model: it "
+                         "takes no --hf/--no-hf, --exclude-frozen or --from-layers")
     with reporting_interrupt(out), byte_progress(enabled=not quiet) as progress:
-        result = consolidate(
-            ckpt,
-            out,
-            tag=tag,
-            dtype=dtype,
-            max_shard_size="5GB" if max_shard_size is None else max_shard_size,
-            exclude_frozen=exclude_frozen,
-            force=force,
-            progress=progress,
-            rules_file=rules,
-            from_layers=from_layers,
-            strip_vocab_padding=not keep_vocab_padding,
-            optimizer=optimizer,
-            optimizer_format=optimizer_format,
-        )
+        if adapter:
+            from dsckpt.api.hf import export_adapter
+
+            result = export_adapter(ckpt, out, step=step, tag=tag, dtype=dtype, force=force,
+                                    progress=progress)
+        elif merge_adapter is not None:
+            from dsckpt.api.hf import export_merged
+
+            result = export_merged(ckpt, out, merge_adapter, step=step, tag=tag, dtype=dtype,
+                                   max_shard_size=max_shard_size or "5GB", force=force,
+                                   progress=progress)
+        else:
+            result = consolidate(
+                ckpt,
+                out,
+                tag=tag,
+                step=step,
+                dtype=dtype,
+                hf=hf,
+                max_shard_size="5GB" if max_shard_size is None else max_shard_size,
+                exclude_frozen=exclude_frozen,
+                force=force,
+                progress=progress,
+                rules_file=rules,
+                from_layers=from_layers,
+                strip_vocab_padding=not keep_vocab_padding,
+                optimizer=optimizer,
+                optimizer_format=optimizer_format,
+            )
     if as_json:
         typer.echo(to_json(consolidate_json(result, dtype)))
     else:
         print_line(consolidate_line(result))
 
 
-def check_from_layers(ckpt: Path, tag: str | None, command: str) -> None:
+def check_from_layers(ckpt: Path, tag: str | None, command: str, step: int | None = None) -> None:
     """--from-layers means something only for a pipeline checkpoint: refuse it elsewhere, and
     warn, before any work, when the layer files hold fewer bits than the fp32 master weights."""
     from dsckpt.discover.layout import open_checkpoint
 
-    layout = open_checkpoint(ckpt, tag)
+    layout = open_checkpoint(ckpt, tag, step)
     if layout.kind != "pipeline":
         raise UsageError(
             f"--from-layers: {layout.dir} has no pipeline layer files (layer_*-model_states.pt); "
@@ -151,7 +214,7 @@ def check_from_layers(ckpt: Path, tag: str | None, command: str) -> None:
 
 EXAMPLES = examples(
     "dsckpt to-fp32 checkpoints/ model.safetensors",
-    "dsckpt to-fp32 checkpoints/ hf-model/ --max-shard-size 2GB --dtype bfloat16",
+    "dsckpt to-fp32 output_dir/ hf-model/ --step 500 --max-shard-size 2GB --dtype bfloat16",
     "dsckpt to-fp32 checkpoints/ pytorch_model.bin --tag global_step100 --exclude-frozen",
     "dsckpt to-fp32 checkpoints/ model.safetensors --optimizer --json -q",
 )

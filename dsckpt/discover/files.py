@@ -19,10 +19,11 @@ import errno
 import os
 import re
 import stat
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import Enum
 from pathlib import Path
 
+from dsckpt.discover import trainer
 from dsckpt.errors import CheckpointNotFound, UnreadableFile
 
 
@@ -328,6 +329,9 @@ class Location:
     dir: Path
     other_tags: tuple[str, ...] = field(default_factory=tuple)
     universal: bool = False
+    # How a Trainer/Accelerate folder was narrowed to this root (dsckpt.discover.trainer).
+    picked: str = ""
+    step: int | None = None
 
 
 def _list_dir(path: Path) -> list[os.DirEntry[str]]:
@@ -370,8 +374,11 @@ def _is_dir(path: Path) -> bool:
         raise os_error(path, exc, "examined") from exc
 
 
-def locate(path: Path, tag: str | None = None) -> Location:
+def locate(path: Path, tag: str | None = None, step: int | None = None) -> Location:
     """Resolve a checkpoint root (with ``latest``), a root plus tag, or a tag directory.
+
+    A Hugging Face Trainer ``output_dir`` is narrowed first to its newest ``checkpoint-N`` (or
+    ``step``), see :func:`dsckpt.discover.trainer.resolve`.
 
     Raises:
         CheckpointNotFound: with a message saying what was found instead and what to pass; also
@@ -379,7 +386,12 @@ def locate(path: Path, tag: str | None = None) -> Location:
         UnreadableFile: a path that cannot be listed or read (permission, a link loop, a
             ``latest`` that is not a regular file).
     """
-    path = Path(path)
+    found = trainer.resolve(Path(path), tag, step)
+    location = _locate(found.path, found.tag)
+    return replace(location, picked=found.picked, step=found.step)
+
+
+def _locate(path: Path, tag: str | None) -> Location:
     try:
         st = os.stat(path)
     except FileNotFoundError:

@@ -91,6 +91,10 @@ class Layout:
     tensors: tuple[TensorEntry, ...]
     findings: tuple[Finding, ...]
     other_tags: tuple[str, ...] = ()
+    # A Trainer output_dir narrowed to one checkpoint-N: which and why ("" if read as given),
+    # and N (also when checkpoint-N/ itself was given).
+    picked: str = ""
+    step: int | None = None
     # Sources for consolidation (not rendered): fp32 partitions per mp rank, and tensors
     # that live whole in a model-states file (buffers, frozen params, stage-0 weights).
     zero_sources: Mapping[int, ZeroSources] = field(default_factory=dict)
@@ -157,9 +161,10 @@ def refuse_errors(layout: Layout) -> None:
 
 
 def open_checkpoint(
-    path: Path | str, tag: str | None = None, *, partial: bool = False
+    path: Path | str, tag: str | None = None, step: int | None = None, *, partial: bool = False
 ) -> Layout:
-    """Discover a checkpoint: root with ``latest``, root plus ``tag``, or a tag directory.
+    """Discover a checkpoint: root with ``latest``, root plus ``tag``, or a tag directory; a
+    Hugging Face Trainer ``output_dir`` reads its newest ``checkpoint-N`` (``step`` picks another).
 
     With ``partial`` (inspect), a file every layout needs that cannot be read (the model states)
     does not raise: the layout holds what the file names say (kind ``"unreadable"``), the error
@@ -170,7 +175,7 @@ def open_checkpoint(
         UnsafeCheckpoint: a file's pickle needs a global outside the allow-list.
         CorruptFile: a file every consolidation needs cannot be read.
     """
-    location = locate(Path(path), tag)
+    location = locate(Path(path), tag, step)
     found = survey(location)
     files, unrelated = found.rank_files, found.unrelated
     reader = _Reader(location, files)
@@ -181,6 +186,13 @@ def open_checkpoint(
             "unrelated-files",
             f"{location.dir} also holds files DeepSpeed does not "
             f"write, ignored: {', '.join(unrelated[:5])}" + (" ..." if len(unrelated) > 5 else ""),
+        )
+    if location.picked:
+        reader.note(
+            INFO,
+            "trainer-checkpoint",
+            f"{location.root.parent} is a Trainer output_dir: reading {location.picked}"
+            "; pass --step N for another",
         )
     if location.other_tags:
         reader.note(
@@ -673,6 +685,8 @@ class _Reader:
             tensors=tuple(tensors),
             findings=tuple(self.findings),
             other_tags=self.location.other_tags,
+            picked=self.location.picked,
+            step=self.location.step,
             zero_sources=dict(sources),
             whole=dict(whole or {}),
             frozen_fragments=dict(frozen or {}),

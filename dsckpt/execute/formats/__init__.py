@@ -11,6 +11,9 @@ writers' ``locate`` (the executor's sink protocol):
   tokenizer files) are kept: only dsckpt's own names are written, and after the new index is in
   place, files of its naming that it no longer lists are removed, as ``save_pretrained`` does
   (see :func:`dsckpt.atomic.atomic_entries` for the commit order and its guarantees).
+- a Hugging Face folder: the same, plus files copied unchanged beside the weights
+  (``config.json``, tokenizer files: :mod:`dsckpt.execute.formats.hf_folder`), staged and
+  renamed with the shards, before the index.
 - ``*.bin`` / ``*.pt``: :class:`~dsckpt.formats.torch_writer.TorchWriter`, a ``torch.save`` zip
   written in one pass; aliases share their canonical tensor's storage.
 """
@@ -18,7 +21,7 @@ writers' ``locate`` (the executor's sink protocol):
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -69,21 +72,30 @@ class Companion:
 
 def write_output(fmt: str, out: Path, plan: ConsolidationPlan, *, metadata: dict[str, str],
                  force: bool, max_shard_size: str | int, progress: ProgressSink,
-                 companion: Companion | None = None) -> int:
+                 companion: Companion | None = None,
+                 copies: Mapping[str, Path] | None = None,
+                 computed: Mapping[str, Callable[[], Any]] | None = None) -> int:
     """Write ``plan`` to ``out`` in format ``fmt``, streaming from the source files.
 
     With a ``companion``, its file is staged too and renamed into place just before the
     weights' commit point (the single file, or the index), so either both are new or, when
     the write fails, neither is.
+    ``copies`` (directory output only): ``{name in out: source file}`` copied unchanged.
+    ``computed`` (directory output only): output tensors of ``plan`` (with no reads) whose
+    values are not byte ranges of a source, each made in memory by its function, one at a time
+    (a merged LoRA weight), as a contiguous CPU tensor of the planned dtype and shape.
 
     Returns:
         The number of files written.
     """
     tensors = [TensorSpec(t.name, t.dtype, t.shape) for t in plan.tensors]
     cap = parse_size(max_shard_size, what="--max-shard-size")
+    if (copies or computed) and fmt != SHARDED:
+        raise ValueError("copied files and computed tensors go only into a directory output")
     progress.start("consolidating", plan.nbytes + (companion.nbytes if companion else 0))
     if fmt == SHARDED:
-        return _write_shards(out, plan, tensors, cap, metadata, force, progress, companion)
+        return _write_shards(out, plan, tensors, cap, metadata, force, progress, companion,
+                             copies or {}, computed or {})
     if companion is None:
         # No fsync: like torch.save and safetensors, durability against power loss is the
         # filesystem's; the rename still guarantees no half-written file carries OUT's name.
@@ -114,22 +126,36 @@ def _write_single(fmt: str, tmp: Path, plan: ConsolidationPlan, tensors: list[Te
 
 def _write_shards(out: Path, plan: ConsolidationPlan, tensors: list[TensorSpec], cap: int,
                   metadata: dict[str, str], force: bool, progress: ProgressSink,
-                  companion: Companion | None = None) -> int:
+                  companion: Companion | None, copies: Mapping[str, Path],
+                  computed: Mapping[str, Callable[[], Any]]) -> int:
     """Shards + index into ``out``, keeping every file that is not of dsckpt's naming."""
     shards = plan_shards(tensors, cap, aliases=plan.aliases)
-    names = [s.filename for s in shards.shards] + ([shards.index_name] if shards.is_sharded else [])
+    # Copied files go in first: the index (or the one file), renamed last, is the commit point
+    # of the folder; the companion goes in just before it.
+    names = [*copies] + [s.filename for s in shards.shards]
+    names += [shards.index_name] if shards.is_sharded else []
     extra = companion.nbytes if companion else 0
-    if companion is not None:  # renamed in before the commit point (the index, or the one file)
+    if companion is not None:
         names.insert(len(names) - 1, companion.name)
     # The old entry points go first: no index may name a mix of old and new shards, and a
     # stale single file must not shadow new shards (transformers loads model.safetensors first).
     withdraw = [INDEX_NAME, SINGLE_NAME] if shards.is_sharded else [INDEX_NAME]
     with atomic_entries(out, names, force=force, withdraw=withdraw, stale=is_own_name,
                         nbytes=plan.nbytes + extra, durable=False) as paths:
+        if copies:
+            from dsckpt.execute.formats.hf_folder import copy_files
+
+            copy_files(copies, paths)
         writer = ShardedSafetensorsWriter(out, shards, metadata=metadata, index_metadata=metadata,
                                           paths=paths)
         with writer:
             execute(plan, writer, progress.advance)
+            sizes = {t.name: t.nbytes for t in plan.tensors}
+            for name, make in computed.items():
+                value = make()
+                writer.write(name, 0, value)
+                progress.advance(sizes[name])
+                del value  # one computed tensor in memory at a time
         if companion is not None:
             companion.write(paths[companion.name], progress.advance)
     return len(names)
