@@ -12,7 +12,7 @@ from collections import Counter, defaultdict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from dsckpt.discover import checks
 from dsckpt.discover.checks import At, BadMetadata
@@ -27,6 +27,9 @@ from dsckpt.io import dtypes
 from dsckpt.io.load import TensorRef, read_scalar, tensor_ref
 from dsckpt.io.unpickle import SavedTensor, load_saved
 from dsckpt.plan import zero
+
+if TYPE_CHECKING:
+    from dsckpt.discover.universal import UniversalInfo
 
 T = TypeVar("T")
 
@@ -107,6 +110,8 @@ class Layout:
     # files), and where that record is: what a consolidation must write, no more, no less.
     model_keys: tuple[str, ...] = ()
     model_keys_from: str = ""
+    # Universal checkpoints: the zero/<param>/ folders (see dsckpt.discover.universal).
+    universal: UniversalInfo | None = None
 
     @property
     def world_size(self) -> int:
@@ -284,24 +289,9 @@ class _Reader:
     # --- the kinds ----------------------------------------------------------------------------
 
     def universal(self) -> Layout:
-        params = sorted(p.name for p in (self.location.dir / "zero").iterdir() if p.is_dir())
-        self.note(
-            INFO,
-            "universal",
-            f"{self.location.dir} is a DeepSpeed universal checkpoint "
-            f"({len(params)} parameter folders under zero/); dsckpt reads native checkpoints",
-        )
-        return self._layout(
-            kind="universal",
-            zero_stage=0,
-            optimizer="none",
-            pp=1,
-            tp=1,
-            dp=1,
-            meta=None,
-            tensors=[],
-            sources={},
-        )
+        from dsckpt.discover.universal import read_universal
+
+        return read_universal(self)
 
     def read(self) -> Layout:
         model_files = self.of_role(Role.MODEL)
@@ -582,6 +572,7 @@ class _Reader:
         stage_parts: tuple[int, ...] = (),
         model_keys: tuple[str, ...] | None = None,
         model_keys_from: str = "",
+        universal: UniversalInfo | None = None,
     ) -> Layout:
         master = None
         for src in sources.values():
@@ -621,6 +612,7 @@ class _Reader:
             stage_parts=stage_parts,
             model_keys=model_keys or (),
             model_keys_from=model_keys_from,
+            universal=universal,
         )
 
     def _check_mp_files(self, meta: ModelMeta, model_files: list[RankFile]) -> None:
