@@ -307,3 +307,28 @@ def test_reshape_still_refuses_universal_checkpoints(cli, tmp_path: Path) -> Non
     result = cli("reshape", ckpt("universal", "u-z2-fp32-dp2"), tmp_path / "out", "--dp", "3")
     assert result.exit_code == 1 and "universal" in result.stderr
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("name", ["u-z2-fp32-dp2", "u-p2t1d1-z1-fp32"])
+def test_show_map_says_there_are_no_ranks_to_map(cli, name: str) -> None:
+    result = cli("show-map", ckpt("universal", name))
+    assert result.exit_code == 1, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "no rank partitions to map" in lines[0], result.output
+
+
+def test_verify_checks_an_output_and_refuses_a_checkpoint_pair(cli, tmp_path: Path) -> None:
+    src = ckpt("universal", "u-z3-fp32-dp2")
+    out = tmp_path / "m.safetensors"
+    assert cli("to-fp32", src, out).exit_code == 0
+    result = cli("verify", src, out)
+    assert result.exit_code == 0 and result.stdout.startswith("equal"), result.output
+    # A weight changed behind dsckpt's back is caught.
+    from safetensors.torch import save_file
+
+    tensors = load_file(out)
+    tensors["fc1.bias"] = tensors["fc1.bias"] + 1
+    save_file(tensors, out, metadata={"format": "pt"})
+    assert cli("verify", src, out).exit_code == 1
+    result = cli("verify", src, ckpt("zero", "z3-fp32-dp2"))
+    assert result.exit_code == 1 and "is a universal checkpoint" in result.stderr, result.output
