@@ -47,7 +47,8 @@ def _tag_dir(name: str) -> Path:
 
 
 def _digest(root: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+    files = sorted(p for p in root.rglob("*") if p.is_file())
+    return {str(p.relative_to(root)): p.read_bytes() for p in files}
 
 
 def test_every_fixture_was_written_by_ds_to_universal() -> None:
@@ -332,3 +333,50 @@ def test_verify_checks_an_output_and_refuses_a_checkpoint_pair(cli, tmp_path: Pa
     assert cli("verify", src, out).exit_code == 1
     result = cli("verify", src, ckpt("zero", "z3-fp32-dp2"))
     assert result.exit_code == 1 and "is a universal checkpoint" in result.stderr, result.output
+
+
+# --- DeepSpeed's own load_universal, live, at another DP size ------------------------------------
+
+LIVE = [("u-z2-bf16-dp2", 3), ("u-z3-fp32-dp2", 3)]
+
+
+@pytest.mark.deepspeed
+@pytest.mark.parametrize(("name", "dp"), LIVE, ids=[f"{n}-at-dp{d}" for n, d in LIVE])
+def test_to_fp32_is_what_load_universal_loads_at_another_dp(
+    tmp_path: Path, name: str, dp: int
+) -> None:
+    """A universal checkpoint loads at any DP; whatever the DP, DeepSpeed's loader puts the
+    to-fp32 values in the fp32 masters (ref_universal_load.pt covers the source DP)."""
+    pytest.importorskip("deepspeed")
+    import socket
+    import subprocess
+    import sys
+
+    from dsckpt.api.consolidation import consolidate
+
+    kind, source = facts("universal", name)["source"].split("/")
+    src = facts(kind, source)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    args = list(src["train_args"])
+    args[args.index("--steps") + 1] = "0"
+    loaded = tmp_path / "loaded.pt"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(dp),
+           "--master_addr", "127.0.0.1", "--master_port", str(port),
+           "tests/fixtures/train_zero.py", *args, "--load", str(ckpt("universal", name)),
+           "--load-universal", "--weights-out", str(loaded)]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}
+    env["CUDA_VISIBLE_DEVICES"] = ""
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env,
+                          cwd=Path(__file__).parent.parent)  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    out = tmp_path / "m.safetensors"
+    consolidate(ckpt("universal", name), out)
+    got = load_file(out)
+    live = torch.load(loaded, weights_only=True)
+    trainable = [t.name for t in open_checkpoint(ckpt("universal", name)).tensors
+                 if t.kind == "trainable"]  # fmt: skip
+    assert trainable
+    for key in trainable:
+        assert torch.equal(got[key], live[key]), key

@@ -570,7 +570,9 @@ class _Universal:
         embeddings) can be a stale copy. DeepSpeed's loader would load that copy too."""
         tied = [n for n in trainable if n.startswith("tied_modules.")]
         info = meta.raw.get("universal_checkpoint_info")
-        patterns = info.get("pipeline_replicated_parameter_patterns") if isinstance(info, dict) else None
+        patterns = (
+            info.get("pipeline_replicated_parameter_patterns") if isinstance(info, dict) else None
+        )
         if pp > 1 and tied and not patterns:
             self.note(
                 WARNING,
