@@ -60,6 +60,20 @@ def test_every_fixture_was_written_by_ds_to_universal() -> None:
         assert (_tag_dir(name) / "zero" / "optimizer_state.pt").is_file()
 
 
+def test_latest_universal_names_the_tag_when_there_is_no_latest(tmp_path: Path) -> None:
+    root = tmp_path / "ckpt"
+    shutil.copytree(ckpt("universal", "u-z2-fp32-dp2"), root)
+    shutil.copytree(ckpt("zero", "z2-fp32-dp2") / "global_step3", root / "global_step3")
+    assert open_checkpoint(root).kind == "universal"
+    (root / "latest").write_text("global_step3")  # `latest` wins: it is the native save
+    assert open_checkpoint(root).kind == "zero"
+    assert open_checkpoint(root, "global_step3_universal").kind == "universal"
+    (root / "latest").unlink()
+    (root / "latest_universal").write_text("global_step9_universal")
+    with pytest.raises(Exception, match="names tag 'global_step9_universal'"):
+        open_checkpoint(root)
+
+
 # --- inspect -------------------------------------------------------------------------------------
 
 
@@ -239,6 +253,15 @@ def _no_model_files(tag: Path) -> None:
     (tag / "mp_rank_00_model_states.pt").unlink()
 
 
+def _missing_stage(tag: Path) -> None:
+    (tag / "mp_rank_01_model_states.pt").unlink()
+
+
+def _native_file_beside(tag: Path) -> None:
+    name = "zero_pp_rank_0_mp_rank_00_optim_states.pt"
+    shutil.copyfile(ckpt("zero", "z2-fp32-dp2") / "global_step3" / name, tag / name)
+
+
 DAMAGE = {
     "missing-folder": ("u-z2-fp32-dp2", _remove_folder, "missing-param-folder", "fc1.weight"),
     "extra-folder": ("u-z2-fp32-dp2", _extra_folder, "extra-param-folder", "decoder.weight"),
@@ -251,6 +274,8 @@ DAMAGE = {
     "linked-folder": ("u-z2-fp32-dp2", _linked_folder, "extra-param-file", "fc9.weight"),
     "missing-rank": ("u-z3-fp32-dp2", _missing_rank, "missing-rank-file", "zero_pp_rank_1"),
     "truncated": ("u-z2-fp32-dp2", _truncated, "corrupt-file", "exp_avg.pt"),
+    "missing-stage": ("u-p2t1d1-z1-fp32", _missing_stage, "count-mismatch", "mp_world_size=2"),
+    "native-beside": ("u-z2-fp32-dp2", _native_file_beside, "unrelated-files", "two"),
     "no-model-files": ("u-z2-fp32-dp2", _no_model_files, "missing-rank-file", "model-states"),
 }
 

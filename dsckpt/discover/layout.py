@@ -95,7 +95,8 @@ class Layout:
     findings: tuple[Finding, ...]
     other_tags: tuple[str, ...] = ()
     # Sources for consolidation (not rendered): fp32 partitions per mp rank, and tensors
-    # that live whole in a model-states file (buffers, frozen params, stage-0 weights).
+    # that live whole in one file (buffers, frozen params, stage-0 weights; in a universal
+    # checkpoint, each trainable parameter's zero/<name>/fp32.pt).
     zero_sources: Mapping[int, ZeroSources] = field(default_factory=dict)
     whole: Mapping[str, tuple[TensorRef, ...]] = field(default_factory=dict)
     frozen_fragments: Mapping[str, tuple[TensorRef, ...]] = field(default_factory=dict)

@@ -99,12 +99,15 @@ class _Universal:
     def read(self) -> Layout:
         model_files = self.r.of_role(Role.MODEL)
         zero3_models = self.r.of_role(Role.ZERO3_MODEL)
-        if self.r.of_role(Role.OPTIM) or self.r.of_role(Role.LAYER):
+        if self.r.of_role(Role.OPTIM) or self.r.of_role(Role.LAYER) or (
+            model_files and zero3_models
+        ):
             self.note(
                 ERROR,
                 "unrelated-files",
-                f"{self.dir} holds native optimizer or layer files beside `zero/`: "
-                "ds_to_universal writes neither; the folder mixes two checkpoints",
+                f"{self.dir} holds native optimizer or layer files, or model-states files of "
+                "two kinds, beside `zero/`: ds_to_universal copies one run's model-states files "
+                "only; the folder mixes two checkpoints",
             )
         metas = self._metas(zero3_models or model_files)
         if not metas:
@@ -124,6 +127,8 @@ class _Universal:
                 f"{meta.file.name} records tensor parallelism {tp}: universal checkpoints "
                 "of tensor-parallel runs are not supported yet",
             )
+        if not stage3:
+            self.r._check_mp_files(meta, model_files)
         if stage3:
             dp = meta.dp_world_size or len(metas)
             self.r._check_rank_set(
