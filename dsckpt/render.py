@@ -431,6 +431,7 @@ def universal_json(layout: Layout) -> dict[str, Any]:
         "source_zero_stage": info.source_stage,
         "param_groups": info.param_groups,
         "bytes_on_disk": info.bytes_on_disk,
+        "universal_checkpoint_info": dict(info.patterns),
         "params": [
             {
                 "name": p.name,

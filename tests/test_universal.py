@@ -181,6 +181,12 @@ def test_pipeline_to_fp32_matches_the_native_consolidation(cli, tmp_path: Path) 
     assert torch.equal(saved["param"], b[stale])
     shown = cli("inspect", ckpt("universal", "u-p2t1d1-z1-fp32"))
     assert shown.exit_code == 0 and "pipeline_replicated_parameter_patterns" in shown.stdout
+    data = json.loads(cli("inspect", ckpt("universal", "u-p2t1d1-z1-fp32"), "--json").stdout)
+    recorded = data["universal"]["universal_checkpoint_info"]
+    assert recorded["original_vocab_size"] == 50 and recorded["padded_vocab_size"] == 52
+    assert recorded["vocabulary_parameter_patterns"] == [
+        r"tied_modules\.embed\.word_embeddings\.weight"
+    ]
 
 
 def test_keeping_vocab_padding_is_refused_when_the_rows_are_gone(cli, tmp_path: Path) -> None:

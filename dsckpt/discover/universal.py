@@ -75,6 +75,9 @@ class UniversalInfo:
     source_stage: int | None  # ZeRO stage of the run the checkpoint was converted from
     param_groups: int | None  # len(param_groups) in zero/optimizer_state.pt
     bytes_on_disk: int = 0
+    # Megatron-DeepSpeed's `universal_checkpoint_info` (TP/PP patterns, vocabulary sizes), the
+    # entries that are plain names, numbers or lists of patterns; empty when not recorded.
+    patterns: Mapping[str, Any] = field(default_factory=dict)
 
     def by_name(self) -> dict[str, UniversalParam]:
         return {p.name: p for p in self.params}
@@ -148,6 +151,7 @@ class _Universal:
             source_stage=stage,
             param_groups=groups,
             bytes_on_disk=sum(p.bytes_on_disk for p in params) + self._optimizer_state_size(),
+            patterns=_recorded_patterns(meta.raw.get("universal_checkpoint_info")),
         )
         self._check_steps(params)
         self._check_tied_stages(meta, pp, trainable)
@@ -611,6 +615,21 @@ class _Universal:
                     t = replace(t, shape=(p.vocab_rows, *t.shape[1:]))
             out.append(replace(t, placement=where))
         return out
+
+
+def _recorded_patterns(info: Any) -> dict[str, Any]:
+    """The plain entries of ``universal_checkpoint_info``: what inspect can show as it is."""
+    if not isinstance(info, dict):
+        return {}
+    out: dict[str, Any] = {}
+    for key, value in info.items():
+        if not isinstance(key, str):
+            continue
+        if isinstance(value, (bool, int, float, str)):
+            out[key] = value
+        elif isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
+            out[key] = list(value)
+    return out
 
 
 def _run_dtype(config: Any) -> str:
