@@ -268,6 +268,13 @@ def _native_file_beside(tag: Path) -> None:
     shutil.copyfile(ckpt("zero", "z2-fp32-dp2") / "global_step3" / name, tag / name)
 
 
+def _short_frozen(tag: Path) -> None:
+    path = tag / "mp_rank_00_model_states.pt"
+    state = torch.load(path, weights_only=True)
+    state["frozen_param_fragments"]["adapter.bias"] = torch.zeros(3)
+    torch.save(state, path)
+
+
 DAMAGE = {
     "missing-folder": ("u-z2-fp32-dp2", _remove_folder, "missing-param-folder", "fc1.weight"),
     "extra-folder": ("u-z2-fp32-dp2", _extra_folder, "extra-param-folder", "decoder.weight"),
@@ -282,6 +289,7 @@ DAMAGE = {
     "truncated": ("u-z2-fp32-dp2", _truncated, "corrupt-file", "exp_avg.pt"),
     "missing-stage": ("u-p2t1d1-z1-fp32", _missing_stage, "count-mismatch", "mp_world_size=2"),
     "native-beside": ("u-z2-fp32-dp2", _native_file_beside, "unrelated-files", "two"),
+    "short-frozen": ("u-z2-fp32-dp2", _short_frozen, "short-partition", "adapter.bias"),
     "no-model-files": ("u-z2-fp32-dp2", _no_model_files, "missing-rank-file", "model-states"),
 }
 

@@ -11,8 +11,9 @@ and hold the buffers and frozen weights, which the ``zero/`` folders do not hold
 cast to float32, integer buffers included).
 
 ``fp32.pt`` is ``{"param": tensor, "cat_dim": d}`` (ZeRO-1/2 sources, the parameter's shape) or a
-bare flat tensor (ZeRO-3 sources). Keys that change how the tensor maps onto the model
-(vocabulary padding, fused sub-parameters, experts) are refused: they come from Megatron or MoE
+bare flat tensor (ZeRO-3 sources). A Megatron embedding marked ``vocab_tensor`` is saved without
+its vocabulary padding rows. Keys that change how the tensor maps onto the model otherwise
+(fused sub-parameters, averaged or expert tensors) are refused: they come from Megatron or MoE
 runs this reader does not cover yet.
 """
 
@@ -49,9 +50,11 @@ HARMLESS_KEYS = {PARAM_KEY, "cat_dim"}
 VOCAB_KEY = "vocab_tensor"
 
 
+ERROR, WARNING = "error", "warning"
+
+
 class _Unsupported(Exception):
     """A state file records a mapping onto the model this reader does not implement."""
-ERROR, WARNING, INFO = "error", "warning", "info"
 
 
 @dataclass(frozen=True)
@@ -93,6 +96,7 @@ class _Universal:
         self.r = reader
         self.dir = reader.location.dir
         self.zero_dir = self.dir / ZERO_DIR
+        self.groups: dict[str, int] = {}  # parameter -> its param_shapes group
 
     def note(self, level: str, code: str, message: str) -> None:
         self.r.note(level, code, message)
@@ -220,7 +224,6 @@ class _Universal:
         """Every optimizer parameter and its full shape, in flat-buffer order. ZeRO-3 ranks all
         record the same shapes (rank 0's are used); pipeline stages each record their own."""
         shapes: dict[str, tuple[int, ...]] = {}
-        self.groups: dict[str, int] = {}
         for meta in metas[:1] if stage3 else metas:
             if meta.param_shapes is None:
                 if meta.raw.get("param_shapes") is None:
@@ -323,7 +326,8 @@ class _Universal:
             fragment = m.frozen_fragments.get(name)
             if fragment is None:
                 return None  # its missing key is a finding already
-            if fragment.numel() < per:
+            # ZeRO-2 saves the whole tensor; ZeRO-3 a zero-padded piece of `per` elements.
+            if fragment.numel() < per or (dp == 1 and fragment.numel() != numel):
                 self.note(
                     ERROR,
                     "short-partition",
