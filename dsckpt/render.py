@@ -455,6 +455,8 @@ def layout_json(layout: Layout, params: bool = False) -> dict[str, Any]:
         "other_tags": list(layout.other_tags),
         "unreadable_files": list(layout.unreadable),
     }
+    if layout.universal is not None:
+        data["universal"] = universal_json(layout)
     if params:
         data["params"] = [
             {
@@ -510,6 +512,7 @@ def _summary(layout: Layout) -> Table:
                 "zero": "DeepSpeed ZeRO optimizer",
                 "bf16_optimizer": "DeepSpeed BF16_Optimizer",
                 "torch": "plain torch optimizer in model states",
+                "universal": "ds_to_universal's zero/<param>/ folders",
                 "none": "none",
             }.get(layout.optimizer, layout.optimizer),
         ),
@@ -533,6 +536,8 @@ def _summary(layout: Layout) -> Table:
             value = "unreadable" if not c["tensors"] else f"at least {value} (files unreadable)"
         rows.append((label, value))
     rows.append(("on disk", f"{human_bytes(layout.bytes_on_disk)} in {len(layout.files)} files"))
+    if layout.universal is not None:
+        rows.append(("zero/", _universal_line(layout)))
     for key, value in rows:
         _row(table, key, value)
     return table
@@ -549,6 +554,43 @@ def _unreadable_summary(table: Table, layout: Layout) -> Table:
     for key, value in rows:
         _row(table, key, value)
     return table
+
+
+def universal_json(layout: Layout) -> dict[str, Any]:
+    """A universal checkpoint's zero/ folders: which optimizer state each holds."""
+    info = layout.universal
+    assert info is not None
+    return {
+        "source_zero_stage": info.source_stage,
+        "param_groups": info.param_groups,
+        "bytes_on_disk": info.bytes_on_disk,
+        "universal_checkpoint_info": dict(info.patterns),
+        "params": [
+            {
+                "name": p.name,
+                "trainable": p.trainable,
+                "states": sorted(p.states) + (["step"] if p.step is not None else []),
+                "step": p.step,
+                "vocab_rows": p.vocab_rows,
+            }
+            for p in info.params
+        ],
+    }
+
+
+def _universal_line(layout: Layout) -> str:
+    info = layout.universal
+    assert info is not None
+    trainable = [p for p in info.params if p.trainable]
+    held = sorted({s for p in trainable for s in p.states} | (
+        {"step"} if any(p.step is not None for p in trainable) else set()))
+    copies = len(info.params) - len(trainable)
+    # ds_to_universal also copies module tensors (buffers, frozen) there, cast to float32.
+    extra = f" + {copies} module copies" if copies else ""
+    return (
+        f"{len(trainable)} parameters ({' '.join(held) or 'no state'}){extra}, "
+        f"{human_bytes(info.bytes_on_disk)}"
+    )
 
 
 def _files(layout: Layout) -> Table:

@@ -680,6 +680,12 @@ def _topology(layout: Layout) -> str:
 def _optimizer_plans(layout: Layout, master: ConsolidationPlan) -> Any:
     from dsckpt.plan.optim_state import plan_optimizer_state
 
+    if layout.kind == "universal":
+        raise UnsupportedLayout(
+            f"{layout.dir} is a universal checkpoint: verify checks its weights against an "
+            "output (`dsckpt verify CKPT OUT.safetensors`); comparing its optimizer state with "
+            "another checkpoint is not supported yet"
+        )
     if not layout.zero_sources:
         if layout.kind == "pipeline":
             raise UnsupportedLayout(

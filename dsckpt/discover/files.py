@@ -420,6 +420,9 @@ def _locate(path: Path, tag: str | None) -> Location:
             raise CheckpointNotFound(f"{path} has no tag {tag!r}: tags present: {_list(tags)}")
         return _location(path, tag, path / tag, tags)
     latest = path / "latest"
+    if not os.path.lexists(latest) and os.path.lexists(path / "latest_universal"):
+        # ds_to_universal names its output in `latest_universal` (load_universal reads that).
+        latest = path / "latest_universal"
     if os.path.lexists(latest):
         named = read_latest(latest)
         if not _is_dir(path / named):

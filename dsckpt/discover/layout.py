@@ -12,7 +12,7 @@ from collections import Counter, defaultdict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from dsckpt.discover import checks
 from dsckpt.discover.checks import At, BadMetadata
@@ -27,6 +27,9 @@ from dsckpt.io import dtypes
 from dsckpt.io.load import TensorRef, read_scalar, tensor_ref
 from dsckpt.io.unpickle import SavedTensor, load_saved
 from dsckpt.plan import zero
+
+if TYPE_CHECKING:
+    from dsckpt.discover.universal import UniversalInfo
 
 T = TypeVar("T")
 
@@ -96,7 +99,8 @@ class Layout:
     picked: str = ""
     step: int | None = None
     # Sources for consolidation (not rendered): fp32 partitions per mp rank, and tensors
-    # that live whole in a model-states file (buffers, frozen params, stage-0 weights).
+    # that live whole in one file (buffers, frozen params, stage-0 weights; in a universal
+    # checkpoint, each trainable parameter's zero/<name>/fp32.pt).
     zero_sources: Mapping[int, ZeroSources] = field(default_factory=dict)
     whole: Mapping[str, tuple[TensorRef, ...]] = field(default_factory=dict)
     frozen_fragments: Mapping[str, tuple[TensorRef, ...]] = field(default_factory=dict)
@@ -114,6 +118,8 @@ class Layout:
     # Files that could not be read (damaged, truncated, not a file): what they hold is unknown,
     # so inspect marks what depends on them instead of showing it as empty.
     unreadable: tuple[str, ...] = ()
+    # Universal checkpoints: the zero/<param>/ folders (see dsckpt.discover.universal).
+    universal: UniversalInfo | None = None
 
     @property
     def world_size(self) -> int:
@@ -324,24 +330,9 @@ class _Reader:
     # --- the kinds ----------------------------------------------------------------------------
 
     def universal(self) -> Layout:
-        params = sorted(p.name for p in (self.location.dir / "zero").iterdir() if p.is_dir())
-        self.note(
-            INFO,
-            "universal",
-            f"{self.location.dir} is a DeepSpeed universal checkpoint "
-            f"({len(params)} parameter folders under zero/); dsckpt reads native checkpoints",
-        )
-        return self._layout(
-            kind="universal",
-            zero_stage=0,
-            optimizer="none",
-            pp=1,
-            tp=1,
-            dp=1,
-            meta=None,
-            tensors=[],
-            sources={},
-        )
+        from dsckpt.discover.universal import read_universal
+
+        return read_universal(self)
 
     def unreadable_layout(self, exc: CorruptFile) -> Layout:
         """What the file names alone say, when a file every layout needs cannot be read."""
@@ -641,6 +632,7 @@ class _Reader:
         stage_parts: tuple[int, ...] = (),
         model_keys: tuple[str, ...] | None = None,
         model_keys_from: str = "",
+        universal: UniversalInfo | None = None,
     ) -> Layout:
         master = None
         for src in sources.values():
@@ -695,6 +687,7 @@ class _Reader:
             model_keys=model_keys or (),
             model_keys_from=model_keys_from,
             unreadable=tuple(self.unreadable),
+            universal=universal,
         )
 
     def _check_mp_files(self, meta: ModelMeta, model_files: list[RankFile]) -> None:

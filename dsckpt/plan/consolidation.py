@@ -85,14 +85,18 @@ def plan_consolidation(
     Raises:
         InconsistentCheckpoint: discovery found errors that make the values untrustworthy, or
             the plan's keys are not the model's keys as the checkpoint records them.
-        UnsupportedLayout: the layout has no consolidation here (universal checkpoints, MoE).
+        UnsupportedLayout: the layout has no consolidation here (MoE, tensor-parallel
+            universal checkpoints).
     """
     refuse_errors(layout)
-    if layout.kind == "universal":
-        raise UnsupportedLayout(
-            f"{layout.dir} is a universal checkpoint: dsckpt consolidates "
-            "native DeepSpeed checkpoints (the ones engine.save_checkpoint writes)"
-        )
+    if layout.kind == "universal" and not strip_vocab_padding and layout.universal is not None:
+        stripped = [p.name for p in layout.universal.params if p.vocab_rows is not None]
+        if stripped:
+            raise UnsupportedLayout(
+                f"{layout.dir}: the universal checkpoint holds {stripped[0]} without its "
+                "vocabulary padding (ds_to_universal drops the rows); leave out "
+                "--keep-vocab-padding"
+            )
     if layout.kind == "pipeline":
         from dsckpt.discover.pipeline import plan_pipeline_consolidation
 
@@ -129,11 +133,14 @@ def plan_consolidation(
     outputs.extend(_trainable(layout, by_kind["trainable"], out_dtype))
     present = {t.name for t in outputs}
     aliases = {e.name: e.alias_of for e in by_kind["tied"] if e.alias_of in present}
-    source = (
-        "fp32 master weights from the optimizer partitions"
-        if layout.zero_sources
-        else f"module weights ({layout.param_dtype})"
-    )
+    if layout.kind == "universal":
+        # Discovery put each trainable parameter's zero/<name>/fp32.pt in `whole`: the tensor
+        # DeepSpeed's load_universal copies into the fp32 master (and the model) unchanged.
+        source = "fp32 weights from the universal checkpoint's zero/<param>/fp32.pt"
+    elif layout.zero_sources:
+        source = "fp32 master weights from the optimizer partitions"
+    else:
+        source = f"module weights ({layout.param_dtype})"
     plan = ConsolidationPlan(tensors=tuple(outputs), aliases=aliases, source=source)
     check_complete(layout, plan, exclude_frozen)
     return plan

@@ -81,6 +81,12 @@ def topology_map(
         UsageError: a degree below 1, or a target the layers cannot fill.
         UnsupportedLayout: the checkpoint does not record what the map needs.
     """
+    if layout.kind == "universal":
+        # Its zero/ folders hold whole parameters: there are no ranks to map.
+        raise UnsupportedLayout(
+            f"{layout.dir} is a universal checkpoint: it holds every parameter whole, with no "
+            "rank partitions to map; `dsckpt inspect --params` lists them"
+        )
     src = maps.Topology(pp=layout.pp, tp=layout.tp, dp=layout.dp)
     rows = tuple(_rows(layout))
     parts = layout.stage_parts

@@ -1,0 +1,421 @@
+"""Universal checkpoints (DeepSpeed's ds_to_universal output): inspect and to-fp32.
+
+The fixtures under tests/fixtures/universal/ were written by DeepSpeed's own ds_to_universal from
+the native fixtures; the expected values are the source fixture's ground truth (the live run's
+fp32 masters) and what DeepSpeed's own load_universal put in the model (ref_universal_load.pt).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import FIXTURES, RunsAShellCommand, ckpt, facts
+from safetensors.torch import load_file
+
+from dsckpt.discover.layout import open_checkpoint
+
+UNIVERSAL = sorted(p.parent.name for p in (FIXTURES / "universal").glob("*/facts.json"))
+ZERO_UNIVERSAL = [n for n in UNIVERSAL if facts("universal", n)["source"].startswith("zero/")]
+FORMATS = ["model.safetensors", "model.bin", "shards"]
+
+
+def _load(out: Path) -> dict[str, torch.Tensor]:
+    if out.suffix == ".safetensors":
+        return load_file(out)
+    if out.suffix == ".bin":
+        return torch.load(out, weights_only=True)
+    index = out / "model.safetensors.index.json"
+    if not index.exists():
+        return load_file(out / "model.safetensors")
+    merged: dict[str, torch.Tensor] = {}
+    for shard in sorted(set(json.loads(index.read_text())["weight_map"].values())):
+        merged.update(load_file(out / shard))
+    return merged
+
+
+def _as_out(ref: torch.Tensor) -> torch.Tensor:
+    return ref.float() if ref.is_floating_point() else ref
+
+
+def _tag_dir(name: str) -> Path:
+    return ckpt("universal", name) / facts("universal", name)["tag"]
+
+
+def _digest(root: Path) -> dict[str, bytes]:
+    files = sorted(p for p in root.rglob("*") if p.is_file())
+    return {str(p.relative_to(root)): p.read_bytes() for p in files}
+
+
+def test_every_fixture_was_written_by_ds_to_universal() -> None:
+    assert len(ZERO_UNIVERSAL) >= 5 and any("z3" in n for n in UNIVERSAL)
+    for name in UNIVERSAL:
+        f = facts("universal", name)
+        assert "deepspeed.checkpoint.ds_to_universal" in f["ds_to_universal"]
+        assert (ckpt("universal", name) / "latest_universal").read_text() == f["tag"]
+        assert (_tag_dir(name) / "zero" / "optimizer_state.pt").is_file()
+
+
+def test_latest_universal_names_the_tag_when_there_is_no_latest(tmp_path: Path) -> None:
+    root = tmp_path / "ckpt"
+    shutil.copytree(ckpt("universal", "u-z2-fp32-dp2"), root)
+    shutil.copytree(ckpt("zero", "z2-fp32-dp2") / "global_step3", root / "global_step3")
+    assert open_checkpoint(root).kind == "universal"
+    (root / "latest").write_text("global_step3")  # `latest` wins: it is the native save
+    assert open_checkpoint(root).kind == "zero"
+    assert open_checkpoint(root, "global_step3_universal").kind == "universal"
+    (root / "latest").unlink()
+    (root / "latest_universal").write_text("global_step9_universal")
+    with pytest.raises(Exception, match="names tag 'global_step9_universal'"):
+        open_checkpoint(root)
+
+
+# --- inspect -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", UNIVERSAL)
+def test_inspect_reads_the_folders_and_the_model_files(cli, name: str) -> None:
+    f = facts("universal", name)
+    src_kind, src_name = f["source"].split("/")
+    src = open_checkpoint(ckpt(src_kind, src_name))
+    result = cli("inspect", ckpt("universal", name), "--json", "--params")
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert data["kind"] == "universal" and data["master_dtype"] == "float32"
+    assert data["iteration"] == src.iteration
+    assert (data["topology"]["pp"], data["topology"]["dp"]) == (src.pp, src.dp)
+    errors = [x for x in data["findings"] if x["level"] == "error"]
+    assert errors == []
+    # The same parameters as the source checkpoint, each trainable one with its zero/ folder.
+    kinds = {p["name"]: p["kind"] for p in data["params"]}
+    assert kinds == {t.name: t.kind for t in src.tensors}
+    held = {p["name"]: p for p in data["universal"]["params"] if p["trainable"]}
+    assert set(held) == {t.name for t in src.tensors if t.kind == "trainable"}
+    for p in held.values():
+        assert {"fp32", "exp_avg", "exp_avg_sq"} <= set(p["states"]), p
+        # ds_to_universal writes step.pt for ZeRO-1/2 sources only (ZeRO-3's is in
+        # zero/optimizer_state.pt).
+        assert (p["step"] == src.iteration) if src.zero_stage < 3 else (p["step"] is None)
+    assert data["universal"]["source_zero_stage"] == src.zero_stage
+
+
+def test_inspect_table_names_the_states(cli) -> None:
+    result = cli("inspect", ckpt("universal", "u-z2-fp32-dp2"), "--params")
+    assert result.exit_code == 0, result.output
+    for text in (
+        "universal checkpoint",
+        "8 parameters (exp_avg exp_avg_sq fp32 step) + 5 module copies",
+        "zero/: fp32 exp_avg exp_avg_sq, step 3",
+        "alias of embed.weight",
+        "No problems found.",
+    ):
+        assert text in result.stdout, text
+
+
+# --- to-fp32 ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("name", ZERO_UNIVERSAL)
+def test_to_fp32_equals_the_source_run_and_deepspeeds_universal_load(
+    cli, tmp_path: Path, name: str, fmt: str
+) -> None:
+    f = facts("universal", name)
+    out = tmp_path / fmt
+    shards = ["--max-shard-size", "1KB"] if fmt == "shards" else []
+    result = cli("to-fp32", ckpt("universal", name), out, *shards)
+    assert result.exit_code == 0, result.output
+    assert "universal checkpoint" in result.stdout
+    got = _load(out)
+    live = torch.load(FIXTURES / f["source_ref_live"], weights_only=True)
+    assert set(got) == set(live)  # buffers, frozen weights and tied aliases included
+    for key, value in live.items():
+        assert got[key].dtype == _as_out(value).dtype, key
+        assert torch.equal(got[key], _as_out(value)), key
+    # What DeepSpeed's own load_universal put in the fp32 masters, bit for bit.
+    assert f["ref_universal_load"], f["ref_universal_load_failure"]
+    loaded = torch.load(FIXTURES / "universal" / name / "ref_universal_load.pt", weights_only=True)
+    src = open_checkpoint(ckpt(*f["source"].split("/")))
+    for t in src.tensors:
+        if t.kind == "trainable":
+            assert torch.equal(got[t.name], loaded[t.name]), t.name
+
+
+def test_to_fp32_ignores_the_lossy_fp32_copies_of_module_tensors(tmp_path: Path) -> None:
+    # ds_to_universal gives `perm` (an int64 buffer) a float32 folder: the value written comes
+    # from the model file, in its own dtype.
+    from dsckpt.api.consolidation import consolidate
+
+    copy = _tag_dir("u-z2-fp32-dp2") / "zero" / "perm" / "fp32.pt"
+    assert torch.load(copy, weights_only=True)["param"].dtype == torch.float32
+    out = tmp_path / "m.safetensors"
+    consolidate(ckpt("universal", "u-z2-fp32-dp2"), out)
+    assert load_file(out)["perm"].dtype == torch.int64
+
+
+def test_pipeline_to_fp32_matches_the_native_consolidation(cli, tmp_path: Path) -> None:
+    f = facts("universal", "u-p2t1d1-z1-fp32")
+    native, universal = tmp_path / "native.safetensors", tmp_path / "universal.safetensors"
+    assert cli("to-fp32", ckpt("pipe", "p2t1d1-z1-fp32"), native).exit_code == 0
+    result = cli("to-fp32", ckpt("universal", "u-p2t1d1-z1-fp32"), universal)
+    assert result.exit_code == 0, result.output
+    a, b = load_file(native), load_file(universal)
+    assert set(a) == set(b)
+    truth = torch.load(FIXTURES / f["source_ref_live"], weights_only=True)
+    stale = "tied_modules.embed.position_embeddings.weight"
+    for key in a:
+        if key == stale:
+            continue
+        assert torch.equal(a[key], b[key]), key
+        assert torch.equal(truth[key][: b[key].shape[0]], b[key]), key
+    # ds_to_universal saved the embedding without its vocabulary padding (52 -> 50 rows) ...
+    assert b["tied_modules.embed.word_embeddings.weight"].shape[0] == 50
+    # ... and the tied module's untied parameter from the last stage: DeepSpeed's loader loads
+    # that copy, so dsckpt writes it, and inspect warns.
+    assert not torch.equal(truth[stale], b[stale])
+    saved = torch.load(_tag_dir("u-p2t1d1-z1-fp32") / "zero" / stale / "fp32.pt", weights_only=True)
+    assert torch.equal(saved["param"], b[stale])
+    shown = cli("inspect", ckpt("universal", "u-p2t1d1-z1-fp32"))
+    assert shown.exit_code == 0 and "pipeline_replicated_parameter_patterns" in shown.stdout
+    data = json.loads(cli("inspect", ckpt("universal", "u-p2t1d1-z1-fp32"), "--json").stdout)
+    recorded = data["universal"]["universal_checkpoint_info"]
+    assert recorded["original_vocab_size"] == 50 and recorded["padded_vocab_size"] == 52
+    assert recorded["vocabulary_parameter_patterns"] == [
+        r"tied_modules\.embed\.word_embeddings\.weight"
+    ]
+
+
+def test_keeping_vocab_padding_is_refused_when_the_rows_are_gone(cli, tmp_path: Path) -> None:
+    out = tmp_path / "m.safetensors"
+    result = cli("to-fp32", ckpt("universal", "u-p2t1d1-z1-fp32"), out, "--keep-vocab-padding")
+    assert result.exit_code == 1
+    assert "without its vocabulary padding" in result.stderr and not out.exists()
+
+
+# --- damaged universal checkpoints: a finding for inspect, a one-line refusal for to-fp32 -------
+
+
+def _damaged(tmp_path: Path, name: str, damage) -> Path:  # type: ignore[no-untyped-def]
+    root = tmp_path / name
+    shutil.copytree(ckpt("universal", name), root)
+    damage(root / facts("universal", name)["tag"])
+    return root
+
+
+def _remove_folder(tag: Path) -> None:
+    shutil.rmtree(tag / "zero" / "fc1.weight")
+
+
+def _extra_folder(tag: Path) -> None:
+    shutil.copytree(tag / "zero" / "fc1.weight", tag / "zero" / "decoder.weight")
+
+
+def _extra_file(tag: Path) -> None:
+    (tag / "zero" / "fc1.weight" / "notes.txt").write_text("hi")
+
+
+def _wrong_shape(tag: Path) -> None:
+    shutil.copyfile(tag / "zero" / "fc1.bias" / "fp32.pt", tag / "zero" / "fc1.weight" / "fp32.pt")
+
+
+def _missing_fp32(tag: Path) -> None:
+    (tag / "zero" / "fc1.weight" / "fp32.pt").unlink()
+
+
+def _mixed_steps(tag: Path) -> None:
+    torch.save(torch.tensor(7.0), tag / "zero" / "fc1.weight" / "step.pt")
+
+
+def _bf16_state(tag: Path) -> None:
+    path = tag / "zero" / "fc1.weight" / "fp32.pt"
+    saved = torch.load(path, weights_only=True)
+    torch.save({"param": saved["param"].bfloat16(), "cat_dim": 0}, path)
+
+
+def _fused(tag: Path) -> None:
+    path = tag / "zero" / "fc1.weight" / "fp32.pt"
+    saved = torch.load(path, weights_only=True)
+    torch.save({**saved, "param_n_sub_params": 2}, path)
+
+
+def _linked_folder(tag: Path) -> None:
+    os.symlink(tag / "zero" / "fc1.weight", tag / "zero" / "fc9.weight")
+
+
+def _missing_rank(tag: Path) -> None:
+    (tag / "zero_pp_rank_1_mp_rank_00_model_states.pt").unlink()
+
+
+def _truncated(tag: Path) -> None:
+    path = tag / "zero" / "fc1.weight" / "exp_avg.pt"
+    path.write_bytes(path.read_bytes()[:300])
+
+
+def _no_model_files(tag: Path) -> None:
+    (tag / "mp_rank_00_model_states.pt").unlink()
+
+
+def _missing_stage(tag: Path) -> None:
+    (tag / "mp_rank_01_model_states.pt").unlink()
+
+
+def _native_file_beside(tag: Path) -> None:
+    name = "zero_pp_rank_0_mp_rank_00_optim_states.pt"
+    shutil.copyfile(ckpt("zero", "z2-fp32-dp2") / "global_step3" / name, tag / name)
+
+
+def _short_frozen(tag: Path) -> None:
+    path = tag / "mp_rank_00_model_states.pt"
+    state = torch.load(path, weights_only=True)
+    state["frozen_param_fragments"]["adapter.bias"] = torch.zeros(3)
+    torch.save(state, path)
+
+
+DAMAGE = {
+    "missing-folder": ("u-z2-fp32-dp2", _remove_folder, "missing-param-folder", "fc1.weight"),
+    "extra-folder": ("u-z2-fp32-dp2", _extra_folder, "extra-param-folder", "decoder.weight"),
+    "extra-file": ("u-z2-fp32-dp2", _extra_file, "extra-param-file", "notes.txt"),
+    "wrong-shape": ("u-z2-fp32-dp2", _wrong_shape, "bad-metadata", "shape [5, 7]"),
+    "missing-fp32": ("u-z3-fp32-dp2", _missing_fp32, "missing-param-folder", "fp32.pt"),
+    "mixed-steps": ("u-z2-fp32-dp2", _mixed_steps, "mixed-runs", "step 7"),
+    "bf16-state": ("u-z2-bf16-dp2", _bf16_state, "bad-metadata", "bfloat16"),
+    "fused": ("u-z2-fp32-dp2", _fused, "unsupported-universal", "param_n_sub_params"),
+    "linked-folder": ("u-z2-fp32-dp2", _linked_folder, "extra-param-file", "fc9.weight"),
+    "missing-rank": ("u-z3-fp32-dp2", _missing_rank, "missing-rank-file", "zero_pp_rank_1"),
+    "truncated": ("u-z2-fp32-dp2", _truncated, "corrupt-file", "exp_avg.pt"),
+    "missing-stage": ("u-p2t1d1-z1-fp32", _missing_stage, "missing-rank-file", "mp_rank_01"),
+    "native-beside": ("u-z2-fp32-dp2", _native_file_beside, "unrelated-files", "two"),
+    "short-frozen": ("u-z2-fp32-dp2", _short_frozen, "short-partition", "adapter.bias"),
+    "no-model-files": ("u-z2-fp32-dp2", _no_model_files, "missing-rank-file", "model-states"),
+}
+
+
+@pytest.mark.parametrize("case", list(DAMAGE))
+def test_damage_is_a_finding_and_refuses_writing(cli, tmp_path: Path, case: str) -> None:
+    name, damage, code, text = DAMAGE[case]
+    root = _damaged(tmp_path, name, damage)
+    before = _digest(root)
+    result = cli("inspect", root, "--json")
+    assert result.exit_code == 1, result.output
+    found = [x for x in json.loads(result.stdout)["findings"] if x["level"] == "error"]
+    assert any(x["code"] == code and text in x["message"] for x in found), found
+    out = tmp_path / "out.safetensors"
+    result = cli("to-fp32", root, out)
+    assert result.exit_code == 1, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    assert not out.exists() and _digest(root) == before
+
+
+def test_missing_moments_are_a_warning_only(cli, tmp_path: Path) -> None:
+    root = _damaged(
+        tmp_path, "u-z2-fp32-dp2", lambda t: (t / "zero" / "fc1.weight" / "exp_avg.pt").unlink()
+    )
+    result = cli("inspect", root)
+    assert result.exit_code == 0 and "no exp_avg.pt" in result.stdout, result.output
+    assert cli("to-fp32", root, tmp_path / "m.safetensors").exit_code == 0
+
+
+def test_missing_optimizer_state_is_a_warning_only(cli, tmp_path: Path) -> None:
+    root = _damaged(
+        tmp_path, "u-z3-fp32-dp2", lambda t: (t / "zero" / "optimizer_state.pt").unlink()
+    )
+    result = cli("inspect", root)
+    assert result.exit_code == 0 and "optimizer_state.pt is missing" in result.stdout
+    assert cli("to-fp32", root, tmp_path / "m.safetensors").exit_code == 0
+
+
+def test_a_state_file_that_runs_code_is_refused_and_nothing_runs(cli, tmp_path: Path) -> None:
+    marker = tmp_path / "ran"
+
+    def plant(tag: Path) -> None:
+        torch.save({"param": RunsAShellCommand(marker)}, tag / "zero" / "fc1.weight" / "fp32.pt")
+
+    root = _damaged(tmp_path, "u-z2-fp32-dp2", plant)
+    for args in (("inspect", root), ("to-fp32", root, tmp_path / "m.safetensors")):
+        result = cli(*args)
+        assert result.exit_code == 1 and "`posix.system`" in result.stderr, result.output
+        assert len(result.stderr.strip().splitlines()) == 1
+    assert not marker.exists()
+
+
+def test_reshape_still_refuses_universal_checkpoints(cli, tmp_path: Path) -> None:
+    result = cli("reshape", ckpt("universal", "u-z2-fp32-dp2"), tmp_path / "out", "--dp", "3")
+    assert result.exit_code == 1 and "universal" in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("name", ["u-z2-fp32-dp2", "u-p2t1d1-z1-fp32"])
+def test_show_map_says_there_are_no_ranks_to_map(cli, name: str) -> None:
+    result = cli("show-map", ckpt("universal", name))
+    assert result.exit_code == 1, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "no rank partitions to map" in lines[0], result.output
+
+
+def test_verify_checks_an_output_and_refuses_a_checkpoint_pair(cli, tmp_path: Path) -> None:
+    src = ckpt("universal", "u-z3-fp32-dp2")
+    out = tmp_path / "m.safetensors"
+    assert cli("to-fp32", src, out).exit_code == 0
+    result = cli("verify", src, out)
+    assert result.exit_code == 0 and result.stdout.startswith("equal"), result.output
+    # A weight changed behind dsckpt's back is caught.
+    from safetensors.torch import save_file
+
+    tensors = load_file(out)
+    tensors["fc1.bias"] = tensors["fc1.bias"] + 1
+    save_file(tensors, out, metadata={"format": "pt"})
+    assert cli("verify", src, out).exit_code == 1
+    result = cli("verify", src, ckpt("zero", "z3-fp32-dp2"))
+    assert result.exit_code == 1 and "is a universal checkpoint" in result.stderr, result.output
+
+
+# --- DeepSpeed's own load_universal, live, at another DP size ------------------------------------
+
+LIVE = [("u-z2-bf16-dp2", 3), ("u-z3-fp32-dp2", 3)]
+
+
+@pytest.mark.deepspeed
+@pytest.mark.parametrize(("name", "dp"), LIVE, ids=[f"{n}-at-dp{d}" for n, d in LIVE])
+def test_to_fp32_is_what_load_universal_loads_at_another_dp(
+    tmp_path: Path, name: str, dp: int
+) -> None:
+    """A universal checkpoint loads at any DP; whatever the DP, DeepSpeed's loader puts the
+    to-fp32 values in the fp32 masters (ref_universal_load.pt covers the source DP)."""
+    pytest.importorskip("deepspeed")
+    import socket
+    import subprocess
+    import sys
+
+    from dsckpt.api.consolidation import consolidate
+
+    kind, source = facts("universal", name)["source"].split("/")
+    src = facts(kind, source)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    args = list(src["train_args"])
+    args[args.index("--steps") + 1] = "0"
+    loaded = tmp_path / "loaded.pt"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(dp),
+           "--master_addr", "127.0.0.1", "--master_port", str(port),
+           "tests/fixtures/train_zero.py", *args, "--load", str(ckpt("universal", name)),
+           "--load-universal", "--weights-out", str(loaded)]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}
+    env["CUDA_VISIBLE_DEVICES"] = ""
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env,
+                          cwd=Path(__file__).parent.parent)  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    out = tmp_path / "m.safetensors"
+    consolidate(ckpt("universal", name), out)
+    got = load_file(out)
+    live = torch.load(loaded, weights_only=True)
+    trainable = [t.name for t in open_checkpoint(ckpt("universal", name)).tensors
+                 if t.kind == "trainable"]  # fmt: skip
+    assert trainable
+    for key in trainable:
+        assert torch.equal(got[key], live[key]), key
