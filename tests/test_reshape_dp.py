@@ -29,8 +29,8 @@ from conftest import FIXTURES, ZERO, ckpt, facts
 from typer.testing import CliRunner
 
 from dsckpt.api.reshaping import reshape
+from dsckpt.discover import zero
 from dsckpt.errors import UsageError
-from dsckpt.plan import zero
 from dsckpt.plan.zero_reshape import (
     Partition,
     Run,

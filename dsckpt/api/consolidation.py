@@ -12,8 +12,12 @@ from typing import TYPE_CHECKING, Any
 from dsckpt.discover.layout import Layout, open_checkpoint
 from dsckpt.errors import OutputError, UsageError
 from dsckpt.execute.executor import iter_tensors, materialize
+from dsckpt.execute.formats import output_format as by_suffix
+from dsckpt.execute.formats import write_output
+from dsckpt.execute.output_guard import refuse_overlap
 from dsckpt.execute.progress import ProgressSink
 from dsckpt.plan.consolidation import DTYPES, ConsolidationPlan, plan_consolidation
+from dsckpt.sizes import human_bytes
 
 if TYPE_CHECKING:
     import torch
@@ -37,14 +41,12 @@ class ConsolidateResult:
         files = f", {self.files} files" if self.files > 1 else ""
         return (
             f"wrote {self.out} ({self.format}{files}): {self.tensors} tensors{tied}, "
-            f"{self.nbytes / 2**20:.1f} MiB in {self.seconds:.2f} s; source: {self.source}"
+            f"{human_bytes(self.nbytes)} in {self.seconds:.2f} s; source: {self.source}"
         )
 
 
 def output_format(out: Path) -> str:
     """The format OUT asks for, or an OutputError naming the suffixes dsckpt writes."""
-    from dsckpt.execute.formats import output_format as by_suffix
-
     fmt = by_suffix(out)
     if fmt is None:
         raise OutputError(f"{out}: unknown output suffix {out.suffix!r}: use .safetensors, .bin "
@@ -100,8 +102,6 @@ def consolidate(
             unknown suffix, or the disk is full.
         DsckptError: the checkpoint cannot be consolidated (see the message).
     """
-    from dsckpt.execute.formats import write_output
-
     out = Path(out)
     fmt = output_format(out)
     layout = open_checkpoint(ckpt, tag)
@@ -140,8 +140,6 @@ def consolidate(
 
 
 def _refuse_inside(out: Path, layout: Layout) -> None:
-    from dsckpt.execute.output_guard import refuse_overlap
-
     refuse_overlap(out, root=layout.root, tag_dir=layout.dir, other_tags=layout.other_tags)
 
 

@@ -10,7 +10,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from dsckpt.discover.layout import open_checkpoint
 from dsckpt.errors import UnsupportedLayout, UsageError
+from dsckpt.plan.pipeline_reshape import reshape_pipeline
+from dsckpt.plan.zero_reshape import reshape_zero
 
 
 def reshape(ckpt: Path | str, out: Path | str, *, dp: int | None = None, tp: int | None = None,
@@ -29,15 +32,11 @@ def reshape(ckpt: Path | str, out: Path | str, *, dp: int | None = None, tp: int
     Raises:
         UsageError, InconsistentCheckpoint, UnsupportedLayout, OutputError: one line each.
     """
-    from dsckpt.discover.layout import open_checkpoint
-
     for flag, value in (("--dp", dp), ("--tp", tp), ("--pp", pp)):
         if value is not None and value < 1:
             raise UsageError(f"{flag} {value}: degrees start at 1")
     layout = open_checkpoint(ckpt, tag)
     if layout.kind == "pipeline":
-        from dsckpt.plan.pipeline_reshape import reshape_pipeline
-
         return reshape_pipeline(layout, out, tp=tp, pp=pp, dp=dp,
                                 partition_method=partition_method, layer_specs=layer_specs,
                                 rules_file=rules_file, force=force, dry_run=dry_run,
@@ -48,6 +47,4 @@ def reshape(ckpt: Path | str, out: Path | str, *, dp: int | None = None, tp: int
             "can change, and there are no TP rules to apply")
     if dp is None:
         raise UsageError("give a target degree: --dp N (this checkpoint has no model parallelism)")
-    from dsckpt.plan.zero_reshape import reshape_zero
-
     return reshape_zero(layout, out, dp=dp, force=force, dry_run=dry_run, progress=progress)

@@ -28,7 +28,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from dsckpt.discover.files import Role
+from dsckpt.api.consolidation import plan_for
+from dsckpt.discover.files import Role, classify
 from dsckpt.discover.layout import Layout, open_checkpoint
 from dsckpt.errors import CorruptFile, UnsupportedLayout, UsageError
 from dsckpt.execute.executor import CAST_CHUNK, _cast, _Sources
@@ -38,7 +39,8 @@ from dsckpt.io.dtypes import DType
 from dsckpt.io.load import TensorRef, read_scalar, read_tensor, tensor_ref
 from dsckpt.io.unpickle import SavedTensor, load_saved
 from dsckpt.plan.consolidation import DTYPES, ConsolidationPlan, OutputTensor
-from dsckpt.render import human_bytes
+from dsckpt.plan.optim_state import plan_optimizer_state
+from dsckpt.sizes import human_bytes
 
 # How many differing names the one-line result shows (the JSON lists them all).
 SHOWN = 3
@@ -528,8 +530,6 @@ def _plan(
     strip_vocab_padding: bool,
     from_layers: bool = False,
 ) -> ConsolidationPlan:
-    from dsckpt.api.consolidation import plan_for
-
     return plan_for(
         layout,
         dtype=dtype,
@@ -674,8 +674,6 @@ def _topology(layout: Layout) -> str:
 
 
 def _optimizer_plans(layout: Layout, master: ConsolidationPlan) -> Any:
-    from dsckpt.plan.optim_state import plan_optimizer_state
-
     if not layout.zero_sources:
         if layout.kind == "pipeline":
             raise UnsupportedLayout(
@@ -817,8 +815,6 @@ def is_checkpoint(path: Path) -> bool:
         return False
     if (path / "latest").is_file():
         return True
-    from dsckpt.discover.files import classify
-
     return any(classify(p) is not None for p in path.iterdir() if p.is_file()) or any(
         p.is_dir() and any(classify(q) is not None for q in p.iterdir() if q.is_file())
         for p in path.iterdir()

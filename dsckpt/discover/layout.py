@@ -10,13 +10,15 @@ from __future__ import annotations
 
 from collections import Counter, defaultdict
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-from dsckpt.discover import checks
+from dsckpt.discover import checks, zero
 from dsckpt.discover.checks import At, BadMetadata
 from dsckpt.discover.files import Location, RankFile, Role, UnsupportedFile, locate, survey
+from dsckpt.discover.model import ERROR, INFO, WARNING, Finding, Layout, TensorEntry, ZeroSources
+from dsckpt.discover.pipeline import read_pipeline
 from dsckpt.errors import (
     CheckpointNotFound,
     CorruptFile,
@@ -26,99 +28,10 @@ from dsckpt.errors import (
 from dsckpt.io import dtypes
 from dsckpt.io.load import TensorRef, read_scalar, tensor_ref
 from dsckpt.io.unpickle import SavedTensor, load_saved
-from dsckpt.plan import zero
 
 T = TypeVar("T")
 
-ERROR, WARNING, INFO = "error", "warning", "info"
 MODEL_INFO_KEYS = ("args", "checkpoint_info", "universal_checkpoint_info")
-
-
-@dataclass(frozen=True)
-class Finding:
-    """Something wrong or notable about the checkpoint. ``code`` is a stable slug for tools."""
-
-    level: str
-    code: str
-    message: str
-
-
-@dataclass(frozen=True)
-class TensorEntry:
-    """One tensor of the consolidated model and where its values come from."""
-
-    name: str
-    shape: tuple[int, ...]
-    dtype: str  # as saved in the model weights (module dtype), e.g. "bfloat16"
-    kind: str  # "trainable" | "frozen" | "buffer" | "tied"
-    placement: str  # how it is partitioned or sliced, for people
-    group: int | None = None  # optimizer group (ZeRO-1/2) or sub-group (ZeRO-3)
-    alias_of: str | None = None
-
-    @property
-    def numel(self) -> int:
-        return zero.numel(self.shape)
-
-
-@dataclass(frozen=True)
-class ZeroSources:
-    """Byte locations of the fp32 master weights of one model-parallel rank, per DP rank."""
-
-    stage: int
-    fp32: tuple[tuple[TensorRef, ...], ...]  # [dp][group or sub-group]
-    groups: tuple[zero.Zero12Group, ...] = ()  # ZeRO-1/2 and BF16_Optimizer
-    zero3: zero.Zero3Layout | None = None
-
-
-@dataclass(frozen=True)
-class Layout:
-    """Everything discovery learned about one checkpoint tag."""
-
-    root: Path
-    tag: str | None
-    dir: Path
-    kind: str  # "zero" | "zero3" | "plain" | "pipeline" | "universal"
-    zero_stage: int
-    optimizer: str  # "zero" | "bf16_optimizer" | "torch" | "none"
-    pp: int
-    tp: int
-    dp: int
-    param_dtype: str | None
-    master_dtype: str | None
-    iteration: int | None
-    ds_version: str | None
-    files: tuple[RankFile, ...]
-    tensors: tuple[TensorEntry, ...]
-    findings: tuple[Finding, ...]
-    other_tags: tuple[str, ...] = ()
-    # Sources for consolidation (not rendered): fp32 partitions per mp rank, and tensors
-    # that live whole in a model-states file (buffers, frozen params, stage-0 weights).
-    zero_sources: Mapping[int, ZeroSources] = field(default_factory=dict)
-    whole: Mapping[str, tuple[TensorRef, ...]] = field(default_factory=dict)
-    frozen_fragments: Mapping[str, tuple[TensorRef, ...]] = field(default_factory=dict)
-    # Megatron-DeepSpeed's own description of the model (args, checkpoint_info,
-    # universal_checkpoint_info), where the run stored it: input to the TP merge rules.
-    model_info: Mapping[str, Any] = field(default_factory=dict)
-    # Pipelines: stage boundaries over the layer indices (len pp + 1), as far as the files show
-    # them (layers without parameters at the very end leave no trace); empty when unknown.
-    stage_parts: tuple[int, ...] = ()
-    # Every key of the model's state dict as the checkpoint records it independently of the
-    # partitions (ZeRO and plain: the keys of `module`; pipelines: param_shapes and the layer
-    # files), and where that record is: what a consolidation must write, no more, no less.
-    model_keys: tuple[str, ...] = ()
-    model_keys_from: str = ""
-
-    @property
-    def world_size(self) -> int:
-        return self.pp * self.tp * self.dp
-
-    @property
-    def errors(self) -> list[Finding]:
-        return [f for f in self.findings if f.level == ERROR]
-
-    @property
-    def bytes_on_disk(self) -> int:
-        return sum(f.size for f in self.files)
 
 
 def refuse_errors(layout: Layout) -> None:
@@ -556,10 +469,6 @@ class _Reader:
         )
 
     def _pipeline(self, model_files: list[RankFile]) -> Layout:
-        from dsckpt.discover.pipeline import (
-            read_pipeline,  # pipeline discovery lives with the 3D code
-        )
-
         return read_pipeline(self, model_files)
 
     # --- shared pieces ------------------------------------------------------------------------

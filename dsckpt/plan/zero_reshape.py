@@ -43,9 +43,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from dsckpt.discover import zero
 from dsckpt.errors import InconsistentCheckpoint, OutputError, UnsupportedLayout, UsageError
 from dsckpt.io import dtypes
-from dsckpt.plan import zero
+from dsckpt.sizes import human_bytes
 
 if TYPE_CHECKING:
     from dsckpt.discover.layout import Layout
@@ -718,15 +719,7 @@ class ReshapeResult:
                     f"(would write {self.out}/{self.tag}/)")
         return (f"wrote {self.out} (tag {self.tag}): {what} resharded from DP "
                 f"{self.plan.source_dp} to DP {self.plan.dp}, {len(self.files)} files, "
-                f"{_human(self.nbytes)}{skipped_note(self.skipped)}")
-
-
-def _human(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if n < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n} B"
+                f"{human_bytes(self.nbytes)}{skipped_note(self.skipped)}")
 
 
 def plan_reshape(ckpt: Path | str | Layout, dp: int, tag: str | None = None
