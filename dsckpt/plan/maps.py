@@ -35,6 +35,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from itertools import pairwise
 
+from dsckpt.errors import MapError
+
 __all__ = [
     "MapError",
     "Topology",
@@ -66,10 +68,6 @@ __all__ = [
     "VocabReshard",
     "reshard_vocab",
 ]
-
-
-class MapError(ValueError):
-    """A topology, partition or split that cannot be realised, with the reason in the message."""
 
 
 def _check_positive(name: str, value: int) -> None:
