@@ -12,6 +12,7 @@ from typing import Any
 
 from dsckpt.discover.layout import open_checkpoint
 from dsckpt.errors import UnsupportedLayout, UsageError
+from dsckpt.plan.maps import check_degrees
 from dsckpt.plan.pipeline_reshape import reshape_pipeline
 from dsckpt.plan.zero_reshape import reshape_zero
 
@@ -32,9 +33,7 @@ def reshape(ckpt: Path | str, out: Path | str, *, dp: int | None = None, tp: int
     Raises:
         UsageError, InconsistentCheckpoint, UnsupportedLayout, OutputError: one line each.
     """
-    for flag, value in (("--dp", dp), ("--tp", tp), ("--pp", pp)):
-        if value is not None and value < 1:
-            raise UsageError(f"{flag} {value}: degrees start at 1")
+    check_degrees(dp=dp, tp=tp, pp=pp)
     layout = open_checkpoint(ckpt, tag)
     if layout.kind == "pipeline":
         return reshape_pipeline(layout, out, tp=tp, pp=pp, dp=dp,

@@ -347,9 +347,7 @@ def plan_pipeline(layout: Layout, *, tp: int | None = None, pp: int | None = Non
     """
     from dsckpt.plan.tp_rules import RuleError
 
-    for flag, value in (("--dp", dp), ("--tp", tp), ("--pp", pp)):
-        if value is not None and value < 1:
-            raise UsageError(f"{flag} {value}: degrees start at 1")
+    maps.check_degrees(dp=dp, tp=tp, pp=pp)
     source = open_pipeline(layout, rules_file)
     dst = maps.Topology(pp=pp or layout.pp, tp=tp or layout.tp, dp=dp or layout.dp)
     tp_plans: dict[str, TPPlan] = {}

@@ -85,9 +85,7 @@ def topology_map(
     base = TopologyMap(src=src, src_parts=tuple(parts), rows=rows, findings=layout.findings)
     if tp is None and pp is None and dp is None:
         return base
-    for flag, value in (("--tp", tp), ("--pp", pp), ("--dp", dp)):
-        if value is not None and value < 1:
-            raise UsageError(f"{flag} {value}: degrees start at 1")
+    maps.check_degrees(tp=tp, pp=pp, dp=dp)
     dst = maps.Topology(pp=pp or layout.pp, tp=tp or layout.tp, dp=dp or layout.dp)
     if layout.kind != "pipeline" and (dst.pp, dst.tp) != (layout.pp, layout.tp):
         raise UnsupportedLayout(

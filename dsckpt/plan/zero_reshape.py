@@ -44,8 +44,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from dsckpt.discover import zero
-from dsckpt.errors import InconsistentCheckpoint, OutputError, UnsupportedLayout, UsageError
+from dsckpt.errors import InconsistentCheckpoint, OutputError, UnsupportedLayout
 from dsckpt.io import dtypes
+from dsckpt.plan.maps import check_degrees
 from dsckpt.sizes import human_bytes
 
 if TYPE_CHECKING:
@@ -341,8 +342,7 @@ def plan_from_facts(facts: SourceFacts, dp: int) -> ReshapePlan:
         UnsupportedLayout: the saved layout does not follow DeepSpeed's rules as understood here
             (so a reshape could not be trusted).
     """
-    if dp < 1:
-        raise UsageError(f"--dp {dp}: the data-parallel size must be at least 1")
+    check_degrees(dp=dp)
     if facts.kind == "zero3":
         return _plan_zero3(facts, dp)
     return _plan_zero12(facts, dp)
@@ -726,8 +726,7 @@ def plan_reshape(ckpt: Path | str | Layout, dp: int, tag: str | None = None
                  ) -> tuple[Source, ReshapePlan]:
     """Open a checkpoint (a path, or an already opened Layout) and plan its reshape to ``dp``
     ranks (reads metadata only)."""
-    if dp < 1:
-        raise UsageError(f"--dp {dp}: the data-parallel size must be at least 1")
+    check_degrees(dp=dp)
     source = open_source(ckpt, tag)
     return source, plan_from_facts(source.facts, dp)
 
