@@ -10,13 +10,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from dsckpt.discover.layout import Layout, open_checkpoint
-from dsckpt.errors import OutputError, UsageError
+from dsckpt.errors import OutputError
 from dsckpt.execute.executor import iter_tensors, materialize
 from dsckpt.execute.formats import output_format as by_suffix
 from dsckpt.execute.formats import write_output
 from dsckpt.execute.output_guard import refuse_overlap
 from dsckpt.execute.progress import ProgressSink
-from dsckpt.plan.consolidation import DTYPES, ConsolidationPlan, plan_consolidation
+from dsckpt.plan.consolidation import ConsolidationPlan, plan_consolidation
+from dsckpt.plan.model import ConsolidationOptions
 from dsckpt.sizes import human_bytes
 
 if TYPE_CHECKING:
@@ -64,17 +65,21 @@ def plan_for(
     from_layers: bool = False,
     strip_vocab_padding: bool = True,
 ) -> ConsolidationPlan:
-    if dtype not in DTYPES:
-        raise UsageError(f"--dtype {dtype}: choose one of {', '.join(DTYPES)}")
-    layout = ckpt if isinstance(ckpt, Layout) else open_checkpoint(ckpt, tag)
-    return plan_consolidation(
-        layout,
-        dtype,
+    """The consolidation plan of a checkpoint (a path, or an already opened Layout).
+
+    Raises:
+        UsageError: an unknown ``dtype`` (checked before the checkpoint is opened).
+        DsckptError: the checkpoint cannot be consolidated (see the message).
+    """
+    options = ConsolidationOptions(
+        dtype,  # type: ignore[arg-type]  (checked by ConsolidationOptions)
         exclude_frozen,
-        rules_file=rules_file,
-        from_layers=from_layers,
-        strip_vocab_padding=strip_vocab_padding,
+        rules_file,
+        from_layers,
+        strip_vocab_padding,
     )
+    layout = ckpt if isinstance(ckpt, Layout) else open_checkpoint(ckpt, tag)
+    return plan_consolidation(layout, options)
 
 
 def consolidate(
@@ -106,14 +111,14 @@ def consolidate(
     fmt = output_format(out)
     layout = open_checkpoint(ckpt, tag)
     _refuse_inside(out, layout)
-    plan = plan_for(
-        layout,
-        dtype=dtype,
-        exclude_frozen=exclude_frozen,
-        rules_file=rules_file,
-        from_layers=from_layers,
-        strip_vocab_padding=strip_vocab_padding,
+    options = ConsolidationOptions(
+        dtype,  # type: ignore[arg-type]  (checked by ConsolidationOptions)
+        exclude_frozen,
+        rules_file,
+        from_layers,
+        strip_vocab_padding,
     )
+    plan = plan_consolidation(layout, options)
     metadata = {"format": "pt", "dsckpt.source": plan.source}
     if plan.aliases:
         metadata[ALIASES_KEY] = json.dumps(plan.aliases, sort_keys=True)

@@ -8,20 +8,20 @@ pipeline / Megatron-DeepSpeed checkpoints to :mod:`dsckpt.pipeline_reshape` (``-
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 from dsckpt.discover.layout import open_checkpoint
 from dsckpt.errors import UnsupportedLayout, UsageError
+from dsckpt.execute.progress import ProgressSink
 from dsckpt.plan.maps import check_degrees
-from dsckpt.plan.pipeline_reshape import reshape_pipeline
-from dsckpt.plan.zero_reshape import reshape_zero
+from dsckpt.plan.pipeline_reshape import PipelineReshapeResult, reshape_pipeline
+from dsckpt.plan.zero_reshape import ReshapeResult, reshape_zero
 
 
 def reshape(ckpt: Path | str, out: Path | str, *, dp: int | None = None, tp: int | None = None,
             pp: int | None = None, partition_method: str = "parameters",
             layer_specs: str | None = None, rules_file: Path | None = None,
             tag: str | None = None, force: bool = False, dry_run: bool = False,
-            progress: Any = None) -> Any:
+            progress: ProgressSink | None = None) -> ReshapeResult | PipelineReshapeResult:
     """Write ``ckpt`` re-partitioned for a new topology to ``out``; an omitted degree is kept.
 
     ``out`` becomes a save_dir DeepSpeed loads at the new size with

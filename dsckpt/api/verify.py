@@ -28,7 +28,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from dsckpt.api.consolidation import plan_for
 from dsckpt.discover.files import Role, classify
 from dsckpt.discover.layout import Layout, open_checkpoint
 from dsckpt.errors import CorruptFile, UnsupportedLayout, UsageError
@@ -38,7 +37,8 @@ from dsckpt.io import dtypes
 from dsckpt.io.dtypes import DType
 from dsckpt.io.load import TensorRef, read_scalar, read_tensor, tensor_ref
 from dsckpt.io.unpickle import SavedTensor, load_saved
-from dsckpt.plan.consolidation import DTYPES, ConsolidationPlan, OutputTensor
+from dsckpt.plan.consolidation import DTYPES, ConsolidationPlan, OutputTensor, plan_consolidation
+from dsckpt.plan.model import ConsolidationOptions
 from dsckpt.plan.optim_state import plan_optimizer_state
 from dsckpt.sizes import human_bytes
 
@@ -466,9 +466,14 @@ def verify_output(
     strict = dtype is not None
     if dtype is None:
         dtype = _dtype_of(stored)
-    elif dtype not in DTYPES:
-        raise UsageError(f"--dtype {dtype}: choose one of {', '.join(DTYPES)}")
-    plan = _plan(layout, dtype, exclude_frozen, rules_file, strip_vocab_padding, from_layers)
+    options = ConsolidationOptions(
+        dtype,  # type: ignore[arg-type]  (checked by ConsolidationOptions)
+        exclude_frozen,
+        rules_file,
+        from_layers,
+        strip_vocab_padding,
+    )
+    plan = plan_consolidation(layout, options)
     result = VerifyResult("output", layout.root, stored.path, stored.format)
     if dtype != "fp32" and not strict:
         result.notes.append(f"OUT holds {DTYPES[dtype]}: compared with the weights cast to it")
@@ -520,24 +525,6 @@ def verify_output(
         )
     result.seconds = time.perf_counter() - started
     return result
-
-
-def _plan(
-    layout: Layout,
-    dtype: str,
-    exclude_frozen: bool,
-    rules_file: Path | None,
-    strip_vocab_padding: bool,
-    from_layers: bool = False,
-) -> ConsolidationPlan:
-    return plan_for(
-        layout,
-        dtype=dtype,
-        exclude_frozen=exclude_frozen,
-        rules_file=rules_file,
-        strip_vocab_padding=strip_vocab_padding,
-        from_layers=from_layers,
-    )
 
 
 def _dtype_of(stored: StoredOutput) -> str:
@@ -623,8 +610,9 @@ def verify_checkpoints(
     result = VerifyResult("checkpoints", layout_a.root, layout_b.root, _topology(layout_b))
     result.notes.append(f"{_topology(layout_a)} vs {_topology(layout_b)}")
     # Megatron's vocabulary padding depends on TP: strip it (as to-fp32 does) on both sides.
-    plan_a = _plan(layout_a, "fp32", False, rules_file, True)
-    plan_b = _plan(layout_b, "fp32", False, rules_file, True)
+    options = ConsolidationOptions(rules_file=rules_file)
+    plan_a = plan_consolidation(layout_a, options)
+    plan_b = plan_consolidation(layout_b, options)
     pairs: list[tuple[str, ConsolidationPlan, ConsolidationPlan]] = [("", plan_a, plan_b)]
     state_a, state_b = _optimizer_plans(layout_a, plan_a), _optimizer_plans(layout_b, plan_b)
     check_steps = None

@@ -12,12 +12,23 @@ from collections import Counter, defaultdict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 from dsckpt.discover import checks, zero
 from dsckpt.discover.checks import At, BadMetadata
 from dsckpt.discover.files import Location, RankFile, Role, UnsupportedFile, locate, survey
-from dsckpt.discover.model import ERROR, INFO, WARNING, Finding, Layout, TensorEntry, ZeroSources
+from dsckpt.discover.model import (
+    ERROR,
+    INFO,
+    WARNING,
+    CheckpointKind,
+    Finding,
+    Layout,
+    Level,
+    OptimizerKind,
+    TensorEntry,
+    ZeroSources,
+)
 from dsckpt.discover.pipeline import read_pipeline
 from dsckpt.errors import (
     CheckpointNotFound,
@@ -118,7 +129,7 @@ class OptimMeta:
     """The checked metadata of one ZeRO-1/2/3 or BF16_Optimizer optimizer file."""
 
     file: RankFile
-    kind: str  # "zero" | "bf16_optimizer"
+    kind: Literal["zero", "bf16_optimizer"]
     stage: int
     counts: tuple[int, ...]  # partition_count, per group (ZeRO-3: one)
     fp32: tuple[SavedTensor, ...]  # per group (ZeRO-1/2) or sub-group (ZeRO-3)
@@ -142,7 +153,7 @@ class _Reader:
         self.findings: list[Finding] = []
         self._cache: dict[str, Any] = {}
 
-    def note(self, level: str, code: str, message: str) -> None:
+    def note(self, level: Level, code: str, message: str) -> None:
         self.findings.append(Finding(level, code, message))
 
     def path(self, f: RankFile) -> Path:
@@ -476,9 +487,9 @@ class _Reader:
     def _layout(
         self,
         *,
-        kind: str,
+        kind: CheckpointKind,
         zero_stage: int,
-        optimizer: str,
+        optimizer: OptimizerKind,
         pp: int,
         tp: int,
         dp: int,

@@ -9,20 +9,29 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from dsckpt.discover import zero
 from dsckpt.discover.files import RankFile
 from dsckpt.io.load import TensorRef
 
-ERROR, WARNING, INFO = "error", "warning", "info"
+# The closed vocabularies of a Layout, as types: a misspelt kind is a type error, not a branch
+# that silently never matches.
+CheckpointKind = Literal["zero", "zero3", "plain", "pipeline", "universal"]
+OptimizerKind = Literal["zero", "bf16_optimizer", "torch", "none"]
+TensorKind = Literal["trainable", "frozen", "buffer", "tied"]
+Level = Literal["error", "warning", "info"]
+
+ERROR: Level = "error"
+WARNING: Level = "warning"
+INFO: Level = "info"
 
 
 @dataclass(frozen=True)
 class Finding:
     """Something wrong or notable about the checkpoint. ``code`` is a stable slug for tools."""
 
-    level: str
+    level: Level
     code: str
     message: str
 
@@ -34,7 +43,7 @@ class TensorEntry:
     name: str
     shape: tuple[int, ...]
     dtype: str  # as saved in the model weights (module dtype), e.g. "bfloat16"
-    kind: str  # "trainable" | "frozen" | "buffer" | "tied"
+    kind: TensorKind
     placement: str  # how it is partitioned or sliced, for people
     group: int | None = None  # optimizer group (ZeRO-1/2) or sub-group (ZeRO-3)
     alias_of: str | None = None
@@ -61,9 +70,9 @@ class Layout:
     root: Path
     tag: str | None
     dir: Path
-    kind: str  # "zero" | "zero3" | "plain" | "pipeline" | "universal"
+    kind: CheckpointKind
     zero_stage: int
-    optimizer: str  # "zero" | "bf16_optimizer" | "torch" | "none"
+    optimizer: OptimizerKind
     pp: int
     tp: int
     dp: int

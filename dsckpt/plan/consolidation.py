@@ -8,36 +8,31 @@ space) and can stream the copies in any order or split them across workers.
 from __future__ import annotations
 
 from collections import Counter
-from pathlib import Path
 
 from dsckpt.discover import zero
 from dsckpt.discover.layout import Layout, TensorEntry, refuse_errors
 from dsckpt.errors import InconsistentCheckpoint, UnsupportedLayout
 from dsckpt.io.dtypes import DType
 from dsckpt.io.load import TensorRef
-from dsckpt.plan.model import DTYPES, ConsolidationPlan, OutputTensor, Read
+from dsckpt.plan.model import DTYPES, ConsolidationOptions, ConsolidationPlan, OutputTensor, Read
 from dsckpt.plan.pipeline_consolidation import plan_pipeline_consolidation
 
 
 def plan_consolidation(
-    layout: Layout,
-    dtype: str = "fp32",
-    exclude_frozen: bool = False,
-    *,
-    rules_file: Path | None = None,
-    from_layers: bool = False,
-    strip_vocab_padding: bool = True,
+    layout: Layout, options: ConsolidationOptions | None = None
 ) -> ConsolidationPlan:
     """Plan the consolidated state dict of a ZeRO or plain checkpoint.
 
     The order follows DeepSpeed's ``zero_to_fp32``: buffers, frozen parameters, trainable
-    parameters, then tied aliases. Floating tensors become ``dtype``; other buffers keep theirs.
+    parameters, then tied aliases. Floating tensors become ``options.dtype``; other buffers keep
+    theirs.
 
     Raises:
         InconsistentCheckpoint: discovery found errors that make the values untrustworthy, or
             the plan's keys are not the model's keys as the checkpoint records them.
         UnsupportedLayout: the layout has no consolidation here (universal checkpoints, MoE).
     """
+    options = options or ConsolidationOptions()
     refuse_errors(layout)
     if layout.kind == "universal":
         raise UnsupportedLayout(
@@ -45,13 +40,7 @@ def plan_consolidation(
             "native DeepSpeed checkpoints (the ones engine.save_checkpoint writes)"
         )
     if layout.kind == "pipeline":
-        plan = plan_pipeline_consolidation(
-            layout,
-            dtype,
-            rules_file=rules_file,
-            from_layers=from_layers,
-            strip_vocab_padding=strip_vocab_padding,
-        )
+        plan = plan_pipeline_consolidation(layout, options)
         check_complete(layout, plan)
         return plan
     if layout.tp > 1:
@@ -60,7 +49,7 @@ def plan_consolidation(
             f"{layout.dir} has {layout.tp} model-parallel ranks but no layer files: consolidating "
             "tensor-parallel checkpoints saved without a PipelineModule is not supported yet"
         )
-    out_dtype = DTYPES[dtype]
+    out_dtype = DTYPES[options.dtype]
     by_kind: dict[str, list[TensorEntry]] = {
         "buffer": [],
         "frozen": [],
@@ -72,7 +61,7 @@ def plan_consolidation(
     outputs: list[OutputTensor] = []
     for entry in by_kind["buffer"]:
         outputs.append(_whole(entry, layout.whole[entry.name][0], out_dtype))
-    if not exclude_frozen:
+    if not options.exclude_frozen:
         for entry in by_kind["frozen"]:
             outputs.append(_frozen(layout, entry, out_dtype))
     outputs.extend(_trainable(layout, by_kind["trainable"], out_dtype))
@@ -84,7 +73,7 @@ def plan_consolidation(
         else f"module weights ({layout.param_dtype})"
     )
     plan = ConsolidationPlan(tensors=tuple(outputs), aliases=aliases, source=source)
-    check_complete(layout, plan, exclude_frozen)
+    check_complete(layout, plan, options.exclude_frozen)
     return plan
 
 

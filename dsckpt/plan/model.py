@@ -8,13 +8,45 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
 
 from dsckpt.discover import zero
+from dsckpt.errors import UsageError
 from dsckpt.io import dtypes
 from dsckpt.io.dtypes import DType
 from dsckpt.io.load import TensorRef
 
-DTYPES = {"fp32": dtypes.FLOAT32, "bf16": dtypes.BFLOAT16, "fp16": dtypes.FLOAT16}
+OutputDType = Literal["fp32", "bf16", "fp16"]
+DTYPES: dict[str, DType] = {"fp32": dtypes.FLOAT32, "bf16": dtypes.BFLOAT16, "fp16": dtypes.FLOAT16}
+
+
+@dataclass(frozen=True)
+class ConsolidationOptions:
+    """What a consolidation plan is asked for beyond the layout: one record, built once by the
+    front door (:func:`dsckpt.api.consolidation.plan_for`, ``consolidate``, ``verify``) and
+    passed down, instead of the same keywords threaded through every signature.
+
+    Attributes:
+        dtype: floating tensors are written in this dtype (``--dtype``).
+        exclude_frozen: leave frozen parameters out (``--exclude-frozen``).
+        rules_file: a user TOML/JSON of TP merge rules overriding the built-in ones (``--rules``).
+        from_layers: pipelines: take values from the layer files, not the fp32 partitions.
+        strip_vocab_padding: drop the vocabulary rows Megatron padded for TP.
+
+    Raises:
+        UsageError: an unknown ``dtype``.
+    """
+
+    dtype: OutputDType = "fp32"
+    exclude_frozen: bool = False
+    rules_file: Path | None = None
+    from_layers: bool = False
+    strip_vocab_padding: bool = True
+
+    def __post_init__(self) -> None:
+        if self.dtype not in DTYPES:
+            raise UsageError(f"--dtype {self.dtype}: choose one of {', '.join(DTYPES)}")
 
 
 @dataclass(frozen=True)

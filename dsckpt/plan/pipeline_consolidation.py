@@ -8,7 +8,6 @@ read from the fp32 ZeRO partitions of its (stage, TP rank), or from the layer fi
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from dsckpt.discover import zero
@@ -18,18 +17,11 @@ from dsckpt.discover.pipeline import layer_key_name, literal_names
 from dsckpt.errors import InconsistentCheckpoint, UnsupportedLayout
 from dsckpt.io.load import read_bytes, tensor_ref
 from dsckpt.io.unpickle import SavedTensor, load_saved
-from dsckpt.plan.model import DTYPES, ConsolidationPlan, OutputTensor, Read
+from dsckpt.plan.model import DTYPES, ConsolidationOptions, ConsolidationPlan, OutputTensor, Read
 from dsckpt.plan.tp_rules import load_rules
 
 
-def plan_pipeline_consolidation(
-    layout: Layout,
-    dtype: str,
-    *,
-    rules_file: Path | None = None,
-    from_layers: bool = False,
-    strip_vocab_padding: bool = True,
-) -> ConsolidationPlan:
+def plan_pipeline_consolidation(layout: Layout, options: ConsolidationOptions) -> ConsolidationPlan:
     """Plan one full state dict from TP slices and PP stages, named as ``param_shapes`` names them.
 
     Each parameter's TP slices combine as its rule says (see :mod:`dsckpt.plan.tp_rules`); each
@@ -39,18 +31,19 @@ def plan_pipeline_consolidation(
     info = layout.model_info
     vocab = (info.get("checkpoint_info") or {}).get("original_vocab_size")
     rules = load_rules(
-        rules_file,
+        options.rules_file,
         info.get("universal_checkpoint_info"),
         model_args=info.get("args"),
         facts={"original_vocab_size": vocab} if vocab else None,
     )
+    from_layers = options.from_layers
     slices = _layer_slices(layout) if from_layers else _zero_slices(layout)
-    out_dtype = DTYPES[dtype]
+    out_dtype = DTYPES[options.dtype]
     outputs = []
     diverged = []
     for name, per_rank in slices.items():
         shapes = [local.shape for local in per_rank]
-        tp_plan = rules.merge_plan(name, shapes, strip_padding=strip_vocab_padding)
+        tp_plan = rules.merge_plan(name, shapes, strip_padding=options.strip_vocab_padding)
         if tp_plan.combine == "copy" and not replicas_agree(per_rank):
             diverged.append(name)
         reads = compose_reads(tp_plan, per_rank)

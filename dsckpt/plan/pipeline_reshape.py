@@ -60,6 +60,7 @@ from dsckpt.sizes import human_bytes
 
 if TYPE_CHECKING:
     from dsckpt.discover.layout import Layout
+    from dsckpt.execute.progress import ProgressSink  # annotation only
     from dsckpt.io.load import TensorRef
     from dsckpt.plan.tp_rules import RuleSet, TPPlan
 
@@ -460,7 +461,7 @@ def reshape_pipeline(layout: Layout, out: Path | str, *, tp: int | None = None,
                      pp: int | None = None, dp: int | None = None,
                      partition_method: str = "parameters", layer_specs: str | None = None,
                      rules_file: Path | None = None, force: bool = False, dry_run: bool = False,
-                     progress: Any = None) -> PipelineReshapeResult:
+                     progress: ProgressSink | None = None) -> PipelineReshapeResult:
     """Write the pipeline checkpoint ``layout`` re-split for (``pp``, ``tp``, ``dp``) to ``out``.
 
     Raises:

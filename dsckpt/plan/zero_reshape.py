@@ -51,6 +51,7 @@ from dsckpt.sizes import human_bytes
 
 if TYPE_CHECKING:
     from dsckpt.discover.layout import Layout
+    from dsckpt.execute.progress import ProgressSink  # annotation only
 
 # DeepSpeed's default `zero_optimization.sub_group_size`.
 DEFAULT_SUB_GROUP_SIZE = 1_000_000_000
@@ -732,7 +733,7 @@ def plan_reshape(ckpt: Path | str | Layout, dp: int, tag: str | None = None
 
 
 def reshape_zero(layout: Layout, out: Path | str, *, dp: int, force: bool = False,
-                 dry_run: bool = False, progress: Any = None) -> ReshapeResult:
+                 dry_run: bool = False, progress: ProgressSink | None = None) -> ReshapeResult:
     """Write the ZeRO checkpoint ``layout`` re-partitioned for ``dp`` ranks to ``out`` (see
     :func:`dsckpt.reshaping.reshape`)."""
     source, plan = plan_reshape(layout, dp)
