@@ -28,12 +28,12 @@ from dsckpt.discover.model import (
     OptimizerKind,
     TensorEntry,
     ZeroSources,
+    first_error,
 )
 from dsckpt.discover.pipeline import read_pipeline
 from dsckpt.errors import (
     CheckpointNotFound,
     CorruptFile,
-    InconsistentCheckpoint,
     UnsupportedLayout,
 )
 from dsckpt.io import dtypes
@@ -48,20 +48,13 @@ MODEL_INFO_KEYS = ("args", "checkpoint_info", "universal_checkpoint_info")
 def refuse_errors(layout: Layout) -> None:
     """Raise if discovery found an error: the one gate every command that writes passes.
 
-    Unsupported layouts (``unsupported-*`` findings) are reported first, since nothing else about
-    such a checkpoint can be fixed by the user; otherwise the first error in discovery order.
-
     Raises:
-        UnsupportedLayout: files or features dsckpt does not read yet (MoE).
-        InconsistentCheckpoint: any other error finding.
+        UnsupportedLayout: files or features dsckpt does not read yet (MoE), reported first.
+        InconsistentCheckpoint: any other error finding (see :func:`first_error`).
     """
-    errors = sorted(layout.errors, key=lambda f: not f.code.startswith("unsupported"))
-    if not errors:
-        return
-    first = errors[0]
-    more = f" (and {len(errors) - 1} more; `dsckpt inspect` lists them)" if len(errors) > 1 else ""
-    cls = UnsupportedLayout if first.code.startswith("unsupported") else InconsistentCheckpoint
-    raise cls(f"{first.message}{more}")
+    error = first_error(layout.findings)
+    if error is not None:
+        raise error
 
 
 
@@ -97,7 +90,7 @@ def open_checkpoint(path: Path | str, tag: str | None = None) -> Layout:
         return reader.universal()
     if not files:
         if reader.findings and reader.findings[0].code == "unsupported-files":
-            raise UnsupportedLayout(reader.findings[0].message)
+            raise UnsupportedLayout(reader.findings[0].message)  # nothing else was read
         raise CheckpointNotFound(
             f"{location.dir} holds no DeepSpeed rank files (*_model_states.pt, *_optim_states.pt)"
         )

@@ -6,13 +6,14 @@ Frozen data with no behaviour beyond a few derived figures, so every layer above
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 from dsckpt.discover import zero
 from dsckpt.discover.files import RankFile
+from dsckpt.errors import DsckptError, InconsistentCheckpoint, UnsupportedLayout
 from dsckpt.io.load import TensorRef
 
 # The closed vocabularies of a Layout, as types: a misspelt kind is a type error, not a branch
@@ -112,3 +113,26 @@ class Layout:
     @property
     def bytes_on_disk(self) -> int:
         return sum(f.size for f in self.files)
+
+
+def first_error(
+    findings: Iterable[Finding], hint: str = "; `dsckpt inspect` lists them"
+) -> DsckptError | None:
+    """The one exception that stands for a checkpoint's error findings, or None without any.
+
+    Unsupported layouts (``unsupported-*`` findings) come first, since nothing else about such a
+    checkpoint can be fixed by the user; otherwise the first error in discovery order. The
+    message is that finding's, with how many more there are (``hint`` says where to see them).
+    Every command that turns findings into an error (the writing commands' gate, the exit
+    status of ``inspect`` and ``show-map``) goes through here.
+    """
+    errors = sorted(
+        (f for f in findings if f.level == ERROR),
+        key=lambda f: not f.code.startswith("unsupported"),
+    )
+    if not errors:
+        return None
+    first = errors[0]
+    more = f" (and {len(errors) - 1} more{hint})" if len(errors) > 1 else ""
+    cls = UnsupportedLayout if first.code.startswith("unsupported") else InconsistentCheckpoint
+    return cls(f"{first.message}{more}")
