@@ -69,7 +69,7 @@ def open_checkpoint(path: Path | str, tag: str | None = None) -> Layout:
     location = locate(Path(path), tag)
     found = survey(location)
     files, unrelated = found.rank_files, found.unrelated
-    reader = _Reader(location, files)
+    reader = Reader(location, files)
     reader.unsupported_files(found.unsupported)
     if unrelated:
         reader.note(
@@ -137,8 +137,12 @@ class OptimMeta:
         return max(self.counts)
 
 
-class _Reader:
-    """Reads one tag directory. Collects findings instead of failing where inspect can go on."""
+class Reader:
+    """Reads one tag directory. Collects findings instead of failing where inspect can go on.
+
+    Its public methods are what other discovery modules build on (:mod:`dsckpt.discover.pipeline`
+    reads pipeline checkpoints with them); underscored ones are this module's own.
+    """
 
     def __init__(self, location: Location, files: list[RankFile]) -> None:
         self.location = location
@@ -208,7 +212,7 @@ class _Reader:
             f"{self.location.dir} is a DeepSpeed universal checkpoint "
             f"({len(params)} parameter folders under zero/); dsckpt reads native checkpoints",
         )
-        return self._layout(
+        return self.make_layout(
             kind="universal",
             zero_stage=0,
             optimizer="none",
@@ -236,7 +240,7 @@ class _Reader:
             return self._plain(model_files)
         return self._zero12(model_files)
 
-    def _model_meta(self, model_files: list[RankFile]) -> ModelMeta:
+    def first_model_meta(self, model_files: list[RankFile]) -> ModelMeta:
         first = min(model_files, key=lambda f: (f.mp or 0, f.dp or 0))
         raw = self.load(first, required=True)
         if not isinstance(raw, dict) or "module" not in raw:
@@ -319,8 +323,8 @@ class _Reader:
         return out
 
     def _plain(self, model_files: list[RankFile]) -> Layout:
-        meta = self._model_meta(model_files)
-        self._check_mp_files(meta, model_files)
+        meta = self.first_model_meta(model_files)
+        self.check_mp_files(meta, model_files)
         buffers = set(meta.buffer_names)
         whole = {}
         tensors = []
@@ -345,7 +349,7 @@ class _Reader:
                     name, tuple(t.shape), dtypes.name_of(t.dtype), kind, placement, alias_of=alias
                 )
             )
-        return self._layout(
+        return self.make_layout(
             kind="plain",
             zero_stage=0,
             optimizer="torch" if meta.raw.get("optimizer") else "none",
@@ -383,16 +387,16 @@ class _Reader:
         return out
 
     def _zero12(self, model_files: list[RankFile]) -> Layout:
-        meta = self._model_meta(model_files)
-        self._check_mp_files(meta, model_files)
-        self._require_shapes(meta)
+        meta = self.first_model_meta(model_files)
+        self.check_mp_files(meta, model_files)
+        self.require_shapes(meta)
         mp0 = meta.file.mp or 0
-        sources, optim_kind, stage, dp = self._zero_sources(
+        sources, optim_kind, stage, dp = self.zero_sources(
             mp0, meta.param_shapes, meta.dp_world_size
         )
-        self._check_dp(meta, dp)
+        self.check_dp(meta, dp)
         tensors, whole, frozen = self._model_tensors(meta, sources, stage, dp)
-        return self._layout(
+        return self.make_layout(
             kind="zero",
             zero_stage=stage,
             optimizer=optim_kind,
@@ -406,18 +410,18 @@ class _Reader:
             frozen=frozen,
         )
 
-    def _require_shapes(self, meta: ModelMeta) -> None:
+    def require_shapes(self, meta: ModelMeta) -> None:
         if meta.raw.get("param_shapes") is None:  # (a bad value is a finding already)
             self.missing_key(meta.file, "param_shapes")
 
     def _zero3(self, zero3_models: list[RankFile]) -> Layout:
         by_dp = {f.dp: f for f in zero3_models if (f.mp or 0) == 0}
-        meta = self._model_meta(zero3_models)
-        self._require_shapes(meta)
-        sources, optim_kind, stage, dp = self._zero_sources(
+        meta = self.first_model_meta(zero3_models)
+        self.require_shapes(meta)
+        sources, optim_kind, stage, dp = self.zero_sources(
             0, meta.param_shapes, meta.dp_world_size
         )
-        self._check_dp(meta, dp)
+        self.check_dp(meta, dp)
         self._check_rank_set(
             "model-states",
             {f.dp for f in zero3_models if f.dp is not None},
@@ -431,7 +435,7 @@ class _Reader:
                 metas[d or 0] = other
             elif isinstance(other, dict):
                 metas[d or 0] = self.model_meta(f, other)
-        self._disagree(
+        self.disagree(
             {m.file.name: m.global_steps for m in metas.values() if m.global_steps is not None},
             "ZeRO-3 model-states",
             "global_steps",
@@ -458,7 +462,7 @@ class _Reader:
                         break
                     refs.append(tensor_ref(self.path(m.file), fragment))
                 frozen[name] = tuple(refs)
-        return self._layout(
+        return self.make_layout(
             kind="zero3",
             zero_stage=3,
             optimizer=optim_kind,
@@ -477,7 +481,7 @@ class _Reader:
 
     # --- shared pieces ------------------------------------------------------------------------
 
-    def _layout(
+    def make_layout(
         self,
         *,
         kind: CheckpointKind,
@@ -536,7 +540,7 @@ class _Reader:
             model_keys_from=model_keys_from,
         )
 
-    def _check_mp_files(self, meta: ModelMeta, model_files: list[RankFile]) -> None:
+    def check_mp_files(self, meta: ModelMeta, model_files: list[RankFile]) -> None:
         mp = meta.mp_world_size
         if mp is not None and mp != len(model_files):
             self.note(
@@ -546,7 +550,7 @@ class _Reader:
                 f"{len(model_files)} mp_rank_*_model_states.pt files are present",
             )
 
-    def _check_dp(self, meta: ModelMeta, dp: int) -> None:
+    def check_dp(self, meta: ModelMeta, dp: int) -> None:
         recorded = meta.dp_world_size
         if recorded is not None and recorded != dp:
             self.note(
@@ -577,7 +581,7 @@ class _Reader:
                 "run? move it out of the tag directory",
             )
 
-    def _disagree(self, values: Mapping[str, Any], noun: str, what: str) -> None:
+    def disagree(self, values: Mapping[str, Any], noun: str, what: str) -> None:
         """An error naming the files that do not belong when ``values`` (file -> value) differ:
         the minority against the majority, or every file when no value has a majority."""
         if len(set(values.values())) <= 1:
@@ -702,7 +706,7 @@ class _Reader:
             return checks.number(step, where)
         return None
 
-    def _zero_sources(
+    def zero_sources(
         self,
         mp: int,
         param_shapes: list[list[tuple[str, tuple[int, ...]]]] | None,
@@ -758,7 +762,7 @@ class _Reader:
             ("ds_version", {s.file.name: s.ds_version for s in states.values()}),
             ("step", {s.file.name: s.step for s in states.values() if s.step is not None}),
         ):
-            self._disagree(values, "optimizer", what)
+            self.disagree(values, "optimizer", what)
         if len(set(first.counts)) > 1:
             self.note(
                 ERROR,
@@ -839,7 +843,7 @@ class _Reader:
             )
             return None
         if any(len(s.fp32) != n_groups for s in states.values()):
-            self._disagree(
+            self.disagree(
                 {s.file.name: len(s.fp32) for s in states.values()},
                 "optimizer",
                 "the number of fp32 groups",

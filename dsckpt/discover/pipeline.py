@@ -14,23 +14,23 @@ from dsckpt.io import dtypes
 from dsckpt.io.unpickle import SavedTensor
 
 if TYPE_CHECKING:
-    from dsckpt.discover.layout import _Reader
+    from dsckpt.discover.layout import Reader
 
 
-def read_pipeline(reader: _Reader, model_files: list[RankFile]) -> Layout:
+def read_pipeline(reader: Reader, model_files: list[RankFile]) -> Layout:
     """Discover a pipeline checkpoint: degrees, per-(stage, TP) ZeRO partitions, layer files."""
     if not model_files:
         raise UnsupportedLayout(
             f"{reader.location.dir} has layer files but no "
             "mp_rank_*_model_states.pt: the pipeline model states are missing"
         )
-    meta = reader._model_meta(model_files)
+    meta = reader.first_model_meta(model_files)
     layers = [f for f in reader.files if f.role is Role.LAYER]
     tp_from_layers = 1 + max(f.tp or 0 for f in layers)
     tp = meta.tp_degree or tp_from_layers
     mp = meta.mp_world_size or len(model_files)
     pp = meta.pp_degree or max(1, mp // tp)
-    reader._check_mp_files(meta, model_files)
+    reader.check_mp_files(meta, model_files)
     if pp * tp != mp:
         reader.note(
             ERROR,
@@ -66,9 +66,9 @@ def read_pipeline(reader: _Reader, model_files: list[RankFile]) -> Layout:
         param_shapes = stage_meta.param_shapes
         if reader.of_role(Role.OPTIM):
             if param_shapes is None:
-                reader._require_shapes(stage_meta)
+                reader.require_shapes(stage_meta)
             else:
-                src, optimizer, stage, dp = reader._zero_sources(m, param_shapes, dp)
+                src, optimizer, stage, dp = reader.zero_sources(m, param_shapes, dp)
                 if src is not None:
                     sources[m] = src
         stage_index, tp_rank = divmod(m, tp)
@@ -81,11 +81,11 @@ def read_pipeline(reader: _Reader, model_files: list[RankFile]) -> Layout:
             if indices:
                 first_layer[stage_index] = min(indices)
                 last_named = max([last_named, *indices])
-    reader._disagree(steps, "model-states", "global_steps")
-    reader._check_dp(meta, dp)
+    reader.disagree(steps, "model-states", "global_steps")
+    reader.check_dp(meta, dp)
     param_dtype = _layer_dtype(reader, layers)
     keys = _model_keys(reader, tensors, layers, literal_names(meta.raw))
-    return reader._layout(
+    return reader.make_layout(
         kind="pipeline",
         zero_stage=stage,
         optimizer=optimizer,
@@ -103,7 +103,7 @@ def read_pipeline(reader: _Reader, model_files: list[RankFile]) -> Layout:
 
 
 def _model_keys(
-    reader: _Reader, tensors: list[TensorEntry], layers: list[RankFile], literal: set[str]
+    reader: Reader, tensors: list[TensorEntry], layers: list[RankFile], literal: set[str]
 ) -> tuple[str, ...]:
     """Every tensor the pipeline's files record, named as the consolidated model names them:
     ``param_shapes`` (the optimizer's parameters) and every tensor of the TP rank 0 layer files
@@ -140,7 +140,7 @@ def _stage_parts(
     return (0, *(first_layer[s] for s in range(1, pp)), end)
 
 
-def _check_layer_grid(reader: _Reader, layers: list[RankFile], tp: int) -> None:
+def _check_layer_grid(reader: Reader, layers: list[RankFile], tp: int) -> None:
     by_layer: dict[int, set[int]] = defaultdict(set)
     for f in layers:
         by_layer[f.layer or 0].add(f.tp or 0)
@@ -166,7 +166,7 @@ def _stage_entries(
     return entries
 
 
-def _layer_dtype(reader: _Reader, layers: list[RankFile]) -> str | None:
+def _layer_dtype(reader: Reader, layers: list[RankFile]) -> str | None:
     for f in sorted(layers, key=lambda f: (f.layer or 0, f.tp or 0)):
         sd = reader.load(f)
         if isinstance(sd, dict):
