@@ -117,12 +117,16 @@ class ModelMeta:
     pp_degree: int | None
 
 
+# Who wrote an optimizer file: ZeRO-1/2/3, or DeepSpeed's BF16_Optimizer (ZeRO-1 in bf16).
+OptimFileKind = Literal["zero", "bf16_optimizer"]
+
+
 @dataclass(frozen=True)
 class OptimMeta:
     """The checked metadata of one ZeRO-1/2/3 or BF16_Optimizer optimizer file."""
 
     file: RankFile
-    kind: Literal["zero", "bf16_optimizer"]
+    kind: OptimFileKind
     stage: int
     counts: tuple[int, ...]  # partition_count, per group (ZeRO-3: one)
     fp32: tuple[SavedTensor, ...]  # per group (ZeRO-1/2) or sub-group (ZeRO-3)
@@ -830,7 +834,7 @@ class Reader:
         states: Mapping[int, OptimMeta],
         shapes: list[list[tuple[str, tuple[int, ...]]]],
         dp: int,
-        kind: str,
+        kind: OptimFileKind,
     ) -> ZeroSources | None:
         first = states[min(states)]
         n_groups = len(first.fp32)
@@ -884,7 +888,7 @@ class Reader:
         layout: zero.Zero12Group,
         fp32: list[tuple[TensorRef, ...]],
         states: Mapping[int, OptimMeta],
-        kind: str,
+        kind: OptimFileKind,
     ) -> None:
         if layout.padded_numel < layout.data_numel:
             self.note(
