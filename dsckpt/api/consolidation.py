@@ -72,7 +72,7 @@ def plan_for(
         DsckptError: the checkpoint cannot be consolidated (see the message).
     """
     options = ConsolidationOptions(
-        dtype,  # type: ignore[arg-type]  (checked by ConsolidationOptions)
+        dtype,  # type: ignore[arg-type]  # ConsolidationOptions checks it
         exclude_frozen,
         rules_file,
         from_layers,
@@ -112,7 +112,7 @@ def consolidate(
     layout = open_checkpoint(ckpt, tag)
     _refuse_inside(out, layout)
     options = ConsolidationOptions(
-        dtype,  # type: ignore[arg-type]  (checked by ConsolidationOptions)
+        dtype,  # type: ignore[arg-type]  # ConsolidationOptions checks it
         exclude_frozen,
         rules_file,
         from_layers,

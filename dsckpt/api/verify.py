@@ -467,7 +467,7 @@ def verify_output(
     if dtype is None:
         dtype = _dtype_of(stored)
     options = ConsolidationOptions(
-        dtype,  # type: ignore[arg-type]  (checked by ConsolidationOptions)
+        dtype,  # type: ignore[arg-type]  # ConsolidationOptions checks it
         exclude_frozen,
         rules_file,
         from_layers,

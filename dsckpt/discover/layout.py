@@ -27,6 +27,7 @@ from dsckpt.discover.model import (
     Level,
     OptimizerKind,
     TensorEntry,
+    TensorKind,
     ZeroSources,
     first_error,
 )
@@ -336,6 +337,7 @@ class Reader:
         # and dtype. A transposed or sliced view of another tensor's storage is its own tensor.
         by_view: dict[tuple[Any, ...], str] = {}
         path = self.path(meta.file)
+        kind: TensorKind
         for name, t in self._module_tensors(meta).items():
             ref = tensor_ref(path, t)
             view = (t.storage_key, t.storage_offset, t.shape, t.stride, t.dtype.name)
@@ -630,7 +632,7 @@ class Reader:
     def _optim_meta(self, f: RankFile, osd: Mapping[str, Any], top: At) -> OptimMeta:
         at = top / "optimizer_state_dict"
         stage_value = osd.get("zero_stage")
-        kind = "bf16_optimizer" if stage_value is None else "zero"
+        kind: OptimFileKind = "bf16_optimizer" if stage_value is None else "zero"
         stage = 1 if stage_value is None else checks.integer(stage_value, at / "zero_stage", 1, 3)
         raw_counts = checks.field(osd, "partition_count", at)
         if isinstance(raw_counts, (list, tuple)):
@@ -715,7 +717,7 @@ class Reader:
         mp: int,
         param_shapes: list[list[tuple[str, tuple[int, ...]]]] | None,
         meta_dp: int | None = None,
-    ) -> tuple[ZeroSources | None, str, int, int]:
+    ) -> tuple[ZeroSources | None, OptimFileKind, int, int]:
         """Read the optimizer files of model-parallel rank ``mp``: fp32 partition locations."""
         optim = [f for f in self.of_role(Role.OPTIM) if f.mp == mp]
         prefixes = sorted({f.prefix for f in optim})

@@ -8,7 +8,7 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from dsckpt.discover.files import RankFile, Role
-from dsckpt.discover.model import ERROR, Layout, TensorEntry, ZeroSources
+from dsckpt.discover.model import ERROR, Layout, OptimizerKind, TensorEntry, ZeroSources
 from dsckpt.errors import UnsupportedLayout
 from dsckpt.io import dtypes
 from dsckpt.io.unpickle import SavedTensor
@@ -47,7 +47,7 @@ def read_pipeline(reader: Reader, model_files: list[RankFile]) -> Layout:
 
     sources: dict[int, ZeroSources] = {}
     stage = 0
-    optimizer = "torch" if meta.raw.get("optimizer") else "none"
+    optimizer: OptimizerKind = "torch" if meta.raw.get("optimizer") else "none"
     dp = meta.dp_world_size or 1
     tensors: list[TensorEntry] = []
     first_layer: dict[int, int] = {}
