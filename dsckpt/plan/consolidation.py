@@ -1,6 +1,6 @@
 """Consolidation plans: for every output tensor, which element runs of which source tensors make it.
 
-A plan is data. It is built from a :class:`~dsckpt.layout.Layout` without reading any tensor
+A plan is data. It is built from a :class:`~dsckpt.discover.model.Layout` without reading any tensor
 data, so the executor knows every output's size up front (safetensors headers, progress, disk
 space) and can stream the copies in any order or split them across workers.
 """
