@@ -60,6 +60,7 @@ lint: $(BIN)/dsckpt
 	$(PIP) ruff mypy
 	$(BIN)/ruff check dsckpt tests bench
 	$(BIN)/mypy dsckpt
+	$(BIN)/lint-imports  # the layer contract of pyproject.toml (docs/architecture.md)
 
 clean:
 	rm -rf $(VENV) $(PLAIN) $(DEMO_OUT) .pytest_cache

@@ -1,7 +1,8 @@
 """Typed, user-facing errors.
 
 The core raises these; the CLI turns each into one line (what is wrong, which file or rank, what
-to do) and exit code 1. Anything else is a bug and keeps its traceback.
+to do) and exit code 1. Anything else is a bug and keeps its traceback. Every exception class
+dsckpt defines is a :class:`DsckptError`, so ``except DsckptError`` catches all of them.
 """
 
 from __future__ import annotations
@@ -59,3 +60,16 @@ class OutputError(DsckptError):
 
 class UsageError(DsckptError):
     """A flag value that cannot work (a degree below 1, an unknown dtype)."""
+
+
+class MapError(DsckptError, ValueError):
+    """A topology, partition or split that cannot be realised, with the reason in the message.
+
+    Raised by the pure arithmetic of :mod:`dsckpt.plan.maps`, whose callers add which flag or
+    parameter it concerns. Also a ValueError: a bad degree is a bad value.
+    """
+
+
+class IncompleteOutputError(OutputError, RuntimeError):
+    """An output tensor was not completely written: a bug in the plan or the executor. The
+    output is discarded (never renamed into place); also a RuntimeError, as the bug it is."""

@@ -19,6 +19,7 @@ from dsckpt.discover.files import RankFile, Role
 from dsckpt.discover.layout import ERROR, Finding, Layout
 from dsckpt.plan.topology_map import TopologyMap
 from dsckpt.printable import printable
+from dsckpt.sizes import human_bytes
 
 JSON_SCHEMA_VERSION = 1
 _LEVEL_STYLE = {"error": "bold red", "warning": "yellow", "info": "dim"}
@@ -95,20 +96,6 @@ def _number(value: bool | int | float | str) -> Any:
 def _key(key: Any) -> str:
     plain = _plain(key, set())
     return plain if isinstance(plain, str) else json.dumps(plain)
-
-
-def human_bytes(n: float) -> str:
-    """Bytes in decimal units, one decimal: ``999 B``, ``1.5 kB``, ``201.5 MB``, ``5.0 GB``.
-
-    The one size format of every command (tables, result lines, the progress bar, verify). It is
-    the convention Hugging Face users read everywhere: the Hub's file sizes, ``hf``'s progress
-    bars, and ``max_shard_size="5GB"`` (5 * 10**9 bytes, which ``--max-shard-size`` parses alike).
-    """
-    for unit in ("B", "kB", "MB", "GB", "TB"):
-        if round(abs(n), 1) < 1000 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    raise AssertionError("unreachable")
 
 
 def human_count(n: int) -> str:

@@ -16,12 +16,12 @@ from dsckpt.errors import DsckptError, OutputError
 from dsckpt.execute.atomic import (
     atomic_output,
     check_disk_space,
-    format_bytes,
     preallocate,
     stale_temporaries,
 )
 from dsckpt.execute.formats.safetensors_writer import SafetensorsWriter, TensorSpec
 from dsckpt.execute.formats.torch_writer import TorchWriter
+from dsckpt.sizes import exact_bytes
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -182,7 +182,7 @@ def test_simulated_enospc_from_pwrite_becomes_one_line_error(tmp_path, monkeypat
         w.write("w", 0, torch.zeros(1000))
     assert str(info.value) == (
         f"no space left on device writing {dest}: "
-        "need 4096000 bytes (4.1 MB), 1234 bytes (1.2 KB) free"
+        "need 4096000 bytes (4.1 MB), 1234 bytes (1.2 kB) free"
     )
     assert isinstance(info.value.__cause__, OSError)
     assert list(tmp_path.iterdir()) == []
@@ -253,10 +253,10 @@ def test_check_disk_space_measures_the_real_filesystem(tmp_path):
         check_disk_space(tmp_path, shutil.disk_usage(tmp_path).free + 10**15)
 
 
-def test_format_bytes():
-    assert format_bytes(512) == "512 bytes"
-    assert format_bytes(1500) == "1500 bytes (1.5 KB)"
-    assert format_bytes(28_000_000_000) == "28000000000 bytes (28.0 GB)"
+def test_exact_bytes():
+    assert exact_bytes(512) == "512 bytes"
+    assert exact_bytes(1500) == "1500 bytes (1.5 kB)"
+    assert exact_bytes(28_000_000_000) == "28000000000 bytes (28.0 GB)"
 
 
 CHILD = textwrap.dedent(

@@ -17,7 +17,8 @@ from conftest import ckpt
 from typer.testing import CliRunner
 
 from dsckpt.cli.app import app
-from dsckpt.render import human_bytes, middle_ellipsis
+from dsckpt.render import middle_ellipsis
+from dsckpt.sizes import human_bytes
 
 COMMANDS = ["inspect", "to-fp32", "show-map", "reshape", "verify"]
 Z2 = ckpt("zero", "z2-bf16-dp2")

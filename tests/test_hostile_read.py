@@ -50,7 +50,7 @@ from _hostile import (
 )
 from conftest import ckpt
 
-from dsckpt.discover.files import Location, locate, open_regular, read_latest, scan, survey
+from dsckpt.discover.files import Location, locate, read_latest, scan, survey
 from dsckpt.discover.layout import open_checkpoint
 from dsckpt.errors import (
     CheckpointNotFound,
@@ -60,6 +60,7 @@ from dsckpt.errors import (
     UnsafeCheckpoint,
 )
 from dsckpt.io.load import load_meta, read_full, tensor_ref
+from dsckpt.io.regular import open_regular
 from dsckpt.io.unpickle import load_saved
 
 FIXTURE = ("zero", "z2-fp32-dp2")

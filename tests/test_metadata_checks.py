@@ -537,9 +537,10 @@ def test_fixtures_record_their_keys(kind: str, name: str) -> None:
 
 def test_exclude_frozen_expects_no_frozen_keys(tmp_path: Path) -> None:
     from dsckpt.plan.consolidation import plan_consolidation
+    from dsckpt.plan.model import ConsolidationOptions
 
     layout = open_checkpoint(ckpt("zero", "z2-fp32-dp2"))
-    names = plan_consolidation(layout, exclude_frozen=True).names()
+    names = plan_consolidation(layout, ConsolidationOptions(exclude_frozen=True)).names()
     assert "adapter.weight" not in names and "embed.weight" in names
 
 

@@ -21,6 +21,7 @@ from conftest import FIXTURES, PIPE, ZERO, ckpt, facts
 from safetensors import safe_open
 from safetensors.torch import load_file
 
+from dsckpt.api import consolidation
 from dsckpt.api.consolidation import consolidate, plan_for
 from dsckpt.discover.layout import open_checkpoint
 from dsckpt.errors import InconsistentCheckpoint
@@ -221,13 +222,12 @@ def test_an_unrelated_file_beside_a_single_out_needs_no_force(tmp_path: Path) ->
 def test_a_failed_optimizer_write_leaves_neither_file(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from dsckpt.execute.formats import optimizer_writer
 
     def broken(path: Path, *args: object) -> None:
         path.write_bytes(b"half")
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(optimizer_writer, "write_optimizer", broken)
+    monkeypatch.setattr(consolidation, "write_optimizer", broken)
     for out in (tmp_path / "model.safetensors", tmp_path / "hf"):
         with pytest.raises(Exception, match="space"):
             consolidate(ckpt("zero", "z2-fp32-dp2"), out, optimizer=True)

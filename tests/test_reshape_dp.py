@@ -29,8 +29,8 @@ from conftest import FIXTURES, ZERO, ckpt, facts
 from typer.testing import CliRunner
 
 from dsckpt.api.reshaping import reshape
+from dsckpt.discover import zero
 from dsckpt.errors import UsageError
-from dsckpt.plan import zero
 from dsckpt.plan.zero_reshape import (
     Partition,
     Run,
@@ -580,8 +580,8 @@ def _missing(tmp: Path) -> Path:
 
 
 BAD = {
-    "dp-zero": (lambda t: ckpt("zero", "z2-fp32-dp2"), ["--dp", "0"], "start at 1"),
-    "dp-negative": (lambda t: ckpt("zero", "z2-fp32-dp2"), ["--dp", "-2"], "start at 1"),
+    "dp-zero": (lambda t: ckpt("zero", "z2-fp32-dp2"), ["--dp", "0"], "must be at least 1"),
+    "dp-negative": (lambda t: ckpt("zero", "z2-fp32-dp2"), ["--dp", "-2"], "must be at least 1"),
     "missing-rank": (_missing, ["--dp", "3"], "is missing"),
     "mixed-ranks": (_mixed, ["--dp", "3"], "partition_count"),
     # Pipeline / tensor-parallel checkpoints now go to dsckpt.plan.pipeline_reshape (its own tests).

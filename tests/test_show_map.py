@@ -60,7 +60,7 @@ def test_dp_map_of_a_zero_checkpoint(cli) -> None:
 
 
 def test_refusals(cli) -> None:
-    for args, needle in [(["--pp", "99"], "at most"), (["--tp", "0"], "start at 1"),
+    for args, needle in [(["--pp", "99"], "at most"), (["--tp", "0"], "must be at least 1"),
                          (["--tp", "4"], "possible degrees are 1, 2")]:
         result = cli("show-map", ckpt("pipe", "p2t2d1-z1-fp32"), *args)
         assert result.exit_code == 1 and needle in result.stderr, result.output

@@ -12,8 +12,19 @@ from typing import TYPE_CHECKING, Any
 from dsckpt.discover.layout import Layout, open_checkpoint
 from dsckpt.errors import OutputError, UsageError
 from dsckpt.execute.executor import iter_tensors, materialize
+from dsckpt.execute.formats import SHARDED, Companion, write_output
+from dsckpt.execute.formats import output_format as by_suffix
+from dsckpt.execute.formats.optimizer_writer import (
+    OPTIMIZER_FORMATS,
+    optimizer_file_name,
+    write_optimizer,
+)
+from dsckpt.execute.output_guard import refuse_overlap
 from dsckpt.execute.progress import ProgressSink
-from dsckpt.plan.consolidation import DTYPES, ConsolidationPlan, plan_consolidation
+from dsckpt.plan.consolidation import ConsolidationPlan, plan_consolidation
+from dsckpt.plan.model import ConsolidationOptions
+from dsckpt.plan.optim_export import plan_optimizer_export, refuse_without_state
+from dsckpt.sizes import human_bytes
 
 if TYPE_CHECKING:
     import torch
@@ -60,14 +71,12 @@ class ConsolidateResult:
         files = f", {self.files} files" if self.files > 1 else ""
         return (
             f"wrote {self.out} ({self.format}{files}): {self.tensors} tensors{tied}, "
-            f"{self.nbytes / 2**20:.1f} MiB in {self.seconds:.2f} s; source: {self.source}"
+            f"{human_bytes(self.nbytes)} in {self.seconds:.2f} s; source: {self.source}"
         )
 
 
 def output_format(out: Path) -> str:
     """The format OUT asks for, or an OutputError naming the suffixes dsckpt writes."""
-    from dsckpt.execute.formats import output_format as by_suffix
-
     fmt = by_suffix(out)
     if fmt is None:
         raise OutputError(f"{out}: unknown output suffix {out.suffix!r}: use .safetensors, .bin "
@@ -86,21 +95,21 @@ def plan_for(
     from_layers: bool = False,
     strip_vocab_padding: bool = True,
 ) -> ConsolidationPlan:
-    if dtype not in DTYPES:
-        raise UsageError(f"--dtype {dtype}: choose one of {', '.join(DTYPES)}")
-    from dsckpt.discover.pipeline import layer_files_exact
+    """The consolidation plan of a checkpoint (a path, or an already opened Layout).
 
-    layout = ckpt if isinstance(ckpt, Layout) else open_checkpoint(ckpt, tag, step)
-    return plan_consolidation(
-        layout,
-        dtype,
+    Raises:
+        UsageError: an unknown ``dtype`` (checked before the checkpoint is opened).
+        DsckptError: the checkpoint cannot be consolidated (see the message).
+    """
+    options = ConsolidationOptions(
+        dtype,  # type: ignore[arg-type]  # ConsolidationOptions checks it
         exclude_frozen,
-        rules_file=rules_file,
-        # A pipeline without ZeRO in fp32 has no other source: its layer files are the weights,
-        # bit for bit, so they are taken without --from-layers (the plan's source says so).
-        from_layers=from_layers or layer_files_exact(layout),
-        strip_vocab_padding=strip_vocab_padding,
+        rules_file,
+        from_layers,
+        strip_vocab_padding,
     )
+    layout = ckpt if isinstance(ckpt, Layout) else open_checkpoint(ckpt, tag, step)
+    return plan_consolidation(layout, options)
 
 
 def consolidate(
@@ -141,8 +150,6 @@ def consolidate(
             unknown suffix, or the disk is full.
         DsckptError: the checkpoint cannot be consolidated (see the message).
     """
-    from dsckpt.execute.formats import SHARDED, write_output
-
     out = Path(out)
     fmt = output_format(out)
     if optimizer:
@@ -150,8 +157,6 @@ def consolidate(
     layout = open_checkpoint(ckpt, tag, step)
     _refuse_inside(out, layout)
     if optimizer and layout.kind != "universal":  # universal: refused by the weights' plan
-        from dsckpt.plan.optim_export import refuse_without_state
-
         refuse_without_state(layout)
     from dsckpt.api import hf as hf_folder  # it builds on this module
 
@@ -211,8 +216,6 @@ def consolidate(
 
 def check_optimizer_options(optimizer_format: str, from_layers: bool) -> None:
     """Refuse --optimizer combinations that cannot work, before anything is read."""
-    from dsckpt.execute.formats.optimizer_writer import OPTIMIZER_FORMATS
-
     if optimizer_format not in OPTIMIZER_FORMATS:
         raise UsageError(
             f"--optimizer-format {optimizer_format}: choose one of {', '.join(OPTIMIZER_FORMATS)}"
@@ -234,10 +237,6 @@ def _optimizer_companion(
 ) -> tuple[Any, OptimizerResult]:
     """The optimizer file to write with the weights: planned now, so a checkpoint without
     optimizer state is refused before anything is written."""
-    from dsckpt.execute.formats import Companion
-    from dsckpt.execute.formats.optimizer_writer import optimizer_file_name, write_optimizer
-    from dsckpt.plan.optim_export import plan_optimizer_export
-
     export = plan_optimizer_export(layout, plan)
     name = optimizer_file_name(fmt, None if weights_in_directory else out.stem)
     path = (out if weights_in_directory else out.parent) / name
@@ -258,8 +257,6 @@ def _optimizer_companion(
 
 
 def _refuse_inside(out: Path, layout: Layout) -> None:
-    from dsckpt.execute.output_guard import refuse_overlap
-
     refuse_overlap(out, root=layout.root, tag_dir=layout.dir, other_tags=layout.other_tags)
 
 

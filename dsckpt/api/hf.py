@@ -15,13 +15,15 @@ as Transformers' shards and index; this module decides what makes the folder a H
 from __future__ import annotations
 
 import re
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from dsckpt.api.consolidation import ConsolidateResult, consolidate
-from dsckpt.discover.layout import Layout
+from dsckpt.api.consolidation import ConsolidateResult, consolidate, output_format, plan_for
+from dsckpt.api.verify import open_output
+from dsckpt.discover.layout import Layout, open_checkpoint
 from dsckpt.discover.trainer import (
     ADAPTER_FILES,
     COPIED_FILES,
@@ -30,9 +32,14 @@ from dsckpt.discover.trainer import (
     read_model_folder,
 )
 from dsckpt.errors import UnsupportedLayout, UsageError
+from dsckpt.execute.executor import materialize
+from dsckpt.execute.formats import SHARDED, write_output
+from dsckpt.execute.formats.hf_folder import write_adapter
 from dsckpt.execute.output_guard import refuse_overlap
 from dsckpt.execute.progress import ProgressSink
-from dsckpt.plan.consolidation import ConsolidationPlan
+from dsckpt.io import dtypes
+from dsckpt.io.load import read_full
+from dsckpt.plan.consolidation import DTYPES, ConsolidationPlan, OutputTensor, Read
 
 __all__ = ["AdapterOutput", "HfOutput", "config_dtype", "export", "export_adapter", "hf_output",
            "export_merged", "lora_scaling", "peft_names", "ties_embeddings"]
@@ -90,8 +97,6 @@ def hf_output(layout: Layout, hf: bool | None, fmt: str, dtype: str) -> HfOutput
         UsageError: ``--hf`` with a single-file OUT or without a ``config.json``;
             ``--dtype auto`` without a config naming a dtype.
     """
-    from dsckpt.execute.formats import SHARDED
-
     if hf is False:
         if dtype == "auto":
             _refuse_auto("the dtype comes from config.json and is used only for a Hugging Face "
@@ -292,12 +297,6 @@ def export_adapter(
             ``adapter_config.json`` asks for more (DoRA, biases, modules_to_save).
         DsckptError: the checkpoint cannot be consolidated, or ``out`` cannot be written.
     """
-    import time
-
-    from dsckpt.api.consolidation import output_format, plan_for
-    from dsckpt.discover.layout import open_checkpoint
-    from dsckpt.execute.formats import SHARDED
-    from dsckpt.execute.formats.hf_folder import write_adapter
 
     out = Path(out)
     if output_format(out) != SHARDED:
@@ -407,13 +406,6 @@ def export_merged(
         UsageError: ``base`` is not a model folder with ``config.json``.
         DsckptError: the checkpoint cannot be consolidated, or ``out`` cannot be written.
     """
-    import time
-
-    from dsckpt.api.consolidation import output_format, plan_for
-    from dsckpt.api.verify import open_output
-    from dsckpt.discover.layout import open_checkpoint
-    from dsckpt.execute.formats import SHARDED, write_output
-    from dsckpt.plan.consolidation import DTYPES, OutputTensor, Read
 
     out, base = Path(out), Path(base)
     if output_format(out) != SHARDED:
@@ -506,10 +498,6 @@ def _merged(ref: Any, a: Any, b: Any, scaling: float, fan_in_fan_out: bool,
     """A function making ``W + (B @ A) * scaling`` in fp32 (PEFT's merge), cast to ``dtype``."""
 
     def make() -> Any:
-        from dsckpt.execute.executor import materialize
-        from dsckpt.io import dtypes
-        from dsckpt.io.load import read_full
-
         weight = read_full(ref).to(dtypes.to_torch(dtypes.FLOAT32))
         delta = materialize(b) @ materialize(a)
         if fan_in_fan_out:

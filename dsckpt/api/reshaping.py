@@ -8,16 +8,20 @@ pipeline / Megatron-DeepSpeed checkpoints to :mod:`dsckpt.pipeline_reshape` (``-
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
+from dsckpt.discover.layout import open_checkpoint
 from dsckpt.errors import UnsupportedLayout, UsageError
+from dsckpt.execute.progress import ProgressSink
+from dsckpt.plan.maps import check_degrees
+from dsckpt.plan.pipeline_reshape import PipelineReshapeResult, reshape_pipeline
+from dsckpt.plan.zero_reshape import ReshapeResult, reshape_zero
 
 
 def reshape(ckpt: Path | str, out: Path | str, *, dp: int | None = None, tp: int | None = None,
             pp: int | None = None, partition_method: str = "parameters",
             layer_specs: str | None = None, rules_file: Path | None = None,
             tag: str | None = None, force: bool = False, dry_run: bool = False,
-            progress: Any = None) -> Any:
+            progress: ProgressSink | None = None) -> ReshapeResult | PipelineReshapeResult:
     """Write ``ckpt`` re-partitioned for a new topology to ``out``; an omitted degree is kept.
 
     ``out`` becomes a save_dir DeepSpeed loads at the new size with
@@ -29,15 +33,9 @@ def reshape(ckpt: Path | str, out: Path | str, *, dp: int | None = None, tp: int
     Raises:
         UsageError, InconsistentCheckpoint, UnsupportedLayout, OutputError: one line each.
     """
-    from dsckpt.discover.layout import open_checkpoint
-
-    for flag, value in (("--dp", dp), ("--tp", tp), ("--pp", pp)):
-        if value is not None and value < 1:
-            raise UsageError(f"{flag} {value}: degrees start at 1")
+    check_degrees(dp=dp, tp=tp, pp=pp)
     layout = open_checkpoint(ckpt, tag)
     if layout.kind == "pipeline":
-        from dsckpt.plan.pipeline_reshape import reshape_pipeline
-
         return reshape_pipeline(layout, out, tp=tp, pp=pp, dp=dp,
                                 partition_method=partition_method, layer_specs=layer_specs,
                                 rules_file=rules_file, force=force, dry_run=dry_run,
@@ -48,6 +46,4 @@ def reshape(ckpt: Path | str, out: Path | str, *, dp: int | None = None, tp: int
             "can change, and there are no TP rules to apply")
     if dp is None:
         raise UsageError("give a target degree: --dp N (this checkpoint has no model parallelism)")
-    from dsckpt.plan.zero_reshape import reshape_zero
-
     return reshape_zero(layout, out, dp=dp, force=force, dry_run=dry_run, progress=progress)

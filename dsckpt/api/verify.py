@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from dsckpt.discover.files import Role, open_regular
+from dsckpt.discover.files import Role, classify
 from dsckpt.discover.layout import Layout, open_checkpoint
 from dsckpt.errors import CorruptFile, UnsupportedLayout, UsageError
 from dsckpt.execute.executor import CAST_CHUNK, _cast, _Sources
@@ -36,9 +36,12 @@ from dsckpt.execute.progress import ProgressSink
 from dsckpt.io import dtypes
 from dsckpt.io.dtypes import DType
 from dsckpt.io.load import TensorRef, read_scalar, read_tensor, tensor_ref
+from dsckpt.io.regular import open_regular
 from dsckpt.io.unpickle import SavedTensor, load_saved
-from dsckpt.plan.consolidation import DTYPES, ConsolidationPlan, OutputTensor
-from dsckpt.render import human_bytes
+from dsckpt.plan.consolidation import DTYPES, ConsolidationPlan, OutputTensor, plan_consolidation
+from dsckpt.plan.model import ConsolidationOptions
+from dsckpt.plan.optim_state import plan_optimizer_state
+from dsckpt.sizes import human_bytes
 
 # How many differing names the one-line result shows (the JSON lists them all).
 SHOWN = 3
@@ -468,9 +471,14 @@ def verify_output(
     strict = dtype is not None
     if dtype is None:
         dtype = _dtype_of(stored)
-    elif dtype not in DTYPES:
-        raise UsageError(f"--dtype {dtype}: choose one of {', '.join(DTYPES)}")
-    plan = _plan(layout, dtype, exclude_frozen, rules_file, strip_vocab_padding, from_layers)
+    options = ConsolidationOptions(
+        dtype,  # type: ignore[arg-type]  # ConsolidationOptions checks it
+        exclude_frozen,
+        rules_file,
+        from_layers,
+        strip_vocab_padding,
+    )
+    plan = plan_consolidation(layout, options)
     result = VerifyResult("output", layout.root, stored.path, stored.format)
     if dtype != "fp32" and not strict:
         result.notes.append(f"OUT holds {DTYPES[dtype]}: compared with the weights cast to it")
@@ -522,26 +530,6 @@ def verify_output(
         )
     result.seconds = time.perf_counter() - started
     return result
-
-
-def _plan(
-    layout: Layout,
-    dtype: str,
-    exclude_frozen: bool,
-    rules_file: Path | None,
-    strip_vocab_padding: bool,
-    from_layers: bool = False,
-) -> ConsolidationPlan:
-    from dsckpt.api.consolidation import plan_for
-
-    return plan_for(
-        layout,
-        dtype=dtype,
-        exclude_frozen=exclude_frozen,
-        rules_file=rules_file,
-        strip_vocab_padding=strip_vocab_padding,
-        from_layers=from_layers,
-    )
 
 
 def _dtype_of(stored: StoredOutput) -> str:
@@ -627,8 +615,9 @@ def verify_checkpoints(
     result = VerifyResult("checkpoints", layout_a.root, layout_b.root, _topology(layout_b))
     result.notes.append(f"{_topology(layout_a)} vs {_topology(layout_b)}")
     # Megatron's vocabulary padding depends on TP: strip it (as to-fp32 does) on both sides.
-    plan_a = _plan(layout_a, "fp32", False, rules_file, True)
-    plan_b = _plan(layout_b, "fp32", False, rules_file, True)
+    options = ConsolidationOptions(rules_file=rules_file)
+    plan_a = plan_consolidation(layout_a, options)
+    plan_b = plan_consolidation(layout_b, options)
     pairs: list[tuple[str, ConsolidationPlan, ConsolidationPlan]] = [("", plan_a, plan_b)]
     state_a, state_b = _optimizer_plans(layout_a, plan_a), _optimizer_plans(layout_b, plan_b)
     check_steps = None
@@ -678,8 +667,6 @@ def _topology(layout: Layout) -> str:
 
 
 def _optimizer_plans(layout: Layout, master: ConsolidationPlan) -> Any:
-    from dsckpt.plan.optim_state import plan_optimizer_state
-
     if layout.kind == "universal":
         raise UnsupportedLayout(
             f"{layout.dir} is a universal checkpoint: verify checks its weights against an "
@@ -827,8 +814,6 @@ def is_checkpoint(path: Path) -> bool:
         return False
     if (path / "latest").is_file():
         return True
-    from dsckpt.discover.files import classify
-
     return any(classify(p) is not None for p in path.iterdir() if p.is_file()) or any(
         p.is_dir() and any(classify(q) is not None for q in p.iterdir() if q.is_file())
         for p in path.iterdir()

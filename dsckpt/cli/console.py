@@ -70,8 +70,9 @@ def echo_error(message: str) -> None:
 
 def exit_on_errors(findings: Iterable[Any]) -> None:
     """Exit 1 with one line naming the first error finding, after the report was printed."""
-    errors = [f for f in findings if f.level == "error"]
-    if errors:
-        more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
-        echo_error(f"{errors[0].message}{more}")
+    from dsckpt.discover.model import first_error
+
+    error = first_error(findings, hint="")  # the report above lists them
+    if error is not None:
+        echo_error(str(error))
         raise typer.Exit(1)

@@ -1,7 +1,7 @@
 """A byte progress bar (size known up front from the plan) that stays silent off a terminal.
 
 It is drawn on stderr, so stdout (a result line, or --json) stays clean even on a terminal.
-Sizes and speeds use :func:`dsckpt.render.human_bytes`, as every other line does.
+Sizes and speeds use :func:`dsckpt.sizes.human_bytes`, as every other line does.
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ def _byte_columns() -> tuple[Any, Any]:
     from rich.progress import ProgressColumn
     from rich.text import Text
 
-    from dsckpt.render import human_bytes
+    from dsckpt.sizes import human_bytes
 
     class Done(ProgressColumn):
         def render(self, task: Any) -> Text:

@@ -102,10 +102,11 @@ def plan_report(result: Any) -> Any:
     """What --dry-run shows: a pipeline's target maps (the show-map tables), or a ZeRO plan's
     partitions and where they come from."""
     from dsckpt.plan.pipeline_reshape import PipelineReshapeResult
+    from dsckpt.plan.topology_map import reshape_map
     from dsckpt.render import map_report, zero_reshape_table
 
     if isinstance(result, PipelineReshapeResult):
-        return map_report(result.topology_map())
+        return map_report(reshape_map(result.plan))
     return zero_reshape_table(result.plan)
 
 
@@ -127,7 +128,7 @@ def empty_ranks(result: Any) -> int:
 
 
 def _pipeline_empty_ranks(plan: Any) -> int:
-    from dsckpt.plan import zero
+    from dsckpt.discover import zero
 
     dst = plan.dst
     empty = 0

@@ -10,159 +10,56 @@ from __future__ import annotations
 
 from collections import Counter, defaultdict
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
-from dsckpt.discover import checks
+from dsckpt.discover import checks, zero
 from dsckpt.discover.checks import At, BadMetadata
 from dsckpt.discover.files import Location, RankFile, Role, UnsupportedFile, locate, survey
+from dsckpt.discover.model import (
+    ERROR,
+    INFO,
+    WARNING,
+    CheckpointKind,
+    Finding,
+    Layout,
+    Level,
+    OptimizerKind,
+    TensorEntry,
+    TensorKind,
+    ZeroSources,
+    first_error,
+    missing_files_hint,
+)
+from dsckpt.discover.pipeline import read_pipeline
 from dsckpt.errors import (
     CheckpointNotFound,
     CorruptFile,
-    InconsistentCheckpoint,
     UnsupportedLayout,
 )
 from dsckpt.io import dtypes
 from dsckpt.io.load import TensorRef, read_scalar, tensor_ref
 from dsckpt.io.unpickle import SavedTensor, load_saved
-from dsckpt.plan import zero
 
 if TYPE_CHECKING:
     from dsckpt.discover.universal import UniversalInfo
 
 T = TypeVar("T")
 
-ERROR, WARNING, INFO = "error", "warning", "info"
 MODEL_INFO_KEYS = ("args", "checkpoint_info", "universal_checkpoint_info")
-
-
-@dataclass(frozen=True)
-class Finding:
-    """Something wrong or notable about the checkpoint. ``code`` is a stable slug for tools."""
-
-    level: str
-    code: str
-    message: str
-
-
-@dataclass(frozen=True)
-class TensorEntry:
-    """One tensor of the consolidated model and where its values come from."""
-
-    name: str
-    shape: tuple[int, ...]
-    dtype: str  # as saved in the model weights (module dtype), e.g. "bfloat16"
-    kind: str  # "trainable" | "frozen" | "buffer" | "tied"
-    placement: str  # how it is partitioned or sliced, for people
-    group: int | None = None  # optimizer group (ZeRO-1/2) or sub-group (ZeRO-3)
-    alias_of: str | None = None
-
-    @property
-    def numel(self) -> int:
-        return zero.numel(self.shape)
-
-
-@dataclass(frozen=True)
-class ZeroSources:
-    """Byte locations of the fp32 master weights of one model-parallel rank, per DP rank."""
-
-    stage: int
-    fp32: tuple[tuple[TensorRef, ...], ...]  # [dp][group or sub-group]
-    groups: tuple[zero.Zero12Group, ...] = ()  # ZeRO-1/2 and BF16_Optimizer
-    zero3: zero.Zero3Layout | None = None
-
-
-@dataclass(frozen=True)
-class Layout:
-    """Everything discovery learned about one checkpoint tag."""
-
-    root: Path
-    tag: str | None
-    dir: Path
-    kind: str  # "zero" | "zero3" | "plain" | "pipeline" | "universal"
-    zero_stage: int
-    optimizer: str  # "zero" | "bf16_optimizer" | "torch" | "none"
-    pp: int
-    tp: int
-    dp: int
-    param_dtype: str | None
-    master_dtype: str | None
-    iteration: int | None
-    ds_version: str | None
-    files: tuple[RankFile, ...]
-    tensors: tuple[TensorEntry, ...]
-    findings: tuple[Finding, ...]
-    other_tags: tuple[str, ...] = ()
-    # A Trainer output_dir narrowed to one checkpoint-N: which and why ("" if read as given),
-    # and N (also when checkpoint-N/ itself was given).
-    picked: str = ""
-    step: int | None = None
-    # Sources for consolidation (not rendered): fp32 partitions per mp rank, and tensors
-    # that live whole in one file (buffers, frozen params, stage-0 weights; in a universal
-    # checkpoint, each trainable parameter's zero/<name>/fp32.pt).
-    zero_sources: Mapping[int, ZeroSources] = field(default_factory=dict)
-    whole: Mapping[str, tuple[TensorRef, ...]] = field(default_factory=dict)
-    frozen_fragments: Mapping[str, tuple[TensorRef, ...]] = field(default_factory=dict)
-    # Megatron-DeepSpeed's own description of the model (args, checkpoint_info,
-    # universal_checkpoint_info), where the run stored it: input to the TP merge rules.
-    model_info: Mapping[str, Any] = field(default_factory=dict)
-    # Pipelines: stage boundaries over the layer indices (len pp + 1), as far as the files show
-    # them (layers without parameters at the very end leave no trace); empty when unknown.
-    stage_parts: tuple[int, ...] = ()
-    # Every key of the model's state dict as the checkpoint records it independently of the
-    # partitions (ZeRO and plain: the keys of `module`; pipelines: param_shapes and the layer
-    # files), and where that record is: what a consolidation must write, no more, no less.
-    model_keys: tuple[str, ...] = ()
-    model_keys_from: str = ""
-    # Files that could not be read (damaged, truncated, not a file): what they hold is unknown,
-    # so inspect marks what depends on them instead of showing it as empty.
-    unreadable: tuple[str, ...] = ()
-    # Universal checkpoints: the zero/<param>/ folders (see dsckpt.discover.universal).
-    universal: UniversalInfo | None = None
-
-    @property
-    def world_size(self) -> int:
-        return self.pp * self.tp * self.dp
-
-    @property
-    def errors(self) -> list[Finding]:
-        return [f for f in self.findings if f.level == ERROR]
-
-    @property
-    def bytes_on_disk(self) -> int:
-        return sum(f.size for f in self.files)
-
-
-def missing_files_hint(tag_dir: Path) -> str:
-    """What to do about rank files absent from ``tag_dir``: the end of every missing-file error.
-
-    Every rank saves its own files, so a run over several nodes that saves to disks local to each
-    node leaves each node's share on that node: by far the most common reason files are missing.
-    """
-    return (
-        "multi-node runs that save to node-local disks leave each node's files on that node: "
-        f"copy every node's files of this tag into {tag_dir}"
-    )
 
 
 def refuse_errors(layout: Layout) -> None:
     """Raise if discovery found an error: the one gate every command that writes passes.
 
-    Unsupported layouts (``unsupported-*`` findings) are reported first, since nothing else about
-    such a checkpoint can be fixed by the user; otherwise the first error in discovery order.
-
     Raises:
-        UnsupportedLayout: files or features dsckpt does not read yet (MoE).
-        InconsistentCheckpoint: any other error finding.
+        UnsupportedLayout: files or features dsckpt does not read yet (MoE), reported first.
+        InconsistentCheckpoint: any other error finding (see :func:`first_error`).
     """
-    errors = sorted(layout.errors, key=lambda f: not f.code.startswith("unsupported"))
-    if not errors:
-        return
-    first = errors[0]
-    more = f" (and {len(errors) - 1} more; `dsckpt inspect` lists them)" if len(errors) > 1 else ""
-    cls = UnsupportedLayout if first.code.startswith("unsupported") else InconsistentCheckpoint
-    raise cls(f"{first.message}{more}")
+    error = first_error(layout.findings)
+    if error is not None:
+        raise error
 
 
 
@@ -184,7 +81,7 @@ def open_checkpoint(
     location = locate(Path(path), tag, step)
     found = survey(location)
     files, unrelated = found.rank_files, found.unrelated
-    reader = _Reader(location, files)
+    reader = Reader(location, files)
     reader.unsupported_files(found.unsupported)
     if unrelated:
         reader.note(
@@ -212,7 +109,7 @@ def open_checkpoint(
         return reader.universal()
     if not files:
         if reader.findings and reader.findings[0].code == "unsupported-files":
-            raise UnsupportedLayout(reader.findings[0].message)
+            raise UnsupportedLayout(reader.findings[0].message)  # nothing else was read
         raise CheckpointNotFound(
             f"{location.dir} holds no DeepSpeed rank files (*_model_states.pt, *_optim_states.pt)"
         )
@@ -244,12 +141,16 @@ class ModelMeta:
     pp_degree: int | None
 
 
+# Who wrote an optimizer file: ZeRO-1/2/3, or DeepSpeed's BF16_Optimizer (ZeRO-1 in bf16).
+OptimFileKind = Literal["zero", "bf16_optimizer"]
+
+
 @dataclass(frozen=True)
 class OptimMeta:
     """The checked metadata of one ZeRO-1/2/3 or BF16_Optimizer optimizer file."""
 
     file: RankFile
-    kind: str  # "zero" | "bf16_optimizer"
+    kind: OptimFileKind
     stage: int
     counts: tuple[int, ...]  # partition_count, per group (ZeRO-3: one)
     fp32: tuple[SavedTensor, ...]  # per group (ZeRO-1/2) or sub-group (ZeRO-3)
@@ -264,8 +165,12 @@ class OptimMeta:
         return max(self.counts)
 
 
-class _Reader:
-    """Reads one tag directory. Collects findings instead of failing where inspect can go on."""
+class Reader:
+    """Reads one tag directory. Collects findings instead of failing where inspect can go on.
+
+    Its public methods are what other discovery modules build on (:mod:`dsckpt.discover.pipeline`
+    reads pipeline checkpoints with them); underscored ones are this module's own.
+    """
 
     def __init__(self, location: Location, files: list[RankFile]) -> None:
         self.location = location
@@ -274,7 +179,7 @@ class _Reader:
         self._cache: dict[str, Any] = {}
         self.unreadable: list[str] = []
 
-    def note(self, level: str, code: str, message: str) -> None:
+    def note(self, level: Level, code: str, message: str) -> None:
         self.findings.append(Finding(level, code, message))
 
     def path(self, f: RankFile) -> Path:
@@ -340,7 +245,7 @@ class _Reader:
         self.unreadable.append(exc.path.name)
         model = [f for f in self.files if f.role in (Role.MODEL, Role.ZERO3_MODEL)]
         optim = self.of_role(Role.OPTIM)
-        return self._layout(
+        return self.make_layout(
             kind="unreadable",
             zero_stage=0,
             optimizer="unknown",
@@ -369,7 +274,7 @@ class _Reader:
             return self._plain(model_files)
         return self._zero12(model_files)
 
-    def _model_meta(self, model_files: list[RankFile]) -> ModelMeta:
+    def first_model_meta(self, model_files: list[RankFile]) -> ModelMeta:
         first = min(model_files, key=lambda f: (f.mp or 0, f.dp or 0))
         raw = self.load(first, required=True)
         if not isinstance(raw, dict) or "module" not in raw:
@@ -452,8 +357,8 @@ class _Reader:
         return out
 
     def _plain(self, model_files: list[RankFile]) -> Layout:
-        meta = self._model_meta(model_files)
-        self._check_mp_files(meta, model_files)
+        meta = self.first_model_meta(model_files)
+        self.check_mp_files(meta, model_files)
         buffers = set(meta.buffer_names)
         whole = {}
         tensors = []
@@ -461,6 +366,7 @@ class _Reader:
         # and dtype. A transposed or sliced view of another tensor's storage is its own tensor.
         by_view: dict[tuple[Any, ...], str] = {}
         path = self.path(meta.file)
+        kind: TensorKind
         for name, t in self._module_tensors(meta).items():
             ref = tensor_ref(path, t)
             view = (t.storage_key, t.storage_offset, t.shape, t.stride, t.dtype.name)
@@ -478,7 +384,7 @@ class _Reader:
                     name, tuple(t.shape), dtypes.name_of(t.dtype), kind, placement, alias_of=alias
                 )
             )
-        return self._layout(
+        return self.make_layout(
             kind="plain",
             zero_stage=0,
             optimizer="torch" if meta.raw.get("optimizer") else "none",
@@ -516,16 +422,16 @@ class _Reader:
         return out
 
     def _zero12(self, model_files: list[RankFile]) -> Layout:
-        meta = self._model_meta(model_files)
-        self._check_mp_files(meta, model_files)
-        self._require_shapes(meta)
+        meta = self.first_model_meta(model_files)
+        self.check_mp_files(meta, model_files)
+        self.require_shapes(meta)
         mp0 = meta.file.mp or 0
-        sources, optim_kind, stage, dp = self._zero_sources(
+        sources, optim_kind, stage, dp = self.zero_sources(
             mp0, meta.param_shapes, meta.dp_world_size
         )
-        self._check_dp(meta, dp)
+        self.check_dp(meta, dp)
         tensors, whole, frozen = self._model_tensors(meta, sources, stage, dp)
-        return self._layout(
+        return self.make_layout(
             kind="zero",
             zero_stage=stage,
             optimizer=optim_kind,
@@ -539,18 +445,18 @@ class _Reader:
             frozen=frozen,
         )
 
-    def _require_shapes(self, meta: ModelMeta) -> None:
+    def require_shapes(self, meta: ModelMeta) -> None:
         if meta.raw.get("param_shapes") is None:  # (a bad value is a finding already)
             self.missing_key(meta.file, "param_shapes")
 
     def _zero3(self, zero3_models: list[RankFile]) -> Layout:
         by_dp = {f.dp: f for f in zero3_models if (f.mp or 0) == 0}
-        meta = self._model_meta(zero3_models)
-        self._require_shapes(meta)
-        sources, optim_kind, stage, dp = self._zero_sources(
+        meta = self.first_model_meta(zero3_models)
+        self.require_shapes(meta)
+        sources, optim_kind, stage, dp = self.zero_sources(
             0, meta.param_shapes, meta.dp_world_size
         )
-        self._check_dp(meta, dp)
+        self.check_dp(meta, dp)
         self._check_rank_set(
             "model-states",
             {f.dp for f in zero3_models if f.dp is not None},
@@ -564,7 +470,7 @@ class _Reader:
                 metas[d or 0] = other
             elif isinstance(other, dict):
                 metas[d or 0] = self.model_meta(f, other)
-        self._disagree(
+        self.disagree(
             {m.file.name: m.global_steps for m in metas.values() if m.global_steps is not None},
             "ZeRO-3 model-states",
             "global_steps",
@@ -591,7 +497,7 @@ class _Reader:
                         break
                     refs.append(tensor_ref(self.path(m.file), fragment))
                 frozen[name] = tuple(refs)
-        return self._layout(
+        return self.make_layout(
             kind="zero3",
             zero_stage=3,
             optimizer=optim_kind,
@@ -606,20 +512,16 @@ class _Reader:
         )
 
     def _pipeline(self, model_files: list[RankFile]) -> Layout:
-        from dsckpt.discover.pipeline import (
-            read_pipeline,  # pipeline discovery lives with the 3D code
-        )
-
         return read_pipeline(self, model_files)
 
     # --- shared pieces ------------------------------------------------------------------------
 
-    def _layout(
+    def make_layout(
         self,
         *,
-        kind: str,
+        kind: CheckpointKind,
         zero_stage: int,
-        optimizer: str,
+        optimizer: OptimizerKind,
         pp: int,
         tp: int,
         dp: int,
@@ -690,7 +592,7 @@ class _Reader:
             universal=universal,
         )
 
-    def _check_mp_files(self, meta: ModelMeta, model_files: list[RankFile]) -> None:
+    def check_mp_files(self, meta: ModelMeta, model_files: list[RankFile]) -> None:
         mp = meta.mp_world_size
         if mp is not None and mp != len(model_files):
             absent = [m for m in range(mp) if m not in {f.mp for f in model_files}]
@@ -713,7 +615,7 @@ class _Reader:
                 f"{len(model_files)} mp_rank_*_model_states.pt files are present",
             )
 
-    def _check_dp(self, meta: ModelMeta, dp: int) -> None:
+    def check_dp(self, meta: ModelMeta, dp: int) -> None:
         recorded = meta.dp_world_size
         if recorded is not None and recorded != dp:
             self.note(
@@ -745,7 +647,7 @@ class _Reader:
                 "run? move it out of the tag directory",
             )
 
-    def _disagree(self, values: Mapping[str, Any], noun: str, what: str) -> None:
+    def disagree(self, values: Mapping[str, Any], noun: str, what: str) -> None:
         """An error naming the files that do not belong when ``values`` (file -> value) differ:
         the minority against the majority, or every file when no value has a majority."""
         if len(set(values.values())) <= 1:
@@ -790,7 +692,7 @@ class _Reader:
     def _optim_meta(self, f: RankFile, osd: Mapping[str, Any], top: At) -> OptimMeta:
         at = top / "optimizer_state_dict"
         stage_value = osd.get("zero_stage")
-        kind = "bf16_optimizer" if stage_value is None else "zero"
+        kind: OptimFileKind = "bf16_optimizer" if stage_value is None else "zero"
         stage = 1 if stage_value is None else checks.integer(stage_value, at / "zero_stage", 1, 3)
         raw_counts = checks.field(osd, "partition_count", at)
         if isinstance(raw_counts, (list, tuple)):
@@ -870,12 +772,12 @@ class _Reader:
             return checks.number(step, where)
         return None
 
-    def _zero_sources(
+    def zero_sources(
         self,
         mp: int,
         param_shapes: list[list[tuple[str, tuple[int, ...]]]] | None,
         meta_dp: int | None = None,
-    ) -> tuple[ZeroSources | None, str, int, int]:
+    ) -> tuple[ZeroSources | None, OptimFileKind, int, int]:
         """Read the optimizer files of model-parallel rank ``mp``: fp32 partition locations."""
         optim = [f for f in self.of_role(Role.OPTIM) if f.mp == mp]
         prefixes = sorted({f.prefix for f in optim})
@@ -926,7 +828,7 @@ class _Reader:
             ("ds_version", {s.file.name: s.ds_version for s in states.values()}),
             ("step", {s.file.name: s.step for s in states.values() if s.step is not None}),
         ):
-            self._disagree(values, "optimizer", what)
+            self.disagree(values, "optimizer", what)
         if len(set(first.counts)) > 1:
             self.note(
                 ERROR,
@@ -994,7 +896,7 @@ class _Reader:
         states: Mapping[int, OptimMeta],
         shapes: list[list[tuple[str, tuple[int, ...]]]],
         dp: int,
-        kind: str,
+        kind: OptimFileKind,
     ) -> ZeroSources | None:
         first = states[min(states)]
         n_groups = len(first.fp32)
@@ -1007,7 +909,7 @@ class _Reader:
             )
             return None
         if any(len(s.fp32) != n_groups for s in states.values()):
-            self._disagree(
+            self.disagree(
                 {s.file.name: len(s.fp32) for s in states.values()},
                 "optimizer",
                 "the number of fp32 groups",
@@ -1048,7 +950,7 @@ class _Reader:
         layout: zero.Zero12Group,
         fp32: list[tuple[TensorRef, ...]],
         states: Mapping[int, OptimMeta],
-        kind: str,
+        kind: OptimFileKind,
     ) -> None:
         if layout.padded_numel < layout.data_numel:
             self.note(

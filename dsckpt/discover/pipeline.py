@@ -5,45 +5,40 @@ from __future__ import annotations
 import re
 from collections import defaultdict
 from collections.abc import Mapping
-from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from dsckpt.discover.files import RankFile, Role
-from dsckpt.discover.layout import (
+from dsckpt.discover.model import (
     ERROR,
     WARNING,
     Layout,
+    OptimizerKind,
     TensorEntry,
     ZeroSources,
     missing_files_hint,
 )
-from dsckpt.errors import InconsistentCheckpoint, UnsupportedLayout
+from dsckpt.errors import UnsupportedLayout
 from dsckpt.io import dtypes
-from dsckpt.io.load import tensor_ref
-from dsckpt.io.unpickle import SavedTensor, load_saved
-from dsckpt.plan import zero
-from dsckpt.plan.consolidation import Read
+from dsckpt.io.unpickle import SavedTensor
 
 if TYPE_CHECKING:
-    from dsckpt.discover.layout import _Reader
-    from dsckpt.plan.consolidation import ConsolidationPlan
+    from dsckpt.discover.layout import Reader
 
 
-def read_pipeline(reader: _Reader, model_files: list[RankFile]) -> Layout:
+def read_pipeline(reader: Reader, model_files: list[RankFile]) -> Layout:
     """Discover a pipeline checkpoint: degrees, per-(stage, TP) ZeRO partitions, layer files."""
     if not model_files:
         raise UnsupportedLayout(
             f"{reader.location.dir} has layer files but no "
             "mp_rank_*_model_states.pt: the pipeline model states are missing"
         )
-    meta = reader._model_meta(model_files)
+    meta = reader.first_model_meta(model_files)
     layers = [f for f in reader.files if f.role is Role.LAYER]
     tp_from_layers = 1 + max(f.tp or 0 for f in layers)
     tp = meta.tp_degree or tp_from_layers
     mp = meta.mp_world_size or len(model_files)
     pp = meta.pp_degree or max(1, mp // tp)
-    reader._check_mp_files(meta, model_files)
+    reader.check_mp_files(meta, model_files)
     if pp * tp != mp:
         reader.note(
             ERROR,
@@ -64,7 +59,7 @@ def read_pipeline(reader: _Reader, model_files: list[RankFile]) -> Layout:
 
     sources: dict[int, ZeroSources] = {}
     stage = 0
-    optimizer = "torch" if meta.raw.get("optimizer") else "none"
+    optimizer: OptimizerKind = "torch" if meta.raw.get("optimizer") else "none"
     dp = meta.dp_world_size or 1
     tensors: list[TensorEntry] = []
     first_layer: dict[int, int] = {}
@@ -83,9 +78,9 @@ def read_pipeline(reader: _Reader, model_files: list[RankFile]) -> Layout:
         param_shapes = stage_meta.param_shapes
         if reader.of_role(Role.OPTIM):
             if param_shapes is None:
-                reader._require_shapes(stage_meta)
+                reader.require_shapes(stage_meta)
             else:
-                src, optimizer, stage, dp = reader._zero_sources(m, param_shapes, dp)
+                src, optimizer, stage, dp = reader.zero_sources(m, param_shapes, dp)
                 if src is not None:
                     sources[m] = src
         stage_index, tp_rank = divmod(m, tp)
@@ -102,11 +97,11 @@ def read_pipeline(reader: _Reader, model_files: list[RankFile]) -> Layout:
         _check_named_layers(reader, layers, tensors, tp)
     else:
         _check_layer_gaps(reader, layers)
-    reader._disagree(steps, "model-states", "global_steps")
-    reader._check_dp(meta, dp)
+    reader.disagree(steps, "model-states", "global_steps")
+    reader.check_dp(meta, dp)
     param_dtype = _layer_dtype(reader, layers)
-    keys = _model_keys(reader, tensors, layers, _literal_names(meta.raw))
-    return reader._layout(
+    keys = _model_keys(reader, tensors, layers, literal_names(meta.raw))
+    return reader.make_layout(
         kind="pipeline",
         zero_stage=stage,
         optimizer=optimizer,
@@ -124,7 +119,7 @@ def read_pipeline(reader: _Reader, model_files: list[RankFile]) -> Layout:
 
 
 def _model_keys(
-    reader: _Reader, tensors: list[TensorEntry], layers: list[RankFile], literal: set[str]
+    reader: Reader, tensors: list[TensorEntry], layers: list[RankFile], literal: set[str]
 ) -> tuple[str, ...]:
     """Every tensor the pipeline's files record, named as the consolidated model names them:
     ``param_shapes`` (the optimizer's parameters) and every tensor of the TP rank 0 layer files
@@ -137,11 +132,11 @@ def _model_keys(
         sd = reader.load(f)
         for key, value in sd.items() if isinstance(sd, dict) else ():
             if isinstance(value, SavedTensor):
-                names.setdefault(_layer_key_name(f.layer, str(key), known), None)
+                names.setdefault(layer_key_name(f.layer, str(key), known), None)
     return tuple(names)
 
 
-def _layer_key_name(layer: int | None, key: str, known: set[str]) -> str:
+def layer_key_name(layer: int | None, key: str, known: set[str]) -> str:
     """``<layer>.<key>``, or the ``tied_modules.*`` name when ``param_shapes`` lists the tensor
     under its tied module (Megatron's embedding, held by the first and the last stage)."""
     plain = f"{layer}.{key}"
@@ -165,7 +160,7 @@ def _layer_file(layer: int, tp_rank: int) -> str:
     return f"layer_{layer:02d}-model_{tp_rank:02d}-model_states.pt"
 
 
-def _check_layer_grid(reader: _Reader, layers: list[RankFile], tp: int) -> None:
+def _check_layer_grid(reader: Reader, layers: list[RankFile], tp: int) -> None:
     """Every layer that has a file must have one per TP rank."""
     by_layer: dict[int, set[int]] = defaultdict(set)
     for f in layers:
@@ -182,7 +177,7 @@ def _check_layer_grid(reader: _Reader, layers: list[RankFile], tp: int) -> None:
 
 
 def _check_named_layers(
-    reader: _Reader, layers: list[RankFile], tensors: list[TensorEntry], tp: int
+    reader: Reader, layers: list[RankFile], tensors: list[TensorEntry], tp: int
 ) -> None:
     """Every layer whose parameters ``param_shapes`` names must have its layer files: a layer
     missing on every TP rank leaves no gap in the grid check, yet a reshape needs its files."""
@@ -206,7 +201,7 @@ def _check_named_layers(
     )
 
 
-def _check_layer_gaps(reader: _Reader, layers: list[RankFile]) -> None:
+def _check_layer_gaps(reader: Reader, layers: list[RankFile]) -> None:
     """Without ``param_shapes`` (no ZeRO) the files alone say which layers exist: a layer index
     missing between two that have files is a layer without parameters (a function) or a lost
     file; only the user can tell, so it is a warning, and layer files are not taken silently."""
@@ -238,7 +233,7 @@ def _stage_entries(
     return entries
 
 
-def _layer_dtype(reader: _Reader, layers: list[RankFile]) -> str | None:
+def _layer_dtype(reader: Reader, layers: list[RankFile]) -> str | None:
     for f in sorted(layers, key=lambda f: (f.layer or 0, f.tp or 0)):
         sd = reader.load(f)
         if isinstance(sd, dict):
@@ -246,61 +241,6 @@ def _layer_dtype(reader: _Reader, layers: list[RankFile]) -> str | None:
                 if isinstance(t, SavedTensor) and t.is_floating_point():
                     return dtypes.name_of(t.dtype)
     return None
-
-
-def plan_pipeline_consolidation(
-    layout: Layout,
-    dtype: str,
-    *,
-    rules_file: Path | None = None,
-    from_layers: bool = False,
-    strip_vocab_padding: bool = True,
-) -> ConsolidationPlan:
-    """Plan one full state dict from TP slices and PP stages, named as ``param_shapes`` names them.
-
-    Each parameter's TP slices combine as its rule says (see :mod:`dsckpt.plan.tp_rules`); each
-    slice is itself read from the fp32 ZeRO partitions of its (stage, TP rank), or from the layer
-    files with ``from_layers``. Tied modules are taken from the first stage that holds them.
-    """
-    from dsckpt.plan.consolidation import DTYPES, ConsolidationPlan, OutputTensor
-    from dsckpt.plan.tp_rules import load_rules
-
-    info = layout.model_info
-    vocab = (info.get("checkpoint_info") or {}).get("original_vocab_size")
-    rules = load_rules(
-        rules_file,
-        info.get("universal_checkpoint_info"),
-        model_args=info.get("args"),
-        facts={"original_vocab_size": vocab} if vocab else None,
-    )
-    slices = _layer_slices(layout) if from_layers else _zero_slices(layout)
-    out_dtype = DTYPES[dtype]
-    outputs = []
-    diverged = []
-    for name, per_rank in slices.items():
-        shapes = [local.shape for local in per_rank]
-        tp_plan = rules.merge_plan(name, shapes, strip_padding=strip_vocab_padding)
-        if tp_plan.combine == "copy" and not replicas_agree(per_rank):
-            diverged.append(name)
-        reads = compose_reads(tp_plan, per_rank)
-        outputs.append(OutputTensor(name, tuple(tp_plan.full_shape), out_dtype, tuple(reads)))
-    if diverged:
-        raise InconsistentCheckpoint(
-            f"{len(diverged)} tensor(s) the rules call replicated differ across TP ranks "
-            f"({', '.join(diverged[:3])}{', ...' if len(diverged) > 3 else ''}), so no single full "
-            "tensor exists and dsckpt will not pick a copy silently; if they are in fact "
-            'partitioned, pass --rules with kind "split" for them'
-        )
-    if not from_layers:
-        source = "fp32 master weights from the optimizer partitions"
-    elif layer_files_exact(layout):
-        source = LAYERS_EXACT
-    else:
-        source = "layer files (model dtype, upcast)"
-    return ConsolidationPlan(tensors=tuple(outputs), source=source)
-
-
-LAYERS_EXACT = "layer files (float32; without ZeRO they are the trained weights, exact)"
 
 
 def layer_files_exact(layout: Layout) -> bool:
@@ -321,104 +261,7 @@ def layer_files_exact(layout: Layout) -> bool:
     )
 
 
-@dataclass(frozen=True)
-class LocalSlice:
-    """One TP rank's slice of a parameter: its local shape and the flat runs that hold it."""
-
-    shape: tuple[int, ...]
-    runs: tuple[Read, ...]  # dst_start = element offset inside the local (flattened) slice
-
-
-def replicas_agree(per_rank: list[LocalSlice]) -> bool:
-    """Whether every TP rank holds the same bytes for a replicated tensor (read in full: such
-    tensors are norms, biases and position embeddings, small next to the split weights)."""
-    first = _slice_bytes(per_rank[0])
-    return all(first == _slice_bytes(other) for other in per_rank[1:])
-
-
-def _slice_bytes(local: LocalSlice) -> bytes:
-    from dsckpt.io.load import read_bytes
-
-    return b"".join(read_bytes(r.source, r.src_start, r.length) for r in local.runs)
-
-
-def _zero_slices(layout: Layout) -> dict[str, list[LocalSlice]]:
-    """Per parameter, per TP rank: where its fp32 slice lives in that rank's ZeRO partitions."""
-    if not layout.zero_sources:
-        if any(f.code == "layer-gap" for f in layout.findings):
-            why = (
-                "its layer files are the weights, but some may be missing (`dsckpt inspect` "
-                "says which): pass --from-layers to take the layer files as they are"
-            )
-        else:
-            why = (
-                f"its layer files hold {layout.param_dtype} weights, which the fp32 master "
-                "weights of the run were rounded to: pass --from-layers to take them anyway "
-                "(upcast, not the fp32 master values)"
-            )
-        raise UnsupportedLayout(
-            f"{layout.dir} has no ZeRO optimizer partitions to take fp32 master weights from "
-            f"and {why}"
-        )
-    slices: dict[str, list[LocalSlice]] = {}
-    for stage in range(layout.pp):
-        for tp_rank in range(layout.tp):
-            sources = layout.zero_sources.get(stage * layout.tp + tp_rank)
-            if sources is None:
-                raise UnsupportedLayout(
-                    f"stage {stage}, TP rank {tp_rank} has no readable optimizer partitions"
-                )
-            for g, group in enumerate(sources.groups):
-                for param in group.params:
-                    if (
-                        stage > 0
-                        and param.name.startswith("tied_modules.")
-                        and param.name in slices
-                        and len(slices[param.name]) == layout.tp
-                    ):
-                        continue  # a tied module's first stage copy is the one kept in sync
-                    runs = tuple(
-                        Read(sources.fp32[p.rank][g], p.src_start, p.length, p.dst_start)
-                        for p in group.pieces(param)
-                    )
-                    slices.setdefault(param.name, []).append(LocalSlice(param.shape, runs))
-    return slices
-
-
-def _layer_slices(layout: Layout) -> dict[str, list[LocalSlice]]:
-    """Per parameter, per TP rank: the layer file tensor (saved whole, in the model dtype)."""
-    tied = _tied_names(layout)
-    slices: dict[str, list[LocalSlice]] = {}
-    layer_files = sorted(
-        (f for f in layout.files if f.role is Role.LAYER), key=lambda f: (f.layer or 0, f.tp or 0)
-    )
-    for f in layer_files:
-        path = layout.dir / f.name
-        for key, tensor in (load_saved(path) or {}).items():
-            if not isinstance(tensor, SavedTensor):
-                continue
-            name = tied.get((f.layer, key), f"{f.layer}.{key}")
-            ref = tensor_ref(path, tensor)
-            slices.setdefault(name, []).append(
-                LocalSlice(tuple(tensor.shape), (Read(ref, 0, ref.numel, 0),))
-            )
-    return slices
-
-
-def _tied_names(layout: Layout) -> dict[tuple[int | None, str], str]:
-    """(layer, key) -> tied_modules name, for layers whose parameters param_shapes lists as tied."""
-    known = {t.name for t in layout.tensors} | _literal_names(layout.model_info)
-    tied = {}
-    for f in layout.files:
-        if f.role is Role.LAYER and f.tp == 0:
-            for key in load_saved(layout.dir / f.name) or {}:
-                name = _layer_key_name(f.layer, key, known)
-                if name.startswith("tied_modules.") and f"{f.layer}.{key}" not in known:
-                    tied[(f.layer, key)] = name
-    return tied
-
-
-def _literal_names(model_info: Mapping[str, Any]) -> set[str]:
+def literal_names(model_info: Mapping[str, Any]) -> set[str]:
     """Parameter names that Megatron's universal_checkpoint_info spells out as plain literals."""
     names = set()
     info = model_info.get("universal_checkpoint_info")
@@ -428,43 +271,3 @@ def _literal_names(model_info: Mapping[str, Any]) -> set[str]:
             if isinstance(pattern, str) and not re.search(r"[\\^$*+?()\[\]{}|]", literal):
                 names.add(literal)
     return names
-
-
-def compose_reads(tp_plan: Any, per_rank: list[LocalSlice], dst_rank: int = 0) -> list[Read]:
-    """Flat element reads for target TP rank ``dst_rank``'s tensor (the merged tensor when the
-    plan merges): TP pieces along ``dim`` over each source rank's runs; padding is not read."""
-    if tp_plan.combine == "mean":
-        raise UnsupportedLayout(
-            f"{tp_plan.rule.pattern}: averaging replicated TP copies is not "
-            "supported here; use a `replicated` rule"
-        )
-    full = tuple(tp_plan.dst_shapes[dst_rank])
-    if tp_plan.combine == "copy" or tp_plan.dim is None:
-        local = per_rank[tp_plan.pieces[dst_rank][0].src]
-        return clip_reads(local.runs, 0, zero.numel(full), 0)
-    dim = tp_plan.dim
-    outer = zero.numel(full[:dim])
-    inner = zero.numel(full[dim + 1 :])
-    reads = []
-    for piece in tp_plan.pieces[dst_rank]:
-        local = per_rank[piece.src]
-        local_dim = local.shape[dim]
-        for o in range(outer):
-            src = (o * local_dim + piece.src_start) * inner
-            dst = (o * full[dim] + piece.dst_start) * inner
-            reads.extend(clip_reads(local.runs, src, piece.length * inner, dst))
-    return reads
-
-
-def clip_reads(runs: tuple[Read, ...], start: int, count: int, dst: int) -> list[Read]:
-    """The parts of ``runs`` covering local elements ``[start, start+count)``, placed at ``dst``."""
-    out = []
-    end = start + count
-    for run in runs:
-        lo = max(start, run.dst_start)
-        hi = min(end, run.dst_start + run.length)
-        if lo < hi:
-            out.append(
-                Read(run.source, run.src_start + lo - run.dst_start, hi - lo, dst + lo - start)
-            )
-    return out

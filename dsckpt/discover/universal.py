@@ -25,17 +25,17 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from dsckpt.discover import checks
+from dsckpt.discover import checks, zero
 from dsckpt.discover.checks import At, BadMetadata
 from dsckpt.discover.files import RankFile, Role
+from dsckpt.discover.model import ERROR, WARNING, Level, TensorEntry
 from dsckpt.errors import CorruptFile
 from dsckpt.io import dtypes
 from dsckpt.io.load import TensorRef, read_scalar, tensor_ref
 from dsckpt.io.unpickle import SavedTensor, load_saved
-from dsckpt.plan import zero
 
 if TYPE_CHECKING:
-    from dsckpt.discover.layout import Layout, ModelMeta, TensorEntry, _Reader
+    from dsckpt.discover.layout import Layout, ModelMeta, Reader, TensorEntry
 
 ZERO_DIR = "zero"
 OPTIMIZER_STATE_FILE = "optimizer_state.pt"
@@ -50,7 +50,6 @@ HARMLESS_KEYS = {PARAM_KEY, "cat_dim"}
 VOCAB_KEY = "vocab_tensor"
 
 
-ERROR, WARNING = "error", "warning"
 
 
 class _Unsupported(Exception):
@@ -86,19 +85,19 @@ class UniversalInfo:
         return {p.name: p for p in self.params}
 
 
-def read_universal(reader: _Reader) -> Layout:
+def read_universal(reader: Reader) -> Layout:
     """Discover a universal tag directory (see the module docstring); problems are findings."""
     return _Universal(reader).read()
 
 
 class _Universal:
-    def __init__(self, reader: _Reader) -> None:
+    def __init__(self, reader: Reader) -> None:
         self.r = reader
         self.dir = reader.location.dir
         self.zero_dir = self.dir / ZERO_DIR
         self.groups: dict[str, int] = {}  # parameter -> its param_shapes group
 
-    def note(self, level: str, code: str, message: str) -> None:
+    def note(self, level: Level, code: str, message: str) -> None:
         self.r.note(level, code, message)
 
     # --- the model files ----------------------------------------------------------------------
@@ -135,7 +134,7 @@ class _Universal:
                 "of tensor-parallel runs are not supported yet",
             )
         if not stage3:
-            self.r._check_mp_files(meta, model_files)
+            self.r.check_mp_files(meta, model_files)
         if stage3:
             dp = meta.dp_world_size or len(metas)
             self.r._check_rank_set(
@@ -165,7 +164,7 @@ class _Universal:
             p = by_name.get(name)
             if p is not None and "fp32" in p.states:
                 whole[name] = (p.states["fp32"],)
-        layout = self.r._layout(
+        layout = self.r.make_layout(
             kind="universal",
             zero_stage=stage or 0,
             optimizer="universal",
@@ -187,7 +186,7 @@ class _Universal:
 
     def _empty(self, why: str) -> Layout:
         self.note(ERROR, "missing-rank-file", why)
-        return self.r._layout(
+        return self.r.make_layout(
             kind="universal",
             zero_stage=0,
             optimizer="universal",
@@ -253,8 +252,6 @@ class _Universal:
         """Buffers, frozen weights and tied aliases from the model files (DeepSpeed's universal
         loader leaves them as the model was built; they are the source run's values), then the
         trainable parameters."""
-        from dsckpt.discover.layout import TensorEntry
-
         path = self.r.path(meta.file)
         module = self.r._module_tensors(meta)
         tensors: list[TensorEntry] = []

@@ -41,13 +41,13 @@ from pathlib import Path
 from types import FrameType
 
 from dsckpt.errors import OutputError
+from dsckpt.sizes import exact_bytes
 
 __all__ = [
     "TMP_MARKER",
     "atomic_entries",
     "atomic_output",
     "check_disk_space",
-    "format_bytes",
     "preallocate",
     "stale_temporaries",
 ]
@@ -56,14 +56,6 @@ TMP_MARKER = ".dsckpt-tmp-"
 OLD_MARKER = ".dsckpt-old-"
 _NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
 _SIGTERM_EXIT = 128 + signal.SIGTERM
-
-
-def format_bytes(n: int) -> str:
-    """``28000000000`` -> ``"28000000000 bytes (28.0 GB)"``: exact, and readable at a glance."""
-    for unit, factor in (("TB", 10**12), ("GB", 10**9), ("MB", 10**6), ("KB", 10**3)):
-        if abs(n) >= factor:
-            return f"{n} bytes ({n / factor:.1f} {unit})"
-    return f"{n} bytes"
 
 
 def _existing_ancestor(path: Path) -> Path:
@@ -90,8 +82,8 @@ def check_disk_space(dest: os.PathLike[str] | str, nbytes: int) -> None:
     free = _free_bytes(Path(dest))
     if nbytes > free:
         raise OutputError(
-            f"not enough free space to write {dest}: need {format_bytes(nbytes)}, "
-            f"{format_bytes(free)} free: free some space or choose another output path"
+            f"not enough free space to write {dest}: need {exact_bytes(nbytes)}, "
+            f"{exact_bytes(free)} free: free some space or choose another output path"
         )
 
 
@@ -243,9 +235,9 @@ def output_error(exc: BaseException, dest: Path, staged: Iterable[Path] = (),
         if not isinstance(cur, OSError) or cur.errno is None:
             continue
         if cur.errno in _NO_SPACE:
-            need = f"need {format_bytes(nbytes)}" if nbytes is not None else "need more"
+            need = f"need {exact_bytes(nbytes)}" if nbytes is not None else "need more"
             try:
-                free = f"{format_bytes(_free_bytes(dest.parent))} free"
+                free = f"{exact_bytes(_free_bytes(dest.parent))} free"
             except OSError:
                 free = "free space unknown"
             return OutputError(f"no space left on device writing {dest}: {need}, {free}")

@@ -29,10 +29,10 @@ from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from dsckpt.discover.files import open_regular, os_error
 from dsckpt.errors import CorruptFile, UnsafeCheckpoint
 from dsckpt.io import dtypes
 from dsckpt.io.dtypes import DType
+from dsckpt.io.regular import open_regular, os_error
 from dsckpt.io.standins import (  # noqa: F401  (re-exported: load.py's public names)
     STAND_INS,
     DynamicLossScaler,

@@ -17,7 +17,7 @@ quantized, nested and other tensor kinds torch can save are refused with
 :class:`~dsckpt.errors.UnsupportedLayout`; any other global with
 :class:`~dsckpt.errors.UnsafeCheckpoint`.
 
-Every file is untrusted: only regular files are opened (:func:`dsckpt.files.open_regular`), the
+Every file is untrusted: only regular files are opened (:func:`dsckpt.io.regular.open_regular`), the
 zip is refused if any reader could see it differently (duplicate or case-folded names, overlapping
 records, bad zip64 fields), ``data.pkl`` is at most :data:`MAX_PICKLE_BYTES`, and the unpickling
 itself runs under the budgets of :mod:`dsckpt.bounds` (memory, time, hashing, depth, cycles).
@@ -40,11 +40,11 @@ from functools import cache
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from dsckpt.discover.files import open_regular
 from dsckpt.errors import CorruptFile, DsckptError, UnsafeCheckpoint, UnsupportedLayout
 from dsckpt.io import bounds, dtypes
 from dsckpt.io.bounds import short
 from dsckpt.io.dtypes import DType
+from dsckpt.io.regular import open_regular
 from dsckpt.io.standins import STAND_INS, check_numpy_build, checked_numpy_globals
 
 __all__ = ["Device", "SavedStorage", "SavedTensor", "load_saved"]
@@ -305,7 +305,7 @@ def load_saved(path: Path) -> Any:
 
 def load_saved_fd(path: Path, fd: int) -> Any:
     """:func:`load_saved` on a descriptor already open on ``path`` (checked to be a regular
-    file, as :func:`dsckpt.files.open_regular` does): callers that go on reading the same file
+    file, as :func:`dsckpt.io.regular.open_regular` does): callers that go on reading the same file
     read what was checked, even if the name is swapped meanwhile."""
     try:
         pkl, records = _read_archive_fd(path, fd)

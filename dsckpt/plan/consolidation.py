@@ -1,6 +1,6 @@
 """Consolidation plans: for every output tensor, which element runs of which source tensors make it.
 
-A plan is data. It is built from a :class:`~dsckpt.layout.Layout` without reading any tensor
+A plan is data. It is built from a :class:`~dsckpt.discover.model.Layout` without reading any tensor
 data, so the executor knows every output's size up front (safetensors headers, progress, disk
 space) and can stream the copies in any order or split them across workers.
 """
@@ -8,79 +8,26 @@ space) and can stream the copies in any order or split them across workers.
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterator
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import replace
 
+from dsckpt.discover import zero
 from dsckpt.discover.layout import Layout, TensorEntry, refuse_errors
+from dsckpt.discover.pipeline import layer_files_exact
 from dsckpt.errors import InconsistentCheckpoint, UnsupportedLayout
-from dsckpt.io import dtypes
 from dsckpt.io.dtypes import DType
 from dsckpt.io.load import TensorRef
-from dsckpt.plan import zero
-
-DTYPES = {"fp32": dtypes.FLOAT32, "bf16": dtypes.BFLOAT16, "fp16": dtypes.FLOAT16}
-
-
-@dataclass(frozen=True)
-class Read:
-    """``length`` elements at ``src_start`` of a saved tensor go to ``dst_start`` of an output."""
-
-    source: TensorRef
-    src_start: int
-    length: int
-    dst_start: int
-
-
-@dataclass(frozen=True)
-class OutputTensor:
-    name: str
-    shape: tuple[int, ...]
-    dtype: DType
-    reads: tuple[Read, ...]
-
-    @property
-    def numel(self) -> int:
-        return zero.numel(self.shape)
-
-    @property
-    def nbytes(self) -> int:
-        return self.numel * self.dtype.itemsize
-
-
-@dataclass(frozen=True)
-class ConsolidationPlan:
-    """Output tensors in state-dict order, plus tied aliases that name one of them."""
-
-    tensors: tuple[OutputTensor, ...]
-    aliases: dict[str, str] = field(default_factory=dict)  # alias -> canonical output name
-    source: str = ""  # where the values come from, for the result line and metadata
-
-    @property
-    def nbytes(self) -> int:
-        return sum(t.nbytes for t in self.tensors)
-
-    def names(self) -> list[str]:
-        """Every key of the state dict, aliases included, in DeepSpeed's order."""
-        return [t.name for t in self.tensors] + list(self.aliases)
-
-    def __iter__(self) -> Iterator[OutputTensor]:
-        return iter(self.tensors)
+from dsckpt.plan.model import DTYPES, ConsolidationOptions, ConsolidationPlan, OutputTensor, Read
+from dsckpt.plan.pipeline_consolidation import plan_pipeline_consolidation
 
 
 def plan_consolidation(
-    layout: Layout,
-    dtype: str = "fp32",
-    exclude_frozen: bool = False,
-    *,
-    rules_file: Path | None = None,
-    from_layers: bool = False,
-    strip_vocab_padding: bool = True,
+    layout: Layout, options: ConsolidationOptions | None = None
 ) -> ConsolidationPlan:
     """Plan the consolidated state dict of a ZeRO or plain checkpoint.
 
     The order follows DeepSpeed's ``zero_to_fp32``: buffers, frozen parameters, trainable
-    parameters, then tied aliases. Floating tensors become ``dtype``; other buffers keep theirs.
+    parameters, then tied aliases. Floating tensors become ``options.dtype``; other buffers keep
+    theirs.
 
     Raises:
         InconsistentCheckpoint: discovery found errors that make the values untrustworthy, or
@@ -88,9 +35,11 @@ def plan_consolidation(
         UnsupportedLayout: the layout has no consolidation here (MoE, tensor-parallel
             universal checkpoints).
     """
+    options = options or ConsolidationOptions()
     refuse_errors(layout)
-    if layout.kind == "universal" and not strip_vocab_padding and layout.universal is not None:
-        stripped = [p.name for p in layout.universal.params if p.vocab_rows is not None]
+    universal = layout.universal if layout.kind == "universal" else None
+    if universal is not None and not options.strip_vocab_padding:
+        stripped = [p.name for p in universal.params if p.vocab_rows is not None]
         if stripped:
             raise UnsupportedLayout(
                 f"{layout.dir}: the universal checkpoint holds {stripped[0]} without its "
@@ -98,15 +47,11 @@ def plan_consolidation(
                 "--keep-vocab-padding"
             )
     if layout.kind == "pipeline":
-        from dsckpt.discover.pipeline import plan_pipeline_consolidation
-
-        plan = plan_pipeline_consolidation(
-            layout,
-            dtype,
-            rules_file=rules_file,
-            from_layers=from_layers,
-            strip_vocab_padding=strip_vocab_padding,
-        )
+        if not options.from_layers and layer_files_exact(layout):
+            # A pipeline without ZeRO in fp32 has no other source: its layer files are the
+            # weights, bit for bit, so they are taken without --from-layers (the source says so).
+            options = replace(options, from_layers=True)
+        plan = plan_pipeline_consolidation(layout, options)
         check_complete(layout, plan)
         return plan
     if layout.tp > 1:
@@ -115,7 +60,7 @@ def plan_consolidation(
             f"{layout.dir} has {layout.tp} model-parallel ranks but no layer files: consolidating "
             "tensor-parallel checkpoints saved without a PipelineModule is not supported yet"
         )
-    out_dtype = DTYPES[dtype]
+    out_dtype = DTYPES[options.dtype]
     by_kind: dict[str, list[TensorEntry]] = {
         "buffer": [],
         "frozen": [],
@@ -127,7 +72,7 @@ def plan_consolidation(
     outputs: list[OutputTensor] = []
     for entry in by_kind["buffer"]:
         outputs.append(_whole(entry, layout.whole[entry.name][0], out_dtype))
-    if not exclude_frozen:
+    if not options.exclude_frozen:
         for entry in by_kind["frozen"]:
             outputs.append(_frozen(layout, entry, out_dtype))
     outputs.extend(_trainable(layout, by_kind["trainable"], out_dtype))
@@ -142,7 +87,7 @@ def plan_consolidation(
     else:
         source = f"module weights ({layout.param_dtype})"
     plan = ConsolidationPlan(tensors=tuple(outputs), aliases=aliases, source=source)
-    check_complete(layout, plan, exclude_frozen)
+    check_complete(layout, plan, options.exclude_frozen)
     return plan
 
 

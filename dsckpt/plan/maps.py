@@ -35,6 +35,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from itertools import pairwise
 
+from dsckpt.errors import MapError, UsageError
+
 __all__ = [
     "MapError",
     "Topology",
@@ -68,8 +70,17 @@ __all__ = [
 ]
 
 
-class MapError(ValueError):
-    """A topology, partition or split that cannot be realised, with the reason in the message."""
+_DEGREE_NAMES = {"dp": "data-parallel", "tp": "tensor-parallel", "pp": "pipeline-parallel"}
+
+
+def check_degrees(**degrees: int | None) -> None:
+    """Refuse a target degree below 1 from the command line (``--dp 0``), naming its flag: the
+    one check of every front door (reshape, show-map, the reshape planners). ``None`` means the
+    degree is kept."""
+    for name, value in degrees.items():
+        if value is not None and value < 1:
+            what = _DEGREE_NAMES.get(name, name)
+            raise UsageError(f"--{name} {value}: the {what} size must be at least 1")
 
 
 def _check_positive(name: str, value: int) -> None:

@@ -80,8 +80,8 @@ def plan_optimizer_state(layout: Layout, master: ConsolidationPlan) -> Optimizer
             "per parameter name cannot be read"
         )
     by_source: dict[TensorRef, GroupState] = {}
-    for sources in layout.zero_sources.values():
-        by_source.update(_group_states(sources))
+    for rank_sources in layout.zero_sources.values():
+        by_source.update(_group_states(rank_sources))
     keys: list[str] = []
     for state in by_source.values():
         keys.extend(k for k in state.tensors if k not in keys)

@@ -43,15 +43,24 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from dsckpt.discover import zero
 from dsckpt.discover.files import Role
-from dsckpt.discover.pipeline import LocalSlice, clip_reads, compose_reads, replicas_agree
 from dsckpt.errors import InconsistentCheckpoint, UnsupportedLayout, UsageError
 from dsckpt.io import dtypes
-from dsckpt.plan import maps, zero
-from dsckpt.plan.consolidation import Read
+from dsckpt.plan import maps
+from dsckpt.plan.model import Read
+from dsckpt.plan.pipeline_consolidation import (
+    LocalSlice,
+    clip_reads,
+    compose_reads,
+    replicas_agree,
+    tied_names,
+)
+from dsckpt.sizes import human_bytes
 
 if TYPE_CHECKING:
     from dsckpt.discover.layout import Layout
+    from dsckpt.execute.progress import ProgressSink  # annotation only
     from dsckpt.io.load import TensorRef
     from dsckpt.plan.tp_rules import RuleSet, TPPlan
 
@@ -157,7 +166,6 @@ def open_pipeline(layout: Layout, rules_file: Path | None = None) -> PipelineSou
         UnsupportedLayout: no ZeRO optimizer files, ZeRO stage other than 1, alignment padding.
     """
     from dsckpt.discover.layout import refuse_errors
-    from dsckpt.discover.pipeline import _tied_names
     from dsckpt.io.unpickle import load_saved
     from dsckpt.plan.tp_rules import load_rules
 
@@ -207,7 +215,7 @@ def open_pipeline(layout: Layout, rules_file: Path | None = None) -> PipelineSou
             raise UnsupportedLayout(
                 f"{where}: parameter {sp.name!r} is neither in a numbered layer nor a tied module, "
                 "so the stage that holds it cannot be derived")
-    tied = _tied_names(layout)
+    tied = tied_names(layout)
     layer_files: dict[int, dict[str, str]] = {}
     for f in layout.files:
         if f.role is Role.LAYER and f.tp == 0 and f.layer is not None:
@@ -340,9 +348,7 @@ def plan_pipeline(layout: Layout, *, tp: int | None = None, pp: int | None = Non
     """
     from dsckpt.plan.tp_rules import RuleError
 
-    for flag, value in (("--dp", dp), ("--tp", tp), ("--pp", pp)):
-        if value is not None and value < 1:
-            raise UsageError(f"{flag} {value}: degrees start at 1")
+    maps.check_degrees(dp=dp, tp=tp, pp=pp)
     source = open_pipeline(layout, rules_file)
     dst = maps.Topology(pp=pp or layout.pp, tp=tp or layout.tp, dp=dp or layout.dp)
     tp_plans: dict[str, TPPlan] = {}
@@ -439,16 +445,8 @@ class PipelineReshapeResult:
     def dst_parts(self) -> tuple[int, ...]:
         return self.plan.dst_parts
 
-    def topology_map(self) -> Any:
-        """The show-map view of this plan (what ``--dry-run`` renders)."""
-        from dsckpt.plan.topology_map import topology_map
-
-        plan = self.plan
-        return topology_map(plan.source.layout, tp=plan.dst.tp, pp=plan.dst.pp, dp=plan.dst.dp,
-                            method=plan.method, plan=plan)
-
     def summary(self) -> str:
-        from dsckpt.plan.zero_reshape import _human, skipped_note
+        from dsckpt.plan.zero_reshape import skipped_note
 
         src, dst = self.plan.src, self.plan.dst
         move = (f"PP {src.pp} x TP {src.tp} x DP {src.dp} -> PP {dst.pp} x TP {dst.tp} x "
@@ -456,14 +454,14 @@ class PipelineReshapeResult:
         if not self.written:
             return f"dry run: {move}; nothing written (would write {self.out}/{self.tag}/)"
         return (f"wrote {self.out} (tag {self.tag}): {move}, {len(self.files)} files, "
-                f"{_human(self.nbytes)}{skipped_note(self.skipped)}")
+                f"{human_bytes(self.nbytes)}{skipped_note(self.skipped)}")
 
 
 def reshape_pipeline(layout: Layout, out: Path | str, *, tp: int | None = None,
                      pp: int | None = None, dp: int | None = None,
                      partition_method: str = "parameters", layer_specs: str | None = None,
                      rules_file: Path | None = None, force: bool = False, dry_run: bool = False,
-                     progress: Any = None) -> PipelineReshapeResult:
+                     progress: ProgressSink | None = None) -> PipelineReshapeResult:
     """Write the pipeline checkpoint ``layout`` re-split for (``pp``, ``tp``, ``dp``) to ``out``.
 
     Raises:

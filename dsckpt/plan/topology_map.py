@@ -8,15 +8,13 @@ thing.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
+from dsckpt.discover import zero
 from dsckpt.discover.files import Role
 from dsckpt.discover.layout import Finding, Layout, ZeroSources
 from dsckpt.errors import UnsupportedLayout, UsageError
-from dsckpt.plan import maps, zero
-
-if TYPE_CHECKING:
-    from dsckpt.plan.pipeline_reshape import PipelinePlan
+from dsckpt.plan import maps
+from dsckpt.plan.pipeline_reshape import PipelinePlan, format_layer_specs, plan_pipeline
 
 
 @dataclass(frozen=True)
@@ -98,9 +96,7 @@ def topology_map(
     base = TopologyMap(src=src, src_parts=tuple(parts), rows=rows, findings=layout.findings)
     if tp is None and pp is None and dp is None:
         return base
-    for flag, value in (("--tp", tp), ("--pp", pp), ("--dp", dp)):
-        if value is not None and value < 1:
-            raise UsageError(f"{flag} {value}: degrees start at 1")
+    maps.check_degrees(tp=tp, pp=pp, dp=dp)
     dst = maps.Topology(pp=pp or layout.pp, tp=tp or layout.tp, dp=dp or layout.dp)
     if layout.kind != "pipeline" and (dst.pp, dst.tp) != (layout.pp, layout.tp):
         raise UnsupportedLayout(
@@ -114,8 +110,6 @@ def topology_map(
     specs_text, inferred = "", False
     if layout.kind == "pipeline" and layout.zero_sources:
         # The same plan `reshape` writes: layer specs, parameter counts at the target TP.
-        from dsckpt.plan.pipeline_reshape import format_layer_specs, plan_pipeline
-
         if plan is None:  # reshape --dry-run passes the plan it made
             plan = plan_pipeline(layout, tp=dst.tp, pp=dst.pp, dp=dst.dp,
                                  partition_method=method, layer_specs=layer_specs)
@@ -224,3 +218,15 @@ def _layer_param_counts(layout: Layout, num_layers: int) -> list[int]:
         if head.isdigit() and int(head) < num_layers:
             counts[int(head)] += t.numel
     return counts
+
+
+def reshape_map(plan: PipelinePlan) -> TopologyMap:
+    """The show-map view of a pipeline reshape plan: what ``reshape --dry-run`` renders."""
+    return topology_map(
+        plan.source.layout,
+        tp=plan.dst.tp,
+        pp=plan.dst.pp,
+        dp=plan.dst.dp,
+        method=plan.method,
+        plan=plan,
+    )

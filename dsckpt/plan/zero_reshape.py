@@ -43,12 +43,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from dsckpt.errors import InconsistentCheckpoint, OutputError, UnsupportedLayout, UsageError
+from dsckpt.discover import zero
+from dsckpt.errors import InconsistentCheckpoint, OutputError, UnsupportedLayout
 from dsckpt.io import dtypes
-from dsckpt.plan import zero
+from dsckpt.plan.maps import check_degrees
+from dsckpt.sizes import human_bytes
 
 if TYPE_CHECKING:
     from dsckpt.discover.layout import Layout
+    from dsckpt.execute.progress import ProgressSink  # annotation only
 
 # DeepSpeed's default `zero_optimization.sub_group_size`.
 DEFAULT_SUB_GROUP_SIZE = 1_000_000_000
@@ -340,8 +343,7 @@ def plan_from_facts(facts: SourceFacts, dp: int) -> ReshapePlan:
         UnsupportedLayout: the saved layout does not follow DeepSpeed's rules as understood here
             (so a reshape could not be trusted).
     """
-    if dp < 1:
-        raise UsageError(f"--dp {dp}: the data-parallel size must be at least 1")
+    check_degrees(dp=dp)
     if facts.kind == "zero3":
         return _plan_zero3(facts, dp)
     return _plan_zero12(facts, dp)
@@ -718,29 +720,20 @@ class ReshapeResult:
                     f"(would write {self.out}/{self.tag}/)")
         return (f"wrote {self.out} (tag {self.tag}): {what} resharded from DP "
                 f"{self.plan.source_dp} to DP {self.plan.dp}, {len(self.files)} files, "
-                f"{_human(self.nbytes)}{skipped_note(self.skipped)}")
-
-
-def _human(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if n < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n} B"
+                f"{human_bytes(self.nbytes)}{skipped_note(self.skipped)}")
 
 
 def plan_reshape(ckpt: Path | str | Layout, dp: int, tag: str | None = None
                  ) -> tuple[Source, ReshapePlan]:
     """Open a checkpoint (a path, or an already opened Layout) and plan its reshape to ``dp``
     ranks (reads metadata only)."""
-    if dp < 1:
-        raise UsageError(f"--dp {dp}: the data-parallel size must be at least 1")
+    check_degrees(dp=dp)
     source = open_source(ckpt, tag)
     return source, plan_from_facts(source.facts, dp)
 
 
 def reshape_zero(layout: Layout, out: Path | str, *, dp: int, force: bool = False,
-                 dry_run: bool = False, progress: Any = None) -> ReshapeResult:
+                 dry_run: bool = False, progress: ProgressSink | None = None) -> ReshapeResult:
     """Write the ZeRO checkpoint ``layout`` re-partitioned for ``dp`` ranks to ``out`` (see
     :func:`dsckpt.reshaping.reshape`)."""
     source, plan = plan_reshape(layout, dp)

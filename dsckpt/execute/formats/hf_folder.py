@@ -12,8 +12,12 @@ import os
 from collections.abc import Mapping
 from pathlib import Path
 
-from dsckpt.discover.files import open_regular, os_error
+from dsckpt.execute.atomic import atomic_entries
+from dsckpt.execute.executor import execute
+from dsckpt.execute.formats.safetensors_writer import SafetensorsWriter
+from dsckpt.execute.formats.sharding import TensorSpec
 from dsckpt.execute.progress import ProgressSink
+from dsckpt.io.regular import open_regular, os_error
 from dsckpt.plan.consolidation import ConsolidationPlan
 
 _CHUNK = 1 << 20
@@ -55,10 +59,6 @@ def write_adapter(out: Path, plan: ConsolidationPlan, *, copies: Mapping[str, Pa
     Returns:
         The number of files written.
     """
-    from dsckpt.execute.atomic import atomic_entries
-    from dsckpt.execute.executor import execute
-    from dsckpt.execute.formats.safetensors_writer import SafetensorsWriter
-    from dsckpt.execute.formats.sharding import TensorSpec
 
     tensors = [TensorSpec(t.name, t.dtype, t.shape) for t in plan.tensors]
     names = [*copies, ADAPTER_NAME]  # the weights last: a folder with them is complete

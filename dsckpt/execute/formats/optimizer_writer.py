@@ -20,9 +20,10 @@ from pathlib import Path
 from typing import Any
 
 from dsckpt.errors import UnsupportedLayout
-from dsckpt.execute.executor import execute
+from dsckpt.execute.executor import execute, materialize
 from dsckpt.execute.formats.safetensors_writer import SafetensorsWriter
 from dsckpt.execute.formats.sharding import TensorSpec
+from dsckpt.io import dtypes
 from dsckpt.plan.optim_export import OptimizerExport
 
 OPTIMIZER_FORMATS = ("safetensors", "torch")
@@ -79,9 +80,7 @@ def torch_state_dict(export: OptimizerExport, lazy: Any) -> dict[str, Any]:
 
 
 def _lazy_tensor(tensor: Any, lazy: Any) -> Any:
-    from dsckpt.execute.executor import materialize
     from dsckpt.execute.formats.torch_writer import FileRange
-    from dsckpt.io import dtypes
 
     item = tensor.dtype.itemsize
     if all(r.source.dtype == tensor.dtype and r.source.is_contiguous for r in tensor.reads):

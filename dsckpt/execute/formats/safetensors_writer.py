@@ -37,6 +37,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, TypeVar
 
+from dsckpt.errors import IncompleteOutputError
 from dsckpt.execute.atomic import preallocate as _preallocate
 from dsckpt.execute.formats.sharding import Shard, ShardPlan, TensorSpec
 from dsckpt.io.dtypes import name_of
@@ -79,10 +80,6 @@ def safetensors_dtype(dtype: Any) -> str:
         return _DTYPE_CODES[name_of(dtype)]
     except KeyError:
         raise ValueError(f"dtype {dtype} cannot be stored in a safetensors file") from None
-
-
-class IncompleteOutputError(RuntimeError):
-    """An output tensor was not completely written: a bug in the plan or the executor."""
 
 
 # --------------------------------------------------------------------------- shared helpers

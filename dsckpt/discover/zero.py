@@ -1,6 +1,8 @@
 """ZeRO partition arithmetic: where each parameter's elements live across data-parallel ranks.
 
-Pure integer code (no torch) so it can be tested with plain numbers and reused by planning.
+Pure integer code (no torch) so it can be tested with plain numbers. It lives with discovery
+because it describes how DeepSpeed saved the checkpoint: discovery records each group's partition
+layout in the Layout, and planning (consolidation, reshape) reads it from there.
 
 ZeRO-1/2 (and DeepSpeed's BF16_Optimizer): each optimizer parameter group is one flat buffer, the
 parameters in ``param_shapes`` order, each followed by its alignment padding
