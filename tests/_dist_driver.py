@@ -37,7 +37,16 @@ def main() -> None:
                 events.append("wrote")
             except OSError as exc:
                 error = exc
-            coord.finish(error, lambda: events.append("commit"), lambda: events.append("discard"))
+            if coord.world.is_leader:
+                try:
+                    coord.report(error)
+                except BaseException:
+                    events.append("discard")
+                    raise
+                events.append("commit")
+                coord.committed()
+            else:
+                coord.report(error)
         print(json.dumps({"events": events, "error": None}))
     except DsckptError as exc:
         print(json.dumps({"events": events, "error": str(exc)}))

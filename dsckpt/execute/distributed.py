@@ -178,30 +178,30 @@ class Coordinator:
             return value
         return decode(self._expect(step))
 
-    def finish(
-        self, error: BaseException | None, commit: Callable[[], None], discard: Callable[[], None]
-    ) -> None:
-        """Report this rank's share; the leader commits once every share is in, or discards the
-        output, and every rank raises the first failure."""
+    def report(self, error: BaseException | None) -> None:
+        """Post this rank's share result.
+
+        The leader returns once every share is in, raising the first failure (it must then
+        commit nothing), and calls :meth:`committed` once the output is in place; every other
+        rank returns only after that, or raises the failure that ended the run.
+        """
         self._store.set(f"done/{self.world.rank}", _error_line(error) if error else "")
         if not self.world.is_leader:
             self._expect("done")
             if error is not None:
                 raise error
             return
-        try:
-            keys = [f"done/{r}" for r in range(self.world.size)]
-            self._wait_for(keys, "writing")
-            reports = [self._store.get(k).decode() for k in keys]
-            failed = [(r, line) for r, line in enumerate(reports) if line]
-            if failed:
-                rank, line = failed[0]
-                more = f" (and ranks {_ranks([r for r, _ in failed[1:]])})" if failed[1:] else ""
-                raise DistributedError(f"rank {rank} failed{more}: {line}; nothing was committed")
-            commit()
-        except BaseException:
-            discard()
-            raise
+        keys = [f"done/{r}" for r in range(self.world.size)]
+        self._wait_for(keys, "writing")
+        reports = [self._store.get(k).decode() for k in keys]
+        failed = [(r, line) for r, line in enumerate(reports) if line]
+        if failed:
+            rank, line = failed[0]
+            more = f" (and ranks {_ranks([r for r, _ in failed[1:]])})" if failed[1:] else ""
+            raise DistributedError(f"rank {rank} failed{more}: {line}; nothing was committed")
+
+    def committed(self) -> None:
+        """The leader has put the output in place: the other ranks may end."""
         self._publish("done", "=")
 
     def leave(self, error: BaseException | None) -> None:
