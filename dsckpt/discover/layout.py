@@ -68,6 +68,9 @@ class ZeroSources:
     fp32: tuple[tuple[TensorRef, ...], ...]  # [dp][group or sub-group]
     groups: tuple[zero.Zero12Group, ...] = ()  # ZeRO-1/2 and BF16_Optimizer
     zero3: zero.Zero3Layout | None = None
+    # [dp]: OptimMeta.slice_names of each rank (ZeRO-1/2), kept so reshape planning need not
+    # read every rank file again
+    slice_names: tuple[tuple[tuple[str | None, ...] | None, ...] | None, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -213,6 +216,9 @@ class OptimMeta:
     alignment: tuple[tuple[int, ...], ...] | None
     ds_version: str | None
     step: float | int | None
+    # Per group, the parameter names this rank's param_slice_mappings lists, in its order (None
+    # for an entry that is not a dict or list of names); None without param_slice_mappings.
+    slice_names: tuple[tuple[str | None, ...] | None, ...] | None = None
 
     @property
     def dp(self) -> int:
@@ -761,6 +767,7 @@ class _Reader:
             alignment=alignment,
             ds_version=version if isinstance(version, str) else None,
             step=self._first_step(f, osd, at),
+            slice_names=_slice_names(osd.get("param_slice_mappings")),
         )
 
     def _first_step(self, f: RankFile, osd: Mapping[str, Any], at: At) -> float | int | None:
@@ -959,7 +966,12 @@ class _Reader:
             )
             groups.append(layout)
             self._check_zero12_group(g, layout, fp32, states, kind)
-        return ZeroSources(stage=first.stage, fp32=tuple(fp32), groups=tuple(groups))
+        return ZeroSources(
+            stage=first.stage,
+            fp32=tuple(fp32),
+            groups=tuple(groups),
+            slice_names=tuple(states[d].slice_names for d in range(dp)),
+        )
 
     def _check_zero12_group(
         self,
@@ -1159,6 +1171,18 @@ class _Reader:
                     )
                 )
         return entries
+
+
+def _slice_names(mappings: Any) -> tuple[tuple[str | None, ...] | None, ...] | None:
+    """The names each group's ``param_slice_mappings`` lists, in order (a non-name as None)."""
+    if not isinstance(mappings, (list, tuple)):
+        return None
+    return tuple(
+        tuple(n if isinstance(n, str) else None for n in m)
+        if isinstance(m, (Mapping, list, tuple))
+        else None
+        for m in mappings
+    )
 
 
 def _trainable_params(sources: ZeroSources | None) -> list[Any]:
