@@ -18,7 +18,10 @@ own ``dp x params``), see bench/README.md "Planning at scale".
 
 from __future__ import annotations
 
+import pickle
+import re
 import sys
+import zipfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -142,3 +145,104 @@ def test_the_measure_sees_a_ranks_times_parameters_loop(
         lambda dp, p: count_work(lambda: plan_from_facts(facts[dp, p], dp // 2))
     )
     assert share < MAX_SHARE, (share, work)
+
+
+# -- the C-speed paths give the values and verdicts of the element-by-element ones -------------
+
+
+def _read_pickle(tmp_path: Path, data: bytes) -> Any:
+    from dsckpt.io.unpickle import load_saved
+
+    path = tmp_path / "file.pt"
+    with zipfile.ZipFile(path, "w") as archive:  # laid out as torch.save lays it out
+        archive.writestr("archive/data.pkl", data)
+        archive.writestr("archive/byteorder", "little")
+    return load_saved(path)
+
+
+INT_LISTS = {
+    "bytes": list(range(256)) * 5,
+    "two-byte": [256, 65535, 300] * 400,
+    "four-byte": [-(2**31), 2**31 - 1, -1, 65536] * 300,
+    "mixed": [0, 255, 256, 65535, 65536, -1, 7, 7, 70000, 3] * 250,
+    "one": [5],
+    "nested": [[1, 2, 3], (4, 500, -6), {"a": [9] * 3000}],
+}
+
+
+@pytest.mark.parametrize("name", sorted(INT_LISTS))
+def test_int_runs_read_as_pickle_reads_them(tmp_path: Path, name: str) -> None:
+    data = pickle.dumps(INT_LISTS[name], protocol=2)
+    assert _read_pickle(tmp_path, data) == pickle.loads(data) == INT_LISTS[name]
+
+
+def test_an_int_run_cut_short_is_corrupt(tmp_path: Path) -> None:
+    from dsckpt.errors import CorruptFile
+
+    data = pickle.dumps([1, 2, 3], protocol=2)  # ... K\x01 K\x02 K\x03 e .
+    cut = data[: data.index(b"K\x03") + 1]  # the last BININT1 without its byte
+    with pytest.raises(CorruptFile, match="unreadable pickle"):
+        _read_pickle(tmp_path, cut)
+
+
+def test_an_int_run_is_charged_to_the_budget(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from dsckpt.errors import UnsafeCheckpoint
+    from dsckpt.io import bounds
+
+    data = pickle.dumps([0] * 3000, protocol=2)
+    assert _read_pickle(tmp_path, data) == [0] * 3000
+    monkeypatch.setattr(bounds, "MAX_OP_UNITS", 2000)  # fewer units than the run has opcodes
+    with pytest.raises(UnsafeCheckpoint, match="takes more than 2000 steps"):
+        _read_pickle(tmp_path, data)
+
+
+def test_a_list_of_leaves_is_measured_like_any_other(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from dsckpt.errors import UnsafeCheckpoint
+    from dsckpt.io import bounds
+
+    deep: Any = [1, 2]  # leaves only, at the bottom of a deep nest
+    for _ in range(9):
+        deep = [deep]
+    data = pickle.dumps(deep, protocol=2)
+    assert _read_pickle(tmp_path, data) == deep
+    monkeypatch.setattr(bounds, "MAX_DEPTH", 9)
+    with pytest.raises(UnsafeCheckpoint, match="nests containers more than 9 deep"):
+        _read_pickle(tmp_path, data)
+    monkeypatch.setattr(bounds, "MAX_DEPTH", 100)
+    monkeypatch.setattr(bounds, "MAX_EXPANDED", 100)
+    with pytest.raises(UnsafeCheckpoint, match="over 100 objects"):
+        _read_pickle(tmp_path, pickle.dumps([[0] * 200], protocol=2))
+
+
+@pytest.mark.parametrize(
+    ("values", "problem"),
+    [
+        ([1, True, 3], "`x[1]` is True where an integer belongs"),
+        ([1, 2.0], "`x[1]` is 2.0 where an integer belongs"),
+        ([4, -1], "`x[1]` is -1, outside 0..281474976710656"),
+        ([0, 2**49], "`x[1]` is 562949953421312, outside"),
+    ],
+)
+def test_int_list_names_the_bad_value(values: list[Any], problem: str) -> None:
+    from dsckpt.discover import checks
+
+    with pytest.raises(checks.BadMetadata, match=re.escape(problem)):
+        checks.int_list(values, checks.At(Path("f.pt"), "x"))
+    with pytest.raises(checks.BadMetadata, match=re.escape(problem.replace("`x[1]`", "`s[1]`"))):
+        checks.shape(values, checks.At(Path("f.pt"), "s"))
+
+
+def test_int_list_takes_what_it_took_before() -> None:
+    from dsckpt.discover import checks
+
+    class Count(int):
+        pass
+
+    at = checks.At(Path("f.pt"), "x")
+    assert checks.int_list([0, 5, 2**48], at) == [0, 5, 2**48]
+    assert checks.int_list((), at) == []
+    taken = checks.int_list([Count(3)], at)  # an int subclass: accepted as a plain int
+    assert taken == [3] and type(taken[0]) is int
+    assert checks.shape([2, Count(3)], at) == (2, 3)
