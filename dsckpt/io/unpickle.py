@@ -742,6 +742,12 @@ class _Unpickler(pickle._Unpickler):
         """
         pattern, one = _INT_RUNS[code]
         start = self._input.tell() - 1  # the opcode already read and charged
+        # Most ints come alone or in twos (a shape, a stride): those take the standard handler
+        # after one look at where the run's _MIN_RUN-th opcode would be.
+        gate = start + (_MIN_RUN - 1) * one.size
+        if gate >= len(self._data) or self._data[gate] != code:
+            self.dispatch[code](self)  # type: ignore[index]
+            return units
         run = pattern.match(self._data, start)
         count = (run.end() - start) // one.size if run else 0
         if count < 2:
@@ -1290,6 +1296,7 @@ _INT_RUNS: dict[int, tuple[re.Pattern[bytes], struct.Struct]] = {
     pickle.BININT[0]: (re.compile(rb"(?:J....)+", re.DOTALL), struct.Struct("<xi")),
 }
 _first = operator.itemgetter(0)
+_MIN_RUN = 8
 
 _MISSING = object()
 _INT64 = 1 << 63
