@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from _measure import DEFAULT_WORKDIR, MB, median, render_table, run_measured
+from _measure import DEFAULT_WORKDIR, MB, child_env, median, render_table, run_measured
 
 HERE = Path(__file__).resolve().parent
 TARGET_S, TARGET_BYTES = 10.0, 1_000_000_000
@@ -66,9 +66,11 @@ def ensure(workdir: Path, stage: int, dp: int, params: int) -> Path:
     return path
 
 
-def measure(path: Path, what: str, log: Path) -> dict[str, float]:
+def measure(path: Path, what: str, log: Path, tree: Path = HERE.parent) -> dict[str, float]:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--probe", str(path), what]
-    m = run_measured(cmd, log, check=True)
+    # The probe imports the dsckpt of ``tree`` (this checkout unless --tree says otherwise), not
+    # whichever one the interpreter has installed.
+    m = run_measured(cmd, log, check=True, env=child_env({"PYTHONPATH": str(tree)}))
     lines = [ln for ln in log.read_text().splitlines() if ln.startswith("{")]
     out = json.loads(lines[-1])
     return {**out, "peak_rss": m.peak_rss, "wall_s": m.wall_s}
@@ -95,6 +97,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--quick", action="store_true", help="DP 16-64, 200-1,000 parameters")
     ap.add_argument("--json", type=Path, help="also write every measurement here")
+    ap.add_argument(
+        "--tree",
+        type=Path,
+        default=HERE.parent,
+        help="the checkout whose dsckpt is measured (default: this one; another, e.g. an "
+        "older commit's worktree, for a before/after)",
+    )
     args = ap.parse_args(argv)
     if args.probe:
         probe(*args.probe)
@@ -111,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
             for r in range(args.repeats):
                 for what in args.probes:
                     log = args.workdir / "logs" / f"plan-z{stage}-{dp}-{params}-{what}-{r}.log"
-                    runs[what].append(measure(path, what, log))
+                    runs[what].append(measure(path, what, log, args.tree))
             res: dict[str, Any] = {"stage": stage, "dp": dp, "params": params}
             for what, ms in runs.items():
                 res[what] = {k: median([m[k] for m in ms]) for k in ms[0]}
