@@ -31,11 +31,10 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 from make_synthetic import Spec, make  # noqa: E402
 
+import dsckpt  # noqa: E402
 from dsckpt.api.consolidation import plan_for  # noqa: E402
 from dsckpt.discover.layout import open_checkpoint  # noqa: E402
 from dsckpt.plan.zero_reshape import plan_from_facts, plan_reshape, slice_mapping  # noqa: E402
-
-import dsckpt  # noqa: E402
 
 DSCKPT = str(Path(dsckpt.__file__).parent)
 FEW_DP, MANY_DP = 16, 64
@@ -117,9 +116,14 @@ def test_reshape_plan_reads_two_files_with_torch(
 
     loaded: list[str] = []
     real = load.load_meta
-    monkeypatch.setattr(load, "load_meta", lambda path: loaded.append(Path(path).name) or real(path))
+    monkeypatch.setattr(
+        load, "load_meta", lambda path: loaded.append(Path(path).name) or real(path)
+    )
     plan_reshape(zero2[MANY_DP, FEW_PARAMS], MANY_DP // 2)
-    assert sorted(loaded) == ["mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_optim_states.pt"]
+    assert sorted(loaded) == [
+        "mp_rank_00_model_states.pt",
+        "zero_pp_rank_0_mp_rank_00_optim_states.pt",
+    ]
 
 
 def test_the_measure_sees_a_ranks_times_parameters_loop(
@@ -134,8 +138,9 @@ def test_the_measure_sees_a_ranks_times_parameters_loop(
         names = [n for n, _ in group.params]
         numels = [1] * len(names)
         return count_work(
-            lambda: [slice_mapping(names, numels, None, r, max(1, len(names) // dp))
-                     for r in range(dp)]
+            lambda: [
+                slice_mapping(names, numels, None, r, max(1, len(names) // dp)) for r in range(dp)
+            ]
         )
 
     share, work = interaction(rank_by_rank)
@@ -185,7 +190,9 @@ def test_an_int_run_cut_short_is_corrupt(tmp_path: Path) -> None:
         _read_pickle(tmp_path, cut)
 
 
-def test_an_int_run_is_charged_to_the_budget(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_an_int_run_is_charged_to_the_budget(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from dsckpt.errors import UnsafeCheckpoint
     from dsckpt.io import bounds
 

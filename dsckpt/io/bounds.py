@@ -164,7 +164,8 @@ def check_graph(
                 size = len(child) + 1
                 if size > MAX_EXPANDED:
                     raise refused(
-                        path, f"holds shared parts making it over {MAX_EXPANDED} objects when walked"
+                        path,
+                        f"holds shared parts making it over {MAX_EXPANDED} objects when walked",
                     )
                 sizes[key] = (size, 1)
                 keep.append(child)
