@@ -106,21 +106,27 @@ def test_reshape_plan_is_linear(zero2: dict[tuple[int, int], Path]) -> None:
     assert share < MAX_SHARE, (share, work)
 
 
-def test_reshape_plan_reads_two_files_with_torch(
+def test_reshape_planning_reads_two_files_and_none_with_torch(
     zero2: dict[tuple[int, int], Path], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """torch's unpickler is not dsckpt's code, so the count above does not see it: planning
-    must load rank 0's model and optimizer files with it, not every rank file (that was half of
-    reshape's planning time at 1,024 ranks); discovery has read them all already."""
-    from dsckpt.io import load
+    """torch's unpickler is not dsckpt's code, so the count above does not see it: reshape
+    planning must read rank 0's model and optimizer files again, not every rank file (reading
+    them all with torch was half of its time at 1,024 ranks), and ZeRO-1/2 none with torch."""
+    from dsckpt.io import load, unpickle
 
-    loaded: list[str] = []
-    real = load.load_meta
+    layout = open_checkpoint(zero2[MANY_DP, FEW_PARAMS])
+    by_torch: list[str] = []
+    by_dsckpt: list[str] = []
+    torch_load, own_load = load.load_meta, unpickle.load_saved
     monkeypatch.setattr(
-        load, "load_meta", lambda path: loaded.append(Path(path).name) or real(path)
+        load, "load_meta", lambda path: by_torch.append(Path(path).name) or torch_load(path)
     )
-    plan_reshape(zero2[MANY_DP, FEW_PARAMS], MANY_DP // 2)
-    assert sorted(loaded) == [
+    monkeypatch.setattr(
+        unpickle, "load_saved", lambda path: by_dsckpt.append(Path(path).name) or own_load(path)
+    )
+    plan_reshape(layout, MANY_DP // 2)
+    assert by_torch == []
+    assert sorted(by_dsckpt) == [
         "mp_rank_00_model_states.pt",
         "zero_pp_rank_0_mp_rank_00_optim_states.pt",
     ]

@@ -536,7 +536,7 @@ def open_source(ckpt: Path | str | Layout, tag: str | None = None) -> Source:
     """
     from dsckpt.discover.files import Role, scan
     from dsckpt.discover.layout import Layout, open_checkpoint, refuse_errors
-    from dsckpt.io.load import load_meta
+    from dsckpt.io.unpickle import load_saved
 
     layout = ckpt if isinstance(ckpt, Layout) else open_checkpoint(ckpt, tag)
     where = layout.dir
@@ -561,7 +561,7 @@ def open_source(ckpt: Path | str | Layout, tag: str | None = None) -> Source:
 
     files, _ = scan(_location_of(layout))
     optim_paths: dict[int, Path] = {}
-    model: dict[int, tuple[Path, Any]] = {}
+    model_paths: dict[int, Path] = {}
     prefix = ""
     for f in files:
         path = where / f.name
@@ -569,13 +569,21 @@ def open_source(ckpt: Path | str | Layout, tag: str | None = None) -> Source:
             optim_paths[f.dp or 0] = path
             prefix = f.prefix
         elif f.role is Role.MODEL or (f.role is Role.ZERO3_MODEL and not f.dp):
-            model[0] = (path, load_meta(path))
-    optim = _LoadedOnUse(optim_paths)
-    meta = model[0][1]
+            model_paths[0] = path
+    # The writer gets torch's meta-tensor pickles, each loaded when first used. ZeRO-3's facts
+    # come from those same objects: its plan carries their name strings into the pickles the
+    # writer makes, where pickle's memo makes the bytes depend on which objects they are.
+    # ZeRO-1/2's facts hold no such objects, so planning reads rank 0's two files with dsckpt's
+    # own reader (torch's unpickler and importing torch took seconds at 20,000 parameters).
+    optim, model = _LoadedOnUse(optim_paths), _LoadedOnUse(model_paths)
+    if layout.kind == "zero3":
+        meta, optim0 = model[0][1], optim[0][1]
+    else:
+        meta, optim0 = load_saved(model_paths[0]), load_saved(optim_paths[0])
     if meta.get("num_experts") is not None:
         raise UnsupportedLayout(f"{where} has mixture-of-experts layers: expert parameters are "
                                 "partitioned over expert groups, which reshape does not handle")
-    facts = _facts(layout, meta, optim)
+    facts = _facts(layout, meta, optim0, optim)
     name = layout.tag if layout.tag is not None else where.name
     extra = tuple(where / n for n in extra_entries(where, files))
     return Source(layout=layout, tag=name, facts=facts, model=model, optim=optim,
@@ -620,12 +628,14 @@ def _zero_config(meta: Mapping[str, Any]) -> Mapping[str, Any]:
     return zcfg if isinstance(zcfg, Mapping) else {}
 
 
-def _facts(layout: Layout, meta: Mapping[str, Any], optim: Mapping[int, tuple[Path, Any]]
-           ) -> SourceFacts:
-    import torch
+def _facts(layout: Layout, meta: Mapping[str, Any], optim0: Mapping[str, Any],
+           optim: Mapping[int, tuple[Path, Any]]) -> SourceFacts:
+    """What planning needs: ``meta`` and ``optim0`` are DP rank 0's model-states and optimizer
+    pickles (ZeRO-3: torch's meta tensors; ZeRO-1/2: :class:`~dsckpt.io.unpickle.SavedTensor`)."""
+    from dsckpt.io.unpickle import SavedTensor
 
     sources = next(iter(layout.zero_sources.values()))
-    osd0 = optim[0][1]["optimizer_state_dict"]
+    osd0 = optim0["optimizer_state_dict"]
     zcfg = _zero_config(meta)
     counts = osd0.get("partition_count")
     if isinstance(counts, (list, tuple)) and len(set(counts)) > 1:
@@ -668,7 +678,7 @@ def _facts(layout: Layout, meta: Mapping[str, Any], optim: Mapping[int, tuple[Pa
     if kind == "zero" and zcfg.get("parameter_alignment"):
         module = meta.get("module") or {}
         first = next((module[n] for g in groups for n, _ in g.params if n in module), None)
-        size = first.element_size() if isinstance(first, torch.Tensor) else 2
+        size = first.element_size() if isinstance(first, SavedTensor) else 2
         alignment = 16 // math.gcd(16, size)
     return SourceFacts(kind=kind, stage=layout.zero_stage, dp=layout.dp, groups=groups,
                        round_robin=round_robin, param_alignment=alignment)
