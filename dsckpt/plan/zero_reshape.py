@@ -517,7 +517,7 @@ class Source:
     layout: Layout
     tag: str
     facts: SourceFacts
-    model: dict[int, tuple[Path, Any]]  # model-states file of DP rank 0, the template for all
+    model: Mapping[int, tuple[Path, Any]]  # DP rank 0's model states, the template for all
     optim: Mapping[int, tuple[Path, Any]]  # dp rank -> optimizer file (loaded on first use)
     optim_prefix: str
     extra_files: tuple[Path, ...] = ()  # other entries of the tag directory (copied if regular)
@@ -591,10 +591,10 @@ def open_source(ckpt: Path | str | Layout, tag: str | None = None) -> Source:
 
 
 class _LoadedOnUse(Mapping[int, tuple[Path, Any]]):
-    """DP rank -> (optimizer file, its pickle with meta tensors), each loaded with torch when
-    first asked for, then kept. Planning needs rank 0's only (discovery has read and checked
-    every rank file with dsckpt's own reader); the writer loads each as it copies from it.
-    Loading all of them up front was most of reshape's planning time at a thousand ranks."""
+    """DP rank -> (rank file, its pickle with meta tensors), each loaded with torch when first
+    asked for, then kept. Planning needs rank 0's at most (discovery has read and checked every
+    rank file with dsckpt's own reader); the writer loads each as it copies from it. Loading
+    all of them up front was most of reshape's planning time at a thousand ranks."""
 
     def __init__(self, paths: Mapping[int, Path]) -> None:
         self._paths = dict(paths)
