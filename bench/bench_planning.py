@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from _measure import DEFAULT_WORKDIR, MB, median, render_table, run_measured
+from _measure import DEFAULT_WORKDIR, MB, child_env, median, render_table, run_measured
 
 HERE = Path(__file__).resolve().parent
 TARGET_S, TARGET_BYTES = 10.0, 1_000_000_000
@@ -34,11 +34,11 @@ PROBES = ("discover", "to-fp32", "reshape")
 
 def probe(ckpt: str, what: str) -> None:
     """Runs in the measured child: time discovery, then one plan; print JSON."""
-    started = time.perf_counter()
+    started, started_cpu = time.perf_counter(), time.process_time()
     from dsckpt.discover.layout import open_checkpoint
 
     layout = open_checkpoint(ckpt)
-    found = time.perf_counter()
+    found, found_cpu = time.perf_counter(), time.process_time()
     if what == "to-fp32":
         from dsckpt.api.consolidation import plan_for
 
@@ -47,8 +47,19 @@ def probe(ckpt: str, what: str) -> None:
         from dsckpt.plan.zero_reshape import plan_reshape
 
         plan_reshape(layout, max(1, layout.dp // 2))
-    done = time.perf_counter()
-    print(json.dumps({"discover_s": found - started, "plan_s": done - found}))
+    done, done_cpu = time.perf_counter(), time.process_time()
+    # CPU seconds beside wall seconds: on a shared machine the wall clock also counts the time
+    # spent waiting for a core, which is not planning's cost.
+    print(
+        json.dumps(
+            {
+                "discover_s": found - started,
+                "plan_s": done - found,
+                "discover_cpu_s": found_cpu - started_cpu,
+                "plan_cpu_s": done_cpu - found_cpu,
+            }
+        )
+    )
 
 
 def ensure(workdir: Path, stage: int, dp: int, params: int) -> Path:
@@ -66,9 +77,11 @@ def ensure(workdir: Path, stage: int, dp: int, params: int) -> Path:
     return path
 
 
-def measure(path: Path, what: str, log: Path) -> dict[str, float]:
+def measure(path: Path, what: str, log: Path, tree: Path = HERE.parent) -> dict[str, float]:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--probe", str(path), what]
-    m = run_measured(cmd, log, check=True)
+    # The probe imports the dsckpt of ``tree`` (this checkout unless --tree says otherwise), not
+    # whichever one the interpreter has installed.
+    m = run_measured(cmd, log, check=True, env=child_env({"PYTHONPATH": str(tree)}))
     lines = [ln for ln in log.read_text().splitlines() if ln.startswith("{")]
     out = json.loads(lines[-1])
     return {**out, "peak_rss": m.peak_rss, "wall_s": m.wall_s}
@@ -95,6 +108,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--quick", action="store_true", help="DP 16-64, 200-1,000 parameters")
     ap.add_argument("--json", type=Path, help="also write every measurement here")
+    ap.add_argument(
+        "--tree",
+        type=Path,
+        default=HERE.parent,
+        help="the checkout whose dsckpt is measured (default: this one; another, e.g. an "
+        "older commit's worktree, for a before/after)",
+    )
     args = ap.parse_args(argv)
     if args.probe:
         probe(*args.probe)
@@ -111,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
             for r in range(args.repeats):
                 for what in args.probes:
                     log = args.workdir / "logs" / f"plan-z{stage}-{dp}-{params}-{what}-{r}.log"
-                    runs[what].append(measure(path, what, log))
+                    runs[what].append(measure(path, what, log, args.tree))
             res: dict[str, Any] = {"stage": stage, "dp": dp, "params": params}
             for what, ms in runs.items():
                 res[what] = {k: median([m[k] for m in ms]) for k in ms[0]}
@@ -120,12 +140,13 @@ def main(argv: list[str] | None = None) -> int:
             for what in args.probes:
                 v = res[what]
                 total = v["discover_s"] + (v["plan_s"] if what != "discover" else 0)
-                cells += [f"{total:.2f}", f"{v['peak_rss'] / MB:,.0f}"]
+                cpu = v["discover_cpu_s"] + (v["plan_cpu_s"] if what != "discover" else 0)
+                cells += [f"{total:.2f} ({cpu:.2f})", f"{v['peak_rss'] / MB:,.0f}"]
             rows.append(cells)
             print("  " + "  ".join(cells), flush=True)
     headers = ["stage", "DP", "params"]
     for what in args.probes:
-        headers += [f"{what} s", f"{what} MB"]
+        headers += [f"{what} s (cpu s)", f"{what} MB"]
     print()
     print(render_table(headers, rows))
     print()
@@ -133,25 +154,31 @@ def main(argv: list[str] | None = None) -> int:
         mine = [r for r in results if r["stage"] == stage]
         for what in args.probes:
 
-            def total(r: dict[str, Any], w: str = what) -> float:
+            def total(r: dict[str, Any], w: str = what, unit: str = "s") -> float:
                 v = r[w]
-                return v["discover_s"] + (v["plan_s"] if w != "discover" else 0)
+                return v[f"discover_{unit}"] + (v[f"plan_{unit}"] if w != "discover" else 0)
 
             by_dp = [r for r in mine if r["params"] == top_params]
             by_p = [r for r in mine if r["dp"] == top_dp]
             per_file = slope([r["dp"] for r in by_dp], [total(r) for r in by_dp])
             per_param = slope([r["params"] for r in by_p], [total(r) for r in by_p])
+            cpu_file = slope([r["dp"] for r in by_dp], [total(r, unit="cpu_s") for r in by_dp])
+            cpu_param = slope([r["params"] for r in by_p], [total(r, unit="cpu_s") for r in by_p])
             corner = next((r for r in mine if (r["dp"], r["params"]) == (top_dp, top_params)), None)
             verdict = ""
             if corner and (top_dp, top_params) == (1024, 20000):
                 t, mem = total(corner), corner[what]["peak_rss"]
                 ok = t < TARGET_S and mem < TARGET_BYTES
                 verdict = (
-                    f"; 1,024 x 20,000: {t:.1f} s, {mem / MB:,.0f} MB: "
-                    f"{'met' if ok else 'MISSED'} (target < 10 s, < 1 GB)"
+                    f"; 1,024 x 20,000: {t:.1f} s ({total(corner, unit='cpu_s'):.1f} s cpu), "
+                    f"{mem / MB:,.0f} MB: {'met' if ok else 'MISSED'} (target < 10 s, < 1 GB)"
                 )
             f = "n/a" if per_file is None else f"{per_file * 1e3:.1f} ms"
             p = "n/a" if per_param is None else f"{per_param * 1e6:.1f} us"
+            if cpu_file is not None:
+                f += f" ({cpu_file * 1e3:.1f} ms cpu)"
+            if cpu_param is not None:
+                p += f" ({cpu_param * 1e6:.1f} us cpu)"
             print(
                 f"ZeRO-{stage} {what}: {f} per rank file (at {top_params:,} params), "
                 f"{p} per parameter (at DP {top_dp:,}){verdict}"

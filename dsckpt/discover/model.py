@@ -66,6 +66,9 @@ class ZeroSources:
     fp32: tuple[tuple[TensorRef, ...], ...]  # [dp][group or sub-group]
     groups: tuple[zero.Zero12Group, ...] = ()  # ZeRO-1/2 and BF16_Optimizer
     zero3: zero.Zero3Layout | None = None
+    # [dp]: OptimMeta.slice_names of each rank (ZeRO-1/2), kept so reshape planning need not
+    # read every rank file again
+    slice_names: tuple[tuple[tuple[str | None, ...] | None, ...] | None, ...] = ()
 
 
 @dataclass(frozen=True)

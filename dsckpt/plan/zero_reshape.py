@@ -37,7 +37,7 @@ import os
 import pickle
 import stat
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -275,16 +275,28 @@ def slice_mapping(names: Sequence[str], numels: Sequence[int], offsets: Sequence
     alignment padding, otherwise DeepSpeed takes running sums in group order (which is what it
     records even under ``round_robin_gradients``, and so do we).
     """
-    start, end = rank * partition_size, (rank + 1) * partition_size
-    out = []
+    return slice_mappings(names, numels, offsets, rank + 1, partition_size)[rank]
+
+
+def slice_mappings(names: Sequence[str], numels: Sequence[int], offsets: Sequence[int] | None,
+                   dp: int, partition_size: int) -> list[tuple[tuple[str, int, int], ...]]:
+    """:func:`slice_mapping` of every rank below ``dp`` in one pass over the parameters: each
+    parameter's ranks come from integer division (linear in ranks + parameters, where asking
+    each rank in turn walks every parameter for every rank)."""
+    per_rank: list[list[tuple[str, int, int]]] = [[] for _ in range(dp)]
     running = 0
     for i, (name, n) in enumerate(zip(names, numels, strict=True)):
         off = offsets[i] if offsets is not None else running
         running += n
-        if n and (start <= off < end or off < start < off + n):
+        if not n or partition_size <= 0:
+            continue
+        # The ranks whose [r * size, (r + 1) * size) the parameter's [off, off + n) overlaps.
+        first, last = off // partition_size, min((off + n - 1) // partition_size, dp - 1)
+        for rank in range(max(first, 0), last + 1):
+            start = rank * partition_size
             lo = max(off, start)
-            out.append((name, min(off + n, end) - lo, lo - start))
-    return tuple(out)
+            per_rank[rank].append((name, min(off + n, start + partition_size) - lo, lo - start))
+    return [tuple(out) for out in per_rank]
 
 
 def zero12_group_paddings(data_numel: int, total_numel: int, partition_size: int, dp: int,
@@ -404,8 +416,8 @@ def _plan_zero12(facts: SourceFacts, dp: int) -> ReshapePlan:
         if any(dst_pads):
             at = dict(zip(dst_names, dst_offsets, strict=True))
             offsets = [at[n] for n in original]
-        mappings_by_group.append([slice_mapping(original, [zero.numel(shapes[n]) for n in original],
-                                                offsets, r, dst_size) for r in range(dp)])
+        mappings_by_group.append(slice_mappings(original, [zero.numel(shapes[n]) for n in original],
+                                                offsets, dp, dst_size))
     return ReshapePlan(
         kind=facts.kind, stage=facts.stage, source_dp=facts.dp, dp=dp, groups=tuple(groups),
         group_paddings=tuple(tuple(p[r] for p in paddings_by_group) for r in range(dp)),
@@ -507,8 +519,8 @@ class Source:
     layout: Layout
     tag: str
     facts: SourceFacts
-    model: dict[int, tuple[Path, Any]]  # model-states file of DP rank 0, the template for all
-    optim: dict[int, tuple[Path, Any]]  # dp rank -> optimizer file
+    model: Mapping[int, tuple[Path, Any]]  # DP rank 0's model states, the template for all
+    optim: Mapping[int, tuple[Path, Any]]  # dp rank -> optimizer file (loaded on first use)
     optim_prefix: str
     extra_files: tuple[Path, ...] = ()  # other entries of the tag directory (copied if regular)
 
@@ -526,7 +538,7 @@ def open_source(ckpt: Path | str | Layout, tag: str | None = None) -> Source:
     """
     from dsckpt.discover.files import Role, scan
     from dsckpt.discover.layout import Layout, open_checkpoint, refuse_errors
-    from dsckpt.io.load import load_meta
+    from dsckpt.io.unpickle import load_saved
 
     layout = ckpt if isinstance(ckpt, Layout) else open_checkpoint(ckpt, tag)
     where = layout.dir
@@ -550,25 +562,60 @@ def open_source(ckpt: Path | str | Layout, tag: str | None = None) -> Source:
         raise InconsistentCheckpoint(f"{where}: the optimizer partitions could not be located")
 
     files, _ = scan(_location_of(layout))
-    optim: dict[int, tuple[Path, Any]] = {}
-    model: dict[int, tuple[Path, Any]] = {}
+    optim_paths: dict[int, Path] = {}
+    model_paths: dict[int, Path] = {}
     prefix = ""
     for f in files:
         path = where / f.name
         if f.role is Role.OPTIM:
-            optim[f.dp or 0] = (path, load_meta(path))
+            optim_paths[f.dp or 0] = path
             prefix = f.prefix
         elif f.role is Role.MODEL or (f.role is Role.ZERO3_MODEL and not f.dp):
-            model[0] = (path, load_meta(path))
-    meta = model[0][1]
+            model_paths[0] = path
+    # The writer gets torch's meta-tensor pickles, each loaded when first used. ZeRO-3's facts
+    # come from those same objects: its plan carries their name strings into the pickles the
+    # writer makes, where pickle's memo makes the bytes depend on which objects they are.
+    # ZeRO-1/2's facts hold no such objects, so planning reads rank 0's two files with dsckpt's
+    # own reader (torch's unpickler and importing torch took seconds at 20,000 parameters).
+    optim, model = _LoadedOnUse(optim_paths), _LoadedOnUse(model_paths)
+    if layout.kind == "zero3":
+        meta, optim0 = model[0][1], optim[0][1]
+    else:
+        meta, optim0 = load_saved(model_paths[0]), load_saved(optim_paths[0])
     if meta.get("num_experts") is not None:
         raise UnsupportedLayout(f"{where} has mixture-of-experts layers: expert parameters are "
                                 "partitioned over expert groups, which reshape does not handle")
-    facts = _facts(layout, meta, optim)
+    facts = _facts(layout, meta, optim0, optim)
     name = layout.tag if layout.tag is not None else where.name
     extra = tuple(where / n for n in extra_entries(where, files))
     return Source(layout=layout, tag=name, facts=facts, model=model, optim=optim,
                   optim_prefix=prefix, extra_files=extra)
+
+
+class _LoadedOnUse(Mapping[int, tuple[Path, Any]]):
+    """DP rank -> (rank file, its pickle with meta tensors), each loaded with torch when first
+    asked for, then kept. Planning needs rank 0's at most (discovery has read and checked every
+    rank file with dsckpt's own reader); the writer loads each as it copies from it. Loading
+    all of them up front was most of reshape's planning time at a thousand ranks."""
+
+    def __init__(self, paths: Mapping[int, Path]) -> None:
+        self._paths = dict(paths)
+        self._loaded: dict[int, tuple[Path, Any]] = {}
+
+    def __getitem__(self, rank: int) -> tuple[Path, Any]:
+        found = self._loaded.get(rank)
+        if found is None:
+            from dsckpt.io.load import load_meta
+
+            path = self._paths[rank]
+            found = self._loaded[rank] = (path, load_meta(path))
+        return found
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self._paths)
+
+    def __len__(self) -> int:
+        return len(self._paths)
 
 
 def _location_of(layout: Layout) -> Any:
@@ -583,12 +630,14 @@ def _zero_config(meta: Mapping[str, Any]) -> Mapping[str, Any]:
     return zcfg if isinstance(zcfg, Mapping) else {}
 
 
-def _facts(layout: Layout, meta: Mapping[str, Any], optim: Mapping[int, tuple[Path, Any]]
-           ) -> SourceFacts:
-    import torch
+def _facts(layout: Layout, meta: Mapping[str, Any], optim0: Mapping[str, Any],
+           optim: Mapping[int, tuple[Path, Any]]) -> SourceFacts:
+    """What planning needs: ``meta`` and ``optim0`` are DP rank 0's model-states and optimizer
+    pickles (ZeRO-3: torch's meta tensors; ZeRO-1/2: :class:`~dsckpt.io.unpickle.SavedTensor`)."""
+    from dsckpt.io.unpickle import SavedTensor
 
     sources = next(iter(layout.zero_sources.values()))
-    osd0 = optim[0][1]["optimizer_state_dict"]
+    osd0 = optim0["optimizer_state_dict"]
     zcfg = _zero_config(meta)
     counts = osd0.get("partition_count")
     if isinstance(counts, (list, tuple)) and len(set(counts)) > 1:
@@ -631,7 +680,7 @@ def _facts(layout: Layout, meta: Mapping[str, Any], optim: Mapping[int, tuple[Pa
     if kind == "zero" and zcfg.get("parameter_alignment"):
         module = meta.get("module") or {}
         first = next((module[n] for g in groups for n, _ in g.params if n in module), None)
-        size = first.element_size() if isinstance(first, torch.Tensor) else 2
+        size = first.element_size() if isinstance(first, SavedTensor) else 2
         alignment = 16 // math.gcd(16, size)
     return SourceFacts(kind=kind, stage=layout.zero_stage, dp=layout.dp, groups=groups,
                        round_robin=round_robin, param_alignment=alignment)
@@ -641,15 +690,23 @@ def _check_group_order(layout: Layout, groups: Sequence[SourceGroup],
                        optim: Mapping[int, tuple[Path, Any]], round_robin: bool) -> None:
     """Each rank's ``param_slice_mappings`` names its parameters in the group's own order; that
     order must be the one the flat order implies (plain, or round robin as ``ds_config`` says).
-    Otherwise the parameters would be misplaced at the new size without any error."""
+    Otherwise the parameters would be misplaced at the new size without any error.
+
+    The names come from discovery, which read every rank file already (``slice_names``); each
+    group's order is worked out once, so the check is linear in ranks + parameters."""
+    sources = next(iter(layout.zero_sources.values()))
+    names_by_rank = dict(enumerate(sources.slice_names))
+    positions: list[dict[str | None, int]] = []  # a name the file lacks (None) has none
+    for group in groups:
+        order = group_order([n for n, _ in group.params], layout.dp, round_robin)
+        positions.append({n: i for i, n in enumerate(order)})
     for d in sorted(optim):
-        mappings = optim[d][1]["optimizer_state_dict"].get("param_slice_mappings") or []
-        for g, group in enumerate(groups):
+        mappings = names_by_rank.get(d) or ()
+        for g, position in enumerate(positions):
             if g >= len(mappings):
                 break
-            order = group_order([n for n, _ in group.params], layout.dp, round_robin)
-            position = {n: i for i, n in enumerate(order)}
-            seen = [position.get(n, -1) for n in mappings[g]]
+            names = mappings[g]
+            seen = [-1] if names is None else [position.get(n, -1) for n in names]
             if -1 in seen or seen != sorted(seen):
                 raise UnsupportedLayout(
                     f"{optim[d][0].name}: group {g} lists its parameters in an order the flat "
