@@ -100,7 +100,8 @@ def consolidate(
             unknown suffix, or the disk is full.
         DsckptError: the checkpoint cannot be consolidated (see the message).
     """
-    from dsckpt.execute.formats import write_output
+    from dsckpt.execute.executor import run
+    from dsckpt.execute.formats import output_plan
 
     out = Path(out)
     fmt = output_format(out)
@@ -118,15 +119,10 @@ def consolidate(
     if plan.aliases:
         metadata[ALIASES_KEY] = json.dumps(plan.aliases, sort_keys=True)
     started = time.perf_counter()
-    files = write_output(
-        fmt,
-        out,
-        plan,
-        metadata=metadata,
-        force=force,
-        max_shard_size=max_shard_size,
-        progress=progress or ProgressSink(),
-    )
+    write_plan = output_plan(fmt, out, plan, metadata=metadata, max_shard_size=max_shard_size)
+    progress = progress or ProgressSink()
+    progress.start("consolidating", write_plan.data_nbytes)
+    run(write_plan, out, force=force, progress=progress.advance)
     return ConsolidateResult(
         out=out,
         format=fmt,
@@ -134,7 +130,7 @@ def consolidate(
         aliases=len(plan.aliases),
         nbytes=plan.nbytes,
         seconds=time.perf_counter() - started,
-        files=files,
+        files=len(write_plan.files),
         source=plan.source,
     )
 

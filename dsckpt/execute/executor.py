@@ -1,25 +1,31 @@
-"""Streaming execution of a consolidation plan.
+"""The one executor: it writes any :class:`~dsckpt.plan.fileplan.WritePlan`, atomically.
 
-Every output tensor has a known place in a preallocated output file (a sink). Each read of the
-plan is a byte range of a saved tensor; when no cast is needed it is copied kernel-side with
-``copy_file_range`` (no user-space buffer, nothing resident), otherwise it is read in bounded
-chunks with ``pread``, cast, and written with ``pwrite``. Memory stays at one chunk whatever the
-model size, and the page cache, not the process, holds the data in flight.
+Each output file is created under a temporary name (:mod:`dsckpt.execute.atomic`), sized and
+preallocated, and filled by the plan's operations: literal bytes with ``pwrite``; byte copies
+kernel-side with ``copy_file_range`` (no user-space buffer, nothing resident); casts in bounded
+chunks (``pread``, cast, ``pwrite``). Then the derived operations run (alias duplicates, CRC-32
+fields), and the files are renamed into place only when every one is complete. Memory stays at
+one chunk whatever the model size, and the page cache, not the process, holds the data in flight.
+The executor knows nothing about ZeRO, Megatron or file formats: those made the plan.
 """
 
 from __future__ import annotations
 
 import errno
 import os
-from collections.abc import Callable, Iterator
+import re
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import ExitStack
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any
 
+from dsckpt.execute.atomic import atomic_entries, atomic_output, preallocate
+from dsckpt.execute.formats.crc import crc32
 from dsckpt.io import dtypes
 from dsckpt.io.dtypes import DType
 from dsckpt.io.load import TensorRef, read_tensor
-from dsckpt.plan.consolidation import ConsolidationPlan, OutputTensor, Read
+from dsckpt.plan.consolidation import ConsolidationPlan, OutputTensor
+from dsckpt.plan.fileplan import CastCopy, Copy, Crc32, Duplicate, FilePlan, Literal, WritePlan
 
 if TYPE_CHECKING:
     import torch
@@ -29,10 +35,8 @@ CAST_CHUNK = 4 << 20
 Progress = Callable[[int], None]
 
 
-class Sink(Protocol):
-    """Where each output tensor's bytes go: an open file descriptor and the absolute offset."""
-
-    def locate(self, name: str) -> tuple[int, int]: ...
+class IncompletePlanError(RuntimeError):
+    """A write plan that would leave bytes unwritten or write outside a file: a dsckpt bug."""
 
 
 class _Sources:
@@ -50,36 +54,98 @@ class _Sources:
         return self._fds[path]
 
 
-def execute(plan: ConsolidationPlan, sink: Sink, progress: Progress | None = None) -> None:
-    """Fill every output tensor of ``plan`` into ``sink``."""
+def run(plan: WritePlan, out: Path, *, force: bool = False, progress: Progress | None = None,
+        durable: bool = False) -> None:
+    """Write every file of ``plan`` to ``out`` (a file, or a directory of entries), atomically.
+
+    Args:
+        plan: the files and their operations; checked before anything is created.
+        out: the output file, or for a directory plan the output directory.
+        force: replace an existing output (see :func:`dsckpt.execute.atomic.atomic_output`).
+        progress: called with the number of source bytes each copy or cast wrote.
+        durable: fsync before the renames. Off for consolidations: like ``torch.save`` and
+            safetensors, durability against power loss is the filesystem's; the rename still
+            guarantees no half-written file carries the output's name.
+
+    Raises:
+        IncompletePlanError: the plan does not write every byte of its files exactly once.
+        OutputError: see :func:`dsckpt.execute.atomic.atomic_output`.
+    """
+    problems = plan.problems()
+    if problems:
+        raise IncompletePlanError(f"the write plan is unsound: {problems[0]}"
+                                  f"{f' (and {len(problems) - 1} more)' if len(problems) > 1 else ''}"
+                                  " (a dsckpt bug: please report it)")
+    if plan.directory:
+        pattern = re.compile(plan.stale) if plan.stale else None
+        with atomic_entries(
+            out, [f.name for f in plan.files], force=force, withdraw=plan.withdraw,
+            stale=(lambda name: pattern.fullmatch(name) is not None) if pattern else None,
+            nbytes=plan.data_nbytes, durable=durable,
+        ) as paths:
+            _write_files(plan, paths, progress)
+        return
+    with atomic_output(out, force=force, nbytes=plan.data_nbytes, durable=durable) as tmp:
+        _write_files(plan, {plan.files[0].name: tmp}, progress)
+
+
+def _write_files(plan: WritePlan, paths: Mapping[str, Path], progress: Progress | None) -> None:
     with ExitStack() as stack:
         sources = _Sources(stack)
-        for tensor in plan.tensors:
-            fd, base = sink.locate(tensor.name)
-            item = tensor.dtype.itemsize
-            for read in tensor.reads:
-                _copy(read, tensor, sources, fd, base + read.dst_start * item)
-                if progress:
-                    progress(read.length * item)
+        for file in plan.files:
+            write_file(file, paths[file.name], sources, progress)
+
+
+def write_file(file: FilePlan, path: Path, sources: _Sources, progress: Progress | None) -> None:
+    """Create ``path`` and run ``file``'s data operations, then its derived ones."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        preallocate(fd, file.size)
+        for op in file.ops:
+            if isinstance(op, Literal):
+                _pwrite_all(fd, op.data, op.at)
+                continue
+            _copy(op, sources, fd)
+            if progress:
+                progress(op.nbytes)
+        for derived in file.derived:
+            if isinstance(derived, Duplicate):
+                _copy_bytes(fd, derived.start, fd, derived.at, derived.nbytes)
+            else:
+                _write_crc(fd, derived)
+    finally:
+        os.close(fd)
+
+
+def _write_crc(fd: int, op: Crc32) -> None:
+    buf = bytearray(min(op.nbytes, 16 << 20))  # reused: no allocation per chunk
+    view = memoryview(buf)
+    crc, pos = 0, 0
+    while pos < op.nbytes:
+        n = os.preadv(fd, [view[: min(len(buf), op.nbytes - pos)]], op.start + pos)
+        if n <= 0:
+            raise OSError(errno.EIO, "unexpected end of an output file while computing a CRC")
+        crc = crc32(view[:n], crc)
+        pos += n
+    field = crc.to_bytes(4, "little")
+    for at in op.at:
+        _pwrite_all(fd, field, at)
 
 
 _copy_file_range_works = hasattr(os, "copy_file_range")
 
 
-def _copy(
-    read: Read, tensor: OutputTensor, sources: _Sources, out_fd: int, out_offset: int
-) -> None:
-    src = read.source
-    if src.dtype == tensor.dtype and src.is_contiguous:
-        start = src.offset + read.src_start * src.itemsize
-        _copy_bytes(sources.fd(src.path), start, out_fd, out_offset, read.length * src.itemsize)
+def _copy(op: Copy | CastCopy, sources: _Sources, out_fd: int) -> None:
+    if isinstance(op, Copy):
+        src = op.source
+        _copy_bytes(sources.fd(src.path), src.offset, out_fd, op.at, src.nbytes)
         return
-    fd = sources.fd(src.path)
+    fd = sources.fd(op.source.path)
     done = 0
-    while done < read.length:
-        count = min(CAST_CHUNK, read.length - done)
-        piece = _cast(src, read.src_start + done, count, tensor.dtype, fd)
-        _pwrite_all(out_fd, piece, out_offset + done * tensor.dtype.itemsize)
+    while done < op.count:
+        count = min(CAST_CHUNK, op.count - done)
+        piece = _cast(op.source, op.start + done, count, op.dtype, fd)
+        _pwrite_all(out_fd, piece, op.at + done * op.dtype.itemsize)
         done += count
 
 

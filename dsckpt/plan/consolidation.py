@@ -18,6 +18,7 @@ from dsckpt.io import dtypes
 from dsckpt.io.dtypes import DType
 from dsckpt.io.load import TensorRef
 from dsckpt.plan import zero
+from dsckpt.plan.fileplan import ByteRange, CastCopy, Copy
 
 DTYPES = {"fp32": dtypes.FLOAT32, "bf16": dtypes.BFLOAT16, "fp16": dtypes.FLOAT16}
 
@@ -46,6 +47,20 @@ class OutputTensor:
     @property
     def nbytes(self) -> int:
         return self.numel * self.dtype.itemsize
+
+    def ops(self, at: int) -> list[Copy | CastCopy]:
+        """The write-plan operations filling this tensor's bytes at file offset ``at``: a byte
+        copy where the saved dtype is the output's and the source contiguous, else a cast."""
+        item = self.dtype.itemsize
+        ops: list[Copy | CastCopy] = []
+        for read in self.reads:
+            src, dst = read.source, at + read.dst_start * item
+            if src.dtype == self.dtype and src.is_contiguous:
+                start = src.offset + read.src_start * src.itemsize
+                ops.append(Copy(dst, ByteRange(src.path, start, read.length * src.itemsize)))
+            else:
+                ops.append(CastCopy(dst, src, read.src_start, read.length, self.dtype))
+        return ops
 
 
 @dataclass(frozen=True)

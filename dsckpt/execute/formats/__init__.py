@@ -1,43 +1,44 @@
-"""Output files for a consolidation plan, every one written atomically.
+"""Output formats for a consolidation plan: each lays the plan out as a write plan.
 
-Every format is a preallocated file whose byte layout is computed from the plan before any data
-is copied, so the executor fills tensors in any order straight from the source files through the
-writers' ``locate`` (the executor's sink protocol):
+Every format is a file whose byte layout is computed from the plan before any data is copied;
+:func:`output_plan` turns a :class:`~dsckpt.plan.consolidation.ConsolidationPlan` into a
+:class:`~dsckpt.plan.fileplan.WritePlan` (headers as literal bytes, tensors as copies and casts
+from the source files), which the one executor (:func:`dsckpt.execute.executor.run`) writes
+atomically:
 
-- ``*.safetensors``: :class:`~dsckpt.formats.safetensors_writer.SafetensorsWriter`; a tied alias
-  gets its own copy of its canonical tensor's bytes (safetensors cannot alias).
+- ``*.safetensors``: :func:`~dsckpt.execute.formats.safetensors_writer.safetensors_file`; a tied
+  alias gets its own copy of its canonical tensor's bytes (safetensors cannot alias).
 - a directory: Hugging Face shards plus ``model.safetensors.index.json`` (one shard is written as
   ``model.safetensors``, as transformers does). Other files in the directory (``config.json``,
   tokenizer files) are kept: only dsckpt's own names are written, and after the new index is in
   place, files of its naming that it no longer lists are removed, as ``save_pretrained`` does
-  (see :func:`dsckpt.atomic.atomic_entries` for the commit order and its guarantees).
-- ``*.bin`` / ``*.pt``: :class:`~dsckpt.formats.torch_writer.TorchWriter`, a ``torch.save`` zip
-  written in one pass; aliases share their canonical tensor's storage.
+  (see :func:`dsckpt.execute.atomic.atomic_entries` for the commit order and its guarantees).
+- ``*.bin`` / ``*.pt``: :func:`~dsckpt.execute.formats.torch_writer.torch_file`, a ``torch.save``
+  zip; aliases share their canonical tensor's storage.
 """
 
 from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any
 
-from dsckpt.execute.atomic import atomic_entries, atomic_output
-from dsckpt.execute.executor import execute
-from dsckpt.execute.formats.safetensors_writer import SafetensorsWriter, ShardedSafetensorsWriter
+from dsckpt.execute.formats.safetensors_writer import safetensors_file
 from dsckpt.execute.formats.sharding import TensorSpec, parse_size, plan_shards
-from dsckpt.execute.progress import ProgressSink
 from dsckpt.plan.consolidation import ConsolidationPlan
+from dsckpt.plan.fileplan import FilePlan, Literal, WritePlan
 
 SAFETENSORS, TORCH, SHARDED = "safetensors", "torch", "sharded safetensors"
 SINGLE_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
-_SHARD_NAME = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")
+_SHARD_PATTERN = r"model-\d{5}-of-\d{5}\.safetensors"
+# Every name dsckpt writes in a directory output: the only files --force may replace or remove.
+_OWN_NAMES = "|".join([re.escape(SINGLE_NAME), re.escape(INDEX_NAME), _SHARD_PATTERN])
 
 
 def is_own_name(name: str) -> bool:
     """Whether ``name`` is one dsckpt writes in a directory output (a shard, the single file,
     the index): the only files ``--force`` may replace or remove there."""
-    return name in (SINGLE_NAME, INDEX_NAME) or _SHARD_NAME.fullmatch(name) is not None
+    return re.fullmatch(_OWN_NAMES, name) is not None
 
 
 def output_format(out: Path) -> str | None:
@@ -52,46 +53,39 @@ def output_format(out: Path) -> str | None:
     return None
 
 
-def write_output(fmt: str, out: Path, plan: ConsolidationPlan, *, metadata: dict[str, str],
-                 force: bool, max_shard_size: str | int, progress: ProgressSink) -> int:
-    """Write ``plan`` to ``out`` in format ``fmt``, streaming from the source files.
+def output_plan(fmt: str, out: Path, plan: ConsolidationPlan, *, metadata: dict[str, str],
+                max_shard_size: str | int) -> WritePlan:
+    """The write plan of ``plan`` in format ``fmt``: every file, its bytes and their sources.
 
-    Returns:
-        The number of files written.
+    Pure: nothing is read or written. ``max_shard_size`` is checked for every format.
     """
-    tensors = [TensorSpec(t.name, t.dtype, t.shape) for t in plan.tensors]
     cap = parse_size(max_shard_size, what="--max-shard-size")
-    progress.start("consolidating", plan.nbytes)
     if fmt == SHARDED:
-        return _write_shards(out, plan, tensors, cap, metadata, force, progress)
-    # No fsync: like torch.save and safetensors, durability against power loss is the
-    # filesystem's; the rename still guarantees no half-written file carries OUT's name.
-    with atomic_output(out, force=force, nbytes=plan.nbytes, durable=False) as tmp:
-        writer: Any
-        if fmt == TORCH:
-            # torch output needs torch anyway (it pickles torch's storage classes and dtypes)
-            from dsckpt.execute.formats.torch_writer import TorchWriter
+        return _shards_plan(plan, cap, metadata)
+    if fmt == TORCH:
+        # torch output needs torch anyway (it pickles torch's storage classes and dtypes)
+        from dsckpt.execute.formats.torch_writer import torch_file
 
-            writer = TorchWriter(tmp, tensors, aliases=plan.aliases)
-        else:
-            writer = SafetensorsWriter(tmp, tensors, metadata=metadata, aliases=plan.aliases)
-        with writer:
-            execute(plan, writer, progress.advance)
-    return 1
+        file = torch_file(out.name, plan.tensors, aliases=plan.aliases)
+    else:
+        file = safetensors_file(out.name, plan.tensors, metadata=metadata, aliases=plan.aliases)
+    return WritePlan((file,))
 
 
-def _write_shards(out: Path, plan: ConsolidationPlan, tensors: list[TensorSpec], cap: int,
-                  metadata: dict[str, str], force: bool, progress: ProgressSink) -> int:
-    """Shards + index into ``out``, keeping every file that is not of dsckpt's naming."""
-    shards = plan_shards(tensors, cap, aliases=plan.aliases)
-    names = [s.filename for s in shards.shards] + ([shards.index_name] if shards.is_sharded else [])
+def _shards_plan(plan: ConsolidationPlan, cap: int, metadata: dict[str, str]) -> WritePlan:
+    """Shards + index, for a directory that keeps every file not of dsckpt's naming."""
+    specs = [TensorSpec(t.name, t.dtype, t.shape) for t in plan.tensors]
+    shards = plan_shards(specs, cap, aliases=plan.aliases)
+    by_name = {t.name: t for t in plan.tensors}
+    files: list[FilePlan] = [
+        safetensors_file(shard.filename, [by_name[s.name] for s in shard.tensors],
+                         metadata=metadata, aliases=dict(shard.aliases))
+        for shard in shards.shards
+    ]
+    if shards.is_sharded:
+        index = shards.index_json(metadata).encode("utf-8")
+        files.append(FilePlan(shards.index_name, len(index), (Literal(0, index),)))
     # The old entry points go first: no index may name a mix of old and new shards, and a
     # stale single file must not shadow new shards (transformers loads model.safetensors first).
-    withdraw = [INDEX_NAME, SINGLE_NAME] if shards.is_sharded else [INDEX_NAME]
-    with atomic_entries(out, names, force=force, withdraw=withdraw, stale=is_own_name,
-                        nbytes=plan.nbytes, durable=False) as paths:
-        writer = ShardedSafetensorsWriter(out, shards, metadata=metadata, index_metadata=metadata,
-                                          paths=paths)
-        with writer:
-            execute(plan, writer, progress.advance)
-    return len(names)
+    withdraw = (INDEX_NAME, SINGLE_NAME) if shards.is_sharded else (INDEX_NAME,)
+    return WritePlan(tuple(files), directory=True, withdraw=withdraw, stale=_OWN_NAMES)

@@ -38,8 +38,9 @@ from types import TracebackType
 from typing import Any, TypeVar
 
 from dsckpt.execute.atomic import preallocate as _preallocate
-from dsckpt.execute.formats.sharding import Shard, ShardPlan, TensorSpec
+from dsckpt.execute.formats.sharding import PlannedTensor, Shard, ShardPlan, TensorSpec
 from dsckpt.io.dtypes import name_of
+from dsckpt.plan.fileplan import DataOp, Duplicate, FilePlan, Literal
 
 __all__ = [
     "IncompleteOutputError",
@@ -48,6 +49,7 @@ __all__ = [
     "ShardedSafetensorsWriter",
     "TensorSpec",
     "safetensors_dtype",
+    "safetensors_file",
     "safetensors_layout",
     "sharded_safetensors_size",
 ]
@@ -238,6 +240,27 @@ def safetensors_layout(
     prefix = len(text).to_bytes(8, "little") + text
     offsets = {n: (data_start + off, size) for n, (off, size) in relative.items()}
     return SafetensorsLayout(prefix, offsets, data_start + pos)
+
+
+def safetensors_file(
+    name: str,
+    tensors: Sequence[PlannedTensor],
+    *,
+    metadata: Mapping[str, str] | None = None,
+    aliases: Mapping[str, str] | None = None,
+) -> FilePlan:
+    """The write plan of one safetensors file: its header, every tensor's operations at its
+    offset, and each alias as a duplicate of its canonical tensor's bytes."""
+    specs = [TensorSpec(t.name, t.dtype, t.shape) for t in tensors]
+    layout = safetensors_layout(specs, metadata=metadata, aliases=aliases)
+    ops: list[DataOp] = [Literal(0, layout.header)]
+    for t in tensors:
+        ops.extend(t.ops(layout.offsets[t.name][0]))
+    derived = [
+        Duplicate(layout.offsets[alias][0], *layout.offsets[canonical])
+        for alias, canonical in (aliases or {}).items()
+    ]
+    return FilePlan(name, layout.file_size, tuple(ops), tuple(derived))
 
 
 # --------------------------------------------------------------------------- writers

@@ -52,8 +52,9 @@ from dsckpt.execute.formats.safetensors_writer import (
     _raise_incomplete,
     pwrite_all,
 )
-from dsckpt.execute.formats.sharding import ShardPlan, TensorSpec
+from dsckpt.execute.formats.sharding import PlannedTensor, ShardPlan, TensorSpec
 from dsckpt.io import dtypes
+from dsckpt.plan.fileplan import Crc32, DataOp, FilePlan, Literal
 
 __all__ = [
     "FileRange",
@@ -65,6 +66,7 @@ __all__ = [
     "crc32_combine",
     "pickle_for_torch",
     "save_torch",
+    "torch_file",
     "torch_layout",
 ]
 
@@ -320,6 +322,43 @@ def _archive_layout(data_pkl: bytes, storages: Sequence[tuple[str, int]],
     storage = {name: first + i for i, (name, _) in enumerate(storages)}
     tail_size = len(TorchLayout(tuple(records), {}, {}, cursor, 0).tail([0] * len(records)))
     return TorchLayout(tuple(records), offsets, storage, cursor, cursor + tail_size)
+
+
+def torch_file(
+    name: str,
+    tensors: Sequence[PlannedTensor],
+    *,
+    aliases: Mapping[str, str] | None = None,
+    archive_name: str = "archive",
+) -> FilePlan:
+    """The write plan of one ``torch.save`` zip file: every zip record (local headers, the
+    pickle and the small records, data descriptors, the central directory) as literal bytes,
+    every tensor's operations at its storage's offset, and each storage's CRC-32 as a derived
+    operation patching its data descriptor and central-directory entry."""
+    specs = [TensorSpec(t.name, t.dtype, t.shape) for t in tensors]
+    layout = torch_layout(specs, aliases=aliases, archive_name=archive_name)
+    ops: list[DataOp] = []
+    crcs = []
+    for rec in layout.records:
+        ops.append(Literal(rec.header_offset, rec.local_header))
+        crc = 0  # a storage's CRC is patched in once its bytes are written
+        if rec.payload is not None:
+            crc = _crc32(rec.payload)
+            ops.append(Literal(rec.data_offset, rec.payload))
+        crcs.append(crc)
+        if rec.size:
+            ops.append(Literal(rec.data_offset + rec.size, rec.descriptor(crc)))
+    ops.append(Literal(layout.central_offset, layout.tail(crcs)))
+    for t in tensors:
+        ops.extend(t.ops(layout.offsets[t.name][0]))
+    derived = []
+    entry = layout.central_offset  # each central entry's CRC field is at byte 16 of it
+    for rec in layout.records:
+        if rec.payload is None and rec.size:
+            derived.append(Crc32(rec.data_offset, rec.size, (rec.data_offset + rec.size + 4,
+                                                              entry + 16)))
+        entry += len(rec.central_entry(0))
+    return FilePlan(name, layout.file_size, tuple(ops), tuple(derived))
 
 
 # --------------------------------------------------------------------------- writers
