@@ -11,6 +11,7 @@ The executor knows nothing about ZeRO, Megatron or file formats: those made the 
 
 from __future__ import annotations
 
+import bisect
 import errno
 import os
 import re
@@ -20,12 +21,21 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from dsckpt.execute.atomic import atomic_entries, atomic_output, preallocate
-from dsckpt.execute.formats.crc import crc32
+from dsckpt.execute.formats.crc import CrcCopier, crc32
 from dsckpt.io import dtypes
 from dsckpt.io.dtypes import DType
 from dsckpt.io.load import TensorRef, read_tensor
 from dsckpt.plan.consolidation import ConsolidationPlan, OutputTensor
-from dsckpt.plan.fileplan import CastCopy, Copy, Crc32, Duplicate, FilePlan, Literal, WritePlan
+from dsckpt.plan.fileplan import (
+    CastCopy,
+    Copy,
+    Crc32,
+    Duplicate,
+    FilePlan,
+    Literal,
+    WritePlan,
+    Zeros,
+)
 
 if TYPE_CHECKING:
     import torch
@@ -55,7 +65,7 @@ class _Sources:
 
 
 def run(plan: WritePlan, out: Path, *, force: bool = False, progress: Progress | None = None,
-        durable: bool = False) -> None:
+        durable: bool = False, finish: Callable[[Mapping[str, Path]], None] | None = None) -> None:
     """Write every file of ``plan`` to ``out`` (a file, or a directory of entries), atomically.
 
     Args:
@@ -66,6 +76,8 @@ def run(plan: WritePlan, out: Path, *, force: bool = False, progress: Progress |
         durable: fsync before the renames. Off for consolidations: like ``torch.save`` and
             safetensors, durability against power loss is the filesystem's; the rename still
             guarantees no half-written file carries the output's name.
+        finish: called with the staged entries' paths once every planned file is written,
+            before the commit (reshape copies a tag directory's extra files there).
 
     Raises:
         IncompletePlanError: the plan does not write every byte of its files exactly once.
@@ -79,14 +91,35 @@ def run(plan: WritePlan, out: Path, *, force: bool = False, progress: Progress |
     if plan.directory:
         pattern = re.compile(plan.stale) if plan.stale else None
         with atomic_entries(
-            out, [f.name for f in plan.files], force=force, withdraw=plan.withdraw,
+            out, plan.commit_order(), force=force, dirs=plan.dirs, withdraw=plan.withdraw,
             stale=(lambda name: pattern.fullmatch(name) is not None) if pattern else None,
             nbytes=plan.data_nbytes, durable=durable,
-        ) as paths:
+        ) as staged:
+            paths = {f.name: _staged_path(staged, f.name) for f in plan.files}
             _write_files(plan, paths, progress)
+            if finish is not None:
+                finish(staged)
         return
     with atomic_output(out, force=force, nbytes=plan.data_nbytes, durable=durable) as tmp:
         _write_files(plan, {plan.files[0].name: tmp}, progress)
+        if finish is not None:
+            finish({plan.files[0].name: tmp})
+
+
+def _staged_path(staged: Mapping[str, Path], name: str) -> Path:
+    top, sep, rest = name.partition("/")
+    return staged[top] / rest if sep else staged[top]
+
+
+def write_plan_file(file: FilePlan, path: Path, progress: Progress | None = None) -> None:
+    """Write one planned file straight to ``path`` (the caller makes it atomic: it is, say,
+    inside a staging directory), after checking the plan covers every byte once."""
+    problems = file.problems()
+    if problems:
+        raise IncompletePlanError(f"the write plan is unsound: {problems[0]} "
+                                  "(a dsckpt bug: please report it)")
+    with ExitStack() as stack:
+        write_file(file, path, _Sources(stack), progress)
 
 
 def _write_files(plan: WritePlan, paths: Mapping[str, Path], progress: Progress | None) -> None:
@@ -97,39 +130,91 @@ def _write_files(plan: WritePlan, paths: Mapping[str, Path], progress: Progress 
 
 
 def write_file(file: FilePlan, path: Path, sources: _Sources, progress: Progress | None) -> None:
-    """Create ``path`` and run ``file``'s data operations, then its derived ones."""
+    """Create ``path`` and run ``file``'s data operations, then its derived ones.
+
+    A CRC-32 field over bytes that are all copies, literals and zeros is computed from the
+    sources while they are copied (:class:`~dsckpt.execute.formats.crc.CrcCopier`: a worker
+    thread CRCs each chunk, still in the page cache, as the kernel copies the next one), so no
+    second pass reads the output; any other range (casts) is read back from the output.
+    """
+    streamed = _streamed_crcs(file)
+    tiles = {i for inside in streamed.values() for i in inside}
+    parts: dict[int, list[tuple[Any, int]]] = {}  # op index -> CRC parts of its bytes
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+    copier = CrcCopier() if streamed else None
     try:
         preallocate(fd, file.size)
-        for op in file.ops:
+        for i, op in enumerate(file.ops):
             if isinstance(op, Literal):
                 _pwrite_all(fd, op.data, op.at)
+                if i in tiles:
+                    parts[i] = [(crc32(op.data), op.nbytes)]
                 continue
-            _copy(op, sources, fd)
+            if isinstance(op, Zeros):  # the sized file already reads as zeros
+                parts[i] = [(None, op.nbytes)]
+                continue
+            if copier is not None and i in tiles:
+                assert isinstance(op, Copy)
+                src = op.source
+                parts[i] = copier.copy(sources.fd(src.path), src.offset, fd, op.at, src.nbytes)
+            else:
+                _copy(op, sources, fd)
             if progress:
                 progress(op.nbytes)
         for derived in file.derived:
             if isinstance(derived, Duplicate):
                 _copy_bytes(fd, derived.start, fd, derived.at, derived.nbytes)
+                continue
+            inside = streamed.get(derived)
+            if inside is not None:
+                crc = CrcCopier.crc_of(part for i in inside for part in parts[i])
             else:
-                _write_crc(fd, derived)
+                crc = _crc_of_output(fd, derived.start, derived.nbytes)
+            field = crc.to_bytes(4, "little")
+            for at in derived.at:
+                _pwrite_all(fd, field, at)
     finally:
+        if copier is not None:
+            copier.close()
         os.close(fd)
 
 
-def _write_crc(fd: int, op: Crc32) -> None:
-    buf = bytearray(min(op.nbytes, 16 << 20))  # reused: no allocation per chunk
+def _streamed_crcs(file: FilePlan) -> dict[Crc32, list[int]]:
+    """``{Crc32 op: indices of the data ops tiling its range, in order}`` for the CRC fields
+    computable from the sources (ranges of copies, literals and zeros only)."""
+    crcs = [op for op in file.derived if isinstance(op, Crc32)]
+    if not crcs:
+        return {}
+    order = sorted(range(len(file.ops)), key=lambda i: file.ops[i].at)
+    starts = [file.ops[i].at for i in order]
+    result: dict[Crc32, list[int]] = {}
+    for op in crcs:
+        k = bisect.bisect_left(starts, op.start)
+        inside, pos, end = [], op.start, op.start + op.nbytes
+        while pos < end and k < len(order) and file.ops[order[k]].at == pos:
+            data = file.ops[order[k]]
+            if isinstance(data, CastCopy) or data.at + data.nbytes > end:
+                break
+            if data.nbytes:
+                inside.append(order[k])
+            pos += data.nbytes
+            k += 1
+        if pos == end:
+            result[op] = inside
+    return result
+
+
+def _crc_of_output(fd: int, start: int, nbytes: int) -> int:
+    buf = bytearray(min(nbytes, 16 << 20))  # reused: no allocation per chunk
     view = memoryview(buf)
     crc, pos = 0, 0
-    while pos < op.nbytes:
-        n = os.preadv(fd, [view[: min(len(buf), op.nbytes - pos)]], op.start + pos)
+    while pos < nbytes:
+        n = os.preadv(fd, [view[: min(len(buf), nbytes - pos)]], start + pos)
         if n <= 0:
             raise OSError(errno.EIO, "unexpected end of an output file while computing a CRC")
         crc = crc32(view[:n], crc)
         pos += n
-    field = crc.to_bytes(4, "little")
-    for at in op.at:
-        _pwrite_all(fd, field, at)
+    return crc
 
 
 _copy_file_range_works = hasattr(os, "copy_file_range")

@@ -7,7 +7,8 @@ digested, checked before the first byte is written, and split into shares for se
 
 A file's operations come in two phases:
 
-* **data operations** (:class:`Copy`, :class:`CastCopy`, :class:`Literal`) write disjoint byte
+* **data operations** (:class:`Copy`, :class:`CastCopy`, :class:`Literal`,
+  :class:`Zeros`) write disjoint byte
   ranges of the file and depend on nothing else in it: any order, any split across workers;
 * **derived operations** (:class:`Duplicate`, :class:`Crc32`) read bytes the data operations
   wrote (a safetensors alias is a second copy of its canonical tensor; a zip record's CRC-32
@@ -79,6 +80,15 @@ class Literal:
 
 
 @dataclass(frozen=True)
+class Zeros:
+    """``nbytes`` zero bytes at ``at`` (padding no source holds). A new output file is sized
+    before any operation runs, and a sized file reads as zeros, so nothing needs writing."""
+
+    at: int
+    nbytes: int
+
+
+@dataclass(frozen=True)
 class Duplicate:
     """The file's own bytes ``[start, start + nbytes)`` copied again to ``at`` (a derived
     operation: a safetensors alias stores its own copy of its canonical tensor)."""
@@ -99,7 +109,7 @@ class Crc32:
     at: tuple[int, ...]
 
 
-DataOp = Copy | CastCopy | Literal
+DataOp = Copy | CastCopy | Literal | Zeros
 DerivedOp = Duplicate | Crc32
 
 
@@ -116,7 +126,7 @@ class FilePlan:
     @property
     def data_nbytes(self) -> int:
         """Bytes copied from source files (what a progress bar counts)."""
-        return sum(op.nbytes for op in self.ops if not isinstance(op, Literal))
+        return sum(op.nbytes for op in self.ops if isinstance(op, (Copy, CastCopy)))
 
     def problems(self) -> list[str]:
         """What is wrong with this file's plan: operations outside the file, data operations or
@@ -161,12 +171,22 @@ class WritePlan:
             (old entry points that must never name a mix of old and new files).
         stale: a regular expression matching the names of the job's own earlier outputs,
             deleted after the commit when not rewritten ("" for none).
+        dirs: entries of the output directory that are directories created by the plan (a
+            checkpoint's tag directory); a file ``"tag/name"`` goes inside entry ``"tag"``.
+        entries: the output directory's entries in commit order, when not the files' own
+            names (``("tag", "latest")``: the tag directory first, then ``latest``).
     """
 
     files: tuple[FilePlan, ...]
     directory: bool = False
     withdraw: tuple[str, ...] = ()
     stale: str = ""
+    dirs: tuple[str, ...] = ()
+    entries: tuple[str, ...] = ()
+
+    def commit_order(self) -> tuple[str, ...]:
+        """The output directory's entries, in the order they are renamed into place."""
+        return self.entries or tuple(f.name for f in self.files)
 
     @property
     def data_nbytes(self) -> int:
@@ -184,6 +204,12 @@ class WritePlan:
         found = [f"{n}: planned more than once" for n in sorted(set(names)) if names.count(n) > 1]
         if not self.directory and len(self.files) != 1:
             found.append(f"a single-file output with {len(self.files)} files")
+        entries = set(self.commit_order())
+        for f in self.files:
+            top, sep, _ = f.name.partition("/")
+            if (top in self.dirs) != bool(sep) or top not in entries:
+                found.append(f"{f.name}: not an entry of the output or a file in one of its "
+                             "directories")
         for f in self.files:
             found.extend(f.problems())
         return found
@@ -210,6 +236,7 @@ class WritePlan:
                 "copies": sum(isinstance(op, Copy) for op in f.ops),
                 "casts": sum(isinstance(op, CastCopy) for op in f.ops),
                 "literals": sum(isinstance(op, Literal) for op in f.ops),
+                "zeros": sum(isinstance(op, Zeros) for op in f.ops),
                 "derived": len(f.derived),
             }
             if ranges:
@@ -229,6 +256,8 @@ def _describe_op(op: DataOp | DerivedOp) -> dict[str, Any]:
                 "start": op.start, "count": op.count}
     if isinstance(op, Literal):
         return {"op": "literal", "at": op.at, "nbytes": op.nbytes}
+    if isinstance(op, Zeros):
+        return {"op": "zeros", "at": op.at, "nbytes": op.nbytes}
     if isinstance(op, Duplicate):
         return {"op": "duplicate", "at": op.at, "nbytes": op.nbytes, "start": op.start}
     return {"op": "crc32", "at": list(op.at), "start": op.start, "nbytes": op.nbytes}

@@ -36,9 +36,8 @@ from __future__ import annotations
 
 import copy
 import re
-import shutil
 from collections import OrderedDict
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -507,38 +506,45 @@ class _PipelineWriter:
     # --- the directory ------------------------------------------------------------------------
 
     def write(self, out: Path, tag: str, force: bool, result: PipelineReshapeResult) -> None:
+        """Plan every target file (nothing is written yet), then let the one executor write
+        the tag directory and ``latest``, copying the source tag's extra files into it."""
         from dsckpt.discover.files import scan
-        from dsckpt.execute.atomic import atomic_entries
-        from dsckpt.plan.zero_reshape import _location_of, copy_extra_files, extra_entries
+        from dsckpt.execute.executor import run
+        from dsckpt.plan.zero_reshape import (
+            _location_of,
+            copy_extra_files,
+            extra_entries,
+            tag_write_plan,
+        )
 
         plan, dst = self.plan, self.plan.dst
         rank_files, _ = scan(_location_of(self.layout))
         extras = extra_entries(self.layout.dir, rank_files)
-        jobs: list[Callable[[Path], None]] = []
+        self.tag, self.files = tag, []
         for stage in plan.stages:
             for t in range(dst.tp):
                 for layer in stage.layers:
                     if layer in self.source.layer_files:  # a tied module's other uses have none
-                        jobs.append(_bind(self._layer_file, layer, t))
-                jobs.append(_bind(self._model_file, stage, t))
-                jobs.append(_bind(self._optim_files, stage, t))
+                        self._layer_file(layer, t)
+                self._model_file(stage, t)
+                self._optim_files(stage, t)
+        write_plan = tag_write_plan(tag, self.files)
         if self.progress is not None:
             self.progress.start(f"reshape to PP {dst.pp} x TP {dst.tp} x DP {dst.dp}",
-                                self.layout.bytes_on_disk)
-        with atomic_entries(out, [tag, "latest"], dirs={tag}, force=force,
-                            durable=False) as staged:
+                                write_plan.data_nbytes)
+
+        def copy_extras(staged: Mapping[str, Path]) -> None:
             tag_dir = staged[tag]
-            for build in jobs:
-                build(tag_dir)
             _, result.skipped = copy_extra_files(self.layout.dir, extras, tag_dir)
-            staged["latest"].write_text(tag)
             result.files = sorted(p.name for p in tag_dir.iterdir())
             result.nbytes = sum(p.stat().st_size for p in tag_dir.iterdir())
 
-    def _save(self, obj: Any, path: Path) -> None:
-        from dsckpt.plan.zero_reshape import save_rank_file
+        run(write_plan, out, force=force, progress=self._advance, finish=copy_extras)
 
-        save_rank_file(obj, path, self.lazy, self._advance)
+    def _save(self, obj: Any, name: str) -> None:
+        from dsckpt.plan.zero_reshape import rank_file_plan
+
+        self.files.append(rank_file_plan(obj, f"{self.tag}/{name}", self.lazy))
 
     def _advance(self, nbytes: int) -> None:
         if self.progress is not None:
@@ -630,14 +636,17 @@ class _PipelineWriter:
 
     # --- files --------------------------------------------------------------------------------
 
-    def _layer_file(self, layer: int, tp_rank: int, tag_dir: Path) -> None:
+    def _layer_file(self, layer: int, tp_rank: int) -> None:
         from dsckpt.io.load import tensor_ref
 
         name = f"layer_{layer:02d}-model_{tp_rank:02d}-model_states.pt"
         src_dir = self.layout.dir
         if not self.plan.tp_plans:  # names keep the global layer index: the file is unchanged
-            shutil.copyfile(src_dir / name, tag_dir / name)
-            self._advance((tag_dir / name).stat().st_size)
+            from dsckpt.plan.fileplan import ByteRange, Copy, FilePlan
+
+            size = (src_dir / name).stat().st_size
+            whole = Copy(0, ByteRange(src_dir / name, 0, size))
+            self.files.append(FilePlan(f"{self.tag}/{name}", size, (whole,) if size else ()))
             return
         paths = [src_dir / f"layer_{layer:02d}-model_{r:02d}-model_states.pt"
                  for r in range(self.layout.tp)]
@@ -653,9 +662,9 @@ class _PipelineWriter:
             out[key] = value.requires_grad_(metas[0][key].requires_grad)
         for k, v in vars(metas[0]).items():  # module versions in `_metadata`
             setattr(out, k, copy.deepcopy(v))
-        self._save(out, tag_dir / name)
+        self._save(out, name)
 
-    def _model_file(self, stage: TargetStage, tp_rank: int, tag_dir: Path) -> None:
+    def _model_file(self, stage: TargetStage, tp_rank: int) -> None:
         torch = self.torch
         plan, dst, layout = self.plan, self.plan.dst, self.layout
         src_mp = self._template_mp(stage, tp_rank)
@@ -684,7 +693,7 @@ class _PipelineWriter:
             if padded is not None and isinstance(info, Mapping) and "padded_vocab_size" in info:
                 sd[key] = {**info, "padded_vocab_size": padded}
         mp = stage.stage * dst.tp + tp_rank
-        self._save(sd, tag_dir / f"mp_rank_{mp:02d}_model_states.pt")
+        self._save(sd, f"mp_rank_{mp:02d}_model_states.pt")
 
     def _padded_vocab(self) -> int | None:
         """The padded vocabulary at the target TP, when a vocabulary parameter shows it."""
@@ -693,7 +702,7 @@ class _PipelineWriter:
                 return int(tp_plan.dst_shapes[0][tp_plan.dim]) * self.plan.dst.tp
         return None
 
-    def _optim_files(self, stage: TargetStage, tp_rank: int, tag_dir: Path) -> None:
+    def _optim_files(self, stage: TargetStage, tp_rank: int) -> None:
         from dsckpt.io.load import FragmentAddress
         from dsckpt.plan.zero_reshape import slice_mapping, zero12_group_paddings
 
@@ -766,11 +775,7 @@ class _PipelineWriter:
                 else:
                     osd[key] = value
             top = {k: (osd if k == "optimizer_state_dict" else v) for k, v in template.items()}
-            self._save(top, tag_dir / f"{prefix}zero_pp_rank_{d}_mp_rank_{mp:02d}_optim_states.pt")
-
-
-def _bind(fn: Callable[..., None], *args: Any) -> Callable[[Path], None]:
-    return lambda path: fn(*args, path)
+            self._save(top, f"{prefix}zero_pp_rank_{d}_mp_rank_{mp:02d}_optim_states.pt")
 
 
 def _state_index(base: Mapping[str, Any], group: int, path: Path) -> Any:

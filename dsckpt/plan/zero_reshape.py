@@ -801,22 +801,32 @@ _DEEPSPEED_NAMES: dict[Any, str] = {}
 STREAM_CRC32 = True
 
 
-def save_rank_file(obj: Any, path: Path, lazy: Any, progress: Any = None) -> None:
-    """Write one rank file as DeepSpeed's ``torch.save`` would, streamed: ``lazy``'s tensors
-    are copied from their source byte ranges by :func:`~dsckpt.formats.torch_writer.save_torch`,
-    and dsckpt's stand-ins are pickled under DeepSpeed's class paths.
+def rank_file_plan(obj: Any, name: str, lazy: Any) -> Any:
+    """The write plan of one rank file as DeepSpeed's ``torch.save`` would write it: ``lazy``'s
+    tensors are copies of their source byte ranges
+    (:func:`~dsckpt.execute.formats.torch_writer.torch_object_file`), and dsckpt's stand-ins
+    are pickled under DeepSpeed's class paths."""
+    from dsckpt.execute.formats.torch_writer import torch_object_file
+
+    if not _DEEPSPEED_NAMES:
+        _DEEPSPEED_NAMES.update(_deepspeed_names())
+    return torch_object_file(name, obj, lazy=lazy, pickler=_DeepSpeedNamesPickler,
+                             crc32=STREAM_CRC32)
+
+
+def tag_write_plan(tag: str, files: Sequence[Any]) -> Any:
+    """The write plan of a checkpoint directory: the tag directory holding ``files`` (named
+    ``tag/...``), committed first, then ``latest`` naming it.
 
     No fsync: the files are written inside a staging directory that is renamed only when
     complete, the same durability policy as ``to-fp32`` (and as ``torch.save``, which DeepSpeed
     itself saves with).
     """
-    from dsckpt.execute.formats.torch_writer import save_torch
+    from dsckpt.plan.fileplan import FilePlan, Literal, WritePlan
 
-    if not _DEEPSPEED_NAMES:
-        _DEEPSPEED_NAMES.update(_deepspeed_names())
-    # File-system errors propagate: atomic_entries maps those of the write path to one line.
-    save_torch(obj, path, lazy=lazy, pickler=_DeepSpeedNamesPickler, crc32=STREAM_CRC32,
-               progress=progress)
+    latest = tag.encode()
+    return WritePlan((*files, FilePlan("latest", len(latest), (Literal(0, latest),))),
+                     directory=True, dirs=(tag,), entries=(tag, "latest"))
 
 
 def extra_entries(tag_dir: Path, rank_files: Iterable[Any]) -> list[str]:
@@ -923,47 +933,40 @@ class _Writer:
     # --- the directory ------------------------------------------------------------------------
 
     def run(self, result: ReshapeResult) -> None:
-        from dsckpt.execute.atomic import atomic_entries
+        from dsckpt.execute.executor import run
 
         tag = self.source.tag
-        with atomic_entries(self.out, [tag, "latest"], dirs={tag}, force=self.force,
-                            durable=False) as staged:
-            tag_dir = staged[tag]
-            jobs = self._jobs()
-            if self.progress is not None:
-                self.progress.start(f"reshape to DP {self.plan.dp}", sum(j[1] for j in jobs))
-            with self.stack:
-                for name, _, build in jobs:
-                    self._save(build(), tag_dir / name)
-                    result.files.append(name)
-                    self.lazy = type(self.lazy)()  # drop this file's sources
+        files = []
+        with self.stack:  # sources read while building (strided partitions only)
+            for name, build in self._jobs():
+                files.append(rank_file_plan(build(), f"{tag}/{name}", self.lazy))
+                result.files.append(name)
+                self.lazy = type(self.lazy)()  # drop this file's sources
+        plan = tag_write_plan(tag, files)
+        if self.progress is not None:
+            self.progress.start(f"reshape to DP {self.plan.dp}", plan.data_nbytes)
+
+        def copy_extras(staged: Mapping[str, Path]) -> None:
             copied, result.skipped = copy_extra_files(
-                self.source.layout.dir, [p.name for p in self.source.extra_files], tag_dir)
+                self.source.layout.dir, [p.name for p in self.source.extra_files], staged[tag])
             result.files += copied
-            staged["latest"].write_text(tag)
-            result.nbytes = sum(p.stat().st_size for p in tag_dir.iterdir())
+            result.nbytes = sum(p.stat().st_size for p in staged[tag].iterdir())
 
-    def _save(self, obj: Any, path: Path) -> None:
-        save_rank_file(obj, path, self.lazy, self._advance)
+        run(plan, self.out, force=self.force, progress=self._advance, finish=copy_extras)
 
-    def _jobs(self) -> list[tuple[str, int, Callable[[], Any]]]:
-        """``(file name, bytes to read, builder)`` for every output rank file."""
+    def _jobs(self) -> list[tuple[str, Callable[[], Any]]]:
+        """``(file name, builder)`` for every output rank file."""
         plan = self.plan
-        jobs: list[tuple[str, int, Callable[[], Any]]] = []
-        sizes = self._partition_bytes()
+        jobs: list[tuple[str, Callable[[], Any]]] = []
         if plan.kind == "zero3":
             for rank in range(plan.dp):
                 jobs.append((f"zero_pp_rank_{rank}_mp_rank_00_model_states.pt",
-                             self._model_bytes() + sum(
-                                 self._frozen_itemsize(f.name) * f.partitions[rank].numel
-                                 for f in plan.frozen),
                              functools.partial(self._zero3_model_states, rank)))
         else:
-            jobs.append(("mp_rank_00_model_states.pt", self._model_bytes(),
-                         lambda: self._model_states()))
+            jobs.append(("mp_rank_00_model_states.pt", lambda: self._model_states()))
         for rank in range(plan.dp):
             jobs.append((f"{self.source.optim_prefix}zero_pp_rank_{rank}_mp_rank_00_optim_states.pt",
-                         sizes[rank], functools.partial(self._optim_states, rank)))
+                         functools.partial(self._optim_states, rank)))
         return jobs
 
     def _advance(self, nbytes: int) -> None:
@@ -1112,29 +1115,6 @@ class _Writer:
         for k, v in getattr(meta, "__dict__", {}).items():
             setattr(value, k, v)
         return value
-
-    def _model_bytes(self) -> int:
-        _, meta = self.source.model[0]
-        seen: dict[Any, int] = {}
-        for t in _tensors(meta, self.torch):
-            s = t.untyped_storage()
-            seen[getattr(s, "_checkpoint_offset", id(s))] = s.nbytes()
-        return sum(seen.values())
-
-    def _frozen_itemsize(self, name: str) -> int:
-        refs = self.source.layout.frozen_fragments.get(name)
-        return refs[0].itemsize if refs else 0
-
-    def _partition_bytes(self) -> list[int]:
-        sizes = [0] * self.plan.dp
-        for group in self.plan.groups:
-            first = group.sources[0]
-            item = self._src_fp32(0, first).element_size()
-            item += sum(self._source_state(0, first)[k].element_size()
-                        for k in self._partitioned_keys(group))
-            for part in group.partitions:
-                sizes[part.rank] += part.read_numel * item
-        return sizes
 
     # --- ZeRO-1/2 and BF16_Optimizer ----------------------------------------------------------
 
@@ -1355,16 +1335,4 @@ class _Writer:
 
 def _by_rank(refs: Sequence[Any], run: Run) -> Any:
     return refs[run.src_rank]
-
-
-def _tensors(obj: Any, torch: Any) -> Iterable[Any]:
-    if isinstance(obj, torch.Tensor):
-        yield obj
-    elif isinstance(obj, Mapping):
-        for v in obj.values():
-            yield from _tensors(v, torch)
-    elif type(obj) in (list, tuple):
-        for v in obj:
-            yield from _tensors(v, torch)
-
 

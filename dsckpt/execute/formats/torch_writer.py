@@ -43,7 +43,7 @@ from typing import Any
 import torch
 
 from dsckpt.execute.atomic import preallocate as _preallocate
-from dsckpt.execute.formats.crc import CrcCopier, crc32_combine
+from dsckpt.execute.formats.crc import crc32_combine
 from dsckpt.execute.formats.crc import crc32 as _crc32
 from dsckpt.execute.formats.safetensors_writer import (
     ClosingWriter,
@@ -54,7 +54,7 @@ from dsckpt.execute.formats.safetensors_writer import (
 )
 from dsckpt.execute.formats.sharding import PlannedTensor, ShardPlan, TensorSpec
 from dsckpt.io import dtypes
-from dsckpt.plan.fileplan import Crc32, DataOp, FilePlan, Literal
+from dsckpt.plan.fileplan import ByteRange, Copy, Crc32, DataOp, FilePlan, Literal, Zeros
 
 __all__ = [
     "FileRange",
@@ -67,6 +67,7 @@ __all__ = [
     "pickle_for_torch",
     "save_torch",
     "torch_file",
+    "torch_object_file",
     "torch_layout",
 ]
 
@@ -331,12 +332,22 @@ def torch_file(
     aliases: Mapping[str, str] | None = None,
     archive_name: str = "archive",
 ) -> FilePlan:
-    """The write plan of one ``torch.save`` zip file: every zip record (local headers, the
-    pickle and the small records, data descriptors, the central directory) as literal bytes,
-    every tensor's operations at its storage's offset, and each storage's CRC-32 as a derived
-    operation patching its data descriptor and central-directory entry."""
+    """The write plan of one ``torch.save`` zip file of a state dict of ``tensors``: every zip
+    record as literal bytes, every tensor's operations at its storage's offset, and each
+    storage's CRC-32 as a derived operation (see :func:`_zip_plan`)."""
     specs = [TensorSpec(t.name, t.dtype, t.shape) for t in tensors]
     layout = torch_layout(specs, aliases=aliases, archive_name=archive_name)
+    storage_ops = {t.name: t.ops(layout.offsets[t.name][0]) for t in tensors}
+    return _zip_plan(name, layout, storage_ops, crc32=True)
+
+
+def _zip_plan(name: str, layout: TorchLayout, storage_ops: Mapping[str, Sequence[DataOp]],
+              *, crc32: bool) -> FilePlan:
+    """A torch zip file as a write plan: the local headers, small records, data descriptors
+    and the central directory as literals, the storages' bytes as ``storage_ops``, and (with
+    ``crc32``) each storage's CRC-32 as a derived operation patching its data descriptor and
+    central-directory entry; without, storage CRCs stay zero, as torch writes them when
+    ``torch.serialization.set_crc32_options(False)``."""
     ops: list[DataOp] = []
     crcs = []
     for rec in layout.records:
@@ -349,12 +360,12 @@ def torch_file(
         if rec.size:
             ops.append(Literal(rec.data_offset + rec.size, rec.descriptor(crc)))
     ops.append(Literal(layout.central_offset, layout.tail(crcs)))
-    for t in tensors:
-        ops.extend(t.ops(layout.offsets[t.name][0]))
+    for storage in storage_ops.values():
+        ops.extend(storage)
     derived = []
     entry = layout.central_offset  # each central entry's CRC field is at byte 16 of it
     for rec in layout.records:
-        if rec.payload is None and rec.size:
+        if crc32 and rec.payload is None and rec.size:
             derived.append(Crc32(rec.data_offset, rec.size, (rec.data_offset + rec.size + 4,
                                                               entry + 16)))
         entry += len(rec.central_entry(0))
@@ -397,15 +408,6 @@ class TorchWriter(ClosingWriter):
         self._start(path, layout, {s.name: _torch_dtype(s.dtype) for s in specs}, crc32,
                     preallocate)
 
-    @classmethod
-    def for_layout(cls, path: os.PathLike[str] | str, layout: TorchLayout, *, crc32: bool = True,
-                   preallocate: bool = True) -> TorchWriter:
-        """A writer for a precomputed layout whose storages (named as in ``layout.offsets``)
-        take raw bytes (:func:`save_torch` uses it)."""
-        self = cls.__new__(cls)
-        self._start(path, layout, dict.fromkeys(layout.offsets, torch.uint8), crc32, preallocate)
-        return self
-
     def _start(self, path: os.PathLike[str] | str, layout: TorchLayout,
                dtypes: dict[str, torch.dtype], crc32: bool, preallocate: bool) -> None:
         self.path = Path(path)
@@ -413,7 +415,6 @@ class TorchWriter(ClosingWriter):
         self._dtypes = dtypes
         self._crc32 = crc32
         self._coverage = Coverage()
-        self._known_crcs: dict[str, int] = {}
         self._fd: int | None = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
         try:
             if preallocate:
@@ -457,20 +458,8 @@ class TorchWriter(ClosingWriter):
         self._coverage.external.add(name)
         return self._fd, self.layout.offsets[name][0]
 
-    def reread_crc(self, name: str) -> int:
-        """CRC-32 of storage ``name`` as written so far, read back from the file (thread-safe:
-        a caller that filled a ``locate``-d storage can compute it on a worker thread while it
-        copies the next one, then hand it over with :meth:`set_crc`)."""
-        return self._reread_crc(*self.layout.offsets[name])
-
-    def set_crc(self, name: str, crc: int) -> None:
-        """Use ``crc`` for the complete storage ``name`` instead of computing it at close."""
-        self._known_crcs[name] = crc
-
     def _storage_crc(self, name: str) -> int:
         start, size = self.layout.offsets[name]
-        if name in self._known_crcs:
-            return self._known_crcs[name]
         if name in self._coverage.external:
             return self._reread_crc(start, size)
         pieces = self._coverage.pieces(name)
@@ -709,6 +698,60 @@ def pickle_for_torch(obj: Any, pickler: type = pickle.Pickler,
     return buf.getvalue(), p.storages
 
 
+def torch_object_file(
+    name: str,
+    obj: Any,
+    *,
+    lazy: LazyStorages | None = None,
+    pickler: type = pickle.Pickler,
+    archive_name: str = "archive",
+    crc32: bool = True,
+) -> FilePlan:
+    """The write plan of ``torch.save(obj)``: ``obj``'s pickle and zip records as literals, its
+    in-memory storages as literals, its lazy storages as copies of their file ranges (a later
+    range wins where two overlap, zeros where none reaches), and each storage's CRC-32 as a
+    derived operation (see :func:`save_torch` for what ``obj`` may hold)."""
+    data_pkl, storages = pickle_for_torch(obj, pickler, lazy)
+    layout = _archive_layout(data_pkl, [(s.key, s.nbytes) for s in storages], archive_name)
+    storage_ops: dict[str, list[DataOp]] = {}
+    for s in storages:
+        base = layout.offsets[s.key][0]
+        if s.memory is not None:  # a CPU tensor's bytes, already in memory
+            raw = torch.empty(0, dtype=torch.uint8).set_(s.memory)
+            storage_ops[s.key] = [Literal(base, _tensor_bytes(raw))] if s.nbytes else []
+            continue
+        storage_ops[s.key] = _visible_ops(s.ranges or (), s.nbytes, base)
+    return _zip_plan(name, layout, storage_ops, crc32=crc32)
+
+
+def _tensor_bytes(raw: torch.Tensor) -> bytes:
+    from dsckpt.execute.executor import tensor_memory
+
+    return bytes(tensor_memory(raw))
+
+
+def _visible_ops(ranges: Sequence[FileRange], nbytes: int, base: int) -> list[DataOp]:
+    """Copies of the bytes of ``ranges`` that end up in a storage of ``nbytes`` at file offset
+    ``base`` (a later range overwrites an earlier one where they overlap), zeros elsewhere."""
+    visible: list[tuple[int, int, FileRange]] = []  # disjoint (start, end, range) in storage
+    for r in reversed(ranges):  # the last range wins: clip each earlier one by the later ones
+        pieces = [(r.at, r.at + r.nbytes)]
+        for a, b, _ in visible:
+            pieces = [p for lo, hi in pieces
+                      for p in ((lo, min(hi, a)), (max(lo, b), hi)) if p[0] < p[1]]
+        visible.extend((lo, hi, r) for lo, hi in pieces)
+    ops: list[DataOp] = []
+    pos = 0
+    for lo, hi, r in sorted(visible, key=lambda v: v[0]):
+        if lo > pos:
+            ops.append(Zeros(base + pos, lo - pos))
+        ops.append(Copy(base + lo, ByteRange(r.path, r.offset + lo - r.at, hi - lo)))
+        pos = hi
+    if pos < nbytes:
+        ops.append(Zeros(base + pos, nbytes - pos))
+    return ops
+
+
 def save_torch(
     obj: Any,
     path: os.PathLike[str] | str,
@@ -727,7 +770,8 @@ def save_torch(
     ``copy_file_range`` from the source files, straight into the output; zeros elsewhere).
     Tensors sharing a storage share it in the file; ``nn.Parameter``, ``requires_grad`` and
     tensor attributes are kept; ``torch.load`` gives back what ``torch.save`` would have
-    written. The file is written in one pass and not fsynced.
+    written. The file is planned (:func:`torch_object_file`) and written by the one executor
+    in one pass, not fsynced.
 
     Args:
         obj: the structure to save.
@@ -738,68 +782,18 @@ def save_torch(
         crc32: real CRC-32s (computed from the source chunks on a worker thread while the
             kernel copies them), or zeros as ``torch.serialization.set_crc32_options(False)``
             writes (``torch.load`` never checks them; zip tools do).
-        preallocate: reserve the file's blocks up front (early ENOSPC).
+        preallocate: unused: the executor always reserves the file's blocks up front.
         progress: called with each number of bytes copied.
 
     Returns:
         The file's size in bytes.
     """
-    from dsckpt.execute.executor import _copy_bytes
+    from dsckpt.execute.executor import write_plan_file
 
-    data_pkl, storages = pickle_for_torch(obj, pickler, lazy)
-    layout = _archive_layout(data_pkl, [(s.key, s.nbytes) for s in storages], archive_name)
-    fds: dict[Path, int] = {}
-    # Each chunk's CRC is computed from the source on a worker thread while the kernel copies
-    # the next chunk (both release the GIL): no second pass over the output.
-    copier = CrcCopier() if crc32 else None
-    pending: dict[str, list[tuple[Any, int]] | None] = {}
-    try:
-        with TorchWriter.for_layout(path, layout, crc32=crc32, preallocate=preallocate) as w:
-            for s in storages:
-                if s.memory is not None:
-                    if s.nbytes:
-                        raw = torch.empty(0, dtype=torch.uint8).set_(s.memory)
-                        w.write(s.key, 0, raw)
-                    continue
-                fd, base = w.locate(s.key)
-                copied: list[tuple[FileRange, list[tuple[Any, int]]]] = []
-                for r in s.ranges or ():
-                    src = fds.get(r.path)
-                    if src is None:
-                        src = fds[r.path] = os.open(r.path, os.O_RDONLY)
-                    if copier is None:
-                        _copy_bytes(src, r.offset, fd, base + r.at, r.nbytes)
-                    else:
-                        copied.append((r, copier.copy(src, r.offset, fd, base + r.at, r.nbytes)))
-                    if progress is not None:
-                        progress(r.nbytes)
-                if copier is not None and s.nbytes:
-                    pending[s.key] = _storage_parts(copied, s.nbytes)
-                    if pending[s.key] is None:  # overlapping ranges: CRC the bytes in place
-                        pending[s.key] = copier.crc_file(fd, base, s.nbytes)
-            for key, parts in pending.items():
-                w.set_crc(key, CrcCopier.crc_of(parts or ()))
-    finally:
-        if copier is not None:
-            copier.close()
-        for fd in fds.values():
-            os.close(fd)
-    return layout.file_size
+    path = Path(path)
+    plan = torch_object_file(path.name, obj, lazy=lazy, pickler=pickler,
+                             archive_name=archive_name, crc32=crc32)
+    write_plan_file(plan, path, progress)
+    return plan.size
 
 
-def _storage_parts(copied: Sequence[tuple[FileRange, list[tuple[Any, int]]]], nbytes: int
-                   ) -> list[tuple[Any, int]] | None:
-    """A storage's CRC parts in byte order, zero holes included, or None when ranges overlap
-    (a later range overwrote an earlier one, so the copied bytes are not the stored ones)."""
-    parts: list[tuple[Any, int]] = []
-    pos = 0
-    for r, chunks in sorted(copied, key=lambda item: item[0].at):
-        if r.at < pos:
-            return None
-        if r.at > pos:
-            parts.append((None, r.at - pos))
-        parts.extend(chunks)
-        pos = r.at + r.nbytes
-    if pos < nbytes:
-        parts.append((None, nbytes - pos))
-    return parts
