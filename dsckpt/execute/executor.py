@@ -153,12 +153,9 @@ def write_file(file: FilePlan, path: Path, sources: _Sources, progress: Progress
             if isinstance(op, Zeros):  # the sized file already reads as zeros
                 parts[i] = [(None, op.nbytes)]
                 continue
-            if copier is not None and i in tiles:
-                assert isinstance(op, Copy)
-                src = op.source
-                parts[i] = copier.copy(sources.fd(src.path), src.offset, fd, op.at, src.nbytes)
-            else:
-                _copy(op, sources, fd)
+            crc_parts = _copy(op, sources, fd, copier if i in tiles else None)
+            if crc_parts is not None:
+                parts[i] = crc_parts
             if progress:
                 progress(op.nbytes)
         for derived in file.derived:
@@ -220,11 +217,16 @@ def _crc_of_output(fd: int, start: int, nbytes: int) -> int:
 _copy_file_range_works = hasattr(os, "copy_file_range")
 
 
-def _copy(op: Copy | CastCopy, sources: _Sources, out_fd: int) -> None:
+def _copy(op: Copy | CastCopy, sources: _Sources, out_fd: int,
+          copier: CrcCopier | None = None) -> list[tuple[Any, int]] | None:
+    """Run one copy or cast; with ``copier``, a byte copy also CRCs its bytes on the way and
+    returns the pending CRC parts."""
     if isinstance(op, Copy):
         src = op.source
+        if copier is not None:
+            return copier.copy(sources.fd(src.path), src.offset, out_fd, op.at, src.nbytes)
         _copy_bytes(sources.fd(src.path), src.offset, out_fd, op.at, src.nbytes)
-        return
+        return None
     fd = sources.fd(op.source.path)
     done = 0
     while done < op.count:
@@ -232,6 +234,7 @@ def _copy(op: Copy | CastCopy, sources: _Sources, out_fd: int) -> None:
         piece = _cast(op.source, op.start + done, count, op.dtype, fd)
         _pwrite_all(out_fd, piece, op.at + done * op.dtype.itemsize)
         done += count
+    return None
 
 
 def _cast(src: TensorRef, start: int, count: int, dtype: DType, fd: int) -> memoryview:
