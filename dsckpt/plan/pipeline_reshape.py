@@ -37,7 +37,7 @@ from __future__ import annotations
 import copy
 import re
 from collections import OrderedDict
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -433,6 +433,8 @@ class PipelineReshapeResult:
     files: list[str] = field(default_factory=list)
     nbytes: int = 0
     skipped: list[str] = field(default_factory=list)  # tag-directory entries not copied
+    # Plans every target file on demand (a dry run does not, unless asked: --dry-run --json).
+    plan_files: Callable[[], Any] | None = field(default=None, repr=False, compare=False)
 
     @property
     def dst_parts(self) -> tuple[int, ...]:
@@ -477,6 +479,7 @@ def reshape_pipeline(layout: Layout, out: Path | str, *, tp: int | None = None,
     tag = layout.tag if layout.tag is not None else layout.dir.name
     result = PipelineReshapeResult(plan, layout.dir, out, tag, written=False)
     if dry_run:
+        result.plan_files = lambda: _PipelineWriter(plan, None).write_plan(tag)
         return result
     _PipelineWriter(plan, progress).write(out, tag, force, result)
     result.written = True
@@ -505,21 +508,12 @@ class _PipelineWriter:
 
     # --- the directory ------------------------------------------------------------------------
 
-    def write(self, out: Path, tag: str, force: bool, result: PipelineReshapeResult) -> None:
-        """Plan every target file (nothing is written yet), then let the one executor write
-        the tag directory and ``latest``, copying the source tag's extra files into it."""
-        from dsckpt.discover.files import scan
-        from dsckpt.execute.executor import run
-        from dsckpt.plan.zero_reshape import (
-            _location_of,
-            copy_extra_files,
-            extra_entries,
-            tag_write_plan,
-        )
+    def write_plan(self, tag: str) -> Any:
+        """Every target file planned (nothing is written): layer, model and optimizer files,
+        then ``latest``."""
+        from dsckpt.plan.zero_reshape import tag_write_plan
 
         plan, dst = self.plan, self.plan.dst
-        rank_files, _ = scan(_location_of(self.layout))
-        extras = extra_entries(self.layout.dir, rank_files)
         self.tag, self.files = tag, []
         for stage in plan.stages:
             for t in range(dst.tp):
@@ -528,7 +522,19 @@ class _PipelineWriter:
                         self._layer_file(layer, t)
                 self._model_file(stage, t)
                 self._optim_files(stage, t)
-        write_plan = tag_write_plan(tag, self.files)
+        return tag_write_plan(tag, self.files)
+
+    def write(self, out: Path, tag: str, force: bool, result: PipelineReshapeResult) -> None:
+        """Plan every target file, then let the one executor write the tag directory and
+        ``latest``, copying the source tag's extra files into it."""
+        from dsckpt.discover.files import scan
+        from dsckpt.execute.executor import run
+        from dsckpt.plan.zero_reshape import _location_of, copy_extra_files, extra_entries
+
+        dst = self.plan.dst
+        rank_files, _ = scan(_location_of(self.layout))
+        extras = extra_entries(self.layout.dir, rank_files)
+        write_plan = self.write_plan(tag)
         if self.progress is not None:
             self.progress.start(f"reshape to PP {dst.pp} x TP {dst.tp} x DP {dst.dp}",
                                 write_plan.data_nbytes)

@@ -709,6 +709,8 @@ class ReshapeResult:
     files: list[str] = field(default_factory=list)
     nbytes: int = 0
     skipped: list[str] = field(default_factory=list)  # tag-directory entries not copied
+    # Plans every output file on demand (a dry run does not, unless asked: --dry-run --json).
+    plan_files: Callable[[], Any] | None = field(default=None, repr=False, compare=False)
 
     def summary(self) -> str:
         what = {"zero": f"ZeRO-{self.plan.stage}", "bf16_optimizer": "BF16_Optimizer (ZeRO-1)",
@@ -749,6 +751,7 @@ def reshape_zero(layout: Layout, out: Path | str, *, dp: int, force: bool = Fals
     result = ReshapeResult(plan=plan, source=source.layout.dir, out=out, tag=source.tag,
                            written=False)
     if dry_run:
+        result.plan_files = lambda: _Writer(source, plan, out, force, None).write_plan()
         return result
     _Writer(source, plan, out, force, progress).run(result)
     result.written = True
@@ -932,17 +935,22 @@ class _Writer:
 
     # --- the directory ------------------------------------------------------------------------
 
-    def run(self, result: ReshapeResult) -> None:
-        from dsckpt.execute.executor import run
-
+    def write_plan(self) -> Any:
+        """Every output file planned (nothing is written): the rank files, then ``latest``."""
         tag = self.source.tag
         files = []
         with self.stack:  # sources read while building (strided partitions only)
             for name, build in self._jobs():
                 files.append(rank_file_plan(build(), f"{tag}/{name}", self.lazy))
-                result.files.append(name)
                 self.lazy = type(self.lazy)()  # drop this file's sources
-        plan = tag_write_plan(tag, files)
+        return tag_write_plan(tag, files)
+
+    def run(self, result: ReshapeResult) -> None:
+        from dsckpt.execute.executor import run
+
+        tag = self.source.tag
+        plan = self.write_plan()
+        result.files = [f.name.partition("/")[2] for f in plan.files if f.name != "latest"]
         if self.progress is not None:
             self.progress.start(f"reshape to DP {self.plan.dp}", plan.data_nbytes)
 
