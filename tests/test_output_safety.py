@@ -396,7 +396,7 @@ def test_reshape_copies_only_regular_extra_files(
 
 
 def test_copy_extra_files_unit(tmp_path: Path) -> None:
-    from dsckpt.plan.zero_reshape import copy_extra_files
+    from dsckpt.execute.checkpoint_dir import copy_extra_files
 
     src, dst = tmp_path / "src", tmp_path / "dst"
     src.mkdir()

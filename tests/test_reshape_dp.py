@@ -729,10 +729,11 @@ def test_tensors_sharing_a_storage_still_share_one(reshaped, name: str) -> None:
 def test_the_writer_holds_no_tensor_data(name: str, tmp_path: Path) -> None:
     """Every tensor of every structure the writer builds is a meta tensor standing for file
     ranges: memory does not follow the model size."""
-    from dsckpt.plan.zero_reshape import _Writer, plan_reshape
+    from dsckpt.execute.formats.deepspeed_files import ZeroRankFiles
+    from dsckpt.plan.zero_reshape import plan_reshape
 
     source, plan = plan_reshape(ckpt("zero", name), 3)
-    writer = _Writer(source, plan, tmp_path / "out", False, None)
+    writer = ZeroRankFiles(source, plan)
     with writer.stack:
         for file, build in writer._jobs():
             obj = build()

@@ -19,7 +19,7 @@ The one record for "a range of bytes of a source file" is :class:`ByteRange`.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -244,6 +244,14 @@ class WritePlan:
                 entry["derived_ops"] = [_describe_op(op) for op in f.derived]
             files.append(entry)
         return {"files": files, "size": self.size, "copied_bytes": self.data_nbytes}
+
+
+def tag_directory_plan(tag: str, files: Sequence[FilePlan]) -> WritePlan:
+    """The write plan of a DeepSpeed save directory: the tag directory holding ``files`` (named
+    ``tag/...``), committed first, then ``latest`` naming it (what ``load_checkpoint`` reads)."""
+    latest = tag.encode()
+    return WritePlan((*files, FilePlan("latest", len(latest), (Literal(0, latest),))),
+                     directory=True, dirs=(tag,), entries=(tag, "latest"))
 
 
 def _describe_op(op: DataOp | DerivedOp) -> dict[str, Any]:
