@@ -22,9 +22,9 @@ from typing import Any
 
 from dsckpt.errors import InconsistentCheckpoint, UnsupportedLayout
 from dsckpt.execute.executor import tensor_memory
-from dsckpt.execute.formats.torch_writer import FileRange, LazyStorages, torch_object_file
+from dsckpt.execute.formats.torch_writer import LazyStorages, torch_object_file
 from dsckpt.io import dtypes
-from dsckpt.plan.fileplan import FilePlan, WritePlan, tag_directory_plan
+from dsckpt.plan.fileplan import ByteRange, Copy, FilePlan, WritePlan, tag_directory_plan
 from dsckpt.plan.zero_reshape import Partition, ReshapePlan, Run, Source, TargetGroup
 
 
@@ -165,8 +165,9 @@ class ZeroRankFiles:
             out = self.torch.zeros(numel, dtype=dtype)
             self._fill(out, runs, refs)
             return out
-        ranges = [FileRange(ref.path, ref.offset + run.src_start * item, run.length * item,
-                            run.dst_start * item) for run, ref in zip(runs, refs, strict=True)]
+        ranges = [Copy(run.dst_start * item, ByteRange(ref.path, ref.offset + run.src_start * item,
+                                                       run.length * item))
+                  for run, ref in zip(runs, refs, strict=True)]
         return self.lazy.tensor(dtype, (numel,), ranges)
 
     @staticmethod
@@ -229,7 +230,7 @@ class ZeroRankFiles:
                                                 "(truncated)")
                     # The saved record, copied into the output when it is written: a
                     # model-states file holding the whole 16-bit model is never resident.
-                    lazy = self.lazy.storage(nbytes, [FileRange(path, base, nbytes, 0)])
+                    lazy = self.lazy.storage(nbytes, [Copy(0, ByteRange(path, base, nbytes))])
                     shared[base] = lazy
             value = self.lazy.view(lazy, obj.dtype, obj.storage_offset(), obj.shape,
                                    obj.stride())

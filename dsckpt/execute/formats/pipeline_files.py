@@ -19,7 +19,7 @@ from dsckpt.discover.files import Role
 from dsckpt.discover.pipeline import LocalSlice, clip_reads, compose_reads, replicas_agree
 from dsckpt.errors import InconsistentCheckpoint, UnsupportedLayout
 from dsckpt.execute.formats.deepspeed_files import rank_file_plan
-from dsckpt.execute.formats.torch_writer import FileRange, LazyStorages
+from dsckpt.execute.formats.torch_writer import LazyStorages
 from dsckpt.io import dtypes
 from dsckpt.io.load import TensorRef
 from dsckpt.plan import zero
@@ -95,8 +95,8 @@ class PipelineRankFiles:
                 raise UnsupportedLayout(f"{r.source.path.name}: a saved tensor is a strided view, "
                                         "which reshape does not re-split")
             item = r.source.itemsize
-            ranges.append(FileRange(r.source.path, r.source.offset + r.src_start * item,
-                                    r.length * item, r.dst_start * item))
+            ranges.append(Copy(r.dst_start * item, ByteRange(
+                r.source.path, r.source.offset + r.src_start * item, r.length * item)))
         return self.lazy.tensor(dtype, tuple(shape), ranges)
 
     # --- where values are ---------------------------------------------------------------------

@@ -57,7 +57,6 @@ from dsckpt.io import dtypes
 from dsckpt.plan.fileplan import ByteRange, Copy, Crc32, DataOp, FilePlan, Literal, Zeros
 
 __all__ = [
-    "FileRange",
     "LazyStorages",
     "ShardedTorchWriter",
     "TensorSpec",
@@ -550,29 +549,21 @@ class ShardedTorchWriter(ShardedSafetensorsWriter):
 # --------------------------------------------------------------------------- any object
 
 
-@dataclass(frozen=True)
-class FileRange:
-    """``nbytes`` bytes at ``offset`` of file ``path``, placed at byte ``at`` of a storage."""
-
-    path: Path
-    offset: int
-    nbytes: int
-    at: int
-
-
 class LazyStorages:
-    """Meta-device storages whose bytes are ranges of files, for :func:`save_torch`.
+    """Meta-device storages whose bytes are ranges of files, for :func:`torch_object_file`.
 
     A tensor on a storage made here behaves like any tensor while a structure is built (views,
-    ``nn.Parameter``, ``requires_grad``, attributes) but holds no data: :func:`save_torch`
-    copies its bytes from the files when it writes the storage. Bytes no range covers are zeros.
+    ``nn.Parameter``, ``requires_grad``, attributes) but holds no data: its storage's bytes are
+    :class:`~dsckpt.plan.fileplan.Copy` records (``at``: the byte offset inside the storage),
+    which become the file's copies when the structure is planned. Bytes no range covers are
+    zeros.
     """
 
     def __init__(self) -> None:
         # keyed by the storage's identity (its StorageImpl); the storage is kept alive with it
-        self._ranges: dict[int, tuple[Any, tuple[FileRange, ...]]] = {}
+        self._ranges: dict[int, tuple[Any, tuple[Copy, ...]]] = {}
 
-    def storage(self, nbytes: int, ranges: Sequence[FileRange] = ()) -> Any:
+    def storage(self, nbytes: int, ranges: Sequence[Copy] = ()) -> Any:
         """A new meta ``UntypedStorage`` of ``nbytes`` whose bytes come from ``ranges``."""
         for r in ranges:
             if r.nbytes < 0 or r.at < 0 or r.at + r.nbytes > nbytes:
@@ -581,7 +572,7 @@ class LazyStorages:
         self._ranges[storage._cdata] = (storage, tuple(r for r in ranges if r.nbytes))
         return storage
 
-    def tensor(self, dtype: torch.dtype, shape: Sequence[int], ranges: Sequence[FileRange] = (),
+    def tensor(self, dtype: torch.dtype, shape: Sequence[int], ranges: Sequence[Copy] = (),
                ) -> torch.Tensor:
         """A contiguous meta tensor on a new storage filled from ``ranges``."""
         numel = 1
@@ -597,7 +588,7 @@ class LazyStorages:
         return torch.empty(0, dtype=dtype, device="meta").set_(storage, offset, tuple(shape),
                                                                tuple(stride))
 
-    def ranges(self, storage: Any) -> tuple[FileRange, ...] | None:
+    def ranges(self, storage: Any) -> tuple[Copy, ...] | None:
         entry = self._ranges.get(storage._cdata)
         return None if entry is None else entry[1]
 
@@ -611,7 +602,7 @@ class _Storage:
     key: str
     nbytes: int
     dtype: torch.dtype
-    ranges: tuple[FileRange, ...] | None  # lazy: from files
+    ranges: tuple[Copy, ...] | None  # lazy: from files
     memory: Any = None  # in-memory CPU UntypedStorage
 
 
@@ -730,10 +721,10 @@ def _tensor_bytes(raw: torch.Tensor) -> bytes:
     return bytes(tensor_memory(raw))
 
 
-def _visible_ops(ranges: Sequence[FileRange], nbytes: int, base: int) -> list[DataOp]:
+def _visible_ops(ranges: Sequence[Copy], nbytes: int, base: int) -> list[DataOp]:
     """Copies of the bytes of ``ranges`` that end up in a storage of ``nbytes`` at file offset
     ``base`` (a later range overwrites an earlier one where they overlap), zeros elsewhere."""
-    visible: list[tuple[int, int, FileRange]] = []  # disjoint (start, end, range) in storage
+    visible: list[tuple[int, int, Copy]] = []  # disjoint (start, end, range) in storage
     for r in reversed(ranges):  # the last range wins: clip each earlier one by the later ones
         pieces = [(r.at, r.at + r.nbytes)]
         for a, b, _ in visible:
@@ -745,7 +736,8 @@ def _visible_ops(ranges: Sequence[FileRange], nbytes: int, base: int) -> list[Da
     for lo, hi, r in sorted(visible, key=lambda v: v[0]):
         if lo > pos:
             ops.append(Zeros(base + pos, lo - pos))
-        ops.append(Copy(base + lo, ByteRange(r.path, r.offset + lo - r.at, hi - lo)))
+        src = r.source
+        ops.append(Copy(base + lo, ByteRange(src.path, src.offset + lo - r.at, hi - lo)))
         pos = hi
     if pos < nbytes:
         ops.append(Zeros(base + pos, nbytes - pos))
