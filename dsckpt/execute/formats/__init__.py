@@ -20,10 +20,11 @@ atomically:
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from dsckpt.execute.formats.safetensors_writer import safetensors_file
-from dsckpt.execute.formats.sharding import TensorSpec, parse_size, plan_shards
+from dsckpt.execute.formats.sharding import PlannedTensor, TensorSpec, parse_size, plan_shards
 from dsckpt.plan.consolidation import ConsolidationPlan
 from dsckpt.plan.fileplan import FilePlan, Literal, WritePlan
 
@@ -73,10 +74,19 @@ def output_plan(fmt: str, out: Path, plan: ConsolidationPlan, *, metadata: dict[
 
 
 def _shards_plan(plan: ConsolidationPlan, cap: int, metadata: dict[str, str]) -> WritePlan:
-    """Shards + index, for a directory that keeps every file not of dsckpt's naming."""
-    specs = [TensorSpec(t.name, t.dtype, t.shape) for t in plan.tensors]
-    shards = plan_shards(specs, cap, aliases=plan.aliases)
-    by_name = {t.name: t for t in plan.tensors}
+    return sharded_safetensors_plan(plan.tensors, cap, aliases=plan.aliases, metadata=metadata)
+
+
+def sharded_safetensors_plan(tensors: Sequence[PlannedTensor], cap: int | str, *,
+                             aliases: Mapping[str, str] | None = None,
+                             metadata: Mapping[str, str] | None = None) -> WritePlan:
+    """Hugging Face shards + index for a directory that keeps every file not of dsckpt's naming
+    (one shard is ``model.safetensors`` with no index). ``metadata`` goes to every shard's
+    ``__metadata__`` and to the index's ``metadata``."""
+    aliases = dict(aliases or {})
+    specs = [TensorSpec(t.name, t.dtype, t.shape) for t in tensors]
+    shards = plan_shards(specs, cap, aliases=aliases)
+    by_name = {t.name: t for t in tensors}
     files: list[FilePlan] = [
         safetensors_file(shard.filename, [by_name[s.name] for s in shard.tensors],
                          metadata=metadata, aliases=dict(shard.aliases))

@@ -1,9 +1,11 @@
-"""Preallocated, random-access ``torch.save`` zip output, filled piece by piece.
+"""``torch.save`` zip files as write plans, in bounded memory.
 
-``torch.save`` needs every tensor in memory at once. This writer does not: from the specs alone
-it builds the checkpoint's pickle (a dict of tensors referring to storages by key) and the
-whole zip layout, writes every header, sizes the file, and then takes tensor bytes in any order
-with ``os.pwrite``. Memory stays bounded by the pieces the caller holds.
+``torch.save`` needs every tensor in memory at once. A plan does not: from the specs alone (or
+a structure whose tensors are lazy file ranges, :class:`LazyStorages`) this module builds the
+checkpoint's pickle (storages referred to by key) and the whole zip layout, and returns a
+:class:`~dsckpt.plan.fileplan.FilePlan`: every header and small record as literal bytes, every
+storage's bytes as copies and casts from the source files, each storage's CRC-32 as a derived
+operation. The one executor writes it (:func:`save_torch` plans and writes one file).
 
 The file reproduces ``torch.save``'s own layout (torch 2.x, miniz writer), record for record:
 
@@ -19,8 +21,8 @@ Every record is ZIP_STORED with a local header carrying a ``FB`` padding extra f
 zip64 extra field past 4 GiB) so its data starts on a 64-byte boundary, and is followed by a
 data descriptor (none for an empty record); a zip64 end-of-central-directory record is always
 written, as torch does. Hence ``torch.load(..., weights_only=True)``, ``mmap=True`` and torch's
-offset-computing readers all work, and so do ordinary zip tools: CRC-32s are real, combined
-from the per-piece CRCs computed while writing (no second pass over the data).
+offset-computing readers all work, and so do ordinary zip tools: CRC-32s are real (the executor
+computes those of copied bytes from the sources while copying: no second pass over the data).
 
 Tied aliases share their canonical tensor's storage, as in DeepSpeed's own state dicts: the
 alias key refers to the very same tensor object, exactly what ``torch.save`` writes for
@@ -42,26 +44,16 @@ from typing import Any
 
 import torch
 
-from dsckpt.execute.atomic import preallocate as _preallocate
 from dsckpt.execute.formats.crc import crc32_combine
 from dsckpt.execute.formats.crc import crc32 as _crc32
-from dsckpt.execute.formats.safetensors_writer import (
-    ClosingWriter,
-    Coverage,
-    ShardedSafetensorsWriter,
-    _raise_incomplete,
-    pwrite_all,
-)
-from dsckpt.execute.formats.sharding import PlannedTensor, ShardPlan, TensorSpec
+from dsckpt.execute.formats.sharding import PlannedTensor, TensorSpec
 from dsckpt.io import dtypes
 from dsckpt.plan.fileplan import ByteRange, Copy, Crc32, DataOp, FilePlan, Literal, Zeros
 
 __all__ = [
     "LazyStorages",
-    "ShardedTorchWriter",
     "TensorSpec",
     "TorchLayout",
-    "TorchWriter",
     "crc32_combine",
     "pickle_for_torch",
     "save_torch",
@@ -369,181 +361,6 @@ def _zip_plan(name: str, layout: TorchLayout, storage_ops: Mapping[str, Sequence
                                                               entry + 16)))
         entry += len(rec.central_entry(0))
     return FilePlan(name, layout.file_size, tuple(ops), tuple(derived))
-
-
-# --------------------------------------------------------------------------- writers
-
-
-class TorchWriter(ClosingWriter):
-    """A ``torch.save``-compatible zip checkpoint whose tensors are filled piece by piece.
-
-    Same interface as :class:`~dsckpt.formats.safetensors_writer.SafetensorsWriter`::
-
-        with TorchWriter(tmp, specs, aliases={"lm_head.weight": "wte.weight"}) as w:
-            w.write("wte.weight", 0, piece)
-
-    Args:
-        path: the file to create (truncated if it exists).
-        specs: tensors in state-dict order.
-        aliases: ``{alias: canonical}`` sharing the canonical tensor's storage.
-        archive_name: the zip's top folder name.
-        crc32: compute real CRC-32s (zip tools check them; torch does not). ``False`` writes
-            zeros, as ``torch.serialization.set_crc32_options(False)`` does, saving ~1/3 of
-            the CPU time of a write.
-        preallocate: reserve the file's blocks up front (early ENOSPC).
-    """
-
-    def __init__(
-        self,
-        path: os.PathLike[str] | str,
-        specs: Sequence[TensorSpec],
-        *,
-        aliases: Mapping[str, str] | None = None,
-        archive_name: str = "archive",
-        crc32: bool = True,
-        preallocate: bool = True,
-    ) -> None:
-        layout = torch_layout(specs, aliases=aliases, archive_name=archive_name)
-        self._start(path, layout, {s.name: _torch_dtype(s.dtype) for s in specs}, crc32,
-                    preallocate)
-
-    def _start(self, path: os.PathLike[str] | str, layout: TorchLayout,
-               dtypes: dict[str, torch.dtype], crc32: bool, preallocate: bool) -> None:
-        self.path = Path(path)
-        self.layout = layout
-        self._dtypes = dtypes
-        self._crc32 = crc32
-        self._coverage = Coverage()
-        self._fd: int | None = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
-        try:
-            if preallocate:
-                _preallocate(self._fd, self.layout.file_size)
-            else:
-                os.ftruncate(self._fd, self.layout.file_size)
-            for rec in self.layout.records:
-                blob = rec.local_header + (rec.payload or b"")
-                pwrite_all(self._fd, memoryview(blob), rec.header_offset)
-        except BaseException:
-            self._close_fd()
-            raise
-
-    @property
-    def nbytes(self) -> int:
-        """The file's final size."""
-        return self.layout.file_size
-
-    def write(self, name: str, offset: int, data: Any) -> None:
-        """Write ``data`` at byte ``offset`` of tensor ``name``'s storage.
-
-        Args:
-            name: a tensor (not an alias: aliases share their canonical tensor's storage).
-            offset: byte offset within the tensor.
-            data: a contiguous CPU tensor of the output dtype, or any bytes-like object.
-        """
-        fd, view, end = self._checked_write(name, offset, data)
-        self._coverage.add(name, offset, end, _crc32(view) if self._crc32 else 0)
-
-    def locate(self, name: str) -> tuple[int, int]:
-        """``(fd, absolute file offset)`` of tensor ``name``'s storage, for callers doing
-        their own I/O (the executor's ``Sink`` protocol).
-
-        The caller must fill all its bytes; with ``crc32`` its CRC is then computed at
-        :meth:`close` by reading the storage back (usually from the page cache).
-        """
-        if self._fd is None:
-            raise ValueError(f"{self.path.name} is closed")
-        if name not in self._dtypes:
-            raise KeyError(f"{name!r} is not a tensor of {self.path.name}")
-        self._coverage.external.add(name)
-        return self._fd, self.layout.offsets[name][0]
-
-    def _storage_crc(self, name: str) -> int:
-        start, size = self.layout.offsets[name]
-        if name in self._coverage.external:
-            return self._reread_crc(start, size)
-        pieces = self._coverage.pieces(name)
-        crc, pos = 0, 0
-        for a, b, piece_crc in pieces:
-            if a != pos:  # overlapping rewrites: fall back to reading the bytes back
-                return self._reread_crc(start, size)
-            crc = crc32_combine(crc, piece_crc, b - a)
-            pos = b
-        return crc
-
-    def _reread_crc(self, start: int, size: int) -> int:
-        assert self._fd is not None
-        buf = bytearray(min(size, 16 << 20))  # reused: no allocation per chunk
-        view = memoryview(buf)
-        crc, pos = 0, 0
-        while pos < size:
-            n = os.preadv(self._fd, [view[: min(len(buf), size - pos)]], start + pos)
-            if n <= 0:
-                raise OSError(f"unexpected end of {self.path} while computing a CRC")
-            crc = _crc32(view[:n], crc)
-            pos += n
-        return crc
-
-    def close(self, *, check: bool = True) -> None:
-        """Check completeness, write CRCs and the central directory, close the file.
-
-        With ``check=False`` (after an error) the file is closed unfinished.
-        """
-        if self._fd is None:
-            return
-        try:
-            if not check:
-                return
-            for name in self._dtypes:
-                size = self.layout.offsets[name][1]
-                gap = self._coverage.first_gap(name, size)
-                if gap is not None:
-                    _raise_incomplete(self.path, name, gap, size)
-            crcs = []
-            storage_name = {i: n for n, i in self.layout.storage_records.items()}
-            for i, rec in enumerate(self.layout.records):
-                if rec.payload is not None:
-                    crc = _crc32(rec.payload)
-                elif self._crc32 and rec.size:
-                    crc = self._storage_crc(storage_name[i])
-                else:
-                    crc = 0
-                crcs.append(crc)
-                if rec.size:
-                    end = rec.data_offset + rec.size
-                    pwrite_all(self._fd, memoryview(rec.descriptor(crc)), end)
-            pwrite_all(self._fd, memoryview(self.layout.tail(crcs)), self.layout.central_offset)
-        finally:
-            self._close_fd()
-
-
-class ShardedTorchWriter(ShardedSafetensorsWriter):
-    """transformers-style sharded ``pytorch_model-0000i-of-0000n.bin`` + ``.bin.index.json``.
-
-    Plan with ``plan_shards(..., filename_pattern=TORCH_PATTERN)``. ``metadata`` only goes to
-    the index (a ``.bin`` has no metadata slot); aliases share storage within their shard.
-    """
-
-    def __init__(
-        self,
-        directory: os.PathLike[str] | str,
-        plan: ShardPlan[TensorSpec],
-        *,
-        metadata: Mapping[str, Any] | None = None,
-        crc32: bool = True,
-        preallocate: bool = True,
-    ) -> None:
-        self._crc32 = crc32
-        super().__init__(directory, plan, index_metadata=metadata, preallocate=preallocate)
-
-    def _open_shard(self, path: Path, shard: Any, preallocate: bool) -> Any:
-        return TorchWriter(
-            path,
-            shard.tensors,
-            aliases=dict(shard.aliases),
-            archive_name=shard.filename.split(".", 1)[0],
-            crc32=self._crc32,
-            preallocate=preallocate,
-        )
 
 
 # --------------------------------------------------------------------------- any object
