@@ -124,3 +124,34 @@ def test_a_dry_run_plans_exactly_the_bytes_a_reshape_writes(tmp_path: Path, kind
             elif isinstance(op, Literal):
                 assert data[op.at:op.at + op.nbytes] == op.data, f.name
     assert copies > 0
+
+
+def test_crcs_streamed_from_the_sources_equal_crcs_read_back(tmp_path: Path, monkeypatch) -> None:
+    """Large copies get their CRC-32 from the source chunks while copying, small ones by reading
+    the written bytes back: both give the same file, with zip CRCs that check."""
+    import dsckpt
+    from dsckpt.execute import executor
+    from dsckpt.execute.formats.crc import CrcCopier
+
+    streamed = []
+    real_copy = CrcCopier.copy
+
+    def spy(self, *args):
+        streamed.append(args[-1])
+        return real_copy(self, *args)
+
+    monkeypatch.setattr(CrcCopier, "copy", spy)
+    outputs = {}
+    for minimum in (0, 1 << 60):  # always stream, never stream
+        monkeypatch.setattr(executor, "STREAM_CRC_MIN", minimum)
+        out = tmp_path / str(minimum)
+        dsckpt.consolidate(ckpt("zero", "z2-fp32-dp2"), out / "m.bin")
+        dsckpt.reshape(ckpt("zero", "z3-fp32-dp2"), out / "r", dp=3)
+        assert bool(streamed) == (minimum == 0)
+        streamed.clear()
+        files = sorted(p for p in out.rglob("*") if p.is_file())
+        for p in files:
+            if p.suffix in (".bin", ".pt"):
+                assert zipfile.ZipFile(p).testzip() is None, p
+        outputs[minimum] = {str(p.relative_to(out)): p.read_bytes() for p in files}
+    assert outputs[0] == outputs[1 << 60]

@@ -43,6 +43,8 @@ if TYPE_CHECKING:
 # Elements cast per chunk: bounds memory for casting reads (16 MiB of fp32).
 CAST_CHUNK = 4 << 20
 Progress = Callable[[int], None]
+# Average bytes per copy from which a CRC-32 field is computed from the sources while copying.
+STREAM_CRC_MIN = 256 << 10
 
 
 class IncompletePlanError(RuntimeError):
@@ -196,7 +198,10 @@ def _streamed_crcs(file: FilePlan) -> dict[Crc32, list[int]]:
                 inside.append(order[k])
             pos += data.nbytes
             k += 1
-        if pos == end:
+        copies = [i for i in inside if isinstance(file.ops[i], Copy)]
+        # Worth it for large copies only: a CRC job per small copy costs more than reading a
+        # small storage back from the page cache.
+        if pos == end and copies and op.nbytes >= STREAM_CRC_MIN * len(copies):
             result[op] = inside
     return result
 

@@ -541,24 +541,35 @@ def _tensor_bytes(raw: torch.Tensor) -> bytes:
 def _visible_ops(ranges: Sequence[Copy], nbytes: int, base: int) -> list[DataOp]:
     """Copies of the bytes of ``ranges`` that end up in a storage of ``nbytes`` at file offset
     ``base`` (a later range overwrites an earlier one where they overlap), zeros elsewhere."""
-    visible: list[tuple[int, int, Copy]] = []  # disjoint (start, end, range) in storage
-    for r in reversed(ranges):  # the last range wins: clip each earlier one by the later ones
-        pieces = [(r.at, r.at + r.nbytes)]
-        for a, b, _ in visible:
-            pieces = [p for lo, hi in pieces
-                      for p in ((lo, min(hi, a)), (max(lo, b), hi)) if p[0] < p[1]]
-        visible.extend((lo, hi, r) for lo, hi in pieces)
+    ordered = sorted(ranges, key=lambda r: r.at)
+    if any(a.at + a.nbytes > b.at for a, b in zip(ordered, ordered[1:], strict=False)):
+        ordered = _last_wins(ranges)  # overlaps: rare, so the quadratic clipping is fine
     ops: list[DataOp] = []
     pos = 0
-    for lo, hi, r in sorted(visible, key=lambda v: v[0]):
-        if lo > pos:
-            ops.append(Zeros(base + pos, lo - pos))
-        src = r.source
-        ops.append(Copy(base + lo, ByteRange(src.path, src.offset + lo - r.at, hi - lo)))
-        pos = hi
+    for r in ordered:
+        if r.at > pos:
+            ops.append(Zeros(base + pos, r.at - pos))
+        ops.append(Copy(base + r.at, r.source))
+        pos = r.at + r.nbytes
     if pos < nbytes:
         ops.append(Zeros(base + pos, nbytes - pos))
     return ops
+
+
+def _last_wins(ranges: Sequence[Copy]) -> list[Copy]:
+    """Disjoint copies, in storage order, of what ``ranges`` leave when each overwrites the
+    earlier ones where they overlap."""
+    visible: list[Copy] = []
+    for r in reversed(ranges):  # clip each earlier range by every later one
+        pieces = [(r.at, r.at + r.nbytes)]
+        for v in visible:
+            a, b = v.at, v.at + v.nbytes
+            pieces = [p for lo, hi in pieces
+                      for p in ((lo, min(hi, a)), (max(lo, b), hi)) if p[0] < p[1]]
+        src = r.source
+        visible.extend(Copy(lo, ByteRange(src.path, src.offset + lo - r.at, hi - lo))
+                       for lo, hi in pieces)
+    return sorted(visible, key=lambda v: v.at)
 
 
 def save_torch(
