@@ -85,11 +85,7 @@ def run(plan: WritePlan, out: Path, *, force: bool = False, progress: Progress |
         IncompletePlanError: the plan does not write every byte of its files exactly once.
         OutputError: see :func:`dsckpt.execute.atomic.atomic_output`.
     """
-    problems = plan.problems()
-    if problems:
-        raise IncompletePlanError(f"the write plan is unsound: {problems[0]}"
-                                  f"{f' (and {len(problems) - 1} more)' if len(problems) > 1 else ''}"
-                                  " (a dsckpt bug: please report it)")
+    _refuse_unsound(plan.problems())
     if plan.directory:
         pattern = re.compile(plan.stale) if plan.stale else None
         with atomic_entries(
@@ -108,6 +104,13 @@ def run(plan: WritePlan, out: Path, *, force: bool = False, progress: Progress |
             finish({plan.files[0].name: tmp})
 
 
+def _refuse_unsound(problems: list[str]) -> None:
+    if problems:
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise IncompletePlanError(f"the write plan is unsound: {problems[0]}{more} "
+                                  "(a dsckpt bug: please report it)")
+
+
 def _staged_path(staged: Mapping[str, Path], name: str) -> Path:
     top, sep, rest = name.partition("/")
     return staged[top] / rest if sep else staged[top]
@@ -116,10 +119,7 @@ def _staged_path(staged: Mapping[str, Path], name: str) -> Path:
 def write_plan_file(file: FilePlan, path: Path, progress: Progress | None = None) -> None:
     """Write one planned file straight to ``path`` (the caller makes it atomic: it is, say,
     inside a staging directory), after checking the plan covers every byte once."""
-    problems = file.problems()
-    if problems:
-        raise IncompletePlanError(f"the write plan is unsound: {problems[0]} "
-                                  "(a dsckpt bug: please report it)")
+    _refuse_unsound(file.problems())
     with ExitStack() as stack:
         write_file(file, path, _Sources(stack), progress)
 
@@ -134,10 +134,11 @@ def _write_files(plan: WritePlan, paths: Mapping[str, Path], progress: Progress 
 def write_file(file: FilePlan, path: Path, sources: _Sources, progress: Progress | None) -> None:
     """Create ``path`` and run ``file``'s data operations, then its derived ones.
 
-    A CRC-32 field over bytes that are all copies, literals and zeros is computed from the
-    sources while they are copied (:class:`~dsckpt.execute.formats.crc.CrcCopier`: a worker
-    thread CRCs each chunk, still in the page cache, as the kernel copies the next one), so no
-    second pass reads the output; any other range (casts) is read back from the output.
+    A CRC-32 field over bytes that are all copies, literals and zeros, with large copies
+    (``STREAM_CRC_MIN`` bytes each on average), is computed from the sources while they are
+    copied (:class:`~dsckpt.execute.formats.crc.CrcCopier`: a worker thread CRCs each chunk,
+    still in the page cache, as the kernel copies the next one), so no second pass reads the
+    output; any other range (casts, many small pieces) is read back from the output.
     """
     streamed = _streamed_crcs(file)
     tiles = {i for inside in streamed.values() for i in inside}

@@ -116,8 +116,9 @@ class ZeroRankFiles:
                              functools.partial(self._zero3_model_states, rank)))
         else:
             jobs.append(("mp_rank_00_model_states.pt", lambda: self._model_states()))
+        prefix = self.source.optim_prefix
         for rank in range(plan.dp):
-            jobs.append((f"{self.source.optim_prefix}zero_pp_rank_{rank}_mp_rank_00_optim_states.pt",
+            jobs.append((f"{prefix}zero_pp_rank_{rank}_mp_rank_00_optim_states.pt",
                          functools.partial(self._optim_states, rank)))
         return jobs
 
