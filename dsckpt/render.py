@@ -340,10 +340,12 @@ def _world(topology: dict[str, int]) -> int:
     return topology["pp"] * topology["tp"] * topology["dp"]
 
 
-def reshape_json(result: Any, seconds: float, empty_ranks: int) -> dict[str, Any]:
-    """reshape --json (and --dry-run --json); keys are documented in docs/json.md."""
+def reshape_json(result: Any, seconds: float, empty_ranks: int,
+                 write_plan: Any = None) -> dict[str, Any]:
+    """reshape --json (and --dry-run --json, with the write plan: every file and its byte
+    ranges); keys are documented in docs/json.md."""
     src, dst = reshape_topologies(result)
-    return {
+    data = {
         "schema": JSON_SCHEMA_VERSION,
         "path": str(result.out),
         "tag": result.tag,
@@ -356,6 +358,9 @@ def reshape_json(result: Any, seconds: float, empty_ranks: int) -> dict[str, Any
         "seconds": round(seconds, 3),
         "empty_ranks": empty_ranks,
     }
+    if write_plan is not None:
+        data["plan"] = write_plan.describe(ranges=True)
+    return data
 
 
 def tensor_counts(layout: Layout) -> dict[str, dict[str, Any]]:

@@ -9,7 +9,6 @@ from collections import namedtuple
 from pathlib import Path
 
 import pytest
-import torch
 
 import dsckpt.execute.atomic as atomic
 from dsckpt.errors import DsckptError, OutputError
@@ -19,8 +18,8 @@ from dsckpt.execute.atomic import (
     preallocate,
     stale_temporaries,
 )
-from dsckpt.execute.formats.safetensors_writer import SafetensorsWriter, TensorSpec
-from dsckpt.execute.formats.torch_writer import TorchWriter
+from dsckpt.execute.executor import write_plan_file
+from dsckpt.plan.fileplan import FilePlan, Literal
 from dsckpt.sizes import exact_bytes
 
 REPO = Path(__file__).resolve().parents[1]
@@ -167,7 +166,7 @@ def fake_disk(monkeypatch, free):
 
 def test_simulated_enospc_from_pwrite_becomes_one_line_error(tmp_path, monkeypatch):
     dest = tmp_path / "model.safetensors"
-    specs = [TensorSpec("w", torch.float32, (1000,))]
+    planned = FilePlan(dest.name, 4000, (Literal(0, bytes(4000)),))
 
     def full_disk(fd, data, offset):
         raise OSError(errno.ENOSPC, "No space left on device")
@@ -176,10 +175,9 @@ def test_simulated_enospc_from_pwrite_becomes_one_line_error(tmp_path, monkeypat
     with (
         pytest.raises(OutputError) as info,
         atomic_output(dest, nbytes=4_096_000) as tmp,
-        SafetensorsWriter(tmp, specs, preallocate=False) as w,
     ):
         monkeypatch.setattr(os, "pwrite", full_disk)
-        w.write("w", 0, torch.zeros(1000))
+        write_plan_file(planned, tmp)
     assert str(info.value) == (
         f"no space left on device writing {dest}: "
         "need 4096000 bytes (4.1 MB), 1234 bytes (1.2 kB) free"
@@ -201,8 +199,8 @@ def test_enospc_at_preallocation_fails_before_writing(tmp_path, monkeypatch):
         ),
         atomic_output(dest) as tmp,
     ):
-        TorchWriter(tmp, [TensorSpec("w", torch.float32, (10,))])
-        pytest.fail("the writer must not open")
+        write_plan_file(FilePlan(dest.name, 40, (Literal(0, bytes(40)),)), tmp)
+        pytest.fail("the executor must not write")
     assert list(tmp_path.iterdir()) == []
 
 

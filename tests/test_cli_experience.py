@@ -348,6 +348,15 @@ def test_reshape_json(run, tmp_path: Path) -> None:
     assert plan["dry_run"] and plan["files"] == [] and not (tmp_path / "p").exists()
     assert plan["source"] == {"pp": 2, "tp": 2, "dp": 1}
     assert plan["target"] == {"pp": 1, "tp": 1, "dp": 1}
+    # The write plan: every file that would be written, each byte range's origin.
+    files = plan["plan"]["files"]
+    assert files[-1]["name"] == "latest" and files[0]["name"].startswith(plan["tag"] + "/")
+    assert plan["plan"]["size"] == sum(f["size"] for f in files)
+    for f in files:
+        ops = f["ops"]
+        assert sum(op["nbytes"] for op in ops) == f["size"]  # every byte, once
+        assert all(a["at"] + a["nbytes"] == b["at"] for a, b in zip(ops, ops[1:], strict=False))
+    assert "plan" not in data  # only a dry run plans in the open
 
 
 def test_json_results_are_documented() -> None:

@@ -21,10 +21,11 @@ from conftest import FIXTURES, PIPE, ZERO, ckpt, facts
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from dsckpt.api import consolidation
 from dsckpt.api.consolidation import consolidate, plan_for
 from dsckpt.discover.layout import open_checkpoint
 from dsckpt.errors import InconsistentCheckpoint
+from dsckpt.execute import executor
+from dsckpt.plan.fileplan import FilePlan
 from dsckpt.plan.optim_export import (
     GROUPS_KEY,
     PARAMETERS_KEY,
@@ -223,11 +224,15 @@ def test_a_failed_optimizer_write_leaves_neither_file(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
 
-    def broken(path: Path, *args: object) -> None:
+    real_write_file = executor.write_file
+
+    def broken(file: FilePlan, path: Path, *args: object) -> None:
+        if "optimizer" not in file.name:
+            return real_write_file(file, path, *args)
         path.write_bytes(b"half")
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(consolidation, "write_optimizer", broken)
+    monkeypatch.setattr(executor, "write_file", broken)
     for out in (tmp_path / "model.safetensors", tmp_path / "hf"):
         with pytest.raises(Exception, match="space"):
             consolidate(ckpt("zero", "z2-fp32-dp2"), out, optimizer=True)

@@ -396,7 +396,7 @@ def test_reshape_copies_only_regular_extra_files(
 
 
 def test_copy_extra_files_unit(tmp_path: Path) -> None:
-    from dsckpt.plan.zero_reshape import copy_extra_files
+    from dsckpt.execute.checkpoint_dir import copy_extra_files
 
     src, dst = tmp_path / "src", tmp_path / "dst"
     src.mkdir()
@@ -583,15 +583,16 @@ def test_crc_copier_with_holes_and_chunks(tmp_path: Path) -> None:
 def test_save_torch_overlapping_ranges_get_the_crc_of_the_bytes_written(tmp_path: Path) -> None:
     import torch
 
-    from dsckpt.execute.formats.torch_writer import FileRange, LazyStorages, save_torch
+    from dsckpt.execute.formats.torch_writer import LazyStorages, save_torch
+    from dsckpt.plan.fileplan import ByteRange, Copy
 
     src = tmp_path / "src.bin"
     src.write_bytes(bytes(range(256)) * 64)
     lazy = LazyStorages()
     ranges = [
-        FileRange(src, 0, 4096, 0),
-        FileRange(src, 8192, 2048, 1024),  # overlap
-        FileRange(src, 100, 100, 6000),
+        Copy(0, ByteRange(src, 0, 4096)),
+        Copy(1024, ByteRange(src, 8192, 2048)),  # overlap
+        Copy(6000, ByteRange(src, 100, 100)),
     ]  # after a hole
     t = lazy.tensor(torch.uint8, (8192,), ranges)
     save_torch({"t": t}, tmp_path / "out.pt", lazy=lazy)

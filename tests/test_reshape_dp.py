@@ -635,21 +635,21 @@ def test_existing_out_needs_force(run_reshape, tmp_path: Path) -> None:
 def test_a_failure_midway_leaves_nothing_behind(run_reshape, monkeypatch: pytest.MonkeyPatch,
                                                 tmp_path: Path, existing: bool) -> None:
     from dsckpt.errors import OutputError
-    from dsckpt.plan import zero_reshape as module
+    from dsckpt.execute import executor as module
 
     out = tmp_path / "out"
     if existing:
         out.mkdir()
         (out / "keep.txt").write_text("mine")
-    real, calls = module._Writer._save, []
+    real, calls = module.write_file, []
 
-    def failing(self, obj, path):  # the disk fills up on the third file
+    def failing(file, path, *args):  # the disk fills up on the third file
         calls.append(path)
         if len(calls) == 3:
             raise OutputError(f"{path} cannot be written: No space left on device")
-        real(self, obj, path)
+        real(file, path, *args)
 
-    monkeypatch.setattr(module._Writer, "_save", failing)
+    monkeypatch.setattr(module, "write_file", failing)
     result = run_reshape(ckpt("zero", "z3-fp32-dp2"), out, "--dp", "3", "--force", "-q")
     assert result.exit_code == 1 and "No space left" in result.stderr
     assert _siblings(out) == (["out"] if existing else [])
@@ -729,12 +729,13 @@ def test_tensors_sharing_a_storage_still_share_one(reshaped, name: str) -> None:
 def test_the_writer_holds_no_tensor_data(name: str, tmp_path: Path) -> None:
     """Every tensor of every structure the writer builds is a meta tensor standing for file
     ranges: memory does not follow the model size."""
-    from dsckpt.plan.zero_reshape import _Writer, plan_reshape
+    from dsckpt.execute.formats.deepspeed_files import ZeroRankFiles
+    from dsckpt.plan.zero_reshape import plan_reshape
 
     source, plan = plan_reshape(ckpt("zero", name), 3)
-    writer = _Writer(source, plan, tmp_path / "out", False, None)
+    writer = ZeroRankFiles(source, plan)
     with writer.stack:
-        for file, _, build in writer._jobs():
+        for file, build in writer._jobs():
             obj = build()
             tensors = _flat_tensors(obj)
             assert tensors, file

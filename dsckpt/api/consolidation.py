@@ -11,17 +11,19 @@ from typing import TYPE_CHECKING, Any
 
 from dsckpt.discover.layout import Layout, open_checkpoint
 from dsckpt.errors import OutputError, UsageError
-from dsckpt.execute.executor import iter_tensors, materialize
-from dsckpt.execute.formats import SHARDED, Companion, write_output
+from dsckpt.execute.executor import iter_tensors, materialize, run
+from dsckpt.execute.formats import SHARDED, output_plan
 from dsckpt.execute.formats import output_format as by_suffix
+from dsckpt.execute.formats.hf_folder import copied_files
 from dsckpt.execute.formats.optimizer_writer import (
     OPTIMIZER_FORMATS,
+    optimizer_file,
     optimizer_file_name,
-    write_optimizer,
 )
 from dsckpt.execute.output_guard import refuse_overlap
 from dsckpt.execute.progress import ProgressSink
 from dsckpt.plan.consolidation import ConsolidationPlan, plan_consolidation
+from dsckpt.plan.fileplan import FilePlan, WritePlan
 from dsckpt.plan.model import ConsolidationOptions
 from dsckpt.plan.optim_export import plan_optimizer_export, refuse_without_state
 from dsckpt.sizes import human_bytes
@@ -184,17 +186,10 @@ def consolidate(
     if plan.aliases:
         metadata[ALIASES_KEY] = json.dumps(plan.aliases, sort_keys=True)
     started = time.perf_counter()
-    files = write_output(
-        fmt,
-        out,
-        plan,
-        metadata=metadata,
-        force=force,
-        max_shard_size=max_shard_size,
-        progress=progress or ProgressSink(),
-        companion=companion,
-        copies=target.copies if target is not None else None,
-    )
+    copies = copied_files(target.copies) if target is not None else None
+    write_plan = output_plan(fmt, out, plan, metadata=metadata, max_shard_size=max_shard_size,
+                             companion=companion, copies=copies)
+    files = write_files(write_plan, out, force=force, progress=progress)
     return ConsolidateResult(
         out=out,
         format=fmt,
@@ -212,6 +207,16 @@ def consolidate(
         dtype=dtype,
         tied_left_out=left_out,
     )
+
+
+def write_files(write_plan: WritePlan, out: Path, *, force: bool,
+                progress: ProgressSink | None) -> int:
+    """Run ``write_plan`` into ``out`` with a progress bar over its copied bytes; returns the
+    number of files written."""
+    progress = progress or ProgressSink()
+    progress.start("consolidating", write_plan.data_nbytes)
+    run(write_plan, out, force=force, progress=progress.advance)
+    return len(write_plan.files)
 
 
 def check_optimizer_options(optimizer_format: str, from_layers: bool) -> None:
@@ -234,7 +239,7 @@ def _optimizer_companion(
     *,
     weights_in_directory: bool,
     fmt: str,
-) -> tuple[Any, OptimizerResult]:
+) -> tuple[FilePlan, OptimizerResult]:
     """The optimizer file to write with the weights: planned now, so a checkpoint without
     optimizer state is refused before anything is written."""
     export = plan_optimizer_export(layout, plan)
@@ -250,10 +255,7 @@ def _optimizer_companion(
         nbytes=export.nbytes,
     )
 
-    def write(tmp: Path, progress: Any) -> None:
-        write_optimizer(tmp, export, fmt, progress)
-
-    return Companion(name, export.nbytes, write), result
+    return optimizer_file(name, export, fmt), result
 
 
 def _refuse_inside(out: Path, layout: Layout) -> None:

@@ -21,7 +21,13 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from dsckpt.api.consolidation import ConsolidateResult, consolidate, output_format, plan_for
+from dsckpt.api.consolidation import (
+    ConsolidateResult,
+    consolidate,
+    output_format,
+    plan_for,
+    write_files,
+)
 from dsckpt.api.verify import open_output
 from dsckpt.discover.layout import Layout, open_checkpoint
 from dsckpt.discover.trainer import (
@@ -33,8 +39,8 @@ from dsckpt.discover.trainer import (
 )
 from dsckpt.errors import UnsupportedLayout, UsageError
 from dsckpt.execute.executor import materialize
-from dsckpt.execute.formats import SHARDED, write_output
-from dsckpt.execute.formats.hf_folder import write_adapter
+from dsckpt.execute.formats import SHARDED, output_plan
+from dsckpt.execute.formats.hf_folder import adapter_plan, copied_files
 from dsckpt.execute.output_guard import refuse_overlap
 from dsckpt.execute.progress import ProgressSink
 from dsckpt.io import dtypes
@@ -316,9 +322,9 @@ def export_adapter(
     plan = replace(plan, tensors=tuple(replace(t, name=target.renames[t.name])
                                        for t in plan.tensors))
     started = time.perf_counter()
-    files = write_adapter(out, plan, copies=target.copies,
-                          metadata={"format": "pt", "dsckpt.source": plan.source},
-                          force=force, progress=progress or ProgressSink())
+    write_plan = adapter_plan(plan, copies=target.copies,
+                              metadata={"format": "pt", "dsckpt.source": plan.source})
+    files = write_files(write_plan, out, force=force, progress=progress)
     return ConsolidateResult(
         out=out, format="PEFT adapter", tensors=len(plan.tensors), aliases=0,
         nbytes=plan.nbytes, seconds=time.perf_counter() - started, files=files,
@@ -457,12 +463,12 @@ def export_merged(
         raise UnsupportedLayout(f"{layout.dir}: lora_B weights without their lora_A: the "
                                 "adapter is incomplete")
     out_dtype = DTYPES[dtype]
-    tensors, computed = [], {}
+    tensors = []
     for name, ref in stored.items():
         kept = out_dtype if ref.dtype.is_floating else ref.dtype
         if name in pairs:
-            tensors.append(OutputTensor(name, ref.shape, kept, ()))
-            computed[name] = _merged(ref, *pairs[name], scaling, fan_in_fan_out, kept)
+            make = _merged(ref, *pairs[name], scaling, fan_in_fan_out, kept)
+            tensors.append(OutputTensor(name, ref.shape, kept, (), compute=make))
         else:
             tensors.append(OutputTensor(name, ref.shape, kept, (Read(ref, 0, ref.numel, 0),)))
     plan = replace(adapter_plan, tensors=tuple(tensors), aliases={},
@@ -482,10 +488,10 @@ def export_merged(
                         + base_folder.not_copied(("config.json", "generation_config.json")),
                         dtype_from_config=from_config)
     started = time.perf_counter()
-    files = write_output(SHARDED, out, plan,
-                         metadata={"format": "pt", "dsckpt.source": plan.source}, force=force,
-                         max_shard_size=max_shard_size, progress=progress or ProgressSink(),
-                         copies=sources, computed=computed)
+    write_plan = output_plan(SHARDED, out, plan,
+                             metadata={"format": "pt", "dsckpt.source": plan.source},
+                             max_shard_size=max_shard_size, copies=copied_files(sources))
+    files = write_files(write_plan, out, force=force, progress=progress)
     return ConsolidateResult(
         out=out, format=SHARDED, tensors=len(plan.tensors), aliases=0, nbytes=plan.nbytes,
         seconds=time.perf_counter() - started, files=files, source=plan.source,

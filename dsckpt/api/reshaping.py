@@ -1,20 +1,26 @@
 """The front door of ``reshape``: a checkpoint to new degrees, whatever its layout.
 
-ZeRO checkpoints without model parallelism go to :mod:`dsckpt.zero_reshape` (``--dp``);
-pipeline / Megatron-DeepSpeed checkpoints to :mod:`dsckpt.pipeline_reshape` (``--tp``, ``--pp``,
-``--dp`` together).
+ZeRO checkpoints without model parallelism are planned by :mod:`dsckpt.plan.zero_reshape`
+(``--dp``); pipeline / Megatron-DeepSpeed checkpoints by :mod:`dsckpt.plan.pipeline_reshape`
+(``--tp``, ``--pp``, ``--dp`` together). Either way the rank files become a write plan
+(:mod:`dsckpt.execute.formats.deepspeed_files`, :mod:`dsckpt.execute.formats.pipeline_files`)
+that the one executor writes (:func:`dsckpt.execute.checkpoint_dir.write_tag_directory`).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from dsckpt.discover.layout import open_checkpoint
+from dsckpt.discover.files import scan
+from dsckpt.discover.layout import Layout, open_checkpoint
 from dsckpt.errors import UnsupportedLayout, UsageError
+from dsckpt.execute.checkpoint_dir import check_reshape_output, write_tag_directory
+from dsckpt.execute.formats.deepspeed_files import ZeroRankFiles
+from dsckpt.execute.formats.pipeline_files import PipelineRankFiles
 from dsckpt.execute.progress import ProgressSink
 from dsckpt.plan.maps import check_degrees
-from dsckpt.plan.pipeline_reshape import PipelineReshapeResult, reshape_pipeline
-from dsckpt.plan.zero_reshape import ReshapeResult, reshape_zero
+from dsckpt.plan.pipeline_reshape import PipelineReshapeResult, plan_pipeline
+from dsckpt.plan.zero_reshape import ReshapeResult, extra_entries, location_of, plan_reshape
 
 
 def reshape(ckpt: Path | str, out: Path | str, *, dp: int | None = None, tp: int | None = None,
@@ -27,7 +33,7 @@ def reshape(ckpt: Path | str, out: Path | str, *, dp: int | None = None, tp: int
     ``out`` becomes a save_dir DeepSpeed loads at the new size with
     ``engine.load_checkpoint(out)``: ``out/latest`` names the source tag, ``out/<tag>/`` holds
     the rank files. Nothing is written on a dry run or on any error; the input is never modified.
-    Pipeline / Megatron checkpoints go to :func:`dsckpt.pipeline_reshape.reshape_pipeline` (any of
+    Pipeline / Megatron checkpoints go to :func:`reshape_pipeline` (any of
     ``tp``, ``pp``, ``dp``); ZeRO checkpoints without model parallelism take ``dp`` only.
 
     Raises:
@@ -47,3 +53,61 @@ def reshape(ckpt: Path | str, out: Path | str, *, dp: int | None = None, tp: int
     if dp is None:
         raise UsageError("give a target degree: --dp N (this checkpoint has no model parallelism)")
     return reshape_zero(layout, out, dp=dp, force=force, dry_run=dry_run, progress=progress)
+
+
+def reshape_zero(layout: Layout, out: Path | str, *, dp: int, force: bool = False,
+                 dry_run: bool = False, progress: ProgressSink | None = None) -> ReshapeResult:
+    """Write the ZeRO checkpoint ``layout`` re-partitioned for ``dp`` ranks to ``out`` (see
+    :func:`reshape`): plan, check the output, plan every rank file, then write them."""
+    source, plan = plan_reshape(layout, dp)
+    out = Path(out)
+    check_reshape_output(source.layout, out, force)
+    result = ReshapeResult(plan=plan, source=source.layout.dir, out=out, tag=source.tag,
+                           written=False)
+    if dry_run:
+        result.plan_files = lambda: ZeroRankFiles(source, plan).write_plan()
+        return result
+    write_plan = ZeroRankFiles(source, plan).write_plan()
+    written = write_tag_directory(
+        write_plan, out, source.tag, force=force, progress=progress,
+        description=f"reshape to DP {plan.dp}", extras_from=source.layout.dir,
+        extras=[p.name for p in source.extra_files])
+    result.files = [f.name.partition("/")[2] for f in write_plan.files if f.name != "latest"]
+    result.files += written.copied
+    result.skipped, result.nbytes = written.skipped, written.nbytes
+    result.written = True
+    return result
+
+
+def reshape_pipeline(layout: Layout, out: Path | str, *, tp: int | None = None,
+                     pp: int | None = None, dp: int | None = None,
+                     partition_method: str = "parameters", layer_specs: str | None = None,
+                     rules_file: Path | None = None, force: bool = False, dry_run: bool = False,
+                     progress: ProgressSink | None = None) -> PipelineReshapeResult:
+    """Write the pipeline checkpoint ``layout`` re-split for (``pp``, ``tp``, ``dp``) to ``out``.
+
+    Raises:
+        UsageError, RuleError, InconsistentCheckpoint, UnsupportedLayout, OutputError.
+    """
+    plan = plan_pipeline(layout, tp=tp, pp=pp, dp=dp, partition_method=partition_method,
+                         layer_specs=layer_specs, rules_file=rules_file)
+    out = Path(out)
+    check_reshape_output(layout, out, force)
+    tag = layout.tag if layout.tag is not None else layout.dir.name
+    result = PipelineReshapeResult(plan, layout.dir, out, tag, written=False)
+    if dry_run:
+        result.plan_files = lambda: PipelineRankFiles(plan).write_plan(tag)
+        return result
+    rank_files, _ = scan(location_of(layout))
+    extras = extra_entries(layout.dir, rank_files)
+    write_plan = PipelineRankFiles(plan).write_plan(tag)
+    dst = plan.dst
+    written = write_tag_directory(
+        write_plan, out, tag, force=force, progress=progress,
+        description=f"reshape to PP {dst.pp} x TP {dst.tp} x DP {dst.dp}",
+        extras_from=layout.dir, extras=extras)
+    planned = [f.name.partition("/")[2] for f in write_plan.files if f.name != "latest"]
+    result.files = sorted(planned + written.copied)
+    result.skipped, result.nbytes = written.skipped, written.nbytes
+    result.written = True
+    return result

@@ -83,15 +83,18 @@ def reshape(
         empty = empty_ranks(preview)
         if empty and not dry_run:
             warn(empty_warning(preview, empty))
+    write_plan = None
     if dry_run:
         result = preview
+        if as_json and result.plan_files is not None:  # byte ranges: planned only if asked
+            write_plan = result.plan_files()
     else:
         started = time.perf_counter()
         with reporting_interrupt(out), byte_progress(enabled=not quiet) as progress:
             result = run(ckpt, out, dry_run=False, progress=progress, **options)
     seconds = time.perf_counter() - started
     if as_json:
-        typer.echo(to_json(reshape_json(result, seconds, empty)))
+        typer.echo(to_json(reshape_json(result, seconds, empty, write_plan)))
         return
     if dry_run:
         show(plan_report(result))

@@ -1,25 +1,43 @@
-"""Streaming execution of a consolidation plan.
+"""The one executor: it writes any :class:`~dsckpt.plan.fileplan.WritePlan`, atomically.
 
-Every output tensor has a known place in a preallocated output file (a sink). Each read of the
-plan is a byte range of a saved tensor; when no cast is needed it is copied kernel-side with
-``copy_file_range`` (no user-space buffer, nothing resident), otherwise it is read in bounded
-chunks with ``pread``, cast, and written with ``pwrite``. Memory stays at one chunk whatever the
-model size, and the page cache, not the process, holds the data in flight.
+Each output file is created under a temporary name (:mod:`dsckpt.execute.atomic`), sized and
+preallocated, and filled by the plan's operations: literal bytes with ``pwrite``; byte copies
+kernel-side with ``copy_file_range`` (no user-space buffer, nothing resident); casts in bounded
+chunks (``pread``, cast, ``pwrite``). Then the derived operations run (alias duplicates, CRC-32
+fields), and the files are renamed into place only when every one is complete. Memory stays at
+one chunk whatever the model size, and the page cache, not the process, holds the data in flight.
+The executor knows nothing about ZeRO, Megatron or file formats: those made the plan.
 """
 
 from __future__ import annotations
 
+import bisect
 import errno
 import os
-from collections.abc import Callable, Iterator
+import re
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import ExitStack
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any
 
+from dsckpt.execute.atomic import atomic_entries, atomic_output, preallocate
+from dsckpt.execute.formats.crc import CrcCopier, crc32
 from dsckpt.io import dtypes
 from dsckpt.io.dtypes import DType
 from dsckpt.io.load import TensorRef, read_tensor
-from dsckpt.plan.consolidation import ConsolidationPlan, OutputTensor, Read
+from dsckpt.io.regular import open_regular
+from dsckpt.plan.consolidation import ConsolidationPlan, OutputTensor
+from dsckpt.plan.fileplan import (
+    CastCopy,
+    Computed,
+    Copy,
+    Crc32,
+    Duplicate,
+    FilePlan,
+    Literal,
+    WritePlan,
+    Zeros,
+)
 
 if TYPE_CHECKING:
     import torch
@@ -27,60 +45,226 @@ if TYPE_CHECKING:
 # Elements cast per chunk: bounds memory for casting reads (16 MiB of fp32).
 CAST_CHUNK = 4 << 20
 Progress = Callable[[int], None]
+# Average bytes per copy from which a CRC-32 field is computed from the sources while copying.
+STREAM_CRC_MIN = 256 << 10
 
 
-class Sink(Protocol):
-    """Where each output tensor's bytes go: an open file descriptor and the absolute offset."""
-
-    def locate(self, name: str) -> tuple[int, int]: ...
+class IncompletePlanError(RuntimeError):
+    """A write plan that would leave bytes unwritten or write outside a file: a dsckpt bug."""
 
 
 class _Sources:
     """Read-only descriptors of the source files, opened once each."""
 
     def __init__(self, stack: ExitStack) -> None:
-        self._fds: dict[Path, int] = {}
+        self._fds: dict[tuple[Path, bool], int] = {}
         self._stack = stack
 
-    def fd(self, path: Path) -> int:
-        if path not in self._fds:
-            fd = os.open(path, os.O_RDONLY)
+    def fd(self, path: Path, follow_links: bool = True) -> int:
+        key = (path, follow_links)
+        if key not in self._fds:
+            # Checked again at the open: a source swapped for a FIFO, a device (or, where not
+            # followed, a link) since it was planned is refused, never read (or blocked on).
+            fd = open_regular(path, follow_symlinks=follow_links)
             self._stack.callback(os.close, fd)
-            self._fds[path] = fd
-        return self._fds[path]
+            self._fds[key] = fd
+        return self._fds[key]
 
 
-def execute(plan: ConsolidationPlan, sink: Sink, progress: Progress | None = None) -> None:
-    """Fill every output tensor of ``plan`` into ``sink``."""
+def run(plan: WritePlan, out: Path, *, force: bool = False, progress: Progress | None = None,
+        durable: bool = False, finish: Callable[[Mapping[str, Path]], None] | None = None) -> None:
+    """Write every file of ``plan`` to ``out`` (a file, or a directory of entries), atomically.
+
+    Args:
+        plan: the files and their operations; checked before anything is created.
+        out: the output file, or for a directory plan the output directory (a ``beside`` plan:
+            the output file, whose directory holds the entries).
+        force: replace an existing output (see :func:`dsckpt.execute.atomic.atomic_output`).
+        progress: called with the number of source bytes each copy or cast wrote.
+        durable: fsync before the renames. Off for consolidations: like ``torch.save`` and
+            safetensors, durability against power loss is the filesystem's; the rename still
+            guarantees no half-written file carries the output's name.
+        finish: called with the staged entries' paths once every planned file is written,
+            before the commit (reshape copies a tag directory's extra files there).
+
+    Raises:
+        IncompletePlanError: the plan does not write every byte of its files exactly once.
+        OutputError: see :func:`dsckpt.execute.atomic.atomic_output`.
+    """
+    _refuse_unsound(plan.problems())
+    if plan.directory:
+        pattern = re.compile(plan.stale) if plan.stale else None
+        with atomic_entries(
+            out.parent if plan.beside else out, plan.commit_order(), force=force,
+            dirs=plan.dirs, withdraw=plan.withdraw,
+            stale=(lambda name: pattern.fullmatch(name) is not None) if pattern else None,
+            nbytes=plan.data_nbytes, durable=durable, per_entry=plan.beside,
+        ) as staged:
+            paths = {f.name: _staged_path(staged, f.name) for f in plan.files}
+            _write_files(plan, paths, progress)
+            if finish is not None:
+                finish(staged)
+        return
+    with atomic_output(out, force=force, nbytes=plan.data_nbytes, durable=durable) as tmp:
+        _write_files(plan, {plan.files[0].name: tmp}, progress)
+        if finish is not None:
+            finish({plan.files[0].name: tmp})
+
+
+def _refuse_unsound(problems: list[str]) -> None:
+    if problems:
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise IncompletePlanError(f"the write plan is unsound: {problems[0]}{more} "
+                                  "(a dsckpt bug: please report it)")
+
+
+def _staged_path(staged: Mapping[str, Path], name: str) -> Path:
+    top, sep, rest = name.partition("/")
+    return staged[top] / rest if sep else staged[top]
+
+
+def write_plan_file(file: FilePlan, path: Path, progress: Progress | None = None) -> None:
+    """Write one planned file straight to ``path`` (the caller makes it atomic: it is, say,
+    inside a staging directory), after checking the plan covers every byte once."""
+    _refuse_unsound(file.problems())
+    with ExitStack() as stack:
+        write_file(file, path, _Sources(stack), progress)
+
+
+def _write_files(plan: WritePlan, paths: Mapping[str, Path], progress: Progress | None) -> None:
     with ExitStack() as stack:
         sources = _Sources(stack)
-        for tensor in plan.tensors:
-            fd, base = sink.locate(tensor.name)
-            item = tensor.dtype.itemsize
-            for read in tensor.reads:
-                _copy(read, tensor, sources, fd, base + read.dst_start * item)
+        for file in plan.files:
+            write_file(file, paths[file.name], sources, progress)
+
+
+def write_file(file: FilePlan, path: Path, sources: _Sources, progress: Progress | None) -> None:
+    """Create ``path`` and run ``file``'s data operations, then its derived ones.
+
+    A CRC-32 field over bytes that are all copies, literals and zeros, with large copies
+    (``STREAM_CRC_MIN`` bytes each on average), is computed from the sources while they are
+    copied (:class:`~dsckpt.execute.formats.crc.CrcCopier`: a worker thread CRCs each chunk,
+    still in the page cache, as the kernel copies the next one), so no second pass reads the
+    output; any other range (casts, many small pieces) is read back from the output.
+    """
+    streamed = _streamed_crcs(file)
+    tiles = {i for inside in streamed.values() for i in inside}
+    parts: dict[int, list[tuple[Any, int]]] = {}  # op index -> CRC parts of its bytes
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+    copier = CrcCopier() if streamed else None
+    try:
+        preallocate(fd, file.size)
+        for i, op in enumerate(file.ops):
+            if isinstance(op, Literal):
+                _pwrite_all(fd, op.data, op.at)
+                if i in tiles:
+                    parts[i] = [(crc32(op.data), op.nbytes)]
+                continue
+            if isinstance(op, Zeros):  # the sized file already reads as zeros
+                parts[i] = [(None, op.nbytes)]
+                continue
+            if isinstance(op, Computed):
+                _write_computed(op, fd)
                 if progress:
-                    progress(read.length * item)
+                    progress(op.nbytes)
+                continue
+            crc_parts = _copy(op, sources, fd, copier if i in tiles else None)
+            if crc_parts is not None:
+                parts[i] = crc_parts
+            if progress:
+                progress(op.nbytes)
+        for derived in file.derived:
+            if isinstance(derived, Duplicate):
+                _copy_bytes(fd, derived.start, fd, derived.at, derived.nbytes)
+                continue
+            inside = streamed.get(derived)
+            if inside is not None:
+                crc = CrcCopier.crc_of(part for i in inside for part in parts[i])
+            else:
+                crc = _crc_of_output(fd, derived.start, derived.nbytes)
+            field = crc.to_bytes(4, "little")
+            for at in derived.at:
+                _pwrite_all(fd, field, at)
+    finally:
+        if copier is not None:
+            copier.close()
+        os.close(fd)
+
+
+def _write_computed(op: Computed, fd: int) -> None:
+    value = op.make()  # one computed tensor in memory at a time, released on return
+    data = tensor_memory(value) if hasattr(value, "data_ptr") else memoryview(value).cast("B")
+    if data.nbytes != op.nbytes:
+        raise IncompletePlanError(
+            f"{op.what} was computed as {data.nbytes} bytes where the plan holds {op.nbytes} "
+            "(a dsckpt bug: please report it)"
+        )
+    _pwrite_all(fd, data, op.at)
+
+
+def _streamed_crcs(file: FilePlan) -> dict[Crc32, list[int]]:
+    """``{Crc32 op: indices of the data ops tiling its range, in order}`` for the CRC fields
+    computable from the sources (ranges of copies, literals and zeros only)."""
+    crcs = [op for op in file.derived if isinstance(op, Crc32)]
+    if not crcs:
+        return {}
+    order = sorted(range(len(file.ops)), key=lambda i: file.ops[i].at)
+    starts = [file.ops[i].at for i in order]
+    result: dict[Crc32, list[int]] = {}
+    for op in crcs:
+        k = bisect.bisect_left(starts, op.start)
+        inside, pos, end = [], op.start, op.start + op.nbytes
+        while pos < end and k < len(order) and file.ops[order[k]].at == pos:
+            data = file.ops[order[k]]
+            if isinstance(data, CastCopy) or data.at + data.nbytes > end:
+                break
+            if data.nbytes:
+                inside.append(order[k])
+            pos += data.nbytes
+            k += 1
+        copies = [i for i in inside if isinstance(file.ops[i], Copy)]
+        # Worth it for large copies only: a CRC job per small copy costs more than reading a
+        # small storage back from the page cache.
+        if pos == end and copies and op.nbytes >= STREAM_CRC_MIN * len(copies):
+            result[op] = inside
+    return result
+
+
+def _crc_of_output(fd: int, start: int, nbytes: int) -> int:
+    buf = bytearray(min(nbytes, 16 << 20))  # reused: no allocation per chunk
+    view = memoryview(buf)
+    crc, pos = 0, 0
+    while pos < nbytes:
+        n = os.preadv(fd, [view[: min(len(buf), nbytes - pos)]], start + pos)
+        if n <= 0:
+            raise OSError(errno.EIO, "unexpected end of an output file while computing a CRC")
+        crc = crc32(view[:n], crc)
+        pos += n
+    return crc
 
 
 _copy_file_range_works = hasattr(os, "copy_file_range")
 
 
-def _copy(
-    read: Read, tensor: OutputTensor, sources: _Sources, out_fd: int, out_offset: int
-) -> None:
-    src = read.source
-    if src.dtype == tensor.dtype and src.is_contiguous:
-        start = src.offset + read.src_start * src.itemsize
-        _copy_bytes(sources.fd(src.path), start, out_fd, out_offset, read.length * src.itemsize)
-        return
-    fd = sources.fd(src.path)
+def _copy(op: Copy | CastCopy, sources: _Sources, out_fd: int,
+          copier: CrcCopier | None = None) -> list[tuple[Any, int]] | None:
+    """Run one copy or cast; with ``copier``, a byte copy also CRCs its bytes on the way and
+    returns the pending CRC parts."""
+    if isinstance(op, Copy):
+        src = op.source
+        if copier is not None:
+            in_fd = sources.fd(src.path, src.follow_links)
+            return copier.copy(in_fd, src.offset, out_fd, op.at, src.nbytes)
+        _copy_bytes(sources.fd(src.path, src.follow_links), src.offset, out_fd, op.at, src.nbytes)
+        return None
+    fd = sources.fd(op.source.path)
     done = 0
-    while done < read.length:
-        count = min(CAST_CHUNK, read.length - done)
-        piece = _cast(src, read.src_start + done, count, tensor.dtype, fd)
-        _pwrite_all(out_fd, piece, out_offset + done * tensor.dtype.itemsize)
+    while done < op.count:
+        count = min(CAST_CHUNK, op.count - done)
+        piece = _cast(op.source, op.start + done, count, op.dtype, fd)
+        _pwrite_all(out_fd, piece, op.at + done * op.dtype.itemsize)
         done += count
+    return None
 
 
 def _cast(src: TensorRef, start: int, count: int, dtype: DType, fd: int) -> memoryview:

@@ -6,16 +6,17 @@ Plain frozen data, built by :mod:`dsckpt.plan.consolidation` (ZeRO and plain che
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from dsckpt.discover import zero
 from dsckpt.errors import UsageError
 from dsckpt.io import dtypes
 from dsckpt.io.dtypes import DType
 from dsckpt.io.load import TensorRef
+from dsckpt.plan.fileplan import ByteRange, CastCopy, Computed, Copy
 
 OutputDType = Literal["fp32", "bf16", "fp16"]
 DTYPES: dict[str, DType] = {"fp32": dtypes.FLOAT32, "bf16": dtypes.BFLOAT16, "fp16": dtypes.FLOAT16}
@@ -65,6 +66,9 @@ class OutputTensor:
     shape: tuple[int, ...]
     dtype: DType
     reads: tuple[Read, ...]
+    # Values no source holds byte for byte (a merged LoRA weight): made in memory when written,
+    # one tensor at a time, as a contiguous CPU tensor of ``dtype`` and ``shape``.
+    compute: Callable[[], Any] | None = field(default=None, compare=False, repr=False)
 
     @property
     def numel(self) -> int:
@@ -73,6 +77,22 @@ class OutputTensor:
     @property
     def nbytes(self) -> int:
         return self.numel * self.dtype.itemsize
+
+    def ops(self, at: int) -> list[Copy | CastCopy | Computed]:
+        """The write-plan operations filling this tensor's bytes at file offset ``at``: a byte
+        copy where the saved dtype is the output's and the source contiguous, else a cast."""
+        if self.compute is not None:
+            return [Computed(at, self.nbytes, self.compute, self.name)]
+        item = self.dtype.itemsize
+        ops: list[Copy | CastCopy | Computed] = []
+        for read in self.reads:
+            src, dst = read.source, at + read.dst_start * item
+            if src.dtype == self.dtype and src.is_contiguous:
+                start = src.offset + read.src_start * src.itemsize
+                ops.append(Copy(dst, ByteRange(src.path, start, read.length * src.itemsize)))
+            else:
+                ops.append(CastCopy(dst, src, read.src_start, read.length, self.dtype))
+        return ops
 
 
 @dataclass(frozen=True)

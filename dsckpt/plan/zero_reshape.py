@@ -8,11 +8,10 @@ Three layers, as everywhere in dsckpt:
   (ZeRO-1/2 optimizer group, ZeRO-3 sub-group) which source ranks and element ranges make its
   partition (:class:`Run`), plus the bookkeeping DeepSpeed records for the new size
   (``group_paddings``, ``param_slice_mappings``, ZeRO-3 sub-groups and ``param_shapes``).
-* **Execution** (:func:`reshape`): one output file at a time, streamed: its structure holds meta
-  tensors standing for the byte ranges each target partition needs, and
-  :func:`~dsckpt.formats.torch_writer.save_torch` writes torch's zip format directly, copying
-  those ranges kernel-side (``copy_file_range``) under a temporary name, then renamed; the whole
-  output directory is built beside ``OUT`` and renamed at the end. Memory does not follow the
+* **Files**: :class:`~dsckpt.execute.formats.deepspeed_files.ZeroRankFiles` turns the plan
+  into a write plan (every rank file's pickle and zip records, and the byte ranges of the source
+  files its partitions are made of), which the one executor writes under a temporary name and
+  renames at the end (:func:`dsckpt.api.reshaping.reshape_zero`). Memory does not follow the
   model size.
 
 DeepSpeed's rules for a size ``N`` (read from its source, checked on real checkpoints):
@@ -31,27 +30,20 @@ DeepSpeed's rules for a size ``N`` (read from its source, checked on real checkp
 
 from __future__ import annotations
 
-import functools
 import math
 import os
-import pickle
-import stat
-from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from dsckpt.discover import zero
-from dsckpt.errors import InconsistentCheckpoint, OutputError, UnsupportedLayout
-from dsckpt.io import dtypes
+from dsckpt.errors import InconsistentCheckpoint, UnsupportedLayout
 from dsckpt.plan.maps import check_degrees
 from dsckpt.sizes import human_bytes
 
 if TYPE_CHECKING:
     from dsckpt.discover.layout import Layout
-    from dsckpt.execute.progress import ProgressSink  # annotation only
 
 # DeepSpeed's default `zero_optimization.sub_group_size`.
 DEFAULT_SUB_GROUP_SIZE = 1_000_000_000
@@ -561,7 +553,7 @@ def open_source(ckpt: Path | str | Layout, tag: str | None = None) -> Source:
     if not layout.zero_sources:
         raise InconsistentCheckpoint(f"{where}: the optimizer partitions could not be located")
 
-    files, _ = scan(_location_of(layout))
+    files, _ = scan(location_of(layout))
     optim_paths: dict[int, Path] = {}
     model_paths: dict[int, Path] = {}
     prefix = ""
@@ -618,7 +610,15 @@ class _LoadedOnUse(Mapping[int, tuple[Path, Any]]):
         return len(self._paths)
 
 
-def _location_of(layout: Layout) -> Any:
+def extra_entries(tag_dir: Path, rank_files: Iterable[Any]) -> list[str]:
+    """Names of the tag directory's entries that are not rank files (config copies, notes,
+    and whatever else a user keeps there), whatever their kind."""
+    rank = {f.name for f in rank_files}
+    with os.scandir(tag_dir) as it:
+        return sorted(e.name for e in it if e.name not in rank)
+
+
+def location_of(layout: Layout) -> Any:
     from dsckpt.discover.files import Location
 
     return Location(root=layout.root, tag=layout.tag, dir=layout.dir)
@@ -768,6 +768,8 @@ class ReshapeResult:
     files: list[str] = field(default_factory=list)
     nbytes: int = 0
     skipped: list[str] = field(default_factory=list)  # tag-directory entries not copied
+    # Plans every output file on demand (a dry run does not, unless asked: --dry-run --json).
+    plan_files: Callable[[], Any] | None = field(default=None, repr=False, compare=False)
 
     def summary(self) -> str:
         what = {"zero": f"ZeRO-{self.plan.stage}", "bf16_optimizer": "BF16_Optimizer (ZeRO-1)",
@@ -789,632 +791,9 @@ def plan_reshape(ckpt: Path | str | Layout, dp: int, tag: str | None = None
     return source, plan_from_facts(source.facts, dp)
 
 
-def reshape_zero(layout: Layout, out: Path | str, *, dp: int, force: bool = False,
-                 dry_run: bool = False, progress: ProgressSink | None = None) -> ReshapeResult:
-    """Write the ZeRO checkpoint ``layout`` re-partitioned for ``dp`` ranks to ``out`` (see
-    :func:`dsckpt.reshaping.reshape`)."""
-    source, plan = plan_reshape(layout, dp)
-    out = Path(out)
-    check_output(source.layout, out, force)
-    result = ReshapeResult(plan=plan, source=source.layout.dir, out=out, tag=source.tag,
-                           written=False)
-    if dry_run:
-        return result
-    _Writer(source, plan, out, force, progress).run(result)
-    result.written = True
-    return result
-
-
-def check_output(layout: Layout, out: Path, force: bool) -> None:
-    """Refuse, before anything is written, an ``out`` that overlaps the checkpoint
-    (:func:`dsckpt.output_guard.refuse_overlap`) or is a non-empty directory without force."""
-    from dsckpt.execute.output_guard import refuse_overlap
-
-    refuse_overlap(out, root=layout.root, tag_dir=layout.dir, other_tags=layout.other_tags)
-    if os.path.lexists(out) and not force and not (out.is_dir() and not any(out.iterdir())):
-        raise OutputError(f"{out} already exists: pass --force to replace `latest` and the tag "
-                          "directory in it (other files are kept), or choose another output "
-                          "directory")
-
-
-class _DeepSpeedNamesPickler(pickle._Pickler):  # type: ignore[name-defined,misc]
-    """Pickles dsckpt's inert stand-ins under DeepSpeed's own import paths.
-
-    The files must unpickle with DeepSpeed's ``torch.load`` into DeepSpeed's classes (loss
-    scaler, ZeroStageEnum, fragment_address) without dsckpt importing DeepSpeed, so the GLOBAL
-    opcode is written directly instead of being looked up.
-    """
-
-    def save_global(self, obj: Any, name: str | None = None) -> None:
-        path = _DEEPSPEED_NAMES.get(obj)
-        if path is None:
-            super().save_global(obj, name)  # type: ignore[misc]
-            return
-        module, _, qualname = path.rpartition(".")
-        write, memoize = self.write, self.memoize  # type: ignore[attr-defined]
-        write(pickle.GLOBAL + module.encode() + b"\n" + qualname.encode() + b"\n")
-        memoize(obj)
-
-
-def _deepspeed_names() -> dict[Any, str]:
-    from dsckpt.io.load import STAND_INS
-
-    return {cls: path for path, cls in STAND_INS.items() if path.startswith("deepspeed.")}
-
-
-_DEEPSPEED_NAMES: dict[Any, str] = {}
-
-
-# Real CRC-32s in every zip record, so zip tools accept the files (torch.load never checks them):
-# computed from the source chunks on a worker thread while the kernel copies them
-# (dsckpt.formats.crc; bench/bench_crc.py measured the options).
-STREAM_CRC32 = True
-
-
-def save_rank_file(obj: Any, path: Path, lazy: Any, progress: Any = None) -> None:
-    """Write one rank file as DeepSpeed's ``torch.save`` would, streamed: ``lazy``'s tensors
-    are copied from their source byte ranges by :func:`~dsckpt.formats.torch_writer.save_torch`,
-    and dsckpt's stand-ins are pickled under DeepSpeed's class paths.
-
-    No fsync: the files are written inside a staging directory that is renamed only when
-    complete, the same durability policy as ``to-fp32`` (and as ``torch.save``, which DeepSpeed
-    itself saves with).
-    """
-    from dsckpt.execute.formats.torch_writer import save_torch
-
-    if not _DEEPSPEED_NAMES:
-        _DEEPSPEED_NAMES.update(_deepspeed_names())
-    # File-system errors propagate: atomic_entries maps those of the write path to one line.
-    save_torch(obj, path, lazy=lazy, pickler=_DeepSpeedNamesPickler, crc32=STREAM_CRC32,
-               progress=progress)
-
-
-def extra_entries(tag_dir: Path, rank_files: Iterable[Any]) -> list[str]:
-    """Names of the tag directory's entries that are not rank files (config copies, notes,
-    and whatever else a user keeps there), whatever their kind."""
-    rank = {f.name for f in rank_files}
-    with os.scandir(tag_dir) as it:
-        return sorted(e.name for e in it if e.name not in rank)
-
-
-_KINDS = ((stat.S_ISLNK, "a symbolic link"), (stat.S_ISDIR, "a directory"),
-          (stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),
-          (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
-
-
-def _kind(mode: int) -> str:
-    return next((name for test, name in _KINDS if test(mode)), "not a regular file")
-
-
-def copy_extra_files(src_dir: Path, names: Iterable[str], dst_dir: Path
-                     ) -> tuple[list[str], list[str]]:
-    """Copy the tag directory's extra entries that are regular files, and only those.
-
-    Nothing is followed: an entry is judged by ``lstat`` and opened with ``O_NOFOLLOW`` and
-    ``O_NONBLOCK`` (a FIFO swapped in meanwhile cannot block), and the opened file must still be
-    the regular file judged; so no symlink target (``/etc/passwd``, ``/proc/self/environ``) and
-    no device or FIFO content ever reaches the output.
-
-    Returns:
-        ``(copied names, skipped entries as "name (why)")``: the caller reports the skipped ones.
-    """
-    from dsckpt.execute.executor import _copy_bytes
-
-    copied, skipped = [], []
-    for name in names:
-        src = src_dir / name
-        try:
-            before = os.lstat(src)
-        except FileNotFoundError:
-            skipped.append(f"{name} (removed while reshaping)")
-            continue
-        if not stat.S_ISREG(before.st_mode):
-            skipped.append(f"{name} ({_kind(before.st_mode)})")
-            continue
-        try:
-            fd = os.open(src, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
-        except OSError as exc:
-            skipped.append(f"{name} (unreadable: {exc.strerror})")
-            continue
-        try:
-            st = os.fstat(fd)
-            if not stat.S_ISREG(st.st_mode) or (st.st_dev, st.st_ino) != (before.st_dev,
-                                                                            before.st_ino):
-                skipped.append(f"{name} (changed while reshaping)")
-                continue
-            out = os.open(dst_dir / name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC,
-                          0o644)
-            try:
-                _copy_bytes(fd, 0, out, 0, st.st_size)
-            finally:
-                os.close(out)
-        finally:
-            os.close(fd)
-        copied.append(name)
-    return copied, skipped
-
-
 def skipped_note(skipped: Sequence[str]) -> str:
     """The summary's warning about tag-directory entries that were not copied."""
     if not skipped:
         return ""
     return (f"; warning: not copied, as only regular files are: {', '.join(skipped)} "
             "(copy them by hand if the run needs them)")
-
-
-class _Writer:
-    """Builds the output directory one file at a time.
-
-    Each rank file's structure is built as DeepSpeed would pickle it, but every tensor in it is
-    a meta tensor standing for byte ranges of the source files (a saved record, or the runs of
-    a target partition). :func:`~dsckpt.formats.torch_writer.save_torch` pickles it and copies
-    those ranges kernel-side straight into the output zip, so memory stays at the pickled
-    structure, whatever the model size.
-    """
-
-    def __init__(self, source: Source, plan: ReshapePlan, out: Path, force: bool,
-                 progress: Any) -> None:
-        import torch
-
-        from dsckpt.execute.formats.torch_writer import LazyStorages
-
-        self.torch = torch
-        self.source = source
-        self.plan = plan
-        self.out = out
-        self.force = force
-        self.progress = progress
-        self.stack = ExitStack()
-        self.fds: dict[Path, int] = {}
-        # The structures are built from meta tensors whose bytes are file ranges: nothing is
-        # read until save_torch copies them into the output. One registry per output file.
-        self.lazy = LazyStorages()
-
-    # --- the directory ------------------------------------------------------------------------
-
-    def run(self, result: ReshapeResult) -> None:
-        from dsckpt.execute.atomic import atomic_entries
-
-        tag = self.source.tag
-        with atomic_entries(self.out, [tag, "latest"], dirs={tag}, force=self.force,
-                            durable=False) as staged:
-            tag_dir = staged[tag]
-            jobs = self._jobs()
-            if self.progress is not None:
-                self.progress.start(f"reshape to DP {self.plan.dp}", sum(j[1] for j in jobs))
-            with self.stack:
-                for name, _, build in jobs:
-                    self._save(build(), tag_dir / name)
-                    result.files.append(name)
-                    self.lazy = type(self.lazy)()  # drop this file's sources
-            copied, result.skipped = copy_extra_files(
-                self.source.layout.dir, [p.name for p in self.source.extra_files], tag_dir)
-            result.files += copied
-            staged["latest"].write_text(tag)
-            result.nbytes = sum(p.stat().st_size for p in tag_dir.iterdir())
-
-    def _save(self, obj: Any, path: Path) -> None:
-        save_rank_file(obj, path, self.lazy, self._advance)
-
-    def _jobs(self) -> list[tuple[str, int, Callable[[], Any]]]:
-        """``(file name, bytes to read, builder)`` for every output rank file."""
-        plan = self.plan
-        jobs: list[tuple[str, int, Callable[[], Any]]] = []
-        sizes = self._partition_bytes()
-        if plan.kind == "zero3":
-            for rank in range(plan.dp):
-                jobs.append((f"zero_pp_rank_{rank}_mp_rank_00_model_states.pt",
-                             self._model_bytes() + sum(
-                                 self._frozen_itemsize(f.name) * f.partitions[rank].numel
-                                 for f in plan.frozen),
-                             functools.partial(self._zero3_model_states, rank)))
-        else:
-            jobs.append(("mp_rank_00_model_states.pt", self._model_bytes(),
-                         lambda: self._model_states()))
-        for rank in range(plan.dp):
-            jobs.append((f"{self.source.optim_prefix}zero_pp_rank_{rank}_mp_rank_00_optim_states.pt",
-                         sizes[rank], functools.partial(self._optim_states, rank)))
-        return jobs
-
-    def _advance(self, nbytes: int) -> None:
-        if self.progress is not None:
-            self.progress.advance(nbytes)
-
-    # --- reading ------------------------------------------------------------------------------
-
-    def _fd(self, path: Path) -> int:
-        if path not in self.fds:
-            fd = os.open(path, os.O_RDONLY)
-            self.stack.callback(os.close, fd)
-            self.fds[path] = fd
-        return self.fds[path]
-
-    def _size(self, path: Path) -> int:
-        return os.fstat(self._fd(path)).st_size
-
-    def _pread_into(self, path: Path, offset: int, view: memoryview) -> None:
-        fd = self._fd(path)
-        done = 0
-        while done < len(view):
-            n = os.preadv(fd, [view[done:]], offset + done)
-            if n == 0:
-                from dsckpt.errors import CorruptFile
-
-                raise CorruptFile(path, "unexpected end of file while reading a tensor")
-            done += n
-
-    def _ref(self, path: Path, tensor: Any) -> Any:
-        from dsckpt.io.load import tensor_ref
-
-        return tensor_ref(path, tensor)
-
-    def _flat(self, dtype: Any, numel: int, runs: Sequence[Run],
-              ref_of: Callable[[Run], Any]) -> Any:
-        """A flat target tensor of ``numel`` elements made of ``runs``, zeros elsewhere.
-
-        Normally a lazy tensor: its bytes are copied from the source files when the output is
-        written. A strided source (never seen in DeepSpeed's flat partitions) is read into an
-        in-memory tensor instead, bounded by that one partition.
-        """
-        from dsckpt.execute.formats.torch_writer import FileRange
-
-        refs = [ref_of(run) for run in runs]
-        item = self.torch.empty((), dtype=dtype).element_size()
-        for run, ref in zip(runs, refs, strict=True):
-            self._check_run(run, ref, numel, dtype)
-        if not all(ref.is_contiguous for ref in refs):
-            out = self.torch.zeros(numel, dtype=dtype)
-            self._fill(out, runs, refs)
-            return out
-        ranges = [FileRange(ref.path, ref.offset + run.src_start * item, run.length * item,
-                            run.dst_start * item) for run, ref in zip(runs, refs, strict=True)]
-        return self.lazy.tensor(dtype, (numel,), ranges)
-
-    @staticmethod
-    def _check_run(run: Run, ref: Any, numel: int, dtype: Any) -> None:
-        if run.dst_start + run.length > numel:
-            raise AssertionError(f"plan error: a run ends at {run.dst_start + run.length}, "
-                                 f"past the {numel} elements of its target")
-        if run.src_start + run.length > ref.numel:
-            raise InconsistentCheckpoint(
-                f"{ref.path.name}: a saved partition holds {ref.numel} elements, but the "
-                f"layout needs elements up to {run.src_start + run.length}")
-        if dtypes.name_of(ref.dtype) != dtypes.name_of(dtype):
-            raise InconsistentCheckpoint(f"{ref.path.name}: partitions of one group are saved "
-                                         f"in different dtypes ({ref.dtype}, {dtype})")
-
-    def _fill(self, out: Any, runs: Sequence[Run], refs: Sequence[Any]) -> None:
-        """Copy each run's elements into the zero-initialised in-memory flat tensor ``out``."""
-        from dsckpt.execute.executor import tensor_memory
-        from dsckpt.io.load import read_tensor
-
-        raw = tensor_memory(out)  # shares out's memory; torch-only (no numpy needed)
-        item = out.element_size()
-        for run, ref in zip(runs, refs, strict=True):
-            if ref.is_contiguous:
-                self._pread_into(ref.path, ref.offset + run.src_start * item,
-                                 raw[run.dst_start * item:(run.dst_start + run.length) * item])
-            else:
-                out[run.dst_start:run.dst_start + run.length] = read_tensor(ref, run.src_start,
-                                                                            run.length)
-            self._advance(run.length * item)
-
-    def _materialize(self, obj: Any, path: Path, shared: dict[int | None, Any] | None = None
-                     ) -> Any:
-        """The pickled structure with every meta tensor replaced by its saved values.
-
-        Tensors that shared a storage within ``obj`` share one again (tied weights, views into a
-        flat buffer), so the structure torch.save writes is the one that was read. Separate calls
-        never share: two state entries made from one source tensor (the ``step`` of a ZeRO-3
-        sub-group split in two) must be two tensors, or DeepSpeed would advance one twice.
-        """
-        torch = self.torch
-        if shared is None:
-            shared = {}
-        if isinstance(obj, torch.Tensor):
-            from dsckpt.execute.formats.torch_writer import FileRange
-
-            storage = obj.untyped_storage()
-            nbytes = storage.nbytes()
-            base = getattr(storage, "_checkpoint_offset", None)
-            lazy = shared.get(base) if nbytes else None
-            if lazy is None:
-                if not nbytes:
-                    lazy = self.lazy.storage(0)
-                else:
-                    if base is None:
-                        from dsckpt.errors import CorruptFile
-
-                        raise CorruptFile(path, "a tensor has no record offset")
-                    if base + nbytes > self._size(path):
-                        from dsckpt.errors import CorruptFile
-
-                        raise CorruptFile(path, "a tensor record runs past the end of the file "
-                                                "(truncated)")
-                    # The saved record, copied into the output when it is written: a
-                    # model-states file holding the whole 16-bit model is never resident.
-                    lazy = self.lazy.storage(nbytes, [FileRange(path, base, nbytes, 0)])
-                    shared[base] = lazy
-            value = self.lazy.view(lazy, obj.dtype, obj.storage_offset(), obj.shape,
-                                   obj.stride())
-            return self._like(obj, value)
-        if isinstance(obj, OrderedDict):
-            copy = OrderedDict((k, self._materialize(v, path, shared)) for k, v in obj.items())
-            # A module state dict carries per-module versions in `_metadata`: keep them.
-            for k, v in vars(obj).items():
-                setattr(copy, k, self._materialize(v, path, shared))
-            return copy
-        if type(obj) is dict:
-            return {k: self._materialize(v, path, shared) for k, v in obj.items()}
-        if type(obj) is list:
-            return [self._materialize(v, path, shared) for v in obj]
-        if type(obj) is tuple:
-            return tuple(self._materialize(v, path, shared) for v in obj)
-        return obj
-
-    def _like(self, meta: Any, value: Any) -> Any:
-        """``value`` with the tensor class, ``requires_grad`` and attributes of ``meta``."""
-        torch = self.torch
-        if isinstance(meta, torch.nn.Parameter):
-            value = torch.nn.Parameter(value, requires_grad=meta.requires_grad)
-        elif meta.requires_grad and value.is_floating_point():
-            value.requires_grad_(True)
-        for k, v in getattr(meta, "__dict__", {}).items():
-            setattr(value, k, v)
-        return value
-
-    def _model_bytes(self) -> int:
-        _, meta = self.source.model[0]
-        seen: dict[Any, int] = {}
-        for t in _tensors(meta, self.torch):
-            s = t.untyped_storage()
-            seen[getattr(s, "_checkpoint_offset", id(s))] = s.nbytes()
-        return sum(seen.values())
-
-    def _frozen_itemsize(self, name: str) -> int:
-        refs = self.source.layout.frozen_fragments.get(name)
-        return refs[0].itemsize if refs else 0
-
-    def _partition_bytes(self) -> list[int]:
-        sizes = [0] * self.plan.dp
-        for group in self.plan.groups:
-            first = group.sources[0]
-            item = self._src_fp32(0, first).element_size()
-            item += sum(self._source_state(0, first)[k].element_size()
-                        for k in self._partitioned_keys(group))
-            for part in group.partitions:
-                sizes[part.rank] += part.read_numel * item
-        return sizes
-
-    # --- ZeRO-1/2 and BF16_Optimizer ----------------------------------------------------------
-
-    def _model_states(self) -> Any:
-        path, meta = self.source.model[0]
-        sd = self._materialize(meta, path)
-        sd["dp_world_size"] = self.plan.dp
-        if self.plan.params_reordered:
-            sd["param_shapes"] = self._param_shapes()
-        return sd
-
-    def _param_shapes(self) -> list[Any]:
-        torch = self.torch
-        return [OrderedDict((n, torch.Size(s)) for n, s in g.params) for g in self.plan.groups]
-
-    def _optim_states(self, rank: int) -> Any:
-        if self.plan.kind == "zero3":
-            return self._zero3_optim_states(rank)
-        from dsckpt.io.load import FragmentAddress
-
-        path0, sd0 = self.source.optim[0]
-        osd0 = sd0["optimizer_state_dict"]
-        plan = self.plan
-        fp32 = []
-        for group in plan.groups:
-            part = group.partitions[rank]
-            # ZeRO saves the fp32 slice without its tail padding, BF16_Optimizer with it.
-            length = part.numel - (plan.group_paddings[rank][group.index]
-                                   if plan.kind == "zero" else 0)
-            t = self._partition(group, part, None, length)
-            fp32.append(self._like(self._src_fp32(0, group.index), t))
-        base0 = osd0["base_optimizer_state"]
-        state: dict[Any, Any] = {}
-        for group in plan.groups:
-            index = self._state_index(base0, group.index)
-            saved = (base0.get("state") or {}).get(index)
-            if saved is None:
-                continue
-            entry = {}
-            for key, value in saved.items():
-                if key in self._partitioned_keys(group):
-                    part = group.partitions[rank]
-                    entry[key] = self._like(value, self._partition(group, part, key))
-                else:
-                    entry[key] = self._materialize(value, path0)
-            state[index] = entry
-        base = {k: (state if k == "state" else self._materialize(v, path0))
-                for k, v in base0.items()}
-        osd: dict[str, Any] = {}
-        for key, value in osd0.items():
-            if key == "base_optimizer_state":
-                osd[key] = base
-            elif key == "single_partition_of_fp32_groups":
-                osd[key] = fp32
-            elif key == "group_paddings":
-                osd[key] = list(plan.group_paddings[rank])
-            elif key == "partition_count":
-                osd[key] = [plan.dp] * len(value) if isinstance(value, (list, tuple)) else plan.dp
-            elif key == "param_alignment_paddings":
-                osd[key] = [list(g.alignment_paddings or ()) for g in plan.groups]
-            elif key == "param_slice_mappings":
-                osd[key] = [OrderedDict((n, FragmentAddress(numel=c, start=s)) for n, c, s in m)
-                            for m in plan.slice_mappings[rank]]
-            else:
-                osd[key] = self._materialize(value, path0)
-        top = {k: (osd if k == "optimizer_state_dict" else self._materialize(v, path0))
-               for k, v in sd0.items()}
-        return top
-
-    def _src_fp32(self, rank: int, index: int) -> Any:
-        osd = self.source.optim[rank][1]["optimizer_state_dict"]
-        key = "fp32_flat_groups" if self.plan.kind == "zero3" else "single_partition_of_fp32_groups"
-        return osd[key][index]
-
-    def _state_index(self, base: Mapping[str, Any], group: int) -> Any:
-        """The torch optimizer state key of flat group ``group`` (its place in param_groups)."""
-        if self.plan.kind == "zero3":
-            return group
-        params = base["param_groups"][group]["params"]
-        if len(params) != 1:
-            raise InconsistentCheckpoint(f"optimizer group {group} holds {len(params)} tensors; "
-                                         "ZeRO-1/2 keeps one flat partition per group")
-        return params[0]
-
-    def _source_state(self, rank: int, index: int) -> Mapping[str, Any]:
-        base = self.source.optim[rank][1]["optimizer_state_dict"]
-        base = base["optimizer_state_dict" if self.plan.kind == "zero3" else "base_optimizer_state"]
-        return (base.get("state") or {}).get(self._state_index(base, index)) or {}
-
-    def _partitioned_keys(self, group: TargetGroup) -> tuple[str, ...]:
-        """State entries split like the fp32 partition (Adam's moments and the like).
-
-        Decided on source rank 0 as DeepSpeed does: a 1-D tensor as long as the partition. 0-d
-        tensors (``step``) and other values are copied. Anything else has no rule to reshape it.
-        """
-        cache = self.__dict__.setdefault("_keys", {})
-        if group.index in cache:
-            return cache[group.index]  # type: ignore[no-any-return]
-        keys: list[str] = []
-        for src in group.sources:
-            length = self._src_fp32(0, src).numel()
-            if self.plan.kind == "zero":
-                length = self.source.facts.groups[src].partition_size
-            for key, value in self._source_state(0, src).items():
-                if not isinstance(value, self.torch.Tensor) or value.dim() == 0:
-                    continue
-                if value.dim() == 1 and value.numel() == length:
-                    if key not in keys:
-                        keys.append(key)
-                    continue
-                raise UnsupportedLayout(
-                    f"optimizer state {key!r} of group {src} has shape {tuple(value.shape)}, "
-                    f"neither a scalar nor the partition's {length} elements: reshape does not "
-                    "know how this optimizer splits it")
-        cache[group.index] = tuple(keys)
-        return tuple(keys)
-
-    def _partition(self, group: TargetGroup, part: Partition, key: str | None,
-                   length: int | None = None) -> Any:
-        """One target partition of the fp32 master (``key`` None) or of optimizer state ``key``,
-        ``length`` elements long (default: the whole partition, padding included)."""
-        probe = self._src_fp32(0, group.sources[0]) if key is None else \
-            self._source_state(0, group.sources[0])[key]
-        numel = part.numel if length is None else length
-
-        def ref_of(run: Run) -> Any:
-            path, _ = self.source.optim[run.src_rank]
-            if key is None:
-                return self._ref(path, self._src_fp32(run.src_rank, run.src_index))
-            value = self._source_state(run.src_rank, run.src_index).get(key)
-            if value is None:
-                raise InconsistentCheckpoint(f"{path.name}: group {run.src_index} has no "
-                                             f"optimizer state {key!r} but rank 0 has")
-            return self._ref(path, value)
-
-        return self._flat(probe.dtype, numel, part.runs, ref_of)
-
-    # --- ZeRO-3 -------------------------------------------------------------------------------
-
-    def _zero3_model_states(self, rank: int) -> Any:
-        path, meta = self.source.model[0]
-        # Rank 0's frozen fragments are replaced below: do not read them.
-        sd = self._materialize({k: (None if k == "frozen_param_fragments" and self.plan.frozen
-                                    else v) for k, v in meta.items()}, path)
-        sd["dp_world_size"] = self.plan.dp
-        sd["param_shapes"] = self._param_shapes()
-        if rank != 0 and sd.get("shared_params") is not None:
-            sd["shared_params"] = {}  # DeepSpeed records tied parameters on global rank 0 only
-        if self.plan.frozen:
-            fragments = OrderedDict()
-            layout = self.source.layout
-            for frozen in self.plan.frozen:
-                refs = layout.frozen_fragments[frozen.name]
-                like = meta["frozen_param_fragments"][frozen.name]
-                part = frozen.partitions[rank]
-                out = self._flat(like.dtype, part.numel, part.runs,
-                                 functools.partial(_by_rank, refs))
-                fragments[frozen.name] = self._like(like, out)
-            sd["frozen_param_fragments"] = fragments
-        return sd
-
-    def _zero3_optim_states(self, rank: int) -> Any:
-        path0, sd0 = self.source.optim[0]
-        osd0 = sd0["optimizer_state_dict"]
-        torch_osd0 = osd0["optimizer_state_dict"]
-        plan = self.plan
-        flats, state = [], {}
-        for group in plan.groups:
-            part = group.partitions[rank]
-            like = self._src_fp32(0, group.sources[0])
-            flat = self._like(like, self._partition(group, part, None))
-            if group.ds_id is not None:
-                flat.ds_id = group.ds_id
-            elif hasattr(flat, "ds_id"):
-                del flat.ds_id
-            flats.append(flat)
-            first = self._first_source(group)
-            saved = self._source_state(0, first)
-            if not saved:
-                continue
-            entry = {}
-            for key, value in saved.items():
-                if key in self._partitioned_keys(group):
-                    entry[key] = self._like(value, self._partition(group, part, key))
-                else:
-                    entry[key] = self._materialize(value, path0)
-            state[group.index] = entry
-        param_groups = []
-        for g, saved_group in enumerate(torch_osd0["param_groups"]):
-            copy = self._materialize(saved_group, path0)
-            copy["params"] = [t.index for t in plan.groups if t.param_group == g]
-            param_groups.append(copy)
-        torch_osd = {k: (state if k == "state" else param_groups if k == "param_groups"
-                         else self._materialize(v, path0)) for k, v in torch_osd0.items()}
-        osd: dict[str, Any] = {}
-        for key, value in osd0.items():
-            if key == "optimizer_state_dict":
-                osd[key] = torch_osd
-            elif key == "fp32_flat_groups":
-                osd[key] = flats
-            elif key == "partition_count":
-                osd[key] = plan.dp
-            else:
-                osd[key] = self._materialize(value, path0)
-        top = {k: (osd if k == "optimizer_state_dict" else self._materialize(v, path0))
-               for k, v in sd0.items()}
-        return top
-
-    def _first_source(self, group: TargetGroup) -> int:
-        """The source sub-group holding the target sub-group's first parameter: its scalar state
-        (``step``) is the new sub-group's."""
-        first = group.params[0][0]
-        for s, src in enumerate(self.source.facts.groups):
-            if any(n == first for n, _ in src.params):
-                return s
-        return group.sources[0]
-
-
-def _by_rank(refs: Sequence[Any], run: Run) -> Any:
-    return refs[run.src_rank]
-
-
-def _tensors(obj: Any, torch: Any) -> Iterable[Any]:
-    if isinstance(obj, torch.Tensor):
-        yield obj
-    elif isinstance(obj, Mapping):
-        for v in obj.values():
-            yield from _tensors(v, torch)
-    elif type(obj) in (list, tuple):
-        for v in obj:
-            yield from _tensors(v, torch)
-
-

@@ -11,11 +11,11 @@ import pytest
 import torch
 
 from dsckpt.execute.formats.torch_writer import (
-    FileRange,
     LazyStorages,
     pickle_for_torch,
     save_torch,
 )
+from dsckpt.plan.fileplan import ByteRange, Copy
 
 
 def _structure():
@@ -114,12 +114,12 @@ def test_lazy_tensors_copy_file_ranges_and_zero_the_rest(tmp_path: Path) -> None
     data = torch.arange(64, dtype=torch.float32)
     src.write_bytes(b"junk" * 5 + bytes(data.numpy()))  # element 0 at byte 20
     lazy = LazyStorages()
-    storage = lazy.storage(64 * 4, [FileRange(src, 20, 64 * 4, 0)])
+    storage = lazy.storage(64 * 4, [Copy(0, ByteRange(src, 20, 64 * 4))])
     whole = lazy.view(storage, torch.float32, 0, (8, 8), (8, 1))
     part = lazy.view(storage, torch.float32, 8, (4,), (2,))  # a strided view of it
     # elements 10..13 at 2, 40..41 at 6; the rest of the 10 elements are zeros
-    padded = lazy.tensor(torch.float32, (10,), [FileRange(src, 20 + 40, 16, 8),
-                                                FileRange(src, 20 + 160, 8, 24)])
+    padded = lazy.tensor(torch.float32, (10,), [Copy(8, ByteRange(src, 20 + 40, 16)),
+                                                Copy(24, ByteRange(src, 20 + 160, 8))])
     param = torch.nn.Parameter(padded, requires_grad=False)
     param.ds_id = 3
     obj = OrderedDict(whole=whole, part=part, param=param, mem=torch.ones(2))
@@ -163,7 +163,7 @@ def test_refusals(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="view one storage"):
         save_torch({"a": base, "b": base.view(torch.int32)}, tmp_path / "b.pt")
     with pytest.raises(ValueError, match="outside"):
-        LazyStorages().storage(8, [FileRange(tmp_path, 0, 8, 4)])
+        LazyStorages().storage(8, [Copy(4, ByteRange(tmp_path, 0, 8))])
 
 
 def test_memory_stays_flat_whatever_the_tensor_size(tmp_path: Path) -> None:
@@ -171,14 +171,15 @@ def test_memory_stays_flat_whatever_the_tensor_size(tmp_path: Path) -> None:
     script = f"""
 import os, resource, torch
 from pathlib import Path
-from dsckpt.execute.formats.torch_writer import FileRange, LazyStorages, save_torch
+from dsckpt.execute.formats.torch_writer import LazyStorages, save_torch
+from dsckpt.plan.fileplan import ByteRange, Copy
 src = Path({str(tmp_path / "src.bin")!r})
 n = 384 << 20
 with open(src, "wb") as f:
     f.truncate(n)
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 lazy = LazyStorages()
-t = lazy.tensor(torch.float32, (n // 4,), [FileRange(src, 0, n, 0)])
+t = lazy.tensor(torch.float32, (n // 4,), [Copy(0, ByteRange(src, 0, n))])
 save_torch({{"t": t}}, {str(tmp_path / "out.pt")!r}, lazy=lazy)
 after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 print((after - before) // 1024)

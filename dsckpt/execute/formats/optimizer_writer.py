@@ -15,15 +15,13 @@ Memory stays bounded by the metadata either way: no moment is held in memory.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 from dsckpt.errors import UnsupportedLayout
-from dsckpt.execute.executor import execute, materialize
-from dsckpt.execute.formats.safetensors_writer import SafetensorsWriter
-from dsckpt.execute.formats.sharding import TensorSpec
+from dsckpt.execute.executor import materialize
+from dsckpt.execute.formats.safetensors_writer import safetensors_file
 from dsckpt.io import dtypes
+from dsckpt.plan.fileplan import Copy, FilePlan
 from dsckpt.plan.optim_export import OptimizerExport
 
 OPTIMIZER_FORMATS = ("safetensors", "torch")
@@ -36,19 +34,15 @@ def optimizer_file_name(fmt: str, weights_stem: str | None) -> str:
     return f"optimizer.{ext}" if weights_stem is None else f"{weights_stem}.optimizer.{ext}"
 
 
-def write_optimizer(
-    path: Path, export: OptimizerExport, fmt: str, progress: Callable[[int], None]
-) -> None:
-    """Write ``export`` to ``path`` (a temporary the caller renames) in format ``fmt``."""
+def optimizer_file(name: str, export: OptimizerExport, fmt: str) -> FilePlan:
+    """The write plan of ``export`` as file ``name`` in format ``fmt``: the moments are copies
+    of the checkpoint's byte ranges either way (a torch file's lazy storages)."""
     if fmt == "safetensors":
-        specs = [TensorSpec(t.name, t.dtype, t.shape) for t in export.plan.tensors]
-        with SafetensorsWriter(path, specs, metadata=export.metadata()) as writer:
-            execute(export.plan, writer, progress)
-        return
-    from dsckpt.execute.formats.torch_writer import LazyStorages, save_torch
+        return safetensors_file(name, export.plan.tensors, metadata=export.metadata())
+    from dsckpt.execute.formats.torch_writer import LazyStorages, torch_object_file
 
     lazy = LazyStorages()
-    save_torch(torch_state_dict(export, lazy), path, lazy=lazy, progress=progress)
+    return torch_object_file(name, torch_state_dict(export, lazy), lazy=lazy)
 
 
 def torch_state_dict(export: OptimizerExport, lazy: Any) -> dict[str, Any]:
@@ -80,20 +74,9 @@ def torch_state_dict(export: OptimizerExport, lazy: Any) -> dict[str, Any]:
 
 
 def _lazy_tensor(tensor: Any, lazy: Any) -> Any:
-    from dsckpt.execute.formats.torch_writer import FileRange
-
-    item = tensor.dtype.itemsize
-    if all(r.source.dtype == tensor.dtype and r.source.is_contiguous for r in tensor.reads):
-        ranges = [
-            FileRange(
-                r.source.path,
-                r.source.offset + r.src_start * item,
-                r.length * item,
-                r.dst_start * item,
-            )
-            for r in tensor.reads
-        ]
-        return lazy.tensor(dtypes.to_torch(tensor.dtype), tensor.shape, ranges)
+    ops = tensor.ops(0)  # byte copies where the source allows, at offsets inside the tensor
+    if all(isinstance(op, Copy) for op in ops):
+        return lazy.tensor(dtypes.to_torch(tensor.dtype), tensor.shape, ops)
     return materialize(tensor)  # a strided or other-dtype source: one tensor in memory
 
 

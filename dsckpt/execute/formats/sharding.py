@@ -30,12 +30,14 @@ if TYPE_CHECKING:
     import torch
 
     from dsckpt.io.dtypes import DType
+    from dsckpt.plan.fileplan import CastCopy, Computed, Copy
 
 __all__ = [
     "DEFAULT_MAX_SHARD_SIZE",
     "SAFETENSORS_PATTERN",
     "TORCH_PATTERN",
     "Shard",
+    "PlannedTensor",
     "ShardPlan",
     "TensorSpec",
     "index_filename",
@@ -75,6 +77,25 @@ class TensorSpec:
     @property
     def nbytes(self) -> int:
         return self.numel * self.dtype.itemsize
+
+
+class PlannedTensor(Protocol):
+    """An output tensor whose bytes a plan knows how to write (a consolidation's
+    :class:`~dsckpt.plan.consolidation.OutputTensor`)."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def dtype(self) -> DType: ...
+
+    @property
+    def shape(self) -> tuple[int, ...]: ...
+
+    @property
+    def nbytes(self) -> int: ...
+
+    def ops(self, at: int) -> Sequence[Copy | CastCopy | Computed]: ...
 
 
 class _Sized(Protocol):

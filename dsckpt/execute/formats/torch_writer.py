@@ -1,9 +1,11 @@
-"""Preallocated, random-access ``torch.save`` zip output, filled piece by piece.
+"""``torch.save`` zip files as write plans, in bounded memory.
 
-``torch.save`` needs every tensor in memory at once. This writer does not: from the specs alone
-it builds the checkpoint's pickle (a dict of tensors referring to storages by key) and the
-whole zip layout, writes every header, sizes the file, and then takes tensor bytes in any order
-with ``os.pwrite``. Memory stays bounded by the pieces the caller holds.
+``torch.save`` needs every tensor in memory at once. A plan does not: from the specs alone (or
+a structure whose tensors are lazy file ranges, :class:`LazyStorages`) this module builds the
+checkpoint's pickle (storages referred to by key) and the whole zip layout, and returns a
+:class:`~dsckpt.plan.fileplan.FilePlan`: every header and small record as literal bytes, every
+storage's bytes as copies and casts from the source files, each storage's CRC-32 as a derived
+operation. The one executor writes it (:func:`save_torch` plans and writes one file).
 
 The file reproduces ``torch.save``'s own layout (torch 2.x, miniz writer), record for record:
 
@@ -19,8 +21,8 @@ Every record is ZIP_STORED with a local header carrying a ``FB`` padding extra f
 zip64 extra field past 4 GiB) so its data starts on a 64-byte boundary, and is followed by a
 data descriptor (none for an empty record); a zip64 end-of-central-directory record is always
 written, as torch does. Hence ``torch.load(..., weights_only=True)``, ``mmap=True`` and torch's
-offset-computing readers all work, and so do ordinary zip tools: CRC-32s are real, combined
-from the per-piece CRCs computed while writing (no second pass over the data).
+offset-computing readers all work, and so do ordinary zip tools: CRC-32s are real (the executor
+computes those of copied bytes from the sources while copying: no second pass over the data).
 
 Tied aliases share their canonical tensor's storage, as in DeepSpeed's own state dicts: the
 alias key refers to the very same tensor object, exactly what ``torch.save`` writes for
@@ -42,29 +44,21 @@ from typing import Any
 
 import torch
 
-from dsckpt.execute.atomic import preallocate as _preallocate
-from dsckpt.execute.formats.crc import CrcCopier, crc32_combine
 from dsckpt.execute.formats.crc import crc32 as _crc32
-from dsckpt.execute.formats.safetensors_writer import (
-    ClosingWriter,
-    Coverage,
-    ShardedSafetensorsWriter,
-    _raise_incomplete,
-    pwrite_all,
-)
-from dsckpt.execute.formats.sharding import ShardPlan, TensorSpec
+from dsckpt.execute.formats.crc import crc32_combine
+from dsckpt.execute.formats.sharding import PlannedTensor, TensorSpec
 from dsckpt.io import dtypes
+from dsckpt.plan.fileplan import ByteRange, Copy, Crc32, DataOp, FilePlan, Literal, Zeros
 
 __all__ = [
-    "FileRange",
     "LazyStorages",
-    "ShardedTorchWriter",
     "TensorSpec",
     "TorchLayout",
-    "TorchWriter",
     "crc32_combine",
     "pickle_for_torch",
     "save_torch",
+    "torch_file",
+    "torch_object_file",
     "torch_layout",
 ]
 
@@ -322,229 +316,71 @@ def _archive_layout(data_pkl: bytes, storages: Sequence[tuple[str, int]],
     return TorchLayout(tuple(records), offsets, storage, cursor, cursor + tail_size)
 
 
-# --------------------------------------------------------------------------- writers
+def torch_file(
+    name: str,
+    tensors: Sequence[PlannedTensor],
+    *,
+    aliases: Mapping[str, str] | None = None,
+    archive_name: str = "archive",
+) -> FilePlan:
+    """The write plan of one ``torch.save`` zip file of a state dict of ``tensors``: every zip
+    record as literal bytes, every tensor's operations at its storage's offset, and each
+    storage's CRC-32 as a derived operation (see :func:`_zip_plan`)."""
+    specs = [TensorSpec(t.name, t.dtype, t.shape) for t in tensors]
+    layout = torch_layout(specs, aliases=aliases, archive_name=archive_name)
+    storage_ops = {t.name: t.ops(layout.offsets[t.name][0]) for t in tensors}
+    return _zip_plan(name, layout, storage_ops, crc32=True)
 
 
-class TorchWriter(ClosingWriter):
-    """A ``torch.save``-compatible zip checkpoint whose tensors are filled piece by piece.
-
-    Same interface as :class:`~dsckpt.formats.safetensors_writer.SafetensorsWriter`::
-
-        with TorchWriter(tmp, specs, aliases={"lm_head.weight": "wte.weight"}) as w:
-            w.write("wte.weight", 0, piece)
-
-    Args:
-        path: the file to create (truncated if it exists).
-        specs: tensors in state-dict order.
-        aliases: ``{alias: canonical}`` sharing the canonical tensor's storage.
-        archive_name: the zip's top folder name.
-        crc32: compute real CRC-32s (zip tools check them; torch does not). ``False`` writes
-            zeros, as ``torch.serialization.set_crc32_options(False)`` does, saving ~1/3 of
-            the CPU time of a write.
-        preallocate: reserve the file's blocks up front (early ENOSPC).
-    """
-
-    def __init__(
-        self,
-        path: os.PathLike[str] | str,
-        specs: Sequence[TensorSpec],
-        *,
-        aliases: Mapping[str, str] | None = None,
-        archive_name: str = "archive",
-        crc32: bool = True,
-        preallocate: bool = True,
-    ) -> None:
-        layout = torch_layout(specs, aliases=aliases, archive_name=archive_name)
-        self._start(path, layout, {s.name: _torch_dtype(s.dtype) for s in specs}, crc32,
-                    preallocate)
-
-    @classmethod
-    def for_layout(cls, path: os.PathLike[str] | str, layout: TorchLayout, *, crc32: bool = True,
-                   preallocate: bool = True) -> TorchWriter:
-        """A writer for a precomputed layout whose storages (named as in ``layout.offsets``)
-        take raw bytes (:func:`save_torch` uses it)."""
-        self = cls.__new__(cls)
-        self._start(path, layout, dict.fromkeys(layout.offsets, torch.uint8), crc32, preallocate)
-        return self
-
-    def _start(self, path: os.PathLike[str] | str, layout: TorchLayout,
-               dtypes: dict[str, torch.dtype], crc32: bool, preallocate: bool) -> None:
-        self.path = Path(path)
-        self.layout = layout
-        self._dtypes = dtypes
-        self._crc32 = crc32
-        self._coverage = Coverage()
-        self._known_crcs: dict[str, int] = {}
-        self._fd: int | None = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
-        try:
-            if preallocate:
-                _preallocate(self._fd, self.layout.file_size)
-            else:
-                os.ftruncate(self._fd, self.layout.file_size)
-            for rec in self.layout.records:
-                blob = rec.local_header + (rec.payload or b"")
-                pwrite_all(self._fd, memoryview(blob), rec.header_offset)
-        except BaseException:
-            self._close_fd()
-            raise
-
-    @property
-    def nbytes(self) -> int:
-        """The file's final size."""
-        return self.layout.file_size
-
-    def write(self, name: str, offset: int, data: Any) -> None:
-        """Write ``data`` at byte ``offset`` of tensor ``name``'s storage.
-
-        Args:
-            name: a tensor (not an alias: aliases share their canonical tensor's storage).
-            offset: byte offset within the tensor.
-            data: a contiguous CPU tensor of the output dtype, or any bytes-like object.
-        """
-        fd, view, end = self._checked_write(name, offset, data)
-        self._coverage.add(name, offset, end, _crc32(view) if self._crc32 else 0)
-
-    def locate(self, name: str) -> tuple[int, int]:
-        """``(fd, absolute file offset)`` of tensor ``name``'s storage, for callers doing
-        their own I/O (the executor's ``Sink`` protocol).
-
-        The caller must fill all its bytes; with ``crc32`` its CRC is then computed at
-        :meth:`close` by reading the storage back (usually from the page cache).
-        """
-        if self._fd is None:
-            raise ValueError(f"{self.path.name} is closed")
-        if name not in self._dtypes:
-            raise KeyError(f"{name!r} is not a tensor of {self.path.name}")
-        self._coverage.external.add(name)
-        return self._fd, self.layout.offsets[name][0]
-
-    def reread_crc(self, name: str) -> int:
-        """CRC-32 of storage ``name`` as written so far, read back from the file (thread-safe:
-        a caller that filled a ``locate``-d storage can compute it on a worker thread while it
-        copies the next one, then hand it over with :meth:`set_crc`)."""
-        return self._reread_crc(*self.layout.offsets[name])
-
-    def set_crc(self, name: str, crc: int) -> None:
-        """Use ``crc`` for the complete storage ``name`` instead of computing it at close."""
-        self._known_crcs[name] = crc
-
-    def _storage_crc(self, name: str) -> int:
-        start, size = self.layout.offsets[name]
-        if name in self._known_crcs:
-            return self._known_crcs[name]
-        if name in self._coverage.external:
-            return self._reread_crc(start, size)
-        pieces = self._coverage.pieces(name)
-        crc, pos = 0, 0
-        for a, b, piece_crc in pieces:
-            if a != pos:  # overlapping rewrites: fall back to reading the bytes back
-                return self._reread_crc(start, size)
-            crc = crc32_combine(crc, piece_crc, b - a)
-            pos = b
-        return crc
-
-    def _reread_crc(self, start: int, size: int) -> int:
-        assert self._fd is not None
-        buf = bytearray(min(size, 16 << 20))  # reused: no allocation per chunk
-        view = memoryview(buf)
-        crc, pos = 0, 0
-        while pos < size:
-            n = os.preadv(self._fd, [view[: min(len(buf), size - pos)]], start + pos)
-            if n <= 0:
-                raise OSError(f"unexpected end of {self.path} while computing a CRC")
-            crc = _crc32(view[:n], crc)
-            pos += n
-        return crc
-
-    def close(self, *, check: bool = True) -> None:
-        """Check completeness, write CRCs and the central directory, close the file.
-
-        With ``check=False`` (after an error) the file is closed unfinished.
-        """
-        if self._fd is None:
-            return
-        try:
-            if not check:
-                return
-            for name in self._dtypes:
-                size = self.layout.offsets[name][1]
-                gap = self._coverage.first_gap(name, size)
-                if gap is not None:
-                    _raise_incomplete(self.path, name, gap, size)
-            crcs = []
-            storage_name = {i: n for n, i in self.layout.storage_records.items()}
-            for i, rec in enumerate(self.layout.records):
-                if rec.payload is not None:
-                    crc = _crc32(rec.payload)
-                elif self._crc32 and rec.size:
-                    crc = self._storage_crc(storage_name[i])
-                else:
-                    crc = 0
-                crcs.append(crc)
-                if rec.size:
-                    end = rec.data_offset + rec.size
-                    pwrite_all(self._fd, memoryview(rec.descriptor(crc)), end)
-            pwrite_all(self._fd, memoryview(self.layout.tail(crcs)), self.layout.central_offset)
-        finally:
-            self._close_fd()
-
-
-class ShardedTorchWriter(ShardedSafetensorsWriter):
-    """transformers-style sharded ``pytorch_model-0000i-of-0000n.bin`` + ``.bin.index.json``.
-
-    Plan with ``plan_shards(..., filename_pattern=TORCH_PATTERN)``. ``metadata`` only goes to
-    the index (a ``.bin`` has no metadata slot); aliases share storage within their shard.
-    """
-
-    def __init__(
-        self,
-        directory: os.PathLike[str] | str,
-        plan: ShardPlan[TensorSpec],
-        *,
-        metadata: Mapping[str, Any] | None = None,
-        crc32: bool = True,
-        preallocate: bool = True,
-    ) -> None:
-        self._crc32 = crc32
-        super().__init__(directory, plan, index_metadata=metadata, preallocate=preallocate)
-
-    def _open_shard(self, path: Path, shard: Any, preallocate: bool) -> Any:
-        return TorchWriter(
-            path,
-            shard.tensors,
-            aliases=dict(shard.aliases),
-            archive_name=shard.filename.split(".", 1)[0],
-            crc32=self._crc32,
-            preallocate=preallocate,
-        )
+def _zip_plan(name: str, layout: TorchLayout, storage_ops: Mapping[str, Sequence[DataOp]],
+              *, crc32: bool) -> FilePlan:
+    """A torch zip file as a write plan: the local headers, small records, data descriptors
+    and the central directory as literals, the storages' bytes as ``storage_ops``, and (with
+    ``crc32``) each storage's CRC-32 as a derived operation patching its data descriptor and
+    central-directory entry; without, storage CRCs stay zero, as torch writes them when
+    ``torch.serialization.set_crc32_options(False)``."""
+    ops: list[DataOp] = []
+    crcs = []
+    for rec in layout.records:
+        ops.append(Literal(rec.header_offset, rec.local_header))
+        crc = 0  # a storage's CRC is patched in once its bytes are written
+        if rec.payload is not None:
+            crc = _crc32(rec.payload)
+            ops.append(Literal(rec.data_offset, rec.payload))
+        crcs.append(crc)
+        if rec.size:
+            ops.append(Literal(rec.data_offset + rec.size, rec.descriptor(crc)))
+    ops.append(Literal(layout.central_offset, layout.tail(crcs)))
+    for storage in storage_ops.values():
+        ops.extend(storage)
+    derived = []
+    entry = layout.central_offset  # each central entry's CRC field is at byte 16 of it
+    for rec in layout.records:
+        if crc32 and rec.payload is None and rec.size:
+            derived.append(Crc32(rec.data_offset, rec.size, (rec.data_offset + rec.size + 4,
+                                                              entry + 16)))
+        entry += len(rec.central_entry(0))
+    return FilePlan(name, layout.file_size, tuple(ops), tuple(derived))
 
 
 # --------------------------------------------------------------------------- any object
 
 
-@dataclass(frozen=True)
-class FileRange:
-    """``nbytes`` bytes at ``offset`` of file ``path``, placed at byte ``at`` of a storage."""
-
-    path: Path
-    offset: int
-    nbytes: int
-    at: int
-
-
 class LazyStorages:
-    """Meta-device storages whose bytes are ranges of files, for :func:`save_torch`.
+    """Meta-device storages whose bytes are ranges of files, for :func:`torch_object_file`.
 
     A tensor on a storage made here behaves like any tensor while a structure is built (views,
-    ``nn.Parameter``, ``requires_grad``, attributes) but holds no data: :func:`save_torch`
-    copies its bytes from the files when it writes the storage. Bytes no range covers are zeros.
+    ``nn.Parameter``, ``requires_grad``, attributes) but holds no data: its storage's bytes are
+    :class:`~dsckpt.plan.fileplan.Copy` records (``at``: the byte offset inside the storage),
+    which become the file's copies when the structure is planned. Bytes no range covers are
+    zeros.
     """
 
     def __init__(self) -> None:
         # keyed by the storage's identity (its StorageImpl); the storage is kept alive with it
-        self._ranges: dict[int, tuple[Any, tuple[FileRange, ...]]] = {}
+        self._ranges: dict[int, tuple[Any, tuple[Copy, ...]]] = {}
 
-    def storage(self, nbytes: int, ranges: Sequence[FileRange] = ()) -> Any:
+    def storage(self, nbytes: int, ranges: Sequence[Copy] = ()) -> Any:
         """A new meta ``UntypedStorage`` of ``nbytes`` whose bytes come from ``ranges``."""
         for r in ranges:
             if r.nbytes < 0 or r.at < 0 or r.at + r.nbytes > nbytes:
@@ -553,7 +389,7 @@ class LazyStorages:
         self._ranges[storage._cdata] = (storage, tuple(r for r in ranges if r.nbytes))
         return storage
 
-    def tensor(self, dtype: torch.dtype, shape: Sequence[int], ranges: Sequence[FileRange] = (),
+    def tensor(self, dtype: torch.dtype, shape: Sequence[int], ranges: Sequence[Copy] = (),
                ) -> torch.Tensor:
         """A contiguous meta tensor on a new storage filled from ``ranges``."""
         numel = 1
@@ -569,7 +405,7 @@ class LazyStorages:
         return torch.empty(0, dtype=dtype, device="meta").set_(storage, offset, tuple(shape),
                                                                tuple(stride))
 
-    def ranges(self, storage: Any) -> tuple[FileRange, ...] | None:
+    def ranges(self, storage: Any) -> tuple[Copy, ...] | None:
         entry = self._ranges.get(storage._cdata)
         return None if entry is None else entry[1]
 
@@ -583,7 +419,7 @@ class _Storage:
     key: str
     nbytes: int
     dtype: torch.dtype
-    ranges: tuple[FileRange, ...] | None  # lazy: from files
+    ranges: tuple[Copy, ...] | None  # lazy: from files
     memory: Any = None  # in-memory CPU UntypedStorage
 
 
@@ -670,6 +506,72 @@ def pickle_for_torch(obj: Any, pickler: type = pickle.Pickler,
     return buf.getvalue(), p.storages
 
 
+def torch_object_file(
+    name: str,
+    obj: Any,
+    *,
+    lazy: LazyStorages | None = None,
+    pickler: type = pickle.Pickler,
+    archive_name: str = "archive",
+    crc32: bool = True,
+) -> FilePlan:
+    """The write plan of ``torch.save(obj)``: ``obj``'s pickle and zip records as literals, its
+    in-memory storages as literals, its lazy storages as copies of their file ranges (a later
+    range wins where two overlap, zeros where none reaches), and each storage's CRC-32 as a
+    derived operation (see :func:`save_torch` for what ``obj`` may hold)."""
+    data_pkl, storages = pickle_for_torch(obj, pickler, lazy)
+    layout = _archive_layout(data_pkl, [(s.key, s.nbytes) for s in storages], archive_name)
+    storage_ops: dict[str, list[DataOp]] = {}
+    for s in storages:
+        base = layout.offsets[s.key][0]
+        if s.memory is not None:  # a CPU tensor's bytes, already in memory
+            raw = torch.empty(0, dtype=torch.uint8).set_(s.memory)
+            storage_ops[s.key] = [Literal(base, _tensor_bytes(raw))] if s.nbytes else []
+            continue
+        storage_ops[s.key] = _visible_ops(s.ranges or (), s.nbytes, base)
+    return _zip_plan(name, layout, storage_ops, crc32=crc32)
+
+
+def _tensor_bytes(raw: torch.Tensor) -> bytes:
+    from dsckpt.execute.executor import tensor_memory
+
+    return bytes(tensor_memory(raw))
+
+
+def _visible_ops(ranges: Sequence[Copy], nbytes: int, base: int) -> list[DataOp]:
+    """Copies of the bytes of ``ranges`` that end up in a storage of ``nbytes`` at file offset
+    ``base`` (a later range overwrites an earlier one where they overlap), zeros elsewhere."""
+    ordered = sorted(ranges, key=lambda r: r.at)
+    if any(a.at + a.nbytes > b.at for a, b in zip(ordered, ordered[1:], strict=False)):
+        ordered = _last_wins(ranges)  # overlaps: rare, so the quadratic clipping is fine
+    ops: list[DataOp] = []
+    pos = 0
+    for r in ordered:
+        if r.at > pos:
+            ops.append(Zeros(base + pos, r.at - pos))
+        ops.append(Copy(base + r.at, r.source))
+        pos = r.at + r.nbytes
+    if pos < nbytes:
+        ops.append(Zeros(base + pos, nbytes - pos))
+    return ops
+
+
+def _last_wins(ranges: Sequence[Copy]) -> list[Copy]:
+    """Disjoint copies, in storage order, of what ``ranges`` leave when each overwrites the
+    earlier ones where they overlap."""
+    visible: list[Copy] = []
+    for r in reversed(ranges):  # clip each earlier range by every later one
+        pieces = [(r.at, r.at + r.nbytes)]
+        for v in visible:
+            a, b = v.at, v.at + v.nbytes
+            pieces = [p for lo, hi in pieces
+                      for p in ((lo, min(hi, a)), (max(lo, b), hi)) if p[0] < p[1]]
+        src = r.source
+        visible.extend(Copy(lo, ByteRange(src.path, src.offset + lo - r.at, hi - lo))
+                       for lo, hi in pieces)
+    return sorted(visible, key=lambda v: v.at)
+
+
 def save_torch(
     obj: Any,
     path: os.PathLike[str] | str,
@@ -688,7 +590,8 @@ def save_torch(
     ``copy_file_range`` from the source files, straight into the output; zeros elsewhere).
     Tensors sharing a storage share it in the file; ``nn.Parameter``, ``requires_grad`` and
     tensor attributes are kept; ``torch.load`` gives back what ``torch.save`` would have
-    written. The file is written in one pass and not fsynced.
+    written. The file is planned (:func:`torch_object_file`) and written by the one executor
+    in one pass, not fsynced.
 
     Args:
         obj: the structure to save.
@@ -699,68 +602,18 @@ def save_torch(
         crc32: real CRC-32s (computed from the source chunks on a worker thread while the
             kernel copies them), or zeros as ``torch.serialization.set_crc32_options(False)``
             writes (``torch.load`` never checks them; zip tools do).
-        preallocate: reserve the file's blocks up front (early ENOSPC).
+        preallocate: unused: the executor always reserves the file's blocks up front.
         progress: called with each number of bytes copied.
 
     Returns:
         The file's size in bytes.
     """
-    from dsckpt.execute.executor import _copy_bytes
+    from dsckpt.execute.executor import write_plan_file
 
-    data_pkl, storages = pickle_for_torch(obj, pickler, lazy)
-    layout = _archive_layout(data_pkl, [(s.key, s.nbytes) for s in storages], archive_name)
-    fds: dict[Path, int] = {}
-    # Each chunk's CRC is computed from the source on a worker thread while the kernel copies
-    # the next chunk (both release the GIL): no second pass over the output.
-    copier = CrcCopier() if crc32 else None
-    pending: dict[str, list[tuple[Any, int]] | None] = {}
-    try:
-        with TorchWriter.for_layout(path, layout, crc32=crc32, preallocate=preallocate) as w:
-            for s in storages:
-                if s.memory is not None:
-                    if s.nbytes:
-                        raw = torch.empty(0, dtype=torch.uint8).set_(s.memory)
-                        w.write(s.key, 0, raw)
-                    continue
-                fd, base = w.locate(s.key)
-                copied: list[tuple[FileRange, list[tuple[Any, int]]]] = []
-                for r in s.ranges or ():
-                    src = fds.get(r.path)
-                    if src is None:
-                        src = fds[r.path] = os.open(r.path, os.O_RDONLY)
-                    if copier is None:
-                        _copy_bytes(src, r.offset, fd, base + r.at, r.nbytes)
-                    else:
-                        copied.append((r, copier.copy(src, r.offset, fd, base + r.at, r.nbytes)))
-                    if progress is not None:
-                        progress(r.nbytes)
-                if copier is not None and s.nbytes:
-                    pending[s.key] = _storage_parts(copied, s.nbytes)
-                    if pending[s.key] is None:  # overlapping ranges: CRC the bytes in place
-                        pending[s.key] = copier.crc_file(fd, base, s.nbytes)
-            for key, parts in pending.items():
-                w.set_crc(key, CrcCopier.crc_of(parts or ()))
-    finally:
-        if copier is not None:
-            copier.close()
-        for fd in fds.values():
-            os.close(fd)
-    return layout.file_size
+    path = Path(path)
+    plan = torch_object_file(path.name, obj, lazy=lazy, pickler=pickler,
+                             archive_name=archive_name, crc32=crc32)
+    write_plan_file(plan, path, progress)
+    return plan.size
 
 
-def _storage_parts(copied: Sequence[tuple[FileRange, list[tuple[Any, int]]]], nbytes: int
-                   ) -> list[tuple[Any, int]] | None:
-    """A storage's CRC parts in byte order, zero holes included, or None when ranges overlap
-    (a later range overwrote an earlier one, so the copied bytes are not the stored ones)."""
-    parts: list[tuple[Any, int]] = []
-    pos = 0
-    for r, chunks in sorted(copied, key=lambda item: item[0].at):
-        if r.at < pos:
-            return None
-        if r.at > pos:
-            parts.append((None, r.at - pos))
-        parts.extend(chunks)
-        pos = r.at + r.nbytes
-    if pos < nbytes:
-        parts.append((None, nbytes - pos))
-    return parts

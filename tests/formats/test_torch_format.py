@@ -1,4 +1,5 @@
-import json
+"""torch.save zip files planned from specs (torch_file) and written by the one executor."""
+
 import os
 import random
 import struct
@@ -7,15 +8,10 @@ import zlib
 
 import pytest
 import torch
+from _memory import in_memory, raw, write
 
-from dsckpt.execute.formats.safetensors_writer import IncompleteOutputError
-from dsckpt.execute.formats.sharding import TORCH_PATTERN, TensorSpec, plan_shards
-from dsckpt.execute.formats.torch_writer import (
-    ShardedTorchWriter,
-    TorchWriter,
-    crc32_combine,
-    torch_layout,
-)
+from dsckpt.execute.formats.sharding import TensorSpec
+from dsckpt.execute.formats.torch_writer import crc32_combine, torch_file, torch_layout
 
 
 def sample_state_dict():
@@ -42,24 +38,6 @@ def specs_of(sd):
     return [TensorSpec(k, v.dtype, tuple(v.shape)) for k, v in sd.items()]
 
 
-def raw(t):
-    return bytes(t.contiguous().reshape(-1).view(torch.uint8).numpy()) if t.numel() else b""
-
-
-def write_in_random_pieces(writer, sd, seed=1):
-    rnd = random.Random(seed)
-    pieces = []
-    for name, t in sd.items():
-        flat = t.contiguous().reshape(-1)
-        n = flat.numel()
-        cuts = sorted({0, n, *(rnd.randrange(n + 1) for _ in range(2))})
-        for a, b in zip(cuts, cuts[1:], strict=False):
-            pieces.append((name, a * t.element_size(), flat[a:b]))
-    rnd.shuffle(pieces)
-    for piece in pieces:
-        writer.write(*piece)
-
-
 def with_alias(sd, alias="lm_head", canonical="wte"):
     out = dict(sd)
     out[alias] = out[canonical]
@@ -70,8 +48,8 @@ def test_same_bytes_as_torch_save_but_the_serialization_id(tmp_path):
     sd = sample_state_dict()
     ref, mine = tmp_path / "ckpt.pt", tmp_path / "mine.pt"
     torch.save(with_alias(sd), ref)
-    with TorchWriter(mine, specs_of(sd), aliases={"lm_head": "wte"}, archive_name="ckpt") as w:
-        write_in_random_pieces(w, sd)
+    write(torch_file(mine.name, in_memory(sd), aliases={"lm_head": "wte"}, archive_name="ckpt"),
+          mine)
     a, b = ref.read_bytes(), mine.read_bytes()
     assert len(a) == len(b)
     za, zb = zipfile.ZipFile(ref), zipfile.ZipFile(mine)
@@ -94,8 +72,7 @@ def test_same_bytes_as_torch_save_but_the_serialization_id(tmp_path):
 def test_loads_with_weights_only_and_mmap_bit_for_bit(tmp_path):
     sd = sample_state_dict()
     path = tmp_path / "model.bin"
-    with TorchWriter(path, specs_of(sd), aliases={"lm_head": "wte"}) as w:
-        write_in_random_pieces(w, sd, seed=3)
+    write(torch_file(path.name, in_memory(sd, 3), aliases={"lm_head": "wte"}), path)
     for mmap in (False, True):
         loaded = torch.load(path, weights_only=True, mmap=mmap)
         assert list(loaded) == [*sd, "lm_head"]  # state-dict order, alias last
@@ -111,29 +88,15 @@ def test_loads_with_weights_only_and_mmap_bit_for_bit(tmp_path):
         )
 
 
-def test_zip_crcs_are_real_even_with_overlapping_rewrites(tmp_path):
+def test_zip_crcs_are_real(tmp_path):
     sd = sample_state_dict()
     path = tmp_path / "crc.pt"
-    with TorchWriter(path, specs_of(sd)) as w:
-        write_in_random_pieces(w, sd)
-        w.write("wte", 8, sd["wte"].reshape(-1)[2:9])  # overlap: CRC is recomputed from disk
+    write(torch_file(path.name, in_memory(sd)), path)
     with zipfile.ZipFile(path) as z:
         assert z.testzip() is None
         for info in z.infolist():
             assert zlib.crc32(z.read(info.filename)) == info.CRC
             assert info.compress_type == zipfile.ZIP_STORED
-
-
-def test_crc32_off_writes_zeros_and_still_loads(tmp_path):
-    sd = {"a": torch.randn(10), "b": torch.randn(3)}
-    path = tmp_path / "nocrc.pt"
-    with TorchWriter(path, specs_of(sd), crc32=False) as w:
-        write_in_random_pieces(w, sd)
-    with zipfile.ZipFile(path) as z:
-        assert [z.getinfo(f"archive/data/{i}").CRC for i in range(2)] == [0, 0]
-        assert z.getinfo("archive/data.pkl").CRC != 0
-    loaded = torch.load(path, weights_only=True)
-    assert all(torch.equal(loaded[k], v) for k, v in sd.items())
 
 
 def test_data_is_64_byte_aligned_and_layout_is_deterministic(tmp_path):
@@ -144,8 +107,7 @@ def test_data_is_64_byte_aligned_and_layout_is_deterministic(tmp_path):
     paths = []
     for i in range(2):
         paths.append(tmp_path / f"{i}.pt")
-        with TorchWriter(paths[-1], specs_of(sd)) as w:
-            write_in_random_pieces(w, sd, seed=i)
+        write(torch_file(paths[-1].name, in_memory(sd, i)), paths[-1])
     assert paths[0].read_bytes() == paths[1].read_bytes()
 
 
@@ -156,8 +118,7 @@ def test_torch_offset_computing_reader_agrees(tmp_path, monkeypatch):
 
     sd = sample_state_dict()
     path = tmp_path / "offsets.pt"
-    with TorchWriter(path, specs_of(sd)) as w:
-        write_in_random_pieces(w, sd)
+    write(torch_file(path.name, in_memory(sd)), path)
     monkeypatch.setenv("TORCH_SERIALIZATION_DEBUG", "1")
     before = config.load.calculate_storage_offsets
     config.load.calculate_storage_offsets = True
@@ -211,66 +172,8 @@ def test_crc32_combine_matches_zlib():
     assert crc32_combine(zlib.crc32(b"xyz"), 0, 0) == zlib.crc32(b"xyz")
 
 
-def test_incomplete_storage_is_reported(tmp_path):
-    w = TorchWriter(tmp_path / "i.pt", [TensorSpec("a", torch.float32, (4,))])
-    w.write("a", 4, torch.zeros(3))
-    with pytest.raises(IncompleteOutputError, match=r"'a' .* bytes \[0, 4\) of 16"):
-        w.close()
-
-
-def test_write_errors(tmp_path):
-    with TorchWriter(
-        tmp_path / "e.pt", [TensorSpec("a", torch.float32, (2,))], aliases={"b": "a"}
-    ) as w:
-        with pytest.raises(KeyError, match="'b'"):
-            w.write("b", 0, torch.zeros(2))
-        with pytest.raises(ValueError, match="torch.float16 but the output is torch.float32"):
-            w.write("a", 0, torch.zeros(2, dtype=torch.float16))
-        with pytest.raises(ValueError, match="outside"):
-            w.write("a", 4, torch.zeros(2))
-        w.write("a", 0, torch.zeros(2))
+def test_layout_errors():
     with pytest.raises(ValueError, match="bad alias"):
         torch_layout([TensorSpec("a", torch.float32, (2,))], aliases={"b": "c"})
-
-
-def test_sharded_torch_output(tmp_path):
-    g = torch.Generator().manual_seed(1)
-    sd = {
-        "wte": torch.randn(50, 10, generator=g),
-        "w": torch.randn(30, 10, generator=g),
-        "b": torch.randn(10, generator=g),
-    }
-    plan = plan_shards(
-        specs_of(sd), 1500, aliases={"lm_head": "wte"}, filename_pattern=TORCH_PATTERN
-    )
-    with ShardedTorchWriter(tmp_path, plan, metadata={"source": "test"}) as w:
-        write_in_random_pieces(w, sd)
-    assert sorted(p.name for p in tmp_path.iterdir()) == [
-        "pytorch_model-00001-of-00002.bin",
-        "pytorch_model-00002-of-00002.bin",
-        "pytorch_model.bin.index.json",
-    ]
-    index = json.loads((tmp_path / "pytorch_model.bin.index.json").read_text())
-    assert index["metadata"] == {"source": "test", "total_size": 3240}
-    merged = {}
-    for filename in sorted(set(index["weight_map"].values())):
-        merged.update(torch.load(tmp_path / filename, weights_only=True, mmap=True))
-    assert set(merged) == {"wte", "w", "b", "lm_head"}
-    assert all(torch.equal(merged[k], v) for k, v in sd.items())
-    assert merged["lm_head"] is merged["wte"]
-    with zipfile.ZipFile(tmp_path / "pytorch_model-00001-of-00002.bin") as z:
-        assert z.namelist()[0] == "pytorch_model-00001-of-00002/data.pkl"
-
-
-def test_locate_with_crc_computed_at_close(tmp_path):
-    sd = {"a": torch.randn(1000), "b": torch.randn(7).bfloat16()}
-    path = tmp_path / "located.pt"
-    with TorchWriter(path, specs_of(sd), aliases={"tied": "a"}) as w:
-        fd, offset = w.locate("a")
-        os.pwrite(fd, raw(sd["a"]), offset)
-        w.write("b", 0, sd["b"])
-    with zipfile.ZipFile(path) as z:
-        assert z.testzip() is None
-    loaded = torch.load(path, weights_only=True, mmap=True)
-    assert torch.equal(loaded["a"], sd["a"]) and torch.equal(loaded["b"], sd["b"])
-    assert loaded["tied"] is loaded["a"]
+    with pytest.raises(ValueError, match="duplicate"):
+        torch_layout([TensorSpec("a", torch.float32, (2,))] * 2)
