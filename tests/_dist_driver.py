@@ -52,5 +52,29 @@ def main() -> None:
         print(json.dumps({"events": events, "error": str(exc)}))
 
 
-if __name__ == "__main__":
+if __name__ == "__main__" and sys.argv[1] != "cli":
     main()
+
+
+def cli() -> None:
+    """argv: cli FAULT ARGS...: the dsckpt CLI in this process, as one rank of a launch (the
+    launcher's variables are in the environment); FAULT makes rank 1's share fail ("raise"),
+    or kills it mid-share ("kill"), or is "none"."""
+    fault, args = sys.argv[2], sys.argv[3:]
+    if fault != "none" and os.environ["RANK"] == "1":
+        from dsckpt.execute import executor
+
+        def broken(*_: object, **__: object) -> None:
+            if fault == "kill":
+                os._exit(9)
+            raise OSError(5, "Input/output error")
+
+        executor.write_file = broken  # type: ignore[assignment]
+    from dsckpt.cli.app import main as dsckpt_main
+
+    sys.argv = ["dsckpt", *args]
+    dsckpt_main()
+
+
+if __name__ == "__main__" and sys.argv[1] == "cli":
+    cli()

@@ -11,6 +11,7 @@ import typer
 from dsckpt.cli.console import print_line, show, warn
 from dsckpt.cli.errors import reporting_interrupt
 from dsckpt.cli.help import examples
+from dsckpt.cli.launch import as_launched
 from dsckpt.cli.options import (
     CheckpointArg,
     DPOpt,
@@ -90,8 +91,14 @@ def reshape(
             write_plan = result.plan_files()
     else:
         started = time.perf_counter()
-        with reporting_interrupt(out), byte_progress(enabled=not quiet) as progress:
+        with (
+            as_launched() as reports,
+            reporting_interrupt(out),
+            byte_progress(enabled=not quiet and reports) as progress,
+        ):
             result = run(ckpt, out, dry_run=False, progress=progress, **options)
+        if not reports:
+            return
     seconds = time.perf_counter() - started
     if as_json:
         typer.echo(to_json(reshape_json(result, seconds, empty, write_plan)))

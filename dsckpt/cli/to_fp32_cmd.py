@@ -10,6 +10,7 @@ import typer
 from dsckpt.cli.console import print_line, warn
 from dsckpt.cli.errors import reporting_interrupt
 from dsckpt.cli.help import examples
+from dsckpt.cli.launch import as_launched
 from dsckpt.cli.options import (
     CheckpointArg,
     ForceOpt,
@@ -157,7 +158,11 @@ def to_fp32(
     if merge_adapter and (hf is not None or exclude_frozen or from_layers):
         raise UsageError("--merge-adapter writes a Hugging Face folder of the merged model: it "
                          "takes no --hf/--no-hf, --exclude-frozen or --from-layers")
-    with reporting_interrupt(out), byte_progress(enabled=not quiet) as progress:
+    with (
+        as_launched() as reports,
+        reporting_interrupt(out),
+        byte_progress(enabled=not quiet and reports) as progress,
+    ):
         if adapter:
             from dsckpt.api.hf import export_adapter
 
@@ -187,6 +192,8 @@ def to_fp32(
                 optimizer=optimizer,
                 optimizer_format=optimizer_format,
             )
+    if not reports:
+        return
     if as_json:
         typer.echo(to_json(consolidate_json(result, dtype)))
     else:

@@ -54,7 +54,9 @@ def write_tag_directory(plan: WritePlan, out: Path, tag: str, *, force: bool, pr
 
     run(plan, out, force=force, progress=progress.advance if progress is not None else None,
         finish=copy_extras)
-    return done[0]
+    # One process of several (dsckpt.execute.distributed) wrote its share only: the leader
+    # copied the extra files and tells what it committed.
+    return done[0] if done else Written([], [], plan.size)
 
 
 def check_reshape_output(layout: Layout, out: Path, force: bool) -> None:

@@ -15,6 +15,7 @@ line, so every process ends with the same one-line message.
 
 from __future__ import annotations
 
+import contextvars
 import hashlib
 import os
 import threading
@@ -55,17 +56,41 @@ class World:
         return self.rank == 0
 
 
+_LAUNCHED: contextvars.ContextVar[World | None] = contextvars.ContextVar(
+    "dsckpt_launched_world", default=None
+)
+
+
+@contextmanager
+def launched(world: World | None) -> Iterator[None]:
+    """Run the conversions inside as this process's share of ``world`` (the CLI enters this
+    with :func:`world_from_env`; a library caller decides for itself: a training script
+    already under torchrun must not turn one process's conversion into a collective)."""
+    token = _LAUNCHED.set(world)
+    try:
+        yield
+    finally:
+        _LAUNCHED.reset(token)
+
+
+def launched_world() -> World | None:
+    """The run this process is part of, inside :func:`launched`; None otherwise."""
+    return _LAUNCHED.get()
+
+
 def world_from_env(env: Mapping[str, str] = os.environ) -> World | None:
     """The run this process belongs to, or None when it runs alone.
 
     ``torchrun`` sets ``RANK``/``WORLD_SIZE``/``MASTER_ADDR``/``MASTER_PORT``; ``srun`` sets
-    ``SLURM_PROCID``/``SLURM_NTASKS`` (the leader's address must then be given as ``MASTER_ADDR``,
-    as for any torch.distributed job under Slurm).
+    ``SLURM_PROCID``/``SLURM_STEP_NUM_TASKS`` (the leader's address must then be given as
+    ``MASTER_ADDR``, as for any torch.distributed job under Slurm).
     """
     if "RANK" in env or "WORLD_SIZE" in env:
         rank_name, size_name = "RANK", "WORLD_SIZE"
-    elif "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
-        rank_name, size_name = "SLURM_PROCID", "SLURM_NTASKS"
+    elif "SLURM_PROCID" in env and "SLURM_STEP_NUM_TASKS" in env:
+        # The tasks of this srun step: a batch script's own shell is a one-task step, so
+        # dsckpt run there directly (not through srun) stays one process.
+        rank_name, size_name = "SLURM_PROCID", "SLURM_STEP_NUM_TASKS"
     else:
         return None
     size = _env_int(env, size_name, 1, _MAX_WORLD)
@@ -122,6 +147,10 @@ class Coordinator:
         self.world = world
         self._store = store
         self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._unsent = 0  # bytes this rank wrote since the last beat
+        self._local: Callable[[int], None] | None = None
+        self._counted = 0  # other ranks' bytes the leader's bar has shown
         self._beat = threading.Thread(target=self._heartbeat, daemon=True)
         self._beat.start()
 
@@ -130,9 +159,39 @@ class Coordinator:
         while not self._stop.is_set():
             try:
                 self._store.add(key, 1)
+                self._share_progress()
             except Exception:  # the leader is gone; the waiting side reports it
                 return
             self._stop.wait(_BEAT_SECONDS)
+
+    def progress(self, local: Callable[[int], None] | None) -> Callable[[int], None] | None:
+        """The progress callback for this process's share. The leader's bar counts the bytes
+        of every rank (the others' arrive through the store, once a second); the others show
+        none."""
+        self._local = local if self.world.is_leader else None
+        self._counted = 0
+
+        def advance(nbytes: int) -> None:
+            if self._local is not None:
+                self._local(nbytes)
+                return
+            with self._lock:
+                self._unsent += nbytes
+
+        return advance
+
+    def _share_progress(self) -> None:
+        with self._lock:
+            unsent, self._unsent = self._unsent, 0
+        if not self.world.is_leader:
+            if unsent:
+                self._store.add("progress", unsent)
+            return
+        if self._local is not None:  # the leader: the others' bytes since the last beat
+            total = self._store.add("progress", 0)
+            if total > self._counted:
+                self._local(total - self._counted)
+                self._counted = total
 
     # -- steps -----------------------------------------------------------------------------------
 
@@ -185,6 +244,8 @@ class Coordinator:
         commit nothing), and calls :meth:`committed` once the output is in place; every other
         rank returns only after that, or raises the failure that ended the run.
         """
+        if not self.world.is_leader:
+            self._share_progress()  # the last bytes, before the leader's bar closes
         self._store.set(f"done/{self.world.rank}", _error_line(error) if error else "")
         if not self.world.is_leader:
             self._expect("done")
@@ -193,6 +254,7 @@ class Coordinator:
             return
         keys = [f"done/{r}" for r in range(self.world.size)]
         self._wait_for(keys, "writing")
+        self._share_progress()
         reports = [self._store.get(k).decode() for k in keys]
         failed = [(r, line) for r, line in enumerate(reports) if line]
         if failed:
@@ -292,17 +354,21 @@ def _error_line(exc: BaseException) -> str:
 @contextmanager
 def coordinator(world: World) -> Iterator[Coordinator]:
     """Join the run's store (the leader hosts it) for the duration of one conversion."""
-    from torch.distributed import TCPStore  # torch is a dependency; imported only when used
+    from torch.distributed import PrefixStore, TCPStore  # imported only when launched
 
+    # Under torchrun the agent already serves a store at MASTER_ADDR:MASTER_PORT (and says so):
+    # every rank joins it as a client. Otherwise rank 0 serves it.
+    agent = os.environ.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() == "true"
     try:
-        store = TCPStore(
+        server = TCPStore(
             world.host,
             world.port,
             world.size,
-            world.is_leader,
+            world.is_leader and not agent,
             timeout=_CONNECT_TIMEOUT,
             wait_for_workers=False,
         )
+        store = PrefixStore(f"dsckpt/{os.environ.get('TORCHELASTIC_RUN_ID', '')}/", server)
     except Exception as exc:
         raise DistributedError(
             f"rank {world.rank} cannot reach the leader at {world.host}:{world.port}: "

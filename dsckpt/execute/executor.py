@@ -13,13 +13,15 @@ from __future__ import annotations
 
 import bisect
 import errno
+import json
 import os
 import re
-from collections.abc import Callable, Iterator, Mapping
-from contextlib import ExitStack
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import AbstractContextManager, ExitStack, contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from dsckpt.execute import distributed
 from dsckpt.execute.atomic import atomic_entries, atomic_output, preallocate
 from dsckpt.execute.formats.crc import CrcCopier, crc32
 from dsckpt.io import dtypes
@@ -37,6 +39,7 @@ from dsckpt.plan.fileplan import (
     Literal,
     WritePlan,
     Zeros,
+    plan_digest,
 )
 
 if TYPE_CHECKING:
@@ -92,23 +95,114 @@ def run(plan: WritePlan, out: Path, *, force: bool = False, progress: Progress |
         OutputError: see :func:`dsckpt.execute.atomic.atomic_output`.
     """
     _refuse_unsound(plan.problems())
+    world = distributed.launched_world()
+    if world is not None:
+        _run_shared(plan, out, world, force=force, progress=progress, durable=durable,
+                    finish=finish)
+        return
+    with _staging(plan, out, force=force, durable=durable) as staged:
+        paths = {f.name: _staged_path(staged, f.name) for f in plan.files}
+        _write_files(plan, paths, progress)
+        if finish is not None:
+            finish(staged)
+
+
+def _staging(plan: WritePlan, out: Path, *, force: bool, durable: bool
+             ) -> AbstractContextManager[Mapping[str, Path]]:
+    """The atomic output of ``plan``: ``{entry: temporary path}``, committed on a clean exit."""
     if plan.directory:
         pattern = re.compile(plan.stale) if plan.stale else None
-        with atomic_entries(
+        return atomic_entries(
             out.parent if plan.beside else out, plan.commit_order(), force=force,
             dirs=plan.dirs, withdraw=plan.withdraw,
             stale=(lambda name: pattern.fullmatch(name) is not None) if pattern else None,
             nbytes=plan.data_nbytes, durable=durable, per_entry=plan.beside,
-        ) as staged:
-            paths = {f.name: _staged_path(staged, f.name) for f in plan.files}
-            _write_files(plan, paths, progress)
+        )
+    return _single_entry(plan.files[0].name, atomic_output(out, force=force,
+                                                           nbytes=plan.data_nbytes,
+                                                           durable=durable))
+
+
+@contextmanager
+def _single_entry(name: str, output: AbstractContextManager[Path]
+                  ) -> Iterator[Mapping[str, Path]]:
+    with output as tmp:
+        yield {name: tmp}
+
+
+def _run_shared(plan: WritePlan, out: Path, world: distributed.World, *, force: bool,
+                progress: Progress | None, durable: bool,
+                finish: Callable[[Mapping[str, Path]], None] | None) -> None:
+    """This process's share of ``plan``, one of ``world``'s (see :mod:`.distributed`).
+
+    Every process planned the same plan (checked by digest before anything is created). The
+    leader stages the output and hands its temporary paths out; each process writes its share:
+    whole files of a directory plan, balanced by size, or for one file a byte-balanced part of
+    its data operations (the leader sizes the file first, and runs its derived operations, the
+    CRC fields and alias copies, once every part is written). The leader commits last.
+    """
+    single = not plan.directory
+    with distributed.coordinator(world) as coord:
+        coord.agree("plan", plan_digest(plan))
+        if single:
+            shares = distributed.balance([op.nbytes for op in plan.files[0].ops], world.size)
+        else:
+            shares = distributed.balance([f.size for f in plan.files], world.size)
+        mine = shares[world.rank]
+        progress = coord.progress(progress)
+        if not world.is_leader:
+            handed = coord.hand_out("staging", dict, _encode_paths, _decode_paths)
+            coord.report(_attempt(lambda: _write_share(plan, handed, mine, progress)))
+            return
+        with _staging(plan, out, force=force, durable=durable) as staged:
+            if single:
+                _create_sized(staged[plan.files[0].name], plan.files[0].size)
+            coord.hand_out("staging", lambda: staged, _encode_paths, _decode_paths)
+            coord.report(_attempt(lambda: _write_share(plan, staged, mine, progress)))
+            if single:  # every part is in: the CRC fields and alias copies read them back
+                with ExitStack() as stack:
+                    write_file(plan.files[0], staged[plan.files[0].name], _Sources(stack),
+                               None, share=(), derive=True)
             if finish is not None:
                 finish(staged)
-        return
-    with atomic_output(out, force=force, nbytes=plan.data_nbytes, durable=durable) as tmp:
-        _write_files(plan, {plan.files[0].name: tmp}, progress)
-        if finish is not None:
-            finish({plan.files[0].name: tmp})
+        coord.committed()
+
+
+def _write_share(plan: WritePlan, staged: Mapping[str, Path], share: Sequence[int],
+                 progress: Progress | None) -> None:
+    with ExitStack() as stack:
+        sources = _Sources(stack)
+        if plan.directory:
+            for i in share:
+                file = plan.files[i]
+                write_file(file, _staged_path(staged, file.name), sources, progress)
+        else:
+            file = plan.files[0]
+            write_file(file, staged[file.name], sources, progress, share=share, derive=False)
+
+
+def _attempt(work: Callable[[], None]) -> Exception | None:
+    try:
+        work()
+    except Exception as exc:  # reported to every rank; the leader then commits nothing
+        return exc
+    return None
+
+
+def _create_sized(path: Path, size: int) -> None:
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        preallocate(fd, size)
+    finally:
+        os.close(fd)
+
+
+def _encode_paths(staged: Mapping[str, Path]) -> str:
+    return json.dumps({name: str(path) for name, path in staged.items()})
+
+
+def _decode_paths(text: str) -> dict[str, Path]:
+    return {name: Path(path) for name, path in json.loads(text).items()}
 
 
 def _refuse_unsound(problems: list[str]) -> None:
@@ -138,7 +232,8 @@ def _write_files(plan: WritePlan, paths: Mapping[str, Path], progress: Progress 
             write_file(file, paths[file.name], sources, progress)
 
 
-def write_file(file: FilePlan, path: Path, sources: _Sources, progress: Progress | None) -> None:
+def write_file(file: FilePlan, path: Path, sources: _Sources, progress: Progress | None,
+               share: Sequence[int] | None = None, derive: bool = True) -> None:
     """Create ``path`` and run ``file``'s data operations, then its derived ones.
 
     A CRC-32 field over bytes that are all copies, literals and zeros, with large copies
@@ -146,15 +241,25 @@ def write_file(file: FilePlan, path: Path, sources: _Sources, progress: Progress
     copied (:class:`~dsckpt.execute.formats.crc.CrcCopier`: a worker thread CRCs each chunk,
     still in the page cache, as the kernel copies the next one), so no second pass reads the
     output; any other range (casts, many small pieces) is read back from the output.
+
+    With ``share`` (several processes writing one file: see :mod:`dsckpt.execute.distributed`)
+    ``path`` exists at its full size already and only the data operations of those indices
+    run, then the derived ones if ``derive`` (the leader's, once every share is written): their
+    CRCs are read back from the output.
     """
-    streamed = _streamed_crcs(file)
+    streamed = _streamed_crcs(file) if share is None else {}
     tiles = {i for inside in streamed.values() for i in inside}
     parts: dict[int, list[tuple[Any, int]]] = {}  # op index -> CRC parts of its bytes
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+    if share is None:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+    else:
+        fd = os.open(path, os.O_RDWR)
     copier = CrcCopier() if streamed else None
     try:
-        preallocate(fd, file.size)
-        for i, op in enumerate(file.ops):
+        if share is None:
+            preallocate(fd, file.size)
+        for i in range(len(file.ops)) if share is None else share:
+            op = file.ops[i]
             if isinstance(op, Literal):
                 _pwrite_all(fd, op.data, op.at)
                 if i in tiles:
@@ -173,7 +278,7 @@ def write_file(file: FilePlan, path: Path, sources: _Sources, progress: Progress
                 parts[i] = crc_parts
             if progress:
                 progress(op.nbytes)
-        for derived in file.derived:
+        for derived in file.derived if derive else ():
             if isinstance(derived, Duplicate):
                 _copy_bytes(fd, derived.start, fd, derived.at, derived.nbytes)
                 continue

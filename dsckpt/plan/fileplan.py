@@ -19,6 +19,7 @@ The one record for "a range of bytes of a source file" is :class:`ByteRange`.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -292,3 +293,27 @@ def _describe_op(op: DataOp | DerivedOp) -> dict[str, Any]:
     if isinstance(op, Duplicate):
         return {"op": "duplicate", "at": op.at, "nbytes": op.nbytes, "start": op.start}
     return {"op": "crc32", "at": list(op.at), "start": op.start, "nbytes": op.nbytes}
+
+
+def plan_digest(plan: WritePlan) -> str:
+    """A digest of everything ``plan`` writes: processes that planned differently (other
+    inputs, options or versions) must not write shares of one output."""
+    h = hashlib.sha256()
+    for name, value in (("directory", plan.directory), ("entries", plan.commit_order()),
+                        ("dirs", plan.dirs), ("withdraw", plan.withdraw),
+                        ("stale", plan.stale), ("beside", plan.beside)):
+        h.update(f"{name}={value!r};".encode())
+    for f in plan.files:
+        h.update(f"file {f.name} {f.size};".encode())
+        for op in (*f.ops, *f.derived):
+            if isinstance(op, Literal):
+                h.update(f"literal {op.at} ".encode() + hashlib.sha256(op.data).digest())
+            elif isinstance(op, Computed):
+                h.update(f"computed {op.at} {op.nbytes} {op.what};".encode())
+            elif isinstance(op, CastCopy):
+                src = op.source
+                h.update(f"cast {op.at} {src.path} {src.offset} {src.dtype.name} {src.shape} "
+                         f"{src.stride} {op.start} {op.count} {op.dtype.name};".encode())
+            else:
+                h.update(f"{op!r};".encode())
+    return h.hexdigest()[:16]

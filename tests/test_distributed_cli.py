@@ -1,0 +1,151 @@
+"""to-fp32 and reshape as several processes (dsckpt.execute.distributed): the same bytes as one
+process, and one failure line on every rank with nothing committed when a rank fails."""
+
+from __future__ import annotations
+
+import filecmp
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import ckpt
+from test_distributed import _free_port
+
+ROOT = Path(__file__).resolve().parents[1]
+DRIVER = Path(__file__).parent / "_dist_driver.py"
+TORCHRUN = Path(sys.executable).parent / "torchrun"
+
+Z2 = ckpt("zero", "z2-bf16-dp2")
+Z3 = ckpt("zero", "z3-fp32-dp3")
+PIPE = ckpt("pipe", "p2t2d2-z1-fp32")
+
+
+def _launch(
+    args: list[str], size: int = 3, fault: str = "none"
+) -> list[subprocess.CompletedProcess]:
+    """``dsckpt ARGS`` as ``size`` processes, the launcher's variables set as torchrun sets them."""
+    port = _free_port()
+    procs = []
+    for rank in range(size):
+        env = {
+            **os.environ,
+            "PYTHONPATH": str(ROOT),
+            "RANK": str(rank),
+            "WORLD_SIZE": str(size),
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(port),
+            "DSCKPT_LOST_AFTER": "3",
+        }
+        env.pop("DSCKPT_DEBUG", None)
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, str(DRIVER), "cli", fault, *args],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+                env=env,
+            )
+        )
+    done = []
+    for proc in procs:
+        out, err = proc.communicate(timeout=240)
+        done.append(subprocess.CompletedProcess(proc.args, proc.returncode, out, err))
+    return done
+
+
+def _alone(args: list[str]) -> None:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    for name in ("RANK", "WORLD_SIZE", "SLURM_PROCID", "SLURM_STEP_NUM_TASKS"):
+        env.pop(name, None)
+    subprocess.run([sys.executable, "-m", "dsckpt", *args], check=True, env=env,
+                   capture_output=True)  # fmt: skip
+
+
+def _same_tree(a: Path, b: Path) -> None:
+    if a.is_file():
+        assert filecmp.cmp(a, b, shallow=False), (a, b)
+        return
+    names = sorted(p.relative_to(a) for p in a.rglob("*"))
+    assert names == sorted(p.relative_to(b) for p in b.rglob("*"))
+    for name in names:
+        if (a / name).is_file():
+            assert filecmp.cmp(a / name, b / name, shallow=False), name
+
+
+@pytest.mark.parametrize(
+    ("args", "out"),
+    [
+        (["to-fp32", Z2], "model.safetensors"),
+        (["to-fp32", Z2], "model.bin"),
+        (["to-fp32", Z2, "--max-shard-size", "1KB"], "hf"),
+        (["to-fp32", Z3, "--optimizer"], "hf"),
+        (["reshape", Z3, "--dp", "2"], "ckpt"),
+        (["reshape", PIPE, "--tp", "1", "--pp", "1", "--dp", "2"], "ckpt"),
+    ],
+    ids=["safetensors", "bin", "shards", "optimizer", "reshape-zero3", "reshape-pipeline"],
+)
+def test_shares_of_several_processes_write_the_bytes_of_one(
+    tmp_path: Path, args: list, out: str
+) -> None:
+    head, rest = [str(a) for a in args[:2]], [str(a) for a in args[2:]]
+    launched, alone = tmp_path / "launched" / out, tmp_path / "alone" / out
+    results = _launch([*head, str(launched), *rest])
+    assert [r.returncode for r in results] == [0, 0, 0], [r.stderr for r in results]
+    assert results[0].stdout.startswith("wrote ")
+    assert results[1].stdout == results[2].stdout == ""  # only rank 0 reports
+    _alone([*head, str(alone), *rest])
+    _same_tree(launched, alone)
+
+
+@pytest.mark.parametrize("fault", ["raise", "kill"])
+def test_a_failed_rank_fails_the_run_and_commits_nothing(tmp_path: Path, fault: str) -> None:
+    out = tmp_path / "out" / "hf"
+    results = _launch(["to-fp32", str(Z2), str(out), "--max-shard-size", "1KB"], fault=fault)
+    survivors = [r for rank, r in enumerate(results) if not (fault == "kill" and rank == 1)]
+    lines = {r.stderr.strip() for r in survivors}
+    assert all(r.returncode == 1 for r in survivors), [r.stderr for r in results]
+    assert len(lines) == 1 and "Traceback" not in next(iter(lines)), lines
+    (line,) = lines
+    if fault == "raise":
+        assert line.startswith("error: rank 1 failed: ") and "Input/output error" in line
+    else:
+        assert results[1].returncode == 9
+        assert line.startswith("error: rank 1 stopped responding")
+    assert "nothing was committed" in line
+    assert list(tmp_path.iterdir()) == []  # no output, no temporaries, not even the parent made
+
+
+def test_ranks_that_planned_differently_refuse_before_writing(tmp_path: Path) -> None:
+    port = _free_port()
+    out = tmp_path / "m.safetensors"
+    procs = []
+    for rank, dtype in enumerate(["fp32", "fp32", "bf16"]):
+        env = {**os.environ, "PYTHONPATH": str(ROOT), "RANK": str(rank), "WORLD_SIZE": "3",
+               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}  # fmt: skip
+        procs.append(subprocess.Popen(
+            [sys.executable, "-m", "dsckpt", "to-fp32", str(Z2), str(out), "--dtype", dtype],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+        ))  # fmt: skip
+    for proc in procs:
+        _, err = proc.communicate(timeout=240)
+        assert proc.returncode == 1 and err.startswith("error: ranks 2 planned a different plan")
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.skipif(not TORCHRUN.exists(), reason="torchrun comes with torch")
+def test_under_torchrun(tmp_path: Path) -> None:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    dsckpt = shutil.which("dsckpt", path=str(Path(sys.executable).parent))
+    assert dsckpt is not None
+    done = subprocess.run(
+        [str(TORCHRUN), "--nproc-per-node", "2", "--master-port", str(_free_port()),
+         "--no-python", dsckpt, "to-fp32", str(Z3), str(tmp_path / "a.safetensors")],
+        capture_output=True, text=True, env=env, timeout=240,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.count("wrote ") == 1
+    _alone(["to-fp32", str(Z3), str(tmp_path / "b.safetensors")])
+    _same_tree(tmp_path / "a.safetensors", tmp_path / "b.safetensors")
