@@ -105,7 +105,8 @@ def test_balance_splits_by_bytes_deterministically() -> None:
         ({"RANK": "0", "WORLD_SIZE": "1"}, None),
         ({"RANK": "1", "WORLD_SIZE": "4", "MASTER_ADDR": "n1", "MASTER_PORT": "1234"},
          World(1, 4, "n1", 1234)),
-        ({"SLURM_PROCID": "3", "SLURM_STEP_NUM_TASKS": "8", "MASTER_ADDR": "n0"}, World(3, 8, "n0", 29500)),
+        ({"SLURM_PROCID": "3", "SLURM_STEP_NUM_TASKS": "8", "MASTER_ADDR": "n0"},
+         World(3, 8, "n0", 29500)),
         ({"SLURM_PROCID": "0", "SLURM_NTASKS": "8"}, None),  # a batch script, not an srun step
     ],
 )  # fmt: skip
