@@ -307,3 +307,20 @@ def test_sigterm_handler_is_restored(tmp_path):
         assert signal.getsignal(signal.SIGTERM) is not before
         tmp.write_bytes(b"x")
     assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_the_next_run_removes_temporaries_of_a_process_that_is_gone(tmp_path: Path) -> None:
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True)  # fmt: skip
+    dead, alive = int(gone.stdout), os.getpid()
+    out = tmp_path / "model.safetensors"
+    stale = tmp_path / f".model.safetensors.dsckpt-tmp-{dead}-0123abcd"
+    live = tmp_path / f".model.safetensors.dsckpt-tmp-{alive}-0123abcd"
+    aside = tmp_path / f".model.safetensors.dsckpt-old-{dead}-0123abcd"  # an earlier output
+    other = tmp_path / f".other.safetensors.dsckpt-tmp-{dead}-0123abcd"  # another output's
+    for path in (stale, live, aside, other):
+        path.write_bytes(b"x")
+    with atomic_output(out) as tmp:
+        tmp.write_bytes(b"new")
+    assert out.read_bytes() == b"new"
+    assert not stale.exists() and live.exists() and aside.exists() and other.exists()

@@ -182,6 +182,32 @@ def _temp_name(dest: Path, marker: str) -> Path:
     return dest.with_name(f".{dest.name[:200]}{marker}{os.getpid()}-{secrets.token_hex(4)}")
 
 
+def _clear_stale(dest: Path) -> None:
+    """Remove temporaries of ``dest`` left by a dsckpt process that is gone (killed, or a lost
+    leader of a multi-process run): the next run to write ``dest`` cleans up after it. Only
+    dsckpt's own temporary names of this very destination are touched, and never the
+    ``.dsckpt-old-`` copy of an earlier output set aside during a commit."""
+    pattern = re.compile(re.escape(f".{dest.name[:200]}{TMP_MARKER}") + r"(\d+)-[0-9a-f]{8}")
+    try:
+        entries = list(os.scandir(dest.parent))
+    except OSError:
+        return  # no directory yet: nothing to clear
+    for entry in entries:
+        m = pattern.fullmatch(entry.name)
+        if m is not None and not _running(int(m.group(1))):
+            _remove(Path(entry.path))
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):
+        return True  # alive, someone else's (or not a pid this system can have: leave it)
+    return True
+
+
 _ADVICE = {
     errno.EACCES: "permission denied: choose a directory you can write to, or fix its permissions",
     errno.EPERM: "operation not permitted: choose a directory you can write to",
@@ -375,6 +401,7 @@ def atomic_output(
     tmp = _temp_name(dest, TMP_MARKER)
     try:
         _refuse_existing(dest, force=force, is_dir=is_dir)
+        _clear_stale(dest)
         created = _make_parents(dest.parent)
     except OSError as exc:
         mapped = output_error(exc, dest, (tmp,), nbytes)
@@ -523,6 +550,8 @@ def atomic_entries(
     staged = {name: _temp_name(directory / name, TMP_MARKER) for name in names}
     try:
         _check_entries(directory, names, dirs, force=force, per_entry=per_entry)
+        for name in names:
+            _clear_stale(directory / name)
         created = _make_parents(directory)
     except OSError as exc:
         mapped = output_error(exc, directory, staged.values(), nbytes)
@@ -599,12 +628,6 @@ def stale_temporaries(directory: os.PathLike[str] | str) -> list[Path]:
         if m is None:
             continue
         pid = int(m.group(1))
-        if pid == os.getpid():
-            continue
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
+        if pid != os.getpid() and not _running(pid):
             out.append(entry)
-        except PermissionError:  # alive, someone else's
-            pass
     return out
