@@ -149,3 +149,36 @@ def test_under_torchrun(tmp_path: Path) -> None:
     assert done.stdout.count("wrote ") == 1
     _alone(["to-fp32", str(Z3), str(tmp_path / "b.safetensors")])
     _same_tree(tmp_path / "a.safetensors", tmp_path / "b.safetensors")
+
+
+@pytest.mark.parametrize(
+    ("args", "out"),
+    [
+        (["to-fp32", Z3, "--max-shard-size", "1KB"], "hf"),
+        (["to-fp32", Z2], "model.bin"),
+        (["reshape", Z3, "--dp", "2"], "ckpt"),
+    ],
+    ids=["shards", "bin", "reshape"],
+)
+def test_workers_on_one_machine_write_the_bytes_of_one_process(
+    tmp_path: Path, args: list, out: str
+) -> None:
+    head, rest = [str(a) for a in args[:2]], [str(a) for a in args[2:]]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    done = subprocess.run(
+        [sys.executable, "-m", "dsckpt", *head, str(tmp_path / "w" / out), *rest, "--workers", "3"],
+        capture_output=True, text=True, env=env, timeout=240,
+    )  # fmt: skip
+    assert done.returncode == 0 and done.stdout.startswith("wrote "), done.stderr
+    _alone([*head, str(tmp_path / "one" / out), *rest])
+    _same_tree(tmp_path / "w" / out, tmp_path / "one" / out)
+
+
+def test_workers_below_one_are_refused(tmp_path: Path) -> None:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    done = subprocess.run(
+        [sys.executable, "-m", "dsckpt", "to-fp32", str(Z2), str(tmp_path / "m.safetensors"),
+         "--workers", "0"], capture_output=True, text=True, env=env,
+    )  # fmt: skip
+    assert done.returncode == 1 and done.stderr.startswith("error: --workers 0")
+    assert list(tmp_path.iterdir()) == []

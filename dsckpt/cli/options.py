@@ -30,6 +30,16 @@ ForceOpt = Annotated[bool, typer.Option("--force", help="Overwrite OUT if it exi
 QuietOpt = Annotated[
     bool, typer.Option("--quiet", "-q", help="No progress bar; only the result line.")
 ]
+WorkersOpt = Annotated[
+    int,
+    typer.Option(
+        "--workers",
+        metavar="N",
+        help="Write with N processes on this machine, each a share of the output files or "
+        "bytes (under torchrun or srun, the launched processes share the work instead; see "
+        "docs/distributed.md).",
+    ),
+]
 RulesOpt = Annotated[
     Path | None,
     typer.Option(

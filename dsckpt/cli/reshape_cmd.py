@@ -23,6 +23,7 @@ from dsckpt.cli.options import (
     RulesOpt,
     TagOpt,
     TPOpt,
+    WorkersOpt,
 )
 from dsckpt.cli.progress import byte_progress
 
@@ -55,6 +56,7 @@ def reshape(
     ] = False,
     force: ForceOpt = False,
     quiet: QuietOpt = False,
+    workers: WorkersOpt = 1,
     as_json: Annotated[
         bool,
         typer.Option("--json", help="Print the result (or the --dry-run plan) as JSON."),
@@ -62,6 +64,7 @@ def reshape(
 ) -> None:
     """Reshape a checkpoint to new degrees (ZeRO 1/2/3: --dp; Megatron pipelines: --tp, --pp,
     --dp together): weights, optimizer state and counters, loadable by unmodified DeepSpeed."""
+    invocation = dict(locals())  # the parameters, for --workers to run this again
     from dsckpt.api.reshaping import reshape as run
     from dsckpt.render import reshape_json, reshape_line, to_json
 
@@ -92,7 +95,7 @@ def reshape(
     else:
         started = time.perf_counter()
         with (
-            as_launched() as reports,
+            as_launched(workers, reshape, invocation) as reports,
             reporting_interrupt(out),
             byte_progress(enabled=not quiet and reports) as progress,
         ):

@@ -17,6 +17,7 @@ from dsckpt.cli.options import (
     QuietOpt,
     RulesOpt,
     TagOpt,
+    WorkersOpt,
     dtype_option,
 )
 from dsckpt.cli.progress import byte_progress
@@ -128,11 +129,13 @@ def to_fp32(
     ] = "safetensors",
     force: ForceOpt = False,
     quiet: QuietOpt = False,
+    workers: WorkersOpt = 1,
     as_json: Annotated[
         bool, typer.Option("--json", help="Print the result as JSON (see docs/json.md).")
     ] = False,
 ) -> None:
     """Consolidate a ZeRO 1/2/3, plain or Megatron 3D checkpoint into one fp32 state dict."""
+    invocation = dict(locals())  # the parameters, for --workers to run this again
     from dsckpt.api.consolidation import check_optimizer_options, consolidate, output_format
     from dsckpt.execute.formats import SHARDED
     from dsckpt.render import consolidate_json, consolidate_line, to_json
@@ -159,7 +162,7 @@ def to_fp32(
         raise UsageError("--merge-adapter writes a Hugging Face folder of the merged model: it "
                          "takes no --hf/--no-hf, --exclude-frozen or --from-layers")
     with (
-        as_launched() as reports,
+        as_launched(workers, to_fp32, invocation) as reports,
         reporting_interrupt(out),
         byte_progress(enabled=not quiet and reports) as progress,
     ):
