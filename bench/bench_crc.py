@@ -238,7 +238,8 @@ def bench_copy(size: int, rounds: int, impls: dict[str, Crc], workdir: Path) -> 
 
 
 _RESHAPE_VARIANTS = {
-    "CRC zero (before)": "import dsckpt.execute.formats.deepspeed_files as z; z.STREAM_CRC32 = False",
+    "CRC zero (before)": "import dsckpt.execute.formats.deepspeed_files as z; "
+    "z.STREAM_CRC32 = False",
     "real CRC, zlib": "import zlib, dsckpt.execute.formats.crc as c, "
     "dsckpt.execute.formats.torch_writer as t; c.crc32 = t._crc32 = zlib.crc32",
     "real CRC, isal": "import dsckpt.execute.formats.crc as c; "

@@ -1,7 +1,7 @@
 """``--workers N`` against one process, side by side: to-fp32 (shards, fp32 and a bf16 cast) and
 reshape, on a real DeepSpeed checkpoint (``make_checkpoint.py``), medians of alternating rounds.
 
-    PYTHONPATH=. .venv/bin/python bench/bench_workers.py [--ckpt DIR] [--workers 1 2 4] [--repeats 3]
+    PYTHONPATH=. .venv/bin/python bench/bench_workers.py [--ckpt DIR] [--workers 1 2 4]
 
 Every output is compared with the one-process output byte for byte. The page cache stays warm
 (the first round warms it): what is measured is the work, not the disk.
