@@ -59,6 +59,7 @@ bench: $(VENV)/.deepspeed
 lint: $(BIN)/dsckpt
 	$(PIP) ruff mypy
 	$(BIN)/ruff check dsckpt tests bench
+	$(BIN)/ruff format --check dsckpt tests bench
 	$(BIN)/mypy dsckpt
 	$(BIN)/lint-imports  # the layer contract of pyproject.toml (docs/architecture.md)
 

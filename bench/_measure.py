@@ -139,8 +139,13 @@ def run_measured(
     result = log.with_suffix(".rusage.json")
     launcher = [sys.executable, "-I", "-S", str(Path(__file__).resolve()), "--launch", str(result)]
     with open(log, "w") as out:
-        proc = subprocess.Popen([*launcher, "--", *cmd], stdout=out, stderr=subprocess.STDOUT,
-                                env=env or child_env(), cwd=cwd)
+        proc = subprocess.Popen(
+            [*launcher, "--", *cmd],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=env or child_env(),
+            cwd=cwd,
+        )
         sampler = _TreeSampler(proc.pid, skip_root=True)
         sampler.start()
         proc.wait()
@@ -152,9 +157,13 @@ def run_measured(
     if check and usage["returncode"] != 0:
         tail = "\n".join(log.read_text(errors="replace").splitlines()[-25:])
         raise CommandFailed(f"exit {usage['returncode']}: {' '.join(cmd)}\n--- {log} ---\n{tail}")
-    return Measurement(wall_s=usage["wall_s"], peak_rss=usage["maxrss"],
-                       tree_rss=sampler.peak_rss, peak_anon=sampler.peak_anon,
-                       returncode=usage["returncode"])
+    return Measurement(
+        wall_s=usage["wall_s"],
+        peak_rss=usage["maxrss"],
+        tree_rss=sampler.peak_rss,
+        peak_anon=sampler.peak_anon,
+        returncode=usage["returncode"],
+    )
 
 
 def _launch(result: str, cmd: list[str]) -> int:
@@ -235,11 +244,16 @@ def fmt_ratio(value: float | None) -> str:
 
 def render_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     """A plain aligned text table (pastes into issues and terminals alike)."""
-    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h)
-              for i, h in enumerate(headers)]
+    widths = [
+        max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)
+    ]
+
     def line(cells: Sequence[str]) -> str:
-        return "  ".join(c.ljust(w) if i == 0 else c.rjust(w)
-                         for i, (c, w) in enumerate(zip(cells, widths, strict=True)))
+        return "  ".join(
+            c.ljust(w) if i == 0 else c.rjust(w)
+            for i, (c, w) in enumerate(zip(cells, widths, strict=True))
+        )
+
     rule = "  ".join("-" * w for w in widths)
     return "\n".join([line(headers), rule, *(line(r) for r in rows)])
 

@@ -65,16 +65,30 @@ class Runs:
 def universal_command(made: Made, out: Path, args: argparse.Namespace) -> list[str]:
     # --inject_missing_state: a checkpoint from a plain DeepSpeed run (no Megatron) lacks the
     # universal_checkpoint_info the converter asserts on; the flag fills in defaults.
-    return [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal",
-            "--input_folder", str(made.ckpt / TAG), "--output_folder", str(out),
-            "--num_extract_workers", str(args.extract_workers),
-            "--num_merge_workers", str(args.merge_workers), "--inject_missing_state"]
+    return [
+        sys.executable,
+        "-m",
+        "deepspeed.checkpoint.ds_to_universal",
+        "--input_folder",
+        str(made.ckpt / TAG),
+        "--output_folder",
+        str(out),
+        "--num_extract_workers",
+        str(args.extract_workers),
+        "--num_merge_workers",
+        str(args.merge_workers),
+        "--inject_missing_state",
+    ]
 
 
 def reshape_flags() -> list[str]:
     """--force / --quiet where the installed reshape command has them."""
-    done = subprocess.run([bin_path("dsckpt"), "reshape", "--help"], capture_output=True,
-                          text=True, env=child_env({"COLUMNS": "200"}))
+    done = subprocess.run(
+        [bin_path("dsckpt"), "reshape", "--help"],
+        capture_output=True,
+        text=True,
+        env=child_env({"COLUMNS": "200"}),
+    )
     return [flag for flag in ("--force", "--quiet") if flag in done.stdout]
 
 
@@ -108,8 +122,11 @@ def run_all(made: Made, args: argparse.Namespace) -> tuple[Runs, dict[str, Path]
         run = run_measured(cmd, logs / f"{tool.replace(' ', '_')}-{round_no}.log")
         runs.by_tool.setdefault(tool, []).append(run)
         runs.out_bytes[tool] = tree_bytes(out)
-        print(f"  {tool:<24} run {round_no + 1}: {run.wall_s:6.1f} s, peak {fmt_mb(run.tree_rss)} "
-              f"MB (largest process {fmt_mb(run.peak_rss)} MB)", flush=True)
+        print(
+            f"  {tool:<24} run {round_no + 1}: {run.wall_s:6.1f} s, peak {fmt_mb(run.tree_rss)} "
+            f"MB (largest process {fmt_mb(run.peak_rss)} MB)",
+            flush=True,
+        )
     return runs, {tool: out for tool, (_, out) in tools.items()}
 
 
@@ -125,8 +142,9 @@ def verify(made: Made, outputs: dict[str, Path], runs: Runs, args: argparse.Name
         if tool == UNIVERSAL:
             continue
         got = check / tool.split()[-1]
-        reshaped = Made(spec=made.spec, ckpt=out, make_s=0, phases={}, peak_total=0,
-                        peak_ranks=[], disk=0)
+        reshaped = Made(
+            spec=made.spec, ckpt=out, make_s=0, phases={}, peak_total=0, peak_ranks=[], disk=0
+        )
         try:
             run_measured(deepspeed_command(reshaped, got, "safetensors"), check / f"{got.name}.log")
             runs.checks[tool] = compare_outputs(reference, got)
@@ -148,8 +166,10 @@ def summary(results: list[tuple[Made, Runs]]) -> str:
                 continue
             ratio = runs.wall(UNIVERSAL) / runs.wall(tool)
             ok = verdict(ratio >= TARGET_SPEEDUP)
-            lines.append(f"{made.spec.label()} params, {tool}: {ratio:.1f}x faster than "
-                         f"{UNIVERSAL}, target {TARGET_SPEEDUP:g}x {ok}")
+            lines.append(
+                f"{made.spec.label()} params, {tool}: {ratio:.1f}x faster than "
+                f"{UNIVERSAL}, target {TARGET_SPEEDUP:g}x {ok}"
+            )
     by_scale = sorted(results, key=lambda r: r[0].spec.scale)
     for (small, a), (large, b) in zip(by_scale, by_scale[1:], strict=False):
         if large.spec.scale != 2 * small.spec.scale:
@@ -158,11 +178,16 @@ def summary(results: list[tuple[Made, Runs]]) -> str:
             if tool not in b.by_tool:
                 continue
             change = b.mem(tool) / a.mem(tool) - 1
-            mark = "" if tool == UNIVERSAL else \
-                f", target < {TARGET_GROWTH:.0%} {verdict(change < TARGET_GROWTH)}"
-            lines.append(f"{tool}: peak {fmt_mb(a.mem(tool))} MB at {small.spec.label()}, "
-                         f"{fmt_mb(b.mem(tool))} MB at {large.spec.label()} "
-                         f"({change:+.1%}){mark}")
+            mark = (
+                ""
+                if tool == UNIVERSAL
+                else f", target < {TARGET_GROWTH:.0%} {verdict(change < TARGET_GROWTH)}"
+            )
+            lines.append(
+                f"{tool}: peak {fmt_mb(a.mem(tool))} MB at {small.spec.label()}, "
+                f"{fmt_mb(b.mem(tool))} MB at {large.spec.label()} "
+                f"({change:+.1%}){mark}"
+            )
     return "\n".join(lines)
 
 
@@ -171,34 +196,77 @@ def report(made: Made, runs: Runs) -> str:
     rows = []
     for tool, measured in runs.by_tool.items():
         walls = [m.wall_s for m in measured]
-        rows.append([tool, f"{median(walls):.1f}", f"{min(walls):.1f}-{max(walls):.1f}",
-                     str(len(walls)), fmt_mb(runs.mem(tool)),
-                     fmt_mb(median([m.peak_rss for m in measured])),
-                     fmt_mb(runs.out_bytes[tool]),
-                     "-" if tool == UNIVERSAL else fmt_ratio(base[0] / runs.wall(tool)),
-                     "-" if tool == UNIVERSAL else fmt_ratio(base[1] / runs.mem(tool)),
-                     runs.checks.get(tool, "-")])
-    headers = ["tool", "wall s", "range", "runs", "peak MB (tree)", "largest proc MB", "out MB",
-               "time DS/dsckpt", "RSS DS/dsckpt", "zero_to_fp32 on output"]
-    return "\n".join(["", "== checkpoint ==", describe(made), "",
-                      f"== reshape {made.spec.label()} params, DP 2: medians ==",
-                      render_table(headers, rows), ""])
+        rows.append(
+            [
+                tool,
+                f"{median(walls):.1f}",
+                f"{min(walls):.1f}-{max(walls):.1f}",
+                str(len(walls)),
+                fmt_mb(runs.mem(tool)),
+                fmt_mb(median([m.peak_rss for m in measured])),
+                fmt_mb(runs.out_bytes[tool]),
+                "-" if tool == UNIVERSAL else fmt_ratio(base[0] / runs.wall(tool)),
+                "-" if tool == UNIVERSAL else fmt_ratio(base[1] / runs.mem(tool)),
+                runs.checks.get(tool, "-"),
+            ]
+        )
+    headers = [
+        "tool",
+        "wall s",
+        "range",
+        "runs",
+        "peak MB (tree)",
+        "largest proc MB",
+        "out MB",
+        "time DS/dsckpt",
+        "RSS DS/dsckpt",
+        "zero_to_fp32 on output",
+    ]
+    return "\n".join(
+        [
+            "",
+            "== checkpoint ==",
+            describe(made),
+            "",
+            f"== reshape {made.spec.label()} params, DP 2: medians ==",
+            render_table(headers, rows),
+            "",
+        ]
+    )
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--workdir", type=Path, default=DEFAULT_WORKDIR,
-                   help="scratch dir for checkpoints, outputs and logs (default %(default)s)")
+    p.add_argument(
+        "--workdir",
+        type=Path,
+        default=DEFAULT_WORKDIR,
+        help="scratch dir for checkpoints, outputs and logs (default %(default)s)",
+    )
     p.add_argument("--repeats", type=int, default=3, help="timed runs per tool (default 3)")
     p.add_argument("--quick", action="store_true", help="a 50M-parameter model: a smoke test")
-    p.add_argument("--scales", type=float, nargs="+", choices=(0.5, 1, 2), default=[1],
-                   help="model scales (make_checkpoint.py --scale), each benchmarked in turn; "
-                        "two that double show the memory growth (default 1: 420M)")
+    p.add_argument(
+        "--scales",
+        type=float,
+        nargs="+",
+        choices=(0.5, 1, 2),
+        default=[1],
+        help="model scales (make_checkpoint.py --scale), each benchmarked in turn; "
+        "two that double show the memory growth (default 1: 420M)",
+    )
     p.add_argument("--dp", type=int, nargs="+", default=[4, 1], help="target DP sizes (4 1)")
-    p.add_argument("--extract-workers", type=int, default=4,
-                   help="ds_to_universal --num_extract_workers (its default, 4)")
-    p.add_argument("--merge-workers", type=int, default=2,
-                   help="ds_to_universal --num_merge_workers (its default, 2)")
+    p.add_argument(
+        "--extract-workers",
+        type=int,
+        default=4,
+        help="ds_to_universal --num_extract_workers (its default, 4)",
+    )
+    p.add_argument(
+        "--merge-workers",
+        type=int,
+        default=2,
+        help="ds_to_universal --num_merge_workers (its default, 2)",
+    )
     p.add_argument("--no-verify", action="store_true", help="skip the zero_to_fp32 check")
     p.add_argument("--keep-outputs", action="store_true", help="keep the converted checkpoints")
     return p.parse_args(argv)

@@ -117,8 +117,11 @@ class Result:
 def deepspeed_command(made: Made, out: Path, fmt: str) -> list[str]:
     """The converter DeepSpeed copies into every save_dir: what users are told to run."""
     script = made.ckpt / "zero_to_fp32.py"
-    cmd = [sys.executable, str(script)] if script.exists() else [
-        sys.executable, "-m", "deepspeed.utils.zero_to_fp32"]
+    cmd = (
+        [sys.executable, str(script)]
+        if script.exists()
+        else [sys.executable, "-m", "deepspeed.utils.zero_to_fp32"]
+    )
     cmd += [str(made.ckpt), str(out)]
     return cmd + (["--safe_serialization"] if fmt == "safetensors" else [])
 
@@ -147,8 +150,11 @@ def fp32_ranges(made: Made) -> list[tuple[Path, int, int]]:
     ranges = []
     for path in made.optim_files():
         state = torch.load(path, map_location="meta", weights_only=False)["optimizer_state_dict"]
-        key = ("single_partition_of_fp32_groups" if "single_partition_of_fp32_groups" in state
-               else "fp32_flat_groups")
+        key = (
+            "single_partition_of_fp32_groups"
+            if "single_partition_of_fp32_groups" in state
+            else "fp32_flat_groups"
+        )
         for t in state[key]:
             offset = t.untyped_storage()._checkpoint_offset + t.storage_offset() * t.element_size()
             ranges.append((path, offset, t.numel() * t.element_size()))
@@ -234,8 +240,9 @@ def iter_output(path: Path) -> Iterator[tuple[str, Tensor]]:
     import torch
     from safetensors import safe_open
 
-    files = sorted(path.glob("*.safetensors")) + sorted(path.glob("*.bin")) if path.is_dir() else [
-        path]
+    files = (
+        sorted(path.glob("*.safetensors")) + sorted(path.glob("*.bin")) if path.is_dir() else [path]
+    )
     for file in files:
         if file.suffix == ".safetensors":
             with safe_open(str(file), framework="pt") as fh:
@@ -275,13 +282,25 @@ def prepare_run(cold: bool) -> None:
         drop_caches()
 
 
-def run_tool(tool: str, made: Made, args: argparse.Namespace, dsckpt: list[str] | None,
-             out: Path, log: Path, show: bool) -> Measurement:
+def run_tool(
+    tool: str,
+    made: Made,
+    args: argparse.Namespace,
+    dsckpt: list[str] | None,
+    out: Path,
+    log: Path,
+    show: bool,
+) -> Measurement:
     if tool == IMPORT_DEEPSPEED:
         cmd = [sys.executable, "-c", "import deepspeed.utils.zero_to_fp32"]
     elif tool == DSCKPT_STARTUP:
-        cmd = [*(dsckpt or []), str(SAMPLE), str(args.workdir / "out" / "sample.safetensors"),
-               "--force", "--quiet"]
+        cmd = [
+            *(dsckpt or []),
+            str(SAMPLE),
+            str(args.workdir / "out" / "sample.safetensors"),
+            "--force",
+            "--quiet",
+        ]
     elif tool == DEEPSPEED:
         cmd = deepspeed_command(made, out, args.ds_format)
     else:
@@ -291,8 +310,9 @@ def run_tool(tool: str, made: Made, args: argparse.Namespace, dsckpt: list[str] 
     return run_measured(cmd, log)
 
 
-def run_io_bound(tool: str, result: Result, ranges: list[tuple[Path, int, int]],
-                 scratch: Path) -> str:
+def run_io_bound(
+    tool: str, result: Result, ranges: list[tuple[Path, int, int]], scratch: Path
+) -> str:
     if tool == IO_COPY:
         result.io_copy_s.append(time_copy(ranges, scratch))
         return f"{result.io_copy_s[-1]:.1f} s"
@@ -301,11 +321,17 @@ def run_io_bound(tool: str, result: Result, ranges: list[tuple[Path, int, int]],
     return f"read {result.io_read_s[-1]:.1f} s + write {result.io_write_s[-1]:.1f} s"
 
 
-def bench_config(config: str, made: Made, args: argparse.Namespace, dsckpt: list[str] | None,
-                 mode: str) -> Result:
+def bench_config(
+    config: str, made: Made, args: argparse.Namespace, dsckpt: list[str] | None, mode: str
+) -> Result:
     cold = mode == "cold"
-    result = Result(config=config, label=made.spec.label(), mode=mode, stage=made.spec.stage,
-                    params=made.spec.params)
+    result = Result(
+        config=config,
+        label=made.spec.label(),
+        mode=mode,
+        stage=made.spec.stage,
+        params=made.spec.params,
+    )
     outs = output_paths(args.workdir, made.spec.name)
     outs[DEEPSPEED].parent.mkdir(parents=True, exist_ok=True)
     logs = args.workdir / "logs" / made.spec.name / mode
@@ -324,11 +350,20 @@ def bench_config(config: str, made: Made, args: argparse.Namespace, dsckpt: list
             if tool in outs:
                 remove(outs[tool])
             log = logs / f"{tool.replace(' ', '_')}-{round_no}.log"
-            run = run_tool(tool, made, args, dsckpt, outs.get(tool, Path()), log,
-                           show=round_no == 0 and tool not in FLOORS)
+            run = run_tool(
+                tool,
+                made,
+                args,
+                dsckpt,
+                outs.get(tool, Path()),
+                log,
+                show=round_no == 0 and tool not in FLOORS,
+            )
             result.runs.setdefault(tool, []).append(run)
-            line = (f"{run.wall_s:.1f} s, peak {fmt_mb(run.peak_rss)} MB "
-                    f"(anon {fmt_mb(run.peak_anon)} MB)")
+            line = (
+                f"{run.wall_s:.1f} s, peak {fmt_mb(run.peak_rss)} MB "
+                f"(anon {fmt_mb(run.peak_anon)} MB)"
+            )
         print(f"  {mode} {config} {tool:<15} run {round_no + 1}: {line}", flush=True)
     if dsckpt:
         result.identical = compare_outputs(outs[DEEPSPEED], outs[DSCKPT])
@@ -351,16 +386,37 @@ def timing_table(results: list[Result]) -> str:
         name = f"{r.label} {r.mode}"
         for tool in (DEEPSPEED, DSCKPT, IO_RW, IO_COPY, *FLOORS):
             if tool in (IO_RW, IO_COPY):
-                totals = ([a + b for a, b in zip(r.io_read_s, r.io_write_s, strict=True)]
-                          if tool == IO_RW else r.io_copy_s)
+                totals = (
+                    [a + b for a, b in zip(r.io_read_s, r.io_write_s, strict=True)]
+                    if tool == IO_RW
+                    else r.io_copy_s
+                )
                 wall = r.io_rw() if tool == IO_RW else median(r.io_copy_s)
-                rows.append([name, f"{tool} {r.io_bytes / 1e9:.2f} GB", f"{wall:.1f}",
-                             f"{min(totals):.1f}-{max(totals):.1f}", str(len(totals)), "-", "-"])
+                rows.append(
+                    [
+                        name,
+                        f"{tool} {r.io_bytes / 1e9:.2f} GB",
+                        f"{wall:.1f}",
+                        f"{min(totals):.1f}-{max(totals):.1f}",
+                        str(len(totals)),
+                        "-",
+                        "-",
+                    ]
+                )
             elif tool in r.runs:
                 walls = [m.wall_s for m in r.runs[tool]]
                 spread = f"{min(walls):.1f}-{max(walls):.1f}"
-                rows.append([name, tool, f"{median(walls):.1f}", spread, str(len(walls)),
-                             fmt_mb(r.mem(tool) or 0), fmt_mb(r.anon(tool) or 0)])
+                rows.append(
+                    [
+                        name,
+                        tool,
+                        f"{median(walls):.1f}",
+                        spread,
+                        str(len(walls)),
+                        fmt_mb(r.mem(tool) or 0),
+                        fmt_mb(r.anon(tool) or 0),
+                    ]
+                )
     headers = ["checkpoint", "tool", "wall s", "range", "runs", "peak RSS MB", "anon MB"]
     return render_table(headers, rows)
 
@@ -375,15 +431,25 @@ def ratio_table(results: list[Result]) -> str:
     rows = []
     for r in results:
         ours = r.wall(DSCKPT)
-        rows.append([f"{r.label} {r.mode}",
-                     fmt_ratio(div(r.wall(DEEPSPEED), ours)),
-                     fmt_ratio(div(r.mem(DEEPSPEED), r.mem(DSCKPT))),
-                     fmt_ratio(div(ours, r.io_bound())),
-                     fmt_ratio(div(above_floor(r), r.io_bound())),
-                     r.identical])
+        rows.append(
+            [
+                f"{r.label} {r.mode}",
+                fmt_ratio(div(r.wall(DEEPSPEED), ours)),
+                fmt_ratio(div(r.mem(DEEPSPEED), r.mem(DSCKPT))),
+                fmt_ratio(div(ours, r.io_bound())),
+                fmt_ratio(div(above_floor(r), r.io_bound())),
+                r.identical,
+            ]
+        )
     # The last ratio leaves out dsckpt's fixed start-up (interpreter, CLI, discovery).
-    headers = ["checkpoint", "time DS/dsckpt", "RSS DS/dsckpt", "dsckpt/I-O bound",
-               "(dsckpt-floor)/I-O", "outputs"]
+    headers = [
+        "checkpoint",
+        "time DS/dsckpt",
+        "RSS DS/dsckpt",
+        "dsckpt/I-O bound",
+        "(dsckpt-floor)/I-O",
+        "outputs",
+    ]
     return render_table(headers, rows)
 
 
@@ -392,7 +458,8 @@ def doublings(results: list[Result]) -> Iterator[tuple[Result, Result]]:
     for small in results:
         for large in results:
             if (small.stage, small.mode) == (large.stage, large.mode) and abs(
-                    large.params / small.params - 2) < 0.01:
+                large.params / small.params - 2
+            ) < 0.01:
                 yield small, large
 
 
@@ -411,7 +478,8 @@ def growth_lines(results: list[Result]) -> list[str]:
                 lines.append(
                     f"ZeRO-{small.stage} {small.mode} {tool}: {fmt_mb(small.mem(tool) or 0)} MB at "
                     f"{small.params / 1e6:,.0f}M -> {fmt_mb(large.mem(tool) or 0)} MB at "
-                    f"{large.params / 1e6:,.0f}M params ({change:+.1%})")
+                    f"{large.params / 1e6:,.0f}M params ({change:+.1%})"
+                )
     return lines
 
 
@@ -432,20 +500,30 @@ def target_lines(results: list[Result]) -> list[str]:
             f"{verdict(speed >= TARGET_SPEEDUP)} ({speed:.1f}x); "
             f"RSS <= 1/8 {verdict(rss <= TARGET_RSS_FRACTION)} (1/{1 / rss:.1f}); "
             f"within {TARGET_IO_FACTOR}x of I/O {verdict(io <= TARGET_IO_FACTOR)} ({io:.2f}x; "
-            f"{io_work} after dsckpt's fixed start-up)")
+            f"{io_work} after dsckpt's fixed start-up)"
+        )
     for small, large in doublings(results):
         change = growth(small, large, DSCKPT)
         if change is not None:
             lines.append(
                 f"ZeRO-{small.stage} {small.mode}: dsckpt RSS growth < {TARGET_GROWTH:.0%} when "
-                f"the model doubles {verdict(change < TARGET_GROWTH)} ({change:+.1%})")
+                f"the model doubles {verdict(change < TARGET_GROWTH)} ({change:+.1%})"
+            )
     return lines
 
 
 def report(results: list[Result], made: list[Made]) -> str:
-    parts = ["", "== checkpoints (made by DeepSpeed) ==", *(describe(m) for m in made), "",
-             "== to-fp32: medians over alternating runs ==", timing_table(results), "",
-             ratio_table(results), ""]
+    parts = [
+        "",
+        "== checkpoints (made by DeepSpeed) ==",
+        *(describe(m) for m in made),
+        "",
+        "== to-fp32: medians over alternating runs ==",
+        timing_table(results),
+        "",
+        ratio_table(results),
+        "",
+    ]
     sizes = growth_lines(results)
     if sizes:
         parts += ["== memory against model size ==", *sizes, ""]
@@ -460,18 +538,35 @@ def report(results: list[Result], made: list[Made]) -> str:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--workdir", type=Path, default=DEFAULT_WORKDIR,
-                   help="scratch dir for checkpoints, outputs and logs (default %(default)s)")
+    p.add_argument(
+        "--workdir",
+        type=Path,
+        default=DEFAULT_WORKDIR,
+        help="scratch dir for checkpoints, outputs and logs (default %(default)s)",
+    )
     p.add_argument("--repeats", type=int, default=3, help="timed runs per tool (default 3)")
-    p.add_argument("--configs", default=DEFAULT_CONFIGS,
-                   help=f"comma-separated, of {', '.join(CONFIGS)} (default {DEFAULT_CONFIGS})")
+    p.add_argument(
+        "--configs",
+        default=DEFAULT_CONFIGS,
+        help=f"comma-separated, of {', '.join(CONFIGS)} (default {DEFAULT_CONFIGS})",
+    )
     p.add_argument("--quick", action="store_true", help="25M / 50M-parameter models: a smoke test")
-    p.add_argument("--cold", action="store_true",
-                   help="also run with the page cache dropped before every run (needs root)")
-    p.add_argument("--ds-format", choices=("safetensors", "bin"), default="safetensors",
-                   help="zero_to_fp32's output format (default safetensors, as dsckpt writes)")
-    p.add_argument("--dsckpt", default=None,
-                   help="command to run instead of the venv's `dsckpt to-fp32` (e.g. a stub)")
+    p.add_argument(
+        "--cold",
+        action="store_true",
+        help="also run with the page cache dropped before every run (needs root)",
+    )
+    p.add_argument(
+        "--ds-format",
+        choices=("safetensors", "bin"),
+        default="safetensors",
+        help="zero_to_fp32's output format (default safetensors, as dsckpt writes)",
+    )
+    p.add_argument(
+        "--dsckpt",
+        default=None,
+        help="command to run instead of the venv's `dsckpt to-fp32` (e.g. a stub)",
+    )
     p.add_argument("--keep-outputs", action="store_true", help="keep the converted files")
     p.add_argument("--json", type=Path, help="also write every measurement here")
     return p.parse_args(argv)
@@ -482,8 +577,10 @@ def check_deepspeed_cli() -> None:
     for module in ("deepspeed", "huggingface_hub"):
         if importlib.util.find_spec(module) is None:
             pip = Path(sys.executable).parent / "pip"
-            raise SystemExit(f"DeepSpeed's zero_to_fp32 command needs {module}: "
-                             f"{pip} install -c constraints.txt {module}")
+            raise SystemExit(
+                f"DeepSpeed's zero_to_fp32 command needs {module}: "
+                f"{pip} install -c constraints.txt {module}"
+            )
 
 
 def dsckpt_base(args: argparse.Namespace) -> list[str] | None:

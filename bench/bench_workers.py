@@ -26,8 +26,15 @@ from _measure import (
 
 JOBS = {
     "to-fp32 shards": ["to-fp32", "{ckpt}", "{out}", "--max-shard-size", "500MB"],
-    "to-fp32 bf16 shards": ["to-fp32", "{ckpt}", "{out}", "--max-shard-size", "500MB",
-                            "--dtype", "bf16"],
+    "to-fp32 bf16 shards": [
+        "to-fp32",
+        "{ckpt}",
+        "{out}",
+        "--max-shard-size",
+        "500MB",
+        "--dtype",
+        "bf16",
+    ],
     "to-fp32 one file": ["to-fp32", "{ckpt}", "{out}.safetensors"],
     "reshape --dp 4": ["reshape", "{ckpt}", "{out}", "--dp", "4"],
 }

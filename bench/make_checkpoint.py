@@ -130,9 +130,16 @@ def ensure_checkpoint(
     ckpt, record = paths(spec, workdir)
     if record.exists() and (ckpt / "latest").exists():
         data = json.loads(record.read_text())
-        return Made(spec=spec, ckpt=ckpt, make_s=data["make_s"], phases=data["phases"],
-                    peak_total=data["peak_total"], peak_ranks=data["peak_ranks"],
-                    disk=data["disk"], cached=True)
+        return Made(
+            spec=spec,
+            ckpt=ckpt,
+            make_s=data["make_s"],
+            phases=data["phases"],
+            peak_total=data["peak_total"],
+            peak_ranks=data["peak_ranks"],
+            disk=data["disk"],
+            cached=True,
+        )
     if check_memory:
         _check_memory(spec)
     # A directory without made.json is a run that died half way: start over.
@@ -172,20 +179,42 @@ def _check_memory(spec: Spec) -> None:
 def _train_and_save(spec: Spec, ckpt: Path) -> Made:
     base = ckpt.parent
     cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(DP),
-        "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
-        str(Path(__file__).resolve()), "--worker", "--stage", str(spec.stage),
-        "--scale", f"{spec.scale:g}", "--save", str(ckpt), "--report", str(base / "ranks.json"),
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        str(DP),
+        "--master_addr",
+        "127.0.0.1",
+        "--master_port",
+        str(free_port()),
+        str(Path(__file__).resolve()),
+        "--worker",
+        "--stage",
+        str(spec.stage),
+        "--scale",
+        f"{spec.scale:g}",
+        "--save",
+        str(ckpt),
+        "--report",
+        str(base / "ranks.json"),
     ]
     if spec.quick:
         cmd.append("--quick")
     # One thread per rank: two ranks share two cores, and oversubscription only slows them.
-    run = run_measured(cmd, base / "make.log",
-                       env=child_env({"OMP_NUM_THREADS": "1", **MALLOC_ENV}))
+    run = run_measured(
+        cmd, base / "make.log", env=child_env({"OMP_NUM_THREADS": "1", **MALLOC_ENV})
+    )
     ranks = json.loads((base / "ranks.json").read_text())
-    return Made(spec=spec, ckpt=ckpt, make_s=run.wall_s, phases=ranks["phases"],
-                peak_total=max(run.tree_rss, sum(ranks["peak_rss"])), peak_ranks=ranks["peak_rss"],
-                disk=tree_bytes(ckpt))
+    return Made(
+        spec=spec,
+        ckpt=ckpt,
+        make_s=run.wall_s,
+        phases=ranks["phases"],
+        peak_total=max(run.tree_rss, sum(ranks["peak_rss"])),
+        peak_ranks=ranks["peak_rss"],
+        disk=tree_bytes(ckpt),
+    )
 
 
 # --------------------------------------------------------------------------- the torchrun worker
@@ -215,8 +244,12 @@ def build_model(spec: Spec) -> Any:
 def ds_config(spec: Spec) -> dict[str, Any]:
     zero: dict[str, Any] = {"stage": spec.stage, "reduce_bucket_size": BUCKET}
     if spec.stage == 3:
-        zero |= {"sub_group_size": SUB_GROUP, "stage3_prefetch_bucket_size": BUCKET,
-                 "stage3_max_live_parameters": 2 * BUCKET, "stage3_max_reuse_distance": 2 * BUCKET}
+        zero |= {
+            "sub_group_size": SUB_GROUP,
+            "stage3_prefetch_bucket_size": BUCKET,
+            "stage3_max_live_parameters": 2 * BUCKET,
+            "stage3_max_reuse_distance": 2 * BUCKET,
+        }
     else:
         zero["allgather_bucket_size"] = BUCKET
     return {
@@ -224,8 +257,10 @@ def ds_config(spec: Spec) -> dict[str, Any]:
         "train_micro_batch_size_per_gpu": MICRO_BATCH,
         "gradient_accumulation_steps": 1,
         "steps_per_print": 1_000_000,
-        "optimizer": {"type": "AdamW",
-                      "params": {"torch_adam": True, "lr": 1e-4, "weight_decay": 0.01}},
+        "optimizer": {
+            "type": "AdamW",
+            "params": {"torch_adam": True, "lr": 1e-4, "weight_decay": 0.01},
+        },
         "zero_optimization": zero,
     }
 
@@ -284,8 +319,9 @@ def worker(spec: Spec, save: Path, report: Path) -> None:
     # VmHWM, not ru_maxrss: the latter also counts torchrun's memory at the fork that made the rank.
     dist.all_gather_object(peaks, _vm("VmHWM"))
     if rank == 0:
-        report.write_text(json.dumps({"phases": phase.seconds, "peak_rss": peaks,
-                                      "rss_mb": phase.rss_mb}) + "\n")
+        report.write_text(
+            json.dumps({"phases": phase.seconds, "peak_rss": peaks, "rss_mb": phase.rss_mb}) + "\n"
+        )
     dist.barrier()
     dist.destroy_process_group()  # a rare gloo abort at exit was seen without it
 
@@ -297,21 +333,31 @@ def describe(made: Made) -> str:
     ranks = ", ".join(fmt_mb(p) for p in made.peak_ranks)
     phases = ", ".join(f"{k[:-2]} {v:.1f}" for k, v in made.phases.items())
     how = "cached" if made.cached else "made"
-    return (f"{made.spec.name}: {how}; DeepSpeed took {made.make_s:.1f} s ({phases} s on rank 0), "
-            f"peak {fmt_mb(made.peak_total)} MB for both ranks (per rank {ranks} MB), "
-            f"{made.disk / MB:,.0f} MB on disk at {made.ckpt}")
+    return (
+        f"{made.spec.name}: {how}; DeepSpeed took {made.make_s:.1f} s ({phases} s on rank 0), "
+        f"peak {fmt_mb(made.peak_total)} MB for both ranks (per rank {ranks} MB), "
+        f"{made.disk / MB:,.0f} MB on disk at {made.ckpt}"
+    )
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--stage", type=int, choices=(2, 3), default=2)
-    p.add_argument("--scale", type=float, choices=(0.5, 1, 2), default=1,
-                   help="multiplies the layer count (default 1: 420M params)")
+    p.add_argument(
+        "--scale",
+        type=float,
+        choices=(0.5, 1, 2),
+        default=1,
+        help="multiplies the layer count (default 1: 420M params)",
+    )
     p.add_argument("--quick", action="store_true", help="a 50M-parameter model instead of 420M")
     p.add_argument("--workdir", type=Path, default=DEFAULT_WORKDIR)
     p.add_argument("--force", action="store_true", help="remake even if cached")
-    p.add_argument("--ignore-memory-check", action="store_true",
-                   help="make it even if the estimated peak exceeds MemAvailable")
+    p.add_argument(
+        "--ignore-memory-check",
+        action="store_true",
+        help="make it even if the estimated peak exceeds MemAvailable",
+    )
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--save", type=Path, help=argparse.SUPPRESS)
     p.add_argument("--report", type=Path, help=argparse.SUPPRESS)
@@ -326,8 +372,9 @@ def main(argv: list[str] | None = None) -> None:
         return
     if args.force:
         remove(paths(spec, args.workdir)[0].parent)
-    print(describe(ensure_checkpoint(spec, args.workdir,
-                                     check_memory=not args.ignore_memory_check)))
+    print(
+        describe(ensure_checkpoint(spec, args.workdir, check_memory=not args.ignore_memory_check))
+    )
 
 
 if __name__ == "__main__":

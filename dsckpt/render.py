@@ -213,17 +213,21 @@ def _hf_folder_part(result: Any) -> str:
     if hf is None:
         return ""
     if getattr(hf, "merged", None) is not None:
-        part = (f"; LoRA adapter {hf.adapter_name!r} merged into {len(hf.merged)} weights of "
-                f"{hf.base} (W + (B @ A) * {hf.scaling:g} in fp32, as PEFT's merge_and_unload): "
-                f"copied {', '.join(hf.copied) or 'nothing'}")
+        part = (
+            f"; LoRA adapter {hf.adapter_name!r} merged into {len(hf.merged)} weights of "
+            f"{hf.base} (W + (B @ A) * {hf.scaling:g} in fp32, as PEFT's merge_and_unload): "
+            f"copied {', '.join(hf.copied) or 'nothing'}"
+        )
         if hf.dtype_from_config:
             part += f"; dtype {result.dtype} from {hf.base}/config.json"
         if hf.not_copied:
             part += "; not copied: " + ", ".join(f"{n} ({why})" for n, why in hf.not_copied)
         return part
     if getattr(hf, "adapter_name", None) is not None:
-        part = (f"; PEFT adapter {hf.adapter_name!r} (its name removed from the keys, as PEFT "
-                f"saves them): copied {', '.join(hf.copied) or 'nothing'}")
+        part = (
+            f"; PEFT adapter {hf.adapter_name!r} (its name removed from the keys, as PEFT "
+            f"saves them): copied {', '.join(hf.copied) or 'nothing'}"
+        )
         if hf.not_copied:
             part += "; not copied: " + ", ".join(f"{n} ({why})" for n, why in hf.not_copied)
         return part
@@ -340,8 +344,9 @@ def _world(topology: dict[str, int]) -> int:
     return topology["pp"] * topology["tp"] * topology["dp"]
 
 
-def reshape_json(result: Any, seconds: float, empty_ranks: int,
-                 write_plan: Any = None) -> dict[str, Any]:
+def reshape_json(
+    result: Any, seconds: float, empty_ranks: int, write_plan: Any = None
+) -> dict[str, Any]:
     """reshape --json (and --dry-run --json, with the write plan: every file and its byte
     ranges); keys are documented in docs/json.md."""
     src, dst = reshape_topologies(result)
@@ -574,8 +579,10 @@ def _universal_line(layout: Layout) -> str:
     info = layout.universal
     assert info is not None
     trainable = [p for p in info.params if p.trainable]
-    held = sorted({s for p in trainable for s in p.states} | (
-        {"step"} if any(p.step is not None for p in trainable) else set()))
+    held = sorted(
+        {s for p in trainable for s in p.states}
+        | ({"step"} if any(p.step is not None for p in trainable) else set())
+    )
     copies = len(info.params) - len(trainable)
     # ds_to_universal also copies module tensors (buffers, frozen) there, cast to float32.
     extra = f" + {copies} module copies" if copies else ""

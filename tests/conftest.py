@@ -72,8 +72,9 @@ def cli(monkeypatch: pytest.MonkeyPatch):
     return run
 
 
-def torchrun_jobs(driver: Path, world: int, jobs: list[dict[str, Any]], work: Path,
-                  label: str) -> float:
+def torchrun_jobs(
+    driver: Path, world: int, jobs: list[dict[str, Any]], work: Path, label: str
+) -> float:
     """Run ``driver SPEC`` under torchrun with ``world`` CPU ranks, SPEC a JSON file of
     ``{"jobs": jobs}`` (the resume tests drive several DeepSpeed runs per launch); returns the
     wall time. The log is ``work/<label>.log``; its tail is in the error if the launch fails."""
@@ -82,15 +83,31 @@ def torchrun_jobs(driver: Path, world: int, jobs: list[dict[str, Any]], work: Pa
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(world),
-           "--master_addr", "127.0.0.1", "--master_port", str(port), str(driver), str(spec)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu",
-           "CUDA_VISIBLE_DEVICES": ""}
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        str(world),
+        "--master_addr",
+        "127.0.0.1",
+        "--master_port",
+        str(port),
+        str(driver),
+        str(spec),
+    ]
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "DS_ACCELERATOR": "cpu",
+        "CUDA_VISIBLE_DEVICES": "",
+    }
     start = time.monotonic()
     log = work / f"{label}.log"
     with open(log, "w") as out:
-        proc = subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT, env=env,
-                              cwd=Path(__file__).parent.parent)
+        proc = subprocess.run(
+            cmd, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=Path(__file__).parent.parent
+        )
     if proc.returncode != 0:
         tail = "\n".join(log.read_text().splitlines()[-40:])
         raise RuntimeError(f"torchrun {label} exited {proc.returncode}:\n{tail}")

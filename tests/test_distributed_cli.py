@@ -182,3 +182,55 @@ def test_workers_below_one_are_refused(tmp_path: Path) -> None:
     )  # fmt: skip
     assert done.returncode == 1 and done.stderr.startswith("error: --workers 0")
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.skipif(not TORCHRUN.exists(), reason="torchrun comes with torch")
+@pytest.mark.parametrize(
+    ("args", "out"),
+    [
+        (["to-fp32", Z3], "model.safetensors"),
+        (["reshape", PIPE, "--tp", "1", "--pp", "1", "--dp", "2"], "ckpt"),
+    ],
+    ids=["to-fp32", "reshape-pipeline"],
+)
+def test_two_nodes_on_one_machine(tmp_path: Path, args: list, out: str) -> None:
+    """Two torchrun invocations, one per "node", meeting at a c10d rendezvous on 127.0.0.1."""
+    head, rest = [str(a) for a in args[:2]], [str(a) for a in args[2:]]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    dsckpt = shutil.which("dsckpt", path=str(Path(sys.executable).parent))
+    assert dsckpt is not None
+    endpoint = f"127.0.0.1:{_free_port()}"
+    nodes = [
+        subprocess.Popen(
+            [
+                str(TORCHRUN),
+                "--nnodes",
+                "2",
+                "--node-rank",
+                str(node),
+                "--nproc-per-node",
+                "2",
+                "--rdzv-backend",
+                "c10d",
+                "--rdzv-endpoint",
+                endpoint,
+                "--rdzv-id",
+                "dsckpt-test",
+                "--no-python",
+                dsckpt,
+                *head,
+                str(tmp_path / "two" / out),
+                *rest,
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+        )  # fmt: skip
+        for node in (0, 1)
+    ]
+    outputs = [node.communicate(timeout=300) for node in nodes]
+    assert [n.returncode for n in nodes] == [0, 0], [err[-2000:] for _, err in outputs]
+    assert sum(stdout.count("wrote ") for stdout, _ in outputs) == 1  # rank 0 alone reports
+    _alone([*head, str(tmp_path / "one" / out), *rest])
+    _same_tree(tmp_path / "two" / out, tmp_path / "one" / out)

@@ -104,8 +104,9 @@ def regenerate() -> None:
         command = shlex.split(lines[0])[2:]
         scratch = Path(tempfile.mkdtemp())  # each command in its own directory, as in the test
         (scratch / "tests").symlink_to(ROOT / "tests")
-        run = subprocess.run([str(dsckpt), *command], cwd=scratch, env=env, capture_output=True,
-                             text=True)
+        run = subprocess.run(
+            [str(dsckpt), *command], cwd=scratch, env=env, capture_output=True, text=True
+        )
         return [lines[0], *(x.rstrip() for x in run.stdout.rstrip("\n").splitlines())]
 
     def block(match: re.Match[str]) -> str:

@@ -20,8 +20,9 @@ def _plan(fmt: str, out: str, name: str = "z2-fp32-dp2", **kw) -> WritePlan:
     return output_plan(fmt, Path(out), plan, metadata={"format": "pt"}, max_shard_size="1KB")
 
 
-@pytest.mark.parametrize("fmt,out", [(SAFETENSORS, "m.safetensors"), (TORCH, "m.bin"),
-                                     (SHARDED, "hf")])
+@pytest.mark.parametrize(
+    "fmt,out", [(SAFETENSORS, "m.safetensors"), (TORCH, "m.bin"), (SHARDED, "hf")]
+)
 def test_every_format_plans_every_byte_once(fmt: str, out: str) -> None:
     plan = _plan(fmt, out)
     assert plan.problems() == []
@@ -87,13 +88,17 @@ def test_an_unsound_plan_is_refused_before_anything_is_written(tmp_path: Path) -
     assert list(tmp_path.iterdir()) == []
 
 
-@pytest.mark.parametrize("kind,name,degrees", [
-    ("zero", "z2-fp32-dp2", {"dp": 3}),
-    ("zero", "z3-bf16-dp2", {"dp": 1}),
-    ("pipe", "p2t2d1-z1-fp32", {"tp": 1, "pp": 1, "dp": 1}),
-])
-def test_a_dry_run_plans_exactly_the_bytes_a_reshape_writes(tmp_path: Path, kind: str,
-                                                             name: str, degrees: dict) -> None:
+@pytest.mark.parametrize(
+    "kind,name,degrees",
+    [
+        ("zero", "z2-fp32-dp2", {"dp": 3}),
+        ("zero", "z3-bf16-dp2", {"dp": 1}),
+        ("pipe", "p2t2d1-z1-fp32", {"tp": 1, "pp": 1, "dp": 1}),
+    ],
+)
+def test_a_dry_run_plans_exactly_the_bytes_a_reshape_writes(
+    tmp_path: Path, kind: str, name: str, degrees: dict
+) -> None:
     """The plan a dry run shows is the one the reshape runs: same files, same sizes, and every
     planned copy's source bytes are the output's bytes at its offset."""
     import dsckpt
@@ -104,25 +109,24 @@ def test_a_dry_run_plans_exactly_the_bytes_a_reshape_writes(tmp_path: Path, kind
     assert not out.exists() and plan.problems() == []
     dsckpt.reshape(ckpt(kind, name), out, **degrees)
     written = {str(p.relative_to(out)): p for p in out.rglob("*") if p.is_file()}
-    assert {f.name: f.size for f in plan.files} == {n: p.stat().st_size
-                                                    for n, p in written.items()}
+    assert {f.name: f.size for f in plan.files} == {n: p.stat().st_size for n, p in written.items()}
     copies = 0
     for f in plan.files:
         data = bytearray(written[f.name].read_bytes())
         for crc in (op for op in f.derived if isinstance(op, Crc32)):
-            want = zlib.crc32(data[crc.start:crc.start + crc.nbytes]).to_bytes(4, "little")
+            want = zlib.crc32(data[crc.start : crc.start + crc.nbytes]).to_bytes(4, "little")
             for at in crc.at:
-                assert data[at:at + 4] == want, f.name
-                data[at:at + 4] = b"\0\0\0\0"  # as the literal holds it before the patch
+                assert data[at : at + 4] == want, f.name
+                data[at : at + 4] = b"\0\0\0\0"  # as the literal holds it before the patch
         for op in f.ops:
             if isinstance(op, Copy):
                 src = op.source
                 with open(src.path, "rb") as fh:
                     fh.seek(src.offset)
-                    assert data[op.at:op.at + op.nbytes] == fh.read(src.nbytes), f.name
+                    assert data[op.at : op.at + op.nbytes] == fh.read(src.nbytes), f.name
                 copies += 1
             elif isinstance(op, Literal):
-                assert data[op.at:op.at + op.nbytes] == op.data, f.name
+                assert data[op.at : op.at + op.nbytes] == op.data, f.name
     assert copies > 0
 
 

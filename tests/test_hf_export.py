@@ -16,10 +16,19 @@ import torch
 from safetensors import safe_open
 
 HF = Path(__file__).parent / "fixtures" / "hf"
-TRAINER = ["trainer-z2-bf16-untied", "trainer-z2-fp32-tied", "trainer-z3-bf16-tied",
-           "trainer-z3-fp32-untied"]
-COPIED = ["config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
-          "chat_template.jinja"]
+TRAINER = [
+    "trainer-z2-bf16-untied",
+    "trainer-z2-fp32-tied",
+    "trainer-z3-bf16-tied",
+    "trainer-z3-fp32-untied",
+]
+COPIED = [
+    "config.json",
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "chat_template.jinja",
+]
 transformers = pytest.importorskip("transformers")
 
 
@@ -63,8 +72,7 @@ def load(folder: Path) -> Any:
 
 
 @pytest.mark.parametrize("name", TRAINER)
-def test_from_pretrained_gives_the_live_weights_and_logits(cli, tmp_path: Path,
-                                                           name: str) -> None:
+def test_from_pretrained_gives_the_live_weights_and_logits(cli, tmp_path: Path, name: str) -> None:
     output_dir = HF / name / "output_dir"
     out = tmp_path / "hf-model"
     result = cli("to-fp32", output_dir, out, "--hf", "-q")
@@ -96,7 +104,8 @@ def test_default_when_config_json_is_there_and_no_hf_opts_out(cli, tmp_path: Pat
     result = cli("to-fp32", output_dir, tmp_path / "auto", "-q")
     assert result.exit_code == 0, result.output
     assert "Hugging Face folder (config.json found; --no-hf for the weights alone)" in (
-        result.output.replace("\n", " "))
+        result.output.replace("\n", " ")
+    )
     assert (tmp_path / "auto" / "config.json").exists()
     assert "lm_head.weight" not in saved_keys(tmp_path / "auto")
     result = cli("to-fp32", output_dir, tmp_path / "plain", "--no-hf", "-q")
@@ -116,8 +125,10 @@ def test_a_single_file_out_stays_plain_by_default(cli, tmp_path: Path) -> None:
     assert "--hf writes a folder" in result.output
 
 
-@pytest.mark.parametrize(("name", "want"), [("trainer-z3-bf16-tied", torch.bfloat16),
-                                            ("trainer-z3-fp32-untied", torch.float32)])
+@pytest.mark.parametrize(
+    ("name", "want"),
+    [("trainer-z3-bf16-tied", torch.bfloat16), ("trainer-z3-fp32-untied", torch.float32)],
+)
 def test_dtype_auto_takes_the_configs(cli, tmp_path: Path, name: str, want: Any) -> None:
     out = tmp_path / "hf-model"
     result = cli("to-fp32", HF / name / "output_dir", out, "--dtype", "auto", "--json", "-q")
@@ -154,10 +165,13 @@ def test_config_without_dtype_refuses_auto(cli, tmp_path: Path) -> None:
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize(("ckpt", "why"), [
-    ("accelerate-z3-bf16-2models/output_dir/step_4", "holds no config.json"),
-    ("lora-z3-bf16-untied/output_dir", "PEFT adapter"),
-])
+@pytest.mark.parametrize(
+    ("ckpt", "why"),
+    [
+        ("accelerate-z3-bf16-2models/output_dir/step_4", "holds no config.json"),
+        ("lora-z3-bf16-untied/output_dir", "PEFT adapter"),
+    ],
+)
 def test_hf_without_a_model_config_is_refused(cli, tmp_path: Path, ckpt: str, why: str) -> None:
     extra = ["--tag", "pytorch_model"] if "accelerate" in ckpt else []
     result = cli("to-fp32", HF / ckpt, tmp_path / "out", "--hf", *extra)
@@ -183,8 +197,9 @@ def test_shards_use_transformers_naming_and_load(cli, tmp_path: Path) -> None:
     index = json.loads((out / "model.safetensors.index.json").read_text())
     shards = sorted(set(index["weight_map"].values()))
     assert len(shards) > 1
-    assert shards == [f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-                      for i in range(1, len(shards) + 1)]
+    assert shards == [
+        f"model-{i:05d}-of-{len(shards):05d}.safetensors" for i in range(1, len(shards) + 1)
+    ]
     assert not (out / "model.safetensors").exists()
     got = load(out).state_dict()
     for key, value in ref(name, "ref_live.pt").items():
@@ -204,7 +219,8 @@ def test_force_replaces_only_what_dsckpt_writes(cli, tmp_path: Path) -> None:
     assert result.exit_code == 0, result.output
     assert (out / "README.md").read_text() == "my model card"
     assert (out / "config.json").read_bytes() == (
-        output_dir / "checkpoint-4" / "config.json").read_bytes()
+        output_dir / "checkpoint-4" / "config.json"
+    ).read_bytes()
     assert not [p for p in out.iterdir() if "dsckpt" in p.name]  # no temporaries left
 
 
@@ -244,8 +260,9 @@ peft = pytest.importorskip("peft")
 
 
 def lora_base() -> Any:
-    return transformers.AutoModelForCausalLM.from_pretrained(HF / LORA / "base",
-                                                             dtype=torch.float32)
+    return transformers.AutoModelForCausalLM.from_pretrained(
+        HF / LORA / "base", dtype=torch.float32
+    )
 
 
 def test_adapter_loads_in_peft_as_the_trained_fp32_adapter(cli, tmp_path: Path) -> None:
@@ -272,8 +289,9 @@ def test_adapter_loads_in_peft_as_the_trained_fp32_adapter(cli, tmp_path: Path) 
 
 
 def test_adapter_refusals(cli, tmp_path: Path) -> None:
-    result = cli("to-fp32", HF / "trainer-z3-fp32-untied" / "output_dir", tmp_path / "a",
-                 "--adapter")
+    result = cli(
+        "to-fp32", HF / "trainer-z3-fp32-untied" / "output_dir", tmp_path / "a", "--adapter"
+    )
     assert result.exit_code == 1
     assert "not LoRA matrices" in result.output.replace("\n", " ")
     result = cli("to-fp32", HF / LORA / "output_dir", tmp_path / "a.safetensors", "--adapter")
@@ -285,11 +303,18 @@ def test_adapter_refusals(cli, tmp_path: Path) -> None:
     assert not (tmp_path / "a").exists()
 
 
-@pytest.mark.parametrize(("key", "value"), [("use_dora", True), ("bias", "lora_only"),
-                                            ("modules_to_save", ["lm_head"]),
-                                            ("peft_type", "IA3")])
-def test_adapter_configs_it_does_not_write_exactly_are_refused(cli, tmp_path: Path, key: str,
-                                                               value: Any) -> None:
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [
+        ("use_dora", True),
+        ("bias", "lora_only"),
+        ("modules_to_save", ["lm_head"]),
+        ("peft_type", "IA3"),
+    ],
+)
+def test_adapter_configs_it_does_not_write_exactly_are_refused(
+    cli, tmp_path: Path, key: str, value: Any
+) -> None:
     ckpt = tmp_path / "checkpoint-4"
     shutil.copytree(HF / LORA / "output_dir" / "checkpoint-4", ckpt)
     config = json.loads((ckpt / "adapter_config.json").read_text())
@@ -310,8 +335,9 @@ def test_library_export_adapter(tmp_path: Path) -> None:
 
 def test_merge_adapter_equals_peft_merge_and_unload(cli, tmp_path: Path) -> None:
     out = tmp_path / "merged"
-    result = cli("to-fp32", HF / LORA / "output_dir", out, "--merge-adapter", HF / LORA / "base",
-                 "-q")
+    result = cli(
+        "to-fp32", HF / LORA / "output_dir", out, "--merge-adapter", HF / LORA / "base", "-q"
+    )
     assert result.exit_code == 0, result.output
     assert "merged into 4 weights" in result.output.replace("\n", " ")
     model = load(out)
@@ -348,8 +374,9 @@ def test_merge_adapter_into_a_model_it_does_not_fit_is_refused(cli, tmp_path: Pa
     assert result.exit_code == 1
     assert "model.layers.1.self_attn.v_proj.weight" in result.output.replace("\n", " ")
     assert not (tmp_path / "m").exists()
-    result = cli("to-fp32", HF / LORA / "output_dir", tmp_path / "m", "--merge-adapter",
-                 tmp_path / "nowhere")
+    result = cli(
+        "to-fp32", HF / LORA / "output_dir", tmp_path / "m", "--merge-adapter", tmp_path / "nowhere"
+    )
     assert result.exit_code == 1 and "config.json" in result.output
 
 
@@ -388,8 +415,17 @@ def test_merge_adapter_dtype_auto_takes_the_bases(cli, tmp_path: Path) -> None:
     config["dtype"] = "bfloat16"
     (base / "config.json").write_text(json.dumps(config))
     out = tmp_path / "merged"
-    result = cli("to-fp32", HF / LORA / "output_dir", out, "--merge-adapter", base,
-                 "--dtype", "auto", "--json", "-q")
+    result = cli(
+        "to-fp32",
+        HF / LORA / "output_dir",
+        out,
+        "--merge-adapter",
+        base,
+        "--dtype",
+        "auto",
+        "--json",
+        "-q",
+    )
     assert result.exit_code == 0, result.output
     record = json.loads(result.output)
     assert record["dtype"] == "bf16" and record["hf"]["dtype_from_config"] is True

@@ -94,8 +94,9 @@ def test_accelerate_models_by_tag(cli, tmp_path: Path, tag: str, suffix: str) ->
     out = tmp_path / "model.safetensors"
     result = cli("to-fp32", ACCEL, out, "--tag", tag, "-q")
     assert result.exit_code == 0, result.output
-    assert_equal_to(load_file(out), ref("accelerate-z3-bf16-2models", "step_4",
-                                        f"ref_live{suffix}.pt"))
+    assert_equal_to(
+        load_file(out), ref("accelerate-z3-bf16-2models", "step_4", f"ref_live{suffix}.pt")
+    )
 
 
 def test_accelerate_two_models_without_tag_is_one_line_listing_them(cli, tmp_path: Path) -> None:

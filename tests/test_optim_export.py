@@ -91,9 +91,7 @@ def test_safetensors_holds_the_live_moments_groups_and_step(name: str, tmp_path:
 def test_torch_format_loads_into_a_plain_adamw_with_the_live_state(
     name: str, tmp_path: Path
 ) -> None:
-    consolidate(
-        ckpt("zero", name), tmp_path / "hf", optimizer=True, optimizer_format="torch"
-    )
+    consolidate(ckpt("zero", name), tmp_path / "hf", optimizer=True, optimizer_format="torch")
     saved = torch.load(tmp_path / "hf" / "optimizer.pt", weights_only=True, mmap=True)
     fact = facts("zero", name)
     model = build_model(fact["seed"])
@@ -145,8 +143,13 @@ def test_pipelines_merge_the_state_like_the_weights(name: str, tmp_path: Path) -
 
 def test_pipeline_torch_format_indexes_every_parameter(tmp_path: Path) -> None:
     name = "p2t2d1-z1-bf16"  # BF16_Optimizer, TP and PP merged
-    consolidate(ckpt("pipe", name), tmp_path / "out", optimizer=True, optimizer_format="torch",
-                strip_vocab_padding=False)
+    consolidate(
+        ckpt("pipe", name),
+        tmp_path / "out",
+        optimizer=True,
+        optimizer_format="torch",
+        strip_vocab_padding=False,
+    )
     saved = torch.load(tmp_path / "out" / "optimizer.pt", weights_only=True)
     layout = open_checkpoint(ckpt("pipe", name))
     order = plan_optimizer_export(layout, plan_for(layout, strip_vocab_padding=False)).parameters
@@ -170,8 +173,16 @@ def test_directory_out_gets_optimizer_before_the_index_and_keeps_other_files(
     out = tmp_path / "hf"
     out.mkdir()
     (out / "config.json").write_text("{}")
-    result = cli("to-fp32", ckpt("zero", "z2-fp32-dp2"), out, "--optimizer",
-                 "--max-shard-size", "1KB", "--force", "-q")
+    result = cli(
+        "to-fp32",
+        ckpt("zero", "z2-fp32-dp2"),
+        out,
+        "--optimizer",
+        "--max-shard-size",
+        "1KB",
+        "--force",
+        "-q",
+    )
     assert result.exit_code == 0, result.output
     line = _one_line(result.output)
     assert "optimizer state:" in line and "2 frozen without state" in line
@@ -184,31 +195,49 @@ def test_directory_out_gets_optimizer_before_the_index_and_keeps_other_files(
 
 def test_json_result_names_the_optimizer_file(tmp_path: Path, cli) -> None:
     out = tmp_path / "model.bin"
-    result = cli("to-fp32", ckpt("zero", "z3-fp32-dp2"), out, "--optimizer",
-                 "--optimizer-format", "torch", "--json", "-q")
+    result = cli(
+        "to-fp32",
+        ckpt("zero", "z3-fp32-dp2"),
+        out,
+        "--optimizer",
+        "--optimizer-format",
+        "torch",
+        "--json",
+        "-q",
+    )
     assert result.exit_code == 0, result.output
     data = json.loads(result.output)
     assert data["files"] == 2
     assert data["optimizer"] == {
-        "path": str(tmp_path / "model.optimizer.pt"), "format": "torch", "parameters": 8,
-        "frozen": 2, "groups": 2, "keys": ["exp_avg", "exp_avg_sq"], "bytes": 1568,
+        "path": str(tmp_path / "model.optimizer.pt"),
+        "format": "torch",
+        "parameters": 8,
+        "frozen": 2,
+        "groups": 2,
+        "keys": ["exp_avg", "exp_avg_sq"],
+        "bytes": 1568,
     }
     plain = cli("to-fp32", ckpt("zero", "z3-fp32-dp2"), tmp_path / "w.bin", "--json", "-q")
     assert json.loads(plain.output)["optimizer"] is None
 
 
-def test_an_existing_optimizer_file_is_refused_and_nothing_is_written(
-    tmp_path: Path, cli
-) -> None:
+def test_an_existing_optimizer_file_is_refused_and_nothing_is_written(tmp_path: Path, cli) -> None:
     (tmp_path / "model.optimizer.safetensors").write_text("mine")
-    result = cli("to-fp32", ckpt("zero", "z2-fp32-dp2"), tmp_path / "model.safetensors",
-                 "--optimizer")
+    result = cli(
+        "to-fp32", ckpt("zero", "z2-fp32-dp2"), tmp_path / "model.safetensors", "--optimizer"
+    )
     assert result.exit_code == 1
     assert "model.optimizer.safetensors exists: pass --force" in _one_line(result.output)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.optimizer.safetensors"]
     assert (tmp_path / "model.optimizer.safetensors").read_text() == "mine"
-    forced = cli("to-fp32", ckpt("zero", "z2-fp32-dp2"), tmp_path / "model.safetensors",
-                 "--optimizer", "--force", "-q")
+    forced = cli(
+        "to-fp32",
+        ckpt("zero", "z2-fp32-dp2"),
+        tmp_path / "model.safetensors",
+        "--optimizer",
+        "--force",
+        "-q",
+    )
     assert forced.exit_code == 0, forced.output
     assert "embed.weight.exp_avg" in load_file(tmp_path / "model.optimizer.safetensors")
 
@@ -254,9 +283,7 @@ def test_safetensors_optimizer_output_does_not_import_torch(tmp_path: Path) -> N
 # --- refused: layouts without per-parameter state, options that cannot work -----------------
 
 
-@pytest.mark.parametrize(
-    ("kind", "name"), [("zero", "z0-fp32-dp2"), ("pipe", "p2t1d1-z0-fp32")]
-)
+@pytest.mark.parametrize(("kind", "name"), [("zero", "z0-fp32-dp2"), ("pipe", "p2t1d1-z0-fp32")])
 def test_checkpoints_without_zero_partitions_are_refused_before_writing(
     kind: str, name: str, tmp_path: Path, cli
 ) -> None:
@@ -339,13 +366,31 @@ def test_one_more_step_matches_deepspeed(name: str, tmp_path: Path) -> None:
     fact = facts("zero", name)
     consolidate(ckpt("zero", name), tmp_path / "out", optimizer=True, optimizer_format="torch")
     live = tmp_path / "next.pt"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(fact["dp"]),
-           "--master_addr", "127.0.0.1", "--master_port", str(29600 + fact["dp"]),
-           str(FIXTURES / "train_zero.py"), *_args_but_steps(fact["train_args"]), "--steps", "1",
-           "--load", str(ckpt("zero", name)),
-           "--weights-out", str(live)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu",
-           "CUDA_VISIBLE_DEVICES": ""}
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        str(fact["dp"]),
+        "--master_addr",
+        "127.0.0.1",
+        "--master_port",
+        str(29600 + fact["dp"]),
+        str(FIXTURES / "train_zero.py"),
+        *_args_but_steps(fact["train_args"]),
+        "--steps",
+        "1",
+        "--load",
+        str(ckpt("zero", name)),
+        "--weights-out",
+        str(live),
+    ]
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "DS_ACCELERATOR": "cpu",
+        "CUDA_VISIBLE_DEVICES": "",
+    }
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     deepspeed_next = torch.load(live, weights_only=True)

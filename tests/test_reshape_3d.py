@@ -102,8 +102,10 @@ def test_tp_change_rewrites_degrees_vocab_padding_and_param_shapes(tmp_path: Pat
     # The merged embedding: 50 real rows from both TP ranks' files, then zero padding.
     merged = load_mapped(tag / "layer_01-model_00-model_states.pt")["word_embeddings.weight"]
     src = PIPE / "p2t2d1-z1-fp32" / "ckpt" / "global_step3"
-    halves = [load_mapped(src / f"layer_01-model_{r:02d}-model_states.pt")["word_embeddings.weight"]
-              for r in range(2)]
+    halves = [
+        load_mapped(src / f"layer_01-model_{r:02d}-model_states.pt")["word_embeddings.weight"]
+        for r in range(2)
+    ]
     assert torch.equal(merged[:28], halves[0]) and torch.equal(merged[28:50], halves[1][:22])
     assert not merged[50:].any()
     optim = [

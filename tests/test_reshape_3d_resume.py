@@ -131,25 +131,34 @@ def _drive(spec_path: str) -> None:
         np.random.seed(args.seed)
         engine, cfg, dp = tpipe.build_engine(args)
         if job.get("load"):
-            path, _ = engine.load_checkpoint(job["load"], load_optimizer_states=True,
-                                             load_lr_scheduler_states=True)
+            path, _ = engine.load_checkpoint(
+                job["load"], load_optimizer_states=True, load_lr_scheduler_states=True
+            )
             if path is None:
                 raise RuntimeError(f"nothing loaded from {job['load']}")
         args.steps = job["save_after"]
         history = tpipe.train(engine, cfg, args, dp)
         at_save = _gather(tpipe, engine, cfg) if job["save_after"] else None
         if job.get("save"):
-            engine.save_checkpoint(job["save"], client_state=tpipe.client_state(
-                args, cfg, dp, engine.global_steps))
+            engine.save_checkpoint(
+                job["save"], client_state=tpipe.client_state(args, cfg, dp, engine.global_steps)
+            )
         args.steps = job["steps"] - job["save_after"]
         history += tpipe.train(engine, cfg, args, dp)
         final = _gather(tpipe, engine, cfg)
         if dist.get_rank() == 0:
             assert final is not None
-            torch.save({"losses": [h["loss"] for h in history], "truth": final["truth"],
-                        "checks": final["checks"], "parts": [int(p) for p in engine.module.parts],
-                        "truth_at_save": at_save["truth"] if at_save else None,
-                        "global_steps": engine.global_steps}, job["result"])
+            torch.save(
+                {
+                    "losses": [h["loss"] for h in history],
+                    "truth": final["truth"],
+                    "checks": final["checks"],
+                    "parts": [int(p) for p in engine.module.parts],
+                    "truth_at_save": at_save["truth"] if at_save else None,
+                    "global_steps": engine.global_steps,
+                },
+                job["result"],
+            )
         dist.barrier()
         engine.destroy()
         del engine
@@ -167,8 +176,10 @@ def _gather(tpipe: Any, engine: Any, cfg: Any) -> dict[str, Any] | None:
     dist.gather_object(tpipe.local_snapshot(engine), snaps, dst=0)
     if snaps is None:
         return None
-    return {"truth": tpipe.merge_snapshots(snaps, cfg, "master"),
-            "checks": tpipe.consistency_checks(snaps, cfg)}
+    return {
+        "truth": tpipe.merge_snapshots(snaps, cfg, "master"),
+        "checks": tpipe.consistency_checks(snaps, cfg),
+    }
 
 
 if __name__ == "__main__":
@@ -230,9 +241,11 @@ def _spec_string(specs: list[Any]) -> str:
 
 
 def _digest(root: Path) -> dict[str, tuple[str, int]]:
-    return {str(p.relative_to(root)): (hashlib.sha256(p.read_bytes()).hexdigest(),
-                                       p.stat().st_mtime_ns)
-            for p in sorted(root.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(root)): (hashlib.sha256(p.read_bytes()).hexdigest(), p.stat().st_mtime_ns)
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
 
 
 def _files(root: Path) -> list[str]:
@@ -304,8 +317,13 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> Runs:
     def baseline_job(dtype: str, topo: Topo) -> dict[str, Any]:
         where = result.baseline_dir(dtype, topo)
         where.mkdir()
-        return {"train_args": _train_args(dtype, topo), "save": str(where / "ckpt"),
-                "save_after": K, "steps": K + M, "result": str(where / "result.pt")}
+        return {
+            "train_args": _train_args(dtype, topo),
+            "save": str(where / "ckpt"),
+            "save_after": K,
+            "steps": K + M,
+            "result": str(where / "result.pt"),
+        }
 
     def resume_job(dtype: str, a: Topo, b: Topo) -> dict[str, Any]:
         """Reshape A's save to B now (in-process, dsckpt only) and return the job resuming it."""
@@ -318,8 +336,13 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> Runs:
         done = reshape(source, where / "ckpt", pp=pp, tp=tp, dp=dp)
         result.timings[f"reshape {_case_id(dtype, a, b)}"] = time.monotonic() - start
         (where / "reshape.json").write_text(json.dumps({"parts": list(done.dst_parts)}))
-        return {"train_args": _train_args(dtype, b), "load": str(where / "ckpt"),
-                "save_after": 0, "steps": M, "result": str(where / "result.pt")}
+        return {
+            "train_args": _train_args(dtype, b),
+            "load": str(where / "ckpt"),
+            "save_after": 0,
+            "steps": M,
+            "result": str(where / "result.pt"),
+        }
 
     worlds = sorted({_world(t) for _, t in baselines})
     smallest = worlds[0]
@@ -346,8 +369,10 @@ def _real_rows(name: str, t: torch.Tensor) -> torch.Tensor:
 
 def _per_tensor_max_abs(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> dict[str, float]:
     assert a.keys() == b.keys()
-    return {k: (_real_rows(k, a[k]).double() - _real_rows(k, b[k]).double()).abs().max().item()
-            for k in a}
+    return {
+        k: (_real_rows(k, a[k]).double() - _real_rows(k, b[k]).double()).abs().max().item()
+        for k in a
+    }
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -365,8 +390,7 @@ def _assert_consistent(run: dict[str, Any], what: str) -> None:
 @pytest.mark.deepspeed
 @pytest.mark.slow
 @pytest.mark.parametrize(("dtype", "a", "b"), CASES, ids=[_case_id(*c) for c in CASES])
-def test_resumed_run_continues_like_uninterrupted(runs: Runs, dtype: str, a: Topo,
-                                                  b: Topo) -> None:
+def test_resumed_run_continues_like_uninterrupted(runs: Runs, dtype: str, a: Topo, b: Topo) -> None:
     from dsckpt.api.consolidation import state_dict
 
     at_a, at_b = runs.baseline(dtype, a), runs.baseline(dtype, b)
@@ -382,7 +406,7 @@ def test_resumed_run_continues_like_uninterrupted(runs: Runs, dtype: str, a: Top
     # (dsckpt inferred the layer specs: the trailing parameter-free layer is not visible.)
     planned = runs.planned_parts(dtype, a, b)
     assert resumed["parts"] == at_b["parts"]
-    assert _stage_of(planned) == _stage_of(at_b["parts"])[:planned[-1]]
+    assert _stage_of(planned) == _stage_of(at_b["parts"])[: planned[-1]]
     assert resumed["global_steps"] == at_a["global_steps"] == K + M
     for run, what in ((at_a, "A"), (at_b, "B"), (resumed, "resumed")):
         _assert_consistent(run, what)
@@ -400,16 +424,20 @@ def test_resumed_run_continues_like_uninterrupted(runs: Runs, dtype: str, a: Top
     # Final fp32 master weights, per tensor.
     drift = _per_tensor_max_abs(at_a["truth"], at_b["truth"])
     eps = torch.finfo(torch.float32).eps
-    tol = {k: 4 * max(d, eps * _real_rows(k, at_b["truth"][k]).abs().max().item())
-           for k, d in drift.items()}
+    tol = {
+        k: 4 * max(d, eps * _real_rows(k, at_b["truth"][k]).abs().max().item())
+        for k, d in drift.items()
+    }
     err_a = _per_tensor_max_abs(resumed["truth"], at_a["truth"])
     err_b = _per_tensor_max_abs(resumed["truth"], at_b["truth"])
     worst = max(tol, key=lambda k: max(err_a[k], err_b[k]) / tol[k])
-    print(f"\n{_case_id(dtype, a, b)}: loss rel err vs A {rel_a:.2e}, vs B {rel_b:.2e} (A-vs-B "
-          f"{loss_drift:.2e}, tol {loss_tol:.2e}); weights: closest to its tolerance {worst}: "
-          f"err vs A {err_a[worst]:.2e}, vs B {err_b[worst]:.2e} (A-vs-B {drift[worst]:.2e}, "
-          f"tol {tol[worst]:.2e}); largest err {max(max(err_a.values()), max(err_b.values())):.2e}",
-          file=sys.stderr)
+    print(
+        f"\n{_case_id(dtype, a, b)}: loss rel err vs A {rel_a:.2e}, vs B {rel_b:.2e} (A-vs-B "
+        f"{loss_drift:.2e}, tol {loss_tol:.2e}); weights: closest to its tolerance {worst}: "
+        f"err vs A {err_a[worst]:.2e}, vs B {err_b[worst]:.2e} (A-vs-B {drift[worst]:.2e}, "
+        f"tol {tol[worst]:.2e}); largest err {max(max(err_a.values()), max(err_b.values())):.2e}",
+        file=sys.stderr,
+    )
     assert rel_a <= loss_tol and rel_b <= loss_tol, (got, expected_a, expected_b)
     over = {k: (err_a[k], err_b[k], tol[k]) for k in tol if max(err_a[k], err_b[k]) > tol[k]}
     assert not over, over
@@ -480,10 +508,12 @@ def _assert_topology(path: Path, topo: Topo) -> None:
     assert not layout.errors, layout.errors
 
 
-@pytest.mark.parametrize(("name", "topo"), FP32_PAIRS,
-                         ids=[f"{n}-to-{_name(t)}" for n, t in FP32_PAIRS])
-def test_to_fp32_is_unchanged_by_the_reshape(reshaped, tmp_path: Path, name: str,
-                                             topo: Topo) -> None:
+@pytest.mark.parametrize(
+    ("name", "topo"), FP32_PAIRS, ids=[f"{n}-to-{_name(t)}" for n, t in FP32_PAIRS]
+)
+def test_to_fp32_is_unchanged_by_the_reshape(
+    reshaped, tmp_path: Path, name: str, topo: Topo
+) -> None:
     out = reshaped(ckpt("pipe", name), name, topo)
     _assert_topology(out, topo)
     _assert_same_fp32(ckpt("pipe", name), out, tmp_path)
@@ -514,11 +544,17 @@ def _same(a: Any, b: Any, where: str) -> None:
 
     if isinstance(a, torch.Tensor):
         assert isinstance(b, torch.Tensor), where
-        assert (type(a), a.dtype, a.shape, a.requires_grad) == (type(b), b.dtype, b.shape,
-                                                                 b.requires_grad), where
+        assert (type(a), a.dtype, a.shape, a.requires_grad) == (
+            type(b),
+            b.dtype,
+            b.shape,
+            b.requires_grad,
+        ), where
         assert vars(a) == vars(b), where
-        assert torch.equal(a.detach().contiguous().reshape(-1).view(torch.uint8),
-                           b.detach().contiguous().reshape(-1).view(torch.uint8)), where
+        assert torch.equal(
+            a.detach().contiguous().reshape(-1).view(torch.uint8),
+            b.detach().contiguous().reshape(-1).view(torch.uint8),
+        ), where
     elif isinstance(a, np.ndarray):
         assert isinstance(b, np.ndarray) and a.dtype == b.dtype, where
         assert np.array_equal(a, b), where
@@ -552,8 +588,13 @@ def test_same_degrees_reproduce_every_file(tmp_path: Path, name: str) -> None:
     assert result.written and _stage_of(result.dst_parts) == _stage_of(f["parts"])[:seen]
     from dsckpt.plan.pipeline_reshape import plan_pipeline
 
-    with_specs = plan_pipeline(_layout(name), pp=f["pp"], tp=f["tp"], dp=f["dp"],
-                               layer_specs=_spec_string(_deepspeed_specs(f["tp"])))
+    with_specs = plan_pipeline(
+        _layout(name),
+        pp=f["pp"],
+        tp=f["tp"],
+        dp=f["dp"],
+        layer_specs=_spec_string(_deepspeed_specs(f["tp"])),
+    )
     assert list(with_specs.dst_parts) == f["parts"]
     assert _files(out) == _files(src)
     assert (out / "latest").read_text() == (src / "latest").read_text()
@@ -580,8 +621,13 @@ def test_without_zero_is_refused(tmp_path: Path) -> None:
 SPLIT_SOURCES = ["p2t2d1-z1-fp32", "p1t2d2-z1-fp32", "p2t1d1-z1-fp32"]
 SPLIT_TARGETS = [(pp, tp) for pp in (1, 2, 3, 4) for tp in (1, 2)]
 # (method, pass the layer specs?): `parameters` also with the list inferred from the files.
-SPLIT_METHODS = [("parameters", True), ("parameters", False), ("uniform", True),
-                 ("type:transformer", True), ("type:embedding", True)]
+SPLIT_METHODS = [
+    ("parameters", True),
+    ("parameters", False),
+    ("uniform", True),
+    ("type:transformer", True),
+    ("type:embedding", True),
+]
 
 
 def _deepspeed_parts(method: str, pp: int, tp: int) -> list[int]:
@@ -611,18 +657,27 @@ def _empty_groups(parts: list[int], tp: int) -> list[str]:
     built = [s.build() if isinstance(s, LayerSpec) else None for s in _deepspeed_specs(tp)]
     empty = []
     for stage in range(len(parts) - 1):
-        params = [p for layer in built[parts[stage]:parts[stage + 1]] if layer is not None
-                  for p in layer.parameters()]
-        for group, members in (("decay", [p for p in params if p.ndim > 1]),
-                               ("no-decay", [p for p in params if p.ndim <= 1])):
+        params = [
+            p
+            for layer in built[parts[stage] : parts[stage + 1]]
+            if layer is not None
+            for p in layer.parameters()
+        ]
+        for group, members in (
+            ("decay", [p for p in params if p.ndim > 1]),
+            ("no-decay", [p for p in params if p.ndim <= 1]),
+        ):
             if not members:
                 empty.append(f"stage {stage} {group}")
     return empty
 
 
 @pytest.mark.parametrize("source", SPLIT_SOURCES)
-@pytest.mark.parametrize(("method", "with_specs"), SPLIT_METHODS,
-                         ids=[f"{m}-{'specs' if s else 'inferred'}" for m, s in SPLIT_METHODS])
+@pytest.mark.parametrize(
+    ("method", "with_specs"),
+    SPLIT_METHODS,
+    ids=[f"{m}-{'specs' if s else 'inferred'}" for m, s in SPLIT_METHODS],
+)
 def test_stage_split_is_deepspeeds(source: str, method: str, with_specs: bool) -> None:
     """For every target (pp, tp): dsckpt's ``dst_parts`` are DeepSpeed's, or, where DeepSpeed's
     split leaves a stage without parameters or without one of the two optimizer groups, dsckpt
@@ -645,8 +700,9 @@ def test_stage_split_is_deepspeeds(source: str, method: str, with_specs: bool) -
         refused = _empty_groups(ds_parts, tp)
         specs = _spec_string(_deepspeed_specs(tp)) if with_specs else None
         try:
-            plan = plan_pipeline(_layout(source), tp=tp, pp=pp, partition_method=method,
-                                 layer_specs=specs)
+            plan = plan_pipeline(
+                _layout(source), tp=tp, pp=pp, partition_method=method, layer_specs=specs
+            )
         except DsckptError as exc:
             assert "\n" not in str(exc), str(exc)
             got[pp, tp] = f"refused: {exc}" if not refused else "refused"
@@ -669,13 +725,19 @@ def test_layer_specs_with_repeats_mean_the_same() -> None:
     from dsckpt.plan.pipeline_reshape import plan_pipeline
 
     short = "_token_ids,embed@EmbeddingPipe,TransformerLayerPipe*3,FinalNormPipe,embed@EmbeddingPipe,_logits_to_fp32"  # noqa: E501
-    assert short.replace("TransformerLayerPipe*3", ",".join(["TransformerLayerPipe"] * 3)) == \
-        _spec_string(_deepspeed_specs(2))
+    assert short.replace(
+        "TransformerLayerPipe*3", ",".join(["TransformerLayerPipe"] * 3)
+    ) == _spec_string(_deepspeed_specs(2))
     for method, pp in (("uniform", 2), ("type:transformer", 3), ("parameters", 3)):
-        a = plan_pipeline(_layout("p2t2d1-z1-fp32"), pp=pp, partition_method=method,
-                          layer_specs=short)
-        b = plan_pipeline(_layout("p2t2d1-z1-fp32"), pp=pp, partition_method=method,
-                          layer_specs=_spec_string(_deepspeed_specs(2)))
+        a = plan_pipeline(
+            _layout("p2t2d1-z1-fp32"), pp=pp, partition_method=method, layer_specs=short
+        )
+        b = plan_pipeline(
+            _layout("p2t2d1-z1-fp32"),
+            pp=pp,
+            partition_method=method,
+            layer_specs=_spec_string(_deepspeed_specs(2)),
+        )
         assert a.specs == b.specs and list(a.dst_parts) == _deepspeed_parts(method, pp, 2)
 
 
@@ -714,14 +776,18 @@ def _with_uncovered_param(root: Path) -> Path:
         if path.name.startswith("layer_") and local_old in sd and path.name[6:8] == "02":
             sd = _renamed(sd, local_old, local_new)
         elif "optim_states" in path.name and any(
-                UNCOVERED_OLD in m for m in sd["optimizer_state_dict"]["param_slice_mappings"]):
+            UNCOVERED_OLD in m for m in sd["optimizer_state_dict"]["param_slice_mappings"]
+        ):
             osd = sd["optimizer_state_dict"]
-            osd["param_slice_mappings"] = [_renamed(m, UNCOVERED_OLD, UNCOVERED_NEW)
-                                           for m in osd["param_slice_mappings"]]
+            osd["param_slice_mappings"] = [
+                _renamed(m, UNCOVERED_OLD, UNCOVERED_NEW) for m in osd["param_slice_mappings"]
+            ]
         elif path.name.startswith("mp_rank_") and any(
-                UNCOVERED_OLD in g for g in sd["param_shapes"]):
-            sd["param_shapes"] = [_renamed(g, UNCOVERED_OLD, UNCOVERED_NEW)
-                                  for g in sd["param_shapes"]]
+            UNCOVERED_OLD in g for g in sd["param_shapes"]
+        ):
+            sd["param_shapes"] = [
+                _renamed(g, UNCOVERED_OLD, UNCOVERED_NEW) for g in sd["param_shapes"]
+            ]
         else:
             continue
         torch.save(sd, path)

@@ -50,11 +50,15 @@ RESHAPABLE = [n for n in ZERO if facts("zero", n)["zero_stage"] > 0]
 # --------------------------------------------------------------------------------------------
 
 
-def _group(*numels: int, partition_size: int, param_group: int = 0,
-           pads: tuple[int, ...] | None = None) -> SourceGroup:
-    return SourceGroup(params=tuple((f"p{i}", (n,)) for i, n in enumerate(numels)),
-                       param_group=param_group, partition_size=partition_size,
-                       alignment_paddings=pads)
+def _group(
+    *numels: int, partition_size: int, param_group: int = 0, pads: tuple[int, ...] | None = None
+) -> SourceGroup:
+    return SourceGroup(
+        params=tuple((f"p{i}", (n,)) for i, n in enumerate(numels)),
+        param_group=param_group,
+        partition_size=partition_size,
+        alignment_paddings=pads,
+    )
 
 
 def test_zero12_plan_2_to_3_by_hand() -> None:
@@ -74,8 +78,9 @@ def test_zero12_plan_2_to_3_by_hand() -> None:
 
 def test_bf16_optimizer_records_total_padding_on_the_last_rank() -> None:
     # 10 elements at DP 4: padded to 16, partitions of 4; the last rank is all padding.
-    facts = SourceFacts(kind="bf16_optimizer", stage=1, dp=1,
-                        groups=(_group(5, 5, partition_size=10),))
+    facts = SourceFacts(
+        kind="bf16_optimizer", stage=1, dp=1, groups=(_group(5, 5, partition_size=10),)
+    )
     plan = plan_from_facts(facts, 4)
     assert [p.numel for p in plan.groups[0].partitions] == [4, 4, 4, 4]
     assert plan.group_paddings == ((0,), (0,), (0,), (6,))
@@ -90,8 +95,17 @@ def test_round_robin_order_and_its_inverse() -> None:
     assert round_robin_order(4, 1) == [0, 1, 2, 3]
     # Saved at DP 2 in round-robin order p0 p2 p4 p1 p3; at DP 3 the order is p0 p3 p1 p4 p2.
     saved = ("p0", "p2", "p4", "p1", "p3")
-    facts = SourceFacts(kind="zero", stage=2, dp=2, round_robin=True, groups=(SourceGroup(
-        params=tuple((n, (int(n[1]) + 1,)) for n in saved), param_group=0, partition_size=8),))
+    facts = SourceFacts(
+        kind="zero",
+        stage=2,
+        dp=2,
+        round_robin=True,
+        groups=(
+            SourceGroup(
+                params=tuple((n, (int(n[1]) + 1,)) for n in saved), param_group=0, partition_size=8
+            ),
+        ),
+    )
     plan = plan_from_facts(facts, 3)
     assert [n for n, _ in plan.groups[0].params] == ["p0", "p3", "p1", "p4", "p2"]
     assert plan.params_reordered
@@ -117,8 +131,13 @@ def test_zero3_sub_groups_follow_sub_group_size() -> None:
 def test_zero3_plan_by_hand() -> None:
     # One parameter of 7 elements: pieces of 4 at DP 2 (rank 1 pads 1), of 3 at DP 3 (rank 2
     # pads 2).
-    facts = SourceFacts(kind="zero3", stage=3, dp=2, groups=(SourceGroup(
-        params=(("w", (7,)),), param_group=0),), param_order=("w",))
+    facts = SourceFacts(
+        kind="zero3",
+        stage=3,
+        dp=2,
+        groups=(SourceGroup(params=(("w", (7,)),), param_group=0),),
+        param_order=("w",),
+    )
     plan = plan_from_facts(facts, 3)
     parts = plan.groups[0].partitions
     assert parts[0] == Partition(0, 3, (Run(0, 0, 0, 3, 0),), 0)
@@ -143,8 +162,10 @@ def _simulate(facts: SourceFacts, dp: int) -> tuple[list[list[list[Any]]], list[
                 flat: list[Any] = []
                 for name, shape in g.params:
                     c = zero.zero3_partition_numel(zero.numel(shape), facts.dp)
-                    flat += [(name, rank * c + i) if rank * c + i < zero.numel(shape) else None
-                             for i in range(c)]
+                    flat += [
+                        (name, rank * c + i) if rank * c + i < zero.numel(shape) else None
+                        for i in range(c)
+                    ]
                 src[rank].append(flat)
     else:
         for rank in range(facts.dp):
@@ -155,14 +176,15 @@ def _simulate(facts: SourceFacts, dp: int) -> tuple[list[list[list[Any]]], list[
                 for (name, shape), pad in zip(g.params, pads, strict=True):
                     flat += [(name, i) for i in range(zero.numel(shape))] + [None] * pad
                 flat += [None] * (g.partition_size * facts.dp - len(flat))
-                src[rank].append(flat[rank * g.partition_size:(rank + 1) * g.partition_size])
+                src[rank].append(flat[rank * g.partition_size : (rank + 1) * g.partition_size])
     plan = plan_from_facts(facts, dp)
     got = [[[None] * g.partitions[r].numel for g in plan.groups] for r in range(dp)]
     for g in plan.groups:
         for part in g.partitions:
             for run in part.runs:
-                got[part.rank][g.index][run.dst_start:run.dst_start + run.length] = \
-                    src[run.src_rank][run.src_index][run.src_start:run.src_start + run.length]
+                got[part.rank][g.index][run.dst_start : run.dst_start + run.length] = src[
+                    run.src_rank
+                ][run.src_index][run.src_start : run.src_start + run.length]
     for rank in range(dp):
         expected.append([])
         for g in plan.groups:
@@ -170,8 +192,10 @@ def _simulate(facts: SourceFacts, dp: int) -> tuple[list[list[list[Any]]], list[
             if facts.kind == "zero3":
                 for name, shape in g.params:
                     c = zero.zero3_partition_numel(zero.numel(shape), dp)
-                    flat += [(name, rank * c + i) if rank * c + i < zero.numel(shape) else None
-                             for i in range(c)]
+                    flat += [
+                        (name, rank * c + i) if rank * c + i < zero.numel(shape) else None
+                        for i in range(c)
+                    ]
             else:
                 pads = g.alignment_paddings or (0,) * len(g.params)
                 full: list[Any] = []
@@ -179,7 +203,7 @@ def _simulate(facts: SourceFacts, dp: int) -> tuple[list[list[list[Any]]], list[
                     full += [(name, i) for i in range(zero.numel(shape))] + [None] * pad
                 size = g.partitions[rank].numel
                 full += [None] * (size * dp - len(full))
-                flat = full[rank * size:(rank + 1) * size]
+                flat = full[rank * size : (rank + 1) * size]
             expected[rank].append(flat)
     return got, expected
 
@@ -187,36 +211,53 @@ def _simulate(facts: SourceFacts, dp: int) -> tuple[list[list[list[Any]]], list[
 @pytest.mark.parametrize(("src_dp", "dst_dp"), list(itertools.product([1, 2, 3, 4, 5], repeat=2)))
 def test_every_element_lands_where_deepspeed_expects_it(src_dp: int, dst_dp: int) -> None:
     numels = [91, 35, 35, 13, 5, 5, 5, 7, 1, 2]
-    for kind, rr, align in (("zero", False, 1), ("zero", True, 1), ("zero", True, 4),
-                            ("bf16_optimizer", False, 1)):
+    for kind, rr, align in (
+        ("zero", False, 1),
+        ("zero", True, 1),
+        ("zero", True, 4),
+        ("bf16_optimizer", False, 1),
+    ):
         order = round_robin_order(len(numels), src_dp) if rr else list(range(len(numels)))
         params = [(f"p{i}", (numels[i],)) for i in order]
         pads = alignment_paddings([numels[i] for i in order], align)
         data = sum(numels) + sum(pads)
-        group = SourceGroup(params=tuple(params), param_group=0,
-                            partition_size=zero.zero12_partition_size(data, src_dp),
-                            alignment_paddings=tuple(pads) if kind == "zero" else None)
-        f = SourceFacts(kind=kind, stage=2, dp=src_dp, groups=(group,), round_robin=rr,
-                        param_alignment=align)
+        group = SourceGroup(
+            params=tuple(params),
+            param_group=0,
+            partition_size=zero.zero12_partition_size(data, src_dp),
+            alignment_paddings=tuple(pads) if kind == "zero" else None,
+        )
+        f = SourceFacts(
+            kind=kind, stage=2, dp=src_dp, groups=(group,), round_robin=rr, param_alignment=align
+        )
         got, expected = _simulate(f, dst_dp)
         assert got == expected, (kind, rr, align)
     members_of = ((0, [(0, 91), (1, 35), (2, 35)]), (1, [(3, 13), (4, 5), (5, 7)]))
-    groups = tuple(SourceGroup(params=tuple((f"g{g}p{i}", (n,)) for i, n in members),
-                               param_group=g) for g, members in members_of)
+    groups = tuple(
+        SourceGroup(params=tuple((f"g{g}p{i}", (n,)) for i, n in members), param_group=g)
+        for g, members in members_of
+    )
     for sub_group_size in (10**9, 20):
         # Source sub-groups as DeepSpeed cuts them at the source size.
         cut = []
         for g in groups:
-            for members in zero3_sub_groups([zero.numel(s) for _, s in g.params], src_dp,
-                                            sub_group_size):
-                cut.append(SourceGroup(params=tuple(g.params[i] for i in members),
-                                       param_group=g.param_group))
-        f = SourceFacts(kind="zero3", stage=3, dp=src_dp, groups=tuple(cut),
-                        sub_group_size=sub_group_size)
+            for members in zero3_sub_groups(
+                [zero.numel(s) for _, s in g.params], src_dp, sub_group_size
+            ):
+                cut.append(
+                    SourceGroup(
+                        params=tuple(g.params[i] for i in members), param_group=g.param_group
+                    )
+                )
+        f = SourceFacts(
+            kind="zero3", stage=3, dp=src_dp, groups=tuple(cut), sub_group_size=sub_group_size
+        )
         got, expected = _simulate(f, dst_dp)
         if src_dp == dst_dp:  # the padding is copied too, so compare the data only
-            got = [[[x if x is not None and x[1] < _numel(x[0]) else None for x in t] for t in r]
-                   for r in got]
+            got = [
+                [[x if x is not None and x[1] < _numel(x[0]) else None for x in t] for t in r]
+                for r in got
+            ]
         assert got == expected, sub_group_size
 
 
@@ -238,8 +279,12 @@ def _same(a: Any, b: Any, where: str = "", rtol: float | None = None) -> None:
     compared if rtol is inf), flags and attributes; everything else with ==."""
     if isinstance(a, torch.Tensor):
         assert isinstance(b, torch.Tensor), where
-        assert (a.dtype, a.shape, type(a), a.requires_grad) == (b.dtype, b.shape, type(b),
-                                                                b.requires_grad), where
+        assert (a.dtype, a.shape, type(a), a.requires_grad) == (
+            b.dtype,
+            b.shape,
+            type(b),
+            b.requires_grad,
+        ), where
         assert vars(a) == vars(b), where
         if rtol is None:
             # Bytes, not values: ZeRO-3 padding is uninitialised memory and may hold NaN.
@@ -275,9 +320,11 @@ def _load(path: Path) -> Any:
 
 
 def _digest(root: Path) -> dict[str, tuple[str, int]]:
-    return {str(p.relative_to(root)): (hashlib.sha256(p.read_bytes()).hexdigest(),
-                                       p.stat().st_mtime_ns)
-            for p in sorted(root.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(root)): (hashlib.sha256(p.read_bytes()).hexdigest(), p.stat().st_mtime_ns)
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
 
 
 _CACHE: dict[tuple[str, int], Path] = {}
@@ -339,24 +386,31 @@ def _moments(path: Path) -> dict[str, dict[str, torch.Tensor]]:
         osd = _load(layout.dir / f.name)["optimizer_state_dict"]
         states[d] = osd["optimizer_state_dict" if sources.zero3 else "base_optimizer_state"]
     out: dict[str, dict[str, torch.Tensor]] = {}
-    params = sources.zero3.params if sources.zero3 else [
-        (g, p) for g, grp in enumerate(sources.groups) for p in grp.params]
+    params = (
+        sources.zero3.params
+        if sources.zero3
+        else [(g, p) for g, grp in enumerate(sources.groups) for p in grp.params]
+    )
     for item in params:
         if sources.zero3:
             param, pieces = item, sources.zero3.pieces(item)
         else:
             g, param = item
-            pieces = [zero.Piece(p.rank, g, p.src_start, p.length, p.dst_start)
-                      for p in sources.groups[g].pieces(param)]
+            pieces = [
+                zero.Piece(p.rank, g, p.src_start, p.length, p.dst_start)
+                for p in sources.groups[g].pieces(param)
+            ]
         out[param.name] = {}
         for key in ("exp_avg", "exp_avg_sq"):
             full = torch.empty(param.numel)
             for p in pieces:
                 st = states[p.rank]
-                index = (p.sub_group if sources.zero3
-                         else st["param_groups"][p.sub_group]["params"][0])
-                full[p.dst_start:p.dst_start + p.length] = \
-                    st["state"][index][key][p.src_start:p.src_start + p.length]
+                index = (
+                    p.sub_group if sources.zero3 else st["param_groups"][p.sub_group]["params"][0]
+                )
+                full[p.dst_start : p.dst_start + p.length] = st["state"][index][key][
+                    p.src_start : p.src_start + p.length
+                ]
             out[param.name][key] = full.view(param.shape)
     return out
 
@@ -397,8 +451,12 @@ def _state_storages_distinct(path: Path) -> None:
     for file in path.glob("*/*optim_states.pt"):
         osd = _load(file)["optimizer_state_dict"]
         base = osd.get("optimizer_state_dict") or osd["base_optimizer_state"]
-        ptrs = [t.untyped_storage().data_ptr() for entry in base["state"].values()
-                for t in entry.values() if isinstance(t, torch.Tensor)]
+        ptrs = [
+            t.untyped_storage().data_ptr()
+            for entry in base["state"].values()
+            for t in entry.values()
+            if isinstance(t, torch.Tensor)
+        ]
         assert len(ptrs) == len(set(ptrs)), file.name
 
 
@@ -421,8 +479,9 @@ def test_reshaping_back_restores_the_input(reshaped, tmp_path: Path, name: str, 
         a, b = _load(src / file), _load(dst / file)
         if shapes is not None and file.endswith(".pt"):
             # DeepSpeed leaves uninitialised memory in ZeRO-3 padding; a reshape writes zeros.
-            _clear_zero3_padding(a, int(re.search(r"zero_pp_rank_(\d+)_", file).group(1)),
-                                 f["dp"], shapes)
+            _clear_zero3_padding(
+                a, int(re.search(r"zero_pp_rank_(\d+)_", file).group(1)), f["dp"], shapes
+            )
         _same(a, b, file)
 
 
@@ -432,28 +491,36 @@ def _clear_zero3_padding(sd: dict[str, Any], rank: int, dp: int, param_shapes: A
         return max(0, min(c, n - rank * c)), c
 
     for name, t in (sd.get("frozen_param_fragments") or {}).items():
-        t.data.view(-1)[data(sd["frozen_param_shapes"][name].numel())[0]:] = 0
+        t.data.view(-1)[data(sd["frozen_param_shapes"][name].numel())[0] :] = 0
     osd = sd.get("optimizer_state_dict")
     if osd is None:
         return
     for s, shapes in enumerate(param_shapes):
         tensors = [osd["fp32_flat_groups"][s]] + [
-            v for v in osd["optimizer_state_dict"]["state"][s].values() if v.dim() == 1]
+            v for v in osd["optimizer_state_dict"]["state"][s].values() if v.dim() == 1
+        ]
         offset = 0
         for shape in shapes.values():
             held, c = data(shape.numel())
             for t in tensors:
-                t.data[offset + held:offset + c] = 0
+                t.data[offset + held : offset + c] = 0
             offset += c
 
 
 # The same run (seed, data, config) saved natively by DeepSpeed at two sizes.
-NATIVE = [("z1-fp32-dp2", "z1-fp32-dp3"), ("z1-fp32-dp3", "z1-fp32-dp2"),
-          ("z2-fp32-dp2", "z2-fp32-dp4"), ("z2-fp32-dp4", "z2-fp32-dp1"),
-          ("z2-fp32-dp1", "z2-fp32-dp2"), ("z2-bf16-dp2", "z2-bf16-dp3"),
-          ("z2-bf16-dp3", "z2-bf16-dp2"), ("z1-bf16-dp2", "z1-bf16-dp3"),
-          ("z1-bf16-dp3", "z1-bf16-dp2"), ("z3-fp32-dp2", "z3-fp32-dp4"),
-          ("z3-fp32-dp4", "z3-fp32-dp2")]
+NATIVE = [
+    ("z1-fp32-dp2", "z1-fp32-dp3"),
+    ("z1-fp32-dp3", "z1-fp32-dp2"),
+    ("z2-fp32-dp2", "z2-fp32-dp4"),
+    ("z2-fp32-dp4", "z2-fp32-dp1"),
+    ("z2-fp32-dp1", "z2-fp32-dp2"),
+    ("z2-bf16-dp2", "z2-bf16-dp3"),
+    ("z2-bf16-dp3", "z2-bf16-dp2"),
+    ("z1-bf16-dp2", "z1-bf16-dp3"),
+    ("z1-bf16-dp3", "z1-bf16-dp2"),
+    ("z3-fp32-dp2", "z3-fp32-dp4"),
+    ("z3-fp32-dp4", "z3-fp32-dp2"),
+]
 
 
 @pytest.mark.parametrize(("name", "native"), NATIVE, ids=[f"{a}-as-{b}" for a, b in NATIVE])
@@ -473,8 +540,9 @@ def test_result_is_what_deepspeed_saves_at_that_size(reshaped, name: str, native
     for file in _files(nat):
         a, b = _load(nat / file), _load(got / file)
         if shapes is not None:
-            _clear_zero3_padding(a, int(re.search(r"zero_pp_rank_(\d+)_", file).group(1)),
-                                 n["dp"], shapes)
+            _clear_zero3_padding(
+                a, int(re.search(r"zero_pp_rank_(\d+)_", file).group(1)), n["dp"], shapes
+            )
         a.pop("ds_config"), b.pop("ds_config")
         _same(a, b, file, rtol=1e-3 if n["dtype"] == "fp32" else float("inf"))
 
@@ -483,8 +551,9 @@ def test_result_is_what_deepspeed_saves_at_that_size(reshaped, name: str, native
 def test_deepspeed_zero_to_fp32_reads_the_result(reshaped, name: str) -> None:
     f = facts("zero", name)
     if not f["ref_deepspeed"]:
-        pytest.skip("DeepSpeed's converter refuses this checkpoint: "
-                    f"{f['ref_deepspeed_missing_reason']}")
+        pytest.skip(
+            f"DeepSpeed's converter refuses this checkpoint: {f['ref_deepspeed_missing_reason']}"
+        )
     pytest.importorskip("deepspeed")
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
@@ -519,8 +588,9 @@ def run_reshape(monkeypatch: pytest.MonkeyPatch):
     monkeypatch.delenv("DSCKPT_DEBUG", raising=False)
     app = app_module.app
     if not any(c.name == "reshape" for c in app.registered_commands):
-        app = typer.Typer(cls=app_module._Group, pretty_exceptions_enable=False,
-                          rich_markup_mode=None)
+        app = typer.Typer(
+            cls=app_module._Group, pretty_exceptions_enable=False, rich_markup_mode=None
+        )
         app.callback()(_noop)
         app.command("reshape")(reshape_cmd.reshape)
     runner = CliRunner()
@@ -542,7 +612,8 @@ def test_cli_writes_a_save_dir_deepspeed_loads(run_reshape, tmp_path: Path) -> N
     assert "from DP 2 to DP 3" in result.stdout
     assert (out / "latest").read_text() == "global_step3"
     assert _files(out / "global_step3") == ["mp_rank_00_model_states.pt"] + [
-        f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt" for r in range(3)]
+        f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt" for r in range(3)
+    ]
     assert _siblings(out) == ["out"]  # no temporary directory left beside it
 
 
@@ -550,8 +621,13 @@ def test_cli_dry_run_shows_the_plan_and_writes_nothing(run_reshape, tmp_path: Pa
     out = tmp_path / "out"
     result = run_reshape(ckpt("zero", "z2-fp32-dp2"), out, "--dp", "3", "--dry-run")
     assert result.exit_code == 0, result.output
-    for text in ("ZeRO-2: DP 2 -> 3", "group 1", "r0[0:54]->0", "r0[54:82]->0 r1[0:26]->28",
-                 "nothing written"):
+    for text in (
+        "ZeRO-2: DP 2 -> 3",
+        "group 1",
+        "r0[0:54]->0",
+        "r0[54:82]->0 r1[0:26]->28",
+        "nothing written",
+    ):
         assert text in result.stdout, text
     assert not tmp_path.joinpath("out").exists() and _siblings(out) == []
 
@@ -567,8 +643,9 @@ def _mixed(tmp: Path) -> Path:
     root = tmp / "mixed"
     shutil.copytree(ckpt("zero", "z2-fp32-dp2"), root)
     name = "zero_pp_rank_1_mp_rank_00_optim_states.pt"
-    shutil.copyfile(ckpt("zero", "z2-fp32-dp4") / "global_step3" / name,
-                    root / "global_step3" / name)
+    shutil.copyfile(
+        ckpt("zero", "z2-fp32-dp4") / "global_step3" / name, root / "global_step3" / name
+    )
     return root
 
 
@@ -609,9 +686,13 @@ def test_output_must_not_touch_the_input(run_reshape, tmp_path: Path) -> None:
     shutil.copytree(ckpt("zero", "z2-fp32-dp2"), root)
     before = _digest(root)
     # root/resharded (beside the tag directory) is allowed: tests/test_output_safety.py
-    for out, text in ((root, "is the checkpoint"), (root / "latest", "would replace"),
-                      (root / "global_step3" / "x", "inside the tag directory"),
-                      (tmp_path / "runs", "contains"), (tmp_path, "contains")):
+    for out, text in (
+        (root, "is the checkpoint"),
+        (root / "latest", "would replace"),
+        (root / "global_step3" / "x", "inside the tag directory"),
+        (tmp_path / "runs", "contains"),
+        (tmp_path, "contains"),
+    ):
         result = run_reshape(root, out, "--dp", "3", "--force")
         assert result.exit_code == 1 and text in result.stderr, (out, result.output)
     assert _digest(root) == before
@@ -632,8 +713,9 @@ def test_existing_out_needs_force(run_reshape, tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("existing", [False, True])
-def test_a_failure_midway_leaves_nothing_behind(run_reshape, monkeypatch: pytest.MonkeyPatch,
-                                                tmp_path: Path, existing: bool) -> None:
+def test_a_failure_midway_leaves_nothing_behind(
+    run_reshape, monkeypatch: pytest.MonkeyPatch, tmp_path: Path, existing: bool
+) -> None:
     from dsckpt.errors import OutputError
     from dsckpt.execute import executor as module
 

@@ -81,8 +81,9 @@ def _drive(spec_path: str) -> None:
         args = tz.parse_args([*job["train_args"], "--steps", "0"])
         engine = tz.build_engine(args, world)
         if job.get("load"):
-            path, _ = engine.load_checkpoint(job["load"], load_optimizer_states=True,
-                                             load_lr_scheduler_states=True)
+            path, _ = engine.load_checkpoint(
+                job["load"], load_optimizer_states=True, load_lr_scheduler_states=True
+            )
             if path is None:
                 raise RuntimeError(f"nothing loaded from {job['load']}")
         args.steps = job["save_after"]
@@ -95,8 +96,10 @@ def _drive(spec_path: str) -> None:
         if isinstance(weights, tuple):  # newer train_zero: (state dict, names its API got wrong)
             weights = weights[0]
         if dist.get_rank() == 0:
-            torch.save({"losses": losses, "weights": weights, "global_steps": engine.global_steps},
-                       job["result"])
+            torch.save(
+                {"losses": losses, "weights": weights, "global_steps": engine.global_steps},
+                job["result"],
+            )
         dist.barrier()
         engine.destroy()
         del engine
@@ -164,8 +167,15 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> Runs:
             if any(world in pair for pair in pairs):
                 where = work / config / f"dp{world}"
                 where.mkdir(parents=True)
-                jobs.append({"train_args": CONFIGS[config], "save": str(where / "ckpt"),
-                             "save_after": K, "steps": K + M, "result": str(where / "result.pt")})
+                jobs.append(
+                    {
+                        "train_args": CONFIGS[config],
+                        "save": str(where / "ckpt"),
+                        "save_after": K,
+                        "steps": K + M,
+                        "result": str(where / "result.pt"),
+                    }
+                )
         result.timings[f"baseline dp{world}"] = _torchrun(world, jobs, work, f"baseline-dp{world}")
     # Reshape in-process, then phase 2, one launch per target size: resume, M steps.
     reshape_start = time.monotonic()
@@ -174,9 +184,15 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> Runs:
         where = work / config / f"dp{a}-to-dp{b}"
         where.mkdir(parents=True)
         reshape(work / config / f"dp{a}" / "ckpt", where / "ckpt", dp=b)
-        by_target.setdefault(b, []).append({"train_args": CONFIGS[config],
-                                            "load": str(where / "ckpt"), "save_after": 0,
-                                            "steps": M, "result": str(where / "result.pt")})
+        by_target.setdefault(b, []).append(
+            {
+                "train_args": CONFIGS[config],
+                "load": str(where / "ckpt"),
+                "save_after": 0,
+                "steps": M,
+                "result": str(where / "result.pt"),
+            }
+        )
     result.timings["reshape (all cases, in-process)"] = time.monotonic() - reshape_start
     for world, jobs in sorted(by_target.items()):
         result.timings[f"resume dp{world}"] = _torchrun(world, jobs, work, f"resume-dp{world}")
@@ -228,8 +244,11 @@ def test_resumed_run_continues_like_uninterrupted(runs: Runs, config: str, a: in
     tol = 4 * drift if drift > 0 else torch.finfo(torch.float32).eps * largest
     err_b = _max_abs(resumed["weights"], at_b["weights"])
     err_a = _max_abs(resumed["weights"], at_a["weights"])
-    print(f"\n{config} {a}->{b}: loss rel err vs B {rel_b:.2e}, vs A {rel_a:.2e} (A-vs-B "
-          f"{loss_drift:.2e}, tol {loss_tol:.2e}); weights max abs err vs B {err_b:.2e}, vs A "
-          f"{err_a:.2e} (A-vs-B {drift:.2e}, tol {tol:.2e})", file=sys.stderr)
+    print(
+        f"\n{config} {a}->{b}: loss rel err vs B {rel_b:.2e}, vs A {rel_a:.2e} (A-vs-B "
+        f"{loss_drift:.2e}, tol {loss_tol:.2e}); weights max abs err vs B {err_b:.2e}, vs A "
+        f"{err_a:.2e} (A-vs-B {drift:.2e}, tol {tol:.2e})",
+        file=sys.stderr,
+    )
     assert rel_b <= loss_tol and rel_a <= loss_tol, (got, expected_a, expected_b)
     assert err_b <= tol and err_a <= tol

@@ -26,7 +26,9 @@ def test_source_map_matches_the_files(cli) -> None:
     ranks = {(r["stage"], r["tp"]): r for r in data["ranks"]}
     assert ranks[(1, 1)]["model_file"] == "mp_rank_03_model_states.pt"
     assert ranks[(1, 1)]["optim_files"] == [
-        "zero_pp_rank_0_mp_rank_03_optim_states.pt", "zero_pp_rank_1_mp_rank_03_optim_states.pt"]
+        "zero_pp_rank_0_mp_rank_03_optim_states.pt",
+        "zero_pp_rank_1_mp_rank_03_optim_states.pt",
+    ]
     stage_of = {int(s): layers for s, layers in f["stage_layers"].items()}
     for (stage, _), row in ranks.items():
         assert set(row["layers"]) <= set(stage_of[stage])
@@ -60,8 +62,11 @@ def test_dp_map_of_a_zero_checkpoint(cli) -> None:
 
 
 def test_refusals(cli) -> None:
-    for args, needle in [(["--pp", "99"], "at most"), (["--tp", "0"], "must be at least 1"),
-                         (["--tp", "4"], "possible degrees are 1, 2")]:
+    for args, needle in [
+        (["--pp", "99"], "at most"),
+        (["--tp", "0"], "must be at least 1"),
+        (["--tp", "4"], "possible degrees are 1, 2"),
+    ]:
         result = cli("show-map", ckpt("pipe", "p2t2d1-z1-fp32"), *args)
         assert result.exit_code == 1 and needle in result.stderr, result.output
     result = cli("show-map", ckpt("zero", "z2-fp32-dp2"), "--tp", "2")
@@ -76,18 +81,42 @@ def _synthetic_layout(pp: int, tp: int, dp: int, layers: int) -> Layout:
         for t in range(tp):
             mp = stage * tp + t
             files.append(RankFile(f"mp_rank_{mp:02d}_model_states.pt", Role.MODEL, 0, mp=mp))
-            files += [RankFile(f"zero_pp_rank_{d}_mp_rank_{mp:02d}_optim_states.pt", Role.OPTIM,
-                               0, mp=mp, dp=d) for d in range(dp)]
+            files += [
+                RankFile(
+                    f"zero_pp_rank_{d}_mp_rank_{mp:02d}_optim_states.pt", Role.OPTIM, 0, mp=mp, dp=d
+                )
+                for d in range(dp)
+            ]
     for layer in range(layers):
-        files += [RankFile(f"layer_{layer:02d}-model_{t:02d}-model_states.pt", Role.LAYER, 0,
-                           layer=layer, tp=t) for t in range(tp)]
-    tensors = [TensorEntry(f"{layer}.mlp.dense_h_to_4h.weight", (64, 16), "float32",
-                           "trainable", "") for layer in range(layers)]
-    return Layout(root=Path("big"), tag=None, dir=Path("big"), kind="pipeline", zero_stage=1,
-                  optimizer="zero", pp=pp, tp=tp, dp=dp, param_dtype="bfloat16",
-                  master_dtype="float32", iteration=1, ds_version="0.19.8", files=tuple(files),
-                  tensors=tuple(tensors), findings=(),
-                  stage_parts=tuple(range(0, layers + 1, per_stage)))
+        files += [
+            RankFile(
+                f"layer_{layer:02d}-model_{t:02d}-model_states.pt", Role.LAYER, 0, layer=layer, tp=t
+            )
+            for t in range(tp)
+        ]
+    tensors = [
+        TensorEntry(f"{layer}.mlp.dense_h_to_4h.weight", (64, 16), "float32", "trainable", "")
+        for layer in range(layers)
+    ]
+    return Layout(
+        root=Path("big"),
+        tag=None,
+        dir=Path("big"),
+        kind="pipeline",
+        zero_stage=1,
+        optimizer="zero",
+        pp=pp,
+        tp=tp,
+        dp=dp,
+        param_dtype="bfloat16",
+        master_dtype="float32",
+        iteration=1,
+        ds_version="0.19.8",
+        files=tuple(files),
+        tensors=tuple(tensors),
+        findings=(),
+        stage_parts=tuple(range(0, layers + 1, per_stage)),
+    )
 
 
 def test_a_64_layer_tp8_pp8_map_reads_at_100_columns() -> None:

@@ -359,8 +359,12 @@ def test_replicated_tensors_that_differ_across_tp_ranks_are_reported(
             group.add_(1.0)
 
     _rewrite(_tag(root) / "zero_pp_rank_0_mp_rank_01_optim_states.pt", perturb)
-    _fails_cleanly(cli("to-fp32", root, tmp_path / "m.safetensors"), tmp_path,
-                   "differ across TP ranks", "layernorm")
+    _fails_cleanly(
+        cli("to-fp32", root, tmp_path / "m.safetensors"),
+        tmp_path,
+        "differ across TP ranks",
+        "layernorm",
+    )
 
 
 def test_a_user_rules_file_overrides_the_defaults(cli, tmp_path: Path) -> None:

@@ -81,8 +81,10 @@ def output_format(out: Path) -> str:
     """The format OUT asks for, or an OutputError naming the suffixes dsckpt writes."""
     fmt = by_suffix(out)
     if fmt is None:
-        raise OutputError(f"{out}: unknown output suffix {out.suffix!r}: use .safetensors, .bin "
-                          "or .pt, or a directory path for Hugging Face shards")
+        raise OutputError(
+            f"{out}: unknown output suffix {out.suffix!r}: use .safetensors, .bin "
+            "or .pt, or a directory path for Hugging Face shards"
+        )
     return fmt
 
 
@@ -187,8 +189,15 @@ def consolidate(
         metadata[ALIASES_KEY] = json.dumps(plan.aliases, sort_keys=True)
     started = time.perf_counter()
     copies = copied_files(target.copies) if target is not None else None
-    write_plan = output_plan(fmt, out, plan, metadata=metadata, max_shard_size=max_shard_size,
-                             companion=companion, copies=copies)
+    write_plan = output_plan(
+        fmt,
+        out,
+        plan,
+        metadata=metadata,
+        max_shard_size=max_shard_size,
+        companion=companion,
+        copies=copies,
+    )
     files = write_files(write_plan, out, force=force, progress=progress)
     return ConsolidateResult(
         out=out,
@@ -209,8 +218,9 @@ def consolidate(
     )
 
 
-def write_files(write_plan: WritePlan, out: Path, *, force: bool,
-                progress: ProgressSink | None) -> int:
+def write_files(
+    write_plan: WritePlan, out: Path, *, force: bool, progress: ProgressSink | None
+) -> int:
     """Run ``write_plan`` into ``out`` with a progress bar over its copied bytes; returns the
     number of files written."""
     progress = progress or ProgressSink()

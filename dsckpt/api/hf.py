@@ -47,8 +47,18 @@ from dsckpt.io import dtypes
 from dsckpt.io.load import read_full
 from dsckpt.plan.consolidation import DTYPES, ConsolidationPlan, OutputTensor, Read
 
-__all__ = ["AdapterOutput", "HfOutput", "config_dtype", "export", "export_adapter", "hf_output",
-           "export_merged", "lora_scaling", "peft_names", "ties_embeddings"]
+__all__ = [
+    "AdapterOutput",
+    "HfOutput",
+    "config_dtype",
+    "export",
+    "export_adapter",
+    "hf_output",
+    "export_merged",
+    "lora_scaling",
+    "peft_names",
+    "ties_embeddings",
+]
 
 # config.json dtype names -> dsckpt's
 _CONFIG_DTYPES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
@@ -76,8 +86,9 @@ def config_dtype(config: Mapping[str, Any], where: Path) -> str:
     named = config.get("dtype", config.get("torch_dtype"))
     if isinstance(named, str) and named.removeprefix("torch.") in _CONFIG_DTYPES:
         return _CONFIG_DTYPES[named.removeprefix("torch.")]
-    return _refuse_auto(f"{where} names dtype {named!r}" if named is not None
-                        else f"{where} names no dtype")
+    return _refuse_auto(
+        f"{where} names dtype {named!r}" if named is not None else f"{where} names no dtype"
+    )
 
 
 def _refuse_auto(why: str) -> str:
@@ -105,8 +116,10 @@ def hf_output(layout: Layout, hf: bool | None, fmt: str, dtype: str) -> HfOutput
     """
     if hf is False:
         if dtype == "auto":
-            _refuse_auto("the dtype comes from config.json and is used only for a Hugging Face "
-                         "folder output (a directory OUT; --no-hf was given)")
+            _refuse_auto(
+                "the dtype comes from config.json and is used only for a Hugging Face "
+                "folder output (a directory OUT; --no-hf was given)"
+            )
         return None
     found = model_folder(layout.root, layout.dir)
     folder = read_model_folder(found) if found is not None else None
@@ -116,23 +129,33 @@ def hf_output(layout: Layout, hf: bool | None, fmt: str, dtype: str) -> HfOutput
         hf = has_config and fmt == SHARDED
     if not hf:
         if dtype == "auto":
-            _refuse_auto("the dtype comes from config.json and is used only for a Hugging Face "
-                         "folder output (a directory OUT, with --hf)")
+            _refuse_auto(
+                "the dtype comes from config.json and is used only for a Hugging Face "
+                "folder output (a directory OUT, with --hf)"
+            )
         return None
     if fmt != SHARDED:
-        raise UsageError("--hf writes a folder (shards, index, config.json, tokenizer): give a "
-                         "directory as OUT, or drop --hf for a single file")
+        raise UsageError(
+            "--hf writes a folder (shards, index, config.json, tokenizer): give a "
+            "directory as OUT, or drop --hf for a single file"
+        )
     if folder is not None and folder.config is None and "config.json" in dict(folder.skipped):
-        raise UsageError(f"--hf: {folder.path / 'config.json'} is "
-                         f"{dict(folder.skipped)['config.json']}: dsckpt copies regular files "
-                         "only; put the file itself there, or pass --no-hf")
+        raise UsageError(
+            f"--hf: {folder.path / 'config.json'} is "
+            f"{dict(folder.skipped)['config.json']}: dsckpt copies regular files "
+            "only; put the file itself there, or pass --no-hf"
+        )
     if folder is None or folder.config is None:
         where = found or layout.root
         adapter = folder is not None and (folder.path / "adapter_config.json").exists()
         raise UsageError(
             f"--hf: {where} holds no config.json"
-            + (" (a PEFT adapter checkpoint: --adapter writes the adapter folder; the base "
-               "model's config is elsewhere)" if adapter else "")
+            + (
+                " (a PEFT adapter checkpoint: --adapter writes the adapter folder; the base "
+                "model's config is elsewhere)"
+                if adapter
+                else ""
+            )
             + ": a from_pretrained folder needs the model's config; pass --no-hf for the "
             "weights alone"
         )
@@ -183,9 +206,18 @@ def export(
             config names no dtype.
         DsckptError: the checkpoint cannot be consolidated, or ``out`` cannot be written.
     """
-    return consolidate(ckpt, out, tag=tag, step=step, dtype=dtype, hf=True,
-                       max_shard_size=max_shard_size, exclude_frozen=exclude_frozen,
-                       force=force, progress=progress)
+    return consolidate(
+        ckpt,
+        out,
+        tag=tag,
+        step=step,
+        dtype=dtype,
+        hf=True,
+        max_shard_size=max_shard_size,
+        exclude_frozen=exclude_frozen,
+        force=force,
+        progress=progress,
+    )
 
 
 # -- PEFT adapters ---------------------------------------------------------------------------
@@ -197,8 +229,12 @@ _LORA_MODULE_KEY = re.compile(r"(?P<head>.+\.lora_[AB])\.(?P<adapter>[^.]+)\.(?P
 _LORA_PARAM_KEY = re.compile(r"(?P<head>.+\.lora_embedding_[AB])\.(?P<adapter>[^.]+)")
 # adapter_config.json settings whose saved tensors are more than LoRA's A and B matrices
 # (setting -> the value that adds nothing); dsckpt refuses what it does not write exactly.
-_PLAIN_LORA = {"use_dora": False, "bias": "none", "modules_to_save": None,
-               "trainable_token_indices": None}
+_PLAIN_LORA = {
+    "use_dora": False,
+    "bias": "none",
+    "modules_to_save": None,
+    "trainable_token_indices": None,
+}
 
 
 @dataclass(frozen=True)
@@ -245,17 +281,21 @@ def peft_names(names: list[str], where: Path) -> tuple[str, dict[str, str]]:
         )
     if len(adapters) != 1:
         raise UnsupportedLayout(
-            f"{where}: " + (f"{len(adapters)} adapters ({', '.join(sorted(adapters))}): "
-                            "--adapter writes one" if adapters else "no LoRA tensors: "
-                            "--adapter needs a checkpoint of a PEFT LoRA model")
+            f"{where}: "
+            + (
+                f"{len(adapters)} adapters ({', '.join(sorted(adapters))}): --adapter writes one"
+                if adapters
+                else "no LoRA tensors: --adapter needs a checkpoint of a PEFT LoRA model"
+            )
         )
     return adapters.pop(), renames
 
 
 def _check_adapter_config(config: Mapping[str, Any], path: Path) -> None:
     if config.get("peft_type") != "LORA":
-        raise UnsupportedLayout(f"{path}: peft_type {config.get('peft_type')!r}: --adapter "
-                                "writes LoRA adapters only")
+        raise UnsupportedLayout(
+            f"{path}: peft_type {config.get('peft_type')!r}: --adapter writes LoRA adapters only"
+        )
     for key, plain in _PLAIN_LORA.items():
         value = config.get(key, plain)
         if value not in (plain, [], {}) and not (plain is False and value is None):
@@ -306,8 +346,10 @@ def export_adapter(
 
     out = Path(out)
     if output_format(out) != SHARDED:
-        raise UsageError(f"--adapter writes a folder (adapter_model.safetensors, "
-                         f"adapter_config.json): {out} is a file name; give a directory")
+        raise UsageError(
+            f"--adapter writes a folder (adapter_model.safetensors, "
+            f"adapter_config.json): {out} is a file name; give a directory"
+        )
     if dtype == "auto":
         _refuse_auto("an adapter is written in the dtype asked for (fp32 by default)")
     layout = open_checkpoint(ckpt, tag, step)
@@ -316,20 +358,33 @@ def export_adapter(
     # gives the adapter alone.
     plan = plan_for(layout, dtype=dtype, exclude_frozen=True)
     if plan.aliases:
-        raise UnsupportedLayout(f"{layout.dir}: tied LoRA tensors ({', '.join(plan.aliases)}): "
-                                "--adapter does not write them")
+        raise UnsupportedLayout(
+            f"{layout.dir}: tied LoRA tensors ({', '.join(plan.aliases)}): "
+            "--adapter does not write them"
+        )
     target = adapter_output(layout, [t.name for t in plan.tensors])
-    plan = replace(plan, tensors=tuple(replace(t, name=target.renames[t.name])
-                                       for t in plan.tensors))
+    plan = replace(
+        plan, tensors=tuple(replace(t, name=target.renames[t.name]) for t in plan.tensors)
+    )
     started = time.perf_counter()
-    write_plan = adapter_plan(plan, copies=target.copies,
-                              metadata={"format": "pt", "dsckpt.source": plan.source})
+    write_plan = adapter_plan(
+        plan, copies=target.copies, metadata={"format": "pt", "dsckpt.source": plan.source}
+    )
     files = write_files(write_plan, out, force=force, progress=progress)
     return ConsolidateResult(
-        out=out, format="PEFT adapter", tensors=len(plan.tensors), aliases=0,
-        nbytes=plan.nbytes, seconds=time.perf_counter() - started, files=files,
-        source=plan.source, picked=layout.picked, checkpoint=layout.root, step=layout.step,
-        hf=target, dtype=dtype,
+        out=out,
+        format="PEFT adapter",
+        tensors=len(plan.tensors),
+        aliases=0,
+        nbytes=plan.nbytes,
+        seconds=time.perf_counter() - started,
+        files=files,
+        source=plan.source,
+        picked=layout.picked,
+        checkpoint=layout.root,
+        step=layout.step,
+        hf=target,
+        dtype=dtype,
     )
 
 
@@ -370,16 +425,18 @@ def lora_scaling(config: Mapping[str, Any], path: Path) -> float:
 
     for key in ("rank_pattern", "alpha_pattern"):
         if config.get(key):
-            raise UnsupportedLayout(f"{path}: {key} gives modules their own LoRA scaling, which "
-                                    "--merge-adapter does not handle yet: merge with PEFT")
+            raise UnsupportedLayout(
+                f"{path}: {key} gives modules their own LoRA scaling, which "
+                "--merge-adapter does not handle yet: merge with PEFT"
+            )
     try:
         r, alpha = int(config["r"]), config["lora_alpha"]
     except (KeyError, TypeError, ValueError):
-        raise UnsupportedLayout(f"{path} has no LoRA r / lora_alpha: --merge-adapter needs "
-                                "them (PEFT writes both)") from None
+        raise UnsupportedLayout(
+            f"{path} has no LoRA r / lora_alpha: --merge-adapter needs them (PEFT writes both)"
+        ) from None
     if not isinstance(alpha, (int, float)) or r <= 0:
-        raise UnsupportedLayout(f"{path}: r {r!r} and lora_alpha {alpha!r} are not a LoRA "
-                                "scaling")
+        raise UnsupportedLayout(f"{path}: r {r!r} and lora_alpha {alpha!r} are not a LoRA scaling")
     return alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
 
 
@@ -415,12 +472,15 @@ def export_merged(
 
     out, base = Path(out), Path(base)
     if output_format(out) != SHARDED:
-        raise UsageError(f"--merge-adapter writes a model folder: {out} is a file name; give a "
-                         "directory")
+        raise UsageError(
+            f"--merge-adapter writes a model folder: {out} is a file name; give a directory"
+        )
     base_folder = read_model_folder(base) if base.is_dir() else None
     if base_folder is None or base_folder.config is None:
-        raise UsageError(f"--merge-adapter {base}: not a model folder with config.json: give "
-                         "the base model's folder (what save_pretrained wrote)")
+        raise UsageError(
+            f"--merge-adapter {base}: not a model folder with config.json: give "
+            "the base model's folder (what save_pretrained wrote)"
+        )
     from_config = dtype == "auto"
     if from_config:
         dtype = config_dtype(base_folder.config, base / "config.json")
@@ -430,8 +490,10 @@ def export_merged(
     adapter_plan = plan_for(layout, dtype="fp32", exclude_frozen=True)
     target = adapter_output(layout, [t.name for t in adapter_plan.tensors])
     if target.folder is None or target.folder.adapter_config is None:
-        raise UsageError(f"{layout.root} holds no adapter_config.json: --merge-adapter needs "
-                         "the LoRA rank and alpha it records")
+        raise UsageError(
+            f"{layout.root} holds no adapter_config.json: --merge-adapter needs "
+            "the LoRA rank and alpha it records"
+        )
     config_path = target.folder.path / "adapter_config.json"
     scaling = lora_scaling(target.folder.adapter_config, config_path)
     fan_in_fan_out = bool(target.folder.adapter_config.get("fan_in_fan_out"))
@@ -441,27 +503,33 @@ def export_merged(
     for name in lora:
         if not name.endswith(".lora_A.weight"):
             if not name.endswith(".lora_B.weight"):
-                raise UnsupportedLayout(f"{layout.dir}: {name}: --merge-adapter merges LoRA "
-                                        "Linear layers (lora_A / lora_B weights) only")
+                raise UnsupportedLayout(
+                    f"{layout.dir}: {name}: --merge-adapter merges LoRA "
+                    "Linear layers (lora_A / lora_B weights) only"
+                )
             continue
         module = name.removesuffix(".lora_A.weight")
         weight = module.removeprefix(_PEFT_PREFIX) + ".weight"
         b = lora.get(module + ".lora_B.weight")
         if b is None or weight not in stored:
             missing = module + ".lora_B.weight" if b is None else f"{weight} in {base}"
-            raise UnsupportedLayout(f"{layout.dir}: {name} has no {missing}: the adapter does "
-                                    "not fit this base model")
+            raise UnsupportedLayout(
+                f"{layout.dir}: {name} has no {missing}: the adapter does not fit this base model"
+            )
         a = lora[name]
         out_features, in_features = b.shape[0], a.shape[1]
         want = (in_features, out_features) if fan_in_fan_out else (out_features, in_features)
         if stored[weight].shape != want:
-            raise UnsupportedLayout(f"{name}: the LoRA delta is {list(want)} but {weight} in "
-                                    f"{base} is {list(stored[weight].shape)}: not the base model "
-                                    "the adapter was trained on")
+            raise UnsupportedLayout(
+                f"{name}: the LoRA delta is {list(want)} but {weight} in "
+                f"{base} is {list(stored[weight].shape)}: not the base model "
+                "the adapter was trained on"
+            )
         pairs[weight] = (a, b)
     if len(pairs) * 2 != len(lora):
-        raise UnsupportedLayout(f"{layout.dir}: lora_B weights without their lora_A: the "
-                                "adapter is incomplete")
+        raise UnsupportedLayout(
+            f"{layout.dir}: lora_B weights without their lora_A: the adapter is incomplete"
+        )
     out_dtype = DTYPES[dtype]
     tensors = []
     for name, ref in stored.items():
@@ -471,36 +539,58 @@ def export_merged(
             tensors.append(OutputTensor(name, ref.shape, kept, (), compute=make))
         else:
             tensors.append(OutputTensor(name, ref.shape, kept, (Read(ref, 0, ref.numel, 0),)))
-    plan = replace(adapter_plan, tensors=tuple(tensors), aliases={},
-                   source=f"{base} merged with the fp32 LoRA adapter from the optimizer "
-                          "partitions")
-    sources = {n: base / n for n in base_folder.present(("config.json",
-                                                         "generation_config.json"))}
+    plan = replace(
+        adapter_plan,
+        tensors=tuple(tensors),
+        aliases={},
+        source=f"{base} merged with the fp32 LoRA adapter from the optimizer partitions",
+    )
+    sources = {n: base / n for n in base_folder.present(("config.json", "generation_config.json"))}
     tokenizer = tuple(n for n in ADAPTER_FILES if n != "adapter_config.json")
     for name in tokenizer:
         for folder in (target.folder, base_folder):
             if name in folder.files:
                 sources.setdefault(name, folder.path / name)
-    merge = MergeOutput(folder=target.folder, base=base, adapter_name=target.adapter_name,
-                        merged=tuple(pairs), scaling=scaling, copied=tuple(sources),
-                        sources=sources,
-                        not_copied=target.folder.not_copied(tokenizer)
-                        + base_folder.not_copied(("config.json", "generation_config.json")),
-                        dtype_from_config=from_config)
+    merge = MergeOutput(
+        folder=target.folder,
+        base=base,
+        adapter_name=target.adapter_name,
+        merged=tuple(pairs),
+        scaling=scaling,
+        copied=tuple(sources),
+        sources=sources,
+        not_copied=target.folder.not_copied(tokenizer)
+        + base_folder.not_copied(("config.json", "generation_config.json")),
+        dtype_from_config=from_config,
+    )
     started = time.perf_counter()
-    write_plan = output_plan(SHARDED, out, plan,
-                             metadata={"format": "pt", "dsckpt.source": plan.source},
-                             max_shard_size=max_shard_size, copies=copied_files(sources))
+    write_plan = output_plan(
+        SHARDED,
+        out,
+        plan,
+        metadata={"format": "pt", "dsckpt.source": plan.source},
+        max_shard_size=max_shard_size,
+        copies=copied_files(sources),
+    )
     files = write_files(write_plan, out, force=force, progress=progress)
     return ConsolidateResult(
-        out=out, format=SHARDED, tensors=len(plan.tensors), aliases=0, nbytes=plan.nbytes,
-        seconds=time.perf_counter() - started, files=files, source=plan.source,
-        picked=layout.picked, checkpoint=layout.root, step=layout.step, hf=merge, dtype=dtype,
+        out=out,
+        format=SHARDED,
+        tensors=len(plan.tensors),
+        aliases=0,
+        nbytes=plan.nbytes,
+        seconds=time.perf_counter() - started,
+        files=files,
+        source=plan.source,
+        picked=layout.picked,
+        checkpoint=layout.root,
+        step=layout.step,
+        hf=merge,
+        dtype=dtype,
     )
 
 
-def _merged(ref: Any, a: Any, b: Any, scaling: float, fan_in_fan_out: bool,
-            dtype: Any) -> Any:
+def _merged(ref: Any, a: Any, b: Any, scaling: float, fan_in_fan_out: bool, dtype: Any) -> Any:
     """A function making ``W + (B @ A) * scaling`` in fp32 (PEFT's merge), cast to ``dtype``."""
 
     def make() -> Any:

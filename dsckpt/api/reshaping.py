@@ -23,11 +23,21 @@ from dsckpt.plan.pipeline_reshape import PipelineReshapeResult, plan_pipeline
 from dsckpt.plan.zero_reshape import ReshapeResult, extra_entries, location_of, plan_reshape
 
 
-def reshape(ckpt: Path | str, out: Path | str, *, dp: int | None = None, tp: int | None = None,
-            pp: int | None = None, partition_method: str = "parameters",
-            layer_specs: str | None = None, rules_file: Path | None = None,
-            tag: str | None = None, force: bool = False, dry_run: bool = False,
-            progress: ProgressSink | None = None) -> ReshapeResult | PipelineReshapeResult:
+def reshape(
+    ckpt: Path | str,
+    out: Path | str,
+    *,
+    dp: int | None = None,
+    tp: int | None = None,
+    pp: int | None = None,
+    partition_method: str = "parameters",
+    layer_specs: str | None = None,
+    rules_file: Path | None = None,
+    tag: str | None = None,
+    force: bool = False,
+    dry_run: bool = False,
+    progress: ProgressSink | None = None,
+) -> ReshapeResult | PipelineReshapeResult:
     """Write ``ckpt`` re-partitioned for a new topology to ``out``; an omitted degree is kept.
 
     ``out`` becomes a save_dir DeepSpeed loads at the new size with
@@ -42,36 +52,60 @@ def reshape(ckpt: Path | str, out: Path | str, *, dp: int | None = None, tp: int
     check_degrees(dp=dp, tp=tp, pp=pp)
     layout = open_checkpoint(ckpt, tag)
     if layout.kind == "pipeline":
-        return reshape_pipeline(layout, out, tp=tp, pp=pp, dp=dp,
-                                partition_method=partition_method, layer_specs=layer_specs,
-                                rules_file=rules_file, force=force, dry_run=dry_run,
-                                progress=progress)
+        return reshape_pipeline(
+            layout,
+            out,
+            tp=tp,
+            pp=pp,
+            dp=dp,
+            partition_method=partition_method,
+            layer_specs=layer_specs,
+            rules_file=rules_file,
+            force=force,
+            dry_run=dry_run,
+            progress=progress,
+        )
     if (tp or 1) != 1 or (pp or 1) != 1 or rules_file is not None:
         raise UnsupportedLayout(
             f"{layout.dir} is not a pipeline / Megatron checkpoint (no layer files): only --dp "
-            "can change, and there are no TP rules to apply")
+            "can change, and there are no TP rules to apply"
+        )
     if dp is None:
         raise UsageError("give a target degree: --dp N (this checkpoint has no model parallelism)")
     return reshape_zero(layout, out, dp=dp, force=force, dry_run=dry_run, progress=progress)
 
 
-def reshape_zero(layout: Layout, out: Path | str, *, dp: int, force: bool = False,
-                 dry_run: bool = False, progress: ProgressSink | None = None) -> ReshapeResult:
+def reshape_zero(
+    layout: Layout,
+    out: Path | str,
+    *,
+    dp: int,
+    force: bool = False,
+    dry_run: bool = False,
+    progress: ProgressSink | None = None,
+) -> ReshapeResult:
     """Write the ZeRO checkpoint ``layout`` re-partitioned for ``dp`` ranks to ``out`` (see
     :func:`reshape`): plan, check the output, plan every rank file, then write them."""
     source, plan = plan_reshape(layout, dp)
     out = Path(out)
     check_reshape_output(source.layout, out, force)
-    result = ReshapeResult(plan=plan, source=source.layout.dir, out=out, tag=source.tag,
-                           written=False)
+    result = ReshapeResult(
+        plan=plan, source=source.layout.dir, out=out, tag=source.tag, written=False
+    )
     if dry_run:
         result.plan_files = lambda: ZeroRankFiles(source, plan).write_plan()
         return result
     write_plan = ZeroRankFiles(source, plan).write_plan()
     written = write_tag_directory(
-        write_plan, out, source.tag, force=force, progress=progress,
-        description=f"reshape to DP {plan.dp}", extras_from=source.layout.dir,
-        extras=[p.name for p in source.extra_files])
+        write_plan,
+        out,
+        source.tag,
+        force=force,
+        progress=progress,
+        description=f"reshape to DP {plan.dp}",
+        extras_from=source.layout.dir,
+        extras=[p.name for p in source.extra_files],
+    )
     result.files = [f.name.partition("/")[2] for f in write_plan.files if f.name != "latest"]
     result.files += written.copied
     result.skipped, result.nbytes = written.skipped, written.nbytes
@@ -79,18 +113,34 @@ def reshape_zero(layout: Layout, out: Path | str, *, dp: int, force: bool = Fals
     return result
 
 
-def reshape_pipeline(layout: Layout, out: Path | str, *, tp: int | None = None,
-                     pp: int | None = None, dp: int | None = None,
-                     partition_method: str = "parameters", layer_specs: str | None = None,
-                     rules_file: Path | None = None, force: bool = False, dry_run: bool = False,
-                     progress: ProgressSink | None = None) -> PipelineReshapeResult:
+def reshape_pipeline(
+    layout: Layout,
+    out: Path | str,
+    *,
+    tp: int | None = None,
+    pp: int | None = None,
+    dp: int | None = None,
+    partition_method: str = "parameters",
+    layer_specs: str | None = None,
+    rules_file: Path | None = None,
+    force: bool = False,
+    dry_run: bool = False,
+    progress: ProgressSink | None = None,
+) -> PipelineReshapeResult:
     """Write the pipeline checkpoint ``layout`` re-split for (``pp``, ``tp``, ``dp``) to ``out``.
 
     Raises:
         UsageError, RuleError, InconsistentCheckpoint, UnsupportedLayout, OutputError.
     """
-    plan = plan_pipeline(layout, tp=tp, pp=pp, dp=dp, partition_method=partition_method,
-                         layer_specs=layer_specs, rules_file=rules_file)
+    plan = plan_pipeline(
+        layout,
+        tp=tp,
+        pp=pp,
+        dp=dp,
+        partition_method=partition_method,
+        layer_specs=layer_specs,
+        rules_file=rules_file,
+    )
     out = Path(out)
     check_reshape_output(layout, out, force)
     tag = layout.tag if layout.tag is not None else layout.dir.name
@@ -103,9 +153,15 @@ def reshape_pipeline(layout: Layout, out: Path | str, *, tp: int | None = None,
     write_plan = PipelineRankFiles(plan).write_plan(tag)
     dst = plan.dst
     written = write_tag_directory(
-        write_plan, out, tag, force=force, progress=progress,
+        write_plan,
+        out,
+        tag,
+        force=force,
+        progress=progress,
         description=f"reshape to PP {dst.pp} x TP {dst.tp} x DP {dst.dp}",
-        extras_from=layout.dir, extras=extras)
+        extras_from=layout.dir,
+        extras=extras,
+    )
     planned = [f.name.partition("/")[2] for f in write_plan.files if f.name != "latest"]
     result.files = sorted(planned + written.copied)
     result.skipped, result.nbytes = written.skipped, written.nbytes

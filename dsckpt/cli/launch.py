@@ -1,5 +1,5 @@
 """Commands as processes of a ``torchrun`` / ``srun`` launch, or of ``--workers N`` on this
-machine (docs/distributed.md)."""
+machine (docs/large-checkpoints.md)."""
 
 from __future__ import annotations
 
@@ -18,8 +18,11 @@ _WORKER_EXIT_SECONDS = 60
 
 
 @contextmanager
-def as_launched(workers: int = 1, command: Callable[..., None] | None = None,
-                params: dict[str, Any] | None = None) -> Iterator[bool]:
+def as_launched(
+    workers: int = 1,
+    command: Callable[..., None] | None = None,
+    params: dict[str, Any] | None = None,
+) -> Iterator[bool]:
     """Run the command as this process's share when a launcher started several (it set
     ``RANK``/``WORLD_SIZE``, or an srun step has several tasks), or with ``workers`` > 1 as
     rank 0 of that many local processes running ``command`` (the Typer command function) with
@@ -37,8 +40,9 @@ def as_launched(workers: int = 1, command: Callable[..., None] | None = None,
 
 
 @contextmanager
-def _local_workers(count: int, command: Callable[..., None], params: dict[str, Any]
-                   ) -> Iterator[World]:
+def _local_workers(
+    count: int, command: Callable[..., None], params: dict[str, Any]
+) -> Iterator[World]:
     """Start ranks 1..count-1 of this command on this machine; this process is rank 0."""
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))

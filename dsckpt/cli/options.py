@@ -37,7 +37,7 @@ WorkersOpt = Annotated[
         metavar="N",
         help="Write with N processes on this machine, each a share of the output files or "
         "bytes (under torchrun or srun, the launched processes share the work instead; see "
-        "docs/distributed.md).",
+        "docs/large-checkpoints.md).",
     ),
 ]
 RulesOpt = Annotated[

@@ -146,8 +146,10 @@ def to_fp32(
             "only when OUT is a directory (drop the option, or give a directory)"
         )
     if optimizer and (adapter or merge_adapter):
-        raise UsageError("--optimizer exports the optimizer state of a full consolidation: it "
-                         "takes no --adapter or --merge-adapter")
+        raise UsageError(
+            "--optimizer exports the optimizer state of a full consolidation: it "
+            "takes no --adapter or --merge-adapter"
+        )
     if optimizer:
         check_optimizer_options(optimizer_format, from_layers)
     elif optimizer_format != "safetensors":
@@ -155,12 +157,16 @@ def to_fp32(
     if from_layers:
         check_from_layers(ckpt, tag, "to-fp32", step)
     if adapter and (hf or max_shard_size or exclude_frozen or from_layers or merge_adapter):
-        raise UsageError("--adapter writes one adapter file of the LoRA matrices: it takes no "
-                         "--hf, --merge-adapter, --max-shard-size, --exclude-frozen or "
-                         "--from-layers")
+        raise UsageError(
+            "--adapter writes one adapter file of the LoRA matrices: it takes no "
+            "--hf, --merge-adapter, --max-shard-size, --exclude-frozen or "
+            "--from-layers"
+        )
     if merge_adapter and (hf is not None or exclude_frozen or from_layers):
-        raise UsageError("--merge-adapter writes a Hugging Face folder of the merged model: it "
-                         "takes no --hf/--no-hf, --exclude-frozen or --from-layers")
+        raise UsageError(
+            "--merge-adapter writes a Hugging Face folder of the merged model: it "
+            "takes no --hf/--no-hf, --exclude-frozen or --from-layers"
+        )
     with (
         as_launched(workers, to_fp32, invocation) as reports,
         reporting_interrupt(out),
@@ -169,14 +175,23 @@ def to_fp32(
         if adapter:
             from dsckpt.api.hf import export_adapter
 
-            result = export_adapter(ckpt, out, step=step, tag=tag, dtype=dtype, force=force,
-                                    progress=progress)
+            result = export_adapter(
+                ckpt, out, step=step, tag=tag, dtype=dtype, force=force, progress=progress
+            )
         elif merge_adapter is not None:
             from dsckpt.api.hf import export_merged
 
-            result = export_merged(ckpt, out, merge_adapter, step=step, tag=tag, dtype=dtype,
-                                   max_shard_size=max_shard_size or "5GB", force=force,
-                                   progress=progress)
+            result = export_merged(
+                ckpt,
+                out,
+                merge_adapter,
+                step=step,
+                tag=tag,
+                dtype=dtype,
+                max_shard_size=max_shard_size or "5GB",
+                force=force,
+                progress=progress,
+            )
         else:
             result = consolidate(
                 ckpt,

@@ -62,7 +62,6 @@ def refuse_errors(layout: Layout) -> None:
         raise error
 
 
-
 def open_checkpoint(
     path: Path | str, tag: str | None = None, step: int | None = None, *, partial: bool = False
 ) -> Layout:
@@ -463,9 +462,7 @@ class Reader:
         by_dp = {f.dp: f for f in zero3_models if (f.mp or 0) == 0}
         meta = self.first_model_meta(zero3_models)
         self.require_shapes(meta)
-        sources, optim_kind, stage, dp = self.zero_sources(
-            0, meta.param_shapes, meta.dp_world_size
-        )
+        sources, optim_kind, stage, dp = self.zero_sources(0, meta.param_shapes, meta.dp_world_size)
         self.check_dp(meta, dp)
         self._check_rank_set(
             "model-states",

@@ -196,8 +196,7 @@ def _check_named_layers(
         "missing-rank-file",
         f"{listed} {'is' if len(files) == 1 else 'are'} missing from {where}: param_shapes "
         f"lists parameters of layer{'s' if len(absent) > 1 else ''} "
-        f"{', '.join(map(str, absent))} but no layer file holds them; "
-        + missing_files_hint(where),
+        f"{', '.join(map(str, absent))} but no layer file holds them; " + missing_files_hint(where),
     )
 
 
@@ -217,8 +216,7 @@ def _check_layer_gaps(reader: Reader, layers: list[RankFile]) -> None:
             f"{where} has no layer file for layer{'s' if len(gaps) > 1 else ''} "
             f"{', '.join(map(str, gaps))} between layers that have them "
             f"(e.g. {_layer_file(gaps[0], 0)}): a layer without parameters has none, but if "
-            "these have parameters their files are missing; "
-            + missing_files_hint(where),
+            "these have parameters their files are missing; " + missing_files_hint(where),
         )
 
 

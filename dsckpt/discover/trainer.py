@@ -100,8 +100,10 @@ def resolve(path: Path, tag: str | None = None, step: int | None = None) -> Reso
     path = Path(path)
     if not path.is_dir():
         if step is not None:
-            raise CheckpointNotFound(f"--step {step}: {path} is not a directory: pass the "
-                                     "Trainer's output_dir (the folder holding checkpoint-N/)")
+            raise CheckpointNotFound(
+                f"--step {step}: {path} is not a directory: pass the "
+                "Trainer's output_dir (the folder holding checkpoint-N/)"
+            )
         return Resolved(path, tag)
     steps = checkpoint_steps(path)
     if step is None and (_is_deepspeed_root(path) or not steps):
@@ -216,8 +218,10 @@ def read_model_folder(folder: Path) -> ModelFolder:
         else:
             kind = "a symbolic link" if stat.S_ISLNK(mode) else "not a regular file"
             skipped.append((name, kind))
-    config, adapter = (_read_json(folder / n) if n in files else None
-                       for n in ("config.json", "adapter_config.json"))
+    config, adapter = (
+        _read_json(folder / n) if n in files else None
+        for n in ("config.json", "adapter_config.json")
+    )
     return ModelFolder(folder, config, tuple(files), tuple(skipped), adapter)
 
 

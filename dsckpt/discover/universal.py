@@ -50,8 +50,6 @@ HARMLESS_KEYS = {PARAM_KEY, "cat_dim"}
 VOCAB_KEY = "vocab_tensor"
 
 
-
-
 class _Unsupported(Exception):
     """A state file records a mapping onto the model this reader does not implement."""
 
@@ -105,8 +103,10 @@ class _Universal:
     def read(self) -> Layout:
         model_files = self.r.of_role(Role.MODEL)
         zero3_models = self.r.of_role(Role.ZERO3_MODEL)
-        if self.r.of_role(Role.OPTIM) or self.r.of_role(Role.LAYER) or (
-            model_files and zero3_models
+        if (
+            self.r.of_role(Role.OPTIM)
+            or self.r.of_role(Role.LAYER)
+            or (model_files and zero3_models)
         ):
             self.note(
                 ERROR,
@@ -527,8 +527,11 @@ class _Universal:
             where.fail(f"is {t.dtype.name}; ds_to_universal saves optimizer state as float32")
         if vocab:
             # Only the padding rows may be gone: same row width, no more rows than the model.
-            if len(t.shape) != len(shape) or not shape or t.shape[1:] != shape[1:] or (
-                t.shape[0] > shape[0]
+            if (
+                len(t.shape) != len(shape)
+                or not shape
+                or t.shape[1:] != shape[1:]
+                or (t.shape[0] > shape[0])
             ):
                 where.fail(
                     f"is a vocabulary tensor of shape {list(t.shape)} that does not fit the "

@@ -247,8 +247,9 @@ def _touches(filename: object, dest: Path, staged: Iterable[Path]) -> bool:
     return False
 
 
-def output_error(exc: BaseException, dest: Path, staged: Iterable[Path] = (),
-                 nbytes: int | None = None) -> OutputError | None:
+def output_error(
+    exc: BaseException, dest: Path, staged: Iterable[Path] = (), nbytes: int | None = None
+) -> OutputError | None:
     """The one-line :class:`OutputError` for a file-system error writing ``dest``, or None when
     ``exc`` is not one (an error reading the input, say, keeps its own type).
 
@@ -303,8 +304,9 @@ def _cleanup(paths: Iterable[Path], exc: BaseException) -> None:
         try:
             _remove(path)
         except OSError as cleanup_exc:
-            exc.add_note(f"dsckpt could not remove its temporary {path}: {cleanup_exc}; "
-                         "delete it by hand")
+            exc.add_note(
+                f"dsckpt could not remove its temporary {path}: {cleanup_exc}; delete it by hand"
+            )
 
 
 def _refuse_existing(dest: Path, *, force: bool, is_dir: bool) -> None:
@@ -457,18 +459,28 @@ def _is_empty_dir(path: Path) -> bool:
         return next(it, None) is None
 
 
-def _check_entries(directory: Path, names: Sequence[str], dirs: Collection[str], *,
-                   force: bool, per_entry: bool = False) -> None:
+def _check_entries(
+    directory: Path,
+    names: Sequence[str],
+    dirs: Collection[str],
+    *,
+    force: bool,
+    per_entry: bool = False,
+) -> None:
     if os.path.lexists(directory) and not directory.is_dir():
-        raise OutputError(f"{directory} is a file and the output is a directory: remove it or "
-                          "choose another output path (--force does not replace a file with a "
-                          "directory)")
+        raise OutputError(
+            f"{directory} is a file and the output is a directory: remove it or "
+            "choose another output path (--force does not replace a file with a "
+            "directory)"
+        )
     if not directory.is_dir() or (not per_entry and _is_empty_dir(directory)):
         return  # a new or empty directory needs no --force
     if not force and not per_entry:
-        raise OutputError(f"{directory} exists and is not empty: pass --force to write dsckpt's "
-                          "files into it (files it does not write are kept), or choose another "
-                          "output path")
+        raise OutputError(
+            f"{directory} exists and is not empty: pass --force to write dsckpt's "
+            "files into it (files it does not write are kept), or choose another "
+            "output path"
+        )
     for name in names:
         path = directory / name
         if not os.path.lexists(path):
@@ -477,11 +489,15 @@ def _check_entries(directory: Path, names: Sequence[str], dirs: Collection[str],
             raise OutputError(f"{path} exists: pass --force to overwrite")
         is_dir = path.is_dir() and not path.is_symlink()
         if name in dirs and not is_dir:
-            raise OutputError(f"{path} is a file and dsckpt writes a directory there: remove it "
-                              "or choose another output path")
+            raise OutputError(
+                f"{path} is a file and dsckpt writes a directory there: remove it "
+                "or choose another output path"
+            )
         if name not in dirs and is_dir:
-            raise OutputError(f"{path} is a directory and dsckpt writes a file there: remove it "
-                              "or choose another output path")
+            raise OutputError(
+                f"{path} is a directory and dsckpt writes a file there: remove it "
+                "or choose another output path"
+            )
 
 
 @contextlib.contextmanager
@@ -545,8 +561,9 @@ def atomic_entries(
     directory = Path(directory)
     for name in names:  # a name from a checkpoint (the tag) must never lead outside directory
         if name in ("", ".", "..") or "/" in name or "\0" in name or os.sep in name:
-            raise OutputError(f"{name!r} cannot be an entry of {directory}: it is not a single "
-                              "file name")
+            raise OutputError(
+                f"{name!r} cannot be an entry of {directory}: it is not a single file name"
+            )
     staged = {name: _temp_name(directory / name, TMP_MARKER) for name in names}
     try:
         _check_entries(directory, names, dirs, force=force, per_entry=per_entry)
@@ -571,8 +588,9 @@ def atomic_entries(
                 if durable:
                     _fsync_tree(tmp)
             # kinds may have changed since (and, per entry, an entry may have appeared)
-            _check_entries(directory, names, dirs, force=force or not per_entry,
-                           per_entry=per_entry)
+            _check_entries(
+                directory, names, dirs, force=force or not per_entry, per_entry=per_entry
+            )
             guard.defer()
             for name in withdraw:
                 path = directory / name
@@ -607,8 +625,11 @@ def atomic_entries(
 
 def _remove_stale(directory: Path, keep: set[str], stale: Callable[[str], bool]) -> None:
     with os.scandir(directory) as it:
-        leftovers = [e for e in it if e.name not in keep and stale(e.name)
-                     and e.is_file(follow_symlinks=False)]
+        leftovers = [
+            e
+            for e in it
+            if e.name not in keep and stale(e.name) and e.is_file(follow_symlinks=False)
+        ]
     for entry in leftovers:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(entry.path)

@@ -34,8 +34,17 @@ class Written:
     nbytes: int  # bytes of every file in the tag directory
 
 
-def write_tag_directory(plan: WritePlan, out: Path, tag: str, *, force: bool, progress: Any,
-                        description: str, extras_from: Path, extras: Sequence[str]) -> Written:
+def write_tag_directory(
+    plan: WritePlan,
+    out: Path,
+    tag: str,
+    *,
+    force: bool,
+    progress: Any,
+    description: str,
+    extras_from: Path,
+    extras: Sequence[str],
+) -> Written:
     """Write ``plan`` (a :func:`~dsckpt.plan.fileplan.tag_directory_plan`) to ``out``
     atomically, with the regular files among ``extras`` (entries of ``extras_from``) copied into
     the tag directory before the commit.
@@ -52,8 +61,13 @@ def write_tag_directory(plan: WritePlan, out: Path, tag: str, *, force: bool, pr
         nbytes = sum(p.stat().st_size for p in staged[tag].iterdir())
         done.append(Written(copied, skipped, nbytes))
 
-    run(plan, out, force=force, progress=progress.advance if progress is not None else None,
-        finish=copy_extras)
+    run(
+        plan,
+        out,
+        force=force,
+        progress=progress.advance if progress is not None else None,
+        finish=copy_extras,
+    )
     # One process of several (dsckpt.execute.distributed) wrote its share only: the leader
     # copied the extra files and tells what it committed.
     return done[0] if done else Written([], [], plan.size)
@@ -64,22 +78,30 @@ def check_reshape_output(layout: Layout, out: Path, force: bool) -> None:
     (:func:`dsckpt.output_guard.refuse_overlap`) or is a non-empty directory without force."""
     refuse_overlap(out, root=layout.root, tag_dir=layout.dir, other_tags=layout.other_tags)
     if os.path.lexists(out) and not force and not (out.is_dir() and not any(out.iterdir())):
-        raise OutputError(f"{out} already exists: pass --force to replace `latest` and the tag "
-                          "directory in it (other files are kept), or choose another output "
-                          "directory")
+        raise OutputError(
+            f"{out} already exists: pass --force to replace `latest` and the tag "
+            "directory in it (other files are kept), or choose another output "
+            "directory"
+        )
 
 
-_KINDS = ((stat.S_ISLNK, "a symbolic link"), (stat.S_ISDIR, "a directory"),
-          (stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),
-          (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
+_KINDS = (
+    (stat.S_ISLNK, "a symbolic link"),
+    (stat.S_ISDIR, "a directory"),
+    (stat.S_ISFIFO, "a FIFO"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+    (stat.S_ISSOCK, "a socket"),
+)
 
 
 def _kind(mode: int) -> str:
     return next((name for test, name in _KINDS if test(mode)), "not a regular file")
 
 
-def copy_extra_files(src_dir: Path, names: Iterable[str], dst_dir: Path
-                     ) -> tuple[list[str], list[str]]:
+def copy_extra_files(
+    src_dir: Path, names: Iterable[str], dst_dir: Path
+) -> tuple[list[str], list[str]]:
     """Copy the tag directory's extra entries that are regular files, and only those.
 
     Nothing is followed: an entry is judged by ``lstat`` and opened with ``O_NOFOLLOW`` and
@@ -108,12 +130,15 @@ def copy_extra_files(src_dir: Path, names: Iterable[str], dst_dir: Path
             continue
         try:
             st = os.fstat(fd)
-            if not stat.S_ISREG(st.st_mode) or (st.st_dev, st.st_ino) != (before.st_dev,
-                                                                            before.st_ino):
+            if not stat.S_ISREG(st.st_mode) or (st.st_dev, st.st_ino) != (
+                before.st_dev,
+                before.st_ino,
+            ):
                 skipped.append(f"{name} (changed while reshaping)")
                 continue
-            out = os.open(dst_dir / name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC,
-                          0o644)
+            out = os.open(
+                dst_dir / name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644
+            )
             try:
                 _copy_bytes(fd, 0, out, 0, st.st_size)
             finally:

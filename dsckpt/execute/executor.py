@@ -74,8 +74,15 @@ class _Sources:
         return self._fds[key]
 
 
-def run(plan: WritePlan, out: Path, *, force: bool = False, progress: Progress | None = None,
-        durable: bool = False, finish: Callable[[Mapping[str, Path]], None] | None = None) -> None:
+def run(
+    plan: WritePlan,
+    out: Path,
+    *,
+    force: bool = False,
+    progress: Progress | None = None,
+    durable: bool = False,
+    finish: Callable[[Mapping[str, Path]], None] | None = None,
+) -> None:
     """Write every file of ``plan`` to ``out`` (a file, or a directory of entries), atomically.
 
     Args:
@@ -97,8 +104,9 @@ def run(plan: WritePlan, out: Path, *, force: bool = False, progress: Progress |
     _refuse_unsound(plan.problems())
     world = distributed.launched_world()
     if world is not None:
-        _run_shared(plan, out, world, force=force, progress=progress, durable=durable,
-                    finish=finish)
+        _run_shared(
+            plan, out, world, force=force, progress=progress, durable=durable, finish=finish
+        )
         return
     with _staging(plan, out, force=force, durable=durable) as staged:
         paths = {f.name: _staged_path(staged, f.name) for f in plan.files}
@@ -107,32 +115,45 @@ def run(plan: WritePlan, out: Path, *, force: bool = False, progress: Progress |
             finish(staged)
 
 
-def _staging(plan: WritePlan, out: Path, *, force: bool, durable: bool
-             ) -> AbstractContextManager[Mapping[str, Path]]:
+def _staging(
+    plan: WritePlan, out: Path, *, force: bool, durable: bool
+) -> AbstractContextManager[Mapping[str, Path]]:
     """The atomic output of ``plan``: ``{entry: temporary path}``, committed on a clean exit."""
     if plan.directory:
         pattern = re.compile(plan.stale) if plan.stale else None
         return atomic_entries(
-            out.parent if plan.beside else out, plan.commit_order(), force=force,
-            dirs=plan.dirs, withdraw=plan.withdraw,
+            out.parent if plan.beside else out,
+            plan.commit_order(),
+            force=force,
+            dirs=plan.dirs,
+            withdraw=plan.withdraw,
             stale=(lambda name: pattern.fullmatch(name) is not None) if pattern else None,
-            nbytes=plan.data_nbytes, durable=durable, per_entry=plan.beside,
+            nbytes=plan.data_nbytes,
+            durable=durable,
+            per_entry=plan.beside,
         )
-    return _single_entry(plan.files[0].name, atomic_output(out, force=force,
-                                                           nbytes=plan.data_nbytes,
-                                                           durable=durable))
+    return _single_entry(
+        plan.files[0].name,
+        atomic_output(out, force=force, nbytes=plan.data_nbytes, durable=durable),
+    )
 
 
 @contextmanager
-def _single_entry(name: str, output: AbstractContextManager[Path]
-                  ) -> Iterator[Mapping[str, Path]]:
+def _single_entry(name: str, output: AbstractContextManager[Path]) -> Iterator[Mapping[str, Path]]:
     with output as tmp:
         yield {name: tmp}
 
 
-def _run_shared(plan: WritePlan, out: Path, world: distributed.World, *, force: bool,
-                progress: Progress | None, durable: bool,
-                finish: Callable[[Mapping[str, Path]], None] | None) -> None:
+def _run_shared(
+    plan: WritePlan,
+    out: Path,
+    world: distributed.World,
+    *,
+    force: bool,
+    progress: Progress | None,
+    durable: bool,
+    finish: Callable[[Mapping[str, Path]], None] | None,
+) -> None:
     """This process's share of ``plan``, one of ``world``'s (see :mod:`.distributed`).
 
     Every process planned the same plan (checked by digest before anything is created). The
@@ -161,15 +182,22 @@ def _run_shared(plan: WritePlan, out: Path, world: distributed.World, *, force: 
             coord.report(_attempt(lambda: _write_share(plan, staged, mine, progress)))
             if single:  # every part is in: the CRC fields and alias copies read them back
                 with ExitStack() as stack:
-                    write_file(plan.files[0], staged[plan.files[0].name], _Sources(stack),
-                               None, share=(), derive=True)
+                    write_file(
+                        plan.files[0],
+                        staged[plan.files[0].name],
+                        _Sources(stack),
+                        None,
+                        share=(),
+                        derive=True,
+                    )
             if finish is not None:
                 finish(staged)
         coord.committed()
 
 
-def _write_share(plan: WritePlan, staged: Mapping[str, Path], share: Sequence[int],
-                 progress: Progress | None) -> None:
+def _write_share(
+    plan: WritePlan, staged: Mapping[str, Path], share: Sequence[int], progress: Progress | None
+) -> None:
     with ExitStack() as stack:
         sources = _Sources(stack)
         if plan.directory:
@@ -208,8 +236,9 @@ def _decode_paths(text: str) -> dict[str, Path]:
 def _refuse_unsound(problems: list[str]) -> None:
     if problems:
         more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
-        raise IncompletePlanError(f"the write plan is unsound: {problems[0]}{more} "
-                                  "(a dsckpt bug: please report it)")
+        raise IncompletePlanError(
+            f"the write plan is unsound: {problems[0]}{more} (a dsckpt bug: please report it)"
+        )
 
 
 def _staged_path(staged: Mapping[str, Path], name: str) -> Path:
@@ -232,8 +261,14 @@ def _write_files(plan: WritePlan, paths: Mapping[str, Path], progress: Progress 
             write_file(file, paths[file.name], sources, progress)
 
 
-def write_file(file: FilePlan, path: Path, sources: _Sources, progress: Progress | None,
-               share: Sequence[int] | None = None, derive: bool = True) -> None:
+def write_file(
+    file: FilePlan,
+    path: Path,
+    sources: _Sources,
+    progress: Progress | None,
+    share: Sequence[int] | None = None,
+    derive: bool = True,
+) -> None:
     """Create ``path`` and run ``file``'s data operations, then its derived ones.
 
     A CRC-32 field over bytes that are all copies, literals and zeros, with large copies
@@ -351,8 +386,9 @@ def _crc_of_output(fd: int, start: int, nbytes: int) -> int:
 _copy_file_range_works = hasattr(os, "copy_file_range")
 
 
-def _copy(op: Copy | CastCopy, sources: _Sources, out_fd: int,
-          copier: CrcCopier | None = None) -> list[tuple[Any, int]] | None:
+def _copy(
+    op: Copy | CastCopy, sources: _Sources, out_fd: int, copier: CrcCopier | None = None
+) -> list[tuple[Any, int]] | None:
     """Run one copy or cast; with ``copier``, a byte copy also CRCs its bytes on the way and
     returns the pending CRC parts."""
     if isinstance(op, Copy):

@@ -171,8 +171,10 @@ class FilePlan:
             )
             for a, b in [reads, *targets]:
                 if a < 0 or b > self.size:
-                    found.append(f"{self.name}: {type(op).__name__} at [{a}, {b}) lies outside "
-                                 f"its {self.size} bytes")
+                    found.append(
+                        f"{self.name}: {type(op).__name__} at [{a}, {b}) lies outside "
+                        f"its {self.size} bytes"
+                    )
         return found
 
 
@@ -230,8 +232,9 @@ class WritePlan:
         for f in self.files:
             top, sep, _ = f.name.partition("/")
             if (top in self.dirs) != bool(sep) or top not in entries:
-                found.append(f"{f.name}: not an entry of the output or a file in one of its "
-                             "directories")
+                found.append(
+                    f"{f.name}: not an entry of the output or a file in one of its directories"
+                )
         for f in self.files:
             found.extend(f.problems())
         return found
@@ -272,18 +275,35 @@ def tag_directory_plan(tag: str, files: Sequence[FilePlan]) -> WritePlan:
     """The write plan of a DeepSpeed save directory: the tag directory holding ``files`` (named
     ``tag/...``), committed first, then ``latest`` naming it (what ``load_checkpoint`` reads)."""
     latest = tag.encode()
-    return WritePlan((*files, FilePlan("latest", len(latest), (Literal(0, latest),))),
-                     directory=True, dirs=(tag,), entries=(tag, "latest"))
+    return WritePlan(
+        (*files, FilePlan("latest", len(latest), (Literal(0, latest),))),
+        directory=True,
+        dirs=(tag,),
+        entries=(tag, "latest"),
+    )
 
 
 def _describe_op(op: DataOp | DerivedOp) -> dict[str, Any]:
     if isinstance(op, Copy):
-        return {"op": "copy", "at": op.at, "nbytes": op.nbytes, "source": str(op.source.path),
-                "offset": op.source.offset}
+        return {
+            "op": "copy",
+            "at": op.at,
+            "nbytes": op.nbytes,
+            "source": str(op.source.path),
+            "offset": op.source.offset,
+        }
     if isinstance(op, CastCopy):
-        return {"op": "cast", "at": op.at, "nbytes": op.nbytes, "source": str(op.source.path),
-                "offset": op.source.offset, "from": op.source.dtype.name, "to": op.dtype.name,
-                "start": op.start, "count": op.count}
+        return {
+            "op": "cast",
+            "at": op.at,
+            "nbytes": op.nbytes,
+            "source": str(op.source.path),
+            "offset": op.source.offset,
+            "from": op.source.dtype.name,
+            "to": op.dtype.name,
+            "start": op.start,
+            "count": op.count,
+        }
     if isinstance(op, Literal):
         return {"op": "literal", "at": op.at, "nbytes": op.nbytes}
     if isinstance(op, Zeros):
@@ -299,9 +319,14 @@ def plan_digest(plan: WritePlan) -> str:
     """A digest of everything ``plan`` writes: processes that planned differently (other
     inputs, options or versions) must not write shares of one output."""
     h = hashlib.sha256()
-    for name, value in (("directory", plan.directory), ("entries", plan.commit_order()),
-                        ("dirs", plan.dirs), ("withdraw", plan.withdraw),
-                        ("stale", plan.stale), ("beside", plan.beside)):
+    for name, value in (
+        ("directory", plan.directory),
+        ("entries", plan.commit_order()),
+        ("dirs", plan.dirs),
+        ("withdraw", plan.withdraw),
+        ("stale", plan.stale),
+        ("beside", plan.beside),
+    ):
         h.update(f"{name}={value!r};".encode())
     for f in plan.files:
         h.update(f"file {f.name} {f.size};".encode())
@@ -312,8 +337,10 @@ def plan_digest(plan: WritePlan) -> str:
                 h.update(f"computed {op.at} {op.nbytes} {op.what};".encode())
             elif isinstance(op, CastCopy):
                 src = op.source
-                h.update(f"cast {op.at} {src.path} {src.offset} {src.dtype.name} {src.shape} "
-                         f"{src.stride} {op.start} {op.count} {op.dtype.name};".encode())
+                h.update(
+                    f"cast {op.at} {src.path} {src.offset} {src.dtype.name} {src.shape} "
+                    f"{src.stride} {op.start} {op.count} {op.dtype.name};".encode()
+                )
             else:
                 h.update(f"{op!r};".encode())
     return h.hexdigest()[:16]

@@ -77,8 +77,11 @@ class OptimizerExport:
     def metadata(self) -> dict[str, str]:
         """The safetensors ``__metadata__``: groups, state keys, frozen and parameter order."""
         groups = [
-            {**{k: _jsonable(v) for k, v in g.options.items()}, "step": _jsonable(g.step),
-             "params": list(g.params)}
+            {
+                **{k: _jsonable(v) for k, v in g.options.items()},
+                "step": _jsonable(g.step),
+                "params": list(g.params),
+            }
             for g in self.groups
         ]
         return {

@@ -150,9 +150,7 @@ def _group_states(sources: ZeroSources) -> dict[TensorRef, GroupState]:
                 raise InconsistentCheckpoint(
                     f"{path}: group {g} has no optimizer state (state key {index!r})"
                 )
-            options = {
-                k: v for k, v in base["param_groups"][param_group].items() if k != "params"
-            }
+            options = {k: v for k, v in base["param_groups"][param_group].items() if k != "params"}
             out[ref] = GroupState(
                 path,
                 g,

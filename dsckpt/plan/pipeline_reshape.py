@@ -165,11 +165,14 @@ def open_pipeline(layout: Layout, rules_file: Path | None = None) -> PipelineSou
             f"{where} has no ZeRO optimizer partitions (optimizer: {layout.optimizer}): without "
             "ZeRO the pipeline saves its optimizer state keyed by position, with no parameter "
             "names, so it cannot be re-split; resume it at the same degrees, or consolidate the "
-            "weights with `dsckpt to-fp32 --from-layers`")
+            "weights with `dsckpt to-fp32 --from-layers`"
+        )
     if layout.zero_stage != 1:
-        raise UnsupportedLayout(f"{where}: ZeRO stage {layout.zero_stage} with pipeline "
-                                "parallelism is not a layout DeepSpeed writes; reshape reads "
-                                "ZeRO-1 and BF16_Optimizer pipelines")
+        raise UnsupportedLayout(
+            f"{where}: ZeRO stage {layout.zero_stage} with pipeline "
+            "parallelism is not a layout DeepSpeed writes; reshape reads "
+            "ZeRO-1 and BF16_Optimizer pipelines"
+        )
     params: dict[str, SourceParam] = {}
     groups = 0
     for mp in sorted(layout.zero_sources):
@@ -177,11 +180,15 @@ def open_pipeline(layout: Layout, rules_file: Path | None = None) -> PipelineSou
         sources = layout.zero_sources[mp]
         groups = max(groups, len(sources.groups))
         for g, group in enumerate(sources.groups):
-            if any(p.offset != sum(q.numel for q in group.params[:i])
-                   for i, p in enumerate(group.params)):
-                raise UnsupportedLayout(f"{where}: optimizer group {g} of model-parallel rank "
-                                        f"{mp} has parameter_alignment padding, which reshape "
-                                        "does not re-create")
+            if any(
+                p.offset != sum(q.numel for q in group.params[:i])
+                for i, p in enumerate(group.params)
+            ):
+                raise UnsupportedLayout(
+                    f"{where}: optimizer group {g} of model-parallel rank "
+                    f"{mp} has parameter_alignment padding, which reshape "
+                    "does not re-create"
+                )
             for p in group.params:
                 known = params.get(p.name)
                 if known is None:
@@ -193,17 +200,20 @@ def open_pipeline(layout: Layout, rules_file: Path | None = None) -> PipelineSou
                 if tp_rank == len(shapes):
                     shapes = (*shapes, p.shape)
                 stages = known.stages if stage in known.stages else (*known.stages, stage)
-                params[p.name] = SourceParam(p.name, known.group, shapes, stages, known.layer,
-                                             known.tie_key)
+                params[p.name] = SourceParam(
+                    p.name, known.group, shapes, stages, known.layer, known.tie_key
+                )
                 if known.group != g:
                     raise InconsistentCheckpoint(
                         f"{where}: {p.name} is in optimizer group {known.group} on one stage "
-                        f"and {g} on another")
+                        f"and {g} on another"
+                    )
     for sp in params.values():
         if sp.layer is None and sp.tie_key is None:
             raise UnsupportedLayout(
                 f"{where}: parameter {sp.name!r} is neither in a numbered layer nor a tied module, "
-                "so the stage that holds it cannot be derived")
+                "so the stage that holds it cannot be derived"
+            )
     tied = tied_names(layout)
     layer_files: dict[int, dict[str, str]] = {}
     for f in layout.files:
@@ -212,9 +222,12 @@ def open_pipeline(layout: Layout, rules_file: Path | None = None) -> PipelineSou
             layer_files[f.layer] = {k: tied.get((f.layer, k), f"{f.layer}.{k}") for k in keys}
     info = layout.model_info
     vocab = (info.get("checkpoint_info") or {}).get("original_vocab_size")
-    rules = load_rules(rules_file, info.get("universal_checkpoint_info"),
-                       model_args=info.get("args"),
-                       facts={"original_vocab_size": vocab} if vocab else None)
+    rules = load_rules(
+        rules_file,
+        info.get("universal_checkpoint_info"),
+        model_args=info.get("args"),
+        facts={"original_vocab_size": vocab} if vocab else None,
+    )
     return PipelineSource(layout, params, groups, layer_files, rules)
 
 
@@ -250,25 +263,30 @@ def infer_layer_specs(source: PipelineSource) -> tuple[LayerSpec, ...]:
 def _file_tie_key(source: PipelineSource, layer: int) -> str | None:
     """The tie key of the module saved in ``layer``'s file, if it is a tied module."""
     names = source.layer_files[layer].values()
-    return next((k for n in names if n in source.params and (k := source.params[n].tie_key)),
-                None)
+    return next((k for n in names if n in source.params and (k := source.params[n].tie_key)), None)
 
 
 def _check_specs(source: PipelineSource, specs: Sequence[LayerSpec]) -> None:
     for layer in sorted(source.layer_files):
         key = _file_tie_key(source, layer)
         if layer >= len(specs):
-            raise UsageError(f"--layer-specs lists {len(specs)} layers, but the checkpoint has "
-                             f"a file for layer {layer}")
+            raise UsageError(
+                f"--layer-specs lists {len(specs)} layers, but the checkpoint has "
+                f"a file for layer {layer}"
+            )
         if specs[layer].tie_key != key:
             want = f"tied to {key!r} ({key}@TYPE)" if key else "not tied"
-            raise UsageError(f"--layer-specs: layer {layer} is {specs[layer]} but its layer file "
-                             f"says it is {want}")
+            raise UsageError(
+                f"--layer-specs: layer {layer} is {specs[layer]} but its layer file "
+                f"says it is {want}"
+            )
     tie_keys = {k for p in source.params.values() if (k := p.tie_key)}
     for i, spec in enumerate(specs):
         if spec.tie_key and spec.tie_key not in tie_keys:
-            raise UsageError(f"--layer-specs: layer {i} is tied to {spec.tie_key!r}, but the "
-                             f"checkpoint's tied modules are {sorted(tie_keys) or 'none'}")
+            raise UsageError(
+                f"--layer-specs: layer {i} is tied to {spec.tie_key!r}, but the "
+                f"checkpoint's tied modules are {sorted(tie_keys) or 'none'}"
+            )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -321,14 +339,22 @@ class PipelinePlan:
         for p in self.source.params.values():
             where: int | str = p.layer if p.layer is not None else f"tied:{p.tie_key}"
             by_layer[where] = by_layer.get(where, 0) + zero.numel(self.local_shape(p.name, 0))
-        return [by_layer.get(f"tied:{s.tie_key}" if s.tie_key else i, 0)
-                for i, s in enumerate(self.specs)]
+        return [
+            by_layer.get(f"tied:{s.tie_key}" if s.tie_key else i, 0)
+            for i, s in enumerate(self.specs)
+        ]
 
 
-def plan_pipeline(layout: Layout, *, tp: int | None = None, pp: int | None = None,
-                  dp: int | None = None, partition_method: str = "parameters",
-                  layer_specs: str | None = None,
-                  rules_file: Path | None = None) -> PipelinePlan:
+def plan_pipeline(
+    layout: Layout,
+    *,
+    tp: int | None = None,
+    pp: int | None = None,
+    dp: int | None = None,
+    partition_method: str = "parameters",
+    layer_specs: str | None = None,
+    rules_file: Path | None = None,
+) -> PipelinePlan:
     """Plan the reshape of a pipeline checkpoint (reads metadata only).
 
     Raises:
@@ -352,7 +378,8 @@ def plan_pipeline(layout: Layout, *, tp: int | None = None, pp: int | None = Non
                 raise UnsupportedLayout(
                     f"{name}: its rule averages the TP copies, which gives new values rather "
                     "than the saved ones; reshape copies replicated tensors (rule kind "
-                    '"replicated"), so use that rule to reshape')
+                    '"replicated"), so use that rule to reshape'
+                )
     specs = parse_layer_specs(layer_specs) if layer_specs else infer_layer_specs(source)
     _check_specs(source, specs)
     lowered = partition_method.lower()
@@ -361,17 +388,25 @@ def plan_pipeline(layout: Layout, *, tp: int | None = None, pp: int | None = Non
             f"--partition-method {partition_method} needs the model's layer spec list, which "
             "the checkpoint does not record: pass --layer-specs (what the files show: "
             f"{format_layer_specs(specs)}, where ? is an unknown type and parameter-free "
-            "layers after the last one with parameters are not visible)")
+            "layers after the last one with parameters are not visible)"
+        )
     if dst.pp > len(specs):
         how = "inferred from the files" if layer_specs is None else "given"
-        raise UsageError(f"--pp {dst.pp}: the model has {len(specs)} layer specs ({how}), so "
-                         f"at most {len(specs)} stages can each hold one")
-    plan = PipelinePlan(source, dst, partition_method, specs, layer_specs is None, (), (),
-                        tp_plans)
+        raise UsageError(
+            f"--pp {dst.pp}: the model has {len(specs)} layer specs ({how}), so "
+            f"at most {len(specs)} stages can each hold one"
+        )
+    plan = PipelinePlan(source, dst, partition_method, specs, layer_specs is None, (), (), tp_plans)
     try:
-        parts = tuple(maps.partition_layers(
-            partition_method, dst.pp, num_layers=len(specs), param_counts=plan.layer_counts(),
-            layer_types=[s.typename for s in specs]))
+        parts = tuple(
+            maps.partition_layers(
+                partition_method,
+                dst.pp,
+                num_layers=len(specs),
+                param_counts=plan.layer_counts(),
+                layer_types=[s.typename for s in specs],
+            )
+        )
     except maps.MapError as exc:
         raise UsageError(f"--partition-method: {exc}") from None
     stages = tuple(_target_stage(source, specs, parts, s) for s in range(dst.pp))
@@ -380,23 +415,29 @@ def plan_pipeline(layout: Layout, *, tp: int | None = None, pp: int | None = Non
             raise UsageError(
                 f"--pp {dst.pp}: stage {stage.stage} would hold layers {list(stage.layers)} "
                 f"with no parameters ({partition_method} partitioning of {len(specs)} layers); "
-                "choose fewer stages")
+                "choose fewer stages"
+            )
         for g, names in enumerate(stage.groups):
             if not names:
                 raise UnsupportedLayout(
                     f"--pp {dst.pp}: stage {stage.stage} would have no parameter in optimizer "
-                    f"group {g}; DeepSpeed cannot build an empty flat group")
+                    f"group {g}; DeepSpeed cannot build an empty flat group"
+                )
     placed = {n for stage in stages for names in stage.groups for n in names}
     lost = [n for n in source.params if n not in placed]
     if lost:
-        raise UsageError(f"the layer specs place no stage on {len(lost)} parameter(s) "
-                         f"({', '.join(lost[:3])}): check --layer-specs")
-    return PipelinePlan(source, dst, partition_method, specs, layer_specs is None, parts,
-                        stages, tp_plans)
+        raise UsageError(
+            f"the layer specs place no stage on {len(lost)} parameter(s) "
+            f"({', '.join(lost[:3])}): check --layer-specs"
+        )
+    return PipelinePlan(
+        source, dst, partition_method, specs, layer_specs is None, parts, stages, tp_plans
+    )
 
 
-def _target_stage(source: PipelineSource, specs: Sequence[LayerSpec], parts: Sequence[int],
-                  stage: int) -> TargetStage:
+def _target_stage(
+    source: PipelineSource, specs: Sequence[LayerSpec], parts: Sequence[int], stage: int
+) -> TargetStage:
     """DeepSpeed's flat order: the client's groups list the tied modules (registered first in
     ``PipelineModule``) and then the layers in index order, each in its own parameter order."""
     layers = range(parts[stage], parts[stage + 1])
@@ -406,10 +447,14 @@ def _target_stage(source: PipelineSource, specs: Sequence[LayerSpec], parts: Seq
         if p.tie_key in keys or p.layer in layers:
             groups[p.group].append(p.name)
     tied = [[n for n in names if source.params[n].tie_key] for names in groups]
-    rest = [sorted((n for n in names if not source.params[n].tie_key),
-                   key=lambda n: source.params[n].layer or 0) for names in groups]
-    return TargetStage(stage, layers, tuple(tuple(t + r) for t, r in zip(tied, rest,
-                                                                          strict=True)))
+    rest = [
+        sorted(
+            (n for n in names if not source.params[n].tie_key),
+            key=lambda n: source.params[n].layer or 0,
+        )
+        for names in groups
+    ]
+    return TargetStage(stage, layers, tuple(tuple(t + r) for t, r in zip(tied, rest, strict=True)))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -440,9 +485,10 @@ class PipelineReshapeResult:
         from dsckpt.plan.zero_reshape import skipped_note
 
         src, dst = self.plan.src, self.plan.dst
-        move = (f"PP {src.pp} x TP {src.tp} x DP {src.dp} -> PP {dst.pp} x TP {dst.tp} x "
-                f"DP {dst.dp}")
+        move = f"PP {src.pp} x TP {src.tp} x DP {src.dp} -> PP {dst.pp} x TP {dst.tp} x DP {dst.dp}"
         if not self.written:
             return f"dry run: {move}; nothing written (would write {self.out}/{self.tag}/)"
-        return (f"wrote {self.out} (tag {self.tag}): {move}, {len(self.files)} files, "
-                f"{human_bytes(self.nbytes)}{skipped_note(self.skipped)}")
+        return (
+            f"wrote {self.out} (tag {self.tag}): {move}, {len(self.files)} files, "
+            f"{human_bytes(self.nbytes)}{skipped_note(self.skipped)}"
+        )

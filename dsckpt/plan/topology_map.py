@@ -111,8 +111,14 @@ def topology_map(
     if layout.kind == "pipeline" and layout.zero_sources:
         # The same plan `reshape` writes: layer specs, parameter counts at the target TP.
         if plan is None:  # reshape --dry-run passes the plan it made
-            plan = plan_pipeline(layout, tp=dst.tp, pp=dst.pp, dp=dst.dp,
-                                 partition_method=method, layer_specs=layer_specs)
+            plan = plan_pipeline(
+                layout,
+                tp=dst.tp,
+                pp=dst.pp,
+                dp=dst.dp,
+                partition_method=method,
+                layer_specs=layer_specs,
+            )
         dst_parts = plan.dst_parts
         parts = (*parts[:-1], max(parts[-1], len(plan.specs)))
         specs_text, inferred = format_layer_specs(plan.specs), plan.specs_inferred

@@ -177,8 +177,11 @@ class ReshapePlan:
         ``r0[82:164]->0``: source rank 0, its elements 82..163, placed from element 0."""
         rows = []
         for group in self.groups:
-            label = (f"sub-group {group.index} (group {group.param_group})" if self.kind == "zero3"
-                     else f"group {group.index}")
+            label = (
+                f"sub-group {group.index} (group {group.param_group})"
+                if self.kind == "zero3"
+                else f"group {group.index}"
+            )
             for part in group.partitions:
                 rows.append((label, part.rank, part.numel, part.padding, describe_runs(part.runs)))
         return rows
@@ -187,8 +190,10 @@ class ReshapePlan:
 def describe_runs(runs: Sequence[Run], limit: int = 4) -> str:
     if not runs:
         return "(all padding)"
-    shown = [f"r{r.src_rank}[{r.src_start}:{r.src_start + r.length}]->{r.dst_start}"
-             for r in runs[:limit]]
+    shown = [
+        f"r{r.src_rank}[{r.src_start}:{r.src_start + r.length}]->{r.dst_start}"
+        for r in runs[:limit]
+    ]
     more = f" +{len(runs) - limit} more" if len(runs) > limit else ""
     return " ".join(shown) + more
 
@@ -230,8 +235,9 @@ def _offsets(numels: Sequence[int], pads: Sequence[int]) -> tuple[list[int], int
     return offsets, offset - (pads[-1] if pads else 0)
 
 
-def split_segments(segments: Iterable[tuple[int, int, int, int]], src_size: int, dst_size: int,
-                   dst_ranks: int) -> list[list[Run]]:
+def split_segments(
+    segments: Iterable[tuple[int, int, int, int]], src_size: int, dst_size: int, dst_ranks: int
+) -> list[list[Run]]:
     """Cut ``(src_index, src_offset, dst_offset, length)`` segments of a flat index space at the
     source and target partition boundaries; returns the runs of each target rank, merged where
     they continue each other."""
@@ -250,17 +256,30 @@ def split_segments(segments: Iterable[tuple[int, int, int, int]], src_size: int,
 def _append(runs: list[Run], run: Run) -> None:
     if runs:
         last = runs[-1]
-        if (last.src_rank == run.src_rank and last.src_index == run.src_index
-                and last.src_start + last.length == run.src_start
-                and last.dst_start + last.length == run.dst_start):
-            runs[-1] = Run(last.src_rank, last.src_index, last.src_start, last.length + run.length,
-                           last.dst_start)
+        if (
+            last.src_rank == run.src_rank
+            and last.src_index == run.src_index
+            and last.src_start + last.length == run.src_start
+            and last.dst_start + last.length == run.dst_start
+        ):
+            runs[-1] = Run(
+                last.src_rank,
+                last.src_index,
+                last.src_start,
+                last.length + run.length,
+                last.dst_start,
+            )
             return
     runs.append(run)
 
 
-def slice_mapping(names: Sequence[str], numels: Sequence[int], offsets: Sequence[int] | None,
-                  rank: int, partition_size: int) -> tuple[tuple[str, int, int], ...]:
+def slice_mapping(
+    names: Sequence[str],
+    numels: Sequence[int],
+    offsets: Sequence[int] | None,
+    rank: int,
+    partition_size: int,
+) -> tuple[tuple[str, int, int], ...]:
     """DeepSpeed's ``param_slice_mappings`` entry of one group on one rank.
 
     Parameters go in their group order; ``offsets`` are their flat offsets when the group has
@@ -270,8 +289,13 @@ def slice_mapping(names: Sequence[str], numels: Sequence[int], offsets: Sequence
     return slice_mappings(names, numels, offsets, rank + 1, partition_size)[rank]
 
 
-def slice_mappings(names: Sequence[str], numels: Sequence[int], offsets: Sequence[int] | None,
-                   dp: int, partition_size: int) -> list[tuple[tuple[str, int, int], ...]]:
+def slice_mappings(
+    names: Sequence[str],
+    numels: Sequence[int],
+    offsets: Sequence[int] | None,
+    dp: int,
+    partition_size: int,
+) -> list[tuple[tuple[str, int, int], ...]]:
     """:func:`slice_mapping` of every rank below ``dp`` in one pass over the parameters: each
     parameter's ranks come from integer division (linear in ranks + parameters, where asking
     each rank in turn walks every parameter for every rank)."""
@@ -291,14 +315,17 @@ def slice_mappings(names: Sequence[str], numels: Sequence[int], offsets: Sequenc
     return [tuple(out) for out in per_rank]
 
 
-def zero12_group_paddings(data_numel: int, total_numel: int, partition_size: int, dp: int,
-                          kind: str) -> list[int]:
+def zero12_group_paddings(
+    data_numel: int, total_numel: int, partition_size: int, dp: int, kind: str
+) -> list[int]:
     """``group_paddings[g]`` per rank: ZeRO's tail padding inside each rank's slice, or
     BF16_Optimizer's total padding recorded on the last rank only."""
     if kind == "bf16_optimizer":
         return [0] * (dp - 1) + [partition_size * dp - total_numel]
-    return [partition_size - max(0, min(partition_size, data_numel - r * partition_size))
-            for r in range(dp)]
+    return [
+        partition_size - max(0, min(partition_size, data_numel - r * partition_size))
+        for r in range(dp)
+    ]
 
 
 def zero3_sub_groups(numels: Sequence[int], dp: int, sub_group_size: int) -> list[list[int]]:
@@ -318,8 +345,9 @@ def zero3_sub_groups(numels: Sequence[int], dp: int, sub_group_size: int) -> lis
     return groups
 
 
-def _zero3_runs(numel: int, src_dp: int, dst_dp: int, dst_rank: int, src_index: int, base: int,
-                dst_offset: int) -> list[Run]:
+def _zero3_runs(
+    numel: int, src_dp: int, dst_dp: int, dst_rank: int, src_index: int, base: int, dst_offset: int
+) -> list[Run]:
     """Runs giving target rank ``dst_rank`` its ``ceil(numel/dst_dp)`` piece of one parameter.
 
     The parameter's piece starts at element ``base`` of flat tensor ``src_index`` on every source
@@ -363,8 +391,7 @@ def _plan_zero12(facts: SourceFacts, dp: int) -> ReshapePlan:
         shapes = dict(src.params)
         numels = [zero.numel(s) for s in shapes.values()]
         count = len(names)
-        src_pads = ([0] * count if src.alignment_paddings is None
-                    else list(src.alignment_paddings))
+        src_pads = [0] * count if src.alignment_paddings is None else list(src.alignment_paddings)
         # The group's own order (DeepSpeed's bit16_groups): undo the source's round robin.
         original = group_order(names, facts.dp, facts.round_robin)
         if facts.round_robin:
@@ -380,7 +407,8 @@ def _plan_zero12(facts: SourceFacts, dp: int) -> ReshapePlan:
                 raise UnsupportedLayout(
                     f"group {g}: param_alignment_paddings {src_pads} do not follow DeepSpeed's "
                     f"parameter_alignment rule ({facts.param_alignment} elements), so the group "
-                    "cannot be re-ordered for round_robin_gradients at another DP size")
+                    "cannot be re-ordered for round_robin_gradients at another DP size"
+                )
             dst_pads = alignment_paddings(dst_numels, facts.param_alignment)
         src_offsets, src_data = _offsets(numels, src_pads)
         dst_offsets, dst_data = _offsets(dst_numels, dst_pads)
@@ -391,30 +419,49 @@ def _plan_zero12(facts: SourceFacts, dp: int) -> ReshapePlan:
         else:
             src_at = dict(zip(names, src_offsets, strict=True))
             dst_at = dict(zip(dst_names, dst_offsets, strict=True))
-            segments = [(g, src_at[n], dst_at[n], zero.numel(shapes[n])) for n in names
-                        if zero.numel(shapes[n])]
+            segments = [
+                (g, src_at[n], dst_at[n], zero.numel(shapes[n]))
+                for n in names
+                if zero.numel(shapes[n])
+            ]
         per_rank = split_segments(segments, src.partition_size, dst_size, dp)
         tails = zero12_group_paddings(dst_data, sum(numels), dst_size, dp, "zero")
-        partitions = tuple(Partition(r, dst_size, tuple(runs), tails[r])
-                           for r, runs in enumerate(per_rank))
-        groups.append(TargetGroup(
-            index=g, param_group=g, params=tuple((n, shapes[n]) for n in dst_names),
-            partitions=partitions, sources=(g,),
-            alignment_paddings=tuple(dst_pads) if src.alignment_paddings is not None else None))
-        paddings_by_group.append(zero12_group_paddings(dst_data, sum(numels), dst_size, dp,
-                                                       facts.kind))
+        partitions = tuple(
+            Partition(r, dst_size, tuple(runs), tails[r]) for r, runs in enumerate(per_rank)
+        )
+        groups.append(
+            TargetGroup(
+                index=g,
+                param_group=g,
+                params=tuple((n, shapes[n]) for n in dst_names),
+                partitions=partitions,
+                sources=(g,),
+                alignment_paddings=tuple(dst_pads) if src.alignment_paddings is not None else None,
+            )
+        )
+        paddings_by_group.append(
+            zero12_group_paddings(dst_data, sum(numels), dst_size, dp, facts.kind)
+        )
         # param_slice_mappings walk the group's own order; true offsets only with alignment pads.
         offsets = None
         if any(dst_pads):
             at = dict(zip(dst_names, dst_offsets, strict=True))
             offsets = [at[n] for n in original]
-        mappings_by_group.append(slice_mappings(original, [zero.numel(shapes[n]) for n in original],
-                                                offsets, dp, dst_size))
+        mappings_by_group.append(
+            slice_mappings(
+                original, [zero.numel(shapes[n]) for n in original], offsets, dp, dst_size
+            )
+        )
     return ReshapePlan(
-        kind=facts.kind, stage=facts.stage, source_dp=facts.dp, dp=dp, groups=tuple(groups),
+        kind=facts.kind,
+        stage=facts.stage,
+        source_dp=facts.dp,
+        dp=dp,
+        groups=tuple(groups),
         group_paddings=tuple(tuple(p[r] for p in paddings_by_group) for r in range(dp)),
         slice_mappings=tuple(tuple(m[r] for m in mappings_by_group) for r in range(dp)),
-        params_reordered=reordered)
+        params_reordered=reordered,
+    )
 
 
 def _plan_zero3(facts: SourceFacts, dp: int) -> ReshapePlan:
@@ -448,19 +495,32 @@ def _plan_zero3(facts: SourceFacts, dp: int) -> ReshapePlan:
                     padding += _zero3_padding(n, dp, rank)
                 partitions.append(Partition(rank, offset, tuple(runs), padding))
             sources = tuple(sorted({where[n][0] for n, _ in chosen}))
-            groups.append(TargetGroup(index=index, param_group=pg, params=tuple(chosen),
-                                      partitions=tuple(partitions), sources=sources,
-                                      ds_id=_zero3_ds_id(facts, chosen, ids)))
+            groups.append(
+                TargetGroup(
+                    index=index,
+                    param_group=pg,
+                    params=tuple(chosen),
+                    partitions=tuple(partitions),
+                    sources=sources,
+                    ds_id=_zero3_ds_id(facts, chosen, ids),
+                )
+            )
     frozen = []
     for f, (name, shape) in enumerate(facts.frozen):
         n = zero.numel(shape)
-        parts = tuple(Partition(r, zero.zero3_partition_numel(n, dp),
-                                tuple(_zero3_runs(n, facts.dp, dp, r, f, 0, 0)),
-                                _zero3_padding(n, dp, r))
-                      for r in range(dp))
+        parts = tuple(
+            Partition(
+                r,
+                zero.zero3_partition_numel(n, dp),
+                tuple(_zero3_runs(n, facts.dp, dp, r, f, 0, 0)),
+                _zero3_padding(n, dp, r),
+            )
+            for r in range(dp)
+        )
         frozen.append(FrozenFragments(name, shape, parts))
-    return ReshapePlan(kind="zero3", stage=3, source_dp=facts.dp, dp=dp, groups=tuple(groups),
-                       frozen=tuple(frozen))
+    return ReshapePlan(
+        kind="zero3", stage=3, source_dp=facts.dp, dp=dp, groups=tuple(groups), frozen=tuple(frozen)
+    )
 
 
 def _zero3_padding(numel: int, dp: int, rank: int) -> int:
@@ -484,8 +544,9 @@ def _zero3_param_ids(facts: SourceFacts) -> dict[str, int]:
     return {**{n: i + offset for n, i in position.items()}, **known}
 
 
-def _zero3_ds_id(facts: SourceFacts, chosen: Sequence[tuple[str, Shape]],
-                 ids: Mapping[str, int]) -> str | None:
+def _zero3_ds_id(
+    facts: SourceFacts, chosen: Sequence[tuple[str, Shape]], ids: Mapping[str, int]
+) -> str | None:
     """A sub-group's flat tensor ``ds_id`` (``"<first>_<last>"``); DeepSpeed never reads it back."""
     for src in facts.groups:
         if [n for n, _ in src.params] == [n for n, _ in chosen]:
@@ -537,19 +598,24 @@ def open_source(ckpt: Path | str | Layout, tag: str | None = None) -> Source:
     if layout.kind == "universal":
         raise UnsupportedLayout(
             f"{where} is a DeepSpeed universal checkpoint: DeepSpeed already loads those at any "
-            "DP size (checkpoint.load_universal); reshape reads native checkpoints")
+            "DP size (checkpoint.load_universal); reshape reads native checkpoints"
+        )
     if layout.kind == "pipeline" or layout.pp > 1 or layout.tp > 1:
         raise UnsupportedLayout(
             f"{where} is a pipeline/tensor-parallel checkpoint (TP {layout.tp} x PP {layout.pp}): "
-            f"reshape --dp handles single-model-rank ZeRO checkpoints; {PIPELINE_HINT}")
+            f"reshape --dp handles single-model-rank ZeRO checkpoints; {PIPELINE_HINT}"
+        )
     refuse_errors(layout)  # the gate every writing command passes
     if layout.kind == "plain" or layout.zero_stage == 0:
         raise UnsupportedLayout(
             f"{where} is a ZeRO stage 0 checkpoint: nothing to reshape, its files do not depend on "
-            "the DP size and DeepSpeed loads them at any DP size as they are")
+            "the DP size and DeepSpeed loads them at any DP size as they are"
+        )
     if (where / "offloaded_tensors").is_dir():
-        raise UnsupportedLayout(f"{where} holds NVMe-offloaded optimizer state "
-                                "(offloaded_tensors/), which reshape does not handle")
+        raise UnsupportedLayout(
+            f"{where} holds NVMe-offloaded optimizer state "
+            "(offloaded_tensors/), which reshape does not handle"
+        )
     if not layout.zero_sources:
         raise InconsistentCheckpoint(f"{where}: the optimizer partitions could not be located")
 
@@ -575,13 +641,22 @@ def open_source(ckpt: Path | str | Layout, tag: str | None = None) -> Source:
     else:
         meta, optim0 = load_saved(model_paths[0]), load_saved(optim_paths[0])
     if meta.get("num_experts") is not None:
-        raise UnsupportedLayout(f"{where} has mixture-of-experts layers: expert parameters are "
-                                "partitioned over expert groups, which reshape does not handle")
+        raise UnsupportedLayout(
+            f"{where} has mixture-of-experts layers: expert parameters are "
+            "partitioned over expert groups, which reshape does not handle"
+        )
     facts = _facts(layout, meta, optim0, optim)
     name = layout.tag if layout.tag is not None else where.name
     extra = tuple(where / n for n in extra_entries(where, files))
-    return Source(layout=layout, tag=name, facts=facts, model=model, optim=optim,
-                  optim_prefix=prefix, extra_files=extra)
+    return Source(
+        layout=layout,
+        tag=name,
+        facts=facts,
+        model=model,
+        optim=optim,
+        optim_prefix=prefix,
+        extra_files=extra,
+    )
 
 
 class _LoadedOnUse(Mapping[int, tuple[Path, Any]]):
@@ -630,8 +705,12 @@ def _zero_config(meta: Mapping[str, Any]) -> Mapping[str, Any]:
     return zcfg if isinstance(zcfg, Mapping) else {}
 
 
-def _facts(layout: Layout, meta: Mapping[str, Any], optim0: Mapping[str, Any],
-           optim: Mapping[int, tuple[Path, Any]]) -> SourceFacts:
+def _facts(
+    layout: Layout,
+    meta: Mapping[str, Any],
+    optim0: Mapping[str, Any],
+    optim: Mapping[int, tuple[Path, Any]],
+) -> SourceFacts:
     """What planning needs: ``meta`` and ``optim0`` are DP rank 0's model-states and optimizer
     pickles (ZeRO-3: torch's meta tensors; ZeRO-1/2: :class:`~dsckpt.io.unpickle.SavedTensor`)."""
     from dsckpt.io.unpickle import SavedTensor
@@ -641,39 +720,57 @@ def _facts(layout: Layout, meta: Mapping[str, Any], optim0: Mapping[str, Any],
     zcfg = _zero_config(meta)
     counts = osd0.get("partition_count")
     if isinstance(counts, (list, tuple)) and len(set(counts)) > 1:
-        raise UnsupportedLayout(f"{layout.dir}: optimizer groups are partitioned over different "
-                                f"numbers of ranks ({list(counts)}; expert parallelism?), which "
-                                "reshape does not handle")
+        raise UnsupportedLayout(
+            f"{layout.dir}: optimizer groups are partitioned over different "
+            f"numbers of ranks ({list(counts)}; expert parallelism?), which "
+            "reshape does not handle"
+        )
     if sources.zero3 is not None:
         if osd0.get("ds_zero_partition_groups") is not None:
             raise UnsupportedLayout(f"{layout.dir}: ZeRO-3 AutoEP partition groups are not handled")
         groups_of = _zero3_group_of(osd0, len(meta["param_shapes"]), layout.dir)
         flats = osd0["fp32_flat_groups"]
         groups = tuple(
-            SourceGroup(params=tuple((n, tuple(s)) for n, s in shapes.items()),
-                        param_group=groups_of[i],
-                        ds_id=getattr(flats[i], "ds_id", None) if i < len(flats) else None)
-            for i, shapes in enumerate(meta["param_shapes"]))
+            SourceGroup(
+                params=tuple((n, tuple(s)) for n, s in shapes.items()),
+                param_group=groups_of[i],
+                ds_id=getattr(flats[i], "ds_id", None) if i < len(flats) else None,
+            )
+            for i, shapes in enumerate(meta["param_shapes"])
+        )
         sub_group_size = int(float(zcfg.get("sub_group_size", DEFAULT_SUB_GROUP_SIZE)))
         _check_zero3_sub_groups(layout, groups, sub_group_size)
         buffers = set(meta.get("buffer_names") or [])
         aliases = set((meta.get("shared_params") or {}).keys())
-        order = tuple(k for k in (meta.get("module") or {})
-                      if k not in buffers and k not in aliases)
+        order = tuple(
+            k for k in (meta.get("module") or {}) if k not in buffers and k not in aliases
+        )
         frozen = tuple((n, tuple(s)) for n, s in (meta.get("frozen_param_shapes") or {}).items())
-        return SourceFacts(kind="zero3", stage=3, dp=layout.dp, groups=groups,
-                           sub_group_size=sub_group_size, frozen=frozen, param_order=order)
+        return SourceFacts(
+            kind="zero3",
+            stage=3,
+            dp=layout.dp,
+            groups=groups,
+            sub_group_size=sub_group_size,
+            frozen=frozen,
+            param_order=order,
+        )
     if isinstance(osd0.get("base_optimizer_state"), list):
         raise UnsupportedLayout(
             f"{layout.dir} is an elastic ZeRO checkpoint (zero_optimization.elastic_checkpoint): "
-            "reshape handles the default (rigid) layout")
+            "reshape handles the default (rigid) layout"
+        )
     kind = layout.optimizer
     aligns = osd0.get("param_alignment_paddings")
     groups = tuple(
-        SourceGroup(params=tuple((p.name, p.shape) for p in group.params), param_group=g,
-                    partition_size=group.partition_size,
-                    alignment_paddings=tuple(int(x) for x in aligns[g]) if aligns else None)
-        for g, group in enumerate(sources.groups))
+        SourceGroup(
+            params=tuple((p.name, p.shape) for p in group.params),
+            param_group=g,
+            partition_size=group.partition_size,
+            alignment_paddings=tuple(int(x) for x in aligns[g]) if aligns else None,
+        )
+        for g, group in enumerate(sources.groups)
+    )
     round_robin = kind == "zero" and bool(zcfg.get("round_robin_gradients", False))
     _check_group_order(layout, groups, optim, round_robin)
     alignment = 1
@@ -682,12 +779,22 @@ def _facts(layout: Layout, meta: Mapping[str, Any], optim0: Mapping[str, Any],
         first = next((module[n] for g in groups for n, _ in g.params if n in module), None)
         size = first.element_size() if isinstance(first, SavedTensor) else 2
         alignment = 16 // math.gcd(16, size)
-    return SourceFacts(kind=kind, stage=layout.zero_stage, dp=layout.dp, groups=groups,
-                       round_robin=round_robin, param_alignment=alignment)
+    return SourceFacts(
+        kind=kind,
+        stage=layout.zero_stage,
+        dp=layout.dp,
+        groups=groups,
+        round_robin=round_robin,
+        param_alignment=alignment,
+    )
 
 
-def _check_group_order(layout: Layout, groups: Sequence[SourceGroup],
-                       optim: Mapping[int, tuple[Path, Any]], round_robin: bool) -> None:
+def _check_group_order(
+    layout: Layout,
+    groups: Sequence[SourceGroup],
+    optim: Mapping[int, tuple[Path, Any]],
+    round_robin: bool,
+) -> None:
     """Each rank's ``param_slice_mappings`` names its parameters in the group's own order; that
     order must be the one the flat order implies (plain, or round robin as ``ds_config`` says).
     Otherwise the parameters would be misplaced at the new size without any error.
@@ -711,7 +818,8 @@ def _check_group_order(layout: Layout, groups: Sequence[SourceGroup],
                 raise UnsupportedLayout(
                     f"{optim[d][0].name}: group {g} lists its parameters in an order the flat "
                     f"layout does not explain (round_robin_gradients={round_robin} per the saved "
-                    "ds_config): reshaping would misplace them")
+                    "ds_config): reshaping would misplace them"
+                )
 
 
 def _zero3_group_of(osd: Mapping[str, Any], count: int, where: Path) -> list[int]:
@@ -725,12 +833,14 @@ def _zero3_group_of(osd: Mapping[str, Any], count: int, where: Path) -> list[int
     if flat != list(range(count)):
         raise InconsistentCheckpoint(
             f"{where}: the ZeRO-3 optimizer's param_groups list sub-groups {flat}, but the model "
-            f"states describe {count} sub-groups numbered 0..{count - 1}")
+            f"states describe {count} sub-groups numbered 0..{count - 1}"
+        )
     return owner
 
 
-def _check_zero3_sub_groups(layout: Layout, groups: Sequence[SourceGroup],
-                            sub_group_size: int) -> None:
+def _check_zero3_sub_groups(
+    layout: Layout, groups: Sequence[SourceGroup], sub_group_size: int
+) -> None:
     """DeepSpeed's sub-group rule at the source size must give back the saved sub-groups;
     otherwise the rule (or sub_group_size) is not what wrote the file, and a reshape would guess."""
     by_group: dict[int, list[tuple[str, Shape]]] = {}
@@ -739,8 +849,9 @@ def _check_zero3_sub_groups(layout: Layout, groups: Sequence[SourceGroup],
     expected = []
     for pg in sorted(by_group):
         params = by_group[pg]
-        for members in zero3_sub_groups([zero.numel(s) for _, s in params], layout.dp,
-                                        sub_group_size):
+        for members in zero3_sub_groups(
+            [zero.numel(s) for _, s in params], layout.dp, sub_group_size
+        ):
             expected.append([params[i][0] for i in members])
     saved = [[n for n, _ in g.params] for g in groups]
     if expected != saved:
@@ -748,7 +859,8 @@ def _check_zero3_sub_groups(layout: Layout, groups: Sequence[SourceGroup],
             f"{layout.dir}: the ZeRO-3 sub-groups saved ({len(saved)}) are not the ones "
             f"sub_group_size={sub_group_size} gives at DP {layout.dp} ({len(expected)}): the "
             "sub-group size that wrote this checkpoint is unknown, so the sub-groups at another "
-            "size cannot be derived")
+            "size cannot be derived"
+        )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -772,18 +884,26 @@ class ReshapeResult:
     plan_files: Callable[[], Any] | None = field(default=None, repr=False, compare=False)
 
     def summary(self) -> str:
-        what = {"zero": f"ZeRO-{self.plan.stage}", "bf16_optimizer": "BF16_Optimizer (ZeRO-1)",
-                "zero3": "ZeRO-3"}[self.plan.kind]
+        what = {
+            "zero": f"ZeRO-{self.plan.stage}",
+            "bf16_optimizer": "BF16_Optimizer (ZeRO-1)",
+            "zero3": "ZeRO-3",
+        }[self.plan.kind]
         if not self.written:
-            return (f"dry run: {what} DP {self.plan.source_dp} -> {self.plan.dp}; nothing written "
-                    f"(would write {self.out}/{self.tag}/)")
-        return (f"wrote {self.out} (tag {self.tag}): {what} resharded from DP "
-                f"{self.plan.source_dp} to DP {self.plan.dp}, {len(self.files)} files, "
-                f"{human_bytes(self.nbytes)}{skipped_note(self.skipped)}")
+            return (
+                f"dry run: {what} DP {self.plan.source_dp} -> {self.plan.dp}; nothing written "
+                f"(would write {self.out}/{self.tag}/)"
+            )
+        return (
+            f"wrote {self.out} (tag {self.tag}): {what} resharded from DP "
+            f"{self.plan.source_dp} to DP {self.plan.dp}, {len(self.files)} files, "
+            f"{human_bytes(self.nbytes)}{skipped_note(self.skipped)}"
+        )
 
 
-def plan_reshape(ckpt: Path | str | Layout, dp: int, tag: str | None = None
-                 ) -> tuple[Source, ReshapePlan]:
+def plan_reshape(
+    ckpt: Path | str | Layout, dp: int, tag: str | None = None
+) -> tuple[Source, ReshapePlan]:
     """Open a checkpoint (a path, or an already opened Layout) and plan its reshape to ``dp``
     ranks (reads metadata only)."""
     check_degrees(dp=dp)
@@ -795,5 +915,7 @@ def skipped_note(skipped: Sequence[str]) -> str:
     """The summary's warning about tag-directory entries that were not copied."""
     if not skipped:
         return ""
-    return (f"; warning: not copied, as only regular files are: {', '.join(skipped)} "
-            "(copy them by hand if the run needs them)")
+    return (
+        f"; warning: not copied, as only regular files are: {', '.join(skipped)} "
+        "(copy them by hand if the run needs them)"
+    )

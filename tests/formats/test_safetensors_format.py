@@ -95,8 +95,9 @@ def test_header_is_padded_and_every_tensor_aligned(tmp_path):
 def test_aliases_are_stored_as_copies_of_the_canonical(tmp_path):
     wte = torch.randn(4, 3)
     path = tmp_path / "tied.safetensors"
-    file = safetensors_file(path.name, in_memory({"wte": wte, "b": torch.ones(2)}),
-                            aliases={"lm_head": "wte"})
+    file = safetensors_file(
+        path.name, in_memory({"wte": wte, "b": torch.ones(2)}), aliases={"lm_head": "wte"}
+    )
     assert len(file.derived) == 1  # the alias: a duplicate of the canonical tensor's bytes
     write(file, path)
     loaded = load_file(path)
@@ -139,8 +140,9 @@ def test_sharded_output_with_index(tmp_path):
         ("h.1.w", "ln.w"),
     ]
     meta = {"dsckpt_aliases": json.dumps({"lm_head": "wte"}), "source": "ckpt/global_step3"}
-    planned = sharded_safetensors_plan(in_memory(sd), 1000, aliases={"lm_head": "wte"},
-                                       metadata=meta)
+    planned = sharded_safetensors_plan(
+        in_memory(sd), 1000, aliases={"lm_head": "wte"}, metadata=meta
+    )
     assert [f.name for f in planned.files][:-1] == [s.filename for s in plan.shards]
     run(planned, tmp_path, force=True)
     files = sorted(p.name for p in tmp_path.iterdir())

@@ -67,12 +67,18 @@ def _groups(obj):
 def _same(a, b, where=""):
     if isinstance(a, torch.Tensor):
         assert type(a) is type(b), where
-        assert (a.dtype, a.shape, a.stride(), a.storage_offset(), a.requires_grad) == \
-            (b.dtype, b.shape, b.stride(), b.storage_offset(), b.requires_grad), where
+        assert (a.dtype, a.shape, a.stride(), a.storage_offset(), a.requires_grad) == (
+            b.dtype,
+            b.shape,
+            b.stride(),
+            b.storage_offset(),
+            b.requires_grad,
+        ), where
         assert vars(a) == vars(b), where
-        assert torch.equal(a.detach().view(torch.uint8) if a.dtype == torch.float8_e4m3fn
-                           else a.detach(), b.detach().view(torch.uint8)
-                           if b.dtype == torch.float8_e4m3fn else b.detach()), where
+        assert torch.equal(
+            a.detach().view(torch.uint8) if a.dtype == torch.float8_e4m3fn else a.detach(),
+            b.detach().view(torch.uint8) if b.dtype == torch.float8_e4m3fn else b.detach(),
+        ), where
         return
     assert type(a) is type(b), where
     if isinstance(a, dict):
@@ -118,8 +124,11 @@ def test_lazy_tensors_copy_file_ranges_and_zero_the_rest(tmp_path: Path) -> None
     whole = lazy.view(storage, torch.float32, 0, (8, 8), (8, 1))
     part = lazy.view(storage, torch.float32, 8, (4,), (2,))  # a strided view of it
     # elements 10..13 at 2, 40..41 at 6; the rest of the 10 elements are zeros
-    padded = lazy.tensor(torch.float32, (10,), [Copy(8, ByteRange(src, 20 + 40, 16)),
-                                                Copy(24, ByteRange(src, 20 + 160, 8))])
+    padded = lazy.tensor(
+        torch.float32,
+        (10,),
+        [Copy(8, ByteRange(src, 20 + 40, 16)), Copy(24, ByteRange(src, 20 + 160, 8))],
+    )
     param = torch.nn.Parameter(padded, requires_grad=False)
     param.ds_id = 3
     obj = OrderedDict(whole=whole, part=part, param=param, mem=torch.ones(2))
@@ -184,8 +193,9 @@ save_torch({{"t": t}}, {str(tmp_path / "out.pt")!r}, lazy=lazy)
 after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 print((after - before) // 1024)
 """
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                          check=True)
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, check=True
+    )
     grown_mb = int(done.stdout.split()[-1])
     assert grown_mb < 64, grown_mb
     assert torch.load(tmp_path / "out.pt", mmap=True)["t"].shape == (96 << 20,)

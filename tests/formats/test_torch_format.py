@@ -48,8 +48,9 @@ def test_same_bytes_as_torch_save_but_the_serialization_id(tmp_path):
     sd = sample_state_dict()
     ref, mine = tmp_path / "ckpt.pt", tmp_path / "mine.pt"
     torch.save(with_alias(sd), ref)
-    write(torch_file(mine.name, in_memory(sd), aliases={"lm_head": "wte"}, archive_name="ckpt"),
-          mine)
+    write(
+        torch_file(mine.name, in_memory(sd), aliases={"lm_head": "wte"}, archive_name="ckpt"), mine
+    )
     a, b = ref.read_bytes(), mine.read_bytes()
     assert len(a) == len(b)
     za, zb = zipfile.ZipFile(ref), zipfile.ZipFile(mine)

@@ -61,9 +61,16 @@ def output_format(out: Path) -> str | None:
     return None
 
 
-def output_plan(fmt: str, out: Path, plan: ConsolidationPlan, *, metadata: dict[str, str],
-                max_shard_size: str | int, companion: FilePlan | None = None,
-                copies: Mapping[str, FilePlan] | None = None) -> WritePlan:
+def output_plan(
+    fmt: str,
+    out: Path,
+    plan: ConsolidationPlan,
+    *,
+    metadata: dict[str, str],
+    max_shard_size: str | int,
+    companion: FilePlan | None = None,
+    copies: Mapping[str, FilePlan] | None = None,
+) -> WritePlan:
     """The write plan of ``plan`` in format ``fmt``: every file, its bytes and their sources.
 
     ``companion`` is written with the weights (inside a directory OUT, or beside a single
@@ -74,8 +81,9 @@ def output_plan(fmt: str, out: Path, plan: ConsolidationPlan, *, metadata: dict[
     if copies and fmt != SHARDED:
         raise ValueError("copied files go only into a directory output")
     if fmt == SHARDED:
-        shards = sharded_safetensors_plan(plan.tensors, cap, aliases=plan.aliases,
-                                          metadata=metadata)
+        shards = sharded_safetensors_plan(
+            plan.tensors, cap, aliases=plan.aliases, metadata=metadata
+        )
         # Copied files first and the companion just before the commit point (the index, or
         # the one file): the folder is complete when its entry point appears.
         files = [*(copies or {}).values(), *shards.files[:-1]]
@@ -93,9 +101,13 @@ def output_plan(fmt: str, out: Path, plan: ConsolidationPlan, *, metadata: dict[
     return WritePlan((companion, file), directory=True, beside=True)
 
 
-def sharded_safetensors_plan(tensors: Sequence[PlannedTensor], cap: int | str, *,
-                             aliases: Mapping[str, str] | None = None,
-                             metadata: Mapping[str, str] | None = None) -> WritePlan:
+def sharded_safetensors_plan(
+    tensors: Sequence[PlannedTensor],
+    cap: int | str,
+    *,
+    aliases: Mapping[str, str] | None = None,
+    metadata: Mapping[str, str] | None = None,
+) -> WritePlan:
     """Hugging Face shards + index for a directory that keeps every file not of dsckpt's naming
     (one shard is ``model.safetensors`` with no index). ``metadata`` goes to every shard's
     ``__metadata__`` and to the index's ``metadata``."""
@@ -104,8 +116,12 @@ def sharded_safetensors_plan(tensors: Sequence[PlannedTensor], cap: int | str, *
     shards = plan_shards(specs, cap, aliases=aliases)
     by_name = {t.name: t for t in tensors}
     files: list[FilePlan] = [
-        safetensors_file(shard.filename, [by_name[s.name] for s in shard.tensors],
-                         metadata=metadata, aliases=dict(shard.aliases))
+        safetensors_file(
+            shard.filename,
+            [by_name[s.name] for s in shard.tensors],
+            metadata=metadata,
+            aliases=dict(shard.aliases),
+        )
         for shard in shards.shards
     ]
     if shards.is_sharded:

@@ -40,8 +40,9 @@ def copied_files(sources: Mapping[str, Path]) -> dict[str, FilePlan]:
 ADAPTER_NAME = "adapter_model.safetensors"
 
 
-def adapter_plan(plan: ConsolidationPlan, *, copies: Mapping[str, Path],
-                 metadata: dict[str, str]) -> WritePlan:
+def adapter_plan(
+    plan: ConsolidationPlan, *, copies: Mapping[str, Path], metadata: dict[str, str]
+) -> WritePlan:
     """A PEFT adapter folder: ``adapter_model.safetensors`` (one file, as PEFT writes it) after
     ``copies``: the weights last, so a folder holding them is complete. Other files in the
     folder are kept."""

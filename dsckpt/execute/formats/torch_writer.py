@@ -283,8 +283,9 @@ def torch_layout(
     return _archive_layout(data_pkl, [(s.name, s.nbytes) for s in specs], archive_name)
 
 
-def _archive_layout(data_pkl: bytes, storages: Sequence[tuple[str, int]],
-                    archive_name: str) -> TorchLayout:
+def _archive_layout(
+    data_pkl: bytes, storages: Sequence[tuple[str, int]], archive_name: str
+) -> TorchLayout:
     """The zip layout for a pickle and its storages ``(name, nbytes)``, stored as data/0.."""
     if not archive_name or "/" in archive_name:
         raise ValueError(f"invalid archive name {archive_name!r}")
@@ -309,8 +310,9 @@ def _archive_layout(data_pkl: bytes, storages: Sequence[tuple[str, int]],
         records.append(rec)
         cursor = rec.end
     first = 4  # index of data/0
-    offsets = {name: (records[first + i].data_offset, nbytes)
-               for i, (name, nbytes) in enumerate(storages)}
+    offsets = {
+        name: (records[first + i].data_offset, nbytes) for i, (name, nbytes) in enumerate(storages)
+    }
     storage = {name: first + i for i, (name, _) in enumerate(storages)}
     tail_size = len(TorchLayout(tuple(records), {}, {}, cursor, 0).tail([0] * len(records)))
     return TorchLayout(tuple(records), offsets, storage, cursor, cursor + tail_size)
@@ -332,8 +334,9 @@ def torch_file(
     return _zip_plan(name, layout, storage_ops, crc32=True)
 
 
-def _zip_plan(name: str, layout: TorchLayout, storage_ops: Mapping[str, Sequence[DataOp]],
-              *, crc32: bool) -> FilePlan:
+def _zip_plan(
+    name: str, layout: TorchLayout, storage_ops: Mapping[str, Sequence[DataOp]], *, crc32: bool
+) -> FilePlan:
     """A torch zip file as a write plan: the local headers, small records, data descriptors
     and the central directory as literals, the storages' bytes as ``storage_ops``, and (with
     ``crc32``) each storage's CRC-32 as a derived operation patching its data descriptor and
@@ -357,8 +360,9 @@ def _zip_plan(name: str, layout: TorchLayout, storage_ops: Mapping[str, Sequence
     entry = layout.central_offset  # each central entry's CRC field is at byte 16 of it
     for rec in layout.records:
         if crc32 and rec.payload is None and rec.size:
-            derived.append(Crc32(rec.data_offset, rec.size, (rec.data_offset + rec.size + 4,
-                                                              entry + 16)))
+            derived.append(
+                Crc32(rec.data_offset, rec.size, (rec.data_offset + rec.size + 4, entry + 16))
+            )
         entry += len(rec.central_entry(0))
     return FilePlan(name, layout.file_size, tuple(ops), tuple(derived))
 
@@ -389,8 +393,12 @@ class LazyStorages:
         self._ranges[storage._cdata] = (storage, tuple(r for r in ranges if r.nbytes))
         return storage
 
-    def tensor(self, dtype: torch.dtype, shape: Sequence[int], ranges: Sequence[Copy] = (),
-               ) -> torch.Tensor:
+    def tensor(
+        self,
+        dtype: torch.dtype,
+        shape: Sequence[int],
+        ranges: Sequence[Copy] = (),
+    ) -> torch.Tensor:
         """A contiguous meta tensor on a new storage filled from ``ranges``."""
         numel = 1
         for d in shape:
@@ -399,11 +407,13 @@ class LazyStorages:
         return self.view(storage, dtype, 0, shape, _contiguous_strides(tuple(shape)))
 
     @staticmethod
-    def view(storage: Any, dtype: torch.dtype, offset: int, shape: Sequence[int],
-             stride: Sequence[int]) -> torch.Tensor:
+    def view(
+        storage: Any, dtype: torch.dtype, offset: int, shape: Sequence[int], stride: Sequence[int]
+    ) -> torch.Tensor:
         """A meta tensor viewing ``storage`` (element ``offset``, ``shape``, ``stride``)."""
-        return torch.empty(0, dtype=dtype, device="meta").set_(storage, offset, tuple(shape),
-                                                               tuple(stride))
+        return torch.empty(0, dtype=dtype, device="meta").set_(
+            storage, offset, tuple(shape), tuple(stride)
+        )
 
     def ranges(self, storage: Any) -> tuple[Copy, ...] | None:
         entry = self._ranges.get(storage._cdata)
@@ -443,8 +453,10 @@ class _TorchPickling:
         if type(obj) is torch.Tensor:
             return self._reduce_tensor(obj)
         if isinstance(obj, torch.Tensor) and not isinstance(obj, torch.nn.Parameter):
-            raise TypeError(f"cannot stream a {type(obj).__name__}: only plain tensors and "
-                            "nn.Parameter are supported")
+            raise TypeError(
+                f"cannot stream a {type(obj).__name__}: only plain tensors and "
+                "nn.Parameter are supported"
+            )
         if isinstance(obj, (torch.UntypedStorage, torch.storage.TypedStorage)):
             raise TypeError("cannot stream a bare storage: save a tensor viewing it instead")
         return NotImplemented  # nn.Parameter reduces to its .data, a plain tensor
@@ -459,13 +471,26 @@ class _TorchPickling:
         if legacy is not None:
             ref = _StorageRef(stored.key, getattr(torch, legacy), stored.nbytes // t.element_size())
             func = torch._utils._rebuild_tensor_v2
-            args = (ref, t.storage_offset(), tuple(t.size()), t.stride(), t.requires_grad,
-                    OrderedDict())
+            args = (
+                ref,
+                t.storage_offset(),
+                tuple(t.size()),
+                t.stride(),
+                t.requires_grad,
+                OrderedDict(),
+            )
         else:
             ref = _StorageRef(stored.key, torch.storage.UntypedStorage, stored.nbytes)
             func = torch._utils._rebuild_tensor_v3
-            args = (ref, t.storage_offset(), tuple(t.size()), t.stride(), t.requires_grad,
-                    OrderedDict(), t.dtype)
+            args = (
+                ref,
+                t.storage_offset(),
+                tuple(t.size()),
+                t.stride(),
+                t.requires_grad,
+                OrderedDict(),
+                t.dtype,
+            )
         metadata = torch._utils.get_tensor_metadata(t)
         if metadata:
             args += (metadata,)
@@ -481,22 +506,26 @@ class _TorchPickling:
             if t.device.type == "meta":
                 ranges = self._lazy.ranges(storage) if self._lazy is not None else None
                 if ranges is None:
-                    raise ValueError("a meta tensor whose storage is not a LazyStorages one: "
-                                     "its bytes are unknown")
+                    raise ValueError(
+                        "a meta tensor whose storage is not a LazyStorages one: "
+                        "its bytes are unknown"
+                    )
                 stored = _Storage(str(len(self.storages)), storage.nbytes(), t.dtype, ranges)
             else:
-                stored = _Storage(str(len(self.storages)), storage.nbytes(), t.dtype, None,
-                                  storage)
+                stored = _Storage(str(len(self.storages)), storage.nbytes(), t.dtype, None, storage)
             self._by_storage[storage._cdata] = stored
             self.storages.append(stored)
         elif stored.dtype != t.dtype:
-            raise ValueError(f"tensors of {stored.dtype} and {t.dtype} view one storage, which "
-                             "torch.save refuses too")
+            raise ValueError(
+                f"tensors of {stored.dtype} and {t.dtype} view one storage, which "
+                "torch.save refuses too"
+            )
         return stored
 
 
-def pickle_for_torch(obj: Any, pickler: type = pickle.Pickler,
-                     lazy: LazyStorages | None = None) -> tuple[bytes, list[_Storage]]:
+def pickle_for_torch(
+    obj: Any, pickler: type = pickle.Pickler, lazy: LazyStorages | None = None
+) -> tuple[bytes, list[_Storage]]:
     """``obj``'s ``data.pkl`` (protocol 2, as torch.save) and its storages in key order."""
     cls = type("_StreamPickler", (_TorchPickling, pickler), {})
     buf = io.BytesIO()
@@ -564,11 +593,13 @@ def _last_wins(ranges: Sequence[Copy]) -> list[Copy]:
         pieces = [(r.at, r.at + r.nbytes)]
         for v in visible:
             a, b = v.at, v.at + v.nbytes
-            pieces = [p for lo, hi in pieces
-                      for p in ((lo, min(hi, a)), (max(lo, b), hi)) if p[0] < p[1]]
+            pieces = [
+                p for lo, hi in pieces for p in ((lo, min(hi, a)), (max(lo, b), hi)) if p[0] < p[1]
+            ]
         src = r.source
-        visible.extend(Copy(lo, ByteRange(src.path, src.offset + lo - r.at, hi - lo))
-                       for lo, hi in pieces)
+        visible.extend(
+            Copy(lo, ByteRange(src.path, src.offset + lo - r.at, hi - lo)) for lo, hi in pieces
+        )
     return sorted(visible, key=lambda v: v.at)
 
 
@@ -611,9 +642,8 @@ def save_torch(
     from dsckpt.execute.executor import write_plan_file
 
     path = Path(path)
-    plan = torch_object_file(path.name, obj, lazy=lazy, pickler=pickler,
-                             archive_name=archive_name, crc32=crc32)
+    plan = torch_object_file(
+        path.name, obj, lazy=lazy, pickler=pickler, archive_name=archive_name, crc32=crc32
+    )
     write_plan_file(plan, path, progress)
     return plan.size
-
-
