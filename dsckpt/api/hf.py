@@ -371,21 +371,7 @@ def export_adapter(
         plan, copies=target.copies, metadata={"format": "pt", "dsckpt.source": plan.source}
     )
     files = write_files(write_plan, out, force=force, progress=progress)
-    return ConsolidateResult(
-        out=out,
-        format="PEFT adapter",
-        tensors=len(plan.tensors),
-        aliases=0,
-        nbytes=plan.nbytes,
-        seconds=time.perf_counter() - started,
-        files=files,
-        source=plan.source,
-        picked=layout.picked,
-        checkpoint=layout.root,
-        step=layout.step,
-        hf=target,
-        dtype=dtype,
-    )
+    return _result(out, "PEFT adapter", plan, files, started, layout, target, dtype)
 
 
 # -- merging a LoRA adapter into its base model ----------------------------------------------
@@ -573,21 +559,25 @@ def export_merged(
         copies=copied_files(sources),
     )
     files = write_files(write_plan, out, force=force, progress=progress)
+    return _result(out, SHARDED, plan, files, started, layout, merge, dtype)
+
+
+def _result(
+    out: Path,
+    fmt: str,
+    plan: ConsolidationPlan,
+    files: int,
+    started: float,
+    layout: Layout,
+    hf: Any,
+    dtype: str,
+) -> ConsolidateResult:
+    """The result of an adapter or merged export (no tied aliases: neither writes any)."""
     return ConsolidateResult(
-        out=out,
-        format=SHARDED,
-        tensors=len(plan.tensors),
-        aliases=0,
-        nbytes=plan.nbytes,
-        seconds=time.perf_counter() - started,
-        files=files,
-        source=plan.source,
-        picked=layout.picked,
-        checkpoint=layout.root,
-        step=layout.step,
-        hf=merge,
-        dtype=dtype,
-    )
+        out=out, format=fmt, tensors=len(plan.tensors), aliases=0, nbytes=plan.nbytes,
+        seconds=time.perf_counter() - started, files=files, source=plan.source,
+        picked=layout.picked, checkpoint=layout.root, step=layout.step, hf=hf, dtype=dtype,
+    )  # fmt: skip
 
 
 def _merged(ref: Any, a: Any, b: Any, scaling: float, fan_in_fan_out: bool, dtype: Any) -> Any:

@@ -376,7 +376,7 @@ class Reader:
         by_view: dict[tuple[Any, ...], str] = {}
         path = self.path(meta.file)
         kind: TensorKind
-        for name, t in self._module_tensors(meta).items():
+        for name, t in self.module_tensors(meta).items():
             ref = tensor_ref(path, t)
             view = (t.storage_key, t.storage_offset, t.shape, t.stride, t.dtype.name)
             if name in buffers:
@@ -406,7 +406,7 @@ class Reader:
             whole=whole,
         )
 
-    def _module_tensors(self, meta: ModelMeta) -> dict[str, SavedTensor]:
+    def module_tensors(self, meta: ModelMeta) -> dict[str, SavedTensor]:
         """The tensors of ``module``, each checked; other values (a module's extra state) are a
         warning, since no consolidation can carry them."""
         at = At(self.path(meta.file), "module")
@@ -1018,22 +1018,16 @@ class Reader:
             fp32.append(refs)
         return ZeroSources(stage=3, fp32=tuple(fp32), zero3=layout)
 
-    def _model_tensors(
-        self, meta: ModelMeta, sources: ZeroSources | None, stage: int, dp: int
-    ) -> tuple[
-        list[TensorEntry], dict[str, tuple[TensorRef, ...]], dict[str, tuple[TensorRef, ...]]
-    ]:
-        """The consolidated tensors: trainable (fp32 partitions), frozen, buffers, tied."""
+    def buffers(
+        self,
+        meta: ModelMeta,
+        module: Mapping[str, SavedTensor],
+        whole: dict[str, tuple[TensorRef, ...]],
+        tensors: list[TensorEntry],
+    ) -> None:
+        """The buffers ``buffer_names`` lists, each whole in ``module`` (added to ``whole`` and
+        ``tensors``); a name ``module`` lacks is an error finding."""
         path = self.path(meta.file)
-        module = self._module_tensors(meta)
-        tensors: list[TensorEntry] = []
-        whole: dict[str, tuple[TensorRef, ...]] = {}
-        frozen: dict[str, tuple[TensorRef, ...]] = {}
-
-        def module_dtype(name: str) -> str:
-            t = module.get(name)
-            return dtypes.name_of(t.dtype) if t is not None else "unknown"
-
         for name in meta.buffer_names:
             t = module.get(name)
             if t is None:
@@ -1050,6 +1044,24 @@ class Reader:
                     name, tuple(t.shape), dtypes.name_of(t.dtype), "buffer", "whole in model states"
                 )
             )
+
+    def _model_tensors(
+        self, meta: ModelMeta, sources: ZeroSources | None, stage: int, dp: int
+    ) -> tuple[
+        list[TensorEntry], dict[str, tuple[TensorRef, ...]], dict[str, tuple[TensorRef, ...]]
+    ]:
+        """The consolidated tensors: trainable (fp32 partitions), frozen, buffers, tied."""
+        path = self.path(meta.file)
+        module = self.module_tensors(meta)
+        tensors: list[TensorEntry] = []
+        whole: dict[str, tuple[TensorRef, ...]] = {}
+        frozen: dict[str, tuple[TensorRef, ...]] = {}
+
+        def module_dtype(name: str) -> str:
+            t = module.get(name)
+            return dtypes.name_of(t.dtype) if t is not None else "unknown"
+
+        self.buffers(meta, module, whole, tensors)
         for name, shape in (meta.frozen_shapes or {}).items():
             if stage == 3:
                 per = zero.zero3_partition_numel(zero.numel(shape), dp)

@@ -253,7 +253,7 @@ class _Universal:
         loader leaves them as the model was built; they are the source run's values), then the
         trainable parameters."""
         path = self.r.path(meta.file)
-        module = self.r._module_tensors(meta)
+        module = self.r.module_tensors(meta)
         tensors: list[TensorEntry] = []
         whole: dict[str, tuple[TensorRef, ...]] = {}
         frozen: dict[str, tuple[TensorRef, ...]] = {}
@@ -266,20 +266,7 @@ class _Universal:
             # says which dtype the model had.
             return dtypes.name_of(t.dtype) if t is not None else run_dtype
 
-        for name in meta.buffer_names:
-            t = module.get(name)
-            if t is None:
-                self.note(
-                    ERROR,
-                    "missing-key",
-                    f"{meta.file.name}: `buffer_names` lists {name!r} but `module` holds no "
-                    "tensor of that name: the file is damaged or incomplete",
-                )
-                continue
-            whole[name] = (tensor_ref(path, t),)
-            tensors.append(
-                TensorEntry(name, tuple(t.shape), dtype_of(name), "buffer", "whole in model states")
-            )
+        self.r.buffers(meta, module, whole, tensors)
         if meta.frozen_shapes is None:
             # ZeRO-1 records no frozen parameters: they exist only in `module`.
             buffers = set(meta.buffer_names)
