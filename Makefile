@@ -6,7 +6,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 PIP := $(BIN)/pip install --disable-pip-version-check -q -c constraints.txt
 # A second environment as a user gets it from a plain `pip install .`: no extras, no DeepSpeed,
-# no numpy. tests/test_plain_install.py runs the CLI there on every fixture against the dev env.
+# no numpy. tests/cli/test_plain_install.py runs the CLI there on every fixture against the dev env.
 PLAIN ?= .venv-plain
 PLAIN_PIP := $(PLAIN)/bin/pip install --disable-pip-version-check -q -c constraints.txt
 SOURCES := $(shell find dsckpt -name '*.py' -o -name '*.json')

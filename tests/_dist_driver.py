@@ -1,4 +1,4 @@
-"""One rank of a multi-process run for tests/test_distributed.py (run as a script per rank).
+"""One rank of a multi-process run for tests/execute/test_distributed.py (run as a script per rank).
 
 argv: SCENARIO RANK SIZE PORT. Prints one JSON line: what the rank did and the error it ended with.
 """

@@ -28,6 +28,13 @@ def ckpt(kind: str, name: str) -> Path:
     return FIXTURES / kind / name / "ckpt"
 
 
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now (for a rendezvous the test starts next)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
 def tag_dir(kind: str, name: str) -> Path:
     return ckpt(kind, name) / facts(kind, name)["tag"]
 

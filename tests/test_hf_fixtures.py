@@ -1,7 +1,8 @@
 """Sanity of the Hugging Face fixtures (tests/fixtures/hf): the layout the Trainer, PEFT and
 Accelerate wrote through real DeepSpeed, and references that agree with each other and with
-transformers / peft: the ground truth tests/test_hf_trainer.py and tests/test_hf_export.py
-compare dsckpt's Hugging Face outputs against is what it claims to be."""
+transformers / peft: the ground truth tests/discover/test_hf_trainer.py and
+tests/api/test_hf_export.py compare dsckpt's Hugging Face outputs against is what it claims to
+be."""
 
 from __future__ import annotations
 

@@ -24,7 +24,7 @@ COMMANDS = ["inspect", "to-fp32", "show-map", "reshape", "verify"]
 Z2 = ckpt("zero", "z2-bf16-dp2")
 PIPE_BF16 = ckpt("pipe", "p2t2d1-z1-bf16")
 DSCKPT = Path(sys.executable).with_name("dsckpt")
-ROOT = Path(__file__).parent.parent
+ROOT = Path(__file__).parents[2]
 
 
 @pytest.fixture

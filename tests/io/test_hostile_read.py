@@ -3,7 +3,7 @@
 Issue 10, reading side. Each class is tested through the API (the typed error, naming the file)
 and, for representatives, through the CLI in a subprocess (exit 1, one line on stderr naming the
 file, nothing written, the input unchanged, bounded time). Crafted files come from
-tests/_hostile.py; real ones are copies of DeepSpeed-written fixtures.
+tests/io/_hostile.py; real ones are copies of DeepSpeed-written fixtures.
 """
 
 from __future__ import annotations

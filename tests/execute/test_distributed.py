@@ -7,28 +7,22 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from conftest import free_port
 
 from dsckpt.errors import UsageError
 from dsckpt.execute.distributed import World, balance, world_from_env
 
-ROOT = Path(__file__).resolve().parents[1]
-DRIVER = Path(__file__).parent / "_dist_driver.py"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+ROOT = Path(__file__).resolve().parents[2]
+DRIVER = Path(__file__).parents[1] / "_dist_driver.py"
 
 
 def _run(scenario: str, size: int = 3) -> list[dict]:
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     procs = [
         subprocess.Popen(

@@ -15,7 +15,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-HF = Path(__file__).parent / "fixtures" / "hf"
+HF = Path(__file__).parents[1] / "fixtures" / "hf"
 TRAINER = [
     "trainer-z2-bf16-untied",
     "trainer-z2-fp32-tied",

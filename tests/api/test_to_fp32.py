@@ -270,7 +270,7 @@ def test_unknown_suffix(cli, tmp_path: Path) -> None:
 
 
 def test_out_inside_the_checkpoint(cli, copy_fixture, tmp_path: Path) -> None:
-    # Beside the tag directory is allowed (tests/test_output_safety.py); inside it is not.
+    # Beside the tag directory is allowed (tests/execute/test_output_safety.py); inside it is not.
     root = copy_fixture("zero", "z2-fp32-dp2")
     before = sorted(p.name for p in root.rglob("*"))
     out = root / "global_step3" / "m.safetensors"

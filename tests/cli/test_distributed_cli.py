@@ -11,11 +11,10 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import ckpt
-from test_distributed import _free_port
+from conftest import ckpt, free_port
 
-ROOT = Path(__file__).resolve().parents[1]
-DRIVER = Path(__file__).parent / "_dist_driver.py"
+ROOT = Path(__file__).resolve().parents[2]
+DRIVER = Path(__file__).parents[1] / "_dist_driver.py"
 TORCHRUN = Path(sys.executable).parent / "torchrun"
 
 Z2 = ckpt("zero", "z2-bf16-dp2")
@@ -27,7 +26,7 @@ def _launch(
     args: list[str], size: int = 3, fault: str = "none"
 ) -> list[subprocess.CompletedProcess]:
     """``dsckpt ARGS`` as ``size`` processes, the launcher's variables set as torchrun sets them."""
-    port = _free_port()
+    port = free_port()
     procs = []
     for rank in range(size):
         env = {
@@ -119,7 +118,7 @@ def test_a_failed_rank_fails_the_run_and_commits_nothing(tmp_path: Path, fault: 
 
 
 def test_ranks_that_planned_differently_refuse_before_writing(tmp_path: Path) -> None:
-    port = _free_port()
+    port = free_port()
     out = tmp_path / "m.safetensors"
     procs = []
     for rank, dtype in enumerate(["fp32", "fp32", "bf16"]):
@@ -141,7 +140,7 @@ def test_under_torchrun(tmp_path: Path) -> None:
     dsckpt = shutil.which("dsckpt", path=str(Path(sys.executable).parent))
     assert dsckpt is not None
     done = subprocess.run(
-        [str(TORCHRUN), "--nproc-per-node", "2", "--master-port", str(_free_port()),
+        [str(TORCHRUN), "--nproc-per-node", "2", "--master-port", str(free_port()),
          "--no-python", dsckpt, "to-fp32", str(Z3), str(tmp_path / "a.safetensors")],
         capture_output=True, text=True, env=env, timeout=240,
     )  # fmt: skip
@@ -199,7 +198,7 @@ def test_two_nodes_on_one_machine(tmp_path: Path, args: list, out: str) -> None:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     dsckpt = shutil.which("dsckpt", path=str(Path(sys.executable).parent))
     assert dsckpt is not None
-    endpoint = f"127.0.0.1:{_free_port()}"
+    endpoint = f"127.0.0.1:{free_port()}"
     nodes = [
         subprocess.Popen(
             [

@@ -1,7 +1,7 @@
 """Every command shown in README.md and docs/ runs, and shown output is exactly what it prints.
 
 The console blocks in the docs are the golden files of `inspect` and `show-map` at 100 columns:
-when the output changes on purpose, regenerate every block with `python tests/test_docs.py`
+when the output changes on purpose, regenerate every block with `python tests/cli/test_docs.py`
 (it runs each shown command at 100 columns and writes its output under it; review the diff),
 and `docs/cli.md` with `typer dsckpt.cli.app utils docs --name dsckpt --output docs/cli.md`.
 """
@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).parent.parent
+ROOT = Path(__file__).parents[2]
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 GENERATED = ROOT / "docs" / "cli.md"
 

@@ -7,7 +7,7 @@ class instead, so a refusal that starts or stops is caught too.
 
 Regenerate (only when an output change is intended, and say why in the commit)::
 
-    python tests/test_golden_outputs.py --update
+    python tests/cli/test_golden_outputs.py --update
 """
 
 from __future__ import annotations
@@ -23,8 +23,8 @@ from typing import Any
 
 import pytest
 
-FIXTURES = Path(__file__).parent / "fixtures"
-GOLDEN = Path(__file__).parent / "golden" / "outputs.json"
+FIXTURES = Path(__file__).parents[1] / "fixtures"
+GOLDEN = Path(__file__).parents[1] / "golden" / "outputs.json"
 
 
 def _fixtures() -> list[tuple[str, str]]:
@@ -105,5 +105,5 @@ def _update() -> None:
 
 if __name__ == "__main__":
     if sys.argv[1:] != ["--update"]:
-        sys.exit("usage: python tests/test_golden_outputs.py --update")
+        sys.exit("usage: python tests/cli/test_golden_outputs.py --update")
     _update()

@@ -408,7 +408,7 @@ def test_to_fp32_is_what_load_universal_loads_at_another_dp(
     env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}
     env["CUDA_VISIBLE_DEVICES"] = ""
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env,
-                          cwd=Path(__file__).parent.parent)  # fmt: skip
+                          cwd=Path(__file__).parents[2])  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     out = tmp_path / "m.safetensors"
     consolidate(ckpt("universal", name), out)

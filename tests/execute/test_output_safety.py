@@ -379,7 +379,7 @@ def test_reshape_copies_only_regular_extra_files(
     result = subprocess.run(  # a FIFO that blocked would hang: bound it
         [sys.executable, "-m", "dsckpt", "reshape", str(root), str(out), *args],
         capture_output=True, text=True, timeout=120,
-        env={**os.environ, "PYTHONPATH": str(Path(__file__).parent.parent), "NO_COLOR": "1",
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[2]), "NO_COLOR": "1",
              "DSCKPT_WIDTH": "300"},
     )  # fmt: skip
     assert result.returncode == 0, result.stderr

@@ -24,7 +24,7 @@ from dsckpt.plan.pipeline_reshape import (
     plan_pipeline,
 )
 
-PIPE = Path(__file__).parent / "fixtures" / "pipe"
+PIPE = Path(__file__).parents[1] / "fixtures" / "pipe"
 REAL_SPECS = (
     "_token_ids,embed@EmbeddingPipe,TransformerLayerPipe*3,FinalNormPipe,embed@EmbeddingPipe,"
     "_logits_to_fp32"

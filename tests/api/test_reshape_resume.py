@@ -5,7 +5,7 @@ For every config and every pair A -> B: train K=3 steps at DP=A and save; reshap
 steps on the same global batches; compare with uninterrupted K+M runs at A and at B.
 
 Cost control (each torchrun costs ~10-30 s of start-up on a 2-core machine): this module is also
-the torchrun driver (``python -m torch.distributed.run ... tests/test_reshape_resume.py SPEC``).
+the torchrun driver (``python -m torch.distributed.run ... tests/api/test_reshape_resume.py SPEC``).
 One launch per world size W trains every config at W, saving after step 3 and continuing to step 5,
 so the same run gives both the checkpoint and the uninterrupted baseline (saving does not perturb
 training; see FORMAT.md). One launch per target size B then resumes every reshaped checkpoint
@@ -26,8 +26,8 @@ from typing import Any
 import pytest
 
 HERE = Path(__file__).resolve().parent
-REPO = HERE.parent
-FIXTURES = HERE / "fixtures"
+REPO = HERE.parents[1]
+FIXTURES = HERE.parent / "fixtures"
 K, M = 3, 2
 
 CONFIGS: dict[str, list[str]] = {

@@ -39,7 +39,7 @@ from tiny_model import build_model, loss_fn, make_batch, param_groups  # noqa: E
 
 ZERO_OPTIM = [n for n in ZERO if facts("zero", n)["zero_stage"] > 0]
 PIPE_OPTIM = [n for n in PIPE if facts("pipe", n).get("zero_stage", 1) > 0 and "z0" not in n]
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _bits(t: torch.Tensor) -> torch.Tensor:

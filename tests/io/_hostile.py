@@ -1,4 +1,4 @@
-"""A corpus builder for hostile and careless checkpoint files (tests/test_hostile_read.py).
+"""A corpus builder for hostile and careless checkpoint files (tests/io/test_hostile_read.py).
 
 Zips are laid out by hand where :mod:`zipfile` refuses to write the damage (duplicate names,
 bad zip64 extras, overlapping records); pickles are written opcode by opcode, since no pickler
@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).parent.parent
+REPO = Path(__file__).parents[2]
 
 # -- zips --------------------------------------------------------------------------------------
 

@@ -685,7 +685,7 @@ def test_output_must_not_touch_the_input(run_reshape, tmp_path: Path) -> None:
     root = tmp_path / "runs" / "ckpt"
     shutil.copytree(ckpt("zero", "z2-fp32-dp2"), root)
     before = _digest(root)
-    # root/resharded (beside the tag directory) is allowed: tests/test_output_safety.py
+    # root/resharded (beside the tag directory) is allowed: tests/execute/test_output_safety.py
     for out, text in (
         (root, "is the checkpoint"),
         (root / "latest", "would replace"),

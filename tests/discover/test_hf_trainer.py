@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 
 from dsckpt.discover import trainer
 
-HF = Path(__file__).parent / "fixtures" / "hf"
+HF = Path(__file__).parents[1] / "fixtures" / "hf"
 TWO_CKPTS = HF / "trainer-z3-bf16-tied" / "output_dir"
 ACCEL = HF / "accelerate-z3-bf16-2models" / "output_dir" / "step_4"
 

@@ -22,7 +22,7 @@ from dsckpt.execute.executor import write_plan_file
 from dsckpt.plan.fileplan import FilePlan, Literal
 from dsckpt.sizes import exact_bytes
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def leftovers(directory):

@@ -171,7 +171,7 @@ def test_the_error_line_escapes_what_it_quotes(cli, tmp_path: Path) -> None:
 
 def test_a_subprocess_writes_no_escape_byte(tmp_path: Path, hostile: Path) -> None:
     """The bytes on the real stdout/stderr, not only what CliRunner decodes."""
-    repo = Path(__file__).parent.parent
+    repo = Path(__file__).parents[2]
     out = subprocess.run(
         [sys.executable, "-m", "dsckpt", "inspect", str(hostile), "--params"],
         capture_output=True,

@@ -31,7 +31,7 @@ from dsckpt.io import dtypes
 from dsckpt.io.load import load_mapped, load_meta, tensor_ref
 from dsckpt.io.unpickle import Device, SavedStorage, SavedTensor, load_saved
 
-REPO = Path(__file__).parent.parent
+REPO = Path(__file__).parents[2]
 FILES = sorted(FIXTURES.rglob("*.pt"))
 # One test per fixture checkpoint (zero/z2-bf16-dp2, pipe/p2t2d2-z1-fp32, ...), all its files.
 GROUPS = sorted({"/".join(p.relative_to(FIXTURES).parts[:2]) for p in FILES})

@@ -28,7 +28,7 @@ from typing import Any
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
 from make_synthetic import Spec, make  # noqa: E402
 
 import dsckpt  # noqa: E402

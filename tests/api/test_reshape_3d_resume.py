@@ -73,8 +73,8 @@ from pathlib import Path
 from typing import Any
 
 HERE = Path(__file__).resolve().parent
-REPO = HERE.parent
-FIXTURES = HERE / "fixtures"
+REPO = HERE.parents[1]
+FIXTURES = HERE.parent / "fixtures"
 K, M = 3, 2
 
 Topo = tuple[int, int, int]  # (pp, tp, dp)
@@ -814,7 +814,7 @@ BAD: dict[str, tuple[Callable[[Path], Path], str | None, dict[str, int], str]] =
     "tp-4": (_fixture, None, {"tp": 4}, "--tp 4"),
     "tp-5": (_fixture, None, {"tp": 5}, "--tp 5"),
     "uncovered-param": (_with_uncovered_param, None, {"tp": 1}, UNCOVERED_NEW),
-    # copy/resharded, beside the tag directory, is allowed (tests/test_output_safety.py)
+    # copy/resharded, beside the tag directory, is allowed (tests/execute/test_output_safety.py)
     "out-is-input": (_copy, "copy", {"tp": 1}, "is the checkpoint"),
     "out-is-latest": (_copy, "copy/latest", {"tp": 1}, "would replace"),
     "out-inside-tag": (_copy, "copy/global_step3/x", {"tp": 1}, "inside"),

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-FIXTURES = Path(__file__).parent / "fixtures" / "moe"
+FIXTURES = Path(__file__).parents[1] / "fixtures" / "moe"
 MOE = sorted(p.parent.name for p in FIXTURES.glob("*/facts.json"))
 
 

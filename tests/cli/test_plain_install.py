@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 
-ROOT = Path(__file__).parent.parent
+ROOT = Path(__file__).parents[2]
 DRIVER = Path(__file__).parent / "_plain_driver.py"
 MAKE_IT = "make .venv-plain/.installed (or make test) creates it"
 

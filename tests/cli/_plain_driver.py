@@ -1,5 +1,5 @@
 """Run the dsckpt CLI over every fixture and print what it did, as JSON, for comparing two
-environments (tests/test_plain_install.py): the dev one and a plain `pip install .`.
+environments (tests/cli/test_plain_install.py): the dev one and a plain `pip install .`.
 
 Run with the current directory a scratch directory holding a `tests` symlink to the repository's
 tests, so every path printed is relative and the same in both runs. Each command runs in-process
