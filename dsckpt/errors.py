@@ -71,5 +71,7 @@ class MapError(DsckptError, ValueError):
 
 
 class IncompleteOutputError(OutputError, RuntimeError):
-    """An output tensor was not completely written: a bug in the plan or the executor. The
-    output is discarded (never renamed into place); also a RuntimeError, as the bug it is."""
+    """A write plan that would leave bytes unwritten, write some twice or outside a file, or a
+    computed value of the wrong size: a bug in the plan or the executor. Nothing is written
+    (or the output is discarded, never renamed into place); also a RuntimeError, as the bug it
+    is."""

@@ -12,7 +12,7 @@ import time
 
 from dsckpt.errors import DsckptError
 from dsckpt.execute import distributed
-from dsckpt.execute.distributed import World, coordinator, digest
+from dsckpt.execute.distributed import World, coordinator
 
 
 def main() -> None:
@@ -22,7 +22,7 @@ def main() -> None:
     try:
         with coordinator(World(rank, size, "127.0.0.1", port)) as coord:
             plan = "other" if scenario == "disagree" and rank == 2 else "same"
-            coord.agree("plan", digest(plan))
+            coord.agree("plan", plan)
             staging = coord.hand_out("staging", lambda: "/tmp/staging-x", str, str)
             events.append(f"staging {staging}")
             error: BaseException | None = None

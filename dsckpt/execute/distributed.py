@@ -16,7 +16,6 @@ line, so every process ends with the same one-line message.
 from __future__ import annotations
 
 import contextvars
-import hashlib
 import os
 import threading
 import time
@@ -130,11 +129,6 @@ def balance(sizes: Sequence[int], parts: int) -> list[list[int]]:
     return [sorted(share) for share in shares]
 
 
-def digest(*parts: object) -> str:
-    """A short digest of a plan's description: ranks that planned differently refuse to write."""
-    return hashlib.sha256(repr(parts).encode()).hexdigest()[:16]
-
-
 class Coordinator:
     """The store-backed agreement, hand-off and commit protocol of one run.
 
@@ -165,16 +159,13 @@ class Coordinator:
             self._stop.wait(_BEAT_SECONDS)
 
     def progress(self, local: Callable[[int], None] | None) -> Callable[[int], None] | None:
-        """The progress callback for this process's share. The leader's bar counts the bytes
-        of every rank (the others' arrive through the store, once a second); the others show
-        none."""
-        self._local = local if self.world.is_leader else None
-        self._counted = 0
+        """The progress callback for this process's share. The leader's bar (``local``) counts
+        the bytes of every rank: the others' arrive through the store, once a second."""
+        if self.world.is_leader:
+            self._local = local
+            return local
 
         def advance(nbytes: int) -> None:
-            if self._local is not None:
-                self._local(nbytes)
-                return
             with self._lock:
                 self._unsent += nbytes
 

@@ -21,6 +21,7 @@ from contextlib import AbstractContextManager, ExitStack, contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from dsckpt.errors import IncompleteOutputError
 from dsckpt.execute import distributed
 from dsckpt.execute.atomic import atomic_entries, atomic_output, preallocate
 from dsckpt.execute.formats.crc import CrcCopier, crc32
@@ -50,10 +51,6 @@ CAST_CHUNK = 4 << 20
 Progress = Callable[[int], None]
 # Average bytes per copy from which a CRC-32 field is computed from the sources while copying.
 STREAM_CRC_MIN = 256 << 10
-
-
-class IncompletePlanError(RuntimeError):
-    """A write plan that would leave bytes unwritten or write outside a file: a dsckpt bug."""
 
 
 class _Sources:
@@ -98,7 +95,7 @@ def run(
             before the commit (reshape copies a tag directory's extra files there).
 
     Raises:
-        IncompletePlanError: the plan does not write every byte of its files exactly once.
+        IncompleteOutputError: the plan does not write every byte of its files exactly once.
         OutputError: see :func:`dsckpt.execute.atomic.atomic_output`.
     """
     _refuse_unsound(plan.problems())
@@ -236,7 +233,7 @@ def _decode_paths(text: str) -> dict[str, Path]:
 def _refuse_unsound(problems: list[str]) -> None:
     if problems:
         more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
-        raise IncompletePlanError(
+        raise IncompleteOutputError(
             f"the write plan is unsound: {problems[0]}{more} (a dsckpt bug: please report it)"
         )
 
@@ -335,7 +332,7 @@ def _write_computed(op: Computed, fd: int) -> None:
     value = op.make()  # one computed tensor in memory at a time, released on return
     data = tensor_memory(value) if hasattr(value, "data_ptr") else memoryview(value).cast("B")
     if data.nbytes != op.nbytes:
-        raise IncompletePlanError(
+        raise IncompleteOutputError(
             f"{op.what} was computed as {data.nbytes} bytes where the plan holds {op.nbytes} "
             "(a dsckpt bug: please report it)"
         )

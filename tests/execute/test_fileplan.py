@@ -10,7 +10,8 @@ import pytest
 from conftest import ckpt
 
 from dsckpt.api.consolidation import plan_for
-from dsckpt.execute.executor import IncompletePlanError, run
+from dsckpt.errors import IncompleteOutputError
+from dsckpt.execute.executor import run
 from dsckpt.execute.formats import SAFETENSORS, SHARDED, TORCH, output_plan
 from dsckpt.plan.fileplan import ByteRange, Copy, Crc32, Duplicate, FilePlan, Literal, WritePlan
 
@@ -83,7 +84,7 @@ def test_problems_name_gaps_overlaps_and_out_of_bounds() -> None:
 
 def test_an_unsound_plan_is_refused_before_anything_is_written(tmp_path: Path) -> None:
     plan = WritePlan((FilePlan("m.safetensors", 10, (Literal(0, b"1234"),)),))
-    with pytest.raises(IncompletePlanError, match=r"bytes \[4, 10\) are never written"):
+    with pytest.raises(IncompleteOutputError, match=r"bytes \[4, 10\) are never written"):
         run(plan, tmp_path / "m.safetensors")
     assert list(tmp_path.iterdir()) == []
 
