@@ -18,6 +18,7 @@ from dsckpt.errors import InconsistentCheckpoint, UnsupportedLayout
 from dsckpt.io.dtypes import DType
 from dsckpt.io.load import TensorRef
 from dsckpt.plan.model import DTYPES, ConsolidationOptions, ConsolidationPlan, OutputTensor, Read
+from dsckpt.plan.moe_hf import to_hf_names
 from dsckpt.plan.pipeline_consolidation import plan_pipeline_consolidation
 
 
@@ -38,6 +39,8 @@ def plan_consolidation(
     """
     options = options or ConsolidationOptions()
     refuse_errors(layout)
+    if options.hf_names and (layout.moe is None or not layout.moe.autoep):
+        to_hf_names(layout, ConsolidationPlan(tensors=()))  # refuses, naming why
     universal = layout.universal if layout.kind == "universal" else None
     if universal is not None and not options.strip_vocab_padding:
         stripped = [p.name for p in universal.params if p.vocab_rows is not None]
@@ -89,6 +92,9 @@ def plan_consolidation(
         source = f"module weights ({layout.param_dtype})"
     plan = ConsolidationPlan(tensors=tuple(outputs), aliases=aliases, source=source)
     check_complete(layout, plan, options.exclude_frozen)
+    if options.hf_names:
+        # After the completeness check: the model's keys are recorded under AutoEP's names.
+        plan = to_hf_names(layout, plan)
     return plan
 
 
