@@ -896,9 +896,9 @@ def moe_line(moe: MoeLayout) -> str:
     experts = sorted({layer.num_experts for layer in moe.layers})
     degrees = sorted({(layer.ep_size, layer.edp_size) for layer in moe.layers})
     return (
-        f"{len(moe.layers)} {kind} layer{'s' if len(moe.layers) != 1 else ''}, "
-        f"{'/'.join(map(str, experts))} experts each, "
-        + ", ".join(f"EP {_unknown(ep)} x expert DP {_unknown(edp)}" for ep, edp in degrees)
+        f"{len(moe.layers)} {kind} layer{'s' if len(moe.layers) != 1 else ''} of "
+        f"{'/'.join(map(str, experts))} experts; "
+        + ", ".join(f"EP {_unknown(ep)} x EDP {_unknown(edp)}" for ep, edp in degrees)
     )
 
 
