@@ -958,7 +958,9 @@ def moe_tables(moe: MoeLayout, dp: int) -> list[RenderableType]:
             _unknown(layer.ep_size),
             _unknown(layer.edp_size),
             layer.group_name or "?",
-            f"layer_{layer.ordinal}_expert_{_span(range(layer.num_experts))}_mp_rank_00",
+            f"layer_{layer.ordinal}_expert_{_span(range(layer.num_experts))}_mp_rank_00"
+            if layer.files
+            else "none (in the ZeRO-3 shards)",
         )
     return [layers, expert_placement_table(moe, dp)]
 

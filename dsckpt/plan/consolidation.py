@@ -183,6 +183,8 @@ def _trainable(layout: Layout, entries: list[TensorEntry], out_dtype: DType) -> 
                 for p in sources.zero3.pieces(param)
             )
             outputs.append(OutputTensor(param.name, param.shape, out_dtype, reads))
+        if layout.moe is not None:
+            outputs.extend(_experts(layout, sources, out_dtype))
         return outputs
     moe = layout.moe
     expert_groups = moe.expert_group_indices if moe is not None else frozenset()
@@ -212,7 +214,20 @@ def _experts(layout: Layout, sources: ZeroSources, out_dtype: DType) -> list[Out
         if group is None:
             continue
         files = group.files_of(param.ep_rank)
-        for p in sources.groups[param.group].pieces(param.flat):
+        if sources.zero3 is not None:
+            # ZeRO-3: each parameter split on its own over the EDP ranks
+            count = sources.zero3_experts[param.group][0]
+            per = zero.zero3_partition_numel(param.flat.numel, count)
+            pieces = [
+                zero.Piece(
+                    k, param.group, param.flat.offset, min(per, param.flat.numel - k * per), k * per
+                )
+                for k in range(count)
+                if k * per < param.flat.numel
+            ]
+        else:
+            pieces = sources.groups[param.group].pieces(param.flat)
+        for p in pieces:
             reads.setdefault(param.name, []).append(
                 Read(
                     sources.fp32[files[p.rank]][param.group],

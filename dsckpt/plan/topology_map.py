@@ -222,6 +222,13 @@ def _expert_targets(layout: Layout, dst_dp: int) -> tuple[ExpertTargetRow, ...]:
     sources = layout.zero_sources[0]
     rows = []
     for group in layout.moe.groups:
+        new_edp = dst_dp // group.ep_size
+        if sources.zero3 is not None:  # every parameter split on its own: all EDP ranks meet
+            per_rank = [group.files_of(d % group.ep_size) for d in range(dst_dp)]
+            rows.append(
+                ExpertTargetRow(group.index, group.name, group.ep_size, new_edp, tuple(per_rank))
+            )
+            continue
         flat = sources.groups[group.index]
         new_edp = dst_dp // group.ep_size
         data = flat.data_numel

@@ -19,7 +19,7 @@ from dsckpt.errors import UnsupportedLayout
 
 MOE_DIR = FIXTURES / "moe"
 MOE = sorted(p.parent.name for p in MOE_DIR.glob("*/facts.json"))
-READABLE = [n for n in MOE if not n.startswith("autoep-z3")]
+READABLE = MOE
 NATIVE = [n for n in READABLE if facts("moe", n)["kind"] == "native"]
 AUTOEP = [n for n in READABLE if facts("moe", n)["kind"] == "autoep"]
 FORMATS = ["model.safetensors", "model.bin", "shards"]

@@ -11,7 +11,7 @@ from conftest import FIXTURES, facts
 
 MOE_DIR = FIXTURES / "moe"
 MOE = sorted(p.parent.name for p in MOE_DIR.glob("*/facts.json"))
-READABLE = [n for n in MOE if not n.startswith("autoep-z3")]
+READABLE = MOE
 
 
 def _ckpt(name: str) -> Path:
@@ -34,13 +34,18 @@ def test_inspect_json_reports_the_moe_layout(cli, name: str) -> None:
         assert layer["experts_by_ep_rank"] == [
             want["experts_by_ep_rank"][str(r)] for r in range(want["ep_size"])
         ]
+        if f["zero_stage"] == 3:  # AutoEP ZeRO-3 writes no expert files
+            assert layer["expert_files"] == []
+            continue
         assert ["global_step3/" + x for x in layer["expert_files"]] == [
             want["expert_file"][str(e)] for e in range(want["num_experts"])
         ]
     expert_files = [x for x in data["files"] if x["role"] == "expert_model_states"]
-    assert len(expert_files) == sum(x["num_experts"] for x in f["moe_layers"])
+    assert len(expert_files) == (
+        sum(x["num_experts"] for x in f["moe_layers"]) if f["zero_stage"] < 3 else 0
+    )
     assert all(x["expert"] is not None for x in expert_files)
-    if f["zero_stage"]:
+    if f["zero_stage"] in (1, 2):
         moe_groups = [g for g in f["optimizer_groups"] if g["moe"]]
         assert [g["group"] for g in moe["expert_groups"]] == [g["index"] for g in moe_groups]
         assert [g["expert_dp_size"] for g in moe["expert_groups"]] == [
