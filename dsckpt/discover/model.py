@@ -17,6 +17,7 @@ from dsckpt.errors import DsckptError, InconsistentCheckpoint, UnsupportedLayout
 from dsckpt.io.load import TensorRef
 
 if TYPE_CHECKING:
+    from dsckpt.discover.moe import MoeLayout
     from dsckpt.discover.universal import UniversalInfo
 
 # The closed vocabularies of a Layout, as types: a misspelt kind is a type error, not a branch
@@ -69,6 +70,12 @@ class ZeroSources:
     # [dp]: OptimMeta.slice_names of each rank (ZeRO-1/2), kept so reshape planning need not
     # read every rank file again
     slice_names: tuple[tuple[tuple[str | None, ...] | None, ...] | None, ...] = ()
+    # ZeRO-3 AutoEP: the expert sub-groups (not in ``zero3``), partitioned over their
+    # expert-data-parallel ranks only: sub-group -> (partition count, the parameters with their
+    # offsets in each rank's flat tensor, each rank holding ceil(numel / count) of each).
+    zero3_experts: Mapping[int, tuple[int, tuple[zero.FlatParam, ...]]] = field(
+        default_factory=dict
+    )
 
 
 @dataclass(frozen=True)
@@ -118,6 +125,9 @@ class Layout:
     unreadable: tuple[str, ...] = ()
     # Universal checkpoints: the zero/<param>/ folders (see dsckpt.discover.universal).
     universal: UniversalInfo | None = None
+    # Mixture-of-experts checkpoints: layers, experts, their files and expert optimizer groups
+    # (see dsckpt.discover.moe); None for a dense model.
+    moe: MoeLayout | None = None
 
     @property
     def world_size(self) -> int:
