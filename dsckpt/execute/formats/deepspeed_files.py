@@ -105,6 +105,11 @@ class ZeroRankFiles:
             for name, build in self._jobs():
                 files.append(rank_file_plan(build(), f"{tag}/{name}", self.lazy))
                 self.lazy = type(self.lazy)()  # drop this file's sources
+            for path in self.source.expert_files:
+                # MoE expert weights do not depend on the DP size: copied byte for byte.
+                size = self._size(path)
+                whole = (Copy(0, ByteRange(path, 0, size)),) if size else ()
+                files.append(FilePlan(f"{tag}/{path.name}", size, whole))
         return tag_directory_plan(tag, files)
 
     def _jobs(self) -> list[tuple[str, Callable[[], Any]]]:
@@ -333,7 +338,9 @@ class ZeroRankFiles:
             elif key == "group_paddings":
                 osd[key] = list(plan.group_paddings[rank])
             elif key == "partition_count":
-                osd[key] = [plan.dp] * len(value) if isinstance(value, (list, tuple)) else plan.dp
+                # Per group: every DP rank, or an expert group's expert-data-parallel size.
+                counts = [g.partition_count(plan.dp) for g in plan.groups]
+                osd[key] = counts if isinstance(value, (list, tuple)) else plan.dp
             elif key == "param_alignment_paddings":
                 osd[key] = [list(g.alignment_paddings or ()) for g in plan.groups]
             elif key == "param_slice_mappings":
