@@ -33,6 +33,8 @@ class Role(str, Enum):
     ZERO3_MODEL = "zero3_model_states"  # zero_pp_rank_D_mp_rank_MM_model_states.pt
     OPTIM = "optim_states"  # [bf16_|fp16_]zero_pp_rank_D_mp_rank_MM_optim_states.pt
     LAYER = "layer"  # layer_LL-model_TT-model_states.pt
+    EXPERT = "expert_model_states"  # layer_L_expert_E_mp_rank_MM_model_states.pt (MoE)
+    EXPP_OPTIM = "expp_optim_states"  # expp_rank_R_mp_rank_MM_optim_states.pt (MoE, no ZeRO)
 
 
 @dataclass(frozen=True)
@@ -47,6 +49,8 @@ class RankFile:
     layer: int | None = None
     tp: int | None = None
     prefix: str = ""  # "", "bf16_" or "fp16_" on optimizer files
+    expert: int | None = None  # MoE expert files: the global expert id (``layer`` = MoE layer)
+    ep: int | None = None  # MoE ZeRO-0 optimizer files: the expert-parallel rank
 
 
 @dataclass(frozen=True)
@@ -74,6 +78,13 @@ _PATTERNS: list[tuple[Role, re.Pattern[str]]] = [
         ),
     ),
     (Role.LAYER, re.compile(r"^layer_(?P<layer>\d+)-model_(?P<tp>\d+)-model_states\.pt$")),
+    (
+        Role.EXPERT,
+        re.compile(
+            r"^layer_(?P<layer>\d+)_expert_(?P<expert>\d+)_mp_rank_(?P<mp>\d+)_model_states\.pt$"
+        ),
+    ),
+    (Role.EXPP_OPTIM, re.compile(r"^expp_rank_(?P<ep>\d+)_mp_rank_(?P<mp>\d+)_optim_states\.pt$")),
 ]
 
 # Names DeepSpeed 0.19.8 writes (engine.py's _get_expert_ckpt_name, _get_optimizer_ckpt_name;
@@ -82,16 +93,8 @@ _PATTERNS: list[tuple[Role, re.Pattern[str]]] = [
 # DeepSpeed names checkpoint files, so a new layout is refused rather than silently skipped.
 _UNSUPPORTED: list[tuple[re.Pattern[str], str]] = [
     (
-        re.compile(r"^layer_\d+_expert_\d+_mp_rank_\d+_model_states\.pt$"),
-        "a mixture-of-experts (MoE) expert file",
-    ),
-    (
         re.compile(r"^expert_\d+_mp_rank_\d+_model_states\.pt$"),
         "a mixture-of-experts (MoE) expert file of DeepSpeed's older naming",
-    ),
-    (
-        re.compile(r"^expp_rank_\d+_mp_rank_\d+_optim_states\.pt$"),
-        "a mixture-of-experts (MoE) optimizer file (one per expert-parallel rank)",
     ),
     (
         re.compile(r"^layer_\d+-model_states\.pt$"),

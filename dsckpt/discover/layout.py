@@ -32,6 +32,15 @@ from dsckpt.discover.model import (
     first_error,
     missing_files_hint,
 )
+from dsckpt.discover.moe import MoeLayout
+from dsckpt.discover.moe_read import (
+    ExpertFiles,
+    align_expert_groups,
+    finish_plain,
+    finish_zero12,
+    moe_recorded,
+    read_expert_files,
+)
 from dsckpt.discover.pipeline import read_pipeline
 from dsckpt.errors import (
     CheckpointNotFound,
@@ -160,6 +169,10 @@ class OptimMeta:
     # Per group, the parameter names this rank's param_slice_mappings lists, in its order (None
     # for an entry that is not a dict or list of names); None without param_slice_mappings.
     slice_names: tuple[tuple[str | None, ...] | None, ...] | None = None
+    # Per group, the `name` and `moe` flag of base_optimizer_state's param_groups (MoE expert
+    # groups are `ep_size_N`, moe True); None when the file has no such list.
+    group_names: tuple[str | None, ...] | None = None
+    group_moe: tuple[bool, ...] | None = None
 
     @property
     def dp(self) -> int:
@@ -181,9 +194,16 @@ class Reader:
         self._cache: dict[str, Any] = {}
         self.unreadable: list[str] = []
         self._seen: dict[tuple[Any, ...], tuple[Any, ...]] = {}
+        # MoE: set by the ZeRO-1/2 reader before zero_sources, which matches the expert groups
+        self._moe = False
+        self.expert_groups: list[Any] = []
 
     def note(self, level: Level, code: str, message: str) -> None:
         self.findings.append(Finding(level, code, message))
+
+    def drop(self, f: RankFile) -> None:
+        """Forget ``f``'s parse once what is needed of it is kept."""
+        self._cache.pop(f.name, None)
 
     def path(self, f: RankFile) -> Path:
         return self.location.dir / f.name
@@ -290,16 +310,26 @@ class Reader:
             raise CheckpointNotFound(
                 f"{self.path(first)} is not a DeepSpeed model-states file (no `module` key)"
             )
-        if raw.get("num_experts") is not None or raw.get("ds_autoep_layers") is not None:
-            # Expert weights live in files of their own (none at all in an AutoEP ZeRO-3 save):
-            # without MoE support, any output would silently miss or misplace them.
+        if moe_recorded(raw) and self.of_role(Role.LAYER):
+            # Pipeline stages would hold the experts in layer files of their own naming.
             self.note(
                 ERROR,
                 "unsupported-moe",
-                f"{first.name} records a mixture-of-experts model (`num_experts`"
-                + (", `ds_autoep_layers`" if raw.get("ds_autoep_layers") is not None else "")
-                + "): MoE checkpoints are not supported yet",
+                f"{first.name} records a mixture-of-experts model in a pipeline (layer_XX-model_"
+                "YY files): pipeline + MoE checkpoints are not supported (nothing here maps "
+                "experts onto pipeline stages)",
             )
+        elif not moe_recorded(raw):
+            strays = self.of_role(Role.EXPERT) + self.of_role(Role.EXPP_OPTIM)
+            if strays:
+                self.note(
+                    ERROR,
+                    "stale-expert-file",
+                    f"{', '.join(f.name for f in strays[:3])}{' ...' if len(strays) > 3 else ''}"
+                    f": mixture-of-experts file(s), but {first.name} records no MoE layers "
+                    "(`num_experts`): stale files from another run? move them out of the tag "
+                    "directory",
+                )
         return self.model_meta(first, raw)
 
     def model_meta(self, f: RankFile, raw: Mapping[str, Any]) -> ModelMeta:
@@ -368,6 +398,19 @@ class Reader:
     def _plain(self, model_files: list[RankFile]) -> Layout:
         meta = self.first_model_meta(model_files)
         self.check_mp_files(meta, model_files)
+        found: ExpertFiles | None = None
+        moe: MoeLayout | None = None
+        if moe_recorded(meta.raw):
+            found = read_expert_files(self, meta)
+            moe = finish_plain(self, found, meta.dp_world_size or 1)
+            meta = replace(meta, shared={**meta.shared, **dict(moe.aliases)})
+            if moe.autoep:
+                self.note(
+                    ERROR,
+                    "unsupported-moe",
+                    f"{meta.file.name}: AutoEP without ZeRO: its fused expert tensors are not "
+                    "assembled from the per-expert files yet; save with ZeRO stage 1 or 2",
+                )
         buffers = set(meta.buffer_names)
         whole = {}
         tensors = []
@@ -393,6 +436,24 @@ class Reader:
                     name, tuple(t.shape), dtypes.name_of(t.dtype), kind, placement, alias_of=alias
                 )
             )
+        model_keys = None
+        if found is not None and moe is not None and not moe.autoep:
+            for layer in moe.layers:
+                for e, keys in enumerate(layer.keys):
+                    for key in keys:
+                        ref = found.tensors[key]
+                        whole[key] = (ref,)
+                        tensors.append(
+                            TensorEntry(
+                                key,
+                                ref.shape,
+                                dtypes.name_of(ref.dtype),
+                                "trainable",
+                                f"expert {e} of MoE layer {layer.ordinal}: "
+                                f"whole in {layer.files[e]}",
+                            )
+                        )
+            model_keys = self.module_keys(meta) + moe.expert_keys()
         return self.make_layout(
             kind="plain",
             zero_stage=0,
@@ -404,7 +465,15 @@ class Reader:
             tensors=tensors,
             sources={},
             whole=whole,
+            model_keys=model_keys,
+            model_keys_from=f"`module` of {meta.file.name} and the expert files"
+            if model_keys
+            else "",
+            moe=moe,
         )
+
+    def module_keys(self, meta: ModelMeta) -> tuple[str, ...]:
+        return tuple(k for k, v in meta.module.items() if isinstance(v, SavedTensor))
 
     def module_tensors(self, meta: ModelMeta) -> dict[str, SavedTensor]:
         """The tensors of ``module``, each checked; other values (a module's extra state) are a
@@ -435,11 +504,39 @@ class Reader:
         self.check_mp_files(meta, model_files)
         self.require_shapes(meta)
         mp0 = meta.file.mp or 0
+        found = None
+        if moe_recorded(meta.raw):
+            found = read_expert_files(self, meta)
+            self._moe = True
         sources, optim_kind, stage, dp = self.zero_sources(
             mp0, meta.param_shapes, meta.dp_world_size
         )
         self.check_dp(meta, dp)
-        tensors, whole, frozen = self._model_tensors(meta, sources, stage, dp)
+        moe = None
+        model_keys = None
+        if found is not None:
+            if len(model_files) > 1:
+                self.note(
+                    ERROR,
+                    "unsupported-moe",
+                    f"{self.location.dir}: a mixture-of-experts model with "
+                    f"{len(model_files)} model-parallel ranks: MoE with tensor parallelism is "
+                    "not supported",
+                )
+            moe = finish_zero12(self, found, self.expert_groups, sources, dp)
+            meta = replace(meta, shared={**meta.shared, **dict(moe.aliases)})
+            model_keys = self.module_keys(meta) + moe.expert_keys()
+        tensors, whole, frozen = self._model_tensors(meta, sources, stage, dp, moe)
+        if found is not None:
+            # Expert tensors are saved in the model dtype in their own files (AutoEP: one per
+            # expert of a fused tensor, `<key>.<E>`).
+            saved = {k: dtypes.name_of(r.dtype) for k, r in found.tensors.items()}
+            tensors = [
+                replace(t, dtype=saved.get(t.name) or saved.get(f"{t.name}.0") or t.dtype)
+                if t.dtype == "unknown"
+                else t
+                for t in tensors
+            ]
         return self.make_layout(
             kind="zero",
             zero_stage=stage,
@@ -452,6 +549,11 @@ class Reader:
             sources={mp0: sources} if sources else {},
             whole=whole,
             frozen=frozen,
+            model_keys=model_keys,
+            model_keys_from=f"`module` of {meta.file.name} and the expert files"
+            if model_keys
+            else "",
+            moe=moe,
         )
 
     def require_shapes(self, meta: ModelMeta) -> None:
@@ -461,6 +563,14 @@ class Reader:
     def _zero3(self, zero3_models: list[RankFile]) -> Layout:
         by_dp = {f.dp: f for f in zero3_models if (f.mp or 0) == 0}
         meta = self.first_model_meta(zero3_models)
+        if moe_recorded(meta.raw):
+            self.note(
+                ERROR,
+                "unsupported-moe",
+                f"{meta.file.name} records a mixture-of-experts model saved with ZeRO-3 (AutoEP "
+                "`zero3_partitioned`): its experts are partitioned by `ds_zero_partition_groups`"
+                ", which dsckpt does not read yet",
+            )
         self.require_shapes(meta)
         sources, optim_kind, stage, dp = self.zero_sources(0, meta.param_shapes, meta.dp_world_size)
         self.check_dp(meta, dp)
@@ -547,6 +657,7 @@ class Reader:
         model_keys: tuple[str, ...] | None = None,
         model_keys_from: str = "",
         universal: UniversalInfo | None = None,
+        moe: MoeLayout | None = None,
     ) -> Layout:
         master = None
         for src in sources.values():
@@ -602,6 +713,7 @@ class Reader:
             model_keys_from=model_keys_from,
             unreadable=tuple(self.unreadable),
             universal=universal,
+            moe=moe,
         )
 
     def check_mp_files(self, meta: ModelMeta, model_files: list[RankFile]) -> None:
@@ -757,6 +869,8 @@ class Reader:
             ds_version=version if isinstance(version, str) else None,
             step=self._first_step(f, osd, at),
             slice_names=_slice_names(osd.get("param_slice_mappings")),
+            group_names=_group_field(osd, "name"),
+            group_moe=_moe_flags(osd),
         )
 
     def _first_step(self, f: RankFile, osd: Mapping[str, Any], at: At) -> float | int | None:
@@ -830,6 +944,11 @@ class Reader:
             )
         first = states[min(states)]
         dp = first.dp
+        if self._moe and param_shapes is not None:
+            aligned = align_expert_groups(self, states, param_shapes, dp)
+            if aligned is not None:
+                states, self.expert_groups = aligned
+                first = states[min(states)]
         for what, values in (
             (
                 "partition_count",
@@ -843,7 +962,7 @@ class Reader:
             ("step", {s.file.name: s.step for s in states.values() if s.step is not None}),
         ):
             self.disagree(values, "optimizer", what)
-        if len(set(first.counts)) > 1:
+        if len(set(first.counts)) > 1 and not self._moe:
             self.note(
                 ERROR,
                 "unsupported-moe",
@@ -947,15 +1066,24 @@ class Reader:
             s = states[d]
             fp32.append(tuple(tensor_ref(self.path(s.file), t) for t in s.fp32))
         groups: list[zero.Zero12Group] = []
+        experts = {e.index: e for e in self.expert_groups}
         for g, group_shapes in enumerate(shapes):
             # The slice size per rank, read from rank 0: ZeRO-1/2 save it without its tail
             # padding (group_paddings says how much); BF16_Optimizer saves it whole.
             size = fp32[0][g].numel + (first.group_paddings[g] if kind == "zero" else 0)
+            # An expert group is split over its expert-data-parallel ranks only: file d holds
+            # EDP rank d // ep's slice of EP rank d % ep's experts.
+            expert = experts.get(g)
             layout = zero.zero12_group(
-                group_shapes, dp, first.alignment[g] if first.alignment else None, size
+                group_shapes,
+                expert.edp_size if expert else dp,
+                first.alignment[g] if first.alignment else None,
+                size,
             )
             groups.append(layout)
-            self._check_zero12_group(g, layout, fp32, states, kind)
+            self._check_zero12_group(
+                g, layout, fp32, states, kind, expert.edp_rank_of if expert else None
+            )
         return ZeroSources(
             stage=first.stage,
             fp32=tuple(fp32),
@@ -970,7 +1098,10 @@ class Reader:
         fp32: list[tuple[TensorRef, ...]],
         states: Mapping[int, OptimMeta],
         kind: OptimFileKind,
+        partition_rank: Callable[[int], int] | None = None,
     ) -> None:
+        """Each file's slice of group ``g`` must have the size the layout gives its partition
+        rank (``partition_rank(d)``; the DP rank itself for dense groups)."""
         if layout.padded_numel < layout.data_numel:
             self.note(
                 ERROR,
@@ -981,9 +1112,10 @@ class Reader:
                 f"(e.g. {states[0].file.name}): the optimizer files do not match the model states",
             )
             return
-        for d in range(layout.dp):
+        for d in range(len(fp32) if partition_rank else layout.dp):
+            rank = partition_rank(d) if partition_rank else d
             saved = fp32[d][g].numel
-            expected = layout.partition_size - (layout.tail_padding(d) if kind == "zero" else 0)
+            expected = layout.partition_size - (layout.tail_padding(rank) if kind == "zero" else 0)
             if saved != expected:
                 self.note(
                     ERROR,
@@ -1046,7 +1178,12 @@ class Reader:
             )
 
     def _model_tensors(
-        self, meta: ModelMeta, sources: ZeroSources | None, stage: int, dp: int
+        self,
+        meta: ModelMeta,
+        sources: ZeroSources | None,
+        stage: int,
+        dp: int,
+        moe: MoeLayout | None = None,
     ) -> tuple[
         list[TensorEntry], dict[str, tuple[TensorRef, ...]], dict[str, tuple[TensorRef, ...]]
     ]:
@@ -1099,7 +1236,7 @@ class Reader:
                             "frozen; whole in model states only",
                         )
                     )
-        tensors.extend(self._trainable_entries(sources, module_dtype))
+        tensors.extend(self._trainable_entries(sources, module_dtype, moe))
         tensors.extend(self._aliases(meta, tensors, module_dtype, sources is not None))
         return tensors, whole, frozen
 
@@ -1149,7 +1286,7 @@ class Reader:
         return out
 
     def _trainable_entries(
-        self, sources: ZeroSources | None, module_dtype: Any
+        self, sources: ZeroSources | None, module_dtype: Any, moe: MoeLayout | None = None
     ) -> list[TensorEntry]:
         if sources is None:
             return []
@@ -1169,7 +1306,10 @@ class Reader:
                     )
                 )
             return entries
+        expert_groups = moe.expert_group_indices if moe else frozenset()
         for g, layout in enumerate(sources.groups):
+            if g in expert_groups:
+                continue
             for flat in layout.params:
                 ranks = sorted({piece.rank for piece in layout.pieces(flat)})
                 where = f"rank {ranks[0]}" if len(ranks) == 1 else f"ranks {ranks[0]}-{ranks[-1]}"
@@ -1183,7 +1323,30 @@ class Reader:
                         group=g,
                     )
                 )
+        if moe is not None:
+            entries.extend(_expert_entries(moe, sources))
         return entries
+
+
+def _expert_entries(moe: MoeLayout, sources: ZeroSources) -> list[TensorEntry]:
+    """One entry per consolidated expert tensor (AutoEP: per fused tensor, all EP ranks)."""
+    out: dict[str, TensorEntry] = {}
+    for p in moe.params:
+        group = moe.group(p.group)
+        if group is None:
+            continue
+        files = group.files_of(p.ep_rank)
+        where = f"rank {files[0]}" if len(files) == 1 else f"ranks {', '.join(map(str, files))}"
+        placement = (
+            f"expert group {p.group} ({group.name}), EP rank {p.ep_rank}: on {where}"
+            if not moe.autoep
+            else f"expert group {p.group} ({group.name}): {group.ep_size} EP ranks"
+        )
+        if p.name not in out:
+            out[p.name] = TensorEntry(
+                p.name, p.shape, "unknown", "trainable", placement, group=p.group
+            )
+    return list(out.values())
 
 
 def _slice_names(mappings: Any) -> tuple[tuple[str | None, ...] | None, ...] | None:
@@ -1196,6 +1359,29 @@ def _slice_names(mappings: Any) -> tuple[tuple[str | None, ...] | None, ...] | N
         else None
         for m in mappings
     )
+
+
+def _param_groups(osd: Mapping[str, Any]) -> list[Any] | None:
+    base = osd.get("base_optimizer_state")
+    groups = base.get("param_groups") if isinstance(base, dict) else None
+    return groups if isinstance(groups, list) else None
+
+
+def _group_field(osd: Mapping[str, Any], key: str) -> tuple[str | None, ...] | None:
+    """Per optimizer param group, its string ``key`` (None where absent or not a string)."""
+    groups = _param_groups(osd)
+    if groups is None:
+        return None
+    return tuple(
+        g.get(key) if isinstance(g, dict) and isinstance(g.get(key), str) else None for g in groups
+    )
+
+
+def _moe_flags(osd: Mapping[str, Any]) -> tuple[bool, ...] | None:
+    groups = _param_groups(osd)
+    if groups is None:
+        return None
+    return tuple(isinstance(g, dict) and g.get("moe") is True for g in groups)
 
 
 def _trainable_params(sources: ZeroSources | None) -> list[Any]:

@@ -17,6 +17,7 @@ from dsckpt.errors import DsckptError, InconsistentCheckpoint, UnsupportedLayout
 from dsckpt.io.load import TensorRef
 
 if TYPE_CHECKING:
+    from dsckpt.discover.moe import MoeLayout
     from dsckpt.discover.universal import UniversalInfo
 
 # The closed vocabularies of a Layout, as types: a misspelt kind is a type error, not a branch
@@ -118,6 +119,9 @@ class Layout:
     unreadable: tuple[str, ...] = ()
     # Universal checkpoints: the zero/<param>/ folders (see dsckpt.discover.universal).
     universal: UniversalInfo | None = None
+    # Mixture-of-experts checkpoints: layers, experts, their files and expert optimizer groups
+    # (see dsckpt.discover.moe); None for a dense model.
+    moe: MoeLayout | None = None
 
     @property
     def world_size(self) -> int:

@@ -12,6 +12,7 @@ from dataclasses import replace
 
 from dsckpt.discover import zero
 from dsckpt.discover.layout import Layout, TensorEntry, refuse_errors
+from dsckpt.discover.model import ZeroSources
 from dsckpt.discover.pipeline import layer_files_exact
 from dsckpt.errors import InconsistentCheckpoint, UnsupportedLayout
 from dsckpt.io.dtypes import DType
@@ -177,11 +178,42 @@ def _trainable(layout: Layout, entries: list[TensorEntry], out_dtype: DType) -> 
             )
             outputs.append(OutputTensor(param.name, param.shape, out_dtype, reads))
         return outputs
+    moe = layout.moe
+    expert_groups = moe.expert_group_indices if moe is not None else frozenset()
     for g, group in enumerate(sources.groups):
+        if g in expert_groups:
+            continue
         for flat in group.params:
             reads = tuple(
                 Read(sources.fp32[p.rank][g], p.src_start, p.length, p.dst_start)
                 for p in group.pieces(flat)
             )
             outputs.append(OutputTensor(flat.name, flat.shape, out_dtype, reads))
+    if moe is not None:
+        outputs.extend(_experts(layout, sources, out_dtype))
     return outputs
+
+
+def _experts(layout: Layout, sources: ZeroSources, out_dtype: DType) -> list[OutputTensor]:
+    """The expert tensors under their global names: each EP rank's local parameter, from the
+    files of that EP rank only (its partition over the EDP ranks), placed at ``dst_start``
+    (AutoEP: the EP ranks' experts one after another in the fused tensor)."""
+    assert layout.moe is not None
+    reads: dict[str, list[Read]] = {}
+    shapes: dict[str, tuple[int, ...]] = {}
+    for param in layout.moe.params:
+        group = layout.moe.group(param.group)
+        if group is None:
+            continue
+        files = group.files_of(param.ep_rank)
+        for p in sources.groups[param.group].pieces(param.flat):
+            reads.setdefault(param.name, []).append(
+                Read(
+                    sources.fp32[files[p.rank]][param.group],
+                    p.src_start,
+                    p.length,
+                    param.dst_start + p.dst_start,
+                )
+            )
+        shapes[param.name] = param.shape
+    return [OutputTensor(name, shapes[name], out_dtype, tuple(rs)) for name, rs in reads.items()]
