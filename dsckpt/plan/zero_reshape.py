@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import math
 import os
-import re
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -630,6 +629,12 @@ class Source:
     optim_prefix: str
     extra_files: tuple[Path, ...] = ()  # other entries of the tag directory (copied if regular)
     expert_files: tuple[Path, ...] = ()  # MoE expert weights: planned whole-file copies
+    # (DP rank, group) -> position in that rank's file, where it differs (MoE expert groups)
+    group_at: Mapping[tuple[int, int], int] = field(default_factory=dict)
+
+    def position(self, rank: int, group: int) -> int:
+        """Where flat group ``group`` (``param_shapes`` order) sits in rank ``rank``'s file."""
+        return self.group_at.get((rank, group), group)
 
 
 def open_source(ckpt: Path | str | Layout, tag: str | None = None) -> Source:
@@ -696,11 +701,10 @@ def open_source(ckpt: Path | str | Layout, tag: str | None = None) -> Source:
         meta, optim0 = load_saved(model_paths[0]), load_saved(optim_paths[0])
     facts = _facts(layout, meta, optim0, optim)
     name = layout.tag if layout.tag is not None else where.name
-    entries = extra_entries(where, files)
+    extra = tuple(where / n for n in extra_entries(where, files))
     # MoE expert files hold one expert's weights each, by MoE layer and global expert id: with
     # the expert-parallel size kept they do not depend on the DP size and are copied unchanged.
-    experts = [n for n in entries if EXPERT_FILE.match(n)] if meta.get("num_experts") else []
-    extra = tuple(where / n for n in entries if n not in experts)
+    experts = [where / f for layer in layout.moe.layers for f in layer.files] if layout.moe else []
     return Source(
         layout=layout,
         tag=name,
@@ -709,12 +713,21 @@ def open_source(ckpt: Path | str | Layout, tag: str | None = None) -> Source:
         optim=optim,
         optim_prefix=prefix,
         extra_files=extra,
-        expert_files=tuple(where / n for n in experts),
+        expert_files=tuple(experts),
+        group_at=_group_positions(layout),
     )
 
 
-# DeepSpeed's per-expert weight files (engine.py ``_get_expert_ckpt_name``).
-EXPERT_FILE = re.compile(r"^layer_\d+_expert_\d+_mp_rank_\d+_model_states\.pt$")
+def _group_positions(layout: Layout) -> Mapping[tuple[int, int], int]:
+    """(DP rank, group) -> the group's position in that rank's optimizer file, where it is not
+    the group's own index: MoE expert groups can be saved in another order in some files
+    (discovery matched them by name and parameters, ``ExpertGroup.file_index``)."""
+    out: dict[tuple[int, int], int] = {}
+    for group in layout.moe.groups if layout.moe else ():
+        for rank, at in enumerate(group.file_index):
+            if at != group.index:
+                out[(rank, group.index)] = at
+    return out
 
 
 class _LoadedOnUse(Mapping[int, tuple[Path, Any]]):
@@ -818,7 +831,7 @@ def _facts(
         )
     kind = layout.optimizer
     aligns = osd0.get("param_alignment_paddings")
-    experts = _expert_groups(layout, meta, osd0, len(sources.groups))
+    experts = _expert_groups(layout, len(sources.groups))
     groups = tuple(
         SourceGroup(
             params=tuple((p.name, p.shape) for p in group.params),
@@ -848,40 +861,23 @@ def _facts(
     )
 
 
-def _expert_groups(
-    layout: Layout, meta: Mapping[str, Any], osd0: Mapping[str, Any], count: int
-) -> list[tuple[int, str]]:
+def _expert_groups(layout: Layout, count: int) -> list[tuple[int, str]]:
     """``(ep, name)`` of every ZeRO-1/2 group: ``(1, "")`` for a dense group; for a MoE expert
-    group (``moe: True`` in the saved param group) its expert-parallel size, DP over the group's
-    ``partition_count`` (the expert-data-parallel size), and its name (``ep_size_2``).
-
-    Every rank file records the same counts (discovery checks they agree) and lists the same
-    local expert names per group (``_check_group_order``), so rank 0's describe them all."""
-    counts = osd0.get("partition_count")
-    counts = list(counts) if isinstance(counts, (list, tuple)) else [counts] * count
-    base = osd0.get("base_optimizer_state")
-    param_groups = base.get("param_groups") if isinstance(base, Mapping) else None
-    if len(counts) != count or not isinstance(param_groups, list) or len(param_groups) != count:
-        raise InconsistentCheckpoint(
-            f"{layout.dir}: the optimizer files record {len(counts)} partition counts and "
-            f"{len(param_groups or [])} parameter groups for {count} flat groups"
-        )
-    moe = meta.get("num_experts") is not None
-    out = []
-    for g, (n, group) in enumerate(zip(counts, param_groups, strict=True)):
-        is_expert = isinstance(group, Mapping) and bool(group.get("moe"))
-        if not isinstance(n, int) or n < 1 or layout.dp % n or (n != layout.dp and not is_expert):
+    group its expert-parallel size and name (``ep_size_2``), from discovery's record. Each
+    group must be partitioned as that says: over every DP rank, or an expert group over its
+    expert-data-parallel size ``dp / ep``."""
+    out = [(1, "")] * count
+    for group in layout.moe.groups if layout.moe else ():
+        out[group.index] = (group.ep_size, group.name)
+    sources = next(iter(layout.zero_sources.values()))
+    for g, (ep, name) in enumerate(out):
+        saved = sources.groups[g].dp
+        if ep < 1 or layout.dp % ep or saved != layout.dp // ep:
+            what = f"expert group {name} (EP {ep})" if name else "a dense group"
             raise InconsistentCheckpoint(
-                f"{layout.dir}: optimizer group {g} is partitioned over {n} ranks "
-                f"(partition_count {counts}) at DP {layout.dp}: only a mixture-of-experts expert "
-                "group may use fewer ranks, and their number must divide the DP size"
+                f"{layout.dir}: optimizer group {g} is partitioned over {saved} ranks at DP "
+                f"{layout.dp}, but as {what} it would be over {layout.dp // max(ep, 1)}"
             )
-        if is_expert and not moe:
-            raise InconsistentCheckpoint(
-                f"{layout.dir}: optimizer group {g} is a mixture-of-experts group (moe: True) but "
-                "the model states record no num_experts"
-            )
-        out.append((layout.dp // n, str(group.get("name") or "experts")) if is_expert else (1, ""))
     return out
 
 

@@ -1,7 +1,7 @@
 """MoE checkpoints dsckpt cannot convert are refused by every command that writes, never half
-converted: AutoEP ZeRO-3 (experts partitioned by ``ds_zero_partition_groups``) everywhere, and
-``reshape`` of any MoE checkpoint until the reshape of expert groups lands (issue 13, the
-moe-reshape branch). inspect and show-map still show what they can and exit 1 with one line.
+converted: AutoEP ZeRO-3 (experts partitioned by ``ds_zero_partition_groups``) everywhere.
+inspect and show-map still show what they can and exit 1 with one line. (``reshape``'s own MoE
+refusals are in tests/api/test_moe_reshape_dp.py.)
 """
 
 from __future__ import annotations
@@ -41,14 +41,4 @@ def test_autoep_zero3_is_refused(cli, tmp_path: Path, name: str, command: tuple[
     assert len(error) == 1, result.stderr
     assert "mixture-of-experts" in error[0] and "ds_zero_partition_groups" in error[0], error[0]
     assert "Traceback" not in result.output
-    assert not out.exists()
-
-
-@pytest.mark.parametrize("name", ["z1-fp32-ep2-dp4", "z2-fp32-ep2-dp2", "autoep-z2-fp32-ep2-dp2"])
-def test_moe_reshape_is_refused(cli, tmp_path: Path, name: str) -> None:
-    out = tmp_path / "out"
-    result = cli("reshape", str(FIXTURES / name / "ckpt"), str(out), "--dp", "1")
-    assert result.exit_code == 1, result.output
-    error = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
-    assert len(error) == 1 and "mixture-of-experts" in error[0], result.stderr
     assert not out.exists()

@@ -8,11 +8,12 @@ over the new expert-data-parallel size; dense groups are re-split over every ran
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 
+from dsckpt.discover.layout import open_checkpoint
 from dsckpt.errors import InconsistentCheckpoint, UnsupportedLayout
 from dsckpt.plan.zero_reshape import (
     Run,
@@ -69,9 +70,7 @@ def test_grow_splits_each_ep_ranks_buffer_over_the_new_expert_data_parallel_grou
 
 def test_dense_and_expert_groups_side_by_side() -> None:
     # The dense group splits over all 4 ranks, the expert group over EDP 2.
-    facts = _facts(
-        2, _group(24, partition_size=12, g=0), _group(12, partition_size=12, ep=2, g=1)
-    )
+    facts = _facts(2, _group(24, partition_size=12, g=0), _group(12, partition_size=12, ep=2, g=1))
     plan = plan_from_facts(facts, 4)
     dense, experts = plan.groups
     assert [p.runs for p in dense.partitions] == [
@@ -149,40 +148,25 @@ def test_round_robin_with_expert_groups_is_refused() -> None:
         plan_from_facts(facts, 4)
 
 
-# --- reading the expert groups from the optimizer files' metadata ---------------------------
+# --- the expert groups as discovery records them --------------------------------------------
+
+MOE = Path(__file__).parents[1] / "fixtures" / "moe"
 
 
-def _layout(dp: int) -> SimpleNamespace:
-    return SimpleNamespace(dp=dp, dir=Path("ckpt/global_step3"))
+def test_expert_groups_come_from_the_moe_record() -> None:
+    layout = open_checkpoint(MOE / "z2-fp32-ep2x4-dp4-mixed" / "ckpt")
+    got = _expert_groups(layout, len(layout.zero_sources[0].groups))
+    assert got == [(1, ""), (1, ""), (2, "ep_size_2"), (4, "ep_size_4")] * 1 + [
+        (2, "ep_size_2"),
+        (4, "ep_size_4"),
+    ]
+    layout = open_checkpoint(MOE / "z2-fp32-ep1-dp2" / "ckpt")
+    assert _expert_groups(layout, 4) == [(1, ""), (1, ""), (1, "ep_size_1"), (1, "ep_size_1")]
 
 
-def _osd(counts: list[int], groups: list[dict[str, object]]) -> dict[str, object]:
-    return {"partition_count": counts, "base_optimizer_state": {"param_groups": groups}}
-
-
-MOE_META = {"num_experts": [4, 4]}
-
-
-def test_expert_groups_from_partition_count_and_the_moe_flag() -> None:
-    osd = _osd([4, 4, 2, 2], [{}, {}, {"moe": True, "name": "ep_size_2"}] * 1 + [{"moe": True}])
-    got = _expert_groups(_layout(4), MOE_META, osd, 4)  # type: ignore[arg-type]
-    assert got == [(1, ""), (1, ""), (2, "ep_size_2"), (2, "experts")]
-    # EP 1: the expert group spans every rank, still an expert group.
-    osd = _osd([2, 2], [{}, {"moe": True, "name": "ep_size_1"}])
-    assert _expert_groups(_layout(2), MOE_META, osd, 2) == [(1, ""), (1, "ep_size_1")]  # type: ignore[arg-type]
-
-
-@pytest.mark.parametrize(
-    ("counts", "groups", "meta", "match"),
-    [
-        ([4, 2], [{}, {}], MOE_META, "only a mixture-of-experts expert group"),
-        ([4, 3], [{}, {"moe": True}], MOE_META, "must divide the DP size"),
-        ([4, 2], [{}, {"moe": True}], {}, "record no num_experts"),
-        ([4, 2, 2], [{}, {"moe": True}], MOE_META, "3 partition counts and 2 parameter groups"),
-    ],
-)
-def test_inconsistent_expert_group_metadata_is_an_error(
-    counts: list[int], groups: list[dict[str, object]], meta: dict[str, object], match: str
-) -> None:
-    with pytest.raises(InconsistentCheckpoint, match=match):
-        _expert_groups(_layout(4), meta, _osd(counts, groups), 2)  # type: ignore[arg-type]
+def test_a_group_partitioned_unlike_its_record_is_an_error() -> None:
+    # Without the MoE record the expert groups (partition_count 2 at DP 4) would be read as
+    # dense groups split over 4 ranks: refused, never planned.
+    layout = open_checkpoint(MOE / "z1-fp32-ep2-dp4" / "ckpt")
+    with pytest.raises(InconsistentCheckpoint, match="group 2 is partitioned over 2 ranks at DP 4"):
+        _expert_groups(dataclasses.replace(layout, moe=None), 4)

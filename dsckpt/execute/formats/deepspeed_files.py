@@ -289,6 +289,17 @@ class ZeroRankFiles:
         sd["dp_world_size"] = self.plan.dp
         if self.plan.params_reordered:
             sd["param_shapes"] = self._param_shapes()
+        # AutoEP records its writer's expert-data-parallel size (DP / EP) per layer, twice.
+        info = sd.get("universal_checkpoint_info")
+        copies = (sd.get("ds_autoep_layers"), info.get("ds_autoep_layers") if info else None)
+        for layers in copies:
+            for layer in layers or ():
+                if (
+                    isinstance(layer, dict)
+                    and isinstance(layer.get("ep_size"), int)
+                    and "expert_data_parallel_world_size" in layer
+                ):
+                    layer["expert_data_parallel_world_size"] = self.plan.dp // layer["ep_size"]
         return sd
 
     def _param_shapes(self) -> list[Any]:
@@ -359,7 +370,7 @@ class ZeroRankFiles:
     def _src_fp32(self, rank: int, index: int) -> Any:
         osd = self.source.optim[rank][1]["optimizer_state_dict"]
         key = "fp32_flat_groups" if self.plan.kind == "zero3" else "single_partition_of_fp32_groups"
-        return osd[key][index]
+        return osd[key][self.source.position(rank, index)]
 
     def _state_index(self, base: Mapping[str, Any], group: int) -> Any:
         """The torch optimizer state key of flat group ``group`` (its place in param_groups)."""
@@ -376,7 +387,8 @@ class ZeroRankFiles:
     def _source_state(self, rank: int, index: int) -> Mapping[str, Any]:
         base = self.source.optim[rank][1]["optimizer_state_dict"]
         base = base["optimizer_state_dict" if self.plan.kind == "zero3" else "base_optimizer_state"]
-        return (base.get("state") or {}).get(self._state_index(base, index)) or {}
+        at = self.source.position(rank, index)
+        return (base.get("state") or {}).get(self._state_index(base, at)) or {}
 
     def _partitioned_keys(self, group: TargetGroup) -> tuple[str, ...]:
         """State entries split like the fp32 partition (Adam's moments and the like).
