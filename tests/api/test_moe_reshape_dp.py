@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -280,3 +281,40 @@ def test_dry_run_table_names_the_expert_groups(cli, tmp_path: Path) -> None:
     assert "r0[0:384]->0 r2[0:384]->384" in result.stdout
     assert "r1[0:384]->0 r3[0:384]->384" in result.stdout
     assert "ep_size_2, EP 2" in result.stdout
+
+
+def _permute_groups(file: Path, perm: list[int]) -> None:
+    """Rewrite one rank file with its optimizer groups in another order (group ``i`` of the new
+    file is group ``perm[i]`` of the old), as a run whose processes iterated the expert group
+    names in different orders saves them (FORMAT-NOTES: "Hazard seen in a real run")."""
+    sd = _load(file)
+    osd = sd["optimizer_state_dict"]
+    for key, value in osd.items():
+        if isinstance(value, list) and len(value) == len(perm):
+            osd[key] = [value[p] for p in perm]
+    base = osd["base_optimizer_state"]
+    groups, state = base["param_groups"], base["state"]
+    base["param_groups"], base["state"] = [], {}
+    for i, p in enumerate(perm):
+        (old,) = groups[p]["params"]
+        base["param_groups"].append({**groups[p], "params": [i]})
+        base["state"][i] = state[old]
+    torch.save(sd, file)
+
+
+def test_expert_groups_saved_in_another_order_in_one_file(reshaped, tmp_path: Path) -> None:
+    """Each source file's groups are read where that file has them (discovery matched them by
+    name and parameters); the result is the same as from the checkpoint saved in one order."""
+    name = "z2-fp32-ep2x4-dp4-mixed"
+    tag = _facts(name)["tag"]
+    permuted = tmp_path / "permuted"
+    shutil.copytree(_ckpt(name), permuted)
+    _permute_groups(
+        permuted / tag / "zero_pp_rank_1_mp_rank_00_optim_states.pt", [0, 1, 3, 2, 5, 4]
+    )
+    assert open_checkpoint(permuted).moe.groups[0].file_index == (2, 3, 2, 2)
+    out = tmp_path / "out"
+    reshape(permuted, out, dp=8)
+    expected = reshaped(name, 8) / tag
+    for file in sorted(p.name for p in expected.iterdir()):
+        _same(_load(expected / file), _load(out / tag / file), file)
