@@ -318,3 +318,21 @@ def test_expert_groups_saved_in_another_order_in_one_file(reshaped, tmp_path: Pa
     expected = reshaped(name, 8) / tag
     for file in sorted(p.name for p in expected.iterdir()):
         _same(_load(expected / file), _load(out / tag / file), file)
+
+
+def test_pipeline_with_moe_is_refused(cli, tmp_path: Path) -> None:
+    """A pipeline checkpoint whose model states record experts: nothing maps experts onto
+    pipeline stages, so reshape refuses it rather than drop them (no real fixture: DeepSpeed's
+    pipeline engine saves MoE layers only through Megatron-DeepSpeed)."""
+    src = Path(__file__).parents[1] / "fixtures" / "pipe" / "p2t1d2-z1-fp32" / "ckpt"
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(src, ckpt)
+    tag = (ckpt / "latest").read_text()
+    for model in sorted((ckpt / tag).glob("mp_rank_*_model_states.pt")):
+        sd = _load(model)
+        sd["num_experts"] = [4]
+        torch.save(sd, model)
+    out = tmp_path / "out"
+    error = _one_error(cli("reshape", ckpt, out, "--dp", "1"))
+    assert "pipeline + MoE" in error and "not supported" in error
+    assert not out.exists()
