@@ -23,6 +23,10 @@ DeepSpeed's rules for a size ``N`` (read from its source, checked on real checkp
   BF16_Optimizer saves it whole and records the total padding on the last rank only.
   ``round_robin_gradients`` reorders each group's parameters by ``i % N``, so the order changes
   with ``N``: it is undone with the source size and redone with the target size.
+* Mixture of experts (ZeRO-1/2): an expert group of expert-parallel size ``ep`` holds each EP
+  rank's local experts, split as above over that EP rank's expert-data-parallel group, the
+  ``N / ep`` DP ranks ``e, e + ep, ...`` (``partition_count`` ``N / ep``). ``ep`` is kept, so
+  ``N`` must be a multiple of it; the per-expert weight files do not change.
 * ZeRO-3: every parameter is split on its own into ``ceil(numel/N)`` pieces; a rank's flat tensor
   per sub-group concatenates its pieces. Sub-groups are cut from each optimizer group where the
   running sum of piece sizes reaches ``sub_group_size``, so they too depend on ``N``.
@@ -482,9 +486,13 @@ def _plan_zero12(facts: SourceFacts, dp: int) -> ReshapePlan:
         group_mappings: list[tuple[tuple[str, int, int], ...]] = []
         for rank in range(dp):
             ep_rank, part = rank % ep, rank // ep
-            runs = tuple(
-                Run(ep_rank + r.src_rank * ep, r.src_index, r.src_start, r.length, r.dst_start)
-                for r in per_part[part]
+            runs = (
+                tuple(per_part[part])
+                if ep == 1
+                else tuple(
+                    Run(ep_rank + r.src_rank * ep, r.src_index, r.src_start, r.length, r.dst_start)
+                    for r in per_part[part]
+                )
             )
             partitions.append(Partition(rank, dst_size, runs, tails[part]))
             group_paddings.append(recorded[part])
@@ -645,8 +653,8 @@ def open_source(ckpt: Path | str | Layout, tag: str | None = None) -> Source:
 
     Raises:
         InconsistentCheckpoint: missing, mixed or damaged rank files (``inspect`` lists them all).
-        UnsupportedLayout: pipeline/3D, tensor parallel, universal, stage 0, MoE, elastic or
-            NVMe-offloaded checkpoints.
+        UnsupportedLayout: pipeline/3D, tensor parallel, universal, stage 0 (MoE included),
+            ZeRO-3 AutoEP, elastic or NVMe-offloaded checkpoints.
     """
     from dsckpt.discover.files import Role, scan
     from dsckpt.discover.layout import Layout, open_checkpoint, refuse_errors
@@ -669,6 +677,12 @@ def open_source(ckpt: Path | str | Layout, tag: str | None = None) -> Source:
         raise UnsupportedLayout(
             f"{where} is a ZeRO stage 0 checkpoint: nothing to reshape, its files do not depend on "
             "the DP size and DeepSpeed loads them at any DP size as they are"
+            + (
+                " (mixture of experts: the optimizer is saved per expert-parallel rank, "
+                "expp_rank_R files, and expert parallelism stays)"
+                if layout.moe is not None
+                else ""
+            )
         )
     if (where / "offloaded_tensors").is_dir():
         raise UnsupportedLayout(
