@@ -17,6 +17,7 @@ from rich.text import Text
 
 from dsckpt.discover.files import RankFile, Role
 from dsckpt.discover.layout import ERROR, Finding, Layout
+from dsckpt.discover.moe import MoeLayout
 from dsckpt.plan.topology_map import TopologyMap
 from dsckpt.printable import printable
 from dsckpt.sizes import human_bytes
@@ -445,6 +446,7 @@ def layout_json(layout: Layout, params: bool = False) -> dict[str, Any]:
                 "prefix": f.prefix,
                 "readable": f.name not in layout.unreadable,
                 **file_coordinates(layout, f),
+                **({"expert": f.expert} if f.role is Role.EXPERT else {}),
             }
             for f in layout.files
         ],
@@ -454,6 +456,8 @@ def layout_json(layout: Layout, params: bool = False) -> dict[str, Any]:
     }
     if layout.universal is not None:
         data["universal"] = universal_json(layout)
+    if layout.moe is not None:
+        data["moe"] = moe_json(layout.moe, layout.dp)
     if params:
         data["params"] = [
             {
@@ -475,6 +479,8 @@ def layout_report(layout: Layout, params: bool = False) -> RenderableType:
     parts: list[RenderableType] = [_summary(layout), _files(layout)]
     if any(f.role is Role.LAYER for f in layout.files):
         parts.append(_layer_grid(layout))
+    if layout.moe is not None:
+        parts.extend(moe_tables(layout.moe, layout.dp))
     if params:
         parts.append(_params(layout))
     parts.append(findings_table(layout))
@@ -535,6 +541,8 @@ def _summary(layout: Layout) -> Table:
     rows.append(("on disk", f"{human_bytes(layout.bytes_on_disk)} in {len(layout.files)} files"))
     if layout.universal is not None:
         rows.append(("zero/", _universal_line(layout)))
+    if layout.moe is not None:
+        rows.insert(5, ("experts", moe_line(layout.moe)))
     for key, value in rows:
         _row(table, key, value)
     return table
@@ -714,6 +722,19 @@ def map_json(tmap: TopologyMap, findings: Iterable[Finding] = ()) -> dict[str, A
         ],
         "findings": findings_json(findings),
     }
+    if tmap.moe is not None:
+        data["moe"] = moe_json(tmap.moe, tmap.src.dp)
+    if tmap.expert_targets:
+        data["expert_targets"] = [
+            {
+                "group": e.group,
+                "name": e.name,
+                "ep_size": e.ep_size,
+                "expert_dp_size": e.edp_size,
+                "dp_sources": [list(d) for d in e.dp_sources],
+            }
+            for e in tmap.expert_targets
+        ]
     if tmap.dst is not None:
         data["target"] = {
             **topo(tmap.dst),
@@ -787,8 +808,12 @@ def map_report(tmap: TopologyMap) -> RenderableType:
             del cells[4], cells[1]
         _row(table, *cells)
     parts: list[RenderableType] = [table]
+    if tmap.moe is not None:
+        parts.append(expert_placement_table(tmap.moe, src.dp))
     if tmap.dst is not None:
         parts.append(_targets_table(tmap))
+        if tmap.expert_targets:
+            parts.append(_expert_targets_table(tmap))
     return Group(*parts)
 
 
@@ -859,4 +884,119 @@ def zero_reshape_table(plan: Any) -> Table:
             f"{len(plan.frozen)} frozen parameter(s) re-split the same way into "
             f"ceil(numel/{plan.dp}) fragments per rank"
         )
+    return table
+
+
+# --- mixture of experts (inspect, show-map) ----------------------------------------------------
+
+
+def moe_line(moe: MoeLayout) -> str:
+    """One line: how many MoE layers, experts, EP and EDP sizes."""
+    kind = "AutoEP" if moe.autoep else "DeepSpeed MoE"
+    experts = sorted({layer.num_experts for layer in moe.layers})
+    degrees = sorted({(layer.ep_size, layer.edp_size) for layer in moe.layers})
+    return (
+        f"{len(moe.layers)} {kind} layer{'s' if len(moe.layers) != 1 else ''} of "
+        f"{'/'.join(map(str, experts))} experts; "
+        + ", ".join(f"EP {_unknown(ep)} x EDP {_unknown(edp)}" for ep, edp in degrees)
+    )
+
+
+def _unknown(n: int) -> str:
+    return str(n) if n else "?"
+
+
+def moe_json(moe: MoeLayout, dp: int) -> dict[str, Any]:
+    """The MoE layout as JSON-ready data (docs/json.md, docs/moe.md)."""
+    return {
+        "autoep": moe.autoep,
+        "layers": [
+            {
+                "layer": layer.ordinal,
+                "module": layer.module,
+                "num_experts": layer.num_experts,
+                "ep_size": layer.ep_size or None,
+                "expert_dp_size": layer.edp_size or None,
+                "expert_group": layer.group_name or None,
+                "experts_by_ep_rank": [list(p) for p in layer.placement()],
+                "expert_files": list(layer.files),
+                "dp_ranks_by_ep_rank": [
+                    list(range(r, dp, layer.ep_size)) for r in range(layer.ep_size)
+                ]
+                if layer.ep_size
+                else None,
+            }
+            for layer in moe.layers
+        ],
+        "expert_groups": [
+            {
+                "group": g.index,
+                "name": g.name,
+                "ep_size": g.ep_size,
+                "expert_dp_size": g.edp_size,
+                "layers": list(g.layers),
+                "position_in_file": list(g.file_index),
+                "files_by_ep_rank": [list(g.files_of(r)) for r in range(g.ep_size)],
+            }
+            for g in moe.groups
+        ],
+        "expp_files": list(moe.expp_files),
+    }
+
+
+def moe_tables(moe: MoeLayout, dp: int) -> list[RenderableType]:
+    """inspect: the MoE layers, and which EP rank (and DP ranks) hold which experts."""
+    layers = Table(title="MoE layers", title_justify="left")
+    for col in ("layer", "module", "experts", "EP", "expert DP", "group", "expert files"):
+        layers.add_column(col, overflow="fold")
+    for layer in moe.layers:
+        _row(
+            layers,
+            str(layer.ordinal),
+            layer.module,
+            str(layer.num_experts),
+            _unknown(layer.ep_size),
+            _unknown(layer.edp_size),
+            layer.group_name or "?",
+            f"layer_{layer.ordinal}_expert_{_span(range(layer.num_experts))}_mp_rank_00"
+            if layer.files
+            else "none (in the ZeRO-3 shards)",
+        )
+    return [layers, expert_placement_table(moe, dp)]
+
+
+def expert_placement_table(moe: MoeLayout, dp: int) -> Table:
+    """Per EP size and EP rank: the experts of each layer it holds and the files holding them
+    (expert files; under ZeRO-1/2 the optimizer files of its expert-data-parallel group)."""
+    table = Table(title="Experts by expert-parallel rank", title_justify="left")
+    for col in ("EP", "EP rank", "DP ranks", "experts (layer: global ids)", "optimizer files"):
+        table.add_column(col, overflow="fold")
+    for ep in sorted({layer.ep_size for layer in moe.layers if layer.ep_size}):
+        members = [layer for layer in moe.layers if layer.ep_size == ep]
+        groups = [g for g in moe.groups if g.ep_size == ep]
+        for rank in range(ep):
+            ranks = list(range(rank, dp, ep))
+            held = "; ".join(f"{x.ordinal}: {_span(x.placement()[rank])}" for x in members)
+            if groups:
+                files = "zero_pp_rank_" + _span(groups[0].files_of(rank))
+            elif rank < len(moe.expp_files):
+                files = moe.expp_files[rank]
+            else:
+                files = "-"
+            _row(table, str(ep), str(rank), _span(ranks), held, files)
+    return table
+
+
+def _expert_targets_table(tmap: TopologyMap) -> Table:
+    dst = tmap.dst
+    assert dst is not None
+    table = Table(
+        title=f"Expert groups at DP {dst.dp} (EP unchanged): DP' <- source DP",
+        title_justify="left",
+    )
+    for col in ("group", "EP", "expert DP'", "DP' <- source DP"):
+        table.add_column(col, overflow="fold")
+    for e in tmap.expert_targets:
+        cells = [f"{d}<-{_span(srcs)}" for d, srcs in enumerate(e.dp_sources)]
+        _row(table, f"{e.group} ({e.name})", str(e.ep_size), str(e.edp_size), _few(cells))
     return table

@@ -98,6 +98,7 @@ def plan_for(
     rules_file: Path | None = None,
     from_layers: bool = False,
     strip_vocab_padding: bool = True,
+    hf_names: bool = False,
 ) -> ConsolidationPlan:
     """The consolidation plan of a checkpoint (a path, or an already opened Layout).
 
@@ -111,6 +112,7 @@ def plan_for(
         rules_file,
         from_layers,
         strip_vocab_padding,
+        hf_names,
     )
     layout = ckpt if isinstance(ckpt, Layout) else open_checkpoint(ckpt, tag, step)
     return plan_consolidation(layout, options)
@@ -133,6 +135,7 @@ def consolidate(
     optimizer: bool = False,
     optimizer_format: str = "safetensors",
     hf: bool | None = False,
+    hf_names: bool = False,
 ) -> ConsolidateResult:
     """Write one consolidated state dict of a DeepSpeed checkpoint.
 
@@ -148,6 +151,9 @@ def consolidate(
     step (both files or neither): ``optimizer.safetensors`` (or ``optimizer.pt`` with
     ``optimizer_format="torch"``) inside a directory ``out``, ``<stem>.optimizer.<ext>``
     beside a single file (see docs/to-fp32.md).
+
+    With ``hf_names`` (AutoEP checkpoints only) the MoE tensors get the Hugging Face model's
+    names (``experts.gate_up_proj``, ``experts.down_proj``, ``gate.weight``; docs/moe.md).
 
     Raises:
         OutputError: ``out`` exists (without ``force``), lies inside the checkpoint, has an
@@ -174,6 +180,7 @@ def consolidate(
         rules_file=rules_file,
         from_layers=from_layers,
         strip_vocab_padding=strip_vocab_padding,
+        hf_names=hf_names,
     )
     left_out: tuple[str, ...] = ()
     if target is not None:

@@ -477,6 +477,10 @@ def verify_output(
         rules_file,
         from_layers,
         strip_vocab_padding,
+        # An AutoEP output written with --hf-names carries the fused Hugging Face expert names.
+        hf_names=layout.moe is not None
+        and layout.moe.autoep
+        and any(n.endswith(".experts.gate_up_proj") for n in stored.tensors),
     )
     plan = plan_consolidation(layout, options)
     result = VerifyResult("output", layout.root, stored.path, stored.format)

@@ -110,6 +110,15 @@ def to_fp32(
             "is recorded.",
         ),
     ] = False,
+    hf_names: Annotated[
+        bool,
+        typer.Option(
+            "--hf-names",
+            help="DeepSpeed AutoEP (MoE) checkpoints: name the expert and router tensors as the "
+            "Hugging Face model does (Mixtral: experts.gate_up_proj = cat(w1, w3), "
+            "experts.down_proj, gate.weight), so the model class loads them strictly.",
+        ),
+    ] = False,
     optimizer: Annotated[
         bool,
         typer.Option(
@@ -156,6 +165,11 @@ def to_fp32(
         raise UsageError(f"--optimizer-format {optimizer_format} needs --optimizer")
     if from_layers:
         check_from_layers(ckpt, tag, "to-fp32", step)
+    if hf_names and (adapter or merge_adapter):
+        raise UsageError(
+            "--hf-names names a full consolidation's MoE tensors: it takes no --adapter or "
+            "--merge-adapter"
+        )
     if adapter and (hf or max_shard_size or exclude_frozen or from_layers or merge_adapter):
         raise UsageError(
             "--adapter writes one adapter file of the LoRA matrices: it takes no "
@@ -209,6 +223,7 @@ def to_fp32(
                 strip_vocab_padding=not keep_vocab_padding,
                 optimizer=optimizer,
                 optimizer_format=optimizer_format,
+                hf_names=hf_names,
             )
     if not reports:
         return

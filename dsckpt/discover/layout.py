@@ -37,6 +37,7 @@ from dsckpt.discover.moe_read import (
     ExpertFiles,
     align_expert_groups,
     finish_plain,
+    finish_zero3,
     finish_zero12,
     moe_recorded,
     read_expert_files,
@@ -173,6 +174,9 @@ class OptimMeta:
     # groups are `ep_size_N`, moe True); None when the file has no such list.
     group_names: tuple[str | None, ...] | None = None
     group_moe: tuple[bool, ...] | None = None
+    # ZeRO-3 (AutoEP): `ds_zero_partition_groups`, per sub-group (partition_count,
+    # partition_rank, partition_ranks, group name); None when the file has none.
+    partition_groups: tuple[tuple[int, int, tuple[int, ...], str], ...] | None = None
 
     @property
     def dp(self) -> int:
@@ -197,6 +201,8 @@ class Reader:
         # MoE: set by the ZeRO-1/2 reader before zero_sources, which matches the expert groups
         self._moe = False
         self.expert_groups: list[Any] = []
+        # The checked optimizer metadata zero_sources read (MoE discovery looks at it again)
+        self.optim_states: Mapping[int, OptimMeta] = {}
 
     def note(self, level: Level, code: str, message: str) -> None:
         self.findings.append(Finding(level, code, message))
@@ -563,14 +569,20 @@ class Reader:
     def _zero3(self, zero3_models: list[RankFile]) -> Layout:
         by_dp = {f.dp: f for f in zero3_models if (f.mp or 0) == 0}
         meta = self.first_model_meta(zero3_models)
+        found = None
         if moe_recorded(meta.raw):
-            self.note(
-                ERROR,
-                "unsupported-moe",
-                f"{meta.file.name} records a mixture-of-experts model saved with ZeRO-3 (AutoEP "
-                "`zero3_partitioned`): its experts are partitioned by `ds_zero_partition_groups`"
-                ", which dsckpt does not read yet",
-            )
+            if meta.raw.get("ds_autoep_layers") is None:
+                self.note(
+                    ERROR,
+                    "unsupported-moe",
+                    f"{meta.file.name} records native mixture-of-experts layers saved with "
+                    "ZeRO-3, which DeepSpeed itself refuses: the files are not a checkpoint "
+                    "dsckpt knows how to read",
+                )
+            else:
+                # AutoEP ZeRO-3 saves no expert files: the experts are in the ZeRO-3 shards.
+                found = read_expert_files(self, meta, expect_files=False)
+                self._moe = True
         self.require_shapes(meta)
         sources, optim_kind, stage, dp = self.zero_sources(0, meta.param_shapes, meta.dp_world_size)
         self.check_dp(meta, dp)
@@ -597,7 +609,17 @@ class Reader:
             "ZeRO-3 model-states",
             "global_steps",
         )
-        tensors, whole, frozen = self._model_tensors(meta, sources, stage, dp)
+        moe = None
+        model_keys = None
+        if found is not None:
+            moe = finish_zero3(self, found, sources, dp)
+            meta = replace(meta, shared={**meta.shared, **dict(moe.aliases)})
+            model_keys = self.module_keys(meta) + moe.expert_keys()
+        tensors, whole, frozen = self._model_tensors(meta, sources, stage, dp, moe)
+        if moe is not None:
+            # The experts are in no module entry; their dtype is the model's (the router's).
+            known = next((t.dtype for t in tensors if t.dtype != "unknown"), "unknown")
+            tensors = [replace(t, dtype=known) if t.dtype == "unknown" else t for t in tensors]
         if meta.frozen_shapes:
             frozen = {}
             for name, shape in meta.frozen_shapes.items():
@@ -631,6 +653,11 @@ class Reader:
             sources={0: sources} if sources else {},
             whole=whole,
             frozen=frozen,
+            model_keys=model_keys,
+            model_keys_from=f"`module` of {meta.file.name} and `ds_autoep_layers`"
+            if model_keys
+            else "",
+            moe=moe,
         )
 
     def _pipeline(self, model_files: list[RankFile]) -> Layout:
@@ -871,6 +898,9 @@ class Reader:
             slice_names=_slice_names(osd.get("param_slice_mappings")),
             group_names=_group_field(osd, "name"),
             group_moe=_moe_flags(osd),
+            partition_groups=_partition_groups(osd.get("ds_zero_partition_groups"), at, len(fp32))
+            if stage == 3 and osd.get("ds_zero_partition_groups") is not None
+            else None,
         )
 
     def _first_step(self, f: RankFile, osd: Mapping[str, Any], at: At) -> float | int | None:
@@ -971,6 +1001,7 @@ class Reader:
                 "supported yet",
             )
         prefix = first.file.prefix
+        self.optim_states = states
         self._check_rank_set(
             "optimizer",
             set(by_dp),
@@ -1131,7 +1162,16 @@ class Reader:
         shapes: list[list[tuple[str, tuple[int, ...]]]],
         dp: int,
     ) -> ZeroSources | None:
-        layout = zero.zero3_layout(shapes, dp)
+        experts = self._zero3_expert_sub_groups(states, shapes, dp)
+        # Expert sub-groups are laid out on their own (over their expert-DP ranks), not here.
+        layout = zero.zero3_layout(
+            [[] if s in experts else group for s, group in enumerate(shapes)], dp
+        )
+        numels = list(layout.sub_group_numels)
+        for sub, (count, flats) in experts.items():
+            last = flats[-1] if flats else None
+            numels[sub] = last.offset + zero.zero3_partition_numel(last.numel, count) if last else 0
+        layout = replace(layout, sub_group_numels=tuple(numels))
         fp32 = []
         for d in range(dp):
             if d not in states:
@@ -1148,7 +1188,31 @@ class Reader:
                 )
                 return None
             fp32.append(refs)
-        return ZeroSources(stage=3, fp32=tuple(fp32), zero3=layout)
+        return ZeroSources(stage=3, fp32=tuple(fp32), zero3=layout, zero3_experts=experts)
+
+    def _zero3_expert_sub_groups(
+        self,
+        states: Mapping[int, OptimMeta],
+        shapes: list[list[tuple[str, tuple[int, ...]]]],
+        dp: int,
+    ) -> dict[int, tuple[int, tuple[zero.FlatParam, ...]]]:
+        """AutoEP ZeRO-3: the sub-groups partitioned over fewer ranks than DP (its expert
+        sub-groups, per ``ds_zero_partition_groups``), each parameter split on its own into
+        ``ceil(numel / count)`` pieces, concatenated in ``param_shapes`` order."""
+        first = states.get(0)
+        if not self._moe or first is None or first.partition_groups is None:
+            return {}
+        out = {}
+        for s, (count, _, _, _) in enumerate(first.partition_groups):
+            if count == dp or s >= len(shapes):
+                continue
+            flats = []
+            offset = 0
+            for name, shape in shapes[s]:
+                flats.append(zero.FlatParam(name, tuple(shape), offset))
+                offset += zero.zero3_partition_numel(zero.numel(shape), count)
+            out[s] = (count, tuple(flats))
+        return out
 
     def buffers(
         self,
@@ -1305,6 +1369,8 @@ class Reader:
                         group=p.sub_group,
                     )
                 )
+            if moe is not None:
+                entries.extend(_expert_entries(moe, sources))
             return entries
         expert_groups = moe.expert_group_indices if moe else frozenset()
         for g, layout in enumerate(sources.groups):
@@ -1359,6 +1425,41 @@ def _slice_names(mappings: Any) -> tuple[tuple[str | None, ...] | None, ...] | N
         else None
         for m in mappings
     )
+
+
+def _partition_groups(
+    value: Any, at: At, n_sub_groups: int
+) -> tuple[tuple[int, int, tuple[int, ...], str], ...]:
+    """ZeRO-3 AutoEP's per-sub-group partitioning (``ds_zero_partition_groups``), checked."""
+    where = at / "ds_zero_partition_groups"
+    if not isinstance(value, (list, tuple)) or len(value) != n_sub_groups:
+        where.fail(f"is not a list of {n_sub_groups} per-sub-group records")
+    out = []
+    for i, entry in enumerate(value):
+        here = where / i
+        checks.mapping(entry, here)
+        if checks.integer(checks.field(entry, "sub_group", here), here / "sub_group") != i:
+            (here / "sub_group").fail(f"is not {i}: the records are out of order")
+        count = checks.count(checks.field(entry, "partition_count", here), here / "partition_count")
+        rank = checks.integer(
+            checks.field(entry, "partition_rank", here), here / "partition_rank", 0, count - 1
+        )
+        ranks = checks.int_list(
+            checks.field(entry, "partition_ranks", here),
+            here / "partition_ranks",
+            0,
+            checks.MAX_RANKS,
+        )
+        if len(ranks) != count:
+            (here / "partition_ranks").fail(f"lists {len(ranks)} ranks for partition_count {count}")
+        names = entry.get("group_names")
+        name = (
+            names[0]
+            if isinstance(names, (list, tuple)) and names and isinstance(names[0], str)
+            else ""
+        )
+        out.append((count, rank, tuple(ranks), name))
+    return tuple(out)
 
 
 def _param_groups(osd: Mapping[str, Any]) -> list[Any] | None:

@@ -70,6 +70,12 @@ class ZeroSources:
     # [dp]: OptimMeta.slice_names of each rank (ZeRO-1/2), kept so reshape planning need not
     # read every rank file again
     slice_names: tuple[tuple[tuple[str | None, ...] | None, ...] | None, ...] = ()
+    # ZeRO-3 AutoEP: the expert sub-groups (not in ``zero3``), partitioned over their
+    # expert-data-parallel ranks only: sub-group -> (partition count, the parameters with their
+    # offsets in each rank's flat tensor, each rank holding ceil(numel / count) of each).
+    zero3_experts: Mapping[int, tuple[int, tuple[zero.FlatParam, ...]]] = field(
+        default_factory=dict
+    )
 
 
 @dataclass(frozen=True)

@@ -73,7 +73,8 @@ class MoeLayer:
         edp_size: expert-data-parallel degree (DP / EP); 0 when ``ep_size`` is.
         group_name: the optimizer's expert group name, ``ep_size_{EP}``.
         autoep: an AutoEP layer (fused ``experts.w1/w2/w3``) rather than a native ``MoE``.
-        files: per global expert, the name of its file.
+        files: per global expert, the name of its file; empty when the experts are saved in
+            no file of their own (AutoEP ZeRO-3: in the ZeRO-3 shards).
         keys: per global expert, the state-dict keys its file holds (global ids); empty for a
             file that is missing or unreadable.
     """

@@ -28,6 +28,7 @@ from dsckpt.discover.moe import (
     expert_file_name,
     global_target,
 )
+from dsckpt.discover.zero import FlatParam
 from dsckpt.io.load import TensorRef, tensor_ref
 from dsckpt.io.unpickle import SavedTensor
 
@@ -55,8 +56,11 @@ class ExpertFiles:
 _Draft = tuple[int, str | None, int, int, str, bool]
 
 
-def read_expert_files(reader: Reader, meta: ModelMeta) -> ExpertFiles:
-    """The MoE layers and their expert files; missing, extra or mismatched files are findings."""
+def read_expert_files(reader: Reader, meta: ModelMeta, expect_files: bool = True) -> ExpertFiles:
+    """The MoE layers and their expert files; missing, extra or mismatched files are findings.
+
+    Without ``expect_files`` (AutoEP ZeRO-3, whose experts live in the ZeRO-3 shards only) an
+    expert file is a stale leftover and none is missing."""
     at = At(reader.path(meta.file))
     autoep_raw = meta.raw.get("ds_autoep_layers")
     present: dict[tuple[int, int], RankFile] = {
@@ -82,10 +86,12 @@ def read_expert_files(reader: Reader, meta: ModelMeta) -> ExpertFiles:
         keys: list[tuple[str, ...]] = []
         modules: set[str] = set()
         for e in range(num):
-            expected.add((ordinal, e))
-            f = present.get((ordinal, e))
+            if expect_files:
+                expected.add((ordinal, e))
+            f = present.get((ordinal, e)) if expect_files else None
             if f is None:
-                missing.append(files[e])
+                if expect_files:
+                    missing.append(files[e])
                 keys.append(())
                 continue
             saved = _expert_tensors(reader, f)
@@ -122,7 +128,7 @@ def read_expert_files(reader: Reader, meta: ModelMeta) -> ExpertFiles:
                 edp_size=edp,
                 group_name=group_name or (f"ep_size_{ep}" if ep else ""),
                 autoep=autoep,
-                files=files,
+                files=files if expect_files else (),
                 keys=tuple(keys),
             )
         )
@@ -350,6 +356,59 @@ def _permuted(state: OptimMeta, order: list[int]) -> OptimMeta:
 # --- the whole record ---------------------------------------------------------------------
 
 
+def finish_zero3(
+    reader: Reader, found: ExpertFiles, sources: ZeroSources | None, dp: int
+) -> MoeLayout:
+    """The MoE layout of an AutoEP ZeRO-3 checkpoint: each expert sub-group (partitioned over
+    fewer ranks than DP, ``ds_zero_partition_groups``) is an :class:`ExpertGroup` whose
+    partition ranks are the DP ranks ``R, R + ep, ...`` of its EP rank ``R``."""
+    groups: list[ExpertGroup] = []
+    first = reader.optim_states.get(0)
+    if sources is not None and first is not None and first.partition_groups is not None:
+        for s, (count, _) in sources.zero3_experts.items():
+            ep = dp // count if count and dp % count == 0 else 0
+            name = first.partition_groups[s][3]
+            if not ep or (ep_size_of_group(name) not in (None, ep)):
+                reader.note(
+                    ERROR,
+                    "expert-group-mismatch",
+                    f"ZeRO-3 sub-group {s} ({name}) is partitioned over {count} of {dp} ranks, "
+                    "which is not its expert-data-parallel size: the metadata is damaged",
+                )
+                continue
+            groups.append(
+                ExpertGroup(
+                    index=s,
+                    name=name,
+                    ep_size=ep,
+                    edp_size=count,
+                    layers=(),
+                    file_index=tuple([s] * dp),
+                )
+            )
+        _check_partition_ranks(reader, groups)
+    return finish_zero12(reader, found, groups, sources, dp)
+
+
+def _check_partition_ranks(reader: Reader, groups: list[ExpertGroup]) -> None:
+    """Each file's ``ds_zero_partition_groups`` must place it where the EP arithmetic does."""
+    for group in groups:
+        for d, state in reader.optim_states.items():
+            pg = state.partition_groups
+            if pg is None or group.index >= len(pg):
+                continue
+            _, rank, ranks, _ = pg[group.index]
+            want = group.files_of(group.ep_rank_of(d))
+            if rank != group.edp_rank_of(d) or ranks != want:
+                reader.note(
+                    ERROR,
+                    "expert-group-mismatch",
+                    f"{state.file.name}: `ds_zero_partition_groups[{group.index}]` places it "
+                    f"at rank {rank} of {list(ranks)}, where expert parallelism {group.ep_size} "
+                    f"puts DP rank {d} at rank {group.edp_rank_of(d)} of {list(want)}",
+                )
+
+
 def finish_zero12(
     reader: Reader,
     found: ExpertFiles,
@@ -364,7 +423,7 @@ def finish_zero12(
     by_group: dict[int, set[int]] = defaultdict(set)
     if sources is not None:
         for group in groups:
-            for flat in sources.groups[group.index].params:
+            for flat in group_flats(sources, group.index):
                 layer = probe.layer_of(flat.name)
                 if layer is None:
                     reader.note(
@@ -425,6 +484,13 @@ def finish_zero12(
     )
 
 
+def group_flats(sources: ZeroSources, index: int) -> tuple[FlatParam, ...]:
+    """The parameters of expert group (ZeRO-3: sub-group) ``index`` with their flat offsets."""
+    if sources.zero3 is not None:
+        return sources.zero3_experts[index][1] if index in sources.zero3_experts else ()
+    return sources.groups[index].params
+
+
 def _expert_params(
     reader: Reader,
     layers: tuple[MoeLayer, ...],
@@ -435,7 +501,7 @@ def _expert_params(
     out = []
     for group in groups:
         for ep_rank in range(group.ep_size):
-            for flat in sources.groups[group.index].params:
+            for flat in group_flats(sources, group.index):
                 layer = probe.layer_of(flat.name)
                 if layer is None or not layer.ep_size:
                     continue  # a finding already

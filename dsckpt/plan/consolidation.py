@@ -18,6 +18,7 @@ from dsckpt.errors import InconsistentCheckpoint, UnsupportedLayout
 from dsckpt.io.dtypes import DType
 from dsckpt.io.load import TensorRef
 from dsckpt.plan.model import DTYPES, ConsolidationOptions, ConsolidationPlan, OutputTensor, Read
+from dsckpt.plan.moe_hf import to_hf_names
 from dsckpt.plan.pipeline_consolidation import plan_pipeline_consolidation
 
 
@@ -38,6 +39,8 @@ def plan_consolidation(
     """
     options = options or ConsolidationOptions()
     refuse_errors(layout)
+    if options.hf_names and (layout.moe is None or not layout.moe.autoep):
+        to_hf_names(layout, ConsolidationPlan(tensors=()))  # refuses, naming why
     universal = layout.universal if layout.kind == "universal" else None
     if universal is not None and not options.strip_vocab_padding:
         stripped = [p.name for p in universal.params if p.vocab_rows is not None]
@@ -89,6 +92,9 @@ def plan_consolidation(
         source = f"module weights ({layout.param_dtype})"
     plan = ConsolidationPlan(tensors=tuple(outputs), aliases=aliases, source=source)
     check_complete(layout, plan, options.exclude_frozen)
+    if options.hf_names:
+        # After the completeness check: the model's keys are recorded under AutoEP's names.
+        plan = to_hf_names(layout, plan)
     return plan
 
 
@@ -177,6 +183,8 @@ def _trainable(layout: Layout, entries: list[TensorEntry], out_dtype: DType) -> 
                 for p in sources.zero3.pieces(param)
             )
             outputs.append(OutputTensor(param.name, param.shape, out_dtype, reads))
+        if layout.moe is not None:
+            outputs.extend(_experts(layout, sources, out_dtype))
         return outputs
     moe = layout.moe
     expert_groups = moe.expert_group_indices if moe is not None else frozenset()
@@ -206,7 +214,20 @@ def _experts(layout: Layout, sources: ZeroSources, out_dtype: DType) -> list[Out
         if group is None:
             continue
         files = group.files_of(param.ep_rank)
-        for p in sources.groups[param.group].pieces(param.flat):
+        if sources.zero3 is not None:
+            # ZeRO-3: each parameter split on its own over the EDP ranks
+            count = sources.zero3_experts[param.group][0]
+            per = zero.zero3_partition_numel(param.flat.numel, count)
+            pieces = [
+                zero.Piece(
+                    k, param.group, param.flat.offset, min(per, param.flat.numel - k * per), k * per
+                )
+                for k in range(count)
+                if k * per < param.flat.numel
+            ]
+        else:
+            pieces = sources.groups[param.group].pieces(param.flat)
+        for p in pieces:
             reads.setdefault(param.name, []).append(
                 Read(
                     sources.fp32[files[p.rank]][param.group],

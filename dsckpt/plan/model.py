@@ -34,6 +34,8 @@ class ConsolidationOptions:
         rules_file: a user TOML/JSON of TP merge rules overriding the built-in ones (``--rules``).
         from_layers: pipelines: take values from the layer files, not the fp32 partitions.
         strip_vocab_padding: drop the vocabulary rows Megatron padded for TP.
+        hf_names: AutoEP checkpoints: name the MoE tensors as the Hugging Face model does
+            (``--hf-names``, see :mod:`dsckpt.plan.moe_hf`).
 
     Raises:
         UsageError: an unknown ``dtype``.
@@ -44,6 +46,7 @@ class ConsolidationOptions:
     rules_file: Path | None = None
     from_layers: bool = False
     strip_vocab_padding: bool = True
+    hf_names: bool = False
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from dsckpt.discover.layout import Layout, ZeroSources
+from dsckpt.discover.moe import MoeLayout
 from dsckpt.errors import InconsistentCheckpoint, UnsupportedLayout
 from dsckpt.io.load import TensorRef, read_scalar, tensor_ref
 from dsckpt.io.unpickle import SavedTensor, load_saved
@@ -81,7 +82,7 @@ def plan_optimizer_state(layout: Layout, master: ConsolidationPlan) -> Optimizer
         )
     by_source: dict[TensorRef, GroupState] = {}
     for rank_sources in layout.zero_sources.values():
-        by_source.update(_group_states(rank_sources))
+        by_source.update(_group_states(rank_sources, layout.moe))
     keys: list[str] = []
     for state in by_source.values():
         keys.extend(k for k in state.tensors if k not in keys)
@@ -117,10 +118,15 @@ def plan_optimizer_state(layout: Layout, master: ConsolidationPlan) -> Optimizer
     )
 
 
-def _group_states(sources: ZeroSources) -> dict[TensorRef, GroupState]:
-    """Each fp32 partition of one model-parallel rank -> the state saved beside it."""
+def _group_states(
+    sources: ZeroSources, moe: MoeLayout | None = None
+) -> dict[TensorRef, GroupState]:
+    """Each fp32 partition of one model-parallel rank -> the state saved beside it.
+
+    ``sources`` lists groups in ``param_shapes`` order; a MoE file may hold its expert groups
+    in another order (``ExpertGroup.file_index``), which is where their state is looked up."""
     out: dict[TensorRef, GroupState] = {}
-    for refs in sources.fp32:
+    for d, refs in enumerate(sources.fp32):
         if not refs:
             continue
         path = refs[0].path
@@ -140,9 +146,11 @@ def _group_states(sources: ZeroSources) -> dict[TensorRef, GroupState]:
             if sources.zero3 is not None:
                 index: Any = g  # DeepSpeed numbers ZeRO-3 sub-group states 0, 1, 2, ...
                 length = ref.numel
-                param_group = _zero3_param_group(base, g, path)
+                param_group = in_file = _zero3_param_group(base, g, path)
             else:
-                index = _zero12_index(base, g, path)
+                expert = moe.group(g) if moe is not None else None
+                in_file = expert.file_index[d] if expert is not None else g
+                index = _zero12_index(base, in_file, path)
                 length = sources.groups[g].partition_size
                 param_group = g
             state = saved.get(index)
@@ -150,7 +158,7 @@ def _group_states(sources: ZeroSources) -> dict[TensorRef, GroupState]:
                 raise InconsistentCheckpoint(
                     f"{path}: group {g} has no optimizer state (state key {index!r})"
                 )
-            options = {k: v for k, v in base["param_groups"][param_group].items() if k != "params"}
+            options = {k: v for k, v in base["param_groups"][in_file].items() if k != "params"}
             out[ref] = GroupState(
                 path,
                 g,

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from dsckpt.discover import zero
 from dsckpt.discover.files import Role
 from dsckpt.discover.layout import Finding, Layout, ZeroSources
+from dsckpt.discover.moe import MoeLayout
 from dsckpt.errors import UnsupportedLayout, UsageError
 from dsckpt.plan import maps
 from dsckpt.plan.pipeline_reshape import PipelinePlan, format_layer_specs, plan_pipeline
@@ -48,6 +49,21 @@ class TargetRow:
 
 
 @dataclass(frozen=True)
+class ExpertTargetRow:
+    """One expert optimizer group at a target DP size: which source files feed each new rank.
+
+    Target DP rank ``d'`` holds EDP rank ``d' // ep`` of EP rank ``d' % ep`` (EP unchanged), so
+    its sources are files of the same EP rank only: ``R, R + ep, ...`` whose EDP partitions
+    overlap its own."""
+
+    group: int
+    name: str
+    ep_size: int
+    edp_size: int  # at the target
+    dp_sources: tuple[tuple[int, ...], ...]  # per target DP rank: source DP ranks
+
+
+@dataclass(frozen=True)
 class TopologyMap:
     src: maps.Topology
     src_parts: tuple[int, ...]
@@ -62,6 +78,10 @@ class TopologyMap:
     # What discovery found wrong or notable (missing, stale or mixed files, bad metadata): a map
     # of a broken checkpoint is shown with them, never alone.
     findings: tuple[Finding, ...] = ()
+    # Mixture-of-experts: the expert placement (Layout.moe) and, with a target DP, the sources
+    # of each expert group's new partitions (``targets[].dp_sources`` then cover dense groups).
+    moe: MoeLayout | None = None
+    expert_targets: tuple[ExpertTargetRow, ...] = ()
 
 
 def topology_map(
@@ -93,10 +113,14 @@ def topology_map(
     elif layout.pp == 1 and not parts:
         last = max((f.layer or 0 for f in layout.files if f.role is Role.LAYER), default=-1)
         parts = (0, last + 1)
-    base = TopologyMap(src=src, src_parts=tuple(parts), rows=rows, findings=layout.findings)
+    base = TopologyMap(
+        src=src, src_parts=tuple(parts), rows=rows, findings=layout.findings, moe=layout.moe
+    )
     if tp is None and pp is None and dp is None:
         return base
     maps.check_degrees(tp=tp, pp=pp, dp=dp)
+    if layout.moe is not None and dp is not None:
+        _check_moe_dp(layout.moe, dp)
     dst = maps.Topology(pp=pp or layout.pp, tp=tp or layout.tp, dp=dp or layout.dp)
     if layout.kind != "pipeline" and (dst.pp, dst.tp) != (layout.pp, layout.tp):
         raise UnsupportedLayout(
@@ -145,7 +169,11 @@ def topology_map(
     targets = []
     for model in reshape.model_map.targets:
         if same_model and model.mp_rank in layout.zero_sources:
-            dp_sources = _dp_overlaps(layout.zero_sources[model.mp_rank], dst.dp)
+            dp_sources = _dp_overlaps(
+                layout.zero_sources[model.mp_rank],
+                dst.dp,
+                layout.moe.expert_group_indices if layout.moe else frozenset(),
+            )
         else:  # the flat groups change with the layers and slices: any source DP rank may feed
             dp_sources = tuple(tuple(range(src.dp)) for _ in range(dst.dp))
         targets.append(
@@ -171,13 +199,61 @@ def topology_map(
         layer_specs=specs_text,
         specs_inferred=inferred,
         findings=layout.findings,
+        moe=layout.moe,
+        expert_targets=_expert_targets(layout, dst.dp),
     )
 
 
-def _dp_overlaps(sources: ZeroSources, dst_dp: int) -> tuple[tuple[int, ...], ...]:
-    """Per target DP rank, the source DP ranks whose partitions overlap it, over all groups."""
+def _check_moe_dp(moe: MoeLayout, dp: int) -> None:
+    """DeepSpeed builds expert-data-parallel groups of DP / EP ranks: DP must be a multiple of
+    every layer's EP size."""
+    bad = sorted({layer.ep_size for layer in moe.layers if layer.ep_size and dp % layer.ep_size})
+    if bad:
+        raise UsageError(
+            f"--dp {dp}: the checkpoint's MoE layers have expert-parallel size "
+            f"{', '.join(map(str, bad))}, and DeepSpeed needs the data-parallel size to be a "
+            "multiple of it (EP stays as saved): pick a multiple"
+        )
+
+
+def _expert_targets(layout: Layout, dst_dp: int) -> tuple[ExpertTargetRow, ...]:
+    if layout.moe is None or 0 not in layout.zero_sources:
+        return ()
+    sources = layout.zero_sources[0]
+    rows = []
+    for group in layout.moe.groups:
+        new_edp = dst_dp // group.ep_size
+        if sources.zero3 is not None:  # every parameter split on its own: all EDP ranks meet
+            per_rank = [group.files_of(d % group.ep_size) for d in range(dst_dp)]
+            rows.append(
+                ExpertTargetRow(group.index, group.name, group.ep_size, new_edp, tuple(per_rank))
+            )
+            continue
+        flat = sources.groups[group.index]
+        new_edp = dst_dp // group.ep_size
+        data = flat.data_numel
+        new_size = zero.zero12_partition_size(data, new_edp)
+        src_bounds = [min(data, r * flat.partition_size) for r in range(group.edp_size + 1)]
+        dst_bounds = [min(data, r * new_size) for r in range(new_edp + 1)]
+        overlaps = maps.overlap_pieces(src_bounds, dst_bounds)
+        per_rank = []
+        for d in range(dst_dp):
+            ep_rank, edp_rank = d % group.ep_size, d // group.ep_size
+            files = group.files_of(ep_rank)
+            per_rank.append(tuple(sorted({files[p.src] for p in overlaps[edp_rank]})))
+        rows.append(
+            ExpertTargetRow(group.index, group.name, group.ep_size, new_edp, tuple(per_rank))
+        )
+    return tuple(rows)
+
+
+def _dp_overlaps(
+    sources: ZeroSources, dst_dp: int, skip: frozenset[int] = frozenset()
+) -> tuple[tuple[int, ...], ...]:
+    """Per target DP rank, the source DP ranks whose partitions overlap it, over all groups
+    but ``skip`` (MoE expert groups, partitioned over their EP rank's files only)."""
     found: list[set[int]] = [set() for _ in range(dst_dp)]
-    layouts = list(sources.groups)
+    layouts = [g for i, g in enumerate(sources.groups) if i not in skip]
     if sources.zero3 is not None:  # every parameter is split on its own: all ranks meet
         return tuple(tuple(range(sources.zero3.dp)) for _ in range(dst_dp))
     for group in layouts:

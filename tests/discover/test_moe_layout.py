@@ -14,7 +14,7 @@ from dsckpt.discover.moe import MoeLayer, global_target
 
 MOE_DIR = FIXTURES / "moe"
 MOE = sorted(p.parent.name for p in MOE_DIR.glob("*/facts.json"))
-READABLE = [n for n in MOE if not n.startswith("autoep-z3")]
+READABLE = MOE
 
 
 def ckpt(name: str) -> Path:
@@ -43,7 +43,8 @@ def test_moe_layout_matches_what_deepspeed_wrote(name: str) -> None:
             want["experts_by_ep_rank"][str(r)] for r in range(layer.ep_size)
         ]
         for e in range(layer.num_experts):
-            assert "global_step3/" + layer.files[e] == want["expert_file"][str(e)]
+            if f["zero_stage"] < 3:  # AutoEP ZeRO-3 writes no expert files
+                assert "global_step3/" + layer.files[e] == want["expert_file"][str(e)]
             assert layer.writer_rank(e) == want["expert_file_written_by_rank"][str(e)]
             assert list(layer.ranks_holding(e)) == want["ranks_holding_expert"][str(e)]
         dp = len(want["ep_rank_of_rank"])
@@ -61,7 +62,7 @@ def test_moe_layout_matches_what_deepspeed_wrote(name: str) -> None:
         assert {dtypes[n] for n in trainable} == {"bfloat16"}
 
 
-@pytest.mark.parametrize("name", [n for n in READABLE if facts("moe", n)["zero_stage"] > 0])
+@pytest.mark.parametrize("name", [n for n in MOE if facts("moe", n)["zero_stage"] in (1, 2)])
 def test_expert_groups_and_their_files(name: str) -> None:
     """Expert groups: partition_count = EDP, file d holds EP rank d % ep's experts, local id l
     is global (d % ep) * n_local + l, and the EDP group of EP rank R is files R, R + ep, ..."""
@@ -265,8 +266,95 @@ def test_expert_group_of_another_run_is_an_error(tmp_path: Path) -> None:
     assert "expert-group-mismatch" in _codes(layout)
 
 
-def test_autoep_zero3_and_native_findings_name_what_is_missing() -> None:
-    layout = open_checkpoint(ckpt("autoep-z3-fp32-ep2-dp2"), partial=True)
+def test_autoep_zero3_expert_sub_group() -> None:
+    """AutoEP ZeRO-3: the expert sub-group is partitioned over its EDP ranks
+    (ds_zero_partition_groups), each rank's flat tensor holding its local experts."""
+    layout = open_checkpoint(ckpt("autoep-z3-fp32-ep2-dp2"))
+    assert layout.findings == () and layout.kind == "zero3" and layout.moe is not None
+    (group,) = layout.moe.groups
+    assert (group.index, group.name, group.ep_size, group.edp_size) == (2, "ep_size_2", 2, 1)
+    assert [group.files_of(r) for r in range(2)] == [(0,), (1,)]
+    sources = layout.zero_sources[0]
+    count, flats = sources.zero3_experts[2]
+    assert count == 1 and sum(f.numel for f in flats) == 4608  # 2 layers x 3 x 2 experts x 384
+    assert all(p.sub_group != 2 for p in sources.zero3.params)
+
+
+def _edit_optim(path: Path, edit: Any) -> None:
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("deepspeed")
+    sd = torch.load(path, weights_only=False)
+    edit(sd["optimizer_state_dict"])
+    torch.save(sd, path)
+
+
+def test_zero3_partition_group_that_disagrees_is_an_error(tmp_path: Path) -> None:
+    root = _copy(tmp_path, "autoep-z3-fp32-ep2-dp2")
+
+    def swap(osd: dict[str, Any]) -> None:
+        osd["ds_zero_partition_groups"][2]["partition_ranks"] = [0]
+
+    _edit_optim(root / "global_step3" / "zero_pp_rank_1_mp_rank_00_optim_states.pt", swap)
+    layout = open_checkpoint(root, partial=True)
+    assert "expert-group-mismatch" in _codes(layout)
+
+
+def test_native_moe_with_zero3_is_refused(tmp_path: Path) -> None:
+    torch = pytest.importorskip("torch")
+    root = _copy(tmp_path, "autoep-z3-fp32-ep2-dp2")
+    for model in (root / "global_step3").glob("*_model_states.pt"):
+        sd = torch.load(model, weights_only=False)
+        sd["ds_autoep_layers"] = None
+        torch.save(sd, model)
+    layout = open_checkpoint(root, partial=True)
     first = next(f for f in layout.findings if f.level == "error")
-    assert first.code == "unsupported-moe"
-    assert "ds_zero_partition_groups" in first.message
+    assert first.code == "unsupported-moe" and "ZeRO-3" in first.message
+
+
+@pytest.mark.parametrize("kind", ["fifo", "dir"])
+def test_an_expert_file_that_is_not_a_regular_file_is_refused(
+    cli, tmp_path: Path, kind: str
+) -> None:
+    """Expert files are rank files: opened only when regular, refused in one line otherwise,
+    without blocking on a FIFO."""
+    import os
+
+    root = _copy(tmp_path, "z2-fp32-ep2-dp2")
+    path = root / "global_step3" / "layer_1_expert_2_mp_rank_00_model_states.pt"
+    path.unlink()
+    if kind == "fifo":
+        os.mkfifo(path)
+    else:
+        path.mkdir()
+    result = cli("to-fp32", root, tmp_path / "out.safetensors")
+    assert result.exit_code == 1
+    assert path.name in result.stderr and result.stderr.count("\n") == 1
+    assert not (tmp_path / "out.safetensors").exists()
+
+
+def test_damaged_expert_file_is_an_error(cli, tmp_path: Path) -> None:
+    root = _copy(tmp_path, "z2-fp32-ep2-dp2")
+    path = root / "global_step3" / "layer_0_expert_1_mp_rank_00_model_states.pt"
+    path.write_bytes(path.read_bytes()[:200])
+    layout = open_checkpoint(root, partial=True)
+    assert "corrupt-file" in _codes(layout)
+    result = cli("to-fp32", root, tmp_path / "out.safetensors")
+    assert result.exit_code == 1 and path.name in result.stderr
+    assert not (tmp_path / "out.safetensors").exists()
+
+
+def test_pipeline_with_moe_is_refused(tmp_path: Path) -> None:
+    """A pipeline whose model states record MoE layers: refused naming what is missing."""
+    torch = pytest.importorskip("torch")
+    pipe = FIXTURES / "pipe"
+    name = sorted(p.parent.name for p in pipe.glob("*/facts.json"))[0]
+    root = tmp_path / "pipe"
+    shutil.copytree(pipe / name / "ckpt", root)
+    tag = next(p for p in root.iterdir() if p.is_dir())
+    for model in tag.glob("mp_rank_*_model_states.pt"):
+        sd = torch.load(model, weights_only=False)
+        sd["num_experts"] = [4]
+        torch.save(sd, model)
+    layout = open_checkpoint(root, partial=True)
+    first = next(f for f in layout.findings if f.level == "error")
+    assert first.code == "unsupported-moe" and "pipeline + MoE" in first.message

@@ -586,11 +586,10 @@ def test_damaged_pickles_raise_only_dsckpt_errors_within_bounds(tmp_path: Path) 
 
 # -- 5. DeepSpeed names dsckpt does not read yet -------------------------------------------------
 
+# MoE expert files (layer_L_expert_E_..., expp_rank_R_...) are rank files now (docs/moe.md):
+# discovery checks them against the model states' `num_experts`.
 UNSUPPORTED = {
-    "layer_0_expert_3_mp_rank_00_model_states.pt": "mixture-of-experts",
-    "layer_12_expert_15_mp_rank_01_model_states.pt": "mixture-of-experts",
     "expert_3_mp_rank_00_model_states.pt": "older naming",
-    "expp_rank_1_mp_rank_00_optim_states.pt": "expert-parallel rank",
     "layer_05-model_states.pt": "without a tensor-parallel rank",
     "layer_05-model_00-expert_01-model_states.pt": "other axes",
     "something_else_optim_states.pt": "of a kind dsckpt does not know",
@@ -626,7 +625,7 @@ def test_unsupported_deepspeed_files_are_told_apart_from_unrelated_ones(root: Pa
 
 def test_unsupported_files_need_not_be_regular(root: Path) -> None:
     """They are refused by discovery whatever they are; listing them opens nothing."""
-    moe = _tag_dir(root) / "layer_0_expert_0_mp_rank_00_model_states.pt"
+    moe = _tag_dir(root) / "expert_0_mp_rank_00_model_states.pt"
     os.mkfifo(moe)
     found = survey(Location(root, "global_step3", _tag_dir(root)))
     assert [f.name for f in found.unsupported] == [moe.name]
