@@ -15,8 +15,9 @@ between A and B themselves (the order of the gradient reductions changes with DP
 misplaced expert state misses by orders more (the test shows it on a deliberately broken
 checkpoint: the expert groups' Adam moments of two EP ranks swapped).
 
-Cost: this module is also the torchrun driver. One launch per world size (2 and 4) runs every
-engine of that size one after another: two launches in all, in a session-scoped fixture. Set
+Cost: this module is also the torchrun driver. One launch per world size (2, 4 and 8) runs
+every engine of that size one after another: three launches in all (about 2 minutes on 2
+cores), in a session-scoped fixture. Set
 ``DSCKPT_MOE_RESUME_RUNS=DIR`` to keep the runs and check them again without relaunching.
 """
 
@@ -48,6 +49,8 @@ CASES: dict[str, int] = {
     "z2-fp32-ep2-dp4-residual": 2,
     "autoep-z2-fp32-ep2-dp2": 4,
     "autoep-z2-bf16-ep2-dp4": 2,
+    # Two EP sizes (2 and 4), expert groups with padding: DP 8 is the first size both divide.
+    "z2-fp32-ep2x4-dp4-mixed": 8,
 }
 # A broken reshape for the control: the expert groups' moments of EP ranks 0 and 1 swapped.
 CONTROL = "z2-fp32-ep2-dp2"
@@ -207,10 +210,20 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> Runs:
     shutil.copytree(work / f"{CONTROL}-to-dp{CASES[CONTROL]}" / "ckpt", control)
     _swap_expert_moments(control)
     by_world[CASES[CONTROL]].append(_job(work, "control-run", _train_args(CONTROL), STEPS, control))
-    for world, jobs in sorted(by_world.items()):
-        result.timings[f"dp{world}"] = torchrun_jobs(
-            Path(__file__).resolve(), world, jobs, work, f"moe-dp{world}"
-        )
+    # DeepSpeed orders a model's expert groups by iterating a set of their names: with two EP
+    # sizes every process must iterate it as the run that saved did (the fixtures fix the seed).
+    seed = os.environ.get("PYTHONHASHSEED")
+    os.environ["PYTHONHASHSEED"] = "0"
+    try:
+        for world, jobs in sorted(by_world.items()):
+            result.timings[f"dp{world}"] = torchrun_jobs(
+                Path(__file__).resolve(), world, jobs, work, f"moe-dp{world}"
+            )
+    finally:
+        if seed is None:
+            del os.environ["PYTHONHASHSEED"]
+        else:
+            os.environ["PYTHONHASHSEED"] = seed
     result.timings["total"] = time.monotonic() - started
     (work / "timings.json").write_text(json.dumps(result.timings, indent=1))
     print("\nMoE reshape resume runs:", json.dumps(result.timings), file=sys.stderr)
