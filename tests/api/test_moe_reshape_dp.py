@@ -336,3 +336,32 @@ def test_pipeline_with_moe_is_refused(cli, tmp_path: Path) -> None:
     error = _one_error(cli("reshape", ckpt, out, "--dp", "1"))
     assert "pipeline + MoE" in error and "not supported" in error
     assert not out.exists()
+
+
+@pytest.mark.parametrize(("name", "dp"), CROSS, ids=[f"{n}-to{d}" for n, d in CROSS])
+def test_verify_finds_the_reshaped_checkpoint_equal(cli, reshaped, name: str, dp: int) -> None:
+    """`dsckpt verify` compares weights, optimizer state per parameter and counters whatever
+    the topology: the input and its reshape hold the same training state."""
+    result = cli("verify", _ckpt(name), reshaped(name, dp))
+    assert result.exit_code == 0, result.output
+    assert result.stdout.startswith("equal: "), result.stdout
+
+
+def test_verify_tells_a_misplaced_expert_state(cli, reshaped, tmp_path: Path) -> None:
+    """The check above can fail: EP ranks 0 and 1 trading their expert moments (a reshape that
+    took an expert group's partition from the wrong EP rank's files) is found."""
+    name, tag = "z2-fp32-ep2-dp2", _facts("z2-fp32-ep2-dp2")["tag"]
+    broken = tmp_path / "broken"
+    shutil.copytree(reshaped(name, 4), broken)
+    files = [broken / tag / f"zero_pp_rank_{d}_mp_rank_00_optim_states.pt" for d in (0, 1)]
+    sds = [_load(f) for f in files]
+    bases = [sd["optimizer_state_dict"]["base_optimizer_state"] for sd in sds]
+    for g, group in enumerate(bases[0]["param_groups"]):
+        if group.get("moe"):
+            a, b = bases[0]["state"][g], bases[1]["state"][g]
+            a["exp_avg"], b["exp_avg"] = b["exp_avg"], a["exp_avg"]
+    for f, sd in zip(files, sds, strict=True):
+        torch.save(sd, f)
+    result = cli("verify", _ckpt(name), broken)
+    assert result.exit_code == 1, result.output
+    assert "exp_avg of moe1.deepspeed_moe.experts.deepspeed_experts." in result.output
