@@ -173,6 +173,8 @@ def consolidate(
     target = hf_folder.hf_output(layout, hf, fmt, dtype)
     if target is not None:
         dtype = target.dtype
+        # A from_pretrained folder of an AutoEP run needs the model's own MoE names.
+        hf_names = hf_names or (layout.moe is not None and layout.moe.autoep)
     plan = plan_for(
         layout,
         dtype=dtype,

@@ -293,15 +293,14 @@ def _file_order(
     if len(state.fp32) != n:
         return list(range(n))  # the group count mismatch is reported by the caller
     mine = [h for h in range(n) if is_expert_group(state, h)]
-    if mine and len(mine) == len(expert_idx) and mine != expert_idx:
-        # Dense groups come first in every file; only the expert groups' order may differ.
-        mine = []
-    if len(mine) != len(expert_idx):
+    # Dense groups come first in every file, in one order; only the expert groups' order (a
+    # Python set's) may differ between files.
+    if mine != expert_idx:
         reader.note(
             ERROR,
             "expert-group-mismatch",
-            f"{state.file.name} holds {len(mine)} expert optimizer groups where "
-            f"{first.file.name} holds {len(expert_idx)}: the files come from different runs",
+            f"{state.file.name} holds expert optimizer groups at positions {mine} where "
+            f"{first.file.name} holds them at {expert_idx}: the files come from different runs",
         )
         return None
     order = list(range(n))

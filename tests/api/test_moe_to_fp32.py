@@ -203,3 +203,29 @@ def test_cli_hf_names_and_refusal(cli, tmp_path: Path) -> None:
     assert bad.exit_code == 1
     assert bad.stderr.count("\n") == 1 and "--hf-names" in bad.stderr
     assert not (tmp_path / "b.safetensors").exists()
+
+
+def test_autoep_hf_folder_gets_hf_names(tmp_path: Path) -> None:
+    """A from_pretrained folder (config.json beside the checkpoint) of an AutoEP run is written
+    under the model's own names without asking."""
+    pytest.importorskip("transformers")
+    sys.path.insert(0, str(FIXTURES))
+    import shutil
+
+    import tiny_moe
+    from transformers import MixtralForCausalLM
+
+    import dsckpt.hf
+
+    run = tmp_path / "run"
+    shutil.copytree(_ckpt("autoep-z2-fp32-ep2-dp2"), run)
+    config = tiny_moe.mixtral_config()
+    config.torch_dtype = "float32"
+    config.save_pretrained(run)
+    out = tmp_path / "hf"
+    dsckpt.hf.export(run, out)
+    loaded = MixtralForCausalLM.from_pretrained(out)
+    expected = tiny_moe.autoep_to_hf(_ref("autoep-z2-fp32-ep2-dp2"))
+    weights = loaded.state_dict()
+    assert set(weights) == set(expected)
+    assert all(torch.equal(weights[k], v) for k, v in expected.items())

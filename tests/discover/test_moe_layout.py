@@ -245,11 +245,17 @@ def test_expert_group_order_may_differ_between_files(tmp_path: Path) -> None:
     from dsckpt.api.consolidation import consolidate
 
     out = tmp_path / "m.safetensors"
-    consolidate(root, out)
+    consolidate(root, out, optimizer=True)
     ref = torch.load(MOE_DIR / "z2-fp32-ep2x4-dp4-mixed" / "ref_live.pt", weights_only=True)
     got = load_file(out)
     assert set(got) == set(ref)
     assert all(torch.equal(got[k], ref[k]) for k in ref)
+    # the moments too: rank 1's state is looked up at its own group positions
+    live = torch.load(MOE_DIR / "z2-fp32-ep2x4-dp4-mixed" / "ref_live_optim.pt", weights_only=True)
+    state = load_file(tmp_path / "m.optimizer.safetensors")
+    for param, saved in live.items():
+        for key in ("exp_avg", "exp_avg_sq"):
+            assert torch.equal(state[f"{param}.{key}"], saved[key]), (param, key)
 
 
 @pytest.mark.deepspeed
