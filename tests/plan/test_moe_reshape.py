@@ -12,7 +12,10 @@ import dataclasses
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
+from dsckpt.discover import zero
 from dsckpt.discover.layout import open_checkpoint
 from dsckpt.errors import InconsistentCheckpoint, UnsupportedLayout
 from dsckpt.plan.zero_reshape import (
@@ -170,3 +173,41 @@ def test_a_group_partitioned_unlike_its_record_is_an_error() -> None:
     layout = open_checkpoint(MOE / "z1-fp32-ep2-dp4" / "ckpt")
     with pytest.raises(InconsistentCheckpoint, match="group 2 is partitioned over 2 ranks at DP 4"):
         _expert_groups(dataclasses.replace(layout, moe=None), 4)
+
+
+# --- any sizes: the plan moves every element of every EP rank's buffer where DeepSpeed wants it
+
+EP = st.sampled_from([1, 2, 3, 4])
+NUMELS = st.lists(st.integers(1, 40), min_size=1, max_size=5)
+
+
+@settings(max_examples=200, deadline=None)
+@given(ep=EP, src_k=st.integers(1, 4), dst_k=st.integers(1, 4), numels=NUMELS)
+def test_any_sizes_place_each_ep_ranks_elements_as_deepspeed_partitions_them(
+    ep: int, src_k: int, dst_k: int, numels: list[int]
+) -> None:
+    """Element ``i`` of EP rank ``e``'s flat buffer lives, at ``k`` EDP ranks with partitions of
+    ``P``, in DP rank ``e + (i // P) * ep`` at offset ``i % P``: the plan from ``src_k`` to
+    ``dst_k`` EDP ranks must read each target element from exactly that source element, and
+    leave only DeepSpeed's tail padding unwritten."""
+    data = sum(numels)
+    src_size = zero.zero12_partition_size(data, src_k)
+    group = _group(*numels, partition_size=src_size, ep=ep)
+    plan = plan_from_facts(_facts(src_k * ep, group), dst_k * ep)
+    dst_size = zero.zero12_partition_size(data, dst_k)
+    (target,) = plan.groups
+    assert target.partition_count(dst_k * ep) == dst_k
+    for part in target.partitions:
+        e, k = part.rank % ep, part.rank // ep
+        assert part.numel == dst_size
+        written = set()
+        for run in part.runs:
+            for j in range(run.length):
+                i = k * dst_size + run.dst_start + j  # the element of EP rank e's buffer
+                assert i < data
+                assert run.src_rank == e + (i // src_size) * ep
+                assert run.src_start + j == i % src_size
+                written.add(run.dst_start + j)
+        held = max(0, min(dst_size, data - k * dst_size))
+        assert written == set(range(held))
+        assert part.padding == dst_size - held
