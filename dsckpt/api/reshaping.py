@@ -45,6 +45,8 @@ def reshape(
     the rank files. Nothing is written on a dry run or on any error; the input is never modified.
     Pipeline / Megatron checkpoints go to :func:`reshape_pipeline` (any of
     ``tp``, ``pp``, ``dp``); ZeRO checkpoints without model parallelism take ``dp`` only.
+    Mixture-of-experts ZeRO-1/2 checkpoints keep their expert-parallel sizes: ``dp`` must be a
+    multiple of each, and the expert groups are re-split over ``dp / ep`` ranks.
 
     Raises:
         UsageError, InconsistentCheckpoint, UnsupportedLayout, OutputError: one line each.

@@ -23,6 +23,10 @@ DeepSpeed's rules for a size ``N`` (read from its source, checked on real checkp
   BF16_Optimizer saves it whole and records the total padding on the last rank only.
   ``round_robin_gradients`` reorders each group's parameters by ``i % N``, so the order changes
   with ``N``: it is undone with the source size and redone with the target size.
+* Mixture of experts (ZeRO-1/2): an expert group of expert-parallel size ``ep`` holds each EP
+  rank's local experts, split as above over that EP rank's expert-data-parallel group, the
+  ``N / ep`` DP ranks ``e, e + ep, ...`` (``partition_count`` ``N / ep``). ``ep`` is kept, so
+  ``N`` must be a multiple of it; the per-expert weight files do not change.
 * ZeRO-3: every parameter is split on its own into ``ceil(numel/N)`` pieces; a rank's flat tensor
   per sub-group concatenates its pieces. Sub-groups are cut from each optimizer group where the
   running sum of piece sizes reaches ``sub_group_size``, so they too depend on ``N``.
@@ -69,6 +73,12 @@ class SourceGroup:
     partition_size: int = 0
     alignment_paddings: tuple[int, ...] | None = None
     ds_id: str | None = None
+    # MoE expert groups (ZeRO-1/2): the expert-parallel size of the group's experts. Each EP
+    # rank's flat buffer (its local experts) is partitioned over its expert-data-parallel group
+    # (DP ranks ``e, e + ep, e + 2 ep, ...``), so ``partition_count`` is ``dp / ep``. 1: a dense
+    # group, partitioned over every DP rank.
+    ep: int = 1
+    label: str = ""  # the expert group's name (``ep_size_2``), for people
 
 
 @dataclass(frozen=True)
@@ -139,6 +149,13 @@ class TargetGroup:
     sources: tuple[int, ...]  # source group indices the data comes from
     alignment_paddings: tuple[int, ...] | None = None  # ZeRO-1/2 param_alignment_paddings
     ds_id: str | None = None  # ZeRO-3 flat tensor bookkeeping
+    ep: int = 1  # MoE expert group: its expert-parallel size (see SourceGroup.ep)
+    label: str = ""
+
+    def partition_count(self, dp: int) -> int:
+        """Ranks the group is partitioned over at ``dp`` DP ranks (DeepSpeed's
+        ``partition_count[g]``): every DP rank, or an expert group's expert-data-parallel size."""
+        return dp // self.ep
 
 
 @dataclass(frozen=True)
@@ -167,6 +184,8 @@ class ReshapePlan:
     group_paddings: tuple[tuple[int, ...], ...] = ()
     slice_mappings: tuple[tuple[tuple[tuple[str, int, int], ...], ...], ...] = ()
     params_reordered: bool = False  # ZeRO-1/2 round robin: param_shapes order changes
+    # MoE: the expert-parallel sizes (one per EP size in use, ascending), unchanged by a reshape.
+    ep_sizes: tuple[int, ...] = ()
 
     @property
     def param_groups(self) -> int:
@@ -182,6 +201,8 @@ class ReshapePlan:
                 if self.kind == "zero3"
                 else f"group {group.index}"
             )
+            if group.ep > 1 or group.label:
+                label += f" ({group.label or 'experts'}, EP {group.ep})"
             for part in group.partitions:
                 rows.append((label, part.rank, part.numel, part.padding, describe_runs(part.runs)))
         return rows
@@ -381,21 +402,44 @@ def plan_from_facts(facts: SourceFacts, dp: int) -> ReshapePlan:
     return _plan_zero12(facts, dp)
 
 
+def check_expert_parallel(facts: SourceFacts, dp: int) -> None:
+    """DeepSpeed builds an expert group's expert-data-parallel group from ``dp / ep`` ranks: a
+    target DP that is not a multiple of every expert group's EP size cannot hold the experts."""
+    for ep in sorted({g.ep for g in facts.groups if g.ep > 1}):
+        if dp % ep:
+            raise UnsupportedLayout(
+                f"--dp {dp}: DeepSpeed requires DP to be a multiple of the expert-parallel size "
+                f"{ep} (expert parallelism stays as saved; choose a multiple of {ep})"
+            )
+    if facts.round_robin and any(g.ep > 1 for g in facts.groups):
+        raise UnsupportedLayout(
+            "round_robin_gradients with mixture-of-experts groups: the expert groups' flat order "
+            "depends on the expert-data-parallel size, which reshape does not handle"
+        )
+
+
 def _plan_zero12(facts: SourceFacts, dp: int) -> ReshapePlan:
+    check_expert_parallel(facts, dp)
     groups = []
     paddings_by_group = []
     mappings_by_group = []
     reordered = False
     for g, src in enumerate(facts.groups):
+        # A dense group is partitioned over all DP ranks; an expert group (EP size ep) over the
+        # dp / ep ranks of each expert-data-parallel group: EP rank e's buffer lives in DP ranks
+        # e, e + ep, ... (DeepSpeed's default topology: EDP groups stride by ep). The arithmetic
+        # below runs over one such group's partitions; every EP rank's group splits alike.
+        ep = src.ep
+        src_count, dst_count = facts.dp // ep, dp // ep
         names = [n for n, _ in src.params]
         shapes = dict(src.params)
         numels = [zero.numel(s) for s in shapes.values()]
         count = len(names)
         src_pads = [0] * count if src.alignment_paddings is None else list(src.alignment_paddings)
         # The group's own order (DeepSpeed's bit16_groups): undo the source's round robin.
-        original = group_order(names, facts.dp, facts.round_robin)
+        original = group_order(names, src_count, facts.round_robin)
         if facts.round_robin:
-            dst_names = [original[i] for i in round_robin_order(count, dp)]
+            dst_names = [original[i] for i in round_robin_order(count, dst_count)]
         else:
             dst_names = names
         dst_numels = [zero.numel(shapes[n]) for n in dst_names]
@@ -412,7 +456,7 @@ def _plan_zero12(facts: SourceFacts, dp: int) -> ReshapePlan:
             dst_pads = alignment_paddings(dst_numels, facts.param_alignment)
         src_offsets, src_data = _offsets(numels, src_pads)
         dst_offsets, dst_data = _offsets(dst_numels, dst_pads)
-        dst_size = zero.zero12_partition_size(dst_data, dp)
+        dst_size = zero.zero12_partition_size(dst_data, dst_count)
         if dst_names == names:
             # Same flat order: the whole data range (alignment pads included) moves as one.
             segments: list[tuple[int, int, int, int]] = [(g, 0, 0, src_data)] if src_data else []
@@ -424,34 +468,49 @@ def _plan_zero12(facts: SourceFacts, dp: int) -> ReshapePlan:
                 for n in names
                 if zero.numel(shapes[n])
             ]
-        per_rank = split_segments(segments, src.partition_size, dst_size, dp)
-        tails = zero12_group_paddings(dst_data, sum(numels), dst_size, dp, "zero")
-        partitions = tuple(
-            Partition(r, dst_size, tuple(runs), tails[r]) for r, runs in enumerate(per_rank)
-        )
-        groups.append(
-            TargetGroup(
-                index=g,
-                param_group=g,
-                params=tuple((n, shapes[n]) for n in dst_names),
-                partitions=partitions,
-                sources=(g,),
-                alignment_paddings=tuple(dst_pads) if src.alignment_paddings is not None else None,
-            )
-        )
-        paddings_by_group.append(
-            zero12_group_paddings(dst_data, sum(numels), dst_size, dp, facts.kind)
-        )
+        # Runs per partition of one (expert-)data-parallel group, source partitions numbered
+        # within the group too.
+        per_part = split_segments(segments, src.partition_size, dst_size, dst_count)
+        tails = zero12_group_paddings(dst_data, sum(numels), dst_size, dst_count, "zero")
+        recorded = zero12_group_paddings(dst_data, sum(numels), dst_size, dst_count, facts.kind)
         # param_slice_mappings walk the group's own order; true offsets only with alignment pads.
         offsets = None
         if any(dst_pads):
             at = dict(zip(dst_names, dst_offsets, strict=True))
             offsets = [at[n] for n in original]
-        mappings_by_group.append(
-            slice_mappings(
-                original, [zero.numel(shapes[n]) for n in original], offsets, dp, dst_size
+        mappings = slice_mappings(
+            original, [zero.numel(shapes[n]) for n in original], offsets, dst_count, dst_size
+        )
+        partitions: list[Partition] = []
+        group_paddings: list[int] = []
+        group_mappings: list[tuple[tuple[str, int, int], ...]] = []
+        for rank in range(dp):
+            ep_rank, part = rank % ep, rank // ep
+            runs = (
+                tuple(per_part[part])
+                if ep == 1
+                else tuple(
+                    Run(ep_rank + r.src_rank * ep, r.src_index, r.src_start, r.length, r.dst_start)
+                    for r in per_part[part]
+                )
+            )
+            partitions.append(Partition(rank, dst_size, runs, tails[part]))
+            group_paddings.append(recorded[part])
+            group_mappings.append(mappings[part])
+        groups.append(
+            TargetGroup(
+                index=g,
+                param_group=g,
+                params=tuple((n, shapes[n]) for n in dst_names),
+                partitions=tuple(partitions),
+                sources=(g,),
+                alignment_paddings=tuple(dst_pads) if src.alignment_paddings is not None else None,
+                ep=ep,
+                label=src.label,
             )
         )
+        paddings_by_group.append(group_paddings)
+        mappings_by_group.append(group_mappings)
     return ReshapePlan(
         kind=facts.kind,
         stage=facts.stage,
@@ -461,6 +520,7 @@ def _plan_zero12(facts: SourceFacts, dp: int) -> ReshapePlan:
         group_paddings=tuple(tuple(p[r] for p in paddings_by_group) for r in range(dp)),
         slice_mappings=tuple(tuple(m[r] for m in mappings_by_group) for r in range(dp)),
         params_reordered=reordered,
+        ep_sizes=tuple(sorted({g.ep for g in facts.groups if g.ep > 1 or g.label})),
     )
 
 
@@ -576,6 +636,13 @@ class Source:
     optim: Mapping[int, tuple[Path, Any]]  # dp rank -> optimizer file (loaded on first use)
     optim_prefix: str
     extra_files: tuple[Path, ...] = ()  # other entries of the tag directory (copied if regular)
+    expert_files: tuple[Path, ...] = ()  # MoE expert weights: planned whole-file copies
+    # (DP rank, group) -> position in that rank's file, where it differs (MoE expert groups)
+    group_at: Mapping[tuple[int, int], int] = field(default_factory=dict)
+
+    def position(self, rank: int, group: int) -> int:
+        """Where flat group ``group`` (``param_shapes`` order) sits in rank ``rank``'s file."""
+        return self.group_at.get((rank, group), group)
 
 
 def open_source(ckpt: Path | str | Layout, tag: str | None = None) -> Source:
@@ -586,8 +653,8 @@ def open_source(ckpt: Path | str | Layout, tag: str | None = None) -> Source:
 
     Raises:
         InconsistentCheckpoint: missing, mixed or damaged rank files (``inspect`` lists them all).
-        UnsupportedLayout: pipeline/3D, tensor parallel, universal, stage 0, MoE, elastic or
-            NVMe-offloaded checkpoints.
+        UnsupportedLayout: pipeline/3D, tensor parallel, universal, stage 0 (MoE included),
+            ZeRO-3 AutoEP, elastic or NVMe-offloaded checkpoints.
     """
     from dsckpt.discover.files import Role, scan
     from dsckpt.discover.layout import Layout, open_checkpoint, refuse_errors
@@ -610,6 +677,12 @@ def open_source(ckpt: Path | str | Layout, tag: str | None = None) -> Source:
         raise UnsupportedLayout(
             f"{where} is a ZeRO stage 0 checkpoint: nothing to reshape, its files do not depend on "
             "the DP size and DeepSpeed loads them at any DP size as they are"
+            + (
+                " (mixture of experts: the optimizer is saved per expert-parallel rank, "
+                "expp_rank_R files, and expert parallelism stays)"
+                if layout.moe is not None
+                else ""
+            )
         )
     if (where / "offloaded_tensors").is_dir():
         raise UnsupportedLayout(
@@ -640,14 +713,12 @@ def open_source(ckpt: Path | str | Layout, tag: str | None = None) -> Source:
         meta, optim0 = model[0][1], optim[0][1]
     else:
         meta, optim0 = load_saved(model_paths[0]), load_saved(optim_paths[0])
-    if meta.get("num_experts") is not None:
-        raise UnsupportedLayout(
-            f"{where} has mixture-of-experts layers: expert parameters are "
-            "partitioned over expert groups, which reshape does not handle"
-        )
     facts = _facts(layout, meta, optim0, optim)
     name = layout.tag if layout.tag is not None else where.name
     extra = tuple(where / n for n in extra_entries(where, files))
+    # MoE expert files hold one expert's weights each, by MoE layer and global expert id: with
+    # the expert-parallel size kept they do not depend on the DP size and are copied unchanged.
+    experts = [where / f for layer in layout.moe.layers for f in layer.files] if layout.moe else []
     return Source(
         layout=layout,
         tag=name,
@@ -656,7 +727,21 @@ def open_source(ckpt: Path | str | Layout, tag: str | None = None) -> Source:
         optim=optim,
         optim_prefix=prefix,
         extra_files=extra,
+        expert_files=tuple(experts),
+        group_at=_group_positions(layout),
     )
+
+
+def _group_positions(layout: Layout) -> Mapping[tuple[int, int], int]:
+    """(DP rank, group) -> the group's position in that rank's optimizer file, where it is not
+    the group's own index: MoE expert groups can be saved in another order in some files
+    (discovery matched them by name and parameters, ``ExpertGroup.file_index``)."""
+    out: dict[tuple[int, int], int] = {}
+    for group in layout.moe.groups if layout.moe else ():
+        for rank, at in enumerate(group.file_index):
+            if at != group.index:
+                out[(rank, group.index)] = at
+    return out
 
 
 class _LoadedOnUse(Mapping[int, tuple[Path, Any]]):
@@ -718,16 +803,14 @@ def _facts(
     sources = next(iter(layout.zero_sources.values()))
     osd0 = optim0["optimizer_state_dict"]
     zcfg = _zero_config(meta)
-    counts = osd0.get("partition_count")
-    if isinstance(counts, (list, tuple)) and len(set(counts)) > 1:
-        raise UnsupportedLayout(
-            f"{layout.dir}: optimizer groups are partitioned over different "
-            f"numbers of ranks ({list(counts)}; expert parallelism?), which "
-            "reshape does not handle"
-        )
     if sources.zero3 is not None:
-        if osd0.get("ds_zero_partition_groups") is not None:
-            raise UnsupportedLayout(f"{layout.dir}: ZeRO-3 AutoEP partition groups are not handled")
+        if osd0.get("ds_zero_partition_groups") is not None or meta.get("ds_autoep_layers"):
+            raise UnsupportedLayout(
+                f"{layout.dir} is a ZeRO-3 AutoEP (mixture-of-experts) checkpoint: its experts "
+                "live in ZeRO-3 sub-groups partitioned over expert-data-parallel groups "
+                "(ds_zero_partition_groups), which reshape does not handle; ZeRO-1/2 MoE "
+                "checkpoints reshape"
+            )
         groups_of = _zero3_group_of(osd0, len(meta["param_shapes"]), layout.dir)
         flats = osd0["fp32_flat_groups"]
         groups = tuple(
@@ -762,12 +845,15 @@ def _facts(
         )
     kind = layout.optimizer
     aligns = osd0.get("param_alignment_paddings")
+    experts = _expert_groups(layout, len(sources.groups))
     groups = tuple(
         SourceGroup(
             params=tuple((p.name, p.shape) for p in group.params),
             param_group=g,
             partition_size=group.partition_size,
             alignment_paddings=tuple(int(x) for x in aligns[g]) if aligns else None,
+            ep=experts[g][0],
+            label=experts[g][1],
         )
         for g, group in enumerate(sources.groups)
     )
@@ -789,6 +875,26 @@ def _facts(
     )
 
 
+def _expert_groups(layout: Layout, count: int) -> list[tuple[int, str]]:
+    """``(ep, name)`` of every ZeRO-1/2 group: ``(1, "")`` for a dense group; for a MoE expert
+    group its expert-parallel size and name (``ep_size_2``), from discovery's record. Each
+    group must be partitioned as that says: over every DP rank, or an expert group over its
+    expert-data-parallel size ``dp / ep``."""
+    out = [(1, "")] * count
+    for group in layout.moe.groups if layout.moe else ():
+        out[group.index] = (group.ep_size, group.name)
+    sources = next(iter(layout.zero_sources.values()))
+    for g, (ep, name) in enumerate(out):
+        saved = sources.groups[g].dp
+        if ep < 1 or layout.dp % ep or saved != layout.dp // ep:
+            what = f"expert group {name} (EP {ep})" if name else "a dense group"
+            raise InconsistentCheckpoint(
+                f"{layout.dir}: optimizer group {g} is partitioned over {saved} ranks at DP "
+                f"{layout.dp}, but as {what} it would be over {layout.dp // max(ep, 1)}"
+            )
+    return out
+
+
 def _check_group_order(
     layout: Layout,
     groups: Sequence[SourceGroup],
@@ -805,7 +911,7 @@ def _check_group_order(
     names_by_rank = dict(enumerate(sources.slice_names))
     positions: list[dict[str | None, int]] = []  # a name the file lacks (None) has none
     for group in groups:
-        order = group_order([n for n, _ in group.params], layout.dp, round_robin)
+        order = group_order([n for n, _ in group.params], layout.dp // group.ep, round_robin)
         positions.append({n: i for i, n in enumerate(order)})
     for d in sorted(optim):
         mappings = names_by_rank.get(d) or ()
@@ -889,6 +995,9 @@ class ReshapeResult:
             "bf16_optimizer": "BF16_Optimizer (ZeRO-1)",
             "zero3": "ZeRO-3",
         }[self.plan.kind]
+        if self.plan.ep_sizes:
+            sizes = ", ".join(str(e) for e in self.plan.ep_sizes)
+            what += f" MoE (expert parallelism {sizes} kept)"
         if not self.written:
             return (
                 f"dry run: {what} DP {self.plan.source_dp} -> {self.plan.dp}; nothing written "

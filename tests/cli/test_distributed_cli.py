@@ -20,6 +20,7 @@ TORCHRUN = Path(sys.executable).parent / "torchrun"
 Z2 = ckpt("zero", "z2-bf16-dp2")
 Z3 = ckpt("zero", "z3-fp32-dp3")
 PIPE = ckpt("pipe", "p2t2d2-z1-fp32")
+MOE = ckpt("moe", "z2-fp32-ep2x4-dp4-mixed")
 
 
 def _launch(
@@ -83,8 +84,17 @@ def _same_tree(a: Path, b: Path) -> None:
         (["to-fp32", Z3, "--optimizer"], "hf"),
         (["reshape", Z3, "--dp", "2"], "ckpt"),
         (["reshape", PIPE, "--tp", "1", "--pp", "1", "--dp", "2"], "ckpt"),
+        (["reshape", MOE, "--dp", "8"], "ckpt"),
     ],
-    ids=["safetensors", "bin", "shards", "optimizer", "reshape-zero3", "reshape-pipeline"],
+    ids=[
+        "safetensors",
+        "bin",
+        "shards",
+        "optimizer",
+        "reshape-zero3",
+        "reshape-pipeline",
+        "reshape-moe",
+    ],
 )
 def test_shares_of_several_processes_write_the_bytes_of_one(
     tmp_path: Path, args: list, out: str

@@ -105,6 +105,11 @@ class ZeroRankFiles:
             for name, build in self._jobs():
                 files.append(rank_file_plan(build(), f"{tag}/{name}", self.lazy))
                 self.lazy = type(self.lazy)()  # drop this file's sources
+            for path in self.source.expert_files:
+                # MoE expert weights do not depend on the DP size: copied byte for byte.
+                size = self._size(path)
+                whole = (Copy(0, ByteRange(path, 0, size)),) if size else ()
+                files.append(FilePlan(f"{tag}/{path.name}", size, whole))
         return tag_directory_plan(tag, files)
 
     def _jobs(self) -> list[tuple[str, Callable[[], Any]]]:
@@ -284,6 +289,17 @@ class ZeroRankFiles:
         sd["dp_world_size"] = self.plan.dp
         if self.plan.params_reordered:
             sd["param_shapes"] = self._param_shapes()
+        # AutoEP records its writer's expert-data-parallel size (DP / EP) per layer, twice.
+        info = sd.get("universal_checkpoint_info")
+        copies = (sd.get("ds_autoep_layers"), info.get("ds_autoep_layers") if info else None)
+        for layers in copies:
+            for layer in layers or ():
+                if (
+                    isinstance(layer, dict)
+                    and isinstance(layer.get("ep_size"), int)
+                    and "expert_data_parallel_world_size" in layer
+                ):
+                    layer["expert_data_parallel_world_size"] = self.plan.dp // layer["ep_size"]
         return sd
 
     def _param_shapes(self) -> list[Any]:
@@ -333,7 +349,9 @@ class ZeroRankFiles:
             elif key == "group_paddings":
                 osd[key] = list(plan.group_paddings[rank])
             elif key == "partition_count":
-                osd[key] = [plan.dp] * len(value) if isinstance(value, (list, tuple)) else plan.dp
+                # Per group: every DP rank, or an expert group's expert-data-parallel size.
+                counts = [g.partition_count(plan.dp) for g in plan.groups]
+                osd[key] = counts if isinstance(value, (list, tuple)) else plan.dp
             elif key == "param_alignment_paddings":
                 osd[key] = [list(g.alignment_paddings or ()) for g in plan.groups]
             elif key == "param_slice_mappings":
@@ -352,7 +370,7 @@ class ZeroRankFiles:
     def _src_fp32(self, rank: int, index: int) -> Any:
         osd = self.source.optim[rank][1]["optimizer_state_dict"]
         key = "fp32_flat_groups" if self.plan.kind == "zero3" else "single_partition_of_fp32_groups"
-        return osd[key][index]
+        return osd[key][self.source.position(rank, index)]
 
     def _state_index(self, base: Mapping[str, Any], group: int) -> Any:
         """The torch optimizer state key of flat group ``group`` (its place in param_groups)."""
@@ -369,7 +387,8 @@ class ZeroRankFiles:
     def _source_state(self, rank: int, index: int) -> Mapping[str, Any]:
         base = self.source.optim[rank][1]["optimizer_state_dict"]
         base = base["optimizer_state_dict" if self.plan.kind == "zero3" else "base_optimizer_state"]
-        return (base.get("state") or {}).get(self._state_index(base, index)) or {}
+        at = self.source.position(rank, index)
+        return (base.get("state") or {}).get(self._state_index(base, at)) or {}
 
     def _partitioned_keys(self, group: TargetGroup) -> tuple[str, ...]:
         """State entries split like the fp32 partition (Adam's moments and the like).

@@ -1,0 +1,213 @@
+"""`reshape --dp` of MoE ZeRO-1/2 checkpoints: the plan on plain integers, and its refusals.
+
+DeepSpeed partitions an expert group (EP size ``ep``) over the ``dp / ep`` ranks of each
+expert-data-parallel group: EP rank ``e``'s local experts live in DP ranks ``e, e + ep, ...``
+(tests/fixtures/moe/FORMAT-NOTES.md). A reshape keeps ``ep`` and re-splits each EP rank's buffer
+over the new expert-data-parallel size; dense groups are re-split over every rank as before.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from dsckpt.discover import zero
+from dsckpt.discover.layout import open_checkpoint
+from dsckpt.errors import InconsistentCheckpoint, UnsupportedLayout
+from dsckpt.plan.zero_reshape import (
+    Run,
+    SourceFacts,
+    SourceGroup,
+    _expert_groups,
+    plan_from_facts,
+)
+
+
+def _group(*numels: int, partition_size: int, ep: int = 1, g: int = 0) -> SourceGroup:
+    return SourceGroup(
+        params=tuple((f"g{g}.p{i}", (n,)) for i, n in enumerate(numels)),
+        param_group=g,
+        partition_size=partition_size,
+        ep=ep,
+        label=f"ep_size_{ep}" if ep > 1 else "",
+    )
+
+
+def _facts(dp: int, *groups: SourceGroup, kind: str = "zero", **kw: object) -> SourceFacts:
+    return SourceFacts(kind=kind, stage=2, dp=dp, groups=groups, **kw)  # type: ignore[arg-type]
+
+
+def test_shrink_joins_each_ep_ranks_halves_from_its_expert_data_parallel_group() -> None:
+    # EP 2 at DP 4: EDP 2; 10 + 6 = 16 elements, 8 per partition. DP 2: EDP 1, 16 in one.
+    # EP rank 0's buffer is in files 0 and 2, EP rank 1's in files 1 and 3.
+    plan = plan_from_facts(_facts(4, _group(10, 6, partition_size=8, ep=2)), 2)
+    parts = plan.groups[0].partitions
+    assert [p.numel for p in parts] == [16, 16]
+    assert parts[0].runs == (Run(0, 0, 0, 8, 0), Run(2, 0, 0, 8, 8))
+    assert parts[1].runs == (Run(1, 0, 0, 8, 0), Run(3, 0, 0, 8, 8))
+    assert plan.groups[0].partition_count(2) == 1
+    assert plan.group_paddings == ((0,), (0,))
+    assert plan.slice_mappings[1][0] == (("g0.p0", 10, 0), ("g0.p1", 6, 10))
+    assert plan.ep_sizes == (2,)
+
+
+def test_grow_splits_each_ep_ranks_buffer_over_the_new_expert_data_parallel_group() -> None:
+    # EP 2 at DP 2: EDP 1; 10 + 7 = 17 elements in 18. DP 4: EDP 2, partitions of 10: DP ranks
+    # 0 and 1 take the first 10 of EP ranks 0 and 1, ranks 2 and 3 the other 7 (+3 padding).
+    plan = plan_from_facts(_facts(2, _group(10, 7, partition_size=18, ep=2)), 4)
+    parts = plan.groups[0].partitions
+    assert [p.numel for p in parts] == [10] * 4
+    assert parts[0].runs == (Run(0, 0, 0, 10, 0),)
+    assert parts[1].runs == (Run(1, 0, 0, 10, 0),)
+    assert parts[2].runs == (Run(0, 0, 10, 7, 0),)
+    assert parts[3].runs == (Run(1, 0, 10, 7, 0),)
+    assert [p.padding for p in parts] == [0, 0, 3, 3]
+    assert [pad[0] for pad in plan.group_paddings] == [0, 0, 3, 3]
+    assert plan.slice_mappings[0][0] == (("g0.p0", 10, 0),)
+    assert plan.slice_mappings[3][0] == (("g0.p1", 7, 0),)
+
+
+def test_dense_and_expert_groups_side_by_side() -> None:
+    # The dense group splits over all 4 ranks, the expert group over EDP 2.
+    facts = _facts(2, _group(24, partition_size=12, g=0), _group(12, partition_size=12, ep=2, g=1))
+    plan = plan_from_facts(facts, 4)
+    dense, experts = plan.groups
+    assert [p.runs for p in dense.partitions] == [
+        (Run(0, 0, 0, 6, 0),),
+        (Run(0, 0, 6, 6, 0),),
+        (Run(1, 0, 0, 6, 0),),
+        (Run(1, 0, 6, 6, 0),),
+    ]
+    assert [p.runs for p in experts.partitions] == [
+        (Run(0, 1, 0, 6, 0),),
+        (Run(1, 1, 0, 6, 0),),
+        (Run(0, 1, 6, 6, 0),),
+        (Run(1, 1, 6, 6, 0),),
+    ]
+    assert [g.partition_count(4) for g in plan.groups] == [4, 2]
+    assert "ep_size_2, EP 2" in plan.rows()[4][0]
+
+
+def test_bf16_optimizer_records_the_padding_on_each_expert_groups_last_rank() -> None:
+    # 10 elements at EDP 4 (DP 8, EP 2): 16 in partitions of 4. ZeRO records each rank's own
+    # tail padding; BF16_Optimizer the total (6) on the last EDP rank (DP ranks 6 and 7).
+    zero = plan_from_facts(_facts(2, _group(10, partition_size=10, ep=2)), 8)
+    assert [p[0] for p in zero.group_paddings] == [0, 0, 0, 0, 2, 2, 4, 4]
+    bf16 = plan_from_facts(_facts(2, _group(10, partition_size=10, ep=2), kind="bf16_optimizer"), 8)
+    assert [p[0] for p in bf16.group_paddings] == [0, 0, 0, 0, 0, 0, 6, 6]
+    assert [p.padding for p in bf16.groups[0].partitions] == [0, 0, 0, 0, 2, 2, 4, 4]
+
+
+def test_ep_1_expert_groups_split_like_dense_ones() -> None:
+    dense = plan_from_facts(_facts(2, _group(17, partition_size=10)), 3)
+    expert = plan_from_facts(
+        _facts(2, SourceGroup((("g0.p0", (17,)),), 0, 10, ep=1, label="ep_size_1")), 3
+    )
+    assert expert.groups[0].partitions == dense.groups[0].partitions
+    assert expert.group_paddings == dense.group_paddings
+    assert expert.ep_sizes == (1,) and dense.ep_sizes == ()
+
+
+def test_every_element_lands_once_and_in_its_ep_ranks_files() -> None:
+    # Mixed EP sizes (2 and 4) from DP 4 to DP 8 and back: each target element comes from one
+    # source element of the same EP rank, and nothing is read twice.
+    facts = _facts(
+        4,
+        _group(30, partition_size=8, g=0),
+        _group(26, partition_size=14, ep=2, g=1),
+        _group(13, partition_size=14, ep=4, g=2),
+    )
+    for dp in (8, 4, 12):
+        plan = plan_from_facts(facts, dp)
+        for group in plan.groups:
+            seen: set[tuple[int, int]] = set()
+            for part in group.partitions:
+                for run in part.runs:
+                    assert run.src_rank % group.ep == part.rank % group.ep
+                    cells = {(run.src_rank, run.src_start + i) for i in range(run.length)}
+                    assert not cells & seen
+                    seen |= cells
+            numel = sum(n for _, (n,) in group.params)
+            assert len(seen) == numel * group.ep
+
+
+@pytest.mark.parametrize(("dp", "ep"), [(3, 2), (2, 4), (6, 4), (1, 2)])
+def test_dp_must_stay_a_multiple_of_every_ep_size(dp: int, ep: int) -> None:
+    facts = _facts(4, _group(8, partition_size=2), _group(8, partition_size=8 // (4 // ep), ep=ep))
+    with pytest.raises(UnsupportedLayout) as err:
+        plan_from_facts(facts, dp)
+    message = str(err.value)
+    assert f"DeepSpeed requires DP to be a multiple of the expert-parallel size {ep}" in message
+    assert "expert parallelism stays" in message and "\n" not in message
+
+
+def test_round_robin_with_expert_groups_is_refused() -> None:
+    facts = _facts(2, _group(8, partition_size=8, ep=2), round_robin=True)
+    with pytest.raises(UnsupportedLayout, match="round_robin_gradients with mixture-of-experts"):
+        plan_from_facts(facts, 4)
+
+
+# --- the expert groups as discovery records them --------------------------------------------
+
+MOE = Path(__file__).parents[1] / "fixtures" / "moe"
+
+
+def test_expert_groups_come_from_the_moe_record() -> None:
+    layout = open_checkpoint(MOE / "z2-fp32-ep2x4-dp4-mixed" / "ckpt")
+    got = _expert_groups(layout, len(layout.zero_sources[0].groups))
+    assert got == [(1, ""), (1, ""), (2, "ep_size_2"), (4, "ep_size_4")] * 1 + [
+        (2, "ep_size_2"),
+        (4, "ep_size_4"),
+    ]
+    layout = open_checkpoint(MOE / "z2-fp32-ep1-dp2" / "ckpt")
+    assert _expert_groups(layout, 4) == [(1, ""), (1, ""), (1, "ep_size_1"), (1, "ep_size_1")]
+
+
+def test_a_group_partitioned_unlike_its_record_is_an_error() -> None:
+    # Without the MoE record the expert groups (partition_count 2 at DP 4) would be read as
+    # dense groups split over 4 ranks: refused, never planned.
+    layout = open_checkpoint(MOE / "z1-fp32-ep2-dp4" / "ckpt")
+    with pytest.raises(InconsistentCheckpoint, match="group 2 is partitioned over 2 ranks at DP 4"):
+        _expert_groups(dataclasses.replace(layout, moe=None), 4)
+
+
+# --- any sizes: the plan moves every element of every EP rank's buffer where DeepSpeed wants it
+
+EP = st.sampled_from([1, 2, 3, 4])
+NUMELS = st.lists(st.integers(1, 40), min_size=1, max_size=5)
+
+
+@settings(max_examples=200, deadline=None)
+@given(ep=EP, src_k=st.integers(1, 4), dst_k=st.integers(1, 4), numels=NUMELS)
+def test_any_sizes_place_each_ep_ranks_elements_as_deepspeed_partitions_them(
+    ep: int, src_k: int, dst_k: int, numels: list[int]
+) -> None:
+    """Element ``i`` of EP rank ``e``'s flat buffer lives, at ``k`` EDP ranks with partitions of
+    ``P``, in DP rank ``e + (i // P) * ep`` at offset ``i % P``: the plan from ``src_k`` to
+    ``dst_k`` EDP ranks must read each target element from exactly that source element, and
+    leave only DeepSpeed's tail padding unwritten."""
+    data = sum(numels)
+    src_size = zero.zero12_partition_size(data, src_k)
+    group = _group(*numels, partition_size=src_size, ep=ep)
+    plan = plan_from_facts(_facts(src_k * ep, group), dst_k * ep)
+    dst_size = zero.zero12_partition_size(data, dst_k)
+    (target,) = plan.groups
+    assert target.partition_count(dst_k * ep) == dst_k
+    for part in target.partitions:
+        e, k = part.rank % ep, part.rank // ep
+        assert part.numel == dst_size
+        written = set()
+        for run in part.runs:
+            for j in range(run.length):
+                i = k * dst_size + run.dst_start + j  # the element of EP rank e's buffer
+                assert i < data
+                assert run.src_rank == e + (i // src_size) * ep
+                assert run.src_start + j == i % src_size
+                written.add(run.dst_start + j)
+        held = max(0, min(dst_size, data - k * dst_size))
+        assert written == set(range(held))
+        assert part.padding == dst_size - held
