@@ -880,6 +880,7 @@ class ReshapeResult:
     files: list[str] = field(default_factory=list)
     nbytes: int = 0
     skipped: list[str] = field(default_factory=list)  # tag-directory entries not copied
+    from_universal: bool = False  # the source was a universal checkpoint (ds_to_universal)
     # Plans every output file on demand (a dry run does not, unless asked: --dry-run --json).
     plan_files: Callable[[], Any] | None = field(default=None, repr=False, compare=False)
 
@@ -889,6 +890,8 @@ class ReshapeResult:
             "bf16_optimizer": "BF16_Optimizer (ZeRO-1)",
             "zero3": "ZeRO-3",
         }[self.plan.kind]
+        if self.from_universal:
+            what = f"universal checkpoint -> native {what}"
         if not self.written:
             return (
                 f"dry run: {what} DP {self.plan.source_dp} -> {self.plan.dp}; nothing written "

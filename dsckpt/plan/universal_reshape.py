@@ -1,0 +1,333 @@
+"""Reshape a universal checkpoint into a native ZeRO checkpoint at any data-parallel size.
+
+A universal checkpoint (``ds_to_universal``) holds each parameter's full optimizer state in its
+own folder (``zero/<name>/fp32.pt``, ``exp_avg.pt``, ``exp_avg_sq.pt``, ``step.pt``), the
+optimizer's unpartitioned bookkeeping in ``zero/optimizer_state.pt`` and the source run's model
+files. Unmodified DeepSpeed reads it only through ``load_universal``; this module plans the
+native rank files DeepSpeed itself would have saved at ``N`` ranks, so a plain
+``engine.load_checkpoint(OUT)`` resumes from them.
+
+The planning reuses the native planner (:func:`~dsckpt.plan.zero_reshape.plan_from_facts`):
+the universal checkpoint is described as a source whose every flat group is held whole by one
+virtual rank (ZeRO-1/2: the group's flat buffer in the source's flat order, alignment pads
+included), and the runs the planner cuts from that flat buffer are then split at parameter
+boundaries into runs over the parameters' own files (:class:`Run` with ``src_index`` the
+parameter's position in :attr:`UniversalSource.params`). The writer
+(:class:`~dsckpt.execute.formats.deepspeed_files.ZeroRankFiles`) turns those runs into byte
+copies of the ``zero/<name>/*.pt`` tensors, exactly as it copies native partitions.
+
+Which optimizer the output is for follows the source run, as its model files' ``ds_config``
+records it (``zero_optimization.stage``; ``bf16.enabled`` with ``data_types.grad_accum_dtype``
+fp32 at stage 1 is DeepSpeed's BF16_Optimizer), checked against ``zero/optimizer_state.pt``
+(written by that optimizer's own ``state_dict``: ZeRO records ``zero_stage``, BF16_Optimizer
+does not). When ``ds_config`` records no stage, ``optimizer_state.pt`` alone decides; when the
+two disagree the reshape is refused: the files would not load into the run that reads them.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from dsckpt.discover import zero
+from dsckpt.discover.files import Role
+from dsckpt.discover.layout import Layout, refuse_errors
+from dsckpt.discover.universal import OPTIMIZER_STATE_FILE, ZERO_DIR, UniversalParam
+from dsckpt.errors import InconsistentCheckpoint, UnsupportedLayout
+from dsckpt.io.load import TensorRef
+from dsckpt.io.unpickle import load_saved
+from dsckpt.plan.maps import check_degrees
+from dsckpt.plan.zero_reshape import (
+    DEFAULT_SUB_GROUP_SIZE,
+    Partition,
+    ReshapePlan,
+    Run,
+    SourceFacts,
+    SourceGroup,
+    TargetGroup,
+    _LoadedOnUse,
+    _offsets,
+    plan_from_facts,
+)
+
+# The optimizer state a universal folder holds per parameter, split like the fp32 master.
+MOMENTS = ("exp_avg", "exp_avg_sq")
+
+
+@dataclass(frozen=True)
+class ParamSpan:
+    """Where one parameter lies in its group's flat buffer (``start``, ``numel`` elements) and
+    its index in :attr:`UniversalSource.params`."""
+
+    index: int
+    start: int
+    numel: int
+
+
+@dataclass
+class UniversalSource:
+    """A universal checkpoint opened for reshaping: what the writer needs besides the plan.
+
+    Attributes:
+        layout: the discovered checkpoint.
+        tag: the tag directory's name, kept for the output (``OUT/latest`` names it).
+        facts: the source as the native planner sees it (one virtual rank per group).
+        params: the trainable parameters in flat order, group after group.
+        states: per state (``fp32``, ``exp_avg``, ``exp_avg_sq``) the saved tensor of each
+            parameter in ``params`` order (``None``: the folder lacks it).
+        steps: per optimizer group, the saved ``step`` tensor of its first parameter that has one.
+        model: DP rank 0's model-states file (the template of every output model file).
+        optimizer_state: ``zero/optimizer_state.pt`` (the optimizer's common state).
+        optim_prefix: ``bf16_`` when the run trained in bf16 (DeepSpeed's file naming).
+        extra_files: other regular entries of the tag directory, copied as they are.
+    """
+
+    layout: Layout
+    tag: str
+    facts: SourceFacts
+    params: tuple[str, ...]
+    states: Mapping[str, tuple[TensorRef | None, ...]]
+    steps: tuple[TensorRef | None, ...]
+    model: Mapping[int, tuple[Path, Any]]
+    optimizer_state: Mapping[int, tuple[Path, Any]]
+    optim_prefix: str
+    extra_files: tuple[Path, ...] = ()
+
+
+def open_universal(layout: Layout) -> UniversalSource:
+    """Check that ``layout`` (a universal checkpoint) is one reshape can write natively, and
+    gather the facts.
+
+    Raises:
+        InconsistentCheckpoint: discovery found an error (``inspect`` lists them all).
+        UnsupportedLayout: pipeline, tensor-parallel, MoE or ZeRO-3 sources, an optimizer
+            that cannot be told, or optimizer state missing for part of a group.
+    """
+    where = layout.dir
+    info = layout.universal
+    if layout.pp > 1 or layout.tp > 1 or layout.kind == "pipeline":
+        raise UnsupportedLayout(
+            f"{where} is a universal checkpoint of a pipeline / tensor-parallel run (TP "
+            f"{layout.tp} x PP {layout.pp}): writing native pipeline files from it needs the "
+            "layer-to-stage split and the layer files' module state, which ds_to_universal does "
+            "not keep; reshape the native checkpoint instead, or resume with load_universal"
+        )
+    refuse_errors(layout)
+    if info is None or layout.universal is None:
+        raise InconsistentCheckpoint(f"{where}: the universal checkpoint could not be read")
+    if layout.zero_stage == 3:
+        raise UnsupportedLayout(
+            f"{where} is a universal checkpoint of a ZeRO-3 run: reshape writes native ZeRO-1/2 "
+            "and BF16_Optimizer checkpoints from universal ones so far; resume it with "
+            "load_universal"
+        )
+    model_file = next((f for f in layout.files if f.role is Role.MODEL and (f.mp or 0) == 0), None)
+    if model_file is None:
+        raise InconsistentCheckpoint(f"{where} has no mp_rank_00_model_states.pt")
+    model_path = where / model_file.name
+    state_path = where / ZERO_DIR / OPTIMIZER_STATE_FILE
+    if not state_path.is_file() or state_path.is_symlink():
+        raise InconsistentCheckpoint(
+            f"{state_path} is missing: it holds the optimizer's param_groups and loss-scaler "
+            "state a native checkpoint needs; copy it from the ds_to_universal output"
+        )
+    meta = load_saved(model_path)
+    saved_state = load_saved(state_path)
+    kind, stage = _optimizer_kind(
+        meta.get("ds_config"), saved_state, layout.zero_stage, model_path, state_path
+    )
+    config = meta.get("ds_config") if isinstance(meta.get("ds_config"), Mapping) else {}
+    zcfg = config.get("zero_optimization") if isinstance(config, Mapping) else None
+    zcfg = zcfg if isinstance(zcfg, Mapping) else {}
+    if zcfg.get("elastic_checkpoint"):
+        raise UnsupportedLayout(
+            f"{model_path.name}: the run used zero_optimization.elastic_checkpoint; reshape "
+            "writes the default (rigid) layout only"
+        )
+    groups_shapes = meta.get("param_shapes")
+    if not isinstance(groups_shapes, list) or not groups_shapes:
+        raise InconsistentCheckpoint(f"{model_path.name} records no `param_shapes`")
+    by_name = info.by_name()
+    names: list[str] = []
+    groups: list[SourceGroup] = []
+    aligns = saved_state.get("param_alignment_paddings")
+    for g, shapes in enumerate(groups_shapes):
+        params = tuple((str(n), tuple(int(x) for x in s)) for n, s in shapes.items())
+        pads = None
+        if isinstance(aligns, (list, tuple)) and g < len(aligns):
+            pads = tuple(int(x) for x in aligns[g])
+            if len(pads) != len(params):
+                raise InconsistentCheckpoint(
+                    f"{state_path}: param_alignment_paddings[{g}] has {len(pads)} entries for "
+                    f"the {len(params)} parameters `param_shapes` lists in group {g}"
+                )
+        numels = [zero.numel(s) for _, s in params]
+        _, data = _offsets(numels, list(pads) if pads else [0] * len(numels))
+        # One virtual rank holds the whole flat buffer (see the module docstring).
+        groups.append(
+            SourceGroup(
+                params=params, param_group=g, partition_size=max(data, 1), alignment_paddings=pads
+            )
+        )
+        names.extend(n for n, _ in params)
+    if kind == "zero" and zcfg.get("parameter_alignment"):
+        raise UnsupportedLayout(
+            f"{model_path.name}: the run used zero_optimization.parameter_alignment, which "
+            "reshape from a universal checkpoint does not handle yet"
+        )
+    facts = SourceFacts(
+        kind=kind,
+        stage=stage,
+        dp=layout.dp,
+        groups=tuple(groups),
+        round_robin=kind == "zero" and bool(zcfg.get("round_robin_gradients", False)),
+        sub_group_size=int(float(zcfg.get("sub_group_size", DEFAULT_SUB_GROUP_SIZE))),
+    )
+    states = {key: tuple(_state(by_name.get(n), key) for n in names) for key in ("fp32", *MOMENTS)}
+    missing_fp32 = [n for n, ref in zip(names, states["fp32"], strict=True) if ref is None]
+    if missing_fp32:
+        raise InconsistentCheckpoint(
+            f"{where / ZERO_DIR}: no fp32.pt for {', '.join(missing_fp32[:3])}: the fp32 "
+            "master weights are nowhere else"
+        )
+    steps = []
+    for g, group in enumerate(groups):
+        members = [names.index(n) for n, _ in group.params]
+        _check_moments(where, g, [names[i] for i in members], states)
+        step_refs = [by_name[names[i]].step_ref for i in members if by_name.get(names[i])]
+        held = [r for r in step_refs if r is not None]
+        if states["exp_avg"][members[0]] is not None and not held:
+            raise UnsupportedLayout(
+                f"{where / ZERO_DIR}: group {g} has Adam moments but no step.pt as a tensor: "
+                "the optimizer's step count cannot be written as DeepSpeed saves it"
+            )
+        steps.append(held[0] if held else None)
+    files = {f.name for f in layout.files}
+    with os.scandir(where) as it:
+        extra = tuple(
+            Path(e.path)
+            for e in sorted(it, key=lambda e: e.name)
+            if e.name not in files and e.name != ZERO_DIR
+        )
+    return UniversalSource(
+        layout=layout,
+        tag=layout.tag if layout.tag is not None else where.name,
+        facts=facts,
+        params=tuple(names),
+        states=states,
+        steps=tuple(steps),
+        model=_LoadedOnUse({0: model_path}),
+        optimizer_state=_LoadedOnUse({0: state_path}),
+        optim_prefix="bf16_" if _bf16(config) else "",
+        extra_files=extra,
+    )
+
+
+def plan_universal(source: UniversalSource, dp: int) -> ReshapePlan:
+    """The native rank files' plan at ``dp`` ranks (pure: integers in, integers out): the
+    native planner's runs over the virtual one-rank source, re-cut per parameter."""
+    check_degrees(dp=dp)
+    plan = plan_from_facts(source.facts, dp)
+    spans = flat_spans(source.facts, source.params)
+    groups = tuple(
+        replace(group, partitions=tuple(_per_param(p, spans[src]) for p, src in _parts(group)))
+        for group in plan.groups
+    )
+    return replace(plan, groups=groups)
+
+
+def flat_spans(facts: SourceFacts, params: Sequence[str]) -> list[list[ParamSpan]]:
+    """Each group's parameters as they lie in its flat buffer at the source's DP (ZeRO-1/2:
+    ``param_shapes`` order, with the alignment pads recorded)."""
+    index = {n: i for i, n in enumerate(params)}
+    out = []
+    for group in facts.groups:
+        numels = [zero.numel(s) for _, s in group.params]
+        pads = list(group.alignment_paddings or [0] * len(numels))
+        offsets, _ = _offsets(numels, pads)
+        out.append(
+            [
+                ParamSpan(index[n], start, numel)
+                for (n, _), start, numel in zip(group.params, offsets, numels, strict=True)
+            ]
+        )
+    return out
+
+
+def _parts(group: TargetGroup) -> list[tuple[Partition, int]]:
+    (src,) = group.sources  # ZeRO-1/2: a target group comes from its own source group
+    return [(p, src) for p in group.partitions]
+
+
+def _per_param(part: Partition, spans: Sequence[ParamSpan]) -> Partition:
+    """``part`` with each run over the virtual flat buffer split into runs over the parameters
+    it crosses; the alignment pads between parameters are left to the zeros."""
+    runs: list[Run] = []
+    for run in part.runs:
+        if run.src_rank != 0:
+            raise AssertionError("plan error: a universal source has one virtual rank")
+        lo, hi = run.src_start, run.src_start + run.length
+        for span in spans:
+            a, b = max(lo, span.start), min(hi, span.start + span.numel)
+            if a < b:
+                runs.append(Run(0, span.index, a - span.start, b - a, run.dst_start + a - lo))
+    return replace(part, runs=tuple(runs))
+
+
+def _state(param: UniversalParam | None, key: str) -> TensorRef | None:
+    return None if param is None else param.states.get(key)
+
+
+def _check_moments(
+    where: Path, group: int, names: Sequence[str], states: Mapping[str, Sequence[Any]]
+) -> None:
+    """Adam's moments are kept per flat group: every parameter of a group has them, or none
+    (a fresh optimizer). Part of a group without them has no faithful native form."""
+    index = {n: i for i, n in enumerate(names)}
+    for key in MOMENTS:
+        held = [n for n in names if states[key][index[n]] is not None]
+        if held and len(held) != len(names):
+            lacking = [n for n in names if states[key][index[n]] is None]
+            raise UnsupportedLayout(
+                f"{where / ZERO_DIR}: group {group} has {key}.pt for some parameters but not "
+                f"for {', '.join(lacking[:3])}: a native checkpoint keeps it for the whole "
+                "group; run ds_to_universal again on the source checkpoint"
+            )
+
+
+def _bf16(config: Any) -> bool:
+    if not isinstance(config, Mapping):
+        return False
+    section = config.get("bf16") or config.get("bfloat16")
+    return isinstance(section, Mapping) and section.get("enabled") is True
+
+
+def _optimizer_kind(
+    config: Any, saved: Mapping[str, Any], saved_stage: int, model_path: Path, state_path: Path
+) -> tuple[str, int]:
+    """``(kind, stage)`` of the source run's optimizer: ``ds_config`` first, checked against
+    what ``optimizer_state.pt`` was written by (see the module docstring)."""
+    # (discovery read the saved stage already: `zero_stage`, or 1 where BF16_Optimizer omits it)
+    saved_kind = "zero" if saved.get("zero_stage") is not None else "bf16_optimizer"
+    zcfg = config.get("zero_optimization") if isinstance(config, Mapping) else None
+    stage = zcfg.get("stage") if isinstance(zcfg, Mapping) else None
+    if not isinstance(stage, int) or isinstance(stage, bool):
+        return saved_kind, saved_stage
+    types = config.get("data_types") if isinstance(config, Mapping) else None
+    accum = types.get("grad_accum_dtype") if isinstance(types, Mapping) else None
+    offload = isinstance(zcfg, Mapping) and isinstance(zcfg.get("offload_optimizer"), Mapping)
+    offload = offload and zcfg["offload_optimizer"].get("device") not in (None, "none")
+    bf16_optimizer = stage == 1 and _bf16(config) and accum in ("fp32", "float32") and not offload
+    kind = "bf16_optimizer" if bf16_optimizer else "zero"
+    if stage == 0 or (kind, stage) != (saved_kind, saved_stage):
+        raise UnsupportedLayout(
+            f"{model_path.name}: ds_config describes "
+            f"{'BF16_Optimizer' if bf16_optimizer else f'ZeRO stage {stage}'} but "
+            f"{state_path.name} was written by "
+            f"{'BF16_Optimizer' if saved_kind == 'bf16_optimizer' else f'ZeRO stage {saved_stage}'}"
+            ": the native files would not load into that run"
+        )
+    return kind, stage
