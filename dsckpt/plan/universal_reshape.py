@@ -27,7 +27,7 @@ two disagree the reshape is refused: the files would not load into the run that 
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -37,7 +37,7 @@ from dsckpt.discover.files import Role
 from dsckpt.discover.layout import Layout, refuse_errors
 from dsckpt.discover.universal import OPTIMIZER_STATE_FILE, ZERO_DIR, UniversalParam
 from dsckpt.errors import InconsistentCheckpoint, UnsupportedLayout
-from dsckpt.io.load import TensorRef
+from dsckpt.io.load import TensorRef, load_meta
 from dsckpt.io.unpickle import load_saved
 from dsckpt.plan.maps import check_degrees
 from dsckpt.plan.zero_reshape import (
@@ -47,9 +47,10 @@ from dsckpt.plan.zero_reshape import (
     Run,
     SourceFacts,
     SourceGroup,
-    TargetGroup,
+    _check_zero3_sub_groups,
     _LoadedOnUse,
     _offsets,
+    _zero3_group_of,
     plan_from_facts,
 )
 
@@ -80,7 +81,8 @@ class UniversalSource:
             parameter in ``params`` order (``None``: the folder lacks it).
         steps: per optimizer group, the saved ``step`` tensor of its first parameter that has one.
         model: DP rank 0's model-states file (the template of every output model file).
-        optimizer_state: ``zero/optimizer_state.pt`` (the optimizer's common state).
+        optim: ``zero/optimizer_state.pt`` as a rank-0 optimizer file (see
+            :class:`_OptimizerTemplate`).
         optim_prefix: ``bf16_`` when the run trained in bf16 (DeepSpeed's file naming).
         extra_files: other regular entries of the tag directory, copied as they are.
     """
@@ -92,7 +94,7 @@ class UniversalSource:
     states: Mapping[str, tuple[TensorRef | None, ...]]
     steps: tuple[TensorRef | None, ...]
     model: Mapping[int, tuple[Path, Any]]
-    optimizer_state: Mapping[int, tuple[Path, Any]]
+    optim: _OptimizerTemplate
     optim_prefix: str
     extra_files: tuple[Path, ...] = ()
 
@@ -103,8 +105,8 @@ def open_universal(layout: Layout) -> UniversalSource:
 
     Raises:
         InconsistentCheckpoint: discovery found an error (``inspect`` lists them all).
-        UnsupportedLayout: pipeline, tensor-parallel, MoE or ZeRO-3 sources, an optimizer
-            that cannot be told, or optimizer state missing for part of a group.
+        UnsupportedLayout: pipeline, tensor-parallel or MoE sources, an optimizer that cannot
+            be told, or optimizer state missing for part of a group.
     """
     where = layout.dir
     info = layout.universal
@@ -118,15 +120,14 @@ def open_universal(layout: Layout) -> UniversalSource:
     refuse_errors(layout)
     if info is None or layout.universal is None:
         raise InconsistentCheckpoint(f"{where}: the universal checkpoint could not be read")
-    if layout.zero_stage == 3:
-        raise UnsupportedLayout(
-            f"{where} is a universal checkpoint of a ZeRO-3 run: reshape writes native ZeRO-1/2 "
-            "and BF16_Optimizer checkpoints from universal ones so far; resume it with "
-            "load_universal"
-        )
-    model_file = next((f for f in layout.files if f.role is Role.MODEL and (f.mp or 0) == 0), None)
+    stage3 = layout.zero_stage == 3
+    model_role = Role.ZERO3_MODEL if stage3 else Role.MODEL
+    model_file = next(
+        (f for f in layout.files if f.role is model_role and (f.mp or 0) == 0 and not f.dp),
+        None,
+    )
     if model_file is None:
-        raise InconsistentCheckpoint(f"{where} has no mp_rank_00_model_states.pt")
+        raise InconsistentCheckpoint(f"{where} has no rank-0 model-states file")
     model_path = where / model_file.name
     state_path = where / ZERO_DIR / OPTIMIZER_STATE_FILE
     if not state_path.is_file() or state_path.is_symlink():
@@ -136,10 +137,14 @@ def open_universal(layout: Layout) -> UniversalSource:
         )
     meta = load_saved(model_path)
     saved_state = load_saved(state_path)
-    kind, stage = _optimizer_kind(
-        meta.get("ds_config"), saved_state, layout.zero_stage, model_path, state_path
-    )
     config = meta.get("ds_config") if isinstance(meta.get("ds_config"), Mapping) else {}
+    kind, stage = _optimizer_kind(config, saved_state, layout.zero_stage, model_path, state_path)
+    if stage3 != (stage == 3):
+        raise UnsupportedLayout(
+            f"{where}: the model files are those of a ZeRO-{3 if stage3 else '1/2'} run but the "
+            f"optimizer state says stage {stage}: the folder mixes two checkpoints"
+        )
+    kind = "zero3" if stage3 else kind
     zcfg = config.get("zero_optimization") if isinstance(config, Mapping) else None
     zcfg = zcfg if isinstance(zcfg, Mapping) else {}
     if zcfg.get("elastic_checkpoint"):
@@ -147,37 +152,21 @@ def open_universal(layout: Layout) -> UniversalSource:
             f"{model_path.name}: the run used zero_optimization.elastic_checkpoint; reshape "
             "writes the default (rigid) layout only"
         )
-    groups_shapes = meta.get("param_shapes")
-    if not isinstance(groups_shapes, list) or not groups_shapes:
-        raise InconsistentCheckpoint(f"{model_path.name} records no `param_shapes`")
-    by_name = info.by_name()
-    names: list[str] = []
-    groups: list[SourceGroup] = []
-    aligns = saved_state.get("param_alignment_paddings")
-    for g, shapes in enumerate(groups_shapes):
-        params = tuple((str(n), tuple(int(x) for x in s)) for n, s in shapes.items())
-        pads = None
-        if isinstance(aligns, (list, tuple)) and g < len(aligns):
-            pads = tuple(int(x) for x in aligns[g])
-            if len(pads) != len(params):
-                raise InconsistentCheckpoint(
-                    f"{state_path}: param_alignment_paddings[{g}] has {len(pads)} entries for "
-                    f"the {len(params)} parameters `param_shapes` lists in group {g}"
-                )
-        numels = [zero.numel(s) for _, s in params]
-        _, data = _offsets(numels, list(pads) if pads else [0] * len(numels))
-        # One virtual rank holds the whole flat buffer (see the module docstring).
-        groups.append(
-            SourceGroup(
-                params=params, param_group=g, partition_size=max(data, 1), alignment_paddings=pads
-            )
-        )
-        names.extend(n for n, _ in params)
     if kind == "zero" and zcfg.get("parameter_alignment"):
         raise UnsupportedLayout(
             f"{model_path.name}: the run used zero_optimization.parameter_alignment, which "
             "reshape from a universal checkpoint does not handle yet"
         )
+    groups_shapes = meta.get("param_shapes")
+    if not isinstance(groups_shapes, list) or not groups_shapes:
+        raise InconsistentCheckpoint(f"{model_path.name} records no `param_shapes`")
+    template = _OptimizerTemplate(state_path, meta)
+    if stage3:
+        groups = _zero3_groups(layout, groups_shapes, saved_state, template, state_path)
+    else:
+        groups = _zero12_groups(groups_shapes, saved_state, state_path)
+    names = [n for group in groups for n, _ in group.params]
+    by_name = info.by_name()
     facts = SourceFacts(
         kind=kind,
         stage=stage,
@@ -185,7 +174,13 @@ def open_universal(layout: Layout) -> UniversalSource:
         groups=tuple(groups),
         round_robin=kind == "zero" and bool(zcfg.get("round_robin_gradients", False)),
         sub_group_size=int(float(zcfg.get("sub_group_size", DEFAULT_SUB_GROUP_SIZE))),
+        frozen=tuple((n, tuple(s)) for n, s in (meta.get("frozen_param_shapes") or {}).items())
+        if stage3
+        else (),
+        param_order=_module_order(meta) if stage3 else (),
     )
+    if stage3:
+        _check_zero3_sub_groups(layout, groups, facts.sub_group_size)
     states = {key: tuple(_state(by_name.get(n), key) for n in names) for key in ("fp32", *MOMENTS)}
     missing_fp32 = [n for n, ref in zip(names, states["fp32"], strict=True) if ref is None]
     if missing_fp32:
@@ -199,7 +194,7 @@ def open_universal(layout: Layout) -> UniversalSource:
         _check_moments(where, g, [names[i] for i in members], states)
         step_refs = [by_name[names[i]].step_ref for i in members if by_name.get(names[i])]
         held = [r for r in step_refs if r is not None]
-        if states["exp_avg"][members[0]] is not None and not held:
+        if not stage3 and states["exp_avg"][members[0]] is not None and not held:
             raise UnsupportedLayout(
                 f"{where / ZERO_DIR}: group {g} has Adam moments but no step.pt as a tensor: "
                 "the optimizer's step count cannot be written as DeepSpeed saves it"
@@ -220,7 +215,7 @@ def open_universal(layout: Layout) -> UniversalSource:
         states=states,
         steps=tuple(steps),
         model=_LoadedOnUse({0: model_path}),
-        optimizer_state=_LoadedOnUse({0: state_path}),
+        optim=template,
         optim_prefix="bf16_" if _bf16(config) else "",
         extra_files=extra,
     )
@@ -230,18 +225,28 @@ def plan_universal(source: UniversalSource, dp: int) -> ReshapePlan:
     """The native rank files' plan at ``dp`` ranks (pure: integers in, integers out): the
     native planner's runs over the virtual one-rank source, re-cut per parameter."""
     check_degrees(dp=dp)
-    plan = plan_from_facts(source.facts, dp)
-    spans = flat_spans(source.facts, source.params)
+    facts = source.facts
+    # ZeRO-3 pieces are cut from whole parameters: the virtual source has DP 1.
+    virtual = replace(facts, dp=1, frozen=()) if facts.kind == "zero3" else facts
+    plan = plan_from_facts(virtual, dp)
+    spans = flat_spans(virtual, source.params)
     groups = tuple(
-        replace(group, partitions=tuple(_per_param(p, spans[src]) for p, src in _parts(group)))
+        replace(group, partitions=tuple(_per_param(p, spans) for p in group.partitions))
         for group in plan.groups
     )
-    return replace(plan, groups=groups)
+    plan = replace(plan, groups=groups, source_dp=facts.dp)
+    if facts.frozen:
+        # ZeRO-3 frozen weights are not under zero/: the model files hold them in pieces at the
+        # source's DP, re-split as a native reshape does.
+        frozen = plan_from_facts(replace(facts, groups=()), dp).frozen
+        plan = replace(plan, frozen=frozen)
+    return plan
 
 
 def flat_spans(facts: SourceFacts, params: Sequence[str]) -> list[list[ParamSpan]]:
-    """Each group's parameters as they lie in its flat buffer at the source's DP (ZeRO-1/2:
-    ``param_shapes`` order, with the alignment pads recorded)."""
+    """Each group's parameters as they lie in its flat buffer on the virtual rank (ZeRO-1/2:
+    ``param_shapes`` order with the alignment pads recorded; ZeRO-3: whole parameters one
+    after another)."""
     index = {n: i for i, n in enumerate(params)}
     out = []
     for group in facts.groups:
@@ -257,24 +262,110 @@ def flat_spans(facts: SourceFacts, params: Sequence[str]) -> list[list[ParamSpan
     return out
 
 
-def _parts(group: TargetGroup) -> list[tuple[Partition, int]]:
-    (src,) = group.sources  # ZeRO-1/2: a target group comes from its own source group
-    return [(p, src) for p in group.partitions]
-
-
-def _per_param(part: Partition, spans: Sequence[ParamSpan]) -> Partition:
-    """``part`` with each run over the virtual flat buffer split into runs over the parameters
+def _per_param(part: Partition, spans: Sequence[Sequence[ParamSpan]]) -> Partition:
+    """``part`` with each run over a virtual flat buffer split into runs over the parameters
     it crosses; the alignment pads between parameters are left to the zeros."""
     runs: list[Run] = []
     for run in part.runs:
         if run.src_rank != 0:
             raise AssertionError("plan error: a universal source has one virtual rank")
         lo, hi = run.src_start, run.src_start + run.length
-        for span in spans:
+        for span in spans[run.src_index]:
             a, b = max(lo, span.start), min(hi, span.start + span.numel)
             if a < b:
                 runs.append(Run(0, span.index, a - span.start, b - a, run.dst_start + a - lo))
     return replace(part, runs=tuple(runs))
+
+
+class _OptimizerTemplate(Mapping[int, tuple[Path, Any]]):
+    """``zero/optimizer_state.pt`` in the shape of DP rank 0's native optimizer file, loaded
+    with torch's meta tensors when first asked for (the writer's template).
+
+    ds_to_universal saved rank 0's ``optimizer_state_dict`` there without its partitioned
+    entries (ZeRO-1/2; ZeRO-3 keeps them all), plus a ``param_groups`` copy of the torch
+    optimizer's groups: that copy is set apart (:attr:`param_groups`), and the file's
+    ``ds_config`` / ``ds_version`` come from the model file, as the engine saves both."""
+
+    def __init__(self, path: Path, model_meta: Mapping[str, Any]) -> None:
+        self.path = path
+        self._top = {k: model_meta.get(k) for k in ("ds_config", "ds_version")}
+        self._loaded: tuple[Path, Any] | None = None
+        self.param_groups: Any = None
+
+    def __getitem__(self, rank: int) -> tuple[Path, Any]:
+        if rank != 0:
+            raise KeyError(rank)
+        if self._loaded is None:
+            raw = dict(load_meta(self.path))
+            self.param_groups = raw.pop("param_groups", None)
+            self._loaded = (self.path, {"optimizer_state_dict": raw, **self._top})
+        return self._loaded
+
+    def __iter__(self) -> Iterator[int]:
+        return iter((0,))
+
+    def __len__(self) -> int:
+        return 1
+
+
+def _zero12_groups(
+    groups_shapes: Sequence[Any], saved: Mapping[str, Any], state_path: Path
+) -> list[SourceGroup]:
+    groups = []
+    aligns = saved.get("param_alignment_paddings")
+    for g, shapes in enumerate(groups_shapes):
+        params = tuple((str(n), tuple(int(x) for x in s)) for n, s in shapes.items())
+        pads = None
+        if isinstance(aligns, (list, tuple)) and g < len(aligns):
+            pads = tuple(int(x) for x in aligns[g])
+            if len(pads) != len(params):
+                raise InconsistentCheckpoint(
+                    f"{state_path}: param_alignment_paddings[{g}] has {len(pads)} entries for "
+                    f"the {len(params)} parameters `param_shapes` lists in group {g}"
+                )
+        numels = [zero.numel(s) for _, s in params]
+        _, data = _offsets(numels, list(pads) if pads else [0] * len(numels))
+        # One virtual rank holds the whole flat buffer (see the module docstring).
+        groups.append(
+            SourceGroup(
+                params=params, param_group=g, partition_size=max(data, 1), alignment_paddings=pads
+            )
+        )
+    return groups
+
+
+def _zero3_groups(
+    layout: Layout,
+    groups_shapes: Sequence[Any],
+    saved: Mapping[str, Any],
+    template: _OptimizerTemplate,
+    state_path: Path,
+) -> list[SourceGroup]:
+    """The source's sub-groups (``param_shapes`` of the rank-0 model file), their optimizer
+    groups (the torch optimizer's ``param_groups`` ds_to_universal kept) and the flat tensors'
+    ``ds_id`` strings (kept so an unchanged sub-group is written back as it was)."""
+    osd = saved.get("optimizer_state_dict")
+    if not isinstance(osd, Mapping) or not isinstance(saved.get("fp32_flat_groups"), list):
+        raise InconsistentCheckpoint(
+            f"{state_path} lacks the ZeRO-3 optimizer's state (optimizer_state_dict, "
+            "fp32_flat_groups) ds_to_universal copies from rank 0"
+        )
+    owner = _zero3_group_of(saved, len(groups_shapes), layout.dir)
+    flats = template[0][1]["optimizer_state_dict"]["fp32_flat_groups"]
+    return [
+        SourceGroup(
+            params=tuple((str(n), tuple(int(x) for x in s)) for n, s in shapes.items()),
+            param_group=owner[i],
+            ds_id=getattr(flats[i], "ds_id", None) if i < len(flats) else None,
+        )
+        for i, shapes in enumerate(groups_shapes)
+    ]
+
+
+def _module_order(meta: Mapping[str, Any]) -> tuple[str, ...]:
+    buffers = set(meta.get("buffer_names") or [])
+    aliases = set((meta.get("shared_params") or {}).keys())
+    return tuple(k for k in (meta.get("module") or {}) if k not in buffers and k not in aliases)
 
 
 def _state(param: UniversalParam | None, key: str) -> TensorRef | None:

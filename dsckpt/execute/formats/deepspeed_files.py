@@ -292,7 +292,7 @@ class ZeroRankFiles:
         return [OrderedDict((n, torch.Size(s)) for n, s in g.params) for g in self.plan.groups]
 
     def _optim_states(self, rank: int) -> Any:
-        if isinstance(self.source, UniversalSource):
+        if isinstance(self.source, UniversalSource) and self.plan.kind != "zero3":
             return self._universal_optim_states(rank)
         if self.plan.kind == "zero3":
             return self._zero3_optim_states(rank)
@@ -414,6 +414,8 @@ class ZeroRankFiles:
             else self._source_state(0, group.sources[0])[key]
         )
         numel = part.numel if length is None else length
+        if isinstance(self.source, UniversalSource):
+            return self._universal_flat(part, key or "fp32", numel)
 
         def ref_of(run: Run) -> Any:
             path, _ = self.source.optim[run.src_rank]
@@ -440,8 +442,8 @@ class ZeroRankFiles:
         assert isinstance(source, UniversalSource)
         torch = self.torch
         plan = self.plan
-        state_path, saved = source.optimizer_state[0]
-        model_path, model = source.model[0]
+        state_path, template = source.optim[0]
+        saved = template["optimizer_state_dict"]
         fp32, state = [], {}
         for group in plan.groups:
             part = group.partitions[rank]
@@ -460,11 +462,10 @@ class ZeroRankFiles:
             for key in ("exp_avg", "exp_avg_sq"):  # saved with the padding, as the fp32 is not
                 entry[key] = self._universal_flat(part, key, part.numel)
             state[group.index] = entry
-        groups = self._materialize(saved["param_groups"], state_path)
+        groups = self._materialize(source.optim.param_groups, state_path)
         base = {"state": state, "param_groups": groups}
-        common = {k: v for k, v in saved.items() if k != "param_groups"}
         osd: dict[str, Any] = {}
-        for key, value in common.items():
+        for key, value in saved.items():
             if key == "group_paddings":
                 value = list(plan.group_paddings[rank])
             elif key == "partition_count":
@@ -485,9 +486,8 @@ class ZeroRankFiles:
             for m in plan.slice_mappings[rank]
         ]
         return {
-            "optimizer_state_dict": osd,
-            "ds_config": self._materialize(model.get("ds_config"), model_path),
-            "ds_version": self._materialize(model.get("ds_version"), model_path),
+            k: (osd if k == "optimizer_state_dict" else self._materialize(v, state_path))
+            for k, v in template.items()
         }
 
     def _universal_flat(self, part: Partition, key: str, numel: int) -> Any:
