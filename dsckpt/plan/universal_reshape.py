@@ -110,13 +110,8 @@ def open_universal(layout: Layout) -> UniversalSource:
     """
     where = layout.dir
     info = layout.universal
-    if layout.pp > 1 or layout.tp > 1 or layout.kind == "pipeline":
-        raise UnsupportedLayout(
-            f"{where} is a universal checkpoint of a pipeline / tensor-parallel run (TP "
-            f"{layout.tp} x PP {layout.pp}): writing native pipeline files from it needs the "
-            "layer-to-stage split and the layer files' module state, which ds_to_universal does "
-            "not keep; reshape the native checkpoint instead, or resume with load_universal"
-        )
+    if layout.pp > 1 and layout.tp == 1:
+        raise UnsupportedLayout(_pipeline_refusal(layout))
     refuse_errors(layout)
     if info is None or layout.universal is None:
         raise InconsistentCheckpoint(f"{where}: the universal checkpoint could not be read")
@@ -188,16 +183,17 @@ def open_universal(layout: Layout) -> UniversalSource:
             f"{where / ZERO_DIR}: no fp32.pt for {', '.join(missing_fp32[:3])}: the fp32 "
             "master weights are nowhere else"
         )
+    _check_moments(where, names, states)
     steps = []
+    position = {n: i for i, n in enumerate(names)}
     for g, group in enumerate(groups):
-        members = [names.index(n) for n, _ in group.params]
-        _check_moments(where, g, [names[i] for i in members], states)
-        step_refs = [by_name[names[i]].step_ref for i in members if by_name.get(names[i])]
-        held = [r for r in step_refs if r is not None]
-        if not stage3 and states["exp_avg"][members[0]] is not None and not held:
+        members = [names[position[n]] for n, _ in group.params]
+        held = [by_name[n].step_ref for n in members if by_name[n].step_ref is not None]
+        if not stage3 and not held:
+            # (ZeRO-3: the step of each sub-group is in optimizer_state.pt's own state)
             raise UnsupportedLayout(
-                f"{where / ZERO_DIR}: group {g} has Adam moments but no step.pt as a tensor: "
-                "the optimizer's step count cannot be written as DeepSpeed saves it"
+                f"{where / ZERO_DIR}: no parameter of group {g} has a step.pt holding a "
+                "tensor: the optimizer's step count cannot be written as DeepSpeed saves it"
             )
         steps.append(held[0] if held else None)
     files = {f.name for f in layout.files}
@@ -234,7 +230,7 @@ def plan_universal(source: UniversalSource, dp: int) -> ReshapePlan:
         replace(group, partitions=tuple(_per_param(p, spans) for p in group.partitions))
         for group in plan.groups
     )
-    plan = replace(plan, groups=groups, source_dp=facts.dp)
+    plan = replace(plan, groups=groups, source_dp=facts.dp, run_sources=source.params)
     if facts.frozen:
         # ZeRO-3 frozen weights are not under zero/: the model files hold them in pieces at the
         # source's DP, re-split as a native reshape does.
@@ -372,21 +368,41 @@ def _state(param: UniversalParam | None, key: str) -> TensorRef | None:
     return None if param is None else param.states.get(key)
 
 
-def _check_moments(
-    where: Path, group: int, names: Sequence[str], states: Mapping[str, Sequence[Any]]
-) -> None:
-    """Adam's moments are kept per flat group: every parameter of a group has them, or none
-    (a fresh optimizer). Part of a group without them has no faithful native form."""
-    index = {n: i for i, n in enumerate(names)}
+def _check_moments(where: Path, names: Sequence[str], states: Mapping[str, Sequence[Any]]) -> None:
+    """Adam's moments of every trainable parameter: a native checkpoint keeps them for whole
+    flat groups, and resuming without them would silently restart Adam."""
     for key in MOMENTS:
-        held = [n for n in names if states[key][index[n]] is not None]
-        if held and len(held) != len(names):
-            lacking = [n for n in names if states[key][index[n]] is None]
+        lacking = [n for n, ref in zip(names, states[key], strict=True) if ref is None]
+        if lacking:
             raise UnsupportedLayout(
-                f"{where / ZERO_DIR}: group {group} has {key}.pt for some parameters but not "
-                f"for {', '.join(lacking[:3])}: a native checkpoint keeps it for the whole "
-                "group; run ds_to_universal again on the source checkpoint"
+                f"{where / ZERO_DIR}: no {key}.pt for {len(lacking)} trainable parameter(s) "
+                f"({', '.join(lacking[:3])}{', ...' if len(lacking) > 3 else ''}): a native "
+                "checkpoint needs the optimizer state of every parameter; run ds_to_universal "
+                "again (with --inject_missing_state) on the source checkpoint"
             )
+
+
+def _pipeline_refusal(layout: Layout) -> str:
+    """Why a pipeline run's universal checkpoint cannot become native pipeline files: what
+    those files hold that ds_to_universal did not keep."""
+    info = layout.universal
+    params = info.params if info is not None else ()
+    missing = [
+        "the layer files (each layer's module state, buffers included, and which layer index "
+        "holds a tied module)"
+    ]
+    cut = [p.name for p in params if p.vocab_rows is not None]
+    if cut:
+        missing.append(f"the vocabulary padding rows of {cut[0]}")
+    if any(p.name.startswith("tied_modules.") for p in params) and not (
+        info is not None and info.patterns.get("pipeline_replicated_parameter_patterns")
+    ):
+        missing.append("the first stage's copy of the tied modules")
+    return (
+        f"{layout.dir} is a universal checkpoint of a {layout.pp}-stage pipeline run: native "
+        f"pipeline files need {', '.join(missing)}, which ds_to_universal does not keep; "
+        "reshape the native checkpoint instead, or resume this one with load_universal"
+    )
 
 
 def _bf16(config: Any) -> bool:

@@ -167,6 +167,8 @@ class ReshapePlan:
     group_paddings: tuple[tuple[int, ...], ...] = ()
     slice_mappings: tuple[tuple[tuple[tuple[str, int, int], ...], ...], ...] = ()
     params_reordered: bool = False  # ZeRO-1/2 round robin: param_shapes order changes
+    # From a universal checkpoint, runs read parameters' own files: src_index names one of these.
+    run_sources: tuple[str, ...] = ()
 
     @property
     def param_groups(self) -> int:
@@ -183,15 +185,19 @@ class ReshapePlan:
                 else f"group {group.index}"
             )
             for part in group.partitions:
-                rows.append((label, part.rank, part.numel, part.padding, describe_runs(part.runs)))
+                runs = describe_runs(part.runs, names=self.run_sources)
+                rows.append((label, part.rank, part.numel, part.padding, runs))
         return rows
 
 
-def describe_runs(runs: Sequence[Run], limit: int = 4) -> str:
+def describe_runs(runs: Sequence[Run], limit: int = 4, names: Sequence[str] = ()) -> str:
+    """``r0[82:164]->0`` per run (source rank, its elements, where they go), or with ``names``
+    (a universal source: one file per parameter) ``fc1.weight[0:35]->9``."""
     if not runs:
         return "(all padding)"
     shown = [
-        f"r{r.src_rank}[{r.src_start}:{r.src_start + r.length}]->{r.dst_start}"
+        f"{names[r.src_index] if names else f'r{r.src_rank}'}"
+        f"[{r.src_start}:{r.src_start + r.length}]->{r.dst_start}"
         for r in runs[:limit]
     ]
     more = f" +{len(runs) - limit} more" if len(runs) > limit else ""

@@ -455,7 +455,7 @@ class ZeroRankFiles:
             fp32.append(master.requires_grad_(True))
             step = source.steps[group.index]
             if step is None:
-                continue  # no moments saved for the group: a fresh optimizer's (no state)
+                raise AssertionError("plan error: a ZeRO-1/2 group without its step tensor")
             # torch's Adam keeps `step` first, then the moments (the order a state dict shows).
             saved_step = Copy(0, ByteRange(step.path, step.offset, step.nbytes))
             entry = {"step": self.lazy.tensor(_torch_dtype(torch, step), step.shape, [saved_step])}
