@@ -536,6 +536,81 @@ def test_without_a_recorded_stage_the_optimizer_state_decides(tmp_path: Path) ->
     assert (result.plan.kind, result.plan.stage) == ("zero", 1)
 
 
+# --- to-fp32 --optimizer -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fmt", ["safetensors", "torch"])
+@pytest.mark.parametrize("name", UNIVERSAL)
+def test_optimizer_export_is_the_zero_folders_and_the_source_runs_state(
+    tmp_path: Path, name: str, fmt: str
+) -> None:
+    """Each ``<name>.exp_avg`` / ``.exp_avg_sq`` is the folder's file bit for bit, the steps
+    are its step.pt, and the whole export (groups, order, values) is the native export of
+    the fixture it was converted from, except what ds_to_universal itself changed: a pipeline's
+    tied position embeddings, taken from the last stage (see the fixture's manifest)."""
+    from safetensors import safe_open
+
+    from dsckpt.api.consolidation import consolidate
+
+    kind, source = facts("universal", name)["source"].split("/")
+    stale = {"tied_modules.embed.position_embeddings.weight"} if kind == "pipe" else set()
+    ours, theirs = tmp_path / "u", tmp_path / "n"
+    result = consolidate(ckpt("universal", name), ours, optimizer=True, optimizer_format=fmt)
+    consolidate(ckpt(kind, source), theirs, optimizer=True, optimizer_format=fmt)
+    assert result.optimizer is not None and result.optimizer.keys == ("exp_avg", "exp_avg_sq")
+    if fmt == "torch":
+        got = torch.load(ours / "optimizer.pt", weights_only=True)
+        native = torch.load(theirs / "optimizer.pt", weights_only=True)
+        assert got["param_groups"] == native["param_groups"]
+        assert got["state"].keys() == native["state"].keys()
+        for i, entry in got["state"].items():
+            assert entry.keys() == native["state"][i].keys()
+            for key, value in entry.items():
+                assert torch.equal(value, native["state"][i][key]) or stale, (i, key)
+        return
+    with (
+        safe_open(ours / "optimizer.safetensors", "pt") as f,
+        safe_open(theirs / "optimizer.safetensors", "pt") as g,
+    ):
+        assert list(f.keys()) == list(g.keys()) and len(f.keys()) > 0
+        meta, native_meta = f.metadata(), g.metadata()
+        for key in f.keys():
+            param, _, state = key.rpartition(".")
+            saved = torch.load(_tag_dir(name) / "zero" / param / f"{state}.pt", weights_only=True)
+            saved = saved["param"] if isinstance(saved, dict) else saved
+            assert torch.equal(f.get_tensor(key).view(-1), saved.view(-1)), key
+            if param not in stale:
+                assert torch.equal(f.get_tensor(key), g.get_tensor(key)), key
+    assert {k: v for k, v in meta.items() if k != "dsckpt.source"} == {
+        k: v for k, v in native_meta.items() if k != "dsckpt.source"
+    }
+    groups = json.loads(meta["dsckpt.optimizer.param_groups"])
+    for group in groups:
+        for param in group["params"]:
+            step_file = _tag_dir(name) / "zero" / param / "step.pt"
+            if step_file.exists():  # (ZeRO-3 sources keep it in optimizer_state.pt)
+                assert group["step"] == torch.load(step_file, weights_only=True).item()
+        assert group["step"] == facts("universal", name).get("global_steps", 3)
+
+
+@pytest.mark.parametrize(
+    ("damage", "text"),
+    [
+        (lambda t: (t / "zero" / "optimizer_state.pt").unlink(), "param groups are nowhere else"),
+        (lambda t: (t / "zero" / "fc1.bias" / "exp_avg.pt").unlink(), "fc1.bias/exp_avg.pt"),
+    ],
+    ids=["no-optimizer-state", "no-moment"],
+)
+def test_optimizer_export_refuses_what_the_folders_lack(cli, tmp_path: Path, damage, text) -> None:  # type: ignore[no-untyped-def]
+    root = _damaged(tmp_path, "u-z2-fp32-dp2", damage)
+    out = tmp_path / "out.safetensors"
+    result = cli("to-fp32", root, out, "--optimizer")
+    assert result.exit_code == 1, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and text in lines[0], result.stderr
+    assert not out.exists() and not (tmp_path / "out.optimizer.safetensors").exists()
+
+
 @pytest.mark.parametrize("name", ["u-z2-fp32-dp2", "u-p2t1d1-z1-fp32"])
 def test_show_map_says_there_are_no_ranks_to_map(cli, name: str) -> None:
     result = cli("show-map", ckpt("universal", name))
