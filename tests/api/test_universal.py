@@ -572,9 +572,10 @@ def test_optimizer_export_is_the_zero_folders_and_the_source_runs_state(
         safe_open(ours / "optimizer.safetensors", "pt") as f,
         safe_open(theirs / "optimizer.safetensors", "pt") as g,
     ):
-        assert list(f.keys()) == list(g.keys()) and len(f.keys()) > 0
+        keys = list(f.keys())
+        assert keys == list(g.keys()) and keys
         meta, native_meta = f.metadata(), g.metadata()
-        for key in f.keys():
+        for key in keys:
             param, _, state = key.rpartition(".")
             saved = torch.load(_tag_dir(name) / "zero" / param / f"{state}.pt", weights_only=True)
             saved = saved["param"] if isinstance(saved, dict) else saved
