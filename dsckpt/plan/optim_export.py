@@ -242,7 +242,8 @@ def _universal_groups(
                 if step is not None:
                     steps.add(step)
         if not stage3:
-            steps = {by_name[n].step for n in names if n in by_name and by_name[n].step is not None}
+            held = [by_name[n].step for n in names if n in by_name]
+            steps = {step for step in held if step is not None}
             if _round_robin(layout):
                 names = group_order(names, layout.dp, True)
         if len(steps) > 1:

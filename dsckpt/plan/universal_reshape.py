@@ -113,7 +113,7 @@ def open_universal(layout: Layout) -> UniversalSource:
     if layout.pp > 1 and layout.tp == 1:
         raise UnsupportedLayout(_pipeline_refusal(layout))
     refuse_errors(layout)
-    if info is None or layout.universal is None:
+    if info is None:
         raise InconsistentCheckpoint(f"{where}: the universal checkpoint could not be read")
     stage3 = layout.zero_stage == 3
     model_role = Role.ZERO3_MODEL if stage3 else Role.MODEL
@@ -185,10 +185,8 @@ def open_universal(layout: Layout) -> UniversalSource:
         )
     _check_moments(where, names, states)
     steps = []
-    position = {n: i for i, n in enumerate(names)}
     for g, group in enumerate(groups):
-        members = [names[position[n]] for n, _ in group.params]
-        held = [by_name[n].step_ref for n in members if by_name[n].step_ref is not None]
+        held = [by_name[n].step_ref for n, _ in group.params if by_name[n].step_ref is not None]
         if not stage3 and not held:
             # (ZeRO-3: the step of each sub-group is in optimizer_state.pt's own state)
             raise UnsupportedLayout(
@@ -425,8 +423,8 @@ def _optimizer_kind(
         return saved_kind, saved_stage
     types = config.get("data_types") if isinstance(config, Mapping) else None
     accum = types.get("grad_accum_dtype") if isinstance(types, Mapping) else None
-    offload = isinstance(zcfg, Mapping) and isinstance(zcfg.get("offload_optimizer"), Mapping)
-    offload = offload and zcfg["offload_optimizer"].get("device") not in (None, "none")
+    offload_cfg = zcfg.get("offload_optimizer") if isinstance(zcfg, Mapping) else None
+    offload = isinstance(offload_cfg, Mapping) and offload_cfg.get("device") not in (None, "none")
     bf16_optimizer = stage == 1 and _bf16(config) and accum in ("fp32", "float32") and not offload
     kind = "bf16_optimizer" if bf16_optimizer else "zero"
     if stage == 0 or (kind, stage) != (saved_kind, saved_stage):

@@ -408,14 +408,14 @@ class ZeroRankFiles:
     ) -> Any:
         """One target partition of the fp32 master (``key`` None) or of optimizer state ``key``,
         ``length`` elements long (default: the whole partition, padding included)."""
+        numel = part.numel if length is None else length
+        if isinstance(self.source, UniversalSource):
+            return self._universal_flat(part, key or "fp32", numel)
         probe = (
             self._src_fp32(0, group.sources[0])
             if key is None
             else self._source_state(0, group.sources[0])[key]
         )
-        numel = part.numel if length is None else length
-        if isinstance(self.source, UniversalSource):
-            return self._universal_flat(part, key or "fp32", numel)
 
         def ref_of(run: Run) -> Any:
             path, _ = self.source.optim[run.src_rank]
