@@ -302,9 +302,35 @@ class _OptimizerTemplate(Mapping[int, tuple[Path, Any]]):
         return 1
 
 
+# What ds_to_universal leaves out of a ZeRO-1/2 optimizer_state.pt (the entries cut per rank):
+# the writer makes them for the new size, so a file holding them is not its output.
+SHARDED_KEYS = ("base_optimizer_state", "single_partition_of_fp32_groups", "param_slice_mappings")
+
+
 def _zero12_groups(
     groups_shapes: Sequence[Any], saved: Mapping[str, Any], state_path: Path
 ) -> list[SourceGroup]:
+    """The flat groups as ``param_shapes`` lists them, one per torch param group, with the
+    alignment pads ``optimizer_state.pt`` records."""
+    sharded = [k for k in SHARDED_KEYS if k in saved]
+    if sharded:
+        raise UnsupportedLayout(
+            f"{state_path} holds per-rank entries ({', '.join(sharded)}) ds_to_universal "
+            "leaves out: it is not ds_to_universal's output; convert the native checkpoint again"
+        )
+    param_groups = saved.get("param_groups")
+    expected = [[g] for g in range(len(groups_shapes))]
+    listed = (
+        [list(g.get("params") or []) for g in param_groups if isinstance(g, Mapping)]
+        if isinstance(param_groups, (list, tuple))
+        else None
+    )
+    if listed != expected:
+        raise InconsistentCheckpoint(
+            f"{state_path}: `param_groups` lists {listed} where the model files' "
+            f"`param_shapes` has {len(groups_shapes)} flat group(s) ({expected} for ZeRO-1/2): "
+            "the file belongs to another checkpoint"
+        )
     groups = []
     aligns = saved.get("param_alignment_paddings")
     for g, shapes in enumerate(groups_shapes):

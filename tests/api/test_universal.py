@@ -508,7 +508,30 @@ def _drop_optimizer_state(tag: Path) -> None:
     (tag / "zero" / "optimizer_state.pt").unlink()
 
 
+def _optimizer_state(tag: Path) -> dict:
+    """zero/optimizer_state.pt loaded with torch: it pickles DeepSpeed's classes, so this needs
+    DeepSpeed (test-only; the case is skipped without it)."""
+    pytest.importorskip("deepspeed")
+    return torch.load(tag / "zero" / "optimizer_state.pt", weights_only=False)
+
+
+def _one_param_group(tag: Path) -> None:
+    path = tag / "zero" / "optimizer_state.pt"
+    state = _optimizer_state(tag)
+    state["param_groups"] = state["param_groups"][:1]
+    torch.save(state, path)
+
+
+def _sharded_entry(tag: Path) -> None:
+    path = tag / "zero" / "optimizer_state.pt"
+    state = _optimizer_state(tag)
+    state["single_partition_of_fp32_groups"] = [torch.zeros(3)]
+    torch.save(state, path)
+
+
 REFUSED = {
+    "param-groups-disagree": ("u-z2-fp32-dp2", _one_param_group, "`param_groups` lists [[0]]"),
+    "sharded-entries": ("u-z2-fp32-dp2", _sharded_entry, "single_partition_of_fp32_groups"),
     "stage-disagrees": ("u-z2-fp32-dp2", _set_stage(1), "ds_config describes ZeRO stage 1"),
     "bf16-optimizer-disagrees": ("u-z1-bf16-dp2", _set_stage(2), "written by BF16_Optimizer"),
     "missing-moment": ("u-z2-fp32-dp2", _drop_moment, "no exp_avg_sq.pt for 1 trainable"),
