@@ -551,6 +551,21 @@ def test_reshape_refuses_what_it_cannot_write_faithfully(cli, tmp_path: Path, ca
     assert not (tmp_path / "out").exists() and _digest(root) == before
 
 
+def test_reshape_output_inside_the_checkpoint_or_existing_is_refused(cli, tmp_path: Path) -> None:
+    root = tmp_path / "ckpt"
+    shutil.copytree(ckpt("universal", "u-z2-fp32-dp2"), root)
+    before = _digest(root)
+    inside = root / facts("universal", "u-z2-fp32-dp2")["tag"] / "zero" / "out"
+    result = cli("reshape", root, inside, "--dp", "3")
+    assert result.exit_code == 1 and not inside.exists(), result.output
+    assert cli("reshape", root, tmp_path / "out", "--dp", "3").exit_code == 0
+    again = cli("reshape", root, tmp_path / "out", "--dp", "2")
+    assert again.exit_code == 1 and "--force" in again.stderr, again.output
+    assert cli("reshape", root, tmp_path / "out", "--dp", "2", "--force").exit_code == 0
+    ranks = sorted(p.name for p in (tmp_path / "out").rglob("*optim_states.pt"))
+    assert len(ranks) == 2 and _digest(root) == before
+
+
 def test_without_a_recorded_stage_the_optimizer_state_decides(tmp_path: Path) -> None:
     from dsckpt.api.reshaping import reshape
 
