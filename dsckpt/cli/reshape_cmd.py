@@ -63,7 +63,8 @@ def reshape(
     ] = False,
 ) -> None:
     """Reshape a checkpoint to new degrees (ZeRO 1/2/3: --dp; Megatron pipelines: --tp, --pp,
-    --dp together): weights, optimizer state and counters, loadable by unmodified DeepSpeed."""
+    --dp together; a universal checkpoint: --dp, written as native ZeRO files): weights,
+    optimizer state and counters, loadable by unmodified DeepSpeed."""
     invocation = dict(locals())  # the parameters, for --workers to run this again
     from dsckpt.api.reshaping import reshape as run
     from dsckpt.render import reshape_json, reshape_line, to_json
