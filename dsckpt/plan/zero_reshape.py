@@ -603,8 +603,8 @@ def open_source(ckpt: Path | str | Layout, tag: str | None = None) -> Source:
     where = layout.dir
     if layout.kind == "universal":
         raise UnsupportedLayout(
-            f"{where} is a DeepSpeed universal checkpoint: DeepSpeed already loads those at any "
-            "DP size (checkpoint.load_universal); reshape reads native checkpoints"
+            f"{where} is a DeepSpeed universal checkpoint: this planner reads native rank files; "
+            "`reshape()` (the `dsckpt reshape` command) takes it to dsckpt.plan.universal_reshape"
         )
     if layout.kind == "pipeline" or layout.pp > 1 or layout.tp > 1:
         raise UnsupportedLayout(
