@@ -2,9 +2,11 @@
 
 ZeRO checkpoints without model parallelism are planned by :mod:`dsckpt.plan.zero_reshape`
 (``--dp``); pipeline / Megatron-DeepSpeed checkpoints by :mod:`dsckpt.plan.pipeline_reshape`
-(``--tp``, ``--pp``, ``--dp`` together). Either way the rank files become a write plan
-(:mod:`dsckpt.execute.formats.deepspeed_files`, :mod:`dsckpt.execute.formats.pipeline_files`)
-that the one executor writes (:func:`dsckpt.execute.checkpoint_dir.write_tag_directory`).
+(``--tp``, ``--pp``, ``--dp`` together); universal checkpoints (``ds_to_universal``) by
+:mod:`dsckpt.plan.universal_reshape` (``--dp``: native ZeRO files, the same writer). Either
+way the rank files become a write plan (:mod:`dsckpt.execute.formats.deepspeed_files`,
+:mod:`dsckpt.execute.formats.pipeline_files`) that the one executor writes
+(:func:`dsckpt.execute.checkpoint_dir.write_tag_directory`).
 """
 
 from __future__ import annotations
@@ -45,7 +47,8 @@ def reshape(
     ``engine.load_checkpoint(out)``: ``out/latest`` names the source tag, ``out/<tag>/`` holds
     the rank files. Nothing is written on a dry run or on any error; the input is never modified.
     Pipeline / Megatron checkpoints go to :func:`reshape_pipeline` (any of
-    ``tp``, ``pp``, ``dp``); ZeRO checkpoints without model parallelism take ``dp`` only.
+    ``tp``, ``pp``, ``dp``); ZeRO checkpoints without model parallelism take ``dp`` only, and so
+    do universal checkpoints (:func:`reshape_universal`), written as native ZeRO files.
 
     Raises:
         UsageError, InconsistentCheckpoint, UnsupportedLayout, OutputError: one line each.
