@@ -26,6 +26,7 @@ two disagree the reshape is refused: the files would not load into the run that 
 
 from __future__ import annotations
 
+import bisect
 import os
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
@@ -224,8 +225,11 @@ def plan_universal(source: UniversalSource, dp: int) -> ReshapePlan:
     virtual = replace(facts, dp=1, frozen=()) if facts.kind == "zero3" else facts
     plan = plan_from_facts(virtual, dp)
     spans = flat_spans(virtual, source.params)
+    # Each group's span ends, to find a run's first parameter by bisection: planning stays
+    # linear in ranks + parameters (a thousand ranks over tens of thousands of parameters).
+    ends = [[s.start + s.numel for s in group] for group in spans]
     groups = tuple(
-        replace(group, partitions=tuple(_per_param(p, spans) for p in group.partitions))
+        replace(group, partitions=tuple(_per_param(p, spans, ends) for p in group.partitions))
         for group in plan.groups
     )
     plan = replace(plan, groups=groups, source_dp=facts.dp, run_sources=source.params)
@@ -256,7 +260,9 @@ def flat_spans(facts: SourceFacts, params: Sequence[str]) -> list[list[ParamSpan
     return out
 
 
-def _per_param(part: Partition, spans: Sequence[Sequence[ParamSpan]]) -> Partition:
+def _per_param(
+    part: Partition, spans: Sequence[Sequence[ParamSpan]], ends: Sequence[Sequence[int]]
+) -> Partition:
     """``part`` with each run over a virtual flat buffer split into runs over the parameters
     it crosses; the alignment pads between parameters are left to the zeros."""
     runs: list[Run] = []
@@ -264,10 +270,15 @@ def _per_param(part: Partition, spans: Sequence[Sequence[ParamSpan]]) -> Partiti
         if run.src_rank != 0:
             raise AssertionError("plan error: a universal source has one virtual rank")
         lo, hi = run.src_start, run.src_start + run.length
-        for span in spans[run.src_index]:
+        group = spans[run.src_index]
+        # from the first parameter ending after `lo`, on while they start before `hi`
+        i = bisect.bisect_right(ends[run.src_index], lo)
+        while i < len(group) and group[i].start < hi:
+            span = group[i]
             a, b = max(lo, span.start), min(hi, span.start + span.numel)
             if a < b:
                 runs.append(Run(0, span.index, a - span.start, b - a, run.dst_start + a - lo))
+            i += 1
     return replace(part, runs=tuple(runs))
 
 
