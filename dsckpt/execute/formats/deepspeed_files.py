@@ -495,7 +495,12 @@ class ZeroRankFiles:
         elements, cut from the parameters' ``zero/<name>/<key>.pt`` tensors."""
         source = self.source
         assert isinstance(source, UniversalSource)
-        refs = source.states[key]
+        refs = source.states.get(key)
+        if refs is None:
+            raise UnsupportedLayout(
+                f"{source.layout.dir}: the optimizer keeps state {key!r} per element, which "
+                "ds_to_universal's folders do not hold (only fp32, exp_avg and exp_avg_sq)"
+            )
 
         def ref_of(run: Run) -> Any:
             ref = refs[run.src_index]
