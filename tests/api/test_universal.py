@@ -529,7 +529,16 @@ def _sharded_entry(tag: Path) -> None:
     torch.save(state, path)
 
 
+def _amsgrad_state(tag: Path) -> None:
+    path = tag / "zero" / "optimizer_state.pt"
+    state = _optimizer_state(tag)
+    entry = state["optimizer_state_dict"]["state"][0]
+    entry["max_exp_avg_sq"] = entry["exp_avg_sq"].clone()
+    torch.save(state, path)
+
+
 REFUSED = {
+    "state-without-folders": ("u-z3-fp32-dp2", _amsgrad_state, "'max_exp_avg_sq' per element"),
     "param-groups-disagree": ("u-z2-fp32-dp2", _one_param_group, "`param_groups` lists [[0]]"),
     "sharded-entries": ("u-z2-fp32-dp2", _sharded_entry, "single_partition_of_fp32_groups"),
     "stage-disagrees": ("u-z2-fp32-dp2", _set_stage(1), "ds_config describes ZeRO stage 1"),
