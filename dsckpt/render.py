@@ -317,6 +317,8 @@ def reshape_line(result: Any, empty_ranks: int = 0) -> str:
     if not hasattr(plan, "src"):
         kind = {"zero": f"ZeRO-{plan.stage}", "bf16_optimizer": "BF16_Optimizer (ZeRO-1)",
                 "zero3": "ZeRO-3"}[plan.kind]  # fmt: skip
+        if getattr(result, "from_universal", False):
+            kind = f"universal checkpoint -> native {kind}"
         move = (
             f"{kind} resharded from DP {src['dp']} to DP {dst['dp']}"
             if result.written
@@ -876,7 +878,8 @@ def zero_reshape_table(plan: Any) -> Table:
     table.add_column("rank", justify="right")
     table.add_column("elements", justify="right")
     table.add_column("padding", justify="right")
-    table.add_column(Text("from: source rank[elements]->offset"), overflow="fold")
+    origin = "zero/<parameter>" if plan.run_sources else "source rank"
+    table.add_column(Text(f"from: {origin}[elements]->offset"), overflow="fold")
     for group, rank, numel, padding, sources in plan.rows():
         _row(table, group, str(rank), str(numel), str(padding), sources)
     if plan.frozen:

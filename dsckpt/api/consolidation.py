@@ -166,7 +166,7 @@ def consolidate(
         check_optimizer_options(optimizer_format, from_layers)
     layout = open_checkpoint(ckpt, tag, step)
     _refuse_inside(out, layout)
-    if optimizer and layout.kind != "universal":  # universal: refused by the weights' plan
+    if optimizer and layout.kind != "universal":  # universal: zero/ holds the state per name
         refuse_without_state(layout)
     from dsckpt.api import hf as hf_folder  # it builds on this module
 

@@ -2,9 +2,11 @@
 
 ZeRO checkpoints without model parallelism are planned by :mod:`dsckpt.plan.zero_reshape`
 (``--dp``); pipeline / Megatron-DeepSpeed checkpoints by :mod:`dsckpt.plan.pipeline_reshape`
-(``--tp``, ``--pp``, ``--dp`` together). Either way the rank files become a write plan
-(:mod:`dsckpt.execute.formats.deepspeed_files`, :mod:`dsckpt.execute.formats.pipeline_files`)
-that the one executor writes (:func:`dsckpt.execute.checkpoint_dir.write_tag_directory`).
+(``--tp``, ``--pp``, ``--dp`` together); universal checkpoints (``ds_to_universal``) by
+:mod:`dsckpt.plan.universal_reshape` (``--dp``: native ZeRO files, the same writer). Either
+way the rank files become a write plan (:mod:`dsckpt.execute.formats.deepspeed_files`,
+:mod:`dsckpt.execute.formats.pipeline_files`) that the one executor writes
+(:func:`dsckpt.execute.checkpoint_dir.write_tag_directory`).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from dsckpt.execute.formats.pipeline_files import PipelineRankFiles
 from dsckpt.execute.progress import ProgressSink
 from dsckpt.plan.maps import check_degrees
 from dsckpt.plan.pipeline_reshape import PipelineReshapeResult, plan_pipeline
+from dsckpt.plan.universal_reshape import open_universal, plan_universal
 from dsckpt.plan.zero_reshape import ReshapeResult, extra_entries, location_of, plan_reshape
 
 
@@ -44,7 +47,8 @@ def reshape(
     ``engine.load_checkpoint(out)``: ``out/latest`` names the source tag, ``out/<tag>/`` holds
     the rank files. Nothing is written on a dry run or on any error; the input is never modified.
     Pipeline / Megatron checkpoints go to :func:`reshape_pipeline` (any of
-    ``tp``, ``pp``, ``dp``); ZeRO checkpoints without model parallelism take ``dp`` only.
+    ``tp``, ``pp``, ``dp``); ZeRO checkpoints without model parallelism take ``dp`` only, and so
+    do universal checkpoints (:func:`reshape_universal`), written as native ZeRO files.
     Mixture-of-experts ZeRO-1/2 checkpoints keep their expert-parallel sizes: ``dp`` must be a
     multiple of each, and the expert groups are re-split over ``dp / ep`` ranks.
 
@@ -53,6 +57,17 @@ def reshape(
     """
     check_degrees(dp=dp, tp=tp, pp=pp)
     layout = open_checkpoint(ckpt, tag)
+    if layout.kind == "universal":
+        if (tp or 1) != 1 or (pp or 1) != 1 or rules_file is not None:
+            raise UnsupportedLayout(
+                f"{layout.dir} is a universal checkpoint: reshape writes it as a native ZeRO "
+                "checkpoint at a new DP size (--dp only); TP/PP/rules do not apply"
+            )
+        if dp is None:
+            raise UsageError("give a target degree: --dp N (the native checkpoint's DP size)")
+        return reshape_universal(
+            layout, out, dp=dp, force=force, dry_run=dry_run, progress=progress
+        )
     if layout.kind == "pipeline":
         return reshape_pipeline(
             layout,
@@ -106,6 +121,46 @@ def reshape_zero(
         progress=progress,
         description=f"reshape to DP {plan.dp}",
         extras_from=source.layout.dir,
+        extras=[p.name for p in source.extra_files],
+    )
+    result.files = [f.name.partition("/")[2] for f in write_plan.files if f.name != "latest"]
+    result.files += written.copied
+    result.skipped, result.nbytes = written.skipped, written.nbytes
+    result.written = True
+    return result
+
+
+def reshape_universal(
+    layout: Layout,
+    out: Path | str,
+    *,
+    dp: int,
+    force: bool = False,
+    dry_run: bool = False,
+    progress: ProgressSink | None = None,
+) -> ReshapeResult:
+    """Write the universal checkpoint ``layout`` as a native ZeRO checkpoint for ``dp`` ranks
+    (:mod:`dsckpt.plan.universal_reshape`): what DeepSpeed would have saved at that size, so a
+    plain ``engine.load_checkpoint(out)`` resumes it without ``load_universal``."""
+    source = open_universal(layout)
+    plan = plan_universal(source, dp)
+    out = Path(out)
+    check_reshape_output(layout, out, force)
+    result = ReshapeResult(
+        plan=plan, source=layout.dir, out=out, tag=source.tag, written=False, from_universal=True
+    )
+    if dry_run:
+        result.plan_files = lambda: ZeroRankFiles(source, plan).write_plan()
+        return result
+    write_plan = ZeroRankFiles(source, plan).write_plan()
+    written = write_tag_directory(
+        write_plan,
+        out,
+        source.tag,
+        force=force,
+        progress=progress,
+        description=f"universal to native DP {plan.dp}",
+        extras_from=layout.dir,
         extras=[p.name for p in source.extra_files],
     )
     result.files = [f.name.partition("/")[2] for f in write_plan.files if f.name != "latest"]

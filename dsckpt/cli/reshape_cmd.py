@@ -63,8 +63,9 @@ def reshape(
     ] = False,
 ) -> None:
     """Reshape a checkpoint to new degrees (ZeRO 1/2/3: --dp; mixture-of-experts ZeRO 1/2: --dp,
-    expert parallelism kept; Megatron pipelines: --tp, --pp, --dp together): weights, optimizer
-    state and counters, loadable by unmodified DeepSpeed."""
+    expert parallelism kept; Megatron pipelines: --tp, --pp, --dp together; a universal
+    checkpoint: --dp, written as native ZeRO files): weights, optimizer state and counters,
+    loadable by unmodified DeepSpeed."""
     invocation = dict(locals())  # the parameters, for --workers to run this again
     from dsckpt.api.reshaping import reshape as run
     from dsckpt.render import reshape_json, reshape_line, to_json

@@ -65,6 +65,7 @@ class UniversalParam:
     step: float | int | None = None
     bytes_on_disk: int = 0
     vocab_rows: int | None = None  # rows kept of a vocabulary tensor saved without padding
+    step_ref: TensorRef | None = None  # step.pt's tensor, when saved as one (copied by reshape)
 
 
 @dataclass(frozen=True)
@@ -426,6 +427,7 @@ class _Universal:
     ) -> UniversalParam:
         states: dict[str, TensorRef] = {}
         step: float | int | None = None
+        step_ref: TensorRef | None = None
         size = 0
         vocab: set[int | None] = set()
         unsupported: list[str] = []
@@ -447,6 +449,7 @@ class _Universal:
                 raw = load_saved(path)
                 if key == "step":
                     step = self._step(raw, At(path))
+                    step_ref = tensor_ref(path, raw) if isinstance(raw, SavedTensor) else None
                 else:
                     states[key], rows = self._state_tensor(raw, At(path), shape)
                     vocab.add(rows)
@@ -487,7 +490,7 @@ class _Universal:
                 "cannot resume Adam from it",
             )
         rows = next(iter(vocab)) if len(vocab) == 1 else None
-        return UniversalParam(name, shape, trainable, states, step, size, rows)
+        return UniversalParam(name, shape, trainable, states, step, size, rows, step_ref)
 
     def _state_tensor(
         self, raw: Any, at: At, shape: tuple[int, ...]

@@ -18,10 +18,12 @@ from typing import Any
 
 from dsckpt.discover.files import Role
 from dsckpt.discover.layout import Layout
+from dsckpt.discover.universal import OPTIMIZER_STATE_FILE, ZERO_DIR
 from dsckpt.errors import InconsistentCheckpoint, UnsupportedLayout
 from dsckpt.io.load import read_scalar, tensor_ref
 from dsckpt.io.unpickle import SavedTensor, load_saved
 from dsckpt.plan.consolidation import ConsolidationPlan, OutputTensor
+from dsckpt.plan.model import Read
 from dsckpt.plan.optim_state import GroupState, plan_optimizer_state
 from dsckpt.plan.zero_reshape import group_order
 
@@ -108,6 +110,8 @@ def plan_optimizer_export(layout: Layout, master: ConsolidationPlan) -> Optimize
         InconsistentCheckpoint: the ranks disagree on a parameter's group, hyper-parameters
             or step, or a trainable parameter has no state.
     """
+    if layout.kind == "universal":
+        return _universal_export(layout, master)
     refuse_without_state(layout)
     state = plan_optimizer_state(layout, master)
     if not state.keys:
@@ -141,6 +145,129 @@ def plan_optimizer_export(layout: Layout, master: ConsolidationPlan) -> Optimize
     )
 
 
+UNIVERSAL_KEYS = ("exp_avg", "exp_avg_sq")
+
+
+def _universal_export(layout: Layout, master: ConsolidationPlan) -> OptimizerExport:
+    """A universal checkpoint's optimizer state: each parameter's ``zero/<name>/exp_avg.pt``
+    and ``exp_avg_sq.pt`` as they are (already whole), the step of its ``step.pt`` (ZeRO-3
+    sources keep it per sub-group in ``zero/optimizer_state.pt``), and the param groups that
+    file holds (ds_to_universal's copy of the torch optimizer's ``param_groups``).
+
+    Raises:
+        InconsistentCheckpoint: a trainable parameter lacks a moment or a step, or the steps
+            of one param group disagree.
+        UnsupportedLayout: ``zero/optimizer_state.pt`` is missing (its groups are nowhere else).
+    """
+    info = layout.universal
+    assert info is not None
+    state_path = layout.dir / ZERO_DIR / OPTIMIZER_STATE_FILE
+    if not state_path.is_file() or state_path.is_symlink():
+        raise UnsupportedLayout(
+            f"{state_path} is missing: the optimizer's param groups are nowhere else; convert "
+            "the weights without --optimizer, or copy the file from the ds_to_universal output"
+        )
+    saved = load_saved(state_path)
+    by_name = info.by_name()
+    frozen = tuple(t.name for t in layout.tensors if t.kind == "frozen")
+    trainable = [t for t in layout.tensors if t.kind == "trainable"]
+    written = {t.name: t for t in master.tensors}
+    tensors: list[OutputTensor] = []
+    lacking = []
+    for entry in trainable:
+        param, out = by_name.get(entry.name), written.get(entry.name)
+        if param is None or out is None:
+            continue  # not written with the weights (nothing to pair it with)
+        for key in UNIVERSAL_KEYS:
+            ref = param.states.get(key)
+            if ref is None:
+                lacking.append(f"{entry.name}/{key}.pt")
+                continue
+            reads = (Read(ref, 0, ref.numel, 0),)
+            tensors.append(OutputTensor(f"{entry.name}.{key}", out.shape, ref.dtype, reads))
+    if lacking:
+        raise InconsistentCheckpoint(
+            f"{layout.dir / ZERO_DIR}: no {', '.join(lacking[:3])}"
+            f"{f' and {len(lacking) - 3} more' if len(lacking) > 3 else ''}: ds_to_universal "
+            "writes the moments of every parameter that received a gradient; convert the "
+            "weights without --optimizer, or run ds_to_universal again"
+        )
+    groups = _universal_groups(layout, saved, state_path, [t.name for t in trainable])
+    with_state = {t.name.rpartition(".")[0] for t in tensors}
+    return OptimizerExport(
+        plan=ConsolidationPlan(
+            tensors=tuple(tensors),
+            source="optimizer state (exp_avg, exp_avg_sq) from the universal checkpoint's zero/",
+        ),
+        keys=UNIVERSAL_KEYS,
+        groups=groups,
+        parameters=_parameter_order(layout, master, with_state, frozen),
+        frozen=tuple(dict.fromkeys(frozen)),
+    )
+
+
+def _universal_groups(
+    layout: Layout, saved: Any, state_path: Any, trainable: list[str]
+) -> tuple[ParamGroup, ...]:
+    """The torch param groups: hyper-parameters from ``optimizer_state.pt``, members from the
+    flat groups (``param_shapes``; ZeRO-3 sub-groups joined by the groups' ``params``), steps
+    from the folders (ZeRO-1/2) or the sub-groups' saved state (ZeRO-3)."""
+    info = layout.universal
+    assert info is not None
+    groups = saved.get("param_groups") if isinstance(saved, Mapping) else None
+    if not isinstance(groups, (list, tuple)) or not all(isinstance(g, Mapping) for g in groups):
+        raise InconsistentCheckpoint(f"{state_path}: `param_groups` is not a list of groups")
+    flat: dict[int, list[str]] = {}
+    for entry in layout.tensors:
+        if entry.kind == "trainable" and entry.group is not None:
+            flat.setdefault(entry.group, []).append(entry.name)
+    by_name = info.by_name()
+    stage3 = layout.zero_stage == 3
+    sub_state: Any = {}
+    if stage3:
+        osd = saved.get("optimizer_state_dict")
+        sub_state = osd.get("state") if isinstance(osd, Mapping) else None
+        sub_state = sub_state if isinstance(sub_state, Mapping) else {}
+    out = []
+    for g, group in enumerate(groups):
+        members = list(group.get("params") or []) if stage3 else [g]
+        names: list[str] = []
+        steps: set[float | int] = set()
+        for index in members:
+            names += flat.get(int(index), [])
+            if stage3:
+                step = (sub_state.get(index) or {}).get("step")
+                if isinstance(step, SavedTensor):
+                    step = read_scalar(tensor_ref(state_path, step))
+                if step is not None:
+                    steps.add(step)
+        if not stage3:
+            held = [by_name[n].step for n in names if n in by_name]
+            steps = {step for step in held if step is not None}
+            if _round_robin(layout):
+                names = group_order(names, layout.dp, True)
+        if len(steps) > 1:
+            raise InconsistentCheckpoint(
+                f"{state_path}: optimizer param group {g} holds parameters at different steps "
+                f"({sorted(steps)}): the folders come from different conversions"
+            )
+        options = {}
+        for key, value in group.items():
+            if key == "params":
+                continue
+            if isinstance(value, SavedTensor):  # a tensor lr (capturable optimizers)
+                value = read_scalar(tensor_ref(state_path, value))
+            options[key] = value
+        out.append(ParamGroup(options, tuple(names), next(iter(steps)) if steps else None))
+    listed = [n for group in out for n in group.params]
+    if sorted(listed) != sorted(trainable):
+        raise InconsistentCheckpoint(
+            f"{state_path}: its {len(groups)} param group(s) do not cover the trainable "
+            "parameters the model files list exactly once: the file is not this checkpoint's"
+        )
+    return tuple(out)
+
+
 def refuse_without_state(layout: Layout) -> None:
     """Refuse, before any planning, a checkpoint that keeps no optimizer state per parameter.
 
@@ -166,7 +293,8 @@ def refuse_without_state(layout: Layout) -> None:
 def _round_robin(layout: Layout) -> bool:
     """Whether ZeRO-1/2 ``round_robin_gradients`` reordered the flat groups: their order (and
     ``param_shapes``) is then not the order the parameters were given to the optimizer."""
-    if layout.kind != "zero" or layout.optimizer != "zero":
+    universal = layout.kind == "universal" and layout.zero_stage in (1, 2)
+    if not universal and (layout.kind != "zero" or layout.optimizer != "zero"):
         return False
     files = [f for f in layout.files if f.role is Role.MODEL]
     if not files:

@@ -186,6 +186,8 @@ class ReshapePlan:
     params_reordered: bool = False  # ZeRO-1/2 round robin: param_shapes order changes
     # MoE: the expert-parallel sizes (one per EP size in use, ascending), unchanged by a reshape.
     ep_sizes: tuple[int, ...] = ()
+    # From a universal checkpoint, runs read parameters' own files: src_index names one of these.
+    run_sources: tuple[str, ...] = ()
 
     @property
     def param_groups(self) -> int:
@@ -204,15 +206,19 @@ class ReshapePlan:
             if group.ep > 1 or group.label:
                 label += f" ({group.label or 'experts'}, EP {group.ep})"
             for part in group.partitions:
-                rows.append((label, part.rank, part.numel, part.padding, describe_runs(part.runs)))
+                runs = describe_runs(part.runs, names=self.run_sources)
+                rows.append((label, part.rank, part.numel, part.padding, runs))
         return rows
 
 
-def describe_runs(runs: Sequence[Run], limit: int = 4) -> str:
+def describe_runs(runs: Sequence[Run], limit: int = 4, names: Sequence[str] = ()) -> str:
+    """``r0[82:164]->0`` per run (source rank, its elements, where they go), or with ``names``
+    (a universal source: one file per parameter) ``fc1.weight[0:35]->9``."""
     if not runs:
         return "(all padding)"
     shown = [
-        f"r{r.src_rank}[{r.src_start}:{r.src_start + r.length}]->{r.dst_start}"
+        f"{names[r.src_index] if names else f'r{r.src_rank}'}"
+        f"[{r.src_start}:{r.src_start + r.length}]->{r.dst_start}"
         for r in runs[:limit]
     ]
     more = f" +{len(runs) - limit} more" if len(runs) > limit else ""
@@ -664,8 +670,8 @@ def open_source(ckpt: Path | str | Layout, tag: str | None = None) -> Source:
     where = layout.dir
     if layout.kind == "universal":
         raise UnsupportedLayout(
-            f"{where} is a DeepSpeed universal checkpoint: DeepSpeed already loads those at any "
-            "DP size (checkpoint.load_universal); reshape reads native checkpoints"
+            f"{where} is a DeepSpeed universal checkpoint: this planner reads native rank files; "
+            "`reshape()` (the `dsckpt reshape` command) takes it to dsckpt.plan.universal_reshape"
         )
     if layout.kind == "pipeline" or layout.pp > 1 or layout.tp > 1:
         raise UnsupportedLayout(
@@ -986,6 +992,7 @@ class ReshapeResult:
     files: list[str] = field(default_factory=list)
     nbytes: int = 0
     skipped: list[str] = field(default_factory=list)  # tag-directory entries not copied
+    from_universal: bool = False  # the source was a universal checkpoint (ds_to_universal)
     # Plans every output file on demand (a dry run does not, unless asked: --dry-run --json).
     plan_files: Callable[[], Any] | None = field(default=None, repr=False, compare=False)
 
@@ -998,6 +1005,8 @@ class ReshapeResult:
         if self.plan.ep_sizes:
             sizes = ", ".join(str(e) for e in self.plan.ep_sizes)
             what += f" MoE (expert parallelism {sizes} kept)"
+        if self.from_universal:
+            what = f"universal checkpoint -> native {what}"
         if not self.written:
             return (
                 f"dry run: {what} DP {self.plan.source_dp} -> {self.plan.dp}; nothing written "

@@ -215,15 +215,25 @@ def _rel(a: Any, b: Any) -> float:
 @pytest.mark.slow
 @pytest.mark.parametrize(("config", "a", "b"), CASES, ids=[f"{c}-{a}to{b}" for c, a, b in CASES])
 def test_resumed_run_continues_like_uninterrupted(runs: Runs, config: str, a: int, b: int) -> None:
-    import torch
-
     dtype = CONFIGS[config][3]
     at_a, at_b = runs.baseline(config, a), runs.baseline(config, b)
     resumed = runs.resumed(config, a, b)
     assert resumed["global_steps"] == K + M
+    assert_continues_uninterrupted(resumed, at_a, at_b, K, dtype, f"{config} {a}->{b}")
+
+
+def assert_continues_uninterrupted(
+    resumed: dict[str, Any], at_a: dict[str, Any], at_b: dict[str, Any], k: int, dtype: str,
+    label: str,
+) -> None:  # fmt: skip
+    """The resumed run's losses and final fp32 masters against the uninterrupted runs at the
+    source size A and the target size B (steps ``k+1..``), within their measured drift (also
+    used by tests/api/test_universal_reshape_resume.py)."""
+    import torch
+
     # The same losses: steps K+1..K+M of the uninterrupted runs at both sizes.
-    expected_b = torch.tensor(at_b["losses"][K:])
-    expected_a = torch.tensor(at_a["losses"][K:])
+    expected_b = torch.tensor(at_b["losses"][k:])
+    expected_a = torch.tensor(at_a["losses"][k:])
     got = torch.tensor(resumed["losses"])
     rel_b, rel_a = _rel(got, expected_b), _rel(got, expected_a)
     # Tolerances are measured, not guessed. The uninterrupted runs at A and at B differ only by
@@ -245,7 +255,7 @@ def test_resumed_run_continues_like_uninterrupted(runs: Runs, config: str, a: in
     err_b = _max_abs(resumed["weights"], at_b["weights"])
     err_a = _max_abs(resumed["weights"], at_a["weights"])
     print(
-        f"\n{config} {a}->{b}: loss rel err vs B {rel_b:.2e}, vs A {rel_a:.2e} (A-vs-B "
+        f"\n{label}: loss rel err vs B {rel_b:.2e}, vs A {rel_a:.2e} (A-vs-B "
         f"{loss_drift:.2e}, tol {loss_tol:.2e}); weights max abs err vs B {err_b:.2e}, vs A "
         f"{err_a:.2e} (A-vs-B {drift:.2e}, tol {tol:.2e})",
         file=sys.stderr,

@@ -309,6 +309,9 @@ def test_damage_is_a_finding_and_refuses_writing(cli, tmp_path: Path, case: str)
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
     assert not out.exists() and _digest(root) == before
+    result = cli("reshape", root, tmp_path / "resharded", "--dp", "3")
+    assert result.exit_code == 1 and len(result.stderr.strip().splitlines()) == 1, result.output
+    assert not (tmp_path / "resharded").exists() and _digest(root) == before
 
 
 def test_missing_moments_are_a_warning_only(cli, tmp_path: Path) -> None:
@@ -343,10 +346,317 @@ def test_a_state_file_that_runs_code_is_refused_and_nothing_runs(cli, tmp_path: 
     assert not marker.exists()
 
 
-def test_reshape_still_refuses_universal_checkpoints(cli, tmp_path: Path) -> None:
-    result = cli("reshape", ckpt("universal", "u-z2-fp32-dp2"), tmp_path / "out", "--dp", "3")
-    assert result.exit_code == 1 and "universal" in result.stderr
+# --- reshape: a native ZeRO checkpoint at any DP -----------------------------------------------
+#
+# The expected files are dsckpt's native reshape of the fixture the universal checkpoint was
+# converted from (itself proven against DeepSpeed: tests/api/test_reshape_dp.py and the resume
+# proofs): the same rank files, the same pickled structures, every tensor bit for bit. The one
+# exception is ZeRO-3's padding at the source's own DP, which DeepSpeed leaves uninitialised
+# (the native reshape copies those bytes, a universal checkpoint never had them: zeros).
+
+
+def _same(ours, native, at: str, padding: set[int] | None = None) -> None:  # type: ignore[no-untyped-def]
+    if isinstance(ours, torch.Tensor):
+        assert isinstance(native, torch.Tensor), at
+        assert (type(ours), ours.dtype, ours.shape, ours.requires_grad) == (
+            type(native), native.dtype, native.shape, native.requires_grad), at  # fmt: skip
+        differ = (ours.view(-1).view(torch.uint8) != native.view(-1).view(torch.uint8)).nonzero()
+        if ours.dim() == 1 and padding is not None:
+            item = ours.element_size()
+            where = sorted({int(i) // item for i in differ.flatten()})
+            # only padding differs, and there the output holds zeros
+            assert set(where) <= padding and not ours[where].any(), (at, where[:5])
+        else:
+            assert not len(differ), at
+        assert vars(ours) == vars(native), at  # (ds_id of ZeRO-3 flat tensors)
+    elif isinstance(ours, dict):
+        assert type(ours) is type(native) and list(ours) == list(native), at
+        for k in ours:
+            _same(ours[k], native[k], f"{at}/{k}", padding)
+    elif isinstance(ours, (list, tuple)):
+        assert type(ours) is type(native) and len(ours) == len(native), at
+        for i, (x, y) in enumerate(zip(ours, native, strict=True)):
+            _same(x, y, f"{at}[{i}]", padding)
+    elif hasattr(ours, "__dict__") and not isinstance(ours, type):
+        assert type(ours) is type(native) and vars(ours) == vars(native), at
+    else:
+        assert ours == native, at
+
+
+def _padding(plan, rank: int) -> set[int]:  # type: ignore[no-untyped-def]
+    """ZeRO-3 flat positions of rank ``rank`` no parameter element fills (over all groups:
+    checked per tensor only where it differs, so a union is enough)."""
+    out: set[int] = set()
+    for group in plan.groups:
+        part = group.partitions[rank]
+        covered = {r.dst_start + i for r in part.runs for i in range(r.length)}
+        out |= set(range(part.numel)) - covered
+    return out
+
+
+RESHAPE_CASES = [(n, dp) for n in ZERO_UNIVERSAL for dp in (1, 2, 3, 5)]
+
+
+@pytest.mark.parametrize(
+    ("name", "dp"), RESHAPE_CASES, ids=[f"{n}-to-dp{d}" for n, d in RESHAPE_CASES]
+)
+def test_reshape_writes_what_deepspeed_saves_at_that_dp(tmp_path: Path, name: str, dp: int) -> None:
+    from dsckpt.api.reshaping import reshape
+
+    source = facts("universal", name)["source"]
+    before = _digest(ckpt("universal", name))
+    ours = reshape(ckpt("universal", name), tmp_path / "ours", dp=dp)
+    native = reshape(ckpt(*source.split("/")), tmp_path / "native", dp=dp)
+    assert ours.written and ours.from_universal and ours.plan.kind == native.plan.kind
+    assert (tmp_path / "ours" / "latest").read_text() == facts("universal", name)["tag"]
+    ours_dir, native_dir = tmp_path / "ours" / ours.tag, tmp_path / "native" / native.tag
+    names = sorted(p.name for p in ours_dir.iterdir())
+    assert names == sorted(p.name for p in native_dir.iterdir())
+    assert len([n for n in names if "optim_states" in n]) == dp
+    zero3_at_source_dp = ours.plan.kind == "zero3" and dp == facts("universal", name)["dp"]
+    for file in names:
+        got = torch.load(ours_dir / file, weights_only=False)
+        rank = int(file.split("zero_pp_rank_")[1].split("_")[0]) if "zero_pp_rank_" in file else 0
+        padding = _padding(ours.plan, rank) if zero3_at_source_dp and "optim" in file else None
+        _same(got, torch.load(native_dir / file, weights_only=False), file, padding)
+    assert _digest(ckpt("universal", name)) == before
+
+
+@pytest.mark.parametrize("name", ZERO_UNIVERSAL)
+def test_reshaped_masters_and_moments_are_the_universal_files_bit_for_bit(
+    tmp_path: Path, name: str
+) -> None:
+    """Independently of the native reshape: the fp32 masters and Adam's moments the output
+    holds, consolidated by dsckpt, are the zero/<name>/*.pt tensors themselves."""
+    from dsckpt.api.consolidation import consolidate
+    from dsckpt.api.reshaping import reshape
+
+    reshape(ckpt("universal", name), tmp_path / "out", dp=3)
+    consolidate(tmp_path / "out", tmp_path / "m.safetensors", optimizer=True)
+    weights = load_file(tmp_path / "m.safetensors")
+    moments = load_file(tmp_path / "m.optimizer.safetensors")
+    trainable = [t.name for t in open_checkpoint(ckpt("universal", name)).tensors
+                 if t.kind == "trainable"]  # fmt: skip
+    assert trainable
+    for key in trainable:
+        for state, got in (("fp32", weights[key]), ("exp_avg", moments[f"{key}.exp_avg"]),
+                           ("exp_avg_sq", moments[f"{key}.exp_avg_sq"])):  # fmt: skip
+            saved = torch.load(_tag_dir(name) / "zero" / key / f"{state}.pt", weights_only=True)
+            saved = saved["param"] if isinstance(saved, dict) else saved
+            assert torch.equal(got.view(-1), saved.view(-1)), (key, state)
+
+
+def test_reshape_dry_run_json_has_the_native_plan_shape(cli, tmp_path: Path) -> None:
+    got = cli("reshape", ckpt("universal", "u-z2-fp32-dp2"), tmp_path / "a", "--dp", "3",
+              "--dry-run", "--json")  # fmt: skip
+    native = cli("reshape", ckpt("zero", "z2-fp32-dp2"), tmp_path / "b", "--dp", "3",
+                 "--dry-run", "--json")  # fmt: skip
+    assert got.exit_code == 0 and native.exit_code == 0, got.output + native.output
+    ours, theirs = json.loads(got.stdout), json.loads(native.stdout)
+    assert ours.keys() == theirs.keys() and ours["plan"].keys() == theirs["plan"].keys()
+    assert (ours["source"], ours["target"]) == (theirs["source"], theirs["target"])
+    assert [f["name"].split("/")[-1] for f in ours["plan"]["files"]] == [
+        f["name"].split("/")[-1] for f in theirs["plan"]["files"]
+    ]
+    assert ours["dry_run"] and not (tmp_path / "a").exists()
+    # every copy reads a universal file: the parameters' folders or the model file
+    sources = {op["source"] for f in ours["plan"]["files"] for op in f["ops"] if "source" in op}
+    assert sources and all("/zero/" in s or s.endswith("model_states.pt") for s in sources)
+    table = cli("reshape", ckpt("universal", "u-z2-fp32-dp2"), tmp_path / "a", "--dp", "3",
+                "--dry-run")  # fmt: skip
+    assert table.exit_code == 0 and "embed.weight[54:91]->0" in table.stdout, table.output
+    assert "universal checkpoint -> native ZeRO-2 DP 2 -> 3" in table.stdout
+
+
+def test_pipeline_universal_reshape_is_refused_naming_what_is_missing(cli, tmp_path: Path) -> None:
+    result = cli("reshape", ckpt("universal", "u-p2t1d1-z1-fp32"), tmp_path / "out", "--dp", "2")
+    assert result.exit_code == 1, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "2-stage pipeline" in lines[0], result.stderr
+    assert "layer files" in lines[0] and "vocabulary padding rows" in lines[0]
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    ("args", "text"),
+    [(("--dp", "2", "--tp", "2"), "--dp only"), ((), "--dp N")],
+)
+def test_reshape_universal_takes_dp_only(cli, tmp_path: Path, args, text: str) -> None:  # type: ignore[no-untyped-def]
+    result = cli("reshape", ckpt("universal", "u-z2-fp32-dp2"), tmp_path / "out", *args)
+    assert result.exit_code != 0 and text in result.output, result.output
+    assert not (tmp_path / "out").exists()
+
+
+def _set_stage(stage: int | None):  # type: ignore[no-untyped-def]
+    def damage(tag: Path) -> None:
+        path = tag / "mp_rank_00_model_states.pt"
+        state = torch.load(path, weights_only=True)
+        if stage is None:
+            del state["ds_config"]["zero_optimization"]["stage"]
+        else:
+            state["ds_config"]["zero_optimization"]["stage"] = stage
+        torch.save(state, path)
+
+    return damage
+
+
+def _drop_moment(tag: Path) -> None:
+    (tag / "zero" / "fc2.bias" / "exp_avg_sq.pt").unlink()
+
+
+def _drop_optimizer_state(tag: Path) -> None:
+    (tag / "zero" / "optimizer_state.pt").unlink()
+
+
+def _optimizer_state(tag: Path) -> dict:
+    """zero/optimizer_state.pt loaded with torch: it pickles DeepSpeed's classes, so this needs
+    DeepSpeed (test-only; the case is skipped without it)."""
+    pytest.importorskip("deepspeed")
+    return torch.load(tag / "zero" / "optimizer_state.pt", weights_only=False)
+
+
+def _one_param_group(tag: Path) -> None:
+    path = tag / "zero" / "optimizer_state.pt"
+    state = _optimizer_state(tag)
+    state["param_groups"] = state["param_groups"][:1]
+    torch.save(state, path)
+
+
+def _sharded_entry(tag: Path) -> None:
+    path = tag / "zero" / "optimizer_state.pt"
+    state = _optimizer_state(tag)
+    state["single_partition_of_fp32_groups"] = [torch.zeros(3)]
+    torch.save(state, path)
+
+
+def _amsgrad_state(tag: Path) -> None:
+    path = tag / "zero" / "optimizer_state.pt"
+    state = _optimizer_state(tag)
+    entry = state["optimizer_state_dict"]["state"][0]
+    entry["max_exp_avg_sq"] = entry["exp_avg_sq"].clone()
+    torch.save(state, path)
+
+
+REFUSED = {
+    "state-without-folders": ("u-z3-fp32-dp2", _amsgrad_state, "'max_exp_avg_sq' per element"),
+    "param-groups-disagree": ("u-z2-fp32-dp2", _one_param_group, "`param_groups` lists [[0]]"),
+    "sharded-entries": ("u-z2-fp32-dp2", _sharded_entry, "single_partition_of_fp32_groups"),
+    "stage-disagrees": ("u-z2-fp32-dp2", _set_stage(1), "ds_config describes ZeRO stage 1"),
+    "bf16-optimizer-disagrees": ("u-z1-bf16-dp2", _set_stage(2), "written by BF16_Optimizer"),
+    "missing-moment": ("u-z2-fp32-dp2", _drop_moment, "no exp_avg_sq.pt for 1 trainable"),
+    "missing-optimizer-state": ("u-z3-fp32-dp2", _drop_optimizer_state, "optimizer_state.pt"),
+}
+
+
+@pytest.mark.parametrize("case", list(REFUSED))
+def test_reshape_refuses_what_it_cannot_write_faithfully(cli, tmp_path: Path, case: str) -> None:
+    name, damage, text = REFUSED[case]
+    root = _damaged(tmp_path, name, damage)
+    before = _digest(root)
+    result = cli("reshape", root, tmp_path / "out", "--dp", "3")
+    assert result.exit_code == 1, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and text in lines[0], result.stderr
+    assert not (tmp_path / "out").exists() and _digest(root) == before
+
+
+def test_reshape_output_inside_the_checkpoint_or_existing_is_refused(cli, tmp_path: Path) -> None:
+    root = tmp_path / "ckpt"
+    shutil.copytree(ckpt("universal", "u-z2-fp32-dp2"), root)
+    before = _digest(root)
+    inside = root / facts("universal", "u-z2-fp32-dp2")["tag"] / "zero" / "out"
+    result = cli("reshape", root, inside, "--dp", "3")
+    assert result.exit_code == 1 and not inside.exists(), result.output
+    assert cli("reshape", root, tmp_path / "out", "--dp", "3").exit_code == 0
+    again = cli("reshape", root, tmp_path / "out", "--dp", "2")
+    assert again.exit_code == 1 and "--force" in again.stderr, again.output
+    assert cli("reshape", root, tmp_path / "out", "--dp", "2", "--force").exit_code == 0
+    ranks = sorted(p.name for p in (tmp_path / "out").rglob("*optim_states.pt"))
+    assert len(ranks) == 2 and _digest(root) == before
+
+
+def test_without_a_recorded_stage_the_optimizer_state_decides(tmp_path: Path) -> None:
+    from dsckpt.api.reshaping import reshape
+
+    root = _damaged(tmp_path, "u-z1-fp32-dp2", _set_stage(None))
+    result = reshape(root, tmp_path / "out", dp=3)
+    assert (result.plan.kind, result.plan.stage) == ("zero", 1)
+
+
+# --- to-fp32 --optimizer -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fmt", ["safetensors", "torch"])
+@pytest.mark.parametrize("name", UNIVERSAL)
+def test_optimizer_export_is_the_zero_folders_and_the_source_runs_state(
+    tmp_path: Path, name: str, fmt: str
+) -> None:
+    """Each ``<name>.exp_avg`` / ``.exp_avg_sq`` is the folder's file bit for bit, the steps
+    are its step.pt, and the whole export (groups, order, values) is the native export of
+    the fixture it was converted from, except what ds_to_universal itself changed: a pipeline's
+    tied position embeddings, taken from the last stage (see the fixture's manifest)."""
+    from safetensors import safe_open
+
+    from dsckpt.api.consolidation import consolidate
+
+    kind, source = facts("universal", name)["source"].split("/")
+    stale = {"tied_modules.embed.position_embeddings.weight"} if kind == "pipe" else set()
+    ours, theirs = tmp_path / "u", tmp_path / "n"
+    result = consolidate(ckpt("universal", name), ours, optimizer=True, optimizer_format=fmt)
+    consolidate(ckpt(kind, source), theirs, optimizer=True, optimizer_format=fmt)
+    assert result.optimizer is not None and result.optimizer.keys == ("exp_avg", "exp_avg_sq")
+    if fmt == "torch":
+        got = torch.load(ours / "optimizer.pt", weights_only=True)
+        native = torch.load(theirs / "optimizer.pt", weights_only=True)
+        assert got["param_groups"] == native["param_groups"]
+        assert got["state"].keys() == native["state"].keys()
+        for i, entry in got["state"].items():
+            assert entry.keys() == native["state"][i].keys()
+            for key, value in entry.items():
+                assert torch.equal(value, native["state"][i][key]) or stale, (i, key)
+        return
+    with (
+        safe_open(ours / "optimizer.safetensors", "pt") as f,
+        safe_open(theirs / "optimizer.safetensors", "pt") as g,
+    ):
+        keys = list(f.keys())
+        assert keys == list(g.keys()) and keys
+        meta, native_meta = f.metadata(), g.metadata()
+        for key in keys:
+            param, _, state = key.rpartition(".")
+            saved = torch.load(_tag_dir(name) / "zero" / param / f"{state}.pt", weights_only=True)
+            saved = saved["param"] if isinstance(saved, dict) else saved
+            assert torch.equal(f.get_tensor(key).view(-1), saved.view(-1)), key
+            if param not in stale:
+                assert torch.equal(f.get_tensor(key), g.get_tensor(key)), key
+    assert {k: v for k, v in meta.items() if k != "dsckpt.source"} == {
+        k: v for k, v in native_meta.items() if k != "dsckpt.source"
+    }
+    groups = json.loads(meta["dsckpt.optimizer.param_groups"])
+    for group in groups:
+        for param in group["params"]:
+            step_file = _tag_dir(name) / "zero" / param / "step.pt"
+            if step_file.exists():  # (ZeRO-3 sources keep it in optimizer_state.pt)
+                assert group["step"] == torch.load(step_file, weights_only=True).item()
+        assert group["step"] == facts(kind, source)["global_steps"]  # one step per iteration
+
+
+@pytest.mark.parametrize(
+    ("damage", "text"),
+    [
+        (lambda t: (t / "zero" / "optimizer_state.pt").unlink(), "param groups are nowhere else"),
+        (lambda t: (t / "zero" / "fc1.bias" / "exp_avg.pt").unlink(), "fc1.bias/exp_avg.pt"),
+    ],
+    ids=["no-optimizer-state", "no-moment"],
+)
+def test_optimizer_export_refuses_what_the_folders_lack(cli, tmp_path: Path, damage, text) -> None:  # type: ignore[no-untyped-def]
+    root = _damaged(tmp_path, "u-z2-fp32-dp2", damage)
+    out = tmp_path / "out.safetensors"
+    result = cli("to-fp32", root, out, "--optimizer")
+    assert result.exit_code == 1, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and text in lines[0], result.stderr
+    assert not out.exists() and not (tmp_path / "out.optimizer.safetensors").exists()
 
 
 @pytest.mark.parametrize("name", ["u-z2-fp32-dp2", "u-p2t1d1-z1-fp32"])

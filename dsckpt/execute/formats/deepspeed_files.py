@@ -26,6 +26,7 @@ from dsckpt.execute.formats.torch_writer import LazyStorages, torch_object_file
 from dsckpt.io import dtypes
 from dsckpt.io.load import STAND_INS, FragmentAddress, read_tensor, tensor_ref
 from dsckpt.plan.fileplan import ByteRange, Copy, FilePlan, WritePlan, tag_directory_plan
+from dsckpt.plan.universal_reshape import UniversalSource
 from dsckpt.plan.zero_reshape import Partition, ReshapePlan, Run, Source, TargetGroup
 
 
@@ -83,7 +84,7 @@ class ZeroRankFiles:
     those ranges, so memory stays at the pickled structure, whatever the model size.
     """
 
-    def __init__(self, source: Source, plan: ReshapePlan) -> None:
+    def __init__(self, source: Source | UniversalSource, plan: ReshapePlan) -> None:
         import torch
 
         self.torch = torch
@@ -307,6 +308,8 @@ class ZeroRankFiles:
         return [OrderedDict((n, torch.Size(s)) for n, s in g.params) for g in self.plan.groups]
 
     def _optim_states(self, rank: int) -> Any:
+        if isinstance(self.source, UniversalSource) and self.plan.kind != "zero3":
+            return self._universal_optim_states(rank)
         if self.plan.kind == "zero3":
             return self._zero3_optim_states(rank)
 
@@ -424,12 +427,14 @@ class ZeroRankFiles:
     ) -> Any:
         """One target partition of the fp32 master (``key`` None) or of optimizer state ``key``,
         ``length`` elements long (default: the whole partition, padding included)."""
+        numel = part.numel if length is None else length
+        if isinstance(self.source, UniversalSource):
+            return self._universal_flat(part, key or "fp32", numel)
         probe = (
             self._src_fp32(0, group.sources[0])
             if key is None
             else self._source_state(0, group.sources[0])[key]
         )
-        numel = part.numel if length is None else length
 
         def ref_of(run: Run) -> Any:
             path, _ = self.source.optim[run.src_rank]
@@ -444,6 +449,87 @@ class ZeroRankFiles:
             return self._ref(path, value)
 
         return self._flat(probe.dtype, numel, part.runs, ref_of)
+
+    # --- from a universal checkpoint (ZeRO-1/2 and BF16_Optimizer) ------------------------------
+
+    def _universal_optim_states(self, rank: int) -> Any:
+        """Rank ``rank``'s optimizer file as DeepSpeed's ``state_dict`` would have saved it at
+        the target size: the common state from ``zero/optimizer_state.pt`` (what
+        ds_to_universal kept of rank 0's), the partitions and Adam's moments cut from the
+        parameters' own files, and the bookkeeping the plan worked out for the new size."""
+        source = self.source
+        assert isinstance(source, UniversalSource)
+        torch = self.torch
+        plan = self.plan
+        state_path, template = source.optim[0]
+        saved = template["optimizer_state_dict"]
+        fp32, state = [], {}
+        for group in plan.groups:
+            part = group.partitions[rank]
+            # ZeRO saves the fp32 slice without its tail padding, BF16_Optimizer with it.
+            length = part.numel - (
+                plan.group_paddings[rank][group.index] if plan.kind == "zero" else 0
+            )
+            master = self._universal_flat(part, "fp32", length)
+            fp32.append(master.requires_grad_(True))
+            step = source.steps[group.index]
+            if step is None:
+                raise AssertionError("plan error: a ZeRO-1/2 group without its step tensor")
+            # torch's Adam keeps `step` first, then the moments (the order a state dict shows).
+            saved_step = Copy(0, ByteRange(step.path, step.offset, step.nbytes))
+            entry = {"step": self.lazy.tensor(_torch_dtype(torch, step), step.shape, [saved_step])}
+            for key in ("exp_avg", "exp_avg_sq"):  # saved with the padding, as the fp32 is not
+                entry[key] = self._universal_flat(part, key, part.numel)
+            state[group.index] = entry
+        groups = self._materialize(source.optim.param_groups, state_path)
+        base = {"state": state, "param_groups": groups}
+        osd: dict[str, Any] = {}
+        for key, value in saved.items():
+            if key == "group_paddings":
+                value = list(plan.group_paddings[rank])
+            elif key == "partition_count":
+                value = [plan.dp] * len(plan.groups)
+            elif key == "param_alignment_paddings":
+                value = [list(g.alignment_paddings or [0] * len(g.params)) for g in plan.groups]
+            else:
+                value = self._materialize(value, state_path)
+            osd[key] = value
+            if key == "clip_grad":
+                # DeepSpeed's state_dict puts the sharded entries right after `clip_grad`.
+                osd["base_optimizer_state"] = base
+                osd["single_partition_of_fp32_groups"] = fp32
+        osd.setdefault("base_optimizer_state", base)
+        osd.setdefault("single_partition_of_fp32_groups", fp32)
+        osd["param_slice_mappings"] = [
+            OrderedDict((n, FragmentAddress(numel=c, start=s)) for n, c, s in m)
+            for m in plan.slice_mappings[rank]
+        ]
+        return {
+            k: (osd if k == "optimizer_state_dict" else self._materialize(v, state_path))
+            for k, v in template.items()
+        }
+
+    def _universal_flat(self, part: Partition, key: str, numel: int) -> Any:
+        """A target partition of state ``key`` (``fp32``, ``exp_avg``, ``exp_avg_sq``), ``numel``
+        elements, cut from the parameters' ``zero/<name>/<key>.pt`` tensors."""
+        source = self.source
+        assert isinstance(source, UniversalSource)
+        refs = source.states.get(key)
+        if refs is None:
+            raise UnsupportedLayout(
+                f"{source.layout.dir}: the optimizer keeps state {key!r} per element, which "
+                "ds_to_universal's folders do not hold (only fp32, exp_avg and exp_avg_sq)"
+            )
+
+        def ref_of(run: Run) -> Any:
+            ref = refs[run.src_index]
+            if ref is None:
+                raise InconsistentCheckpoint(
+                    f"zero/{source.params[run.src_index]}/{key}.pt is missing"
+                )
+            return ref
+
+        return self._flat(self.torch.float32, numel, part.runs, ref_of)
 
     # --- ZeRO-3 -------------------------------------------------------------------------------
 
@@ -540,6 +626,10 @@ class ZeroRankFiles:
             if any(n == first for n, _ in src.params):
                 return s
         return group.sources[0]
+
+
+def _torch_dtype(torch: Any, ref: Any) -> Any:
+    return getattr(torch, dtypes.name_of(ref.dtype))
 
 
 def _by_rank(refs: Sequence[Any], run: Run) -> Any:
