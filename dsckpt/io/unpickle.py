@@ -397,13 +397,15 @@ class SiblingReader:
     * **the pickle**: a ``data.pkl`` byte-identical to one parsed before is the same value, so
       that parse is shared (:attr:`SavedFile.shared_with`), once this file's records are
       checked to hold every storage the parse uses; any other ``data.pkl`` is parsed in full.
-      (DeepSpeed's ZeRO-3 rank 0 differs from the others: it alone records ``shared_params``.)
+      (DeepSpeed's ZeRO-3 rank 0 differs from the others: it alone records ``shared_params``;
+      a GPU save records each storage's device, ``cuda:<local rank>``, so up to one
+      ``data.pkl`` per local rank: hence ten distinct parses by default.)
 
     Keep one reader per set of siblings: it holds up to ``max_parses`` distinct parses and
     ``max_shapes`` shapes (a few MB each for a file of 20,000 records).
     """
 
-    def __init__(self, max_shapes: int = 8, max_parses: int = 4) -> None:
+    def __init__(self, max_shapes: int = 8, max_parses: int = 10) -> None:
         self._max_shapes = max_shapes
         self._max_parses = max_parses
         self._parsed: list[_Parsed] = []  # distinct data.pkl parses, the first few
