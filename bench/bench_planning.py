@@ -98,7 +98,7 @@ def pipeline_curve(args: argparse.Namespace) -> list[dict[str, Any]]:
     rows, results = [], []
     for layers in args.layers:
         path = ensure_pipeline(args.workdir, layers)
-        files = (layers + 3) * 2
+        files = (layers + 2) * 2
         res: dict[str, Any] = {"kind": "pipeline", "layers": layers, "layer_files": files}
         cells = ["pipeline", f"{layers:,}", f"{files:,}"]
         for what in args.probes:
@@ -171,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
         nargs="*",
         default=[],
         help="also the pipeline curve: Megatron-DeepSpeed checkpoints of these many transformer "
-        "layers (PP 2 x TP 2: 2 x (layers + 3) layer files), saved by real DeepSpeed",
+        "layers (PP 2 x TP 2: 2 x (layers + 2) layer files), saved by real DeepSpeed",
     )
     ap.add_argument("--quick", action="store_true", help="DP 16-64, 200-1,000 parameters")
     ap.add_argument("--json", type=Path, help="also write every measurement here")

@@ -698,7 +698,7 @@ TRAIN_PIPE = REPO / "tests" / "fixtures" / "train_pipe.py"
 
 @dataclass(frozen=True)
 class PipeSpec:
-    """A pipeline checkpoint: ``layers`` transformer layers (layer files: ``layers + 3`` per TP
+    """A pipeline checkpoint: ``layers`` transformer layers (layer files: ``layers + 2`` per TP
     rank: embedding, the layers, final norm; the tied embedding's second use has none)."""
 
     layers: int
@@ -710,7 +710,7 @@ class PipeSpec:
 
     @property
     def layer_files(self) -> int:
-        return (self.layers + 3) * self.tp
+        return (self.layers + 2) * self.tp
 
 
 def _free_port() -> int:
