@@ -3,6 +3,7 @@
     python bench/bench_planning.py                         # ZeRO-2 and ZeRO-3, the default grid
     python bench/bench_planning.py --stages 2 --repeats 1  # one stage, one run per point
     python bench/bench_planning.py --quick                 # DP 16-64, 200-1,000 params
+    python bench/bench_planning.py --stages --layers 100 200 400 800   # the pipeline curve only
 
 Issue 16's target: planning for 1,024 DP ranks x 20,000 parameters in under 10 s and under 1 GB,
 growing linearly. The checkpoints are synthetic (make_synthetic.py: DeepSpeed's exact files, tiny
@@ -43,6 +44,10 @@ def probe(ckpt: str, what: str) -> None:
         from dsckpt.api.consolidation import plan_for
 
         plan_for(layout)
+    elif what == "reshape" and layout.kind == "pipeline":
+        from dsckpt.plan.pipeline_reshape import plan_pipeline
+
+        plan_pipeline(layout, tp=1, pp=1, dp=1)  # merge every stage and TP slice
     elif what == "reshape":
         from dsckpt.plan.zero_reshape import plan_reshape
 
@@ -77,6 +82,60 @@ def ensure(workdir: Path, stage: int, dp: int, params: int) -> Path:
     return path
 
 
+def ensure_pipeline(workdir: Path, layers: int) -> Path:
+    sys.path.insert(0, str(HERE))
+    from make_synthetic import PipeSpec, make_pipeline
+
+    path = workdir / "synthetic" / f"pipe-pp2-tp2-L{layers}"
+    if not (path / "synthetic.json").exists():
+        made = make_pipeline(PipeSpec(layers=layers), path, force=True)
+        print(f"  made {path.name}: {made.files} files in {made.seconds:.0f} s", flush=True)
+    return path / "ckpt"
+
+
+def pipeline_curve(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Discovery and plans against the layer-file count (PP 2 x TP 2, DeepSpeed's own saves)."""
+    rows, results = [], []
+    for layers in args.layers:
+        path = ensure_pipeline(args.workdir, layers)
+        files = (layers + 2) * 2
+        res: dict[str, Any] = {"kind": "pipeline", "layers": layers, "layer_files": files}
+        cells = ["pipeline", f"{layers:,}", f"{files:,}"]
+        for what in args.probes:
+            ms = [
+                measure(
+                    path,
+                    what,
+                    args.workdir / "logs" / f"plan-pipe-{layers}-{what}-{r}.log",
+                    args.tree,
+                )
+                for r in range(args.repeats)
+            ]
+            v = res[what] = {k: median([m[k] for m in ms]) for k in ms[0]}
+            total = v["discover_s"] + (v["plan_s"] if what != "discover" else 0)
+            cpu = v["discover_cpu_s"] + (v["plan_cpu_s"] if what != "discover" else 0)
+            cells += [f"{total:.2f} ({cpu:.2f})", f"{v['peak_rss'] / MB:,.0f}"]
+        rows.append(cells)
+        results.append(res)
+        print("  " + "  ".join(cells), flush=True)
+    headers = ["kind", "layers", "layer files"]
+    for what in args.probes:
+        headers += [f"{what} s (cpu s)", f"{what} MB"]
+    print()
+    print(render_table(headers, rows))
+    for what in args.probes:
+        xs = [r["layer_files"] for r in results]
+
+        def cpu(r: dict[str, Any], w: str = what) -> float:
+            v = r[w]
+            return v["discover_cpu_s"] + (v["plan_cpu_s"] if w != "discover" else 0)
+
+        per = slope(xs, [cpu(r) for r in results])
+        if per is not None:
+            print(f"pipeline {what}: {per * 1e3:.2f} ms cpu per layer file")
+    return results
+
+
 def measure(path: Path, what: str, log: Path, tree: Path = HERE.parent) -> dict[str, float]:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--probe", str(path), what]
     # The probe imports the dsckpt of ``tree`` (this checkout unless --tree says otherwise), not
@@ -101,11 +160,19 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--probe", nargs=2, metavar=("CKPT", "WHAT"), help=argparse.SUPPRESS)
     ap.add_argument("--workdir", type=Path, default=DEFAULT_WORKDIR)
-    ap.add_argument("--stages", type=int, nargs="+", default=[2, 3])
+    ap.add_argument("--stages", type=int, nargs="*", default=[2, 3])
     ap.add_argument("--dps", type=int, nargs="+", default=[64, 256, 1024])
     ap.add_argument("--params", type=int, nargs="+", default=[1000, 5000, 20000])
     ap.add_argument("--probes", nargs="+", choices=PROBES, default=list(PROBES))
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument(
+        "--layers",
+        type=int,
+        nargs="*",
+        default=[],
+        help="also the pipeline curve: Megatron-DeepSpeed checkpoints of these many transformer "
+        "layers (PP 2 x TP 2: 2 x (layers + 2) layer files), saved by real DeepSpeed",
+    )
     ap.add_argument("--quick", action="store_true", help="DP 16-64, 200-1,000 parameters")
     ap.add_argument("--json", type=Path, help="also write every measurement here")
     ap.add_argument(
@@ -183,6 +250,8 @@ def main(argv: list[str] | None = None) -> int:
                 f"ZeRO-{stage} {what}: {f} per rank file (at {top_params:,} params), "
                 f"{p} per parameter (at DP {top_dp:,}){verdict}"
             )
+    if args.layers:
+        results += pipeline_curve(args)
     if args.json:
         args.json.write_text(json.dumps(results, indent=1))
     return 0

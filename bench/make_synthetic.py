@@ -686,27 +686,123 @@ def make(spec: Spec, out: Path | str, force: bool = False, stamp: bool = True) -
     return made
 
 
+# -- pipelines: real DeepSpeed runs ------------------------------------------------------------
+#
+# A Megatron-DeepSpeed pipeline checkpoint with hundreds of layer files needs no synthesis: the
+# fixtures' own model (tests/fixtures/train_pipe.py, a GPT of hidden size 6) trains on CPU with
+# any layer count in seconds, so these are DeepSpeed's own saves (one optimizer step), made
+# exactly as tests/fixtures/pipe's are, only with more layers. DeepSpeed is a test dependency.
+
+TRAIN_PIPE = REPO / "tests" / "fixtures" / "train_pipe.py"
+
+
+@dataclass(frozen=True)
+class PipeSpec:
+    """A pipeline checkpoint: ``layers`` transformer layers (layer files: ``layers + 2`` per TP
+    rank: embedding, the layers, final norm; the tied embedding's second use has none)."""
+
+    layers: int
+    pp: int = 2
+    tp: int = 2
+    dp: int = 1
+    zero_stage: int = 1
+    dtype: str = "fp32"
+
+    @property
+    def layer_files(self) -> int:
+        return (self.layers + 2) * self.tp
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def make_pipeline(spec: PipeSpec, out: Path | str, force: bool = False) -> Made:
+    """Train ``spec``'s pipeline for one step under torchrun (CPU, gloo) and save it at ``out``."""
+    import subprocess
+
+    out = Path(out)
+    if out.exists():
+        if not force:
+            raise FileExistsError(f"{out} exists (pass --force to replace it)")
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    world = spec.pp * spec.tp * spec.dp
+    started = time.perf_counter()
+    for _ in range(3):  # another process may take the free port meanwhile
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            f"--nproc_per_node={world}",
+            f"--master_port={_free_port()}",
+            str(TRAIN_PIPE),
+            f"--pp={spec.pp}",
+            f"--tp={spec.tp}",
+            f"--dtype={spec.dtype}",
+            f"--zero-stage={spec.zero_stage}",
+            f"--num-layers={spec.layers}",
+            "--steps=1",
+            f"--save={out / 'ckpt'}",
+        ]
+        with open(out / "train.log", "w") as log:
+            done = subprocess.run(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+        if done.returncode == 0:
+            break
+    else:
+        raise RuntimeError(f"train_pipe.py failed (exit {done.returncode}): see {out}/train.log")
+    seconds = time.perf_counter() - started
+    tag_dirs = [d for d in (out / "ckpt").iterdir() if d.is_dir()]
+    files = sum(1 for d in tag_dirs for _ in d.iterdir())
+    size = sum(p.stat().st_size for d in tag_dirs for p in d.iterdir())
+    zero_spec = Spec(stage=spec.zero_stage, dp=spec.dp, params=2)  # Made's record of the run
+    made = Made(zero_spec, out / "ckpt", files, seconds, size)
+    (out / "synthetic.json").write_text(
+        json.dumps({**asdict(spec), "files": files, "seconds": round(seconds, 2), "bytes": size})
+    )
+    return made
+
+
 def _iter_args(argv: list[str] | None) -> Iterator[argparse.Namespace]:
     ap = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
     )
     ap.add_argument("out", type=Path, help="the save_dir to create")
     ap.add_argument("--stage", type=int, choices=(1, 2, 3), default=2)
-    ap.add_argument("--dp", type=int, default=8)
+    ap.add_argument("--dp", type=int, default=None, help="8 (ZeRO) or 1 (--layers)")
     ap.add_argument("--params", type=int, default=200, help="trainable parameters")
     ap.add_argument("--dtype", choices=sorted(MODEL_DTYPES), default="fp32")
     ap.add_argument("--frozen", type=int, default=2)
     ap.add_argument("--groups", type=int, default=2)
     ap.add_argument("--sub-group-size", type=int, default=None)
     ap.add_argument("--force", action="store_true")
+    ap.add_argument(
+        "--layers",
+        type=int,
+        help="a Megatron-DeepSpeed pipeline checkpoint of this many transformer layers instead, "
+        "saved by real DeepSpeed (--pp, --tp; --dp, --dtype and --stage 0/1 apply)",
+    )
+    ap.add_argument("--pp", type=int, default=2)
+    ap.add_argument("--tp", type=int, default=2)
     yield ap.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     for args in _iter_args(argv):
+        if args.layers:
+            pipe = PipeSpec(
+                args.layers, args.pp, args.tp, args.dp or 1, min(args.stage, 1), args.dtype
+            )
+            made = make_pipeline(pipe, args.out, force=args.force)
+            print(f"wrote {made.path}: {made.files} files in {made.seconds:.1f} s")
+            continue
         spec = Spec(
             stage=args.stage,
-            dp=args.dp,
+            dp=args.dp or 8,
             params=args.params,
             dtype=args.dtype,
             frozen=args.frozen,

@@ -291,3 +291,23 @@ def test_deepspeed_reads_the_same_values(made: dict[str, Path]) -> None:
         assert sorted(state) == sorted(expected)
         wrong = [n for n, t in expected.items() if not torch.equal(state[n], t.to(state[n].dtype))]
         assert wrong == [], key
+
+
+@pytest.mark.deepspeed
+def test_a_pipeline_of_many_layers_is_deepspeeds_own_save(tmp_path: Path) -> None:
+    """make_synthetic --layers trains the pipe fixtures' model with real DeepSpeed: its layer
+    files are as many as the spec says and read like the fixtures' (same layer-file keys)."""
+    pytest.importorskip("deepspeed")
+    from make_synthetic import PipeSpec, make_pipeline
+
+    spec = PipeSpec(layers=6)
+    made = make_pipeline(spec, tmp_path / "pipe")
+    layout = dsckpt.open_checkpoint(made.path)
+    assert layout.kind == "pipeline" and (layout.pp, layout.tp, layout.dp) == (2, 2, 1)
+    layer_files = [f for f in layout.dir.iterdir() if f.name.startswith("layer_")]
+    assert len(layer_files) == spec.layer_files == 16
+    assert not [f for f in layout.findings if f.level == "error"]
+    fixture = dsckpt.open_checkpoint(FIXTURES / "pipe" / "p2t2d1-z1-fp32" / "ckpt")
+    assert {t.name.split(".", 1)[1] for t in layout.tensors} == {
+        t.name.split(".", 1)[1] for t in fixture.tensors
+    }

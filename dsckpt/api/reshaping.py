@@ -112,7 +112,8 @@ def reshape_zero(
     if dry_run:
         result.plan_files = lambda: ZeroRankFiles(source, plan).write_plan()
         return result
-    write_plan = ZeroRankFiles(source, plan).write_plan()
+    # ZeRO-3's model-states files are planned as they are written (memory bounded by one).
+    write_plan = ZeroRankFiles(source, plan).write_plan(defer=True)
     written = write_tag_directory(
         write_plan,
         out,

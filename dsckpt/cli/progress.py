@@ -57,6 +57,7 @@ class _RichSink(ProgressSink):
     def __init__(self, bar: Any) -> None:
         self.bar = bar
         self.task = None
+        self.total = 0
 
     def start(self, description: str, total: int) -> None:
         from rich.markup import escape
@@ -64,7 +65,12 @@ class _RichSink(ProgressSink):
         from dsckpt.printable import printable
 
         # The description is set into a markup template: escape it so it stays text.
+        self.total = total
         self.task = self.bar.add_task(escape(printable(description)), total=total)
 
     def advance(self, nbytes: int) -> None:
         self.bar.advance(self.task, nbytes)
+
+    def grow(self, nbytes: int) -> None:
+        self.total += nbytes
+        self.bar.update(self.task, total=self.total)

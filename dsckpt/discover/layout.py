@@ -50,7 +50,7 @@ from dsckpt.errors import (
 )
 from dsckpt.io import dtypes
 from dsckpt.io.load import TensorRef, read_scalar, tensor_ref
-from dsckpt.io.unpickle import SavedTensor, load_saved
+from dsckpt.io.unpickle import SavedTensor, SiblingReader, load_saved
 
 if TYPE_CHECKING:
     from dsckpt.discover.universal import UniversalInfo
@@ -309,8 +309,12 @@ class Reader:
             return self._plain(model_files)
         return self._zero12(model_files)
 
+    @staticmethod
+    def first_model_file(model_files: list[RankFile]) -> RankFile:
+        return min(model_files, key=lambda f: (f.mp or 0, f.dp or 0))
+
     def first_model_meta(self, model_files: list[RankFile]) -> ModelMeta:
-        first = min(model_files, key=lambda f: (f.mp or 0, f.dp or 0))
+        first = self.first_model_file(model_files)
         raw = self.load(first, required=True)
         if not isinstance(raw, dict) or "module" not in raw:
             raise CheckpointNotFound(
@@ -568,7 +572,21 @@ class Reader:
 
     def _zero3(self, zero3_models: list[RankFile]) -> Layout:
         by_dp = {f.dp: f for f in zero3_models if (f.mp or 0) == 0}
+        # Every rank's file holds a placeholder per parameter (20,000 zip records at 20,000
+        # parameters) and, but for rank 0's, the same data.pkl: the sibling reader checks each
+        # zip by comparison with one it read in full, and parses each distinct data.pkl once.
+        siblings = SiblingReader()
+        first = self.first_model_file(zero3_models)
+        if first.name not in self._cache:
+            self._cache[first.name] = siblings.read(self.path(first)).value
+        findings = len(self.findings)
         meta = self.first_model_meta(zero3_models)
+        # A file sharing another's parse (a byte-identical data.pkl) has that file's findings;
+        # where it had none, its checked values are that file's, its frozen fragments located
+        # in it below. By the path of the file parsed: its checked values, if it had no findings.
+        clean: dict[Path, ModelMeta] = {}
+        if len(self.findings) == findings:
+            clean[self.path(meta.file)] = meta
         found = None
         if moe_recorded(meta.raw):
             if meta.raw.get("ds_autoep_layers") is None:
@@ -597,13 +615,34 @@ class Reader:
             if f == meta.file:
                 metas[d or 0] = meta
                 continue
-            other = self.load(f)
-            if isinstance(other, dict):
-                # Keep what is used below, not the file's whole parse: each rank's file holds a
-                # placeholder per parameter, gigabytes over a thousand ranks.
-                checked = self.model_meta(f, other)
-                metas[d or 0] = replace(checked, raw={}, module={}, param_shapes=None)
-            self._cache.pop(f.name, None)
+            try:
+                saved = siblings.read(self.path(f))
+            except CorruptFile as exc:
+                self.note(ERROR, "corrupt-file", str(exc))
+                self.unreadable.append(f.name)
+                continue
+            if not isinstance(saved.value, dict):
+                continue
+            shared = clean.get(saved.shared_with) if saved.shared_with else None
+            if shared is not None:
+                checked = replace(shared, file=f)
+            else:
+                findings = len(self.findings)
+                checked = self.model_meta(f, saved.value)
+                if saved.shared_with is None and len(self.findings) == findings:
+                    clean[saved.path] = checked
+            # Keep what is used below, not the file's whole parse: each rank's file holds a
+            # placeholder per parameter, gigabytes over a thousand ranks.
+            metas[d or 0] = replace(
+                checked,
+                raw={},
+                module={},
+                param_shapes=None,
+                frozen_fragments={
+                    name: saved.locate(t) for name, t in checked.frozen_fragments.items()
+                },
+            )
+        self._cache.pop(first.name, None)
         self.disagree(
             {m.file.name: m.global_steps for m in metas.values() if m.global_steps is not None},
             "ZeRO-3 model-states",

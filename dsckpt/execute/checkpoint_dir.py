@@ -67,6 +67,7 @@ def write_tag_directory(
         force=force,
         progress=progress.advance if progress is not None else None,
         finish=copy_extras,
+        planned=progress.grow if progress is not None else None,
     )
     # One process of several (dsckpt.execute.distributed) wrote its share only: the leader
     # copied the extra files and tells what it committed.

@@ -35,6 +35,7 @@ from dsckpt.plan.fileplan import (
     Computed,
     Copy,
     Crc32,
+    DeferredFile,
     Duplicate,
     FilePlan,
     Literal,
@@ -79,8 +80,14 @@ def run(
     progress: Progress | None = None,
     durable: bool = False,
     finish: Callable[[Mapping[str, Path]], None] | None = None,
+    planned: Progress | None = None,
 ) -> None:
     """Write every file of ``plan`` to ``out`` (a file, or a directory of entries), atomically.
+
+    Deferred files (:class:`~dsckpt.plan.fileplan.DeferredFile`) are planned one at a time,
+    each checked before its first byte is written and dropped once written, so memory does not
+    grow with their number; a split across processes plans them all up front (every process
+    needs every file's size).
 
     Args:
         plan: the files and their operations; checked before anything is created.
@@ -93,21 +100,29 @@ def run(
             guarantees no half-written file carries the output's name.
         finish: called with the staged entries' paths once every planned file is written,
             before the commit (reshape copies a tag directory's extra files there).
+        planned: called with the data bytes (what ``progress`` counts) of each deferred file
+            when it is planned, which ``plan.data_nbytes`` did not count.
 
     Raises:
         IncompleteOutputError: the plan does not write every byte of its files exactly once.
         OutputError: see :func:`dsckpt.execute.atomic.atomic_output`.
     """
-    _refuse_unsound(plan.problems())
     world = distributed.launched_world()
     if world is not None:
+        # Each process's share is balanced by file sizes: every file is planned up front.
+        before = plan.data_nbytes
+        plan = plan.resolved()
+        if planned is not None and plan.data_nbytes != before:
+            planned(plan.data_nbytes - before)
+        _refuse_unsound(plan.problems())
         _run_shared(
             plan, out, world, force=force, progress=progress, durable=durable, finish=finish
         )
         return
+    _refuse_unsound(plan.problems())
     with _staging(plan, out, force=force, durable=durable) as staged:
         paths = {f.name: _staged_path(staged, f.name) for f in plan.files}
-        _write_files(plan, paths, progress)
+        _write_files(plan, paths, progress, planned)
         if finish is not None:
             finish(staged)
 
@@ -160,12 +175,13 @@ def _run_shared(
     CRC fields and alias copies, once every part is written). The leader commits last.
     """
     single = not plan.directory
+    files = _every_file(plan)
     with distributed.coordinator(world) as coord:
         coord.agree("plan", plan_digest(plan))
         if single:
-            shares = distributed.balance([op.nbytes for op in plan.files[0].ops], world.size)
+            shares = distributed.balance([op.nbytes for op in files[0].ops], world.size)
         else:
-            shares = distributed.balance([f.size for f in plan.files], world.size)
+            shares = distributed.balance([f.size for f in files], world.size)
         mine = shares[world.rank]
         progress = coord.progress(progress)
         if not world.is_leader:
@@ -174,14 +190,14 @@ def _run_shared(
             return
         with _staging(plan, out, force=force, durable=durable) as staged:
             if single:
-                _create_sized(staged[plan.files[0].name], plan.files[0].size)
+                _create_sized(staged[files[0].name], files[0].size)
             coord.hand_out("staging", lambda: staged, _encode_paths, _decode_paths)
             coord.report(_attempt(lambda: _write_share(plan, staged, mine, progress)))
             if single:  # every part is in: the CRC fields and alias copies read them back
                 with ExitStack() as stack:
                     write_file(
-                        plan.files[0],
-                        staged[plan.files[0].name],
+                        files[0],
+                        staged[files[0].name],
                         _Sources(stack),
                         None,
                         share=(),
@@ -195,15 +211,24 @@ def _run_shared(
 def _write_share(
     plan: WritePlan, staged: Mapping[str, Path], share: Sequence[int], progress: Progress | None
 ) -> None:
+    files = _every_file(plan)
     with ExitStack() as stack:
         sources = _Sources(stack)
         if plan.directory:
             for i in share:
-                file = plan.files[i]
+                file = files[i]
                 write_file(file, _staged_path(staged, file.name), sources, progress)
         else:
-            file = plan.files[0]
+            file = files[0]
             write_file(file, staged[file.name], sources, progress, share=share, derive=False)
+
+
+def _every_file(plan: WritePlan) -> list[FilePlan]:
+    """The files of a plan without deferred ones (see :meth:`WritePlan.resolved`)."""
+    files = list(plan.planned_files())
+    if len(files) != len(plan.files):
+        raise ValueError("a plan split across processes must have every file planned")
+    return files
 
 
 def _attempt(work: Callable[[], None]) -> Exception | None:
@@ -251,11 +276,26 @@ def write_plan_file(file: FilePlan, path: Path, progress: Progress | None = None
         write_file(file, path, _Sources(stack), progress)
 
 
-def _write_files(plan: WritePlan, paths: Mapping[str, Path], progress: Progress | None) -> None:
+def _write_files(
+    plan: WritePlan,
+    paths: Mapping[str, Path],
+    progress: Progress | None,
+    planned: Progress | None = None,
+) -> None:
     with ExitStack() as stack:
         sources = _Sources(stack)
-        for file in plan.files:
+        for entry in plan.files:
+            if isinstance(entry, DeferredFile):
+                # Planned now, checked like the others were before anything was created, and
+                # dropped once written: an unsound one fails the run, and nothing is committed.
+                file = entry.planned()
+                _refuse_unsound(file.problems())
+                if planned is not None:
+                    planned(file.data_nbytes)
+            else:
+                file = entry
             write_file(file, paths[file.name], sources, progress)
+            del file
 
 
 def write_file(

@@ -4,10 +4,14 @@ from __future__ import annotations
 
 
 class ProgressSink:
-    """Receives the total bytes up front, then increments. The base class ignores both."""
+    """Receives the total bytes up front, then increments (and, for files planned as they are
+    written, additions to the total). The base class ignores them."""
 
     def start(self, description: str, total: int) -> None:
         pass
 
     def advance(self, nbytes: int) -> None:
         pass
+
+    def grow(self, nbytes: int) -> None:
+        """``nbytes`` more to do than the total said (a file planned only when written)."""

@@ -42,13 +42,14 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from dsckpt.errors import CorruptFile, DsckptError, UnsafeCheckpoint, UnsupportedLayout
-from dsckpt.io import bounds, dtypes
+from dsckpt.io import bounds, dtypes, zipshape
 from dsckpt.io.bounds import short
 from dsckpt.io.dtypes import DType
 from dsckpt.io.regular import open_regular
 from dsckpt.io.standins import STAND_INS, check_numpy_build, checked_numpy_globals
+from dsckpt.io.zipshape import ZipShape
 
-__all__ = ["Device", "SavedStorage", "SavedTensor", "load_saved"]
+__all__ = ["Device", "SavedFile", "SavedStorage", "SavedTensor", "SiblingReader", "load_saved"]
 
 # The stand-ins below define __setstate__ to refuse: a pickle's BUILD calls it on any object
 # it holds, and dataclass(slots=True, frozen=True) would otherwise add one that sets fields.
@@ -312,15 +313,248 @@ def load_saved_fd(path: Path, fd: int) -> Any:
         pkl, records = _read_archive_fd(path, fd)
     except OSError as exc:
         raise CorruptFile(path, _first_line(exc)) from exc
+    return _unpickle(path, pkl, records)[0]
+
+
+def _unpickle(
+    path: Path, pkl: bytes, records: dict[str, tuple[int, int]]
+) -> tuple[Any, dict[str, int]]:
+    """The value of ``data.pkl``, and the bytes each storage record it uses must hold."""
     unpickler = _Unpickler(pkl, path, records)
     try:
-        return unpickler.load()
+        value = unpickler.load()
     except DsckptError:
         raise
     except Exception as exc:  # anything else an untrusted pickle provokes means a bad file
         raise CorruptFile(path, f"unreadable pickle ({_first_line(exc)})") from exc
     finally:
         unpickler.verify_classes_untouched()
+    return value, {key: s.nbytes for key, s in unpickler._storages.items()}
+
+
+# -- files many ranks wrote ------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SavedFile:
+    """One file read by :class:`SiblingReader`.
+
+    ``value`` is what :func:`load_saved` returns for the file, except when ``shared_with`` names
+    another file: then ``value`` is that file's parse (their ``data.pkl`` records are
+    byte-identical, and this file holds every storage record that parse uses, at least as
+    large), whose tensors :meth:`locate` moves into this file.
+    """
+
+    path: Path
+    value: Any
+    records: dict[str, tuple[int, int]]
+    shared_with: Path | None = None
+
+    def locate(self, tensor: SavedTensor) -> SavedTensor:
+        """``tensor``, a tensor of :attr:`value`, where it lies in this file."""
+        if self.shared_with is None:
+            return tensor
+        start = self.records[tensor.storage_key][0]
+        return tensor.replace(
+            path=self.path, offset=start + tensor.storage_offset * tensor.dtype.itemsize
+        )
+
+
+@dataclass(frozen=True)
+class _Parsed:
+    path: Path
+    pkl: bytes
+    value: Any
+    needs: dict[str, int]
+
+
+@dataclass(frozen=True)
+class _Shaped:
+    """A fully checked file's :class:`ZipShape` and what a sibling of that shape shares with it:
+    its storage records, and where its ``data.pkl`` and ``byteorder`` records and their CRC
+    fields are."""
+
+    shape: ZipShape
+    storages: dict[str, tuple[int, int]]
+    pkl: bytes
+    pkl_at: int
+    pkl_crc_at: int  # in the shape's first region (the central directory)
+    pkl_crc: int
+    byteorder: tuple[int, int, int] | None  # data offset, size, CRC field
+
+
+class SiblingReader:
+    """Reads the files that the ranks of one run wrote for the same object, such as ZeRO-3's
+    per-rank model-states files, without paying a full read per file when they are alike.
+
+    Each file is read as :func:`load_saved` reads it, with two shortcuts that keep every check:
+
+    * **the zip**: a file of the same size as one read before is compared with that file's
+      :class:`~dsckpt.io.zipshape.ZipShape` (its structural bytes, a few ``memcmp``-speed steps);
+      if they match, the records are the same, and only ``data.pkl`` and ``byteorder`` are
+      read and CRC-checked. Otherwise the zip is read record by record, as :func:`load_saved`
+      does, with the same errors.
+    * **the pickle**: a ``data.pkl`` byte-identical to one parsed before is the same value, so
+      that parse is shared (:attr:`SavedFile.shared_with`), once this file's records are
+      checked to hold every storage the parse uses; any other ``data.pkl`` is parsed in full.
+      (DeepSpeed's ZeRO-3 rank 0 differs from the others: it alone records ``shared_params``;
+      a GPU save records each storage's device, ``cuda:<local rank>``, so up to one
+      ``data.pkl`` per local rank: hence ten distinct parses by default.)
+
+    Keep one reader per set of siblings: it holds up to ``max_parses`` distinct parses and
+    ``max_shapes`` shapes (a few MB each for a file of 20,000 records).
+    """
+
+    def __init__(self, max_shapes: int = 8, max_parses: int = 10) -> None:
+        self._max_shapes = max_shapes
+        self._max_parses = max_parses
+        self._parsed: list[_Parsed] = []  # distinct data.pkl parses, the first few
+        self._shapes: dict[int, list[_Shaped]] = {}  # by file size
+        # id(records) -> whether they meet the first parse's needs, for the records a shape
+        # holds (alive as long as the reader, so the id is never reused)
+        self._fits: dict[tuple[int, int], bool] = {}
+
+    def read(self, path: Path) -> SavedFile:
+        """The file at ``path``, read and checked, see the class docstring.
+
+        Raises:
+            The errors of :func:`load_saved`, with the same messages.
+        """
+        path = Path(path)
+        fd = open_regular(path)
+        try:
+            try:
+                pkl, records = self._archive(path, fd)
+            except OSError as exc:
+                raise CorruptFile(path, _first_line(exc)) from exc
+        finally:
+            os.close(fd)
+        for parsed in self._parsed:
+            if pkl == parsed.pkl and self._meets(records, parsed):
+                return SavedFile(path, parsed.value, records, parsed.path)
+        value, needs = _unpickle(path, pkl, records)
+        if len(self._parsed) < self._max_parses:
+            self._parsed.append(_Parsed(path, pkl, value, needs))
+        return SavedFile(path, value, records)
+
+    def _archive(self, path: Path, fd: int) -> tuple[bytes, dict[str, tuple[int, int]]]:
+        size = os.fstat(fd).st_size
+        for shaped in self._shapes.get(size, ()):
+            pkl = _read_like(fd, shaped)
+            if pkl is not None:
+                return pkl, shaped.storages
+        archive = _read_archive(path, fd)
+        if sum(map(len, self._shapes.values())) < self._max_shapes:
+            made = _shaped(fd, archive)
+            if made is not None:
+                self._shapes.setdefault(size, []).append(made)
+        return archive.pkl, archive.storages
+
+    def _meets(self, records: dict[str, tuple[int, int]], parsed: _Parsed) -> bool:
+        # Records shared by every file of one shape are checked once (the dict is one object).
+        key = (id(records), id(parsed))
+        known = self._fits.get(key)
+        if known is None:
+            missing = (0, -1)
+            known = all(records.get(k, missing)[1] >= n for k, n in parsed.needs.items())
+            if any(records is s.storages for same in self._shapes.values() for s in same):
+                self._fits[key] = known
+        return known
+
+
+def _shaped(fd: int, archive: _Archive) -> _Shaped | None:
+    """The :class:`_Shaped` of a file :func:`_read_archive` has just checked, or None if its
+    folder name is not plain ASCII (a sibling's could then decode differently)."""
+    top = archive.top.encode("ascii", errors="replace")
+    if not top or not archive.top.isascii():
+        return None
+    directory_start, records = archive.directory_start, archive.records
+    tail = os.pread(fd, archive.file_size - directory_start, directory_start)
+    if len(tail) != archive.file_size - directory_start:
+        return None
+    names_at = [at + _CENTRAL.size for at in archive.entries_at]
+    if any(tail[at : at + len(top)] != top for at in names_at):
+        return None
+    crc_fields = [(at + 16, at + 20) for at in archive.entries_at]
+    regions = [zipshape.region(tail, directory_start, top, names_at, crc_fields)]
+    # Local headers, in file order, read in blocks where records are small.
+    order = sorted(range(len(records)), key=lambda i: records[i].header_offset)
+    blocks: list[list[int]] = []
+    for i in order:
+        if blocks:
+            last = blocks[-1][-1]
+            gap = records[i].header_offset - archive.starts[last]
+            span = archive.starts[i] - records[blocks[-1][0]].header_offset
+            if gap <= zipshape.BLOCK_GAP and span <= zipshape.MAX_BLOCK:
+                blocks[-1].append(i)
+                continue
+        blocks.append([i])
+    for block in blocks:
+        start = records[block[0]].header_offset
+        size = archive.starts[block[-1]] - start
+        data = os.pread(fd, size, start)
+        if len(data) != size:
+            return None
+        local_names = [
+            records[i].header_offset - start + _LOCAL.size
+            for i in block
+            if data.startswith(top, records[i].header_offset - start + _LOCAL.size)
+        ]
+        # A sibling may hold its own data between the headers, and its own CRC-32s in them
+        # (the full reader checks neither, but for the records read below).
+        free = [
+            (archive.starts[a] - start, records[b].header_offset - start)
+            for a, b in zip(block, block[1:], strict=False)
+        ] + [
+            (records[i].header_offset - start + 14, records[i].header_offset - start + 18)
+            for i in block
+        ]
+        regions.append(zipshape.region(data, start, top, local_names, free))
+    pkl_index = next(i for i, r in enumerate(records) if r.name == f"{archive.top}/data.pkl")
+    byteorder = next(
+        (
+            (archive.starts[i], r.size, archive.entries_at[i] + 16)
+            for i, r in enumerate(records)
+            if r.name == f"{archive.top}/byteorder"
+        ),
+        None,
+    )
+    return _Shaped(
+        shape=zipshape.ZipShape(
+            archive.file_size, top, directory_start + names_at[0], tuple(regions)
+        ),
+        storages=archive.storages,
+        pkl=archive.pkl,
+        pkl_at=archive.starts[pkl_index],
+        pkl_crc_at=archive.entries_at[pkl_index] + 16,
+        pkl_crc=records[pkl_index].crc,
+        byteorder=byteorder,
+    )
+
+
+def _read_like(fd: int, shaped: _Shaped) -> bytes | None:
+    """The ``data.pkl`` of a file with ``shaped``'s shape, CRC-checked, or None if the file does
+    not have that shape or a record it reads fails (the full reader then says why)."""
+    found = shaped.shape.sibling_top(fd)
+    if found is None:
+        return None
+    directory = found[1]
+    if shaped.byteorder is not None:
+        at, size, crc_at = shaped.byteorder
+        order = os.pread(fd, size, at)
+        if zlib.crc32(order) != _crc_field(directory, crc_at) or order.strip() != b"little":
+            return None
+    pkl = os.pread(fd, len(shaped.pkl), shaped.pkl_at)
+    crc = _crc_field(directory, shaped.pkl_crc_at)
+    # Equal bytes under an equal CRC field were checked with the shape's file; others are
+    # checked here.
+    if not (crc == shaped.pkl_crc and pkl == shaped.pkl) and zlib.crc32(pkl) != crc:
+        return None
+    return pkl
+
+
+def _crc_field(directory: bytes, at: int) -> int:
+    return int.from_bytes(directory[at : at + 4], "little")
 
 
 # -- the zip ---------------------------------------------------------------------------------
@@ -358,11 +592,30 @@ class _Record(NamedTuple):
     crc: int
 
 
+class _Archive(NamedTuple):
+    """What the full zip reader found: ``data.pkl``'s bytes, the storage records (key ->
+    (data offset, size)), and the facts :func:`_shape_of` needs to describe the file."""
+
+    pkl: bytes
+    storages: dict[str, tuple[int, int]]
+    top: str
+    records: list[_Record]
+    starts: list[int]  # each record's data offset
+    entries_at: list[int]  # each record's central entry, relative to the directory
+    directory_start: int
+    file_size: int
+
+
 def _read_archive_fd(path: Path, fd: int) -> tuple[bytes, dict[str, tuple[int, int]]]:
+    archive = _read_archive(path, fd)
+    return archive.pkl, archive.storages
+
+
+def _read_archive(path: Path, fd: int) -> _Archive:
     file_size = os.fstat(fd).st_size
     if file_size == 0:
         raise CorruptFile(path, "empty file")
-    records, directory_start = _central_directory(path, fd, file_size)
+    records, directory_start, entries_at = _central_directory(path, fd, file_size)
     tops = {record.name.partition("/")[0] for record in records}
     if len(tops) != 1:
         raise CorruptFile(
@@ -375,8 +628,10 @@ def _read_archive_fd(path: Path, fd: int) -> tuple[bytes, dict[str, tuple[int, i
     storages: dict[str, tuple[int, int]] = {}
     pkl = byteorder = None
     extents = []
+    starts = []
     for record in records:
         start = _data_offset(path, fd, record, file_size)
+        starts.append(start)
         extents.append((record.header_offset, start + record.size, record.name))
         if record.name.startswith(data_prefix):
             storages[record.name[len(data_prefix) :]] = (start, record.size)
@@ -388,17 +643,25 @@ def _read_archive_fd(path: Path, fd: int) -> tuple[bytes, dict[str, tuple[int, i
     if pkl is None:
         raise CorruptFile(path, f"no {top}/data.pkl in the zip: not a torch.save file")
     if byteorder is not None:
-        order = _read_record(path, fd, byteorder, file_size, 16).strip()
-        if order != b"little":
-            raise UnsupportedLayout(
-                f"{path}: the tensors were saved {order.decode(errors='replace')!r}-endian; "
-                "dsckpt reads little-endian files only: load and re-save it with torch"
-            )
-    return _read_record(path, fd, pkl, file_size, MAX_PICKLE_BYTES), storages
+        _check_byteorder(path, _read_record(path, fd, byteorder, file_size, 16))
+    pkl_bytes = _read_record(path, fd, pkl, file_size, MAX_PICKLE_BYTES)
+    return _Archive(
+        pkl_bytes, storages, top, records, starts, entries_at, directory_start, file_size
+    )
 
 
-def _central_directory(path: Path, fd: int, file_size: int) -> tuple[list[_Record], int]:
-    """The records of the zip's central directory, checked, and where that directory starts."""
+def _check_byteorder(path: Path, data: bytes) -> None:
+    order = data.strip()
+    if order != b"little":
+        raise UnsupportedLayout(
+            f"{path}: the tensors were saved {order.decode(errors='replace')!r}-endian; "
+            "dsckpt reads little-endian files only: load and re-save it with torch"
+        )
+
+
+def _central_directory(path: Path, fd: int, file_size: int) -> tuple[list[_Record], int, list[int]]:
+    """The records of the zip's central directory, checked, where that directory starts, and
+    where each record's entry is in it."""
     not_a_zip = CorruptFile(path, "not a torch zip file (truncated or not a checkpoint)")
     tail_size = min(file_size, _EOCD.size + _MAX_COMMENT + _EOCD64_LOCATOR.size)
     tail_start = file_size - tail_size
@@ -445,6 +708,7 @@ def _central_directory(path: Path, fd: int, file_size: int) -> tuple[list[_Recor
     if len(directory) < cd_size:
         raise not_a_zip
     records = []
+    entries_at = []
     seen: dict[str, str] = {}
     pos = 0
     for _ in range(count):
@@ -454,6 +718,7 @@ def _central_directory(path: Path, fd: int, file_size: int) -> tuple[list[_Recor
          comment_len, _, _, _, header_offset) = _CENTRAL.unpack_from(directory, pos)  # fmt: skip
         if sig != b"PK\x01\x02":
             raise not_a_zip
+        entries_at.append(pos)
         pos += _CENTRAL.size
         if pos + name_len + extra_len + comment_len > cd_size:
             raise not_a_zip
@@ -483,7 +748,7 @@ def _central_directory(path: Path, fd: int, file_size: int) -> tuple[list[_Recor
             raise CorruptFile(path, f"record {name!r} is stored with two different sizes")
         pos += name_len + extra_len + comment_len
         records.append(_Record(name, header_offset + shift, size, crc))
-    return records, cd_offset + shift
+    return records, cd_offset + shift, entries_at
 
 
 def _record_name(path: Path, raw: bytes, flags: int) -> str:

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -179,12 +179,37 @@ class FilePlan:
 
 
 @dataclass(frozen=True)
+class DeferredFile:
+    """An output file whose operations are planned when it is written, and dropped after.
+
+    A ZeRO-3 model-states file lists an operation per zip record (a placeholder per parameter:
+    20,000 records, about 10 MB of operations at 20,000 parameters): a plan holding every rank's
+    at once grows with the rank count (DP 128: 1.8 GB). The executor builds a deferred file just
+    before writing it and checks it as it checks every file (every byte written exactly once)
+    before its first byte; the output is still committed only when every file is complete.
+    ``build`` must return the same plan each time it is called (a plan is deterministic).
+    """
+
+    name: str
+    build: Callable[[], FilePlan] = field(repr=False, compare=False)
+
+    def planned(self) -> FilePlan:
+        """The file's plan, which must carry this file's name."""
+        file = self.build()
+        if file.name != self.name:
+            raise ValueError(f"the deferred file {self.name} was planned as {file.name}")
+        return file
+
+
+@dataclass(frozen=True)
 class WritePlan:
     """Every file a job writes, complete before the first byte is written.
 
     Attributes:
         files: the output files, in commit order (for a directory output the last one is the
-            commit point: an index).
+            commit point: an index); a :class:`DeferredFile` is planned when it is written.
+            The sizes and byte counts below are those of the planned files;
+            :meth:`resolved` plans the deferred ones (holding every file's operations).
         directory: ``files`` are entries of an output directory that may hold other files
             (kept); otherwise the output is the single file ``files[0]``.
         withdraw: existing entries moved aside before the first new one is renamed into place
@@ -200,7 +225,7 @@ class WritePlan:
             entries that exist; the last file is the output itself, the commit point.
     """
 
-    files: tuple[FilePlan, ...]
+    files: tuple[FilePlan | DeferredFile, ...]
     directory: bool = False
     withdraw: tuple[str, ...] = ()
     stale: str = ""
@@ -208,19 +233,36 @@ class WritePlan:
     entries: tuple[str, ...] = ()
     beside: bool = False
 
+    @property
+    def deferred(self) -> bool:
+        """Some files are planned only when written."""
+        return any(isinstance(f, DeferredFile) for f in self.files)
+
+    def planned_files(self) -> Iterator[FilePlan]:
+        """The files planned so far (deferred ones are not built)."""
+        return (f for f in self.files if isinstance(f, FilePlan))
+
+    def resolved(self) -> WritePlan:
+        """This plan with every deferred file planned (what needs every file's operations at
+        once: a split across processes, a printed plan)."""
+        if not self.deferred:
+            return self
+        files = tuple(f.planned() if isinstance(f, DeferredFile) else f for f in self.files)
+        return replace(self, files=files)
+
     def commit_order(self) -> tuple[str, ...]:
         """The output directory's entries, in the order they are renamed into place."""
         return self.entries or tuple(f.name for f in self.files)
 
     @property
     def data_nbytes(self) -> int:
-        """Bytes copied from source files, over all files."""
-        return sum(f.data_nbytes for f in self.files)
+        """Bytes copied from source files, over all planned files."""
+        return sum(f.data_nbytes for f in self.planned_files())
 
     @property
     def size(self) -> int:
-        """Total bytes of every output file."""
-        return sum(f.size for f in self.files)
+        """Total bytes of every planned output file."""
+        return sum(f.size for f in self.planned_files())
 
     def problems(self) -> list[str]:
         """Every problem of every file (see :meth:`FilePlan.problems`), plus duplicate names."""
@@ -235,14 +277,14 @@ class WritePlan:
                 found.append(
                     f"{f.name}: not an entry of the output or a file in one of its directories"
                 )
-        for f in self.files:
+        for f in self.planned_files():
             found.extend(f.problems())
         return found
 
     def sources(self) -> Iterator[Path]:
-        """Every source file read, once each, in first-use order."""
+        """Every source file read by the planned files, once each, in first-use order."""
         seen: set[Path] = set()
-        for f in self.files:
+        for f in self.planned_files():
             for op in f.ops:
                 path = op.source.path if isinstance(op, (Copy, CastCopy)) else None
                 if path is not None and path not in seen:
@@ -252,8 +294,9 @@ class WritePlan:
     def describe(self, ranges: bool = False) -> dict[str, Any]:
         """The plan as JSON-ready data: files, sizes and operation counts, and with ``ranges``
         every operation's output range and source (what ``--dry-run --json`` can print)."""
+        plan = self.resolved()
         files = []
-        for f in self.files:
+        for f in plan.planned_files():
             entry: dict[str, Any] = {
                 "name": f.name,
                 "size": f.size,
@@ -268,10 +311,10 @@ class WritePlan:
                 entry["ops"] = [_describe_op(op) for op in sorted(f.ops, key=lambda o: o.at)]
                 entry["derived_ops"] = [_describe_op(op) for op in f.derived]
             files.append(entry)
-        return {"files": files, "size": self.size, "copied_bytes": self.data_nbytes}
+        return {"files": files, "size": plan.size, "copied_bytes": plan.data_nbytes}
 
 
-def tag_directory_plan(tag: str, files: Sequence[FilePlan]) -> WritePlan:
+def tag_directory_plan(tag: str, files: Sequence[FilePlan | DeferredFile]) -> WritePlan:
     """The write plan of a DeepSpeed save directory: the tag directory holding ``files`` (named
     ``tag/...``), committed first, then ``latest`` naming it (what ``load_checkpoint`` reads)."""
     latest = tag.encode()
@@ -328,7 +371,7 @@ def plan_digest(plan: WritePlan) -> str:
         ("beside", plan.beside),
     ):
         h.update(f"{name}={value!r};".encode())
-    for f in plan.files:
+    for f in plan.resolved().planned_files():
         h.update(f"file {f.name} {f.size};".encode())
         for op in (*f.ops, *f.derived):
             if isinstance(op, Literal):

@@ -34,6 +34,7 @@ What a checkpoint does not record, and what dsckpt decides:
 
 from __future__ import annotations
 
+import itertools
 import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -180,10 +181,10 @@ def open_pipeline(layout: Layout, rules_file: Path | None = None) -> PipelineSou
         sources = layout.zero_sources[mp]
         groups = max(groups, len(sources.groups))
         for g, group in enumerate(sources.groups):
-            if any(
-                p.offset != sum(q.numel for q in group.params[:i])
-                for i, p in enumerate(group.params)
-            ):
+            # Each parameter starts where the ones before it end (a running sum: summing every
+            # prefix made this quadratic, 13 of 16 s at 800 layers).
+            ends = itertools.accumulate((q.numel for q in group.params), initial=0)
+            if any(p.offset != end for p, end in zip(group.params, ends, strict=False)):
                 raise UnsupportedLayout(
                     f"{where}: optimizer group {g} of model-parallel rank "
                     f"{mp} has parameter_alignment padding, which reshape "

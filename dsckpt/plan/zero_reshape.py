@@ -549,16 +549,24 @@ def _plan_zero3(facts: SourceFacts, dp: int) -> ReshapePlan:
             chosen = [params[i] for i in members]
             index = len(groups)
             partitions = []
+            # Per parameter once, not per (rank, parameter): its size, source place and piece.
+            pieces = [
+                (n, *where[name], zero.zero3_partition_numel(n, dp))
+                for name, shape in chosen
+                for n in (zero.numel(shape),)
+            ]
             for rank in range(dp):
                 runs: list[Run] = []
                 offset = padding = 0
-                for name, shape in chosen:
-                    n = zero.numel(shape)
-                    sub, base = where[name]
-                    for run in _zero3_runs(n, facts.dp, dp, rank, sub, base, offset):
-                        _append(runs, run)
-                    offset += zero.zero3_partition_numel(n, dp)
-                    padding += _zero3_padding(n, dp, rank)
+                for n, sub, base, piece in pieces:
+                    start = rank * piece
+                    # A rank past the parameter's end holds padding only (most ranks, for the
+                    # small parameters of a large DP): no runs to look for.
+                    if start < n or facts.dp == dp:
+                        for run in _zero3_runs(n, facts.dp, dp, rank, sub, base, offset):
+                            _append(runs, run)
+                    offset += piece
+                    padding += piece - max(0, min(piece, n - start))
                 partitions.append(Partition(rank, offset, tuple(runs), padding))
             sources = tuple(sorted({where[n][0] for n, _ in chosen}))
             groups.append(

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+import gc
+import weakref
 import zipfile
 import zlib
 from pathlib import Path
@@ -13,7 +17,16 @@ from dsckpt.api.consolidation import plan_for
 from dsckpt.errors import IncompleteOutputError
 from dsckpt.execute.executor import run
 from dsckpt.execute.formats import SAFETENSORS, SHARDED, TORCH, output_plan
-from dsckpt.plan.fileplan import ByteRange, Copy, Crc32, Duplicate, FilePlan, Literal, WritePlan
+from dsckpt.plan.fileplan import (
+    ByteRange,
+    Copy,
+    Crc32,
+    DeferredFile,
+    Duplicate,
+    FilePlan,
+    Literal,
+    WritePlan,
+)
 
 
 def _plan(fmt: str, out: str, name: str = "z2-fp32-dp2", **kw) -> WritePlan:
@@ -160,3 +173,79 @@ def test_crcs_streamed_from_the_sources_equal_crcs_read_back(tmp_path: Path, mon
                 assert zipfile.ZipFile(p).testzip() is None, p
         outputs[minimum] = {str(p.relative_to(out)): p.read_bytes() for p in files}
     assert outputs[0] == outputs[1 << 60]
+
+
+# -- deferred files: planned as they are written (ZeRO-3 model states, issue 16) -----------------
+
+
+class _Builds:
+    """Deferred copies of a plan's files; with ``one_at_a_time``, each build checks that the
+    files built before it are gone (what the executor must do: hold one file plan at a time)."""
+
+    def __init__(self) -> None:
+        self.names: list[str] = []
+        self.alive: list[weakref.ref[FilePlan]] = []
+        self.one_at_a_time = False
+
+    def build(self, file: FilePlan) -> FilePlan:
+        if self.one_at_a_time:
+            gc.collect()
+            assert [r() for r in self.alive if r() is not None] == [], "an earlier plan is held"
+        copy = dataclasses.replace(file)
+        self.alive.append(weakref.ref(copy))
+        self.names.append(file.name)
+        return copy
+
+    def deferred(self, plan: WritePlan) -> WritePlan:
+        """``plan`` with every file but the last deferred."""
+        files = [DeferredFile(f.name, functools.partial(self.build, f)) for f in plan.files[:-1]]
+        return dataclasses.replace(plan, files=(*files, plan.files[-1]))
+
+
+def test_deferred_files_write_the_same_bytes_one_plan_at_a_time(tmp_path: Path) -> None:
+    plan = _plan(SHARDED, "hf")
+    builds = _Builds()
+    deferred = builds.deferred(plan)
+    assert deferred.deferred and deferred.data_nbytes < plan.data_nbytes
+    assert deferred.resolved().describe(ranges=True) == plan.describe(ranges=True)
+    run(plan, tmp_path / "whole")
+    builds.names.clear()
+    builds.one_at_a_time = True
+    grown: list[int] = []
+    run(deferred, tmp_path / "deferred", planned=grown.append)
+    assert builds.names == [f.name for f in plan.files[:-1]]  # each planned once, in order
+    assert deferred.data_nbytes + sum(grown) == plan.data_nbytes  # the bar's total, in the end
+    for f in plan.files:
+        assert (tmp_path / "whole" / f.name).read_bytes() == (
+            tmp_path / "deferred" / f.name
+        ).read_bytes()
+
+
+def test_an_unsound_deferred_file_fails_the_run_and_nothing_is_committed(tmp_path: Path) -> None:
+    good = FilePlan("a.bin", 4, (Literal(0, b"1234"),))
+    bad = FilePlan("b.bin", 10, (Literal(0, b"1234"),))
+    plan = WritePlan(
+        (good, DeferredFile("b.bin", lambda: bad), FilePlan("index", 1, (Literal(0, b"x"),))),
+        directory=True,
+    )
+    assert plan.problems() == []  # what can be checked before the file is planned
+    with pytest.raises(IncompleteOutputError, match=r"b.bin: bytes \[4, 10\) are never written"):
+        run(plan, tmp_path / "out")
+    assert not (tmp_path / "out").exists() or list((tmp_path / "out").iterdir()) == []
+    renamed = WritePlan((DeferredFile("c.bin", lambda: good),), directory=True)
+    with pytest.raises(ValueError, match="c.bin was planned as a.bin"):
+        run(renamed, tmp_path / "out2")
+
+
+def test_a_zero3_reshape_defers_only_its_model_states_files(tmp_path: Path) -> None:
+    from dsckpt.execute.formats.deepspeed_files import ZeroRankFiles
+    from dsckpt.plan.zero_reshape import plan_reshape
+
+    for name, deferred in (("z3-fp32-dp2", 3), ("z2-fp32-dp2", 0)):
+        source, plan = plan_reshape(ckpt("zero", name), 3)
+        lazy = ZeroRankFiles(source, plan).write_plan(defer=True)
+        whole = ZeroRankFiles(source, plan).write_plan()
+        later = [f.name for f in lazy.files if isinstance(f, DeferredFile)]
+        assert len(later) == deferred
+        assert all(n.endswith("_model_states.pt") for n in later)
+        assert lazy.resolved().describe(ranges=True) == whole.describe(ranges=True)

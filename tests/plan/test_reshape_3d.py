@@ -125,3 +125,29 @@ def test_dry_run_writes_nothing(tmp_path: Path) -> None:
     result = reshape(PIPE / "p2t1d2-z1-fp32" / "ckpt", tmp_path / "out", tp=2, pp=1, dry_run=True)
     assert not result.written and not (tmp_path / "out").exists()
     assert "dry run: PP 2 x TP 1 x DP 2 -> PP 1 x TP 2 x DP 2" in result.summary()
+
+
+@pytest.mark.parametrize("shift", [1, -1])
+def test_a_pipeline_group_with_alignment_padding_is_refused(shift: int) -> None:
+    """Each parameter of a ZeRO-1 group must start where the one before it ends; a gap (what
+    DeepSpeed's parameter alignment would leave) or an overlap is refused, not re-created."""
+    import dataclasses
+
+    from dsckpt.errors import UnsupportedLayout
+
+    source = layout("p2t2d1-z1-fp32")
+    assert open_pipeline(source).params  # as saved: no padding
+    mp = min(source.zero_sources)
+    group = source.zero_sources[mp].groups[0]
+    moved = (
+        *group.params[:2],
+        dataclasses.replace(group.params[2], offset=group.params[2].offset + shift),
+        *group.params[3:],
+    )
+    groups = (dataclasses.replace(group, params=moved), *source.zero_sources[mp].groups[1:])
+    sources = {
+        **source.zero_sources,
+        mp: dataclasses.replace(source.zero_sources[mp], groups=groups),
+    }
+    with pytest.raises(UnsupportedLayout, match="parameter_alignment padding"):
+        open_pipeline(dataclasses.replace(source, zero_sources=sources))

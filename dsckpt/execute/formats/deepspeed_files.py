@@ -25,7 +25,14 @@ from dsckpt.execute.executor import tensor_memory
 from dsckpt.execute.formats.torch_writer import LazyStorages, torch_object_file
 from dsckpt.io import dtypes
 from dsckpt.io.load import STAND_INS, FragmentAddress, read_tensor, tensor_ref
-from dsckpt.plan.fileplan import ByteRange, Copy, FilePlan, WritePlan, tag_directory_plan
+from dsckpt.plan.fileplan import (
+    ByteRange,
+    Copy,
+    DeferredFile,
+    FilePlan,
+    WritePlan,
+    tag_directory_plan,
+)
 from dsckpt.plan.universal_reshape import UniversalSource
 from dsckpt.plan.zero_reshape import Partition, ReshapePlan, Run, Source, TargetGroup
 
@@ -98,20 +105,39 @@ class ZeroRankFiles:
 
     # --- the directory ------------------------------------------------------------------------
 
-    def write_plan(self) -> WritePlan:
-        """Every output file planned (nothing is written): the rank files, then ``latest``."""
+    def write_plan(self, defer: bool = False) -> WritePlan:
+        """Every output file planned (nothing is written): the rank files, then ``latest``.
+
+        With ``defer``, ZeRO-3's model-states files are deferred (:class:`DeferredFile`):
+        planned by the executor one at a time as it writes them. Each lists an operation per
+        parameter (a placeholder record each): holding every rank's grows with the rank count.
+        """
         tag = self.source.tag
-        files = []
-        with self.stack:  # sources read while building (strided partitions only)
-            for name, build in self._jobs():
-                files.append(rank_file_plan(build(), f"{tag}/{name}", self.lazy))
-                self.lazy = type(self.lazy)()  # drop this file's sources
-            for path in self.source.expert_files:
-                # MoE expert weights do not depend on the DP size: copied byte for byte.
-                size = self._size(path)
-                whole = (Copy(0, ByteRange(path, 0, size)),) if size else ()
-                files.append(FilePlan(f"{tag}/{path.name}", size, whole))
+        files: list[FilePlan | DeferredFile] = []
+        for name, build in self._jobs():
+            path = f"{tag}/{name}"
+            if defer and self._per_parameter(name):
+                files.append(DeferredFile(path, functools.partial(self._file, path, build)))
+            else:
+                files.append(self._file(path, build))
+        for source in self.source.expert_files:
+            # MoE expert weights do not depend on the DP size: copied byte for byte (the
+            # executor opens each again as a regular file when it copies).
+            size = os.stat(source).st_size
+            whole = (Copy(0, ByteRange(source, 0, size)),) if size else ()
+            files.append(FilePlan(f"{tag}/{source.name}", size, whole))
         return tag_directory_plan(tag, files)
+
+    def _per_parameter(self, name: str) -> bool:
+        return self.plan.kind == "zero3" and name.endswith("_model_states.pt")
+
+    def _file(self, path: str, build: Callable[[], Any]) -> FilePlan:
+        """One rank file's plan, built with its own lazy storages and source descriptors."""
+        self.stack, self.fds, self.lazy = ExitStack(), {}, LazyStorages()
+        with self.stack:  # sources read while building (strided partitions only)
+            file = rank_file_plan(build(), path, self.lazy)
+        self.lazy = LazyStorages()  # drop this file's sources
+        return file
 
     def _jobs(self) -> list[tuple[str, Callable[[], Any]]]:
         """``(file name, builder)`` for every output rank file."""
