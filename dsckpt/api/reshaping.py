@@ -22,8 +22,14 @@ from dsckpt.execute.formats.pipeline_files import PipelineRankFiles
 from dsckpt.execute.progress import ProgressSink
 from dsckpt.plan.maps import check_degrees
 from dsckpt.plan.pipeline_reshape import PipelineReshapeResult, plan_pipeline
-from dsckpt.plan.universal_reshape import open_universal, plan_universal
-from dsckpt.plan.zero_reshape import ReshapeResult, extra_entries, location_of, plan_reshape
+from dsckpt.plan.universal_reshape import UniversalSource, open_universal, plan_universal
+from dsckpt.plan.zero_reshape import (
+    ReshapeResult,
+    Source,
+    extra_entries,
+    location_of,
+    plan_reshape,
+)
 
 
 def reshape(
@@ -104,31 +110,10 @@ def reshape_zero(
     """Write the ZeRO checkpoint ``layout`` re-partitioned for ``dp`` ranks to ``out`` (see
     :func:`reshape`): plan, check the output, plan every rank file, then write them."""
     source, plan = plan_reshape(layout, dp)
-    out = Path(out)
-    check_reshape_output(source.layout, out, force)
     result = ReshapeResult(
-        plan=plan, source=source.layout.dir, out=out, tag=source.tag, written=False
+        plan=plan, source=layout.dir, out=Path(out), tag=source.tag, written=False
     )
-    if dry_run:
-        result.plan_files = lambda: ZeroRankFiles(source, plan).write_plan()
-        return result
-    # ZeRO-3's model-states files are planned as they are written (memory bounded by one).
-    write_plan = ZeroRankFiles(source, plan).write_plan(defer=True)
-    written = write_tag_directory(
-        write_plan,
-        out,
-        source.tag,
-        force=force,
-        progress=progress,
-        description=f"reshape to DP {plan.dp}",
-        extras_from=source.layout.dir,
-        extras=[p.name for p in source.extra_files],
-    )
-    result.files = [f.name.partition("/")[2] for f in write_plan.files if f.name != "latest"]
-    result.files += written.copied
-    result.skipped, result.nbytes = written.skipped, written.nbytes
-    result.written = True
-    return result
+    return _write_zero(source, result, force, dry_run, progress, f"reshape to DP {plan.dp}")
 
 
 def reshape_universal(
@@ -145,23 +130,41 @@ def reshape_universal(
     plain ``engine.load_checkpoint(out)`` resumes it without ``load_universal``."""
     source = open_universal(layout)
     plan = plan_universal(source, dp)
-    out = Path(out)
-    check_reshape_output(layout, out, force)
     result = ReshapeResult(
-        plan=plan, source=layout.dir, out=out, tag=source.tag, written=False, from_universal=True
+        plan=plan,
+        source=layout.dir,
+        out=Path(out),
+        tag=source.tag,
+        written=False,
+        from_universal=True,
     )
+    return _write_zero(source, result, force, dry_run, progress, f"universal to native DP {dp}")
+
+
+def _write_zero(
+    source: Source | UniversalSource,
+    result: ReshapeResult,
+    force: bool,
+    dry_run: bool,
+    progress: ProgressSink | None,
+    description: str,
+) -> ReshapeResult:
+    """Check the output, plan every rank file of ``result.plan`` from ``source``, write them."""
+    check_reshape_output(source.layout, result.out, force)
+    plan = result.plan
     if dry_run:
         result.plan_files = lambda: ZeroRankFiles(source, plan).write_plan()
         return result
-    write_plan = ZeroRankFiles(source, plan).write_plan()
+    # ZeRO-3's model-states files are planned as they are written (memory bounded by one).
+    write_plan = ZeroRankFiles(source, plan).write_plan(defer=True)
     written = write_tag_directory(
         write_plan,
-        out,
+        result.out,
         source.tag,
         force=force,
         progress=progress,
-        description=f"universal to native DP {plan.dp}",
-        extras_from=layout.dir,
+        description=description,
+        extras_from=source.layout.dir,
         extras=[p.name for p in source.extra_files],
     )
     result.files = [f.name.partition("/")[2] for f in write_plan.files if f.name != "latest"]
