@@ -315,10 +315,7 @@ def reshape_line(result: Any, empty_ranks: int = 0) -> str:
     )
     plan = result.plan
     if not hasattr(plan, "src"):
-        kind = {"zero": f"ZeRO-{plan.stage}", "bf16_optimizer": "BF16_Optimizer (ZeRO-1)",
-                "zero3": "ZeRO-3"}[plan.kind]  # fmt: skip
-        if getattr(result, "from_universal", False):
-            kind = f"universal checkpoint -> native {kind}"
+        kind = result.what
         move = (
             f"{kind} resharded from DP {src['dp']} to DP {dst['dp']}"
             if result.written

@@ -1004,7 +1004,10 @@ class ReshapeResult:
     # Plans every output file on demand (a dry run does not, unless asked: --dry-run --json).
     plan_files: Callable[[], Any] | None = field(default=None, repr=False, compare=False)
 
-    def summary(self) -> str:
+    @property
+    def what(self) -> str:
+        """What was reshaped, for people: ``ZeRO-2``, ``ZeRO-1 MoE (expert parallelism 2 kept)``,
+        ``universal checkpoint -> native ZeRO-3``..."""
         what = {
             "zero": f"ZeRO-{self.plan.stage}",
             "bf16_optimizer": "BF16_Optimizer (ZeRO-1)",
@@ -1015,6 +1018,10 @@ class ReshapeResult:
             what += f" MoE (expert parallelism {sizes} kept)"
         if self.from_universal:
             what = f"universal checkpoint -> native {what}"
+        return what
+
+    def summary(self) -> str:
+        what = self.what
         if not self.written:
             return (
                 f"dry run: {what} DP {self.plan.source_dp} -> {self.plan.dp}; nothing written "
