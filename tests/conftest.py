@@ -119,3 +119,24 @@ def torchrun_jobs(
         tail = "\n".join(log.read_text().splitlines()[-40:])
         raise RuntimeError(f"torchrun {label} exited {proc.returncode}:\n{tail}")
     return time.monotonic() - start
+
+
+def load_output(out: Path) -> dict[str, Any]:
+    """The state dict a to-fp32 output holds, whatever its format: one .safetensors or .bin
+    file, or a folder of shards with or without Transformers' index (whose weight map must
+    name exactly the tensors the shards hold)."""
+    import torch
+    from safetensors.torch import load_file
+
+    if out.suffix == ".safetensors":
+        return load_file(out)
+    if out.suffix == ".bin":
+        return torch.load(out, weights_only=True, mmap=True)
+    if not (out / "model.safetensors.index.json").exists():  # one shard: as transformers names it
+        return load_file(out / "model.safetensors")
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    merged: dict[str, Any] = {}
+    for shard in sorted(set(index["weight_map"].values())):
+        merged.update(load_file(out / shard))
+    assert set(merged) == set(index["weight_map"])
+    return merged

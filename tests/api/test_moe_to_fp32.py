@@ -4,13 +4,12 @@ live optimizer state; AutoEP --hf-names into transformers' Mixtral."""
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import FIXTURES, facts
+from conftest import FIXTURES, facts, load_output
 from safetensors.torch import load_file
 
 from dsckpt.api.consolidation import consolidate
@@ -33,20 +32,6 @@ def _ref(name: str) -> dict[str, torch.Tensor]:
     return torch.load(MOE_DIR / name / "ref_live.pt", weights_only=True)
 
 
-def _load(out: Path) -> dict[str, torch.Tensor]:
-    if out.suffix == ".safetensors":
-        return load_file(out)
-    if out.suffix == ".bin":
-        return torch.load(out, weights_only=True)
-    index = out / "model.safetensors.index.json"
-    if not index.exists():
-        return load_file(out / "model.safetensors")
-    merged: dict[str, torch.Tensor] = {}
-    for shard in sorted(set(json.loads(index.read_text())["weight_map"].values())):
-        merged.update(load_file(out / shard))
-    return merged
-
-
 def _assert_bitwise(got: dict[str, torch.Tensor], ref: dict[str, torch.Tensor]) -> None:
     assert set(got) == set(ref)
     for key, value in ref.items():
@@ -60,7 +45,7 @@ def _assert_bitwise(got: dict[str, torch.Tensor], ref: dict[str, torch.Tensor]) 
 def test_every_moe_fixture_bitwise(tmp_path: Path, name: str, fmt: str) -> None:
     out = tmp_path / fmt if fmt != "shards" else tmp_path / "hf"
     consolidate(_ckpt(name), out, max_shard_size="4KB")
-    got = _load(out)
+    got = load_output(out)
     ref = _ref(name)
     assert set(ref) == set(facts("moe", name)["state_dict_keys"])
     _assert_bitwise(got, ref)
@@ -102,7 +87,7 @@ def test_native_output_loads_strictly_into_the_model(tmp_path: Path, name: str) 
     model = tiny_moe.build_model(
         f["seed"], (1, 1), k=f["top_k"], residual=f["residual"], expert_hidden=f["expert_hidden"]
     )
-    model.load_state_dict(_load(out), strict=True)
+    model.load_state_dict(load_output(out), strict=True)
     state = model.state_dict()
     ref = _ref(name)
     assert all(torch.equal(state[k], ref[k]) for k in ref)
@@ -147,7 +132,7 @@ def test_autoep_hf_names_load_into_mixtral(tmp_path: Path, name: str, fmt: str) 
 
     out = tmp_path / fmt if fmt != "shards" else tmp_path / "hf"
     consolidate(_ckpt(name), out, hf_names=True)
-    got = _load(out)
+    got = load_output(out)
     expected = tiny_moe.autoep_to_hf(_ref(name))
     _assert_bitwise(got, expected)
     assert verify_output(_ckpt(name), out).equal

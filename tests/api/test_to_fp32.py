@@ -9,28 +9,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import FIXTURES, PIPE, ZERO, ckpt, facts, tag_dir
+from conftest import FIXTURES, PIPE, ZERO, ckpt, facts, load_output, tag_dir
 from safetensors import safe_open
 from safetensors.torch import load_file
 
 from dsckpt.api import consolidation as core
 
 FORMATS = ["model.safetensors", "model.bin", "shards"]
-
-
-def _load(out: Path) -> dict[str, torch.Tensor]:
-    if out.suffix == ".safetensors":
-        return load_file(out)
-    if out.suffix == ".bin":
-        return torch.load(out, weights_only=True, mmap=True)
-    if not (out / "model.safetensors.index.json").exists():  # one shard: as transformers names it
-        return load_file(out / "model.safetensors")
-    index = json.loads((out / "model.safetensors.index.json").read_text())
-    merged: dict[str, torch.Tensor] = {}
-    for shard in sorted(set(index["weight_map"].values())):
-        merged.update(load_file(out / shard))
-    assert set(merged) == set(index["weight_map"])
-    return merged
 
 
 def _as_out(ref: torch.Tensor) -> torch.Tensor:
@@ -54,7 +39,7 @@ def test_bitwise_equal_to_deepspeed_and_to_the_live_run(
     shards = ["--max-shard-size", "1KB"] if fmt == "shards" else []  # refused for one file
     result = cli("to-fp32", ckpt("zero", name), out, *shards)
     assert result.exit_code == 0, result.output
-    got = _load(out)
+    got = load_output(out)
     live = torch.load(FIXTURES / "zero" / name / "ref_live.pt", weights_only=True)
     # Every name of the model's state dict, tied aliases and ZeRO-1 frozen weights included.
     assert set(got) == set(live) == set(f["state_dict_keys"])
@@ -90,10 +75,10 @@ def test_sharded_output_follows_the_cap_and_loads_strictly(cli, tmp_path: Path) 
             sizes = [f.get_slice(k).get_shape() for k in names]
             assert len(sizes) == 1 or sum(4 * max(1, _numel(s)) for s in sizes) <= 400
     assert index["metadata"]["total_size"] == sum(
-        t.numel() * t.element_size() for k, t in _load(out).items() if k not in aliases
+        t.numel() * t.element_size() for k, t in load_output(out).items() if k not in aliases
     )
     model = build_model(seed=0)
-    model.load_state_dict(_load(out), strict=True)
+    model.load_state_dict(load_output(out), strict=True)
 
 
 def _numel(shape: list[int]) -> int:

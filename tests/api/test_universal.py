@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import FIXTURES, RunsAShellCommand, ckpt, facts
+from conftest import FIXTURES, RunsAShellCommand, ckpt, facts, load_output
 from safetensors.torch import load_file
 
 from dsckpt.discover.layout import open_checkpoint
@@ -22,20 +22,6 @@ from dsckpt.discover.layout import open_checkpoint
 UNIVERSAL = sorted(p.parent.name for p in (FIXTURES / "universal").glob("*/facts.json"))
 ZERO_UNIVERSAL = [n for n in UNIVERSAL if facts("universal", n)["source"].startswith("zero/")]
 FORMATS = ["model.safetensors", "model.bin", "shards"]
-
-
-def _load(out: Path) -> dict[str, torch.Tensor]:
-    if out.suffix == ".safetensors":
-        return load_file(out)
-    if out.suffix == ".bin":
-        return torch.load(out, weights_only=True)
-    index = out / "model.safetensors.index.json"
-    if not index.exists():
-        return load_file(out / "model.safetensors")
-    merged: dict[str, torch.Tensor] = {}
-    for shard in sorted(set(json.loads(index.read_text())["weight_map"].values())):
-        merged.update(load_file(out / shard))
-    return merged
 
 
 def _as_out(ref: torch.Tensor) -> torch.Tensor:
@@ -130,7 +116,7 @@ def test_to_fp32_equals_the_source_run_and_deepspeeds_universal_load(
     result = cli("to-fp32", ckpt("universal", name), out, *shards)
     assert result.exit_code == 0, result.output
     assert "universal checkpoint" in result.stdout
-    got = _load(out)
+    got = load_output(out)
     live = torch.load(FIXTURES / f["source_ref_live"], weights_only=True)
     assert set(got) == set(live)  # buffers, frozen weights and tied aliases included
     for key, value in live.items():
