@@ -6,7 +6,8 @@ Three layers, as everywhere in dsckpt:
   read from the rank files' metadata (no tensor data).
 * **Plan** (:func:`plan_from_facts`, pure, no I/O): for every target rank and every flat group
   (ZeRO-1/2 optimizer group, ZeRO-3 sub-group) which source ranks and element ranges make its
-  partition (:class:`Run`), plus the bookkeeping DeepSpeed records for the new size
+  partition (:class:`Run`; ZeRO-3 keeps them as the rule that derives them per rank,
+  :class:`Zero3Partitions`), plus the bookkeeping DeepSpeed records for the new size
   (``group_paddings``, ``param_slice_mappings``, ZeRO-3 sub-groups and ``param_shapes``).
 * **Files**: :class:`~dsckpt.execute.formats.deepspeed_files.ZeroRankFiles` turns the plan
   into a write plan (every rank file's pickle and zip records, and the byte ranges of the source
@@ -145,7 +146,7 @@ class TargetGroup:
     index: int
     param_group: int
     params: tuple[tuple[str, Shape], ...]  # flat order at the target size (param_shapes[index])
-    partitions: tuple[Partition, ...]
+    partitions: Sequence[Partition]  # a tuple, or ZeRO-3's rule (Zero3Partitions)
     sources: tuple[int, ...]  # source group indices the data comes from
     alignment_paddings: tuple[int, ...] | None = None  # ZeRO-1/2 param_alignment_paddings
     ds_id: str | None = None  # ZeRO-3 flat tensor bookkeeping
@@ -164,7 +165,7 @@ class FrozenFragments:
 
     name: str
     shape: Shape
-    partitions: tuple[Partition, ...]
+    partitions: Sequence[Partition]
 
 
 @dataclass(frozen=True)
@@ -394,6 +395,46 @@ def _zero3_runs(
     return runs
 
 
+@dataclass(frozen=True)
+class Zero3Partitions(Sequence[Partition]):
+    """A ZeRO-3 sub-group's partitions at ``dp`` ranks, kept as the rule that makes them.
+
+    Every target rank's tensor concatenates its ``ceil(numel/dp)`` piece of each parameter, so
+    the partitions are fully described by the parameters (``pieces``: numel, source sub-group,
+    offset of the parameter's piece in every source rank's tensor). Listing each rank's runs
+    would hold ranks x parameters runs (10 million at 512 ranks x 20,000 parameters); a rank's
+    :class:`Partition` is derived when asked for (the writer asks once per rank file).
+    """
+
+    src_dp: int
+    dp: int
+    pieces: tuple[tuple[int, int, int], ...]
+
+    def __len__(self) -> int:
+        return self.dp
+
+    def __getitem__(self, rank: int) -> Partition:  # type: ignore[override]
+        if not isinstance(rank, int):
+            raise TypeError("ZeRO-3 partitions are indexed by target rank")
+        if rank < 0:
+            rank += self.dp
+        if not 0 <= rank < self.dp:
+            raise IndexError(rank)
+        runs: list[Run] = []
+        offset = padding = 0
+        for n, sub, base in self.pieces:
+            piece = zero.zero3_partition_numel(n, self.dp)
+            start = rank * piece
+            # A rank past the parameter's end holds padding only (most ranks, for the small
+            # parameters of a large DP): no runs to look for.
+            if start < n or self.src_dp == self.dp:
+                for run in _zero3_runs(n, self.src_dp, self.dp, rank, sub, base, offset):
+                    _append(runs, run)
+            offset += piece
+            padding += piece - max(0, min(piece, n - start))
+        return Partition(rank, offset, tuple(runs), padding)
+
+
 def plan_from_facts(facts: SourceFacts, dp: int) -> ReshapePlan:
     """The reshape plan to ``dp`` data-parallel ranks (pure: integers in, integers out).
 
@@ -547,59 +588,25 @@ def _plan_zero3(facts: SourceFacts, dp: int) -> ReshapePlan:
         numels = [zero.numel(s) for _, s in params]
         for members in zero3_sub_groups(numels, dp, facts.sub_group_size):
             chosen = [params[i] for i in members]
-            index = len(groups)
-            partitions = []
-            # Per parameter once, not per (rank, parameter): its size, source place and piece.
-            pieces = [
-                (n, *where[name], zero.zero3_partition_numel(n, dp))
-                for name, shape in chosen
-                for n in (zero.numel(shape),)
-            ]
-            for rank in range(dp):
-                runs: list[Run] = []
-                offset = padding = 0
-                for n, sub, base, piece in pieces:
-                    start = rank * piece
-                    # A rank past the parameter's end holds padding only (most ranks, for the
-                    # small parameters of a large DP): no runs to look for.
-                    if start < n or facts.dp == dp:
-                        for run in _zero3_runs(n, facts.dp, dp, rank, sub, base, offset):
-                            _append(runs, run)
-                    offset += piece
-                    padding += piece - max(0, min(piece, n - start))
-                partitions.append(Partition(rank, offset, tuple(runs), padding))
+            pieces = tuple((zero.numel(shape), *where[name]) for name, shape in chosen)
             sources = tuple(sorted({where[n][0] for n, _ in chosen}))
             groups.append(
                 TargetGroup(
-                    index=index,
+                    index=len(groups),
                     param_group=pg,
                     params=tuple(chosen),
-                    partitions=tuple(partitions),
+                    partitions=Zero3Partitions(facts.dp, dp, pieces),
                     sources=sources,
                     ds_id=_zero3_ds_id(facts, chosen, ids),
                 )
             )
-    frozen = []
-    for f, (name, shape) in enumerate(facts.frozen):
-        n = zero.numel(shape)
-        parts = tuple(
-            Partition(
-                r,
-                zero.zero3_partition_numel(n, dp),
-                tuple(_zero3_runs(n, facts.dp, dp, r, f, 0, 0)),
-                _zero3_padding(n, dp, r),
-            )
-            for r in range(dp)
-        )
-        frozen.append(FrozenFragments(name, shape, parts))
-    return ReshapePlan(
-        kind="zero3", stage=3, source_dp=facts.dp, dp=dp, groups=tuple(groups), frozen=tuple(frozen)
+    frozen = tuple(
+        FrozenFragments(name, shape, Zero3Partitions(facts.dp, dp, ((zero.numel(shape), f, 0),)))
+        for f, (name, shape) in enumerate(facts.frozen)
     )
-
-
-def _zero3_padding(numel: int, dp: int, rank: int) -> int:
-    c = zero.zero3_partition_numel(numel, dp)
-    return c - max(0, min(c, numel - rank * c))
+    return ReshapePlan(
+        kind="zero3", stage=3, source_dp=facts.dp, dp=dp, groups=tuple(groups), frozen=frozen
+    )
 
 
 def _zero3_param_ids(facts: SourceFacts) -> dict[str, int]:
@@ -717,16 +724,11 @@ def open_source(ckpt: Path | str | Layout, tag: str | None = None) -> Source:
             prefix = f.prefix
         elif f.role is Role.MODEL or (f.role is Role.ZERO3_MODEL and not f.dp):
             model_paths[0] = path
-    # The writer gets torch's meta-tensor pickles, each loaded when first used. ZeRO-3's facts
-    # come from those same objects: its plan carries their name strings into the pickles the
-    # writer makes, where pickle's memo makes the bytes depend on which objects they are.
-    # ZeRO-1/2's facts hold no such objects, so planning reads rank 0's two files with dsckpt's
-    # own reader (torch's unpickler and importing torch took seconds at 20,000 parameters).
+    # The writer gets torch's meta-tensor pickles, each loaded when first used. Planning reads
+    # rank 0's two files with dsckpt's own reader instead: importing torch and its unpickler took
+    # seconds at 20,000 parameters, and the plan needs names and integers only.
     optim, model = _LoadedOnUse(optim_paths), _LoadedOnUse(model_paths)
-    if layout.kind == "zero3":
-        meta, optim0 = model[0][1], optim[0][1]
-    else:
-        meta, optim0 = load_saved(model_paths[0]), load_saved(optim_paths[0])
+    meta, optim0 = load_saved(model_paths[0]), load_saved(optim_paths[0])
     facts = _facts(layout, meta, optim0, optim)
     name = layout.tag if layout.tag is not None else where.name
     extra = tuple(where / n for n in extra_entries(where, files))
@@ -811,7 +813,8 @@ def _facts(
     optim: Mapping[int, tuple[Path, Any]],
 ) -> SourceFacts:
     """What planning needs: ``meta`` and ``optim0`` are DP rank 0's model-states and optimizer
-    pickles (ZeRO-3: torch's meta tensors; ZeRO-1/2: :class:`~dsckpt.io.unpickle.SavedTensor`)."""
+    pickles, read with dsckpt's own reader (tensors as
+    :class:`~dsckpt.io.unpickle.SavedTensor`)."""
     from dsckpt.io.unpickle import SavedTensor
 
     sources = next(iter(layout.zero_sources.values()))

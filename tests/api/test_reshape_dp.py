@@ -143,6 +143,10 @@ def test_zero3_plan_by_hand() -> None:
     assert parts[0] == Partition(0, 3, (Run(0, 0, 0, 3, 0),), 0)
     assert parts[1] == Partition(1, 3, (Run(0, 0, 3, 1, 0), Run(1, 0, 0, 2, 1)), 0)
     assert parts[2] == Partition(2, 3, (Run(1, 0, 2, 1, 0),), 2)
+    # The partitions are a rule, read as a sequence of target ranks.
+    assert list(parts) == [parts[0], parts[1], parts[-1]] and len(parts) == 3
+    with pytest.raises(IndexError):
+        parts[3]
 
 
 def test_dp_below_one_is_a_usage_error() -> None:

@@ -102,6 +102,7 @@ class ZeroRankFiles:
         # The structures are built from meta tensors whose bytes are file ranges: nothing is
         # read until save_torch copies them into the output. One registry per output file.
         self.lazy = LazyStorages()
+        self._names: dict[str, str] | None = None
 
     # --- the directory ------------------------------------------------------------------------
 
@@ -331,7 +332,28 @@ class ZeroRankFiles:
 
     def _param_shapes(self) -> list[Any]:
         torch = self.torch
-        return [OrderedDict((n, torch.Size(s)) for n, s in g.params) for g in self.plan.groups]
+        saved = self._saved_names()
+        return [
+            OrderedDict((saved.get(n, n), torch.Size(s)) for n, s in g.params)
+            for g in self.plan.groups
+        ]
+
+    def _saved_names(self) -> Mapping[str, str]:
+        """Parameter names as the template model-states pickle holds them (the same objects).
+
+        torch.save writes a string once and refers back to it (pickle's memo) when the same
+        object appears again, as DeepSpeed's module keys and ``param_shapes`` names do; names
+        equal but not identical would be written twice, and the file would not be the bytes
+        DeepSpeed writes at that size."""
+        if self._names is None:
+            _, meta = self.source.model[0]
+            self._names = {
+                n: n
+                for key in ("frozen_param_shapes", "param_shapes")
+                for shapes in _as_list(meta.get(key))
+                for n in shapes
+            }
+        return self._names
 
     def _optim_states(self, rank: int) -> Any:
         if isinstance(self.source, UniversalSource) and self.plan.kind != "zero3":
@@ -576,6 +598,7 @@ class ZeroRankFiles:
         if self.plan.frozen:
             fragments = OrderedDict()
             layout = self.source.layout
+            saved = self._saved_names()
             for frozen in self.plan.frozen:
                 refs = layout.frozen_fragments[frozen.name]
                 like = meta["frozen_param_fragments"][frozen.name]
@@ -583,7 +606,7 @@ class ZeroRankFiles:
                 out = self._flat(
                     like.dtype, part.numel, part.runs, functools.partial(_by_rank, refs)
                 )
-                fragments[frozen.name] = self._like(like, out)
+                fragments[saved.get(frozen.name, frozen.name)] = self._like(like, out)
             sd["frozen_param_fragments"] = fragments
         return sd
 
@@ -660,3 +683,10 @@ def _torch_dtype(torch: Any, ref: Any) -> Any:
 
 def _by_rank(refs: Sequence[Any], run: Run) -> Any:
     return refs[run.src_rank]
+
+
+def _as_list(value: Any) -> list[Any]:
+    """``param_shapes`` is a list of dicts; ``frozen_param_shapes`` one dict (or absent)."""
+    if value is None:
+        return []
+    return list(value) if isinstance(value, list) else [value]
