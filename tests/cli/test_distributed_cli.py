@@ -144,20 +144,58 @@ def test_ranks_that_planned_differently_refuse_before_writing(tmp_path: Path) ->
     assert list(tmp_path.iterdir()) == []
 
 
-@pytest.mark.skipif(not TORCHRUN.exists(), reason="torchrun comes with torch")
-def test_under_torchrun(tmp_path: Path) -> None:
+# What issue 16 names: to-fp32 to one file and sharded, reshape --dp and --tp/--pp/--dp.
+LAUNCHED = pytest.mark.parametrize(
+    ("args", "out"),
+    [
+        (["to-fp32", Z3], "model.safetensors"),
+        (["to-fp32", Z3, "--max-shard-size", "1KB"], "hf"),
+        (["reshape", Z3, "--dp", "2"], "ckpt"),
+        (["reshape", PIPE, "--tp", "1", "--pp", "1", "--dp", "2"], "ckpt"),
+    ],
+    ids=["to-fp32", "to-fp32-shards", "reshape-dp", "reshape-3d"],
+)
+
+
+def _torchrun(*args: str, timeout: int = 240) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    dsckpt = shutil.which("dsckpt", path=str(Path(sys.executable).parent))
-    assert dsckpt is not None
-    done = subprocess.run(
-        [str(TORCHRUN), "--nproc-per-node", "2", "--master-port", str(free_port()),
-         "--no-python", dsckpt, "to-fp32", str(Z3), str(tmp_path / "a.safetensors")],
-        capture_output=True, text=True, env=env, timeout=240,
+    env.pop("DSCKPT_DEBUG", None)
+    return subprocess.run(
+        [str(TORCHRUN), "--nproc-per-node", "2", "--master-port", str(free_port()), *args],
+        capture_output=True, text=True, env=env, timeout=timeout,
     )  # fmt: skip
+
+
+def _dsckpt() -> str:
+    found = shutil.which("dsckpt", path=str(Path(sys.executable).parent))
+    assert found is not None
+    return found
+
+
+@pytest.mark.skipif(not TORCHRUN.exists(), reason="torchrun comes with torch")
+@LAUNCHED
+def test_under_torchrun(tmp_path: Path, args: list, out: str) -> None:
+    head, rest = [str(a) for a in args[:2]], [str(a) for a in args[2:]]
+    done = _torchrun("--no-python", _dsckpt(), *head, str(tmp_path / "two" / out), *rest)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.count("wrote ") == 1
-    _alone(["to-fp32", str(Z3), str(tmp_path / "b.safetensors")])
-    _same_tree(tmp_path / "a.safetensors", tmp_path / "b.safetensors")
+    _alone([*head, str(tmp_path / "one" / out), *rest])
+    _same_tree(tmp_path / "two" / out, tmp_path / "one" / out)
+
+
+@pytest.mark.skipif(not TORCHRUN.exists(), reason="torchrun comes with torch")
+def test_a_rank_killed_under_torchrun_commits_nothing(tmp_path: Path) -> None:
+    """torchrun stops the other rank when one dies: nothing is committed, and what the dead
+    run left (its staging) is removed by the next run into the same OUT."""
+    out = tmp_path / "out" / "hf"
+    args = ["to-fp32", str(Z2), str(out), "--max-shard-size", "1KB"]
+    done = _torchrun(str(DRIVER), "cli", "kill", *args)
+    assert done.returncode != 0
+    assert not out.exists()
+    _alone(args)
+    assert [p.name for p in tmp_path.rglob("*") if p.parent == out.parent] == ["hf"]
+    _alone([*args[:2], str(tmp_path / "one"), *args[3:]])
+    _same_tree(out, tmp_path / "one")
 
 
 @pytest.mark.parametrize(
@@ -194,20 +232,12 @@ def test_workers_below_one_are_refused(tmp_path: Path) -> None:
 
 
 @pytest.mark.skipif(not TORCHRUN.exists(), reason="torchrun comes with torch")
-@pytest.mark.parametrize(
-    ("args", "out"),
-    [
-        (["to-fp32", Z3], "model.safetensors"),
-        (["reshape", PIPE, "--tp", "1", "--pp", "1", "--dp", "2"], "ckpt"),
-    ],
-    ids=["to-fp32", "reshape-pipeline"],
-)
+@LAUNCHED
 def test_two_nodes_on_one_machine(tmp_path: Path, args: list, out: str) -> None:
     """Two torchrun invocations, one per "node", meeting at a c10d rendezvous on 127.0.0.1."""
     head, rest = [str(a) for a in args[:2]], [str(a) for a in args[2:]]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    dsckpt = shutil.which("dsckpt", path=str(Path(sys.executable).parent))
-    assert dsckpt is not None
+    dsckpt = _dsckpt()
     endpoint = f"127.0.0.1:{free_port()}"
     nodes = [
         subprocess.Popen(
