@@ -19,7 +19,7 @@ from dsckpt.discover.files import RankFile, Role
 from dsckpt.discover.layout import ERROR, Finding, Layout
 from dsckpt.discover.moe import MoeLayout
 from dsckpt.plan.topology_map import TopologyMap
-from dsckpt.printable import printable
+from dsckpt.printable import listed, printable
 from dsckpt.sizes import human_bytes
 
 JSON_SCHEMA_VERSION = 1
@@ -689,9 +689,7 @@ def _span(values: list[int] | tuple[int, ...] | range) -> str:
 
 
 def _few(parts: list[str]) -> str:
-    return "; ".join(parts[:_SHOWN]) + (
-        f"; ... ({len(parts)} in all)" if len(parts) > _SHOWN else ""
-    )
+    return listed(parts, _SHOWN, "; ", "; and {} more")
 
 
 def findings_json(findings: Iterable[Finding]) -> list[dict[str, str]]:

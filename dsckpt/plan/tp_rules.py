@@ -55,6 +55,7 @@ from typing import Any, Literal, TypeGuard
 from dsckpt.errors import DsckptError
 from dsckpt.plan import maps
 from dsckpt.plan.maps import MapError, Piece
+from dsckpt.printable import listed
 
 __all__ = [
     "RULES_OPTION",
@@ -753,9 +754,7 @@ def _example_for(name: str) -> str:
 
 
 def _uncovered_message(names: Sequence[str], sources: Sequence[str]) -> str:
-    shown = ", ".join(repr(n) for n in names[:10])
-    if len(names) > 10:
-        shown += f" and {len(names) - 10} more"
+    shown = listed(names, 10, each=repr)
     what = "parameter" if len(names) == 1 else f"{len(names)} parameters"
     consulted = "; ".join(sources) if sources else "no rules"
     return (
