@@ -863,12 +863,12 @@ def _targets_table(tmap: TopologyMap) -> Table:
     return table
 
 
-def zero_reshape_table(plan: Any) -> Table:
-    """A ZeRO reshape plan: per group and target rank, where the partition comes from."""
-    what = {"zero": f"ZeRO-{plan.stage}", "bf16_optimizer": "BF16_Optimizer", "zero3": "ZeRO-3"}[
-        plan.kind
-    ]
-    table = Table(title=f"{what}: DP {plan.source_dp} -> {plan.dp}", title_justify="left")
+def zero_reshape_table(result: Any) -> Table:
+    """A ZeRO reshape's plan: per group and target rank, where the partition comes from. The
+    title names what is reshaped as the result line does (``ZeRO-1 MoE (expert parallelism 2
+    kept)``, ``universal checkpoint -> native ZeRO-2``)."""
+    plan = result.plan
+    table = Table(title=f"{result.what}: DP {plan.source_dp} -> {plan.dp}", title_justify="left")
     table.add_column("group")
     table.add_column("rank", justify="right")
     table.add_column("elements", justify="right")

@@ -114,3 +114,20 @@ def test_show_map_dp_must_be_a_multiple_of_ep(cli, dp: str) -> None:
     assert result.exit_code == 1
     line = result.stderr.strip()
     assert line.count("\n") == 0 and f"--dp {dp}" in line and "multiple" in line, line
+
+
+@pytest.mark.parametrize(
+    ("name", "dp", "what"),
+    [
+        ("z1-fp32-ep2-dp4", "2", "ZeRO-1 MoE (expert parallelism 2 kept)"),
+        ("z2-fp32-ep2x4-dp4-mixed", "8", "ZeRO-2 MoE (expert parallelism 2, 4 kept)"),
+    ],
+)
+def test_reshape_dry_run_title_says_moe_as_the_result_line_does(
+    cli, tmp_path: Path, name: str, dp: str, what: str
+) -> None:
+    result = cli("reshape", _ckpt(name), tmp_path / "out", "--dp", dp, "--dry-run")
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.splitlines()
+    assert lines[0].rstrip() == f"{what}: DP {facts('moe', name)['dp']} -> {dp}"
+    assert f"dry run: {what} DP " in lines[-1] and not (tmp_path / "out").exists()
