@@ -10,7 +10,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
 from typer.testing import CliRunner
@@ -119,6 +119,47 @@ def torchrun_jobs(
         tail = "\n".join(log.read_text().splitlines()[-40:])
         raise RuntimeError(f"torchrun {label} exited {proc.returncode}:\n{tail}")
     return time.monotonic() - start
+
+
+class ResumeRuns:
+    """The work directory of a real-DeepSpeed resume proof (its runs, logs and timings).
+
+    :meth:`open` reuses a directory kept from an earlier session (``$ENV=DIR``) when its
+    ``timings.json`` says the runs finished there, so the tests check them again without
+    launching anything; otherwise the harness runs them and calls :meth:`finish`. Each harness
+    subclasses this with loaders for its results.
+    """
+
+    def __init__(self, work: Path) -> None:
+        self.work = work
+        self.timings: dict[str, float] = {}
+        self.kept = False  # the runs were made by an earlier session
+        self._started = time.monotonic()
+
+    @classmethod
+    def open(
+        cls: type[_Runs], tmp: pytest.TempPathFactory, env: str, name: str, under: str = ""
+    ) -> _Runs:
+        """``$env/under`` if ``env`` is set (``under``: a harness sharing one kept directory
+        with others), else a new temporary directory ``name``."""
+        kept = os.environ.get(env)
+        work = (Path(kept) / under if under else Path(kept)) if kept else tmp.mktemp(name)
+        runs = cls(work)
+        if (work / "timings.json").is_file():
+            runs.timings = json.loads((work / "timings.json").read_text())
+            runs.kept = True
+        else:
+            work.mkdir(parents=True, exist_ok=True)
+        return runs
+
+    def finish(self, what: str) -> None:
+        """Record the timings (and, by their presence, that the runs are complete)."""
+        self.timings["total"] = time.monotonic() - self._started
+        (self.work / "timings.json").write_text(json.dumps(self.timings, indent=1))
+        print(f"\n{what} runs:", json.dumps(self.timings), file=sys.stderr)
+
+
+_Runs = TypeVar("_Runs", bound=ResumeRuns)
 
 
 def load_output(out: Path) -> dict[str, Any]:
