@@ -18,6 +18,7 @@ from typer.testing import CliRunner
 FIXTURES = Path(__file__).parent / "fixtures"
 ZERO = sorted(p.name for p in (FIXTURES / "zero").glob("*/facts.json") for p in [p.parent])
 PIPE = sorted(p.name for p in (FIXTURES / "pipe").glob("*/facts.json") for p in [p.parent])
+MOE = sorted(p.name for p in (FIXTURES / "moe").glob("*/facts.json") for p in [p.parent])
 
 
 def facts(kind: str, name: str) -> dict[str, Any]:
