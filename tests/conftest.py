@@ -88,9 +88,7 @@ def torchrun_jobs(
     wall time. The log is ``work/<label>.log``; its tail is in the error if the launch fails."""
     spec = work / f"{label}.json"
     spec.write_text(json.dumps({"jobs": jobs}, indent=1))
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     cmd = [
         sys.executable,
         "-m",
