@@ -19,6 +19,7 @@ from dsckpt.discover.files import RankFile, Role
 from dsckpt.discover.layout import ERROR, Finding, Layout
 from dsckpt.discover.moe import MoeLayout
 from dsckpt.plan.topology_map import TopologyMap
+from dsckpt.plan.zero_reshape import skipped_note
 from dsckpt.printable import listed, printable
 from dsckpt.sizes import human_bytes
 
@@ -326,17 +327,7 @@ def reshape_line(result: Any, empty_ranks: int = 0) -> str:
         return f"dry run: {move}; nothing written (would write {result.out}/{result.tag}/){empty}"
     return (
         f"wrote {result.out} (tag {result.tag}): {move}, {len(result.files)} files, "
-        f"{human_bytes(result.nbytes)}{empty}{_not_copied(result.skipped)}"
-    )
-
-
-def _not_copied(skipped: list[str]) -> str:
-    """The warning about tag-directory entries reshape did not copy (only regular files are)."""
-    if not skipped:
-        return ""
-    return (
-        f"; warning: not copied, as only regular files are: {', '.join(skipped)} "
-        "(copy them by hand if the run needs them)"
+        f"{human_bytes(result.nbytes)}{empty}{skipped_note(result.skipped)}"
     )
 
 
