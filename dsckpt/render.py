@@ -222,26 +222,27 @@ def _hf_folder_part(result: Any) -> str:
         )
         if hf.dtype_from_config:
             part += f"; dtype {result.dtype} from {hf.base}/config.json"
-        if hf.not_copied:
-            part += "; not copied: " + ", ".join(f"{n} ({why})" for n, why in hf.not_copied)
-        return part
+        return part + _not_copied(hf)
     if getattr(hf, "adapter_name", None) is not None:
         part = (
             f"; PEFT adapter {hf.adapter_name!r} (its name removed from the keys, as PEFT "
             f"saves them): copied {', '.join(hf.copied) or 'nothing'}"
         )
-        if hf.not_copied:
-            part += "; not copied: " + ", ".join(f"{n} ({why})" for n, why in hf.not_copied)
-        return part
+        return part + _not_copied(hf)
     opt_out = "; --no-hf for the weights alone" if hf.why != "--hf" else ""
     part = f"; Hugging Face folder ({hf.why}{opt_out}): copied {', '.join(hf.copied) or 'nothing'}"
     if result.tied_left_out:
         part += f"; tied {', '.join(result.tied_left_out)} left out as save_pretrained does"
     if hf.dtype_from_config:
         part += f"; dtype {result.dtype} from config.json"
-    if hf.not_copied:
-        part += "; not copied: " + ", ".join(f"{n} ({why})" for n, why in hf.not_copied)
-    return part
+    return part + _not_copied(hf)
+
+
+def _not_copied(hf: Any) -> str:
+    """The base or adapter folder's files left out of OUT, and why."""
+    if not hf.not_copied:
+        return ""
+    return "; not copied: " + ", ".join(f"{n} ({why})" for n, why in hf.not_copied)
 
 
 def consolidate_json(result: Any, dtype: str) -> dict[str, Any]:
