@@ -1,4 +1,4 @@
-"""Text from a checkpoint made safe to show on a terminal.
+"""Text from a checkpoint made safe to show on a terminal, and lists cut short for a message.
 
 Tags, key names, file names and the values quoted in messages come from files that anyone may
 have written. A control character in them (ESC starting a CSI or OSC sequence, the 8-bit CSI
@@ -11,6 +11,8 @@ error printer); JSON needs nothing more, as ``json.dumps`` escapes these charact
 from __future__ import annotations
 
 import unicodedata
+from collections.abc import Callable, Iterable
+from typing import TypeVar
 
 # Control (Cc: C0, DEL, C1 with the 8-bit CSI), format (Cf: bidi overrides that reorder what is
 # shown, zero-width characters), lone surrogates (Cs: undecodable bytes of a file name, which
@@ -43,6 +45,7 @@ class _Table(dict[int, "str | int"]):
 
 
 _TABLE = _Table()
+_T = TypeVar("_T")
 
 
 def printable(text: object) -> str:
@@ -55,3 +58,24 @@ def printable(text: object) -> str:
     if s.isprintable():  # the common case, decided in C
         return s
     return s.translate(_TABLE)
+
+
+def listed(
+    items: Iterable[_T],
+    shown: int = 3,
+    sep: str = ", ",
+    more: str = " and {} more",
+    each: Callable[[_T], object] = str,
+) -> str:
+    """The first ``shown`` of ``items`` joined by ``sep``, then how many were left out.
+
+    ``listed("abcde")`` is ``"a, b, c and 2 more"``; with ``shown`` or fewer items, just the
+    items. ``more`` words the remainder, ``{}`` standing for its count (``" (and {} more)"``
+    where the items are sentences of their own). ``each`` makes an item text (a rank number
+    into its file name), called on the shown items only. A message names a few of many files or keys
+    this way, so it stays one line and still says how many there are.
+    """
+    every = list(items)  # only the shown ones are made text: a list may hold a million ranks
+    left = len(every) - shown
+    text = sep.join(str(each(i)) for i in every[:shown])
+    return text + (more.replace("{}", str(left)) if left > 0 else "")

@@ -19,7 +19,8 @@ from dsckpt.discover.files import RankFile, Role
 from dsckpt.discover.layout import ERROR, Finding, Layout
 from dsckpt.discover.moe import MoeLayout
 from dsckpt.plan.topology_map import TopologyMap
-from dsckpt.printable import printable
+from dsckpt.plan.zero_reshape import skipped_note
+from dsckpt.printable import listed, printable
 from dsckpt.sizes import human_bytes
 
 JSON_SCHEMA_VERSION = 1
@@ -221,26 +222,27 @@ def _hf_folder_part(result: Any) -> str:
         )
         if hf.dtype_from_config:
             part += f"; dtype {result.dtype} from {hf.base}/config.json"
-        if hf.not_copied:
-            part += "; not copied: " + ", ".join(f"{n} ({why})" for n, why in hf.not_copied)
-        return part
+        return part + _not_copied(hf)
     if getattr(hf, "adapter_name", None) is not None:
         part = (
             f"; PEFT adapter {hf.adapter_name!r} (its name removed from the keys, as PEFT "
             f"saves them): copied {', '.join(hf.copied) or 'nothing'}"
         )
-        if hf.not_copied:
-            part += "; not copied: " + ", ".join(f"{n} ({why})" for n, why in hf.not_copied)
-        return part
+        return part + _not_copied(hf)
     opt_out = "; --no-hf for the weights alone" if hf.why != "--hf" else ""
     part = f"; Hugging Face folder ({hf.why}{opt_out}): copied {', '.join(hf.copied) or 'nothing'}"
     if result.tied_left_out:
         part += f"; tied {', '.join(result.tied_left_out)} left out as save_pretrained does"
     if hf.dtype_from_config:
         part += f"; dtype {result.dtype} from config.json"
-    if hf.not_copied:
-        part += "; not copied: " + ", ".join(f"{n} ({why})" for n, why in hf.not_copied)
-    return part
+    return part + _not_copied(hf)
+
+
+def _not_copied(hf: Any) -> str:
+    """The base or adapter folder's files left out of OUT, and why."""
+    if not hf.not_copied:
+        return ""
+    return "; not copied: " + ", ".join(f"{n} ({why})" for n, why in hf.not_copied)
 
 
 def consolidate_json(result: Any, dtype: str) -> dict[str, Any]:
@@ -326,17 +328,7 @@ def reshape_line(result: Any, empty_ranks: int = 0) -> str:
         return f"dry run: {move}; nothing written (would write {result.out}/{result.tag}/){empty}"
     return (
         f"wrote {result.out} (tag {result.tag}): {move}, {len(result.files)} files, "
-        f"{human_bytes(result.nbytes)}{empty}{_not_copied(result.skipped)}"
-    )
-
-
-def _not_copied(skipped: list[str]) -> str:
-    """The warning about tag-directory entries reshape did not copy (only regular files are)."""
-    if not skipped:
-        return ""
-    return (
-        f"; warning: not copied, as only regular files are: {', '.join(skipped)} "
-        "(copy them by hand if the run needs them)"
+        f"{human_bytes(result.nbytes)}{empty}{skipped_note(result.skipped)}"
     )
 
 
@@ -689,9 +681,7 @@ def _span(values: list[int] | tuple[int, ...] | range) -> str:
 
 
 def _few(parts: list[str]) -> str:
-    return "; ".join(parts[:_SHOWN]) + (
-        f"; ... ({len(parts)} in all)" if len(parts) > _SHOWN else ""
-    )
+    return listed(parts, _SHOWN, "; ", "; and {} more")
 
 
 def findings_json(findings: Iterable[Finding]) -> list[dict[str, str]]:
@@ -865,12 +855,12 @@ def _targets_table(tmap: TopologyMap) -> Table:
     return table
 
 
-def zero_reshape_table(plan: Any) -> Table:
-    """A ZeRO reshape plan: per group and target rank, where the partition comes from."""
-    what = {"zero": f"ZeRO-{plan.stage}", "bf16_optimizer": "BF16_Optimizer", "zero3": "ZeRO-3"}[
-        plan.kind
-    ]
-    table = Table(title=f"{what}: DP {plan.source_dp} -> {plan.dp}", title_justify="left")
+def zero_reshape_table(result: Any) -> Table:
+    """A ZeRO reshape's plan: per group and target rank, where the partition comes from. The
+    title names what is reshaped as the result line does (``ZeRO-1 MoE (expert parallelism 2
+    kept)``, ``universal checkpoint -> native ZeRO-2``)."""
+    plan = result.plan
+    table = Table(title=f"{result.what}: DP {plan.source_dp} -> {plan.dp}", title_justify="left")
     table.add_column("group")
     table.add_column("rank", justify="right")
     table.add_column("elements", justify="right")

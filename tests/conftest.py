@@ -10,7 +10,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
 from typer.testing import CliRunner
@@ -18,6 +18,7 @@ from typer.testing import CliRunner
 FIXTURES = Path(__file__).parent / "fixtures"
 ZERO = sorted(p.name for p in (FIXTURES / "zero").glob("*/facts.json") for p in [p.parent])
 PIPE = sorted(p.name for p in (FIXTURES / "pipe").glob("*/facts.json") for p in [p.parent])
+MOE = sorted(p.name for p in (FIXTURES / "moe").glob("*/facts.json") for p in [p.parent])
 
 
 def facts(kind: str, name: str) -> dict[str, Any]:
@@ -87,9 +88,7 @@ def torchrun_jobs(
     wall time. The log is ``work/<label>.log``; its tail is in the error if the launch fails."""
     spec = work / f"{label}.json"
     spec.write_text(json.dumps({"jobs": jobs}, indent=1))
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     cmd = [
         sys.executable,
         "-m",
@@ -119,6 +118,47 @@ def torchrun_jobs(
         tail = "\n".join(log.read_text().splitlines()[-40:])
         raise RuntimeError(f"torchrun {label} exited {proc.returncode}:\n{tail}")
     return time.monotonic() - start
+
+
+class ResumeRuns:
+    """The work directory of a real-DeepSpeed resume proof (its runs, logs and timings).
+
+    :meth:`open` reuses a directory kept from an earlier session (``$ENV=DIR``) when its
+    ``timings.json`` says the runs finished there, so the tests check them again without
+    launching anything; otherwise the harness runs them and calls :meth:`finish`. Each harness
+    subclasses this with loaders for its results.
+    """
+
+    def __init__(self, work: Path) -> None:
+        self.work = work
+        self.timings: dict[str, float] = {}
+        self.kept = False  # the runs were made by an earlier session
+        self._started = time.monotonic()
+
+    @classmethod
+    def open(
+        cls: type[_Runs], tmp: pytest.TempPathFactory, env: str, name: str, under: str = ""
+    ) -> _Runs:
+        """``$env/under`` if ``env`` is set (``under``: a harness sharing one kept directory
+        with others), else a new temporary directory ``name``."""
+        kept = os.environ.get(env)
+        work = (Path(kept) / under if under else Path(kept)) if kept else tmp.mktemp(name)
+        runs = cls(work)
+        if (work / "timings.json").is_file():
+            runs.timings = json.loads((work / "timings.json").read_text())
+            runs.kept = True
+        else:
+            work.mkdir(parents=True, exist_ok=True)
+        return runs
+
+    def finish(self, what: str) -> None:
+        """Record the timings (and, by their presence, that the runs are complete)."""
+        self.timings["total"] = time.monotonic() - self._started
+        (self.work / "timings.json").write_text(json.dumps(self.timings, indent=1))
+        print(f"\n{what} runs:", json.dumps(self.timings), file=sys.stderr)
+
+
+_Runs = TypeVar("_Runs", bound=ResumeRuns)
 
 
 def load_output(out: Path) -> dict[str, Any]:

@@ -26,6 +26,7 @@ from dsckpt.plan.consolidation import ConsolidationPlan, plan_consolidation
 from dsckpt.plan.fileplan import FilePlan, WritePlan
 from dsckpt.plan.model import ConsolidationOptions
 from dsckpt.plan.optim_export import plan_optimizer_export, refuse_without_state
+from dsckpt.printable import listed
 from dsckpt.sizes import human_bytes
 
 if TYPE_CHECKING:
@@ -324,10 +325,12 @@ def load_into(
     missing = sorted(set(own) - names)
     unexpected = sorted(names - set(own))
     if strict and (missing or unexpected):
-        raise OutputError(
-            f"the checkpoint does not fit the module: missing {missing[:5]}, "
-            f"unexpected {unexpected[:5]}"
-        )
+        differ = [
+            f"{what} {listed(keys, 5)}"
+            for what, keys in (("missing", missing), ("unexpected", unexpected))
+            if keys
+        ]
+        raise OutputError(f"the checkpoint does not fit the module: {'; '.join(differ)}")
     import torch
 
     with torch.no_grad():

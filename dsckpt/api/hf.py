@@ -46,6 +46,7 @@ from dsckpt.execute.progress import ProgressSink
 from dsckpt.io import dtypes
 from dsckpt.io.load import read_full
 from dsckpt.plan.consolidation import DTYPES, ConsolidationPlan, OutputTensor, Read
+from dsckpt.printable import listed
 
 __all__ = [
     "AdapterOutput",
@@ -275,8 +276,8 @@ def peft_names(names: list[str], where: Path) -> tuple[str, dict[str, str]]:
         renames[name] = m["head"] + (f".{leaf}" if leaf else "")
     if others:
         raise UnsupportedLayout(
-            f"{where}: trainable tensors that are not LoRA matrices ({', '.join(others[:3])}"
-            f"{' ...' if len(others) > 3 else ''}): --adapter writes LoRA adapters only "
+            f"{where}: trainable tensors that are not LoRA matrices ({listed(others)}): "
+            "--adapter writes LoRA adapters only "
             "(lora_A / lora_B); use to-fp32 without --adapter for every tensor"
         )
     if len(adapters) != 1:

@@ -41,6 +41,7 @@ from dsckpt.io.unpickle import SavedTensor, load_saved
 from dsckpt.plan.consolidation import DTYPES, ConsolidationPlan, OutputTensor, plan_consolidation
 from dsckpt.plan.model import ConsolidationOptions
 from dsckpt.plan.optim_state import plan_optimizer_state
+from dsckpt.printable import listed
 from dsckpt.sizes import human_bytes
 
 # How many differing names the one-line result shows (the JSON lists them all).
@@ -99,13 +100,14 @@ class VerifyResult:
         for d in self.differences:
             kinds[d.what] = kinds.get(d.what, 0) + 1
         counts = ", ".join(f"{n} {k}" for k, n in kinds.items())
-        first = "; ".join(f"{d.name} ({d.what}: {d.detail})" for d in self.differences[:SHOWN])
-        more = (
-            f"; and {len(self.differences) - SHOWN} more (--json lists all)"
-            if len(self.differences) > SHOWN
-            else ""
+        first = listed(
+            self.differences,
+            SHOWN,
+            sep="; ",
+            more="; and {} more (--json lists all)",
+            each=lambda d: f"{d.name} ({d.what}: {d.detail})",
         )
-        return f"differ: {self.b} vs {self.a}: {counts}: {first}{more}"
+        return f"differ: {self.b} vs {self.a}: {counts}: {first}"
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -530,7 +532,7 @@ def verify_output(
     if widened:
         result.notes.append(
             f"{len(widened)} in their saved dtype or a lossless widening of it, compared in "
-            f"OUT's dtype: {', '.join(widened[:SHOWN])}{' ...' if len(widened) > SHOWN else ''}"
+            f"OUT's dtype: {listed(widened, SHOWN)}"
         )
     result.seconds = time.perf_counter() - started
     return result
@@ -586,8 +588,7 @@ def _missing(
     if omitted:
         result.notes.append(
             f"OUT omits {len(omitted)} tied alias(es), as Hugging Face outputs do: "
-            + ", ".join(omitted[:SHOWN])
-            + (" ..." if len(omitted) > SHOWN else "")
+            + listed(omitted, SHOWN)
         )
 
 

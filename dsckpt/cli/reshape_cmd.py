@@ -122,7 +122,7 @@ def plan_report(result: Any) -> Any:
 
     if isinstance(result, PipelineReshapeResult):
         return map_report(reshape_map(result.plan))
-    return zero_reshape_table(result.plan)
+    return zero_reshape_table(result)
 
 
 def empty_ranks(result: Any) -> int:

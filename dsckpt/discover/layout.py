@@ -51,6 +51,7 @@ from dsckpt.errors import (
 from dsckpt.io import dtypes
 from dsckpt.io.load import TensorRef, read_scalar, tensor_ref
 from dsckpt.io.unpickle import SavedTensor, SiblingReader, load_saved
+from dsckpt.printable import listed
 
 if TYPE_CHECKING:
     from dsckpt.discover.universal import UniversalInfo
@@ -97,7 +98,7 @@ def open_checkpoint(
             INFO,
             "unrelated-files",
             f"{location.dir} also holds files DeepSpeed does not "
-            f"write, ignored: {', '.join(unrelated[:5])}" + (" ..." if len(unrelated) > 5 else ""),
+            f"write, ignored: {listed(unrelated, 5)}",
         )
     if location.picked:
         reader.note(
@@ -257,13 +258,12 @@ class Reader:
         refuse the checkpoint rather than drop the tensors they hold."""
         if not found:
             return
-        listed = "; ".join(f"{f.name} ({f.why})" for f in found[:4])
-        more = f"; and {len(found) - 4} more" if len(found) > 4 else ""
+        files = listed(found, 4, "; ", "; and {} more", each=lambda f: f"{f.name} ({f.why})")
         self.note(
             ERROR,
             "unsupported-files",
             f"{self.location.dir} holds {len(found)} file(s) dsckpt does not read yet: "
-            f"{listed}{more}; it writes nothing from a checkpoint whose files it does not all "
+            f"{files}; it writes nothing from a checkpoint whose files it does not all "
             "understand (inspect still shows the rest)",
         )
 
@@ -335,7 +335,7 @@ class Reader:
                 self.note(
                     ERROR,
                     "stale-expert-file",
-                    f"{', '.join(f.name for f in strays[:3])}{' ...' if len(strays) > 3 else ''}"
+                    f"{listed(strays, each=lambda f: f.name)}"
                     f": mixture-of-experts file(s), but {first.name} records no MoE layers "
                     "(`num_experts`): stale files from another run? move them out of the tag "
                     "directory",
@@ -504,7 +504,7 @@ class Reader:
                 WARNING,
                 "not-a-tensor",
                 f"{meta.file.name}: `module` holds values that are not tensors "
-                f"({', '.join(extra[:3])}{', ...' if len(extra) > 3 else ''}: extra state?); "
+                f"({listed(extra)}: extra state?); "
                 "they are left out of every output",
             )
         return out
@@ -787,12 +787,11 @@ class Reader:
         if mp is not None and mp != len(model_files):
             absent = [m for m in range(mp) if m not in {f.mp for f in model_files}]
             if absent and len(model_files) < mp:
-                listed = ", ".join(f"mp_rank_{m:02d}_model_states.pt" for m in absent[:3])
-                more = f" and {len(absent) - 3} more" if len(absent) > 3 else ""
+                names = listed(absent, each=lambda m: f"mp_rank_{m:02d}_model_states.pt")
                 self.note(
                     ERROR,
                     "missing-rank-file",
-                    f"{listed}{more} {'is' if len(absent) == 1 else 'are'} missing from "
+                    f"{names} {'is' if len(absent) == 1 else 'are'} missing from "
                     f"{self.location.dir}: the model states record mp_world_size={mp} but only "
                     f"{len(model_files)} mp_rank_*_model_states.pt files are present; "
                     + missing_files_hint(self.location.dir),
@@ -818,14 +817,12 @@ class Reader:
     def _check_rank_set(self, what: str, present: set[int], dp: int, name_of: Any) -> None:
         missing = [d for d in range(dp) if d not in present]
         if missing:
-            listed = ", ".join(name_of(d) for d in missing[:3])
-            more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
             self.note(
                 ERROR,
                 "missing-rank-file",
-                f"{listed}{more} {'is' if len(missing) == 1 else 'are'} missing from "
-                f"{self.location.dir}: the checkpoint was saved by {dp} data-parallel ranks but "
-                f"only {dp - len(missing)} {what} files are present; "
+                f"{listed(missing, each=name_of)} {'is' if len(missing) == 1 else 'are'} missing "
+                f"from {self.location.dir}: the checkpoint was saved by {dp} data-parallel ranks "
+                f"but only {dp - len(missing)} {what} files are present; "
                 + missing_files_hint(self.location.dir),
             )
         for d in sorted(present - set(range(dp))):
@@ -855,7 +852,7 @@ class Reader:
         if n_common > tally[1][1]:
             odd = sorted(name for name, v in values.items() if v != common)
             plural = len(odd) > 1
-            names = ", ".join(odd[:4]) + (" ..." if len(odd) > 4 else "")
+            names = listed(odd, 4)
             message = (
                 f"{names} {has(values[odd[0]], plural)}"
                 + (" (and others)" if len({values[n] for n in odd}) > 1 else "")
@@ -864,9 +861,9 @@ class Reader:
                 + " from another save; copy one save whole"
             )
         else:
-            listed = ", ".join(f"{name} {has(v, False)}" for name, v in sorted(values.items()))
+            every = ", ".join(f"{name} {has(v, False)}" for name, v in sorted(values.items()))
             message = (
-                f"{noun} files disagree on {what}: {listed}: files from different runs or "
+                f"{noun} files disagree on {what}: {every}: files from different runs or "
                 "saves are mixed; copy one save whole"
             )
         self.note(ERROR, "mixed-runs", message)

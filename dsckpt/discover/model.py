@@ -15,6 +15,7 @@ from dsckpt.discover import zero
 from dsckpt.discover.files import RankFile
 from dsckpt.errors import DsckptError, InconsistentCheckpoint, UnsupportedLayout
 from dsckpt.io.load import TensorRef
+from dsckpt.printable import listed
 
 if TYPE_CHECKING:
     from dsckpt.discover.moe import MoeLayout
@@ -172,6 +173,5 @@ def first_error(
     if not errors:
         return None
     first = errors[0]
-    more = f" (and {len(errors) - 1} more{hint})" if len(errors) > 1 else ""
     cls = UnsupportedLayout if first.code.startswith("unsupported") else InconsistentCheckpoint
-    return cls(f"{first.message}{more}")
+    return cls(listed(errors, 1, more=f" (and {{}} more{hint})", each=lambda e: e.message))

@@ -31,6 +31,7 @@ from dsckpt.discover.moe import (
 from dsckpt.discover.zero import FlatParam
 from dsckpt.io.load import TensorRef, tensor_ref
 from dsckpt.io.unpickle import SavedTensor
+from dsckpt.printable import listed
 
 if TYPE_CHECKING:
     from dsckpt.discover.layout import ModelMeta, OptimMeta, Reader
@@ -133,13 +134,11 @@ def read_expert_files(reader: Reader, meta: ModelMeta, expect_files: bool = True
             )
         )
     if missing:
-        listed = ", ".join(missing[:3]) + (
-            f" and {len(missing) - 3} more" if len(missing) > 3 else ""
-        )
         reader.note(
             ERROR,
             "missing-expert-file",
-            f"{listed} {'is' if len(missing) == 1 else 'are'} missing from {reader.location.dir}: "
+            f"{listed(missing)} {'is' if len(missing) == 1 else 'are'} missing from "
+            f"{reader.location.dir}: "
             f"{meta.file.name} records {len(layers)} MoE layer(s) with "
             f"{[layer.num_experts for layer in layers]} experts, one file each; "
             + missing_files_hint(reader.location.dir),
@@ -150,7 +149,7 @@ def read_expert_files(reader: Reader, meta: ModelMeta, expect_files: bool = True
         reader.note(
             ERROR,
             "stale-expert-file",
-            f"{', '.join(names[:3])}{' ...' if len(names) > 3 else ''}: expert file(s) the model "
+            f"{listed(names)}: expert file(s) the model "
             f"states do not account for ({meta.file.name} records "
             f"{[layer.num_experts for layer in layers]} experts per MoE layer): a stale file "
             "from another run? move it out of the tag directory",
@@ -311,10 +310,10 @@ def _file_order(
         for h in free:
             if _group_name(state, h) != canon_names[g]:
                 continue
-            listed = (
+            named = (
                 state.slice_names[h] if state.slice_names and h < len(state.slice_names) else None
             )
-            if listed is not None and not set(n for n in listed if n is not None) <= local:
+            if named is not None and not set(n for n in named if n is not None) <= local:
                 continue
             if state.counts[h] != first.counts[g]:
                 continue
@@ -599,7 +598,7 @@ def finish_plain(reader: Reader, found: ExpertFiles, dp: int) -> MoeLayout:
         reader.note(
             WARNING,
             "missing-rank-file",
-            f"{', '.join(f'expp_rank_{r}_mp_rank_00_optim_states.pt' for r in missing[:3])} "
+            f"{listed(missing, each=lambda r: f'expp_rank_{r}_mp_rank_00_optim_states.pt')} "
             f"{'is' if len(missing) == 1 else 'are'} missing: the optimizer state of those "
             "expert-parallel ranks is gone (the weights are complete)",
         )

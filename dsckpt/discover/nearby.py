@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dsckpt.discover.files import match_name
+from dsckpt.printable import listed
 
 MAX_DEPTH = 3  # CKPT/run/checkpoint-N/global_stepN: the tag directory of a run folder's run
 MAX_LISTINGS = 400  # directories listed at most, whatever the tree holds
@@ -63,11 +64,10 @@ def suggestion(path: Path, found: list[Found]) -> str:
     """The end of the "holds no checkpoint" message: the checkpoints below, or "" if none."""
     if not found:
         return ""
-    shown = [str(f.path) for f in found[:SHOWN]]
-    more = f" (and {len(found) - SHOWN} more)" if len(found) > SHOWN else ""
+    shown = listed(found, SHOWN, more=" (and {} more)", each=lambda f: f.path)
     noun = "a checkpoint" if len(found) == 1 else f"{len(found)} checkpoints"
     pick = "pass it" if len(found) == 1 else "pass one of them"
-    return f"{noun} below it, newest first: {', '.join(shown)}{more}: {pick} as CKPT"
+    return f"{noun} below it, newest first: {shown}: {pick} as CKPT"
 
 
 def _subfolders(folder: Path) -> list[Path]:

@@ -20,6 +20,7 @@ from dsckpt.discover.model import (
 from dsckpt.errors import UnsupportedLayout
 from dsckpt.io import dtypes
 from dsckpt.io.unpickle import SavedTensor
+from dsckpt.printable import listed
 
 if TYPE_CHECKING:
     from dsckpt.discover.layout import Reader
@@ -190,11 +191,10 @@ def _check_named_layers(
         return
     where = reader.location.dir
     files = [_layer_file(layer, r) for layer in absent for r in range(tp)]
-    listed = ", ".join(files[:3]) + (f" and {len(files) - 3} more" if len(files) > 3 else "")
     reader.note(
         ERROR,
         "missing-rank-file",
-        f"{listed} {'is' if len(files) == 1 else 'are'} missing from {where}: param_shapes "
+        f"{listed(files)} {'is' if len(files) == 1 else 'are'} missing from {where}: param_shapes "
         f"lists parameters of layer{'s' if len(absent) > 1 else ''} "
         f"{', '.join(map(str, absent))} but no layer file holds them; " + missing_files_hint(where),
     )

@@ -33,6 +33,7 @@ from dsckpt.errors import CorruptFile
 from dsckpt.io import dtypes
 from dsckpt.io.load import TensorRef, read_scalar, tensor_ref
 from dsckpt.io.unpickle import SavedTensor, load_saved
+from dsckpt.printable import listed
 
 if TYPE_CHECKING:
     from dsckpt.discover.layout import Layout, ModelMeta, Reader, TensorEntry
@@ -376,11 +377,11 @@ class _Universal:
         entries = {}
         try:
             with os.scandir(self.zero_dir) as it:
-                listed = list(it)
+                found = list(it)
         except OSError as exc:
             self.note(ERROR, "corrupt-file", f"{self.zero_dir} cannot be listed: {exc.strerror}")
-            listed = []
-        for e in listed:
+            found = []
+        for e in found:
             if e.name == OPTIMIZER_STATE_FILE:
                 continue
             if not e.is_dir(follow_symlinks=False):
@@ -394,25 +395,21 @@ class _Universal:
             entries[e.name] = Path(e.path)
         extra = sorted(n for n in entries if n not in trainable and n not in module_copies)
         if extra:
-            shown = ", ".join(extra[:4]) + (f" and {len(extra) - 4} more" if len(extra) > 4 else "")
             self.note(
                 ERROR,
                 "extra-param-folder",
                 f"{self.zero_dir} holds folders for {len(extra)} name(s) the model files do "
-                f"not list ({shown}): another model's state was mixed in, or the model files "
-                "are not this checkpoint's",
+                f"not list ({listed(extra, 4)}): another model's state was mixed in, or the "
+                "model files are not this checkpoint's",
             )
         missing = [n for n in trainable if n not in entries]
         if missing:
-            shown = ", ".join(missing[:4]) + (
-                f" and {len(missing) - 4} more" if len(missing) > 4 else ""
-            )
             self.note(
                 ERROR,
                 "missing-param-folder",
                 f"{self.zero_dir} has no folder for {len(missing)} trainable parameter(s) "
-                f"({shown}) that `param_shapes` lists: the conversion was incomplete or the "
-                "folders were moved; run ds_to_universal again",
+                f"({listed(missing, 4)}) that `param_shapes` lists: the conversion was "
+                "incomplete or the folders were moved; run ds_to_universal again",
             )
         params = []
         for name, shape in trainable.items():
@@ -552,14 +549,13 @@ class _Universal:
             by_step: dict[float | int, list[str]] = {}
             for name, s in steps.items():
                 by_step.setdefault(s, []).append(name)
-            listed = "; ".join(
-                f"step {s}: {', '.join(names[:3])}{' ...' if len(names) > 3 else ''}"
-                for s, names in sorted(by_step.items())
+            per_step = "; ".join(
+                f"step {s}: {listed(names)}" for s, names in sorted(by_step.items())
             )
             self.note(
                 ERROR,
                 "mixed-runs",
-                f"{self.zero_dir}: parameter folders disagree on step.pt ({listed}): folders "
+                f"{self.zero_dir}: parameter folders disagree on step.pt ({per_step}): folders "
                 "from different conversions are mixed; convert one save again",
             )
 

@@ -26,6 +26,7 @@ from datetime import timedelta
 from typing import Any, TypeVar
 
 from dsckpt.errors import DsckptError, UsageError
+from dsckpt.printable import listed
 
 T = TypeVar("T")
 
@@ -326,8 +327,7 @@ class Coordinator:
 
 
 def _ranks(ranks: Sequence[int]) -> str:
-    shown = ", ".join(map(str, ranks[:8]))
-    return shown + (f" and {len(ranks) - 8} more" if len(ranks) > 8 else "")
+    return listed(ranks, 8)
 
 
 def _failure_line(rank: int, exc: BaseException) -> str:

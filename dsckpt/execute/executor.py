@@ -43,6 +43,7 @@ from dsckpt.plan.fileplan import (
     Zeros,
     plan_digest,
 )
+from dsckpt.printable import listed
 
 if TYPE_CHECKING:
     import torch
@@ -257,9 +258,9 @@ def _decode_paths(text: str) -> dict[str, Path]:
 
 def _refuse_unsound(problems: list[str]) -> None:
     if problems:
-        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        first = listed(problems, 1, more=" (and {} more)")
         raise IncompleteOutputError(
-            f"the write plan is unsound: {problems[0]}{more} (a dsckpt bug: please report it)"
+            f"the write plan is unsound: {first} (a dsckpt bug: please report it)"
         )
 
 

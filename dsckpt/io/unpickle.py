@@ -48,6 +48,7 @@ from dsckpt.io.dtypes import DType
 from dsckpt.io.regular import open_regular
 from dsckpt.io.standins import STAND_INS, check_numpy_build, checked_numpy_globals
 from dsckpt.io.zipshape import ZipShape
+from dsckpt.printable import listed
 
 __all__ = ["Device", "SavedFile", "SavedStorage", "SavedTensor", "SiblingReader", "load_saved"]
 
@@ -621,7 +622,7 @@ def _read_archive(path: Path, fd: int) -> _Archive:
         raise CorruptFile(
             path,
             f"a torch.save zip has one top folder, this one has {len(tops)} "
-            f"({', '.join(repr(t) for t in sorted(tops)[:3])})",
+            f"({listed(sorted(tops), each=repr)})",
         )
     top = tops.pop()
     data_prefix = f"{top}/data/"

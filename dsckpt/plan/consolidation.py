@@ -20,6 +20,7 @@ from dsckpt.io.load import TensorRef
 from dsckpt.plan.model import DTYPES, ConsolidationOptions, ConsolidationPlan, OutputTensor, Read
 from dsckpt.plan.moe_hf import to_hf_names
 from dsckpt.plan.pipeline_consolidation import plan_pipeline_consolidation
+from dsckpt.printable import listed
 
 
 def plan_consolidation(
@@ -135,9 +136,8 @@ def check_complete(layout: Layout, plan: ConsolidationPlan, exclude_frozen: bool
         )
 
 
-def _few(names: list[str], shown: int = 3) -> str:
-    more = f" and {len(names) - shown} more" if len(names) > shown else ""
-    return f"{len(names)} key{'s' if len(names) != 1 else ''} ({', '.join(names[:shown])}{more})"
+def _few(names: list[str]) -> str:
+    return f"{len(names)} key{'s' if len(names) != 1 else ''} ({listed(names)})"
 
 
 def _cast_to(saved: DType, out: DType) -> DType:

@@ -26,6 +26,7 @@ from dsckpt.plan.consolidation import ConsolidationPlan, OutputTensor
 from dsckpt.plan.model import Read
 from dsckpt.plan.optim_state import GroupState, plan_optimizer_state
 from dsckpt.plan.zero_reshape import group_order
+from dsckpt.printable import listed
 
 # safetensors metadata keys (each a JSON string)
 GROUPS_KEY = "dsckpt.optimizer.param_groups"
@@ -187,8 +188,7 @@ def _universal_export(layout: Layout, master: ConsolidationPlan) -> OptimizerExp
             tensors.append(OutputTensor(f"{entry.name}.{key}", out.shape, ref.dtype, reads))
     if lacking:
         raise InconsistentCheckpoint(
-            f"{layout.dir / ZERO_DIR}: no {', '.join(lacking[:3])}"
-            f"{f' and {len(lacking) - 3} more' if len(lacking) > 3 else ''}: ds_to_universal "
+            f"{layout.dir / ZERO_DIR}: no {listed(lacking)}: ds_to_universal "
             "writes the moments of every parameter that received a gradient; convert the "
             "weights without --optimizer, or run ds_to_universal again"
         )
@@ -259,8 +259,8 @@ def _universal_groups(
                 value = read_scalar(tensor_ref(state_path, value))
             options[key] = value
         out.append(ParamGroup(options, tuple(names), next(iter(steps)) if steps else None))
-    listed = [n for group in out for n in group.params]
-    if sorted(listed) != sorted(trainable):
+    grouped = [n for group in out for n in group.params]
+    if sorted(grouped) != sorted(trainable):
         raise InconsistentCheckpoint(
             f"{state_path}: its {len(groups)} param group(s) do not cover the trainable "
             "parameters the model files list exactly once: the file is not this checkpoint's"
@@ -314,9 +314,8 @@ def _check_all_trainable_have_state(
     written = {t.name for t in master.tensors}
     lacking = sorted((trainable & written) - with_state - set(frozen))
     if lacking:
-        more = f" and {len(lacking) - 3} more" if len(lacking) > 3 else ""
         raise InconsistentCheckpoint(
-            f"{layout.dir}: trainable parameter(s) {', '.join(lacking[:3])}{more} have no "
+            f"{layout.dir}: trainable parameter(s) {listed(lacking)} have no "
             "optimizer state in the optimizer files; the files do not match each other"
         )
 

@@ -19,6 +19,7 @@ from dsckpt.io.load import read_bytes, tensor_ref
 from dsckpt.io.unpickle import SavedTensor, load_saved
 from dsckpt.plan.model import DTYPES, ConsolidationOptions, ConsolidationPlan, OutputTensor, Read
 from dsckpt.plan.tp_rules import load_rules
+from dsckpt.printable import listed
 
 
 def plan_pipeline_consolidation(layout: Layout, options: ConsolidationOptions) -> ConsolidationPlan:
@@ -51,7 +52,7 @@ def plan_pipeline_consolidation(layout: Layout, options: ConsolidationOptions) -
     if diverged:
         raise InconsistentCheckpoint(
             f"{len(diverged)} tensor(s) the rules call replicated differ across TP ranks "
-            f"({', '.join(diverged[:3])}{', ...' if len(diverged) > 3 else ''}), so no single full "
+            f"({listed(diverged)}), so no single full "
             "tensor exists and dsckpt will not pick a copy silently; if they are in fact "
             'partitioned, pass --rules with kind "split" for them'
         )

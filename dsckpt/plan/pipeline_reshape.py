@@ -48,6 +48,7 @@ from dsckpt.plan import maps
 from dsckpt.plan.pipeline_consolidation import (
     tied_names,
 )
+from dsckpt.printable import listed
 from dsckpt.sizes import human_bytes
 
 if TYPE_CHECKING:
@@ -429,7 +430,7 @@ def plan_pipeline(
     if lost:
         raise UsageError(
             f"the layer specs place no stage on {len(lost)} parameter(s) "
-            f"({', '.join(lost[:3])}): check --layer-specs"
+            f"({listed(lost)}): check --layer-specs"
         )
     return PipelinePlan(
         source, dst, partition_method, specs, layer_specs is None, parts, stages, tp_plans

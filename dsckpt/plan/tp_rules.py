@@ -55,6 +55,7 @@ from typing import Any, Literal, TypeGuard
 from dsckpt.errors import DsckptError
 from dsckpt.plan import maps
 from dsckpt.plan.maps import MapError, Piece
+from dsckpt.printable import listed
 
 __all__ = [
     "RULES_OPTION",
@@ -753,9 +754,7 @@ def _example_for(name: str) -> str:
 
 
 def _uncovered_message(names: Sequence[str], sources: Sequence[str]) -> str:
-    shown = ", ".join(repr(n) for n in names[:10])
-    if len(names) > 10:
-        shown += f" and {len(names) - 10} more"
+    shown = listed(names, 10, each=repr)
     what = "parameter" if len(names) == 1 else f"{len(names)} parameters"
     consulted = "; ".join(sources) if sources else "no rules"
     return (
@@ -1009,21 +1008,24 @@ def reshard_plan(
     def with_dim(size: int) -> Shape:
         return first[:dim] + (size,) + first[dim + 1 :]
 
+    def unpadded(dr: maps.DimReshard) -> TPPlan:
+        """Equal target slices along ``dim``, nothing to zero-fill (not a stripped vocabulary)."""
+        return TPPlan(
+            rule=rule,
+            combine="concat",
+            dim=dim,
+            src_shapes=shapes,
+            full_shape=with_dim(src_total),
+            dst_shapes=(with_dim(dr.dst_local_size),) * dst_degree,
+            pieces=dr.pieces,
+            padding=((dr.dst_local_size, 0),) * dst_degree,
+        )
+
     try:
         if rule.kind == "vocab":
             orig = facts.get("original_vocab_size") if strip_padding else None
             if orig is None:
-                dr = maps.reshard_dim(src_total, n, dst_degree)
-                return TPPlan(
-                    rule=rule,
-                    combine="concat",
-                    dim=dim,
-                    src_shapes=shapes,
-                    full_shape=with_dim(src_total),
-                    dst_shapes=(with_dim(dr.dst_local_size),) * dst_degree,
-                    pieces=dr.pieces,
-                    padding=((dr.dst_local_size, 0),) * dst_degree,
-                )
+                return unpadded(maps.reshard_dim(src_total, n, dst_degree))
             if not _is_int(orig) or orig > src_total:
                 raise RuleError(
                     f"{label}: original_vocab_size {orig!r} is larger than the {src_total} "
@@ -1079,16 +1081,7 @@ def reshard_plan(
         if isinstance(rule.unit, str):
             layout += f" ({rule.unit} = {facts.get(rule.unit, 'unknown')})"
         raise RuleError(f"{label} ({layout}, shape {with_dim(src_total)}): {exc}") from None
-    return TPPlan(
-        rule=rule,
-        combine="concat",
-        dim=dim,
-        src_shapes=shapes,
-        full_shape=with_dim(src_total),
-        dst_shapes=(with_dim(dr.dst_local_size),) * dst_degree,
-        pieces=dr.pieces,
-        padding=((dr.dst_local_size, 0),) * dst_degree,
-    )
+    return unpadded(dr)
 
 
 def merge_plan(

@@ -54,6 +54,7 @@ from dsckpt.plan.zero_reshape import (
     _zero3_group_of,
     plan_from_facts,
 )
+from dsckpt.printable import listed
 
 # The optimizer state a universal folder holds per parameter, split like the fp32 master.
 MOMENTS = ("exp_avg", "exp_avg_sq")
@@ -187,7 +188,7 @@ def open_universal(layout: Layout) -> UniversalSource:
     missing_fp32 = [n for n, ref in zip(names, states["fp32"], strict=True) if ref is None]
     if missing_fp32:
         raise InconsistentCheckpoint(
-            f"{where / ZERO_DIR}: no fp32.pt for {', '.join(missing_fp32[:3])}: the fp32 "
+            f"{where / ZERO_DIR}: no fp32.pt for {listed(missing_fp32)}: the fp32 "
             "master weights are nowhere else"
         )
     _check_moments(where, names, states)
@@ -337,14 +338,14 @@ def _zero12_groups(
         )
     param_groups = saved.get("param_groups")
     expected = [[g] for g in range(len(groups_shapes))]
-    listed = (
+    saved_groups = (
         [list(g.get("params") or []) for g in param_groups if isinstance(g, Mapping)]
         if isinstance(param_groups, (list, tuple))
         else None
     )
-    if listed != expected:
+    if saved_groups != expected:
         raise InconsistentCheckpoint(
-            f"{state_path}: `param_groups` lists {listed} where the model files' "
+            f"{state_path}: `param_groups` lists {saved_groups} where the model files' "
             f"`param_shapes` has {len(groups_shapes)} flat group(s) ({expected} for ZeRO-1/2): "
             "the file belongs to another checkpoint"
         )
@@ -417,7 +418,7 @@ def _check_moments(where: Path, names: Sequence[str], states: Mapping[str, Seque
         if lacking:
             raise UnsupportedLayout(
                 f"{where / ZERO_DIR}: no {key}.pt for {len(lacking)} trainable parameter(s) "
-                f"({', '.join(lacking[:3])}{', ...' if len(lacking) > 3 else ''}): a native "
+                f"({listed(lacking)}): a native "
                 "checkpoint needs the optimizer state of every parameter; run ds_to_universal "
                 "again (with --inject_missing_state) on the source checkpoint"
             )

@@ -27,7 +27,6 @@ import json
 import os
 import shutil
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -124,13 +123,11 @@ if __name__ == "__main__":
 # The pytest side
 # --------------------------------------------------------------------------------------------
 
+from conftest import ResumeRuns  # noqa: E402
 
-class Runs:
+
+class Runs(ResumeRuns):
     """The runs' results, loaded lazily by the tests."""
-
-    def __init__(self, work: Path) -> None:
-        self.work = work
-        self.timings: dict[str, float] = {}
 
     def result(self, label: str) -> dict[str, Any]:
         import torch
@@ -186,14 +183,10 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> Runs:
 
     from dsckpt.api.reshaping import reshape
 
-    kept = os.environ.get("DSCKPT_MOE_RESUME_RUNS")
-    work = Path(kept) if kept else tmp_path_factory.mktemp("moe-reshape-resume")
-    result = Runs(work)
-    if (work / "timings.json").is_file():
-        result.timings = json.loads((work / "timings.json").read_text())
+    result = Runs.open(tmp_path_factory, "DSCKPT_MOE_RESUME_RUNS", "moe-reshape-resume")
+    if result.kept:
         return result
-    work.mkdir(parents=True, exist_ok=True)
-    started = time.monotonic()
+    work = result.work
     by_world: dict[int, list[dict[str, Any]]] = {}
     for name, b in CASES.items():
         a = _facts(name)["dp"]
@@ -224,9 +217,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> Runs:
             del os.environ["PYTHONHASHSEED"]
         else:
             os.environ["PYTHONHASHSEED"] = seed
-    result.timings["total"] = time.monotonic() - started
-    (work / "timings.json").write_text(json.dumps(result.timings, indent=1))
-    print("\nMoE reshape resume runs:", json.dumps(result.timings), file=sys.stderr)
+    result.finish("MoE reshape resume")
     return result
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import FIXTURES, facts, load_output
+from conftest import FIXTURES, MOE, ckpt, facts, load_output
 from safetensors.torch import load_file
 
 from dsckpt.api.consolidation import consolidate
@@ -17,15 +17,10 @@ from dsckpt.api.verify import verify_output
 from dsckpt.errors import UnsupportedLayout
 
 MOE_DIR = FIXTURES / "moe"
-MOE = sorted(p.parent.name for p in MOE_DIR.glob("*/facts.json"))
 READABLE = MOE
 NATIVE = [n for n in READABLE if facts("moe", n)["kind"] == "native"]
 AUTOEP = [n for n in READABLE if facts("moe", n)["kind"] == "autoep"]
 FORMATS = ["model.safetensors", "model.bin", "shards"]
-
-
-def _ckpt(name: str) -> Path:
-    return MOE_DIR / name / "ckpt"
 
 
 def _ref(name: str) -> dict[str, torch.Tensor]:
@@ -44,25 +39,25 @@ def _assert_bitwise(got: dict[str, torch.Tensor], ref: dict[str, torch.Tensor]) 
 @pytest.mark.parametrize("name", READABLE)
 def test_every_moe_fixture_bitwise(tmp_path: Path, name: str, fmt: str) -> None:
     out = tmp_path / fmt if fmt != "shards" else tmp_path / "hf"
-    consolidate(_ckpt(name), out, max_shard_size="4KB")
+    consolidate(ckpt("moe", name), out, max_shard_size="4KB")
     got = load_output(out)
     ref = _ref(name)
     assert set(ref) == set(facts("moe", name)["state_dict_keys"])
     _assert_bitwise(got, ref)
-    result = verify_output(_ckpt(name), out)
+    result = verify_output(ckpt("moe", name), out)
     assert result.equal, result.summary()
 
 
 def test_sharded_moe_output_has_several_shards(tmp_path: Path) -> None:
     out = tmp_path / "hf"
-    consolidate(_ckpt("z2-fp32-ep2-dp4-residual"), out, max_shard_size="2KB")
+    consolidate(ckpt("moe", "z2-fp32-ep2-dp4-residual"), out, max_shard_size="2KB")
     assert len(list(out.glob("model-*.safetensors"))) > 2
 
 
 def test_verify_sees_a_wrong_expert(tmp_path: Path) -> None:
     """verify can fail: two experts swapped in the output are reported."""
     out = tmp_path / "m.safetensors"
-    consolidate(_ckpt("z2-fp32-ep2-dp2"), out)
+    consolidate(ckpt("moe", "z2-fp32-ep2-dp2"), out)
     sd = load_file(out)
     a = "moe1.deepspeed_moe.experts.deepspeed_experts.1.up.weight"
     b = "moe1.deepspeed_moe.experts.deepspeed_experts.2.up.weight"
@@ -70,7 +65,7 @@ def test_verify_sees_a_wrong_expert(tmp_path: Path) -> None:
     from safetensors.torch import save_file
 
     save_file(sd, out)
-    result = verify_output(_ckpt("z2-fp32-ep2-dp2"), out)
+    result = verify_output(ckpt("moe", "z2-fp32-ep2-dp2"), out)
     assert not result.equal
     assert {d.name for d in result.differences} == {a, b}
 
@@ -83,7 +78,7 @@ def test_native_output_loads_strictly_into_the_model(tmp_path: Path, name: str) 
 
     f = facts("moe", name)
     out = tmp_path / "m.safetensors"
-    consolidate(_ckpt(name), out)
+    consolidate(ckpt("moe", name), out)
     model = tiny_moe.build_model(
         f["seed"], (1, 1), k=f["top_k"], residual=f["residual"], expert_hidden=f["expert_hidden"]
     )
@@ -96,7 +91,7 @@ def test_native_output_loads_strictly_into_the_model(tmp_path: Path, name: str) 
 @pytest.mark.parametrize("name", [n for n in READABLE if facts("moe", n)["zero_stage"] > 0])
 def test_optimizer_state_is_the_live_one(tmp_path: Path, name: str) -> None:
     out = tmp_path / "m.safetensors"
-    consolidate(_ckpt(name), out, optimizer=True)
+    consolidate(ckpt("moe", name), out, optimizer=True)
     got = load_file(tmp_path / "m.optimizer.safetensors")
     live = torch.load(MOE_DIR / name / "ref_live_optim.pt", weights_only=True)
     compared = 0
@@ -115,7 +110,7 @@ def test_optimizer_state_is_the_live_one(tmp_path: Path, name: str) -> None:
 
 def test_zero0_optimizer_is_refused(tmp_path: Path) -> None:
     with pytest.raises(UnsupportedLayout, match="keyed by position"):
-        consolidate(_ckpt("z0-fp32-ep2-dp2"), tmp_path / "m.safetensors", optimizer=True)
+        consolidate(ckpt("moe", "z0-fp32-ep2-dp2"), tmp_path / "m.safetensors", optimizer=True)
     assert not list(tmp_path.iterdir())
 
 
@@ -131,11 +126,11 @@ def test_autoep_hf_names_load_into_mixtral(tmp_path: Path, name: str, fmt: str) 
     from transformers import MixtralForCausalLM
 
     out = tmp_path / fmt if fmt != "shards" else tmp_path / "hf"
-    consolidate(_ckpt(name), out, hf_names=True)
+    consolidate(ckpt("moe", name), out, hf_names=True)
     got = load_output(out)
     expected = tiny_moe.autoep_to_hf(_ref(name))
     _assert_bitwise(got, expected)
-    assert verify_output(_ckpt(name), out).equal
+    assert verify_output(ckpt("moe", name), out).equal
     model = MixtralForCausalLM(tiny_moe.mixtral_config())
     model.load_state_dict(got, strict=True)
     model.eval()
@@ -160,7 +155,7 @@ def test_autoep_hf_names_load_into_mixtral(tmp_path: Path, name: str, fmt: str) 
 def test_autoep_keys_as_autoep_names_them(tmp_path: Path) -> None:
     """Without --hf-names: AutoEP's own names, the router master also under its alias."""
     out = tmp_path / "m.safetensors"
-    consolidate(_ckpt("autoep-z2-bf16-ep2-dp4"), out)
+    consolidate(ckpt("moe", "autoep-z2-bf16-ep2-dp4"), out)
     got = load_file(out)
     _assert_bitwise(got, _ref("autoep-z2-bf16-ep2-dp4"))
     for layer in (0, 1):
@@ -170,7 +165,7 @@ def test_autoep_keys_as_autoep_names_them(tmp_path: Path) -> None:
 
 def test_hf_names_refused_on_native_moe(tmp_path: Path) -> None:
     with pytest.raises(UnsupportedLayout, match="no AutoEP layers"):
-        consolidate(_ckpt("z2-fp32-ep2-dp2"), tmp_path / "m.safetensors", hf_names=True)
+        consolidate(ckpt("moe", "z2-fp32-ep2-dp2"), tmp_path / "m.safetensors", hf_names=True)
     assert not list(tmp_path.iterdir())
 
 
@@ -181,10 +176,12 @@ def test_hf_names_refused_on_dense(tmp_path: Path) -> None:
 
 
 def test_cli_hf_names_and_refusal(cli, tmp_path: Path) -> None:
-    ok = cli("to-fp32", _ckpt("autoep-z2-fp32-ep2-dp2"), tmp_path / "a.safetensors", "--hf-names")
+    ok = cli(
+        "to-fp32", ckpt("moe", "autoep-z2-fp32-ep2-dp2"), tmp_path / "a.safetensors", "--hf-names"
+    )
     assert ok.exit_code == 0, ok.output
     assert "model.layers.0.mlp.experts.gate_up_proj" in load_file(tmp_path / "a.safetensors")
-    bad = cli("to-fp32", _ckpt("z2-fp32-ep2-dp2"), tmp_path / "b.safetensors", "--hf-names")
+    bad = cli("to-fp32", ckpt("moe", "z2-fp32-ep2-dp2"), tmp_path / "b.safetensors", "--hf-names")
     assert bad.exit_code == 1
     assert bad.stderr.count("\n") == 1 and "--hf-names" in bad.stderr
     assert not (tmp_path / "b.safetensors").exists()
@@ -203,7 +200,7 @@ def test_autoep_hf_folder_gets_hf_names(tmp_path: Path) -> None:
     import dsckpt.hf
 
     run = tmp_path / "run"
-    shutil.copytree(_ckpt("autoep-z2-fp32-ep2-dp2"), run)
+    shutil.copytree(ckpt("moe", "autoep-z2-fp32-ep2-dp2"), run)
     config = tiny_moe.mixtral_config()
     config.torch_dtype = "float32"
     config.save_pretrained(run)

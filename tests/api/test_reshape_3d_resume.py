@@ -63,7 +63,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 import sys
 import time
@@ -193,7 +192,7 @@ if __name__ == "__main__":
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
-from conftest import PIPE, ckpt, facts  # noqa: E402
+from conftest import PIPE, ResumeRuns, ckpt, facts  # noqa: E402
 
 from dsckpt.api.reshaping import reshape  # noqa: E402
 from dsckpt.errors import DsckptError, OutputError, UnsupportedLayout  # noqa: E402
@@ -272,12 +271,8 @@ def _train_args(dtype: str, topo: Topo) -> list[str]:
     return ["--pp", str(pp), "--tp", str(tp), "--dtype", dtype, "--zero-stage", "1"]
 
 
-class Runs:
+class Runs(ResumeRuns):
     """Where the runs are; results are loaded lazily by the tests."""
-
-    def __init__(self, work: Path) -> None:
-        self.work = work
-        self.timings: dict[str, float] = {}
 
     def baseline_dir(self, dtype: str, topo: Topo) -> Path:
         return self.work / f"{dtype}-{_name(topo)}"
@@ -302,16 +297,12 @@ def _result(path: Path) -> dict[str, Any]:
 @pytest.fixture(scope="session")
 def runs(tmp_path_factory: pytest.TempPathFactory) -> Runs:
     pytest.importorskip("deepspeed")
-    kept = os.environ.get("DSCKPT_RESUME_RUNS")
-    work = Path(kept) / "3d" if kept else tmp_path_factory.mktemp("reshape-3d-resume")
-    result = Runs(work)
-    if (work / "timings.json").is_file():
-        result.timings = json.loads((work / "timings.json").read_text())
+    result = Runs.open(tmp_path_factory, "DSCKPT_RESUME_RUNS", "reshape-3d-resume", "3d")
+    if result.kept:
         return result
-    if work.exists():
-        shutil.rmtree(work)  # an interrupted earlier session: start over
-    work.mkdir(parents=True)
-    started = time.monotonic()
+    work = result.work
+    shutil.rmtree(work)  # an interrupted earlier session: start over
+    work.mkdir()
     baselines = sorted({(d, t) for d, a, b in CASES for t in (a, b)})
 
     def baseline_job(dtype: str, topo: Topo) -> dict[str, Any]:
@@ -357,9 +348,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> Runs:
         jobs += [resume_job(d, a, b) for d, a, b in CASES if _world(b) == world]
         if jobs:
             result.timings[f"w{world}"] = _torchrun(world, jobs, work, f"resumes-w{world}")
-    result.timings["total"] = time.monotonic() - started
-    (work / "timings.json").write_text(json.dumps(result.timings, indent=1))
-    print("\nreshape 3d resume runs:", json.dumps(result.timings), file=sys.stderr)
+    result.finish("reshape 3d resume")
     return result
 
 

@@ -17,7 +17,6 @@ check them again without relaunching (delete DIR after changing dsckpt or DeepSp
 from __future__ import annotations
 
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -117,6 +116,8 @@ if __name__ == "__main__":
 # The pytest side
 # --------------------------------------------------------------------------------------------
 
+from conftest import ResumeRuns  # noqa: E402
+
 
 def _torchrun(world: int, jobs: list[dict[str, Any]], work: Path, label: str) -> float:
     from conftest import torchrun_jobs
@@ -124,12 +125,8 @@ def _torchrun(world: int, jobs: list[dict[str, Any]], work: Path, label: str) ->
     return torchrun_jobs(Path(__file__).resolve(), world, jobs, work, label)
 
 
-class Runs:
+class Runs(ResumeRuns):
     """Results of the baseline and resumed runs, loaded lazily by the tests."""
-
-    def __init__(self, work: Path) -> None:
-        self.work = work
-        self.timings: dict[str, float] = {}
 
     def baseline(self, config: str, dp: int) -> dict[str, Any]:
         return _result(self.work / config / f"dp{dp}" / "result.pt")
@@ -152,14 +149,10 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> Runs:
     pytest.importorskip("deepspeed")
     from dsckpt.api.reshaping import reshape
 
-    kept = os.environ.get("DSCKPT_RESUME_RUNS")
-    work = Path(kept) if kept else tmp_path_factory.mktemp("reshape-resume")
-    result = Runs(work)
-    if (work / "timings.json").is_file():
-        result.timings = json.loads((work / "timings.json").read_text())
+    result = Runs.open(tmp_path_factory, "DSCKPT_RESUME_RUNS", "reshape-resume")
+    if result.kept:
         return result
-    work.mkdir(parents=True, exist_ok=True)
-    started = time.monotonic()
+    work = result.work
     # Phase 1, one launch per world size: K steps, save, M more steps (= the uninterrupted run).
     for world in SIZES:
         jobs = []
@@ -196,9 +189,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> Runs:
     result.timings["reshape (all cases, in-process)"] = time.monotonic() - reshape_start
     for world, jobs in sorted(by_target.items()):
         result.timings[f"resume dp{world}"] = _torchrun(world, jobs, work, f"resume-dp{world}")
-    result.timings["total"] = time.monotonic() - started
-    (work / "timings.json").write_text(json.dumps(result.timings, indent=1))
-    print("\nreshape resume runs:", json.dumps(result.timings), file=sys.stderr)
+    result.finish("reshape resume")
     return result
 
 

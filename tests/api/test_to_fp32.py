@@ -14,6 +14,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from dsckpt.api import consolidation as core
+from dsckpt.errors import OutputError
 
 FORMATS = ["model.safetensors", "model.bin", "shards"]
 
@@ -134,6 +135,19 @@ def test_library_state_dict_is_lazy_and_load_into_fills_a_module() -> None:
     assert core.load_into(model, ckpt("zero", "z3-fp32-dp2")) == ([], [])
     for name, value in model.state_dict().items():
         assert torch.equal(value, _as_out(live[name]).to(value.dtype)), name
+
+
+def test_load_into_a_module_that_does_not_fit_names_the_keys() -> None:
+    """Strict by default: the error names the first keys each way and how many more."""
+    module = torch.nn.Sequential(*(torch.nn.Linear(1, 1) for _ in range(7)))
+    with pytest.raises(OutputError) as raised:
+        core.load_into(module, ckpt("zero", "z3-fp32-dp2"))
+    message = str(raised.value)
+    assert message.startswith("the checkpoint does not fit the module: missing 0.bias, 0.weight, ")
+    assert "1.weight, 2.bias and 9 more; unexpected " in message
+    missing, unexpected = core.load_into(module, ckpt("zero", "z3-fp32-dp2"), strict=False)
+    assert missing == sorted(module.state_dict()) and len(missing) == 14
+    assert f"unexpected {', '.join(unexpected[:5])} and {len(unexpected) - 5} more" in message
 
 
 @pytest.mark.parametrize("name", PIPE)

@@ -452,6 +452,9 @@ def test_reshape_dry_run_json_has_the_native_plan_shape(cli, tmp_path: Path) -> 
                 "--dry-run")  # fmt: skip
     assert table.exit_code == 0 and "embed.weight[54:91]->0" in table.stdout, table.output
     assert "universal checkpoint -> native ZeRO-2 DP 2 -> 3" in table.stdout
+    assert (
+        table.stdout.splitlines()[0].rstrip() == "universal checkpoint -> native ZeRO-2: DP 2 -> 3"
+    )
 
 
 def test_pipeline_universal_reshape_is_refused_naming_what_is_missing(cli, tmp_path: Path) -> None:

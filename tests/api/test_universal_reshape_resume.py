@@ -18,15 +18,12 @@ and its resumes, one engine after another; a session-scoped fixture runs them on
 from __future__ import annotations
 
 import json
-import os
-import sys
-import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 import test_reshape_resume as harness
-from conftest import ckpt, facts, torchrun_jobs
+from conftest import ResumeRuns, ckpt, facts, torchrun_jobs
 
 K, M = 3, 3
 # universal fixture -> target DP sizes (the source's own DP, and sizes that divide nothing)
@@ -51,11 +48,7 @@ def _source_dp(name: str) -> int:
     return int(facts("universal", name)["dp"])
 
 
-class Runs:
-    def __init__(self, work: Path) -> None:
-        self.work = work
-        self.timings: dict[str, float] = {}
-
+class Runs(ResumeRuns):
     def baseline(self, name: str, dp: int) -> dict[str, Any]:
         return harness._result(self.work / name / f"uninterrupted-dp{dp}.pt")
 
@@ -71,14 +64,10 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> Runs:
     pytest.importorskip("deepspeed")
     from dsckpt.api.reshaping import reshape
 
-    kept = os.environ.get("DSCKPT_RESUME_RUNS")
-    work = Path(kept) / "universal" if kept else tmp_path_factory.mktemp("universal-resume")
-    result = Runs(work)
-    if (work / "timings.json").is_file():
-        result.timings = json.loads((work / "timings.json").read_text())
+    result = Runs.open(tmp_path_factory, "DSCKPT_RESUME_RUNS", "universal-resume", "universal")
+    if result.kept:
         return result
-    work.mkdir(parents=True, exist_ok=True)
-    started = time.monotonic()
+    work = result.work
     jobs: dict[int, list[dict[str, Any]]] = {}
     # The uninterrupted runs: at the source's DP and at every target DP.
     for name, targets in CASES.items():
@@ -121,9 +110,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> Runs:
     for world, world_jobs in sorted(jobs.items()):
         label = f"universal-dp{world}"
         result.timings[label] = torchrun_jobs(driver, world, world_jobs, work, label)
-    result.timings["total"] = time.monotonic() - started
-    (work / "timings.json").write_text(json.dumps(result.timings, indent=1))
-    print("\nuniversal resume runs:", json.dumps(result.timings), file=sys.stderr)
+    result.finish("universal resume")
     return result
 
 

@@ -7,24 +7,19 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import FIXTURES, facts
+from conftest import FIXTURES, MOE, ckpt, facts
 
 from dsckpt.discover.layout import open_checkpoint
 from dsckpt.discover.moe import MoeLayer, global_target
 
 MOE_DIR = FIXTURES / "moe"
-MOE = sorted(p.parent.name for p in MOE_DIR.glob("*/facts.json"))
 READABLE = MOE
-
-
-def ckpt(name: str) -> Path:
-    return MOE_DIR / name / "ckpt"
 
 
 @pytest.mark.parametrize("name", READABLE)
 def test_moe_layout_matches_what_deepspeed_wrote(name: str) -> None:
     f = facts("moe", name)
-    layout = open_checkpoint(ckpt(name))
+    layout = open_checkpoint(ckpt("moe", name))
     assert layout.findings == ()
     assert layout.moe is not None
     moe = layout.moe
@@ -67,7 +62,7 @@ def test_expert_groups_and_their_files(name: str) -> None:
     """Expert groups: partition_count = EDP, file d holds EP rank d % ep's experts, local id l
     is global (d % ep) * n_local + l, and the EDP group of EP rank R is files R, R + ep, ..."""
     f = facts("moe", name)
-    layout = open_checkpoint(ckpt(name))
+    layout = open_checkpoint(ckpt("moe", name))
     moe = layout.moe
     assert moe is not None
     groups = {g["index"]: g for g in f["optimizer_groups"]}
@@ -106,7 +101,7 @@ def test_expert_groups_and_their_files(name: str) -> None:
 
 
 def test_zero0_reads_expp_files() -> None:
-    layout = open_checkpoint(ckpt("z0-fp32-ep2-dp2"))
+    layout = open_checkpoint(ckpt("moe", "z0-fp32-ep2-dp2"))
     assert layout.kind == "plain" and layout.moe is not None
     assert layout.moe.expp_files == (
         "expp_rank_0_mp_rank_00_optim_states.pt",
@@ -118,7 +113,7 @@ def test_zero0_reads_expp_files() -> None:
 
 
 def test_autoep_router_alias() -> None:
-    layout = open_checkpoint(ckpt("autoep-z2-fp32-ep2-dp2"))
+    layout = open_checkpoint(ckpt("moe", "autoep-z2-fp32-ep2-dp2"))
     tied = {t.name: t.alias_of for t in layout.tensors if t.kind == "tied"}
     assert tied == {
         "model.layers.0.mlp.gate.gate.weight": "model.layers.0.mlp.router.gate.weight",
@@ -152,7 +147,7 @@ def test_global_target_arithmetic() -> None:
 
 def _copy(tmp_path: Path, name: str) -> Path:
     dest = tmp_path / name
-    shutil.copytree(ckpt(name), dest)
+    shutil.copytree(ckpt("moe", name), dest)
     return dest
 
 
@@ -196,7 +191,9 @@ def test_expert_files_without_moe_model_are_an_error(tmp_path: Path) -> None:
     shutil.copytree(dense / name / "ckpt", root)
     tag = next(p for p in root.iterdir() if p.is_dir())
     shutil.copy(
-        ckpt("z2-fp32-ep2-dp2") / "global_step3" / "layer_0_expert_0_mp_rank_00_model_states.pt",
+        ckpt("moe", "z2-fp32-ep2-dp2")
+        / "global_step3"
+        / "layer_0_expert_0_mp_rank_00_model_states.pt",
         tag,
     )
     assert "stale-expert-file" in _codes(open_checkpoint(root, partial=True))
@@ -275,7 +272,7 @@ def test_expert_group_of_another_run_is_an_error(tmp_path: Path) -> None:
 def test_autoep_zero3_expert_sub_group() -> None:
     """AutoEP ZeRO-3: the expert sub-group is partitioned over its EDP ranks
     (ds_zero_partition_groups), each rank's flat tensor holding its local experts."""
-    layout = open_checkpoint(ckpt("autoep-z3-fp32-ep2-dp2"))
+    layout = open_checkpoint(ckpt("moe", "autoep-z3-fp32-ep2-dp2"))
     assert layout.findings == () and layout.kind == "zero3" and layout.moe is not None
     (group,) = layout.moe.groups
     assert (group.index, group.name, group.ep_size, group.edp_size) == (2, "ep_size_2", 2, 1)

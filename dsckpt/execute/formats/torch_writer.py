@@ -466,31 +466,23 @@ class _TorchPickling:
             raise TypeError(f"cannot stream a {t.device.type} {t.layout} tensor")
         stored = self._storage_of(t)
         legacy = _LEGACY_STORAGE.get(t.dtype)
-        args: tuple[Any, ...]
         func: Any
-        if legacy is not None:
+        dtype: tuple[torch.dtype, ...]
+        if legacy is not None:  # a typed storage class carries the dtype
             ref = _StorageRef(stored.key, getattr(torch, legacy), stored.nbytes // t.element_size())
-            func = torch._utils._rebuild_tensor_v2
-            args = (
-                ref,
-                t.storage_offset(),
-                tuple(t.size()),
-                t.stride(),
-                t.requires_grad,
-                OrderedDict(),
-            )
-        else:
+            func, dtype = torch._utils._rebuild_tensor_v2, ()
+        else:  # an untyped storage: the dtype is v3's last argument
             ref = _StorageRef(stored.key, torch.storage.UntypedStorage, stored.nbytes)
-            func = torch._utils._rebuild_tensor_v3
-            args = (
-                ref,
-                t.storage_offset(),
-                tuple(t.size()),
-                t.stride(),
-                t.requires_grad,
-                OrderedDict(),
-                t.dtype,
-            )
+            func, dtype = torch._utils._rebuild_tensor_v3, (t.dtype,)
+        args: tuple[Any, ...] = (
+            ref,
+            t.storage_offset(),
+            tuple(t.size()),
+            t.stride(),
+            t.requires_grad,
+            OrderedDict(),
+            *dtype,
+        )
         metadata = torch._utils.get_tensor_metadata(t)
         if metadata:
             args += (metadata,)
