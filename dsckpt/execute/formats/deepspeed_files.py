@@ -315,7 +315,7 @@ class ZeroRankFiles:
         sd = self._materialize(meta, path)
         sd["dp_world_size"] = self.plan.dp
         if self.plan.params_reordered:
-            sd["param_shapes"] = self._param_shapes()
+            sd["param_shapes"] = self._param_shapes(like=sd.get("param_shapes"))
         # AutoEP records its writer's expert-data-parallel size (DP / EP) per layer, twice.
         info = sd.get("universal_checkpoint_info")
         copies = (sd.get("ds_autoep_layers"), info.get("ds_autoep_layers") if info else None)
@@ -329,9 +329,13 @@ class ZeroRankFiles:
                     layer["expert_data_parallel_world_size"] = self.plan.dp // layer["ep_size"]
         return sd
 
-    def _param_shapes(self) -> list[Any]:
+    def _param_shapes(self, like: Any = None) -> list[Any]:
+        """``param_shapes`` at the target, shapes as ``torch.Size``, or as the saved ones are
+        (``like``: the source's, whose shapes torch's unpickler gives back as plain tuples)."""
         torch = self.torch
-        return [OrderedDict((n, torch.Size(s)) for n, s in g.params) for g in self.plan.groups]
+        saved = next((s for group in like or () for s in group.values()), None)
+        size = tuple if type(saved) is tuple else torch.Size
+        return [OrderedDict((n, size(s)) for n, s in g.params) for g in self.plan.groups]
 
     def _optim_states(self, rank: int) -> Any:
         if isinstance(self.source, UniversalSource) and self.plan.kind != "zero3":
@@ -369,6 +373,7 @@ class ZeroRankFiles:
         base = {
             k: (state if k == "state" else self._materialize(v, path0)) for k, v in base0.items()
         }
+        _rename_expert_groups(base.get("param_groups"), plan.groups)
         osd: dict[str, Any] = {}
         for key, value in osd0.items():
             if key == "base_optimizer_state":
@@ -652,6 +657,18 @@ class ZeroRankFiles:
             if any(n == first for n, _ in src.params):
                 return s
         return group.sources[0]
+
+
+def _rename_expert_groups(param_groups: Any, groups: Sequence[TargetGroup]) -> None:
+    """MoE expert groups carry their expert-parallel group's name (``ep_size_2``), which
+    DeepSpeed reads back into the optimizer and uses to pick the ranks a group's gradients are
+    reduced over: at another expert-parallel size it is the target's (``ep_size_M``)."""
+    for group in groups:
+        if not group.label or not isinstance(param_groups, list):
+            continue
+        saved = param_groups[group.index] if group.index < len(param_groups) else None
+        if isinstance(saved, dict) and saved.get("moe") and saved.get("name") != group.label:
+            saved["name"] = group.label
 
 
 def _torch_dtype(torch: Any, ref: Any) -> Any:
