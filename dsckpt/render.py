@@ -363,6 +363,9 @@ def reshape_json(
         "seconds": round(seconds, 3),
         "empty_ranks": empty_ranks,
     }
+    source_ep = getattr(result.plan, "source_ep_sizes", ())
+    if source_ep:  # reshape --ep: the expert-parallel sizes before and after
+        data["expert_parallel"] = {"source": list(source_ep), "target": list(result.plan.ep_sizes)}
     if write_plan is not None:
         data["plan"] = write_plan.describe(ranges=True)
     return data
@@ -870,7 +873,11 @@ def zero_reshape_table(plan: Any) -> Table:
     what = {"zero": f"ZeRO-{plan.stage}", "bf16_optimizer": "BF16_Optimizer", "zero3": "ZeRO-3"}[
         plan.kind
     ]
-    table = Table(title=f"{what}: DP {plan.source_dp} -> {plan.dp}", title_justify="left")
+    title = f"{what}: DP {plan.source_dp} -> {plan.dp}"
+    if getattr(plan, "source_ep_sizes", ()):
+        before = ", ".join(map(str, plan.source_ep_sizes))
+        title += f", EP {before} -> {', '.join(map(str, plan.ep_sizes))}"
+    table = Table(title=title, title_justify="left")
     table.add_column("group")
     table.add_column("rank", justify="right")
     table.add_column("elements", justify="right")

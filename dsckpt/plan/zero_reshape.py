@@ -468,9 +468,9 @@ def _check_ep_change(facts: SourceFacts, ep: int, saved: Sequence[int]) -> None:
     if len(saved) > 1:
         sizes = " and ".join(str(e) for e in saved)
         raise UnsupportedLayout(
-            f"--ep {ep}: the MoE layers use expert-parallel sizes {sizes} (one optimizer group "
-            "per size); --ep sets one size for every layer, which changes the model's own "
-            "groups: reshape only models whose MoE layers share one EP size"
+            f"--ep {ep}: the MoE layers use expert-parallel sizes {sizes}, one optimizer group "
+            "each; --ep sets the one size all MoE layers share, so it applies only to models "
+            "whose layers share one (moving them to one size would merge optimizer groups)"
         )
     for layer in moe.layers:
         if layer.num_experts % ep:
