@@ -186,8 +186,7 @@ def empty_warning(result: Any, empty: int) -> str:
 
 EXAMPLES = examples(
     "dsckpt reshape checkpoints/ resized/ --dp 8",
-    "dsckpt reshape checkpoints/ resized/ --dp 8 --dry-run",
-    "dsckpt reshape moe-checkpoints/ resized/ --dp 4 --ep 4",
+    "dsckpt reshape moe-checkpoints/ resized/ --dp 4 --ep 4 --dry-run",
     "dsckpt reshape megatron-ckpt/ resized/ --tp 1 --pp 2 --dp 4",
     "dsckpt reshape checkpoints/ resized/ --dp 8 --json -q",
 )
