@@ -439,7 +439,9 @@ def check_expert_parallel(facts: SourceFacts, dp: int, ep: int | None = None) ->
         _check_ep_change(facts, ep, saved)
     for size in saved if ep is None else (ep,):
         if dp % size:
-            kept = "expert parallelism stays as saved" if ep is None else f"--ep {ep}"
+            kept = f"--ep {ep}" if ep is not None else "expert parallelism stays as saved"
+            if ep is None and len(saved) == 1 and facts.moe is not None and not facts.moe.autoep:
+                kept += " unless reshape --ep changes it"
             raise UnsupportedLayout(
                 f"--dp {dp}: DeepSpeed requires DP to be a multiple of the expert-parallel size "
                 f"{size} ({kept}; choose a multiple of {size})"

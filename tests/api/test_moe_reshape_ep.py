@@ -292,3 +292,21 @@ def test_dry_run_table_shows_each_new_ep_rank_taking_two_source_ep_ranks(
     assert "ep_size_2, EP 2" in result.stdout
     assert "r0[0:192]->0 r1[0:192]->192" in result.stdout
     assert "expert parallelism 4 -> 2" in result.stdout
+
+
+@pytest.mark.parametrize(
+    ("name", "hint"),
+    [
+        ("z1-fp32-ep2-dp4", True),
+        ("z2-fp32-ep2x4-dp4-mixed", False),
+        ("autoep-z2-fp32-ep2-dp2", False),
+    ],
+)
+def test_a_dp_that_needs_another_ep_points_at_ep_where_it_applies(
+    cli, tmp_path: Path, name: str, hint: bool
+) -> None:
+    """The story --ep is for: DP 3 cannot hold EP 2. The refusal says --ep would change it only
+    where --ep applies (not for mixed EP sizes or AutoEP, which --ep refuses)."""
+    error = _one_error(cli("reshape", _ckpt(name), tmp_path / "out", "--dp", "3"))
+    assert "expert parallelism stays as saved" in error
+    assert ("unless reshape --ep changes it" in error) is hint, error
