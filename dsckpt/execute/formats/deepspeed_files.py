@@ -660,9 +660,11 @@ class ZeroRankFiles:
 
 
 def _rename_expert_groups(param_groups: Any, groups: Sequence[TargetGroup]) -> None:
-    """MoE expert groups carry their expert-parallel group's name (``ep_size_2``), which
-    DeepSpeed reads back into the optimizer and uses to pick the ranks a group's gradients are
-    reduced over: at another expert-parallel size it is the target's (``ep_size_M``)."""
+    """MoE expert groups carry their expert-parallel group's name (``ep_size_2``). torch's
+    ``load_state_dict`` puts the saved group's keys back into the live optimizer, and DeepSpeed
+    then looks the group's process groups up by that name (BF16_Optimizer's expert gradient
+    norm, ZeRO's checkpoint loading): at another expert-parallel size it is the target's
+    (``ep_size_M``)."""
     for group in groups:
         if not group.label or not isinstance(param_groups, list):
             continue
