@@ -355,6 +355,9 @@ def reshape_json(
         "seconds": round(seconds, 3),
         "empty_ranks": empty_ranks,
     }
+    source_ep = getattr(result.plan, "source_ep_sizes", ())
+    if source_ep:  # reshape --ep: the expert-parallel sizes before and after
+        data["expert_parallel"] = {"source": list(source_ep), "target": list(result.plan.ep_sizes)}
     if write_plan is not None:
         data["plan"] = write_plan.describe(ranges=True)
     return data

@@ -29,6 +29,7 @@ from dsckpt.plan.zero_reshape import (
     extra_entries,
     location_of,
     plan_reshape,
+    refuse_stage0_ep_change,
 )
 
 
@@ -39,6 +40,7 @@ def reshape(
     dp: int | None = None,
     tp: int | None = None,
     pp: int | None = None,
+    ep: int | None = None,
     partition_method: str = "parameters",
     layer_specs: str | None = None,
     rules_file: Path | None = None,
@@ -55,14 +57,21 @@ def reshape(
     Pipeline / Megatron checkpoints go to :func:`reshape_pipeline` (any of
     ``tp``, ``pp``, ``dp``); ZeRO checkpoints without model parallelism take ``dp`` only, and so
     do universal checkpoints (:func:`reshape_universal`), written as native ZeRO files.
-    Mixture-of-experts ZeRO-1/2 checkpoints keep their expert-parallel sizes: ``dp`` must be a
-    multiple of each, and the expert groups are re-split over ``dp / ep`` ranks.
+    Mixture-of-experts ZeRO-1/2 checkpoints keep their expert-parallel sizes unless ``ep`` is
+    given (native MoE whose layers share one EP size: every expert group goes to EP ``ep``,
+    ``dp`` defaulting to the saved DP size); ``dp`` must be a multiple of the EP size, and the
+    expert groups are re-split over ``dp / ep`` ranks.
 
     Raises:
         UsageError, InconsistentCheckpoint, UnsupportedLayout, OutputError: one line each.
     """
-    check_degrees(dp=dp, tp=tp, pp=pp)
+    check_degrees(dp=dp, tp=tp, pp=pp, ep=ep)
     layout = open_checkpoint(ckpt, tag)
+    if ep is not None and layout.kind in ("universal", "pipeline"):
+        raise UnsupportedLayout(
+            f"--ep {ep}: {layout.dir} is a {layout.kind} checkpoint; --ep applies to native "
+            "mixture-of-experts ZeRO-1/2 checkpoints"
+        )
     if layout.kind == "universal":
         if (tp or 1) != 1 or (pp or 1) != 1 or rules_file is not None:
             raise UnsupportedLayout(
@@ -93,9 +102,11 @@ def reshape(
             f"{layout.dir} is not a pipeline / Megatron checkpoint (no layer files): only --dp "
             "can change, and there are no TP rules to apply"
         )
+    if dp is None and ep is not None:
+        dp = layout.dp  # only the expert parallelism changes
     if dp is None:
         raise UsageError("give a target degree: --dp N (this checkpoint has no model parallelism)")
-    return reshape_zero(layout, out, dp=dp, force=force, dry_run=dry_run, progress=progress)
+    return reshape_zero(layout, out, dp=dp, ep=ep, force=force, dry_run=dry_run, progress=progress)
 
 
 def reshape_zero(
@@ -103,17 +114,23 @@ def reshape_zero(
     out: Path | str,
     *,
     dp: int,
+    ep: int | None = None,
     force: bool = False,
     dry_run: bool = False,
     progress: ProgressSink | None = None,
 ) -> ReshapeResult:
-    """Write the ZeRO checkpoint ``layout`` re-partitioned for ``dp`` ranks to ``out`` (see
-    :func:`reshape`): plan, check the output, plan every rank file, then write them."""
-    source, plan = plan_reshape(layout, dp)
+    """Write the ZeRO checkpoint ``layout`` re-partitioned for ``dp`` ranks (MoE expert groups
+    at EP ``ep``, None: kept) to ``out`` (see :func:`reshape`): plan, check the output, plan
+    every rank file, then write them."""
+    refuse_stage0_ep_change(layout, ep)
+    source, plan = plan_reshape(layout, dp, ep=ep)
     result = ReshapeResult(
         plan=plan, source=layout.dir, out=Path(out), tag=source.tag, written=False
     )
-    return _write_zero(source, result, force, dry_run, progress, f"reshape to DP {plan.dp}")
+    description = f"reshape to DP {plan.dp}"
+    if plan.source_ep_sizes:
+        description += f", EP {', '.join(map(str, plan.ep_sizes))}"
+    return _write_zero(source, result, force, dry_run, progress, description)
 
 
 def reshape_universal(

@@ -782,8 +782,11 @@ def _counters(layout: Layout) -> dict[str, Any]:
     groups = base.get("param_groups") if isinstance(base, Mapping) else None
     for g, group in enumerate(groups or []):
         for key, value in group.items():
-            if key != "params":  # flat-group indices: topology, not training state
-                _flatten(f"param_groups[{g}].{key}", value, opath, found)
+            # Topology, not training state: the flat-group indices, and a MoE expert group's
+            # name, which names its expert-parallel group (ep_size_N; reshape --ep changes it).
+            if key == "params" or (key == "name" and group.get("moe")):
+                continue
+            _flatten(f"param_groups[{g}].{key}", value, opath, found)
     return found
 
 

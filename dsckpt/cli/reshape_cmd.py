@@ -42,6 +42,16 @@ def reshape(
     dp: DPOpt = None,
     tp: TPOpt = None,
     pp: PPOpt = None,
+    ep: Annotated[
+        int | None,
+        typer.Option(
+            "--ep",
+            metavar="M",
+            help="Target expert-parallel degree of a native mixture-of-experts ZeRO-1/2 "
+            "checkpoint whose MoE layers share one EP size (default: keep; --dp defaults to the "
+            "saved DP size and must be a multiple of M).",
+        ),
+    ] = None,
     partition_method: PartitionMethodOpt = "parameters",
     layer_specs: LayerSpecsOpt = None,
     rules: RulesOpt = None,
@@ -63,9 +73,9 @@ def reshape(
     ] = False,
 ) -> None:
     """Reshape a checkpoint to new degrees (ZeRO 1/2/3: --dp; mixture-of-experts ZeRO 1/2: --dp,
-    expert parallelism kept; Megatron pipelines: --tp, --pp, --dp together; a universal
-    checkpoint: --dp, written as native ZeRO files): weights, optimizer state and counters,
-    loadable by unmodified DeepSpeed."""
+    and --ep to change the expert parallelism; Megatron pipelines: --tp, --pp, --dp together; a
+    universal checkpoint: --dp, written as native ZeRO files): weights, optimizer state and
+    counters, loadable by unmodified DeepSpeed."""
     invocation = dict(locals())  # the parameters, for --workers to run this again
     from dsckpt.api.reshaping import reshape as run
     from dsckpt.render import reshape_json, reshape_line, to_json
@@ -74,6 +84,7 @@ def reshape(
         dp=dp,
         tp=tp,
         pp=pp,
+        ep=ep,
         partition_method=partition_method,
         layer_specs=layer_specs,
         rules_file=rules,
@@ -82,7 +93,7 @@ def reshape(
     )
     empty = 0
     started = time.perf_counter()
-    if dry_run or dp is not None:
+    if dry_run or dp is not None or ep is not None:
         # Plan first: the dry run's answer, or (when the DP size changes) a look at how many
         # target ranks would be empty, said before anything is written.
         preview = run(ckpt, out, dry_run=True, **options)
@@ -175,7 +186,7 @@ def empty_warning(result: Any, empty: int) -> str:
 
 EXAMPLES = examples(
     "dsckpt reshape checkpoints/ resized/ --dp 8",
-    "dsckpt reshape checkpoints/ resized/ --dp 8 --dry-run",
+    "dsckpt reshape moe-checkpoints/ resized/ --dp 4 --ep 4 --dry-run",
     "dsckpt reshape megatron-ckpt/ resized/ --tp 1 --pp 2 --dp 4",
     "dsckpt reshape checkpoints/ resized/ --dp 8 --json -q",
 )

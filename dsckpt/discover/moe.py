@@ -55,6 +55,12 @@ AUTOEP_FUSED = ("w1", "w2", "w3")
 EXPERT_GROUP_NAME = re.compile(r"^ep_size_(?P<ep>\d+)$")
 
 
+def native_expert_name(module: str, expert: int, rest: str) -> str:
+    """A native expert parameter's state-dict key: expert ``expert`` (a local or global id) of
+    MoE module ``module``, ``rest`` its name inside the expert (``up.weight``)."""
+    return f"{module}.deepspeed_moe.experts.deepspeed_experts.{expert}.{rest}"
+
+
 def expert_file_name(layer: int, expert: int, mp: int = 0) -> str:
     """The file DeepSpeed saves global expert ``expert`` of MoE layer ``layer`` in."""
     return f"layer_{layer}_expert_{expert}_mp_rank_{mp:02d}_model_states.pt"
@@ -256,8 +262,7 @@ def global_target(
     if found is None or found["module"] != layer.module or int(found["id"]) >= n_local:
         return None
     global_id = ep_rank * n_local + int(found["id"])
-    name = f"{layer.module}.deepspeed_moe.experts.deepspeed_experts.{global_id}.{found['rest']}"
-    return name, local_shape, 0
+    return native_expert_name(layer.module, global_id, found["rest"]), local_shape, 0
 
 
 def ep_size_of_group(name: str | None) -> int | None:

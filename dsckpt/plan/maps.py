@@ -70,7 +70,12 @@ __all__ = [
 ]
 
 
-_DEGREE_NAMES = {"dp": "data-parallel", "tp": "tensor-parallel", "pp": "pipeline-parallel"}
+_DEGREE_NAMES = {
+    "dp": "data-parallel",
+    "tp": "tensor-parallel",
+    "pp": "pipeline-parallel",
+    "ep": "expert-parallel",
+}
 
 
 def check_degrees(**degrees: int | None) -> None:

@@ -26,8 +26,12 @@ DeepSpeed's rules for a size ``N`` (read from its source, checked on real checkp
   with ``N``: it is undone with the source size and redone with the target size.
 * Mixture of experts (ZeRO-1/2): an expert group of expert-parallel size ``ep`` holds each EP
   rank's local experts, split as above over that EP rank's expert-data-parallel group, the
-  ``N / ep`` DP ranks ``e, e + ep, ...`` (``partition_count`` ``N / ep``). ``ep`` is kept, so
-  ``N`` must be a multiple of it; the per-expert weight files do not change.
+  ``N / ep`` DP ranks ``e, e + ep, ...`` (``partition_count`` ``N / ep``), so ``N`` must be a
+  multiple of ``ep``. The per-expert weight files are keyed by global expert id and do not
+  change. At another expert-parallel size ``M`` (native MoE, one EP size), EP rank ``e`` holds
+  global experts ``e * E/M ..`` under local ids ``0 .. E/M - 1``: each EP rank's buffer is
+  re-assembled from the source EP ranks' buffers (:func:`_plan_expert_regroup`), the group is
+  named ``ep_size_M`` and the local names in ``param_shapes`` and the slice mappings change.
 * ZeRO-3: every parameter is split on its own into ``ceil(numel/N)`` pieces; a rank's flat tensor
   per sub-group concatenates its pieces. Sub-groups are cut from each optimizer group where the
   running sum of piece sizes reaches ``sub_group_size``, so they too depend on ``N``.
@@ -38,11 +42,12 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from dsckpt.discover import zero
+from dsckpt.discover.moe import NATIVE_EXPERT, MoeLayout, global_target, native_expert_name
 from dsckpt.errors import InconsistentCheckpoint, UnsupportedLayout
 from dsckpt.plan.maps import check_degrees
 from dsckpt.sizes import human_bytes
@@ -95,6 +100,8 @@ class SourceFacts:
         sub_group_size: ZeRO-3 ``sub_group_size``.
         frozen: ZeRO-3 frozen parameters ``(name, shape)``: their fragments are re-split too.
         param_order: ZeRO-3 parameter names in module order (for the ``ds_id`` bookkeeping).
+        moe: discovery's mixture-of-experts record (``Layout.moe``): which global expert each
+            EP rank's local expert parameter is, for a change of expert parallelism.
     """
 
     kind: str
@@ -106,6 +113,7 @@ class SourceFacts:
     sub_group_size: int = DEFAULT_SUB_GROUP_SIZE
     frozen: tuple[tuple[str, Shape], ...] = ()
     param_order: tuple[str, ...] = ()
+    moe: MoeLayout | None = None
 
 
 @dataclass(frozen=True)
@@ -185,8 +193,10 @@ class ReshapePlan:
     group_paddings: tuple[tuple[int, ...], ...] = ()
     slice_mappings: tuple[tuple[tuple[tuple[str, int, int], ...], ...], ...] = ()
     params_reordered: bool = False  # ZeRO-1/2 round robin: param_shapes order changes
-    # MoE: the expert-parallel sizes (one per EP size in use, ascending), unchanged by a reshape.
+    # MoE: the expert-parallel sizes (one per EP size in use, ascending) at the target, and as
+    # saved when a reshape changed them (``--ep``; empty: kept).
     ep_sizes: tuple[int, ...] = ()
+    source_ep_sizes: tuple[int, ...] = ()
     # From a universal checkpoint, runs read parameters' own files: src_index names one of these.
     run_sources: tuple[str, ...] = ()
 
@@ -435,28 +445,47 @@ class Zero3Partitions(Sequence[Partition]):
         return Partition(rank, offset, tuple(runs), padding)
 
 
-def plan_from_facts(facts: SourceFacts, dp: int) -> ReshapePlan:
-    """The reshape plan to ``dp`` data-parallel ranks (pure: integers in, integers out).
+def plan_from_facts(facts: SourceFacts, dp: int, ep: int | None = None) -> ReshapePlan:
+    """The reshape plan to ``dp`` data-parallel ranks (pure: integers in, integers out), with
+    every MoE expert group at expert-parallel size ``ep`` (None: as saved).
 
     Raises:
-        UsageError: ``dp`` below 1.
+        UsageError: ``dp`` or ``ep`` below 1.
         UnsupportedLayout: the saved layout does not follow DeepSpeed's rules as understood here
-            (so a reshape could not be trusted).
+            (so a reshape could not be trusted), or ``ep`` cannot be applied to it.
     """
-    check_degrees(dp=dp)
+    check_degrees(dp=dp, ep=ep)
     if facts.kind == "zero3":
+        if ep is not None:
+            raise UnsupportedLayout(
+                f"--ep {ep}: a ZeRO-3 checkpoint's expert parallelism cannot change (native MoE "
+                "does not run with ZeRO-3; AutoEP ZeRO-3 is not reshaped); --ep applies to "
+                "native MoE ZeRO-1/2 checkpoints"
+            )
         return _plan_zero3(facts, dp)
-    return _plan_zero12(facts, dp)
+    return _plan_zero12(facts, dp, ep)
 
 
-def check_expert_parallel(facts: SourceFacts, dp: int) -> None:
+def saved_ep_sizes(facts: SourceFacts) -> tuple[int, ...]:
+    """The expert-parallel sizes the expert groups were saved at, ascending (empty: dense)."""
+    return tuple(sorted({g.ep for g in facts.groups if g.ep > 1 or g.label}))
+
+
+def check_expert_parallel(facts: SourceFacts, dp: int, ep: int | None = None) -> None:
     """DeepSpeed builds an expert group's expert-data-parallel group from ``dp / ep`` ranks: a
-    target DP that is not a multiple of every expert group's EP size cannot hold the experts."""
-    for ep in sorted({g.ep for g in facts.groups if g.ep > 1}):
-        if dp % ep:
+    target DP that is not a multiple of every expert group's EP size cannot hold the experts.
+    With ``ep`` (a change of expert parallelism), the rules that change must allow it."""
+    saved = saved_ep_sizes(facts)
+    if ep is not None and saved != (ep,):
+        _check_ep_change(facts, ep, saved)
+    for size in saved if ep is None else (ep,):
+        if dp % size:
+            kept = f"--ep {ep}" if ep is not None else "expert parallelism stays as saved"
+            if ep is None and len(saved) == 1 and facts.moe is not None and not facts.moe.autoep:
+                kept += " unless reshape --ep changes it"
             raise UnsupportedLayout(
                 f"--dp {dp}: DeepSpeed requires DP to be a multiple of the expert-parallel size "
-                f"{ep} (expert parallelism stays as saved; choose a multiple of {ep})"
+                f"{size} ({kept}; choose a multiple of {size})"
             )
     if facts.round_robin and any(g.ep > 1 for g in facts.groups):
         raise UnsupportedLayout(
@@ -465,13 +494,53 @@ def check_expert_parallel(facts: SourceFacts, dp: int) -> None:
         )
 
 
-def _plan_zero12(facts: SourceFacts, dp: int) -> ReshapePlan:
-    check_expert_parallel(facts, dp)
+def _check_ep_change(facts: SourceFacts, ep: int, saved: Sequence[int]) -> None:
+    """What a change of expert parallelism to ``ep`` needs: native MoE layers sharing one EP
+    size, each with a number of experts ``ep`` divides (DeepSpeed's own rule)."""
+    moe = facts.moe
+    if not saved or moe is None:
+        raise UnsupportedLayout(
+            f"--ep {ep}: the checkpoint has no mixture-of-experts layers (no expert-parallel "
+            "size to change)"
+        )
+    if moe.autoep:
+        raise UnsupportedLayout(
+            f"--ep {ep}: AutoEP checkpoints keep their expert parallelism (their per-layer "
+            "metadata, ds_autoep_layers, records the placement); --ep applies to native MoE"
+        )
+    if len(saved) > 1:
+        sizes = " and ".join(str(e) for e in saved)
+        raise UnsupportedLayout(
+            f"--ep {ep}: the MoE layers use expert-parallel sizes {sizes}, one optimizer group "
+            "each; --ep sets the one size all MoE layers share, so it applies only to models "
+            "whose layers share one (moving them to one size would merge optimizer groups)"
+        )
+    for layer in moe.layers:
+        if layer.num_experts % ep:
+            raise UnsupportedLayout(
+                f"--ep {ep}: MoE layer {layer.module} has {layer.num_experts} experts, which "
+                f"{ep} expert-parallel ranks cannot share equally (DeepSpeed requires "
+                "num_experts to be a multiple of ep_size)"
+            )
+
+
+def _plan_zero12(facts: SourceFacts, dp: int, ep_target: int | None = None) -> ReshapePlan:
+    check_expert_parallel(facts, dp, ep_target)
     groups = []
     paddings_by_group = []
     mappings_by_group = []
     reordered = False
     for g, src in enumerate(facts.groups):
+        is_expert = src.ep > 1 or bool(src.label)
+        if is_expert and ep_target is not None and ep_target != src.ep:
+            target, recorded_paddings, target_mappings = _plan_expert_regroup(
+                facts, g, dp, ep_target
+            )
+            groups.append(target)
+            paddings_by_group.append(recorded_paddings)
+            mappings_by_group.append(target_mappings)
+            reordered = True  # the local expert names in param_shapes change
+            continue
         # A dense group is partitioned over all DP ranks; an expert group (EP size ep) over the
         # dp / ep ranks of each expert-data-parallel group: EP rank e's buffer lives in DP ranks
         # e, e + ep, ... (DeepSpeed's default topology: EDP groups stride by ep). The arithmetic
@@ -567,7 +636,145 @@ def _plan_zero12(facts: SourceFacts, dp: int) -> ReshapePlan:
         group_paddings=tuple(tuple(p[r] for p in paddings_by_group) for r in range(dp)),
         slice_mappings=tuple(tuple(m[r] for m in mappings_by_group) for r in range(dp)),
         params_reordered=reordered,
-        ep_sizes=tuple(sorted({g.ep for g in facts.groups if g.ep > 1 or g.label})),
+        ep_sizes=tuple(sorted({g.ep for g in groups if g.ep > 1 or g.label})),
+        source_ep_sizes=saved_ep_sizes(facts)
+        if ep_target is not None and saved_ep_sizes(facts) != (ep_target,)
+        else (),
+    )
+
+
+def _plan_expert_regroup(
+    facts: SourceFacts, g: int, dp: int, ep: int
+) -> tuple[TargetGroup, list[int], list[tuple[tuple[str, int, int], ...]]]:
+    """Expert group ``g`` at expert-parallel size ``ep``: the target group, and per target DP
+    rank its recorded padding and slice mapping.
+
+    DeepSpeed (``moe/experts.py``, ``engine.py`` ``load_moe_state_dict``): EP rank ``e`` at EP
+    ``M`` holds global experts ``e * E/M + i`` as local experts ``i``; an expert group's flat
+    buffer lists its parameters in module order (layer by layer, local expert by local expert,
+    each expert's parameters in their own order). The saved order must follow that rule at the
+    saved EP size, or the order at ``M`` could only be guessed. Each target parameter's values
+    are those of the same global expert parameter, found through discovery's record of which
+    global key every source EP rank's local parameter is (``MoeLayout.params``); it sits in
+    that EP rank's buffer, partitioned over its expert-data-parallel group (DP ranks ``R, R +
+    ep_saved, ...``), and goes to target EP rank ``e``'s buffer, partitioned over DP ranks
+    ``e, e + M, ...``.
+    """
+    src = facts.groups[g]
+    moe = facts.moe
+    assert moe is not None  # _check_ep_change
+    names = [n for n, _ in src.params]
+    shapes = dict(src.params)
+    numels = [zero.numel(s) for s in shapes.values()]
+    src_pads = [0] * len(names) if src.alignment_paddings is None else list(src.alignment_paddings)
+    if alignment_paddings(numels, facts.param_alignment) != src_pads:
+        raise UnsupportedLayout(
+            f"group {g}: param_alignment_paddings {src_pads} do not follow DeepSpeed's "
+            f"parameter_alignment rule ({facts.param_alignment} elements), so the expert group "
+            "cannot be laid out at another expert-parallel size"
+        )
+    src_offsets, _ = _offsets(numels, src_pads)
+    src_at = dict(zip(names, src_offsets, strict=True))
+    layers = {layer.module: layer for layer in moe.layers}
+    # Module by module (in group order), each expert's parameters (rest, shape) in their order.
+    per_module: dict[str, list[tuple[str, Shape]]] = {}
+    for name in names:
+        found = NATIVE_EXPERT.match(name)
+        if found is None or found["module"] not in layers:
+            raise UnsupportedLayout(
+                f"expert group {g} ({src.label}) lists {name}, not a native MoE expert "
+                "parameter: its place at another expert-parallel size is unknown"
+            )
+        if int(found["id"]) == 0:
+            per_module.setdefault(found["module"], []).append((found["rest"], shapes[name]))
+
+    def flat_order(local_count: Callable[[str], int]) -> list[tuple[str, Shape]]:
+        return [
+            (native_expert_name(module, i, rest), shape)
+            for module, rests in per_module.items()
+            for i in range(local_count(module))
+            for rest, shape in rests
+        ]
+
+    if flat_order(lambda m: layers[m].num_experts // src.ep) != list(src.params):
+        raise UnsupportedLayout(
+            f"expert group {g} ({src.label}) does not list its parameters layer by layer and "
+            "local expert by local expert (module order): its order at another expert-parallel "
+            "size would be a guess"
+        )
+    dst_params = flat_order(lambda m: layers[m].num_experts // ep)
+    dst_numels = [zero.numel(s) for _, s in dst_params]
+    dst_pads = alignment_paddings(dst_numels, facts.param_alignment)
+    dst_offsets, dst_data = _offsets(dst_numels, dst_pads)
+    src_count, dst_count = facts.dp // src.ep, dp // ep
+    dst_size = zero.zero12_partition_size(dst_data, dst_count)
+    # Discovery's record: global key -> (source EP rank, local name) of group g.
+    where = {p.name: (p.ep_rank, p.flat.name) for p in moe.params if p.group == g}
+    at_target = {
+        module: replace(layers[module], ep_size=ep, edp_size=dp // ep) for module in per_module
+    }
+    runs_by_rank: list[list[Run]] = [[] for _ in range(dp)]
+    for e in range(ep):
+        by_source: dict[int, list[tuple[int, int, int, int]]] = {}
+        for (name, shape), dst_offset in zip(dst_params, dst_offsets, strict=True):
+            layer = at_target[name.split(".deepspeed_moe.", 1)[0]]
+            target = global_target(layer, name, shape, e)
+            held = where.get(target[0]) if target is not None else None
+            if held is None:
+                raise InconsistentCheckpoint(
+                    f"expert group {g} ({src.label}): no EP rank's files hold "
+                    f"{target[0] if target else name}, which EP rank {e} of {ep} needs"
+                )
+            src_ep_rank, local = held
+            by_source.setdefault(src_ep_rank, []).append(
+                (g, src_at[local], dst_offset, zero.numel(shape))
+            )
+        for src_ep_rank, segments in by_source.items():
+            per_part = split_segments(segments, src.partition_size, dst_size, dst_count)
+            if len(per_part) != dst_count or any(
+                run.src_rank >= src_count for runs in per_part for run in runs
+            ):
+                raise AssertionError("plan error: an expert run outside its EDP group")
+            for part, runs in enumerate(per_part):
+                runs_by_rank[e + part * ep].extend(
+                    Run(
+                        src_ep_rank + r.src_rank * src.ep,
+                        r.src_index,
+                        r.src_start,
+                        r.length,
+                        r.dst_start,
+                    )  # fmt: skip
+                    for r in runs
+                )
+    tails = zero12_group_paddings(dst_data, sum(dst_numels), dst_size, dst_count, "zero")
+    recorded = zero12_group_paddings(dst_data, sum(dst_numels), dst_size, dst_count, facts.kind)
+    mappings = slice_mappings(
+        [n for n, _ in dst_params],
+        dst_numels,
+        dst_offsets if any(dst_pads) else None,
+        dst_count,
+        dst_size,
+    )
+    partitions = []
+    for rank in range(dp):
+        merged: list[Run] = []
+        for run in sorted(runs_by_rank[rank], key=lambda r: r.dst_start):
+            _append(merged, run)
+        partitions.append(Partition(rank, dst_size, tuple(merged), tails[rank // ep]))
+    target_group = TargetGroup(
+        index=g,
+        param_group=g,
+        params=tuple(dst_params),
+        partitions=tuple(partitions),
+        sources=(g,),
+        alignment_paddings=tuple(dst_pads) if src.alignment_paddings is not None else None,
+        ep=ep,
+        label=f"ep_size_{ep}",
+    )
+    return (
+        target_group,
+        [recorded[rank // ep] for rank in range(dp)],
+        [mappings[rank // ep] for rank in range(dp)],
     )
 
 
@@ -889,6 +1096,7 @@ def _facts(
         groups=groups,
         round_robin=round_robin,
         param_alignment=alignment,
+        moe=layout.moe,
     )
 
 
@@ -1016,7 +1224,11 @@ class ReshapeResult:
             "bf16_optimizer": "BF16_Optimizer (ZeRO-1)",
             "zero3": "ZeRO-3",
         }[self.plan.kind]
-        if self.plan.ep_sizes:
+        if self.plan.source_ep_sizes:
+            saved = ", ".join(str(e) for e in self.plan.source_ep_sizes)
+            sizes = ", ".join(str(e) for e in self.plan.ep_sizes)
+            what += f" MoE (expert parallelism {saved} -> {sizes})"
+        elif self.plan.ep_sizes:
             sizes = ", ".join(str(e) for e in self.plan.ep_sizes)
             what += f" MoE (expert parallelism {sizes} kept)"
         if self.from_universal:
@@ -1038,13 +1250,24 @@ class ReshapeResult:
 
 
 def plan_reshape(
-    ckpt: Path | str | Layout, dp: int, tag: str | None = None
+    ckpt: Path | str | Layout, dp: int, tag: str | None = None, ep: int | None = None
 ) -> tuple[Source, ReshapePlan]:
     """Open a checkpoint (a path, or an already opened Layout) and plan its reshape to ``dp``
-    ranks (reads metadata only)."""
-    check_degrees(dp=dp)
+    ranks, MoE expert groups at expert-parallel size ``ep`` (None: kept; reads metadata only)."""
+    check_degrees(dp=dp, ep=ep)
     source = open_source(ckpt, tag)
-    return source, plan_from_facts(source.facts, dp)
+    return source, plan_from_facts(source.facts, dp, ep)
+
+
+def refuse_stage0_ep_change(layout: Layout, ep: int | None) -> None:
+    """``--ep`` on a ZeRO stage 0 MoE checkpoint: refused before the stage-0 refusal, which
+    would say that nothing depends on the DP size (true, but not the question asked)."""
+    if ep is not None and layout.moe is not None and layout.zero_stage == 0:
+        raise UnsupportedLayout(
+            f"--ep {ep}: {layout.dir} is a ZeRO stage 0 MoE checkpoint: its optimizer is saved "
+            "whole per expert-parallel rank (expp_rank_R files, torch optimizer state by "
+            "position), and --ep re-cuts ZeRO-1/2 expert partitions only"
+        )
 
 
 def skipped_note(skipped: Sequence[str]) -> str:

@@ -1,22 +1,25 @@
-"""Real DeepSpeed resumes reshaped MoE checkpoints at the new DP size as if never stopped.
+"""Real DeepSpeed resumes reshaped MoE checkpoints at the new DP (and EP) size as if never stopped.
 
 Each case takes a committed MoE fixture (saved after 3 steps at DP A, see
-tests/fixtures/moe/FORMAT-NOTES.md), reshapes it to DP B with the expert-parallel size kept
-(in-process, dsckpt only), and resumes it in unmodified DeepSpeed at B for 3 more steps with
+tests/fixtures/moe/FORMAT-NOTES.md), reshapes it to DP B, with the expert-parallel size kept
+(``CASES``) or changed to M (``EP_CASES``, ``reshape --ep``), in-process with dsckpt only, and
+resumes it in unmodified DeepSpeed at B (the model built with EP M) for 3 more steps with
 ``engine.load_checkpoint``, the same model and config (tests/fixtures/train_moe.py). It is
 compared with two runs that were never interrupted:
 
 * at A: the fixture resumed at its own size (bitwise steps 4-6 of a straight 6-step run, as
   the fixture's ``resume_check`` shows; its losses are ``resume_check.straight_losses[3:]``);
-* at B: a straight 6-step run from scratch at B.
+* at B: a straight 6-step run from scratch at B (and EP M), which also saves after 3 steps:
+  the reshaped files must carry that save's keys, bookkeeping and shapes.
 
 Losses do not depend on DP or EP, so the resumed run must land on both, within the drift
 between A and B themselves (the order of the gradient reductions changes with DP). Lost or
-misplaced expert state misses by orders more (the test shows it on a deliberately broken
-checkpoint: the expert groups' Adam moments of two EP ranks swapped).
+misplaced expert state misses by orders more (the tests show it on deliberately broken
+checkpoints: the expert groups' Adam moments of two EP ranks swapped; after an EP change, the
+experts laid out EP rank by EP rank instead of layer by layer).
 
 Cost: this module is also the torchrun driver. One launch per world size (2, 4 and 8) runs
-every engine of that size one after another: three launches in all (about 2 minutes on 2
+every engine of that size one after another: three launches in all (about 2-3 minutes on 2
 cores), in a session-scoped fixture. Set
 ``DSCKPT_MOE_RESUME_RUNS=DIR`` to keep the runs and check them again without relaunching.
 """
@@ -51,19 +54,51 @@ CASES: dict[str, int] = {
     # Two EP sizes (2 and 4), expert groups with padding: DP 8 is the first size both divide.
     "z2-fp32-ep2x4-dp4-mixed": 8,
 }
+# name -> (target DP, target EP): `reshape --ep`, native MoE with one EP size. EP 2 -> 1 and
+# 2 -> 4 (ZeRO-1, ZeRO-2, bf16, BF16_Optimizer), 4 -> 2 while shrinking (the 8-ranks-at-EP-8 to
+# 4-ranks story at fixture size), 1 -> 2 while growing, and a residual MoE.
+EP_CASES: dict[str, tuple[int, int]] = {
+    "z2-fp32-ep2-dp2": (2, 1),
+    "z1-fp32-ep2-dp4": (4, 4),
+    "z2-fp32-ep4-dp4-top2": (2, 2),
+    "z2-bf16-ep2-dp2": (4, 4),
+    "z1-bf16-ep2-dp2": (2, 1),
+    "z2-fp32-ep1-dp2": (4, 2),
+    "z2-fp32-ep2-dp4-residual": (4, 1),
+}
 # A broken reshape for the control: the expert groups' moments of EP ranks 0 and 1 swapped.
 CONTROL = "z2-fp32-ep2-dp2"
+# The EP-change control: EP 4 -> 2 with each EP rank's experts laid out source EP rank by source
+# EP rank (layer 0 expert 0, layer 1 expert 0, layer 0 expert 1, ...) instead of module order.
+EP_CONTROL = "z2-fp32-ep4-dp4-top2"
+
+
+def _target(name: str, ep: bool) -> tuple[int, int | None]:
+    """(target DP, target EP or None when kept) of a case."""
+    return EP_CASES[name] if ep else (CASES[name], None)
+
+
+def _label(name: str, ep: bool) -> str:
+    """The case's reshaped checkpoint and straight run are ``<label>`` and
+    ``<label>-straight``: ``z2-fp32-ep2-dp2-to-dp4``, ``z2-fp32-ep2-dp2-to-dp2-ep1``."""
+    b, m = _target(name, ep)
+    return f"{name}-to-dp{b}" + (f"-ep{m}" if m is not None else "")
 
 
 def _facts(name: str) -> dict[str, Any]:
     return json.loads((MOE / name / "facts.json").read_text())
 
 
-def _train_args(name: str) -> list[str]:
-    """The fixture's own training arguments, without its step count."""
+def _train_args(name: str, ep: int | None = None) -> list[str]:
+    """The fixture's own training arguments, without its step count; with ``ep``, the model
+    built at that expert-parallel size."""
     args = list(_facts(name)["train_args"])
     at = args.index("--steps")
-    return args[:at] + args[at + 2 :]
+    args = args[:at] + args[at + 2 :]
+    if ep is not None:
+        assert "--ep2" not in args
+        args[args.index("--ep") + 1] = str(ep)
+    return args
 
 
 # --------------------------------------------------------------------------------------------
@@ -175,6 +210,31 @@ def _swap_expert_moments(ckpt: Path) -> None:
         torch.save(sd, f)
 
 
+def _interleave_experts(ckpt: Path) -> None:
+    """Break an EP 4 -> 2 reshape on purpose (EDP 1: each rank file holds its EP rank's experts
+    whole): lay each expert group out as a reshape that concatenated the two source EP ranks'
+    buffers would (layer 0 expert 0, layer 1 expert 0, layer 0 expert 1, layer 1 expert 1)
+    instead of module order (layer 0 experts 0-1, then layer 1's). The shapes all match, so
+    DeepSpeed loads it; only the values are misplaced."""
+    import torch
+
+    tag = (ckpt / "latest").read_text()
+    for file in sorted((ckpt / tag).glob("zero_pp_rank_*_optim_states.pt")):
+        sd = torch.load(file, weights_only=False)
+        osd = sd["optimizer_state_dict"]
+        base = osd["base_optimizer_state"]
+        for g, group in enumerate(base["param_groups"]):
+            if not group.get("moe"):
+                continue
+            (index,) = group["params"]
+            tensors = [osd["single_partition_of_fp32_groups"][g]]
+            tensors += [base["state"][index][k] for k in ("exp_avg", "exp_avg_sq")]
+            for t in tensors:
+                blocks = t.detach().view(4, -1).clone()  # [moe1 e0, moe1 e1, moe2 e0, moe2 e1]
+                t.detach().view(4, -1).copy_(blocks[[0, 2, 1, 3]])
+        torch.save(sd, file)
+
+
 @pytest.fixture(scope="session")
 def runs(tmp_path_factory: pytest.TempPathFactory) -> Runs:
     pytest.importorskip("deepspeed")
@@ -188,21 +248,32 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> Runs:
         return result
     work = result.work
     by_world: dict[int, list[dict[str, Any]]] = {}
-    for name, b in CASES.items():
+    resumed_at_a: set[str] = set()
+    cases = [(name, False) for name in CASES] + [(name, True) for name in EP_CASES]
+    for name, ep_change in cases:
         a = _facts(name)["dp"]
-        args = _train_args(name)
-        reshaped = work / f"{name}-to-dp{b}" / "ckpt"
-        reshape(MOE / name / "ckpt", reshaped, dp=b)
-        by_world.setdefault(b, []).append(_job(work, f"{name}-to-dp{b}-run", args, STEPS, reshaped))
+        b, m = _target(name, ep_change)
+        label = _label(name, ep_change)
+        reshaped = work / label / "ckpt"
+        reshape(MOE / name / "ckpt", reshaped, dp=b, ep=m)
+        args = _train_args(name, m)
+        by_world.setdefault(b, []).append(_job(work, f"{label}-run", args, STEPS, reshaped))
         # Never interrupted: at A (the fixture resumed at its own size) and at B (from scratch).
-        by_world.setdefault(a, []).append(
-            _job(work, f"{name}-at-dp{a}", args, STEPS, MOE / name / "ckpt")
-        )
-        by_world[b].append(_job(work, f"{name}-straight-dp{b}", args, 2 * STEPS, None, save=True))
+        if name not in resumed_at_a:
+            resumed_at_a.add(name)
+            by_world.setdefault(a, []).append(
+                _job(work, f"{name}-at-dp{a}", _train_args(name), STEPS, MOE / name / "ckpt")
+            )
+        by_world[b].append(_job(work, f"{label}-straight", args, 2 * STEPS, None, save=True))
     control = work / "control" / "ckpt"
-    shutil.copytree(work / f"{CONTROL}-to-dp{CASES[CONTROL]}" / "ckpt", control)
+    shutil.copytree(work / _label(CONTROL, False) / "ckpt", control)
     _swap_expert_moments(control)
     by_world[CASES[CONTROL]].append(_job(work, "control-run", _train_args(CONTROL), STEPS, control))
+    ep_control = work / "ep-control" / "ckpt"
+    shutil.copytree(work / _label(EP_CONTROL, True) / "ckpt", ep_control)
+    _interleave_experts(ep_control)
+    b, m = EP_CASES[EP_CONTROL]
+    by_world[b].append(_job(work, "ep-control-run", _train_args(EP_CONTROL, m), STEPS, ep_control))
     # DeepSpeed orders a model's expert groups by iterating a set of their names: with two EP
     # sizes every process must iterate it as the run that saved did (the fixtures fix the seed).
     seed = os.environ.get("PYTHONHASHSEED")
@@ -236,12 +307,13 @@ def _rel(a: list[float], b: list[float]) -> float:
     return max(abs(x - y) / abs(y) for x, y in zip(a, b, strict=True))
 
 
-def _distances(runs: Runs, name: str, label: str) -> dict[str, float]:
-    """How far the run ``label`` lands from the uninterrupted runs at A and at B, and how far
-    those two are from each other (the drift that sets the tolerance)."""
-    a, b = _facts(name)["dp"], CASES[name]
+def _distances(runs: Runs, name: str, label: str, ep: bool = False) -> dict[str, float]:
+    """How far the run ``label`` lands from the uninterrupted runs at A and at B (B: the case's
+    target, EP changed with ``ep``), and how far those two are from each other (the drift that
+    sets the tolerance)."""
+    a = _facts(name)["dp"]
     at_a = runs.result(f"{name}-at-dp{a}")
-    at_b = runs.result(f"{name}-straight-dp{b}")
+    at_b = runs.result(f"{_label(name, ep)}-straight")
     got = runs.result(label)
     assert got["global_steps"] == 2 * STEPS and at_a["global_steps"] == 2 * STEPS
     straight = _facts(name)["resume_check"]["straight_losses"]
@@ -279,14 +351,20 @@ def _tolerances(d: dict[str, float], dtype: str) -> dict[str, float]:
     }
 
 
+ALL = [(name, False) for name in CASES] + [(name, True) for name in EP_CASES]
+IDS = [f"{n}-to{b}" for n, b in CASES.items()] + [
+    f"{n}-to{b}-ep{m}" for n, (b, m) in EP_CASES.items()
+]
+
+
 @pytest.mark.deepspeed
 @pytest.mark.slow
-@pytest.mark.parametrize("name", list(CASES), ids=[f"{n}-to{b}" for n, b in CASES.items()])
-def test_resumed_moe_run_continues_like_uninterrupted(runs: Runs, name: str) -> None:
-    b = CASES[name]
-    d = _distances(runs, name, f"{name}-to-dp{b}-run")
+@pytest.mark.parametrize(("name", "ep"), ALL, ids=IDS)
+def test_resumed_moe_run_continues_like_uninterrupted(runs: Runs, name: str, ep: bool) -> None:
+    label = _label(name, ep)
+    d = _distances(runs, name, f"{label}-run", ep)
     tol = _tolerances(d, _facts(name)["dtype"])
-    print(f"\n{name} -> dp{b}: " + ", ".join(f"{k} {v:.2e}" for k, v in d.items()), file=sys.stderr)
+    print(f"\n{label}: " + ", ".join(f"{k} {v:.2e}" for k, v in d.items()), file=sys.stderr)
     assert d["loss_vs_a"] <= tol["loss"] and d["loss_vs_b"] <= tol["loss"], (d, tol)
     assert d["weights_vs_a"] <= tol["weights"] and d["weights_vs_b"] <= tol["weights"], (d, tol)
     assert d["optim_vs_a"] <= tol["optim"] and d["optim_vs_b"] <= tol["optim"], (d, tol)
@@ -305,19 +383,32 @@ def test_misplaced_expert_state_is_caught(runs: Runs) -> None:
 
 @pytest.mark.deepspeed
 @pytest.mark.slow
-@pytest.mark.parametrize("name", list(CASES), ids=[f"{n}-to{b}" for n, b in CASES.items()])
-def test_result_is_what_deepspeed_saves_at_that_size(runs: Runs, name: str) -> None:
+def test_experts_laid_out_in_the_wrong_order_after_an_ep_change_are_caught(runs: Runs) -> None:
+    """The EP-change comparison can fail too: the right values in the wrong expert order (EP
+    rank by EP rank instead of layer by layer) load without complaint and miss by far more."""
+    d = _distances(runs, EP_CONTROL, "ep-control-run", ep=True)
+    tol = _tolerances(d, _facts(EP_CONTROL)["dtype"])
+    print("\nep control: " + ", ".join(f"{k} {v:.2e}" for k, v in d.items()), file=sys.stderr)
+    assert d["weights_vs_a"] > 10 * tol["weights"] and d["weights_vs_b"] > 10 * tol["weights"]
+    assert d["loss_vs_a"] > 10 * tol["loss"] and d["loss_vs_b"] > 10 * tol["loss"]
+
+
+@pytest.mark.deepspeed
+@pytest.mark.slow
+@pytest.mark.parametrize(("name", "ep"), ALL, ids=IDS)
+def test_result_is_what_deepspeed_saves_at_that_size(runs: Runs, name: str, ep: bool) -> None:
     """Same files, keys, bookkeeping (partition counts per group, paddings, slice mappings,
-    param_shapes, AutoEP's per-layer metadata, ...) and tensor shapes as DeepSpeed's own save of
-    the straight run at B after the same 3 steps. fp32 values agree to 1e-3 (the runs differ
-    only in DP size); bf16 runs drift apart more, so there only shapes and dtypes are compared.
-    ``ds_config`` is the run's config (the micro-batch size differs), kept from the input."""
+    param_shapes, expert group names, AutoEP's per-layer metadata, ...) and tensor shapes as
+    DeepSpeed's own save of the straight run at B (and EP M) after the same 3 steps. fp32
+    values agree to 1e-3 (the runs differ only in DP and EP size); bf16 runs drift apart more,
+    so there only shapes and dtypes are compared. ``ds_config`` is the run's config (the
+    micro-batch size differs), kept from the input."""
     from test_reshape_dp import _same
 
-    b = CASES[name]
+    label = _label(name, ep)
     tag = _facts(name)["tag"]
-    native = runs.work / f"{name}-straight-dp{b}" / "ckpt" / tag
-    got = runs.work / f"{name}-to-dp{b}" / "ckpt" / tag
+    native = runs.work / f"{label}-straight" / "ckpt" / tag
+    got = runs.work / label / "ckpt" / tag
     files = sorted(p.name for p in native.iterdir())
     assert files == sorted(p.name for p in got.iterdir())
     rtol = 1e-3 if _facts(name)["dtype"] == "fp32" else float("inf")

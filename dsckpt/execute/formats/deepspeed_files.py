@@ -316,7 +316,7 @@ class ZeroRankFiles:
         sd = self._materialize(meta, path)
         sd["dp_world_size"] = self.plan.dp
         if self.plan.params_reordered:
-            sd["param_shapes"] = self._param_shapes()
+            sd["param_shapes"] = self._param_shapes(like=sd.get("param_shapes"))
         # AutoEP records its writer's expert-data-parallel size (DP / EP) per layer, twice.
         info = sd.get("universal_checkpoint_info")
         copies = (sd.get("ds_autoep_layers"), info.get("ds_autoep_layers") if info else None)
@@ -330,21 +330,24 @@ class ZeroRankFiles:
                     layer["expert_data_parallel_world_size"] = self.plan.dp // layer["ep_size"]
         return sd
 
-    def _param_shapes(self) -> list[Any]:
+    def _param_shapes(self, like: Any = None) -> list[Any]:
+        """``param_shapes`` at the target, shapes as ``torch.Size``, or as the saved ones are
+        (``like``: the source's, whose shapes torch's unpickler gives back as plain tuples)."""
         torch = self.torch
-        saved = self._saved_names()
+        names = self._saved_names()
+        saved = next((s for group in like or () for s in group.values()), None)
+        size = tuple if type(saved) is tuple else torch.Size
         return [
-            OrderedDict((saved.get(n, n), torch.Size(s)) for n, s in g.params)
-            for g in self.plan.groups
+            OrderedDict((names.get(n, n), size(s)) for n, s in g.params) for g in self.plan.groups
         ]
 
     def _saved_names(self) -> Mapping[str, str]:
         """Parameter names as the template model-states pickle holds them (the same objects).
 
         torch.save writes a string once and refers back to it (pickle's memo) when the same
-        object appears again, as DeepSpeed's module keys and ``param_shapes`` names do; names
-        equal but not identical would be written twice, and the file would not be the bytes
-        DeepSpeed writes at that size."""
+        object appears again, as some of the names in DeepSpeed's files do; names equal but not
+        identical would be written twice, and the file would not be the bytes DeepSpeed writes
+        at that size."""
         if self._names is None:
             _, meta = self.source.model[0]
             self._names = {
@@ -391,6 +394,7 @@ class ZeroRankFiles:
         base = {
             k: (state if k == "state" else self._materialize(v, path0)) for k, v in base0.items()
         }
+        _rename_expert_groups(base.get("param_groups"), plan.groups)
         osd: dict[str, Any] = {}
         for key, value in osd0.items():
             if key == "base_optimizer_state":
@@ -675,6 +679,20 @@ class ZeroRankFiles:
             if any(n == first for n, _ in src.params):
                 return s
         return group.sources[0]
+
+
+def _rename_expert_groups(param_groups: Any, groups: Sequence[TargetGroup]) -> None:
+    """MoE expert groups carry their expert-parallel group's name (``ep_size_2``). torch's
+    ``load_state_dict`` puts the saved group's keys back into the live optimizer, and DeepSpeed
+    then looks the group's process groups up by that name (BF16_Optimizer's expert gradient
+    norm, ZeRO's checkpoint loading): at another expert-parallel size it is the target's
+    (``ep_size_M``)."""
+    for group in groups:
+        if not group.label or not isinstance(param_groups, list):
+            continue
+        saved = param_groups[group.index] if group.index < len(param_groups) else None
+        if isinstance(saved, dict) and saved.get("moe") and saved.get("name") != group.label:
+            saved["name"] = group.label
 
 
 def _torch_dtype(torch: Any, ref: Any) -> Any:
