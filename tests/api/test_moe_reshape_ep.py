@@ -288,7 +288,7 @@ def test_dry_run_table_shows_each_new_ep_rank_taking_two_source_ep_ranks(
     ckpt = _ckpt("z2-fp32-ep4-dp4-top2")
     result = cli("reshape", ckpt, tmp_path / "out", "--dp", "2", "--ep", "2", "--dry-run")
     assert result.exit_code == 0, result.output
-    assert "ZeRO-2: DP 4 -> 2, EP 4 -> 2" in result.stdout
+    assert "ZeRO-2 MoE (expert parallelism 4 -> 2): DP 4 -> 2" in result.stdout
     assert "ep_size_2, EP 2" in result.stdout
     assert "r0[0:192]->0 r1[0:192]->192" in result.stdout
     assert "expert parallelism 4 -> 2" in result.stdout
