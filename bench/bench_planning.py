@@ -12,7 +12,7 @@ The grid is two sweeps through one corner: DP at the largest parameter count, pa
 largest DP. Every point runs three probes, each a fresh process started by _measure's launcher
 (exact peak RSS from wait4): discovery alone (``dsckpt.open_checkpoint``), discovery + the
 to-fp32 plan (``dsckpt.api.consolidation.plan_for``), discovery + the reshape plan
-(``dsckpt.plan.zero_reshape.plan_reshape`` to half the DP). A probe prints its own phase timings, so
+(``dsckpt.plan.zero_source.plan_reshape`` to half the DP). A probe prints its own phase timings, so
 start-up (interpreter, imports) is not counted as planning. The slopes of each sweep give the
 cost per rank file (at the largest parameter count) and per parameter (at the largest DP).
 """
@@ -49,7 +49,7 @@ def probe(ckpt: str, what: str) -> None:
 
         plan_pipeline(layout, tp=1, pp=1, dp=1)  # merge every stage and TP slice
     elif what == "reshape":
-        from dsckpt.plan.zero_reshape import plan_reshape
+        from dsckpt.plan.zero_source import plan_reshape
 
         plan_reshape(layout, max(1, layout.dp // 2))
     done, done_cpu = time.perf_counter(), time.process_time()

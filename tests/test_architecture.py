@@ -160,7 +160,6 @@ DEFERRED_BY_DESIGN = {
 # Known, owned by the "plan" branch of issue 11 (the reshape writers move to execute/ and the
 # executor's byte copy becomes public): remove each entry as its function-level imports go.
 KNOWN = {
-    "dsckpt/plan/zero_reshape.py",
     "dsckpt/plan/pipeline_reshape.py",
     "dsckpt/execute/formats/crc.py",
     "dsckpt/execute/formats/torch_writer.py",

@@ -23,8 +23,8 @@ from dsckpt.execute.progress import ProgressSink
 from dsckpt.plan.maps import check_degrees
 from dsckpt.plan.pipeline_reshape import PipelineReshapeResult, plan_pipeline
 from dsckpt.plan.universal_reshape import UniversalSource, open_universal, plan_universal
-from dsckpt.plan.zero_reshape import (
-    ReshapeResult,
+from dsckpt.plan.zero_reshape import ReshapeResult
+from dsckpt.plan.zero_source import (
     Source,
     extra_entries,
     location_of,

@@ -48,12 +48,10 @@ from dsckpt.plan.zero_reshape import (
     Run,
     SourceFacts,
     SourceGroup,
-    _check_zero3_sub_groups,
-    _LoadedOnUse,
     _offsets,
-    _zero3_group_of,
     plan_from_facts,
 )
+from dsckpt.plan.zero_source import LoadedOnUse, check_zero3_sub_groups, zero3_group_of
 from dsckpt.printable import listed
 
 # The optimizer state a universal folder holds per parameter, split like the fp32 master.
@@ -183,7 +181,7 @@ def open_universal(layout: Layout) -> UniversalSource:
         param_order=_module_order(meta) if stage3 else (),
     )
     if stage3:
-        _check_zero3_sub_groups(layout, groups, facts.sub_group_size)
+        check_zero3_sub_groups(layout, groups, facts.sub_group_size)
     states = {key: tuple(_state(by_name.get(n), key) for n in names) for key in ("fp32", *MOMENTS)}
     missing_fp32 = [n for n, ref in zip(names, states["fp32"], strict=True) if ref is None]
     if missing_fp32:
@@ -216,7 +214,7 @@ def open_universal(layout: Layout) -> UniversalSource:
         params=tuple(names),
         states=states,
         steps=tuple(steps),
-        model=_LoadedOnUse({0: model_path}),
+        model=LoadedOnUse({0: model_path}),
         optim=template,
         optim_prefix="bf16_" if _bf16(config) else "",
         extra_files=extra,
@@ -388,7 +386,7 @@ def _zero3_groups(
             f"{state_path} lacks the ZeRO-3 optimizer's state (optimizer_state_dict, "
             "fp32_flat_groups) ds_to_universal copies from rank 0"
         )
-    owner = _zero3_group_of(saved, len(groups_shapes), layout.dir)
+    owner = zero3_group_of(saved, len(groups_shapes), layout.dir)
     flats = template[0][1]["optimizer_state_dict"]["fp32_flat_groups"]
     return [
         SourceGroup(

@@ -816,7 +816,7 @@ def test_the_writer_holds_no_tensor_data(name: str, tmp_path: Path) -> None:
     """Every tensor of every structure the writer builds is a meta tensor standing for file
     ranges: memory does not follow the model size."""
     from dsckpt.execute.formats.deepspeed_files import ZeroRankFiles
-    from dsckpt.plan.zero_reshape import plan_reshape
+    from dsckpt.plan.zero_source import plan_reshape
 
     source, plan = plan_reshape(ckpt("zero", name), 3)
     writer = ZeroRankFiles(source, plan)
@@ -842,7 +842,7 @@ def _flat_tensors(obj: Any) -> list[torch.Tensor]:
 
 def test_open_source_takes_an_open_layout() -> None:
     from dsckpt.discover.layout import open_checkpoint
-    from dsckpt.plan.zero_reshape import open_source
+    from dsckpt.plan.zero_source import open_source
 
     layout = open_checkpoint(ckpt("zero", "z2-fp32-dp2"))
     assert open_source(layout).facts == open_source(ckpt("zero", "z2-fp32-dp2")).facts

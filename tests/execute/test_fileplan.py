@@ -239,7 +239,7 @@ def test_an_unsound_deferred_file_fails_the_run_and_nothing_is_committed(tmp_pat
 
 def test_a_zero3_reshape_defers_only_its_model_states_files(tmp_path: Path) -> None:
     from dsckpt.execute.formats.deepspeed_files import ZeroRankFiles
-    from dsckpt.plan.zero_reshape import plan_reshape
+    from dsckpt.plan.zero_source import plan_reshape
 
     for name, deferred in (("z3-fp32-dp2", 3), ("z2-fp32-dp2", 0)):
         source, plan = plan_reshape(ckpt("zero", name), 3)

@@ -31,9 +31,9 @@ from dsckpt.plan.zero_reshape import (
     Run,
     SourceFacts,
     SourceGroup,
-    _expert_groups,
     plan_from_facts,
 )
+from dsckpt.plan.zero_source import _expert_groups
 
 
 def _group(*numels: int, partition_size: int, ep: int = 1, g: int = 0) -> SourceGroup:

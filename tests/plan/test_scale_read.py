@@ -35,7 +35,8 @@ from make_synthetic import Spec, make  # noqa: E402
 import dsckpt  # noqa: E402
 from dsckpt.api.consolidation import plan_for  # noqa: E402
 from dsckpt.discover.layout import open_checkpoint  # noqa: E402
-from dsckpt.plan.zero_reshape import plan_from_facts, plan_reshape, slice_mapping  # noqa: E402
+from dsckpt.plan.zero_reshape import plan_from_facts, slice_mapping  # noqa: E402
+from dsckpt.plan.zero_source import plan_reshape  # noqa: E402
 
 DSCKPT = str(Path(dsckpt.__file__).parent)
 FEW_DP, MANY_DP = 16, 64
@@ -150,17 +151,19 @@ def test_reshape_planning_reads_two_files_and_none_with_torch(
     them all with torch was half of its time at 1,024 ranks), and none with torch (importing it
     and its unpickler took 4.5 s of a ZeRO-3 plan at 1,024 x 20,000: the writer loads its
     templates when it writes)."""
-    from dsckpt.io import load, unpickle
+    from dsckpt.plan import zero_source
 
     layout = open_checkpoint((zero2 if stage == 2 else zero3)[MANY_DP, FEW_PARAMS])
     by_torch: list[str] = []
     by_dsckpt: list[str] = []
-    torch_load, own_load = load.load_meta, unpickle.load_saved
+    torch_load, own_load = zero_source.load_meta, zero_source.load_saved
     monkeypatch.setattr(
-        load, "load_meta", lambda path: by_torch.append(Path(path).name) or torch_load(path)
+        zero_source, "load_meta", lambda path: by_torch.append(Path(path).name) or torch_load(path)
     )
     monkeypatch.setattr(
-        unpickle, "load_saved", lambda path: by_dsckpt.append(Path(path).name) or own_load(path)
+        zero_source,
+        "load_saved",
+        lambda path: by_dsckpt.append(Path(path).name) or own_load(path),
     )
     plan_reshape(layout, MANY_DP // 2)
     assert by_torch == []

@@ -34,7 +34,8 @@ from dsckpt.plan.fileplan import (
     tag_directory_plan,
 )
 from dsckpt.plan.universal_reshape import UniversalSource
-from dsckpt.plan.zero_reshape import Partition, ReshapePlan, Run, Source, TargetGroup
+from dsckpt.plan.zero_reshape import Partition, ReshapePlan, Run, TargetGroup
+from dsckpt.plan.zero_source import Source
 
 
 class DeepSpeedNamesPickler(pickle._Pickler):  # type: ignore[name-defined,misc]
