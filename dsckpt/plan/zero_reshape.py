@@ -43,6 +43,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -410,7 +411,8 @@ class Zero3Partitions(Sequence[Partition]):
     the partitions are fully described by the parameters (``pieces``: numel, source sub-group,
     offset of the parameter's piece in every source rank's tensor). Listing each rank's runs
     would hold ranks x parameters runs (10 million at 512 ranks x 20,000 parameters); a rank's
-    :class:`Partition` is derived when asked for (the writer asks once per rank file).
+    :class:`Partition` is derived when asked for (the writer asks once per rank file), in time
+    proportional to the parameters that rank holds elements of.
     """
 
     src_dp: int
@@ -420,6 +422,20 @@ class Zero3Partitions(Sequence[Partition]):
     def __len__(self) -> int:
         return self.dp
 
+    @cached_property
+    def _cut(self) -> tuple[list[int], list[int], list[int], list[int], int]:
+        """Per parameter its piece at ``dp`` and where the piece starts in a rank's tensor, how
+        many ranks hold elements of it (``ceil(numel/piece)``, the rest hold padding), and the
+        parameters by that count, most first; then the tensor's length."""
+        piece = [zero.zero3_partition_numel(n, self.dp) for n, _, _ in self.pieces]
+        starts, total = [], 0
+        for p in piece:
+            starts.append(total)
+            total += p
+        holding = [-(-n // p) if p else 0 for (n, _, _), p in zip(self.pieces, piece, strict=True)]
+        widest = sorted(range(len(piece)), key=lambda i: -holding[i])
+        return piece, starts, holding, widest, total
+
     def __getitem__(self, rank: int) -> Partition:  # type: ignore[override]
         if not isinstance(rank, int):
             raise TypeError("ZeRO-3 partitions are indexed by target rank")
@@ -427,19 +443,22 @@ class Zero3Partitions(Sequence[Partition]):
             rank += self.dp
         if not 0 <= rank < self.dp:
             raise IndexError(rank)
+        piece, starts, holding, widest, total = self._cut
+        # A rank past a parameter's end holds padding only (most ranks, for the small parameters
+        # of a large DP): only the parameters it holds elements of have runs. At an unchanged
+        # size the pieces are copied whole, padding included, so every parameter has one.
+        found: list[Run] = []
+        held = 0
+        for i in range(len(piece)) if self.src_dp == self.dp else widest:
+            if holding[i] <= rank and self.src_dp != self.dp:
+                break
+            n, sub, base = self.pieces[i]
+            held += max(0, min(piece[i], n - rank * piece[i]))
+            found.extend(_zero3_runs(n, self.src_dp, self.dp, rank, sub, base, starts[i]))
         runs: list[Run] = []
-        offset = padding = 0
-        for n, sub, base in self.pieces:
-            piece = zero.zero3_partition_numel(n, self.dp)
-            start = rank * piece
-            # A rank past the parameter's end holds padding only (most ranks, for the small
-            # parameters of a large DP): no runs to look for.
-            if start < n or self.src_dp == self.dp:
-                for run in _zero3_runs(n, self.src_dp, self.dp, rank, sub, base, offset):
-                    _append(runs, run)
-            offset += piece
-            padding += piece - max(0, min(piece, n - start))
-        return Partition(rank, offset, tuple(runs), padding)
+        for run in sorted(found, key=lambda r: r.dst_start):
+            _append(runs, run)
+        return Partition(rank, total, tuple(runs), total - held)
 
 
 def plan_from_facts(facts: SourceFacts, dp: int, ep: int | None = None) -> ReshapePlan:

@@ -15,7 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from dsckpt.discover import zero
-from dsckpt.plan import maps
+from dsckpt.plan import maps, zero_reshape
 
 SHAPE = st.lists(st.integers(1, 9), min_size=1, max_size=3).map(tuple)
 SHAPES = st.lists(SHAPE, min_size=1, max_size=6)
@@ -134,3 +134,36 @@ def test_tp_reshard_is_the_split_at_the_new_degree(dim) -> None:
             local.extend(source[piece.src][piece.src_start : piece.src_start + piece.length])
         rebuilt.append(local)
     assert rebuilt == _split(full, blocks, dst)
+
+
+@given(st.lists(st.integers(0, 40), min_size=1, max_size=8), DEGREE, DEGREE)
+def test_zero3_reshape_rule_gives_each_rank_its_pieces(numels, src_dp, dst_dp) -> None:
+    """A ZeRO-3 sub-group's partitions at ``dst_dp`` (the rule form the writer asks rank by
+    rank) fill every target rank's tensor with its ``ceil(numel/dst_dp)`` piece of each
+    parameter, element by element from the source ranks' tensors, and count the rest as padding.
+    At an unchanged size the tensors come back whole, padding included."""
+    src: list[list[object]] = [[] for _ in range(src_dp)]
+    pieces = []
+    for i, n in enumerate(numels):
+        c = zero.zero3_partition_numel(n, src_dp)
+        pieces.append((n, 0, len(src[0])))
+        for r in range(src_dp):
+            src[r].extend((i, e) if e < n else ("pad", r, e) for e in range(r * c, (r + 1) * c))
+    parts = zero_reshape.Zero3Partitions(src_dp, dst_dp, tuple(pieces))
+    assert len(parts) == dst_dp
+    for rank, part in enumerate(parts):
+        got: list[object] = [None] * part.numel
+        for run in part.runs:
+            assert run.src_index == 0
+            for k in range(run.length):
+                assert got[run.dst_start + k] is None, "two runs write one element"
+                got[run.dst_start + k] = src[run.src_rank][run.src_start + k]
+        want: list[object] = []
+        for i, n in enumerate(numels):
+            c = zero.zero3_partition_numel(n, dst_dp)
+            want.extend((i, e) if e < n else None for e in range(rank * c, (rank + 1) * c))
+        if src_dp == dst_dp:
+            assert got == src[rank]
+        else:
+            assert got == want
+        assert part.padding == sum(1 for w in want if w is None)
