@@ -685,21 +685,25 @@ def _plan_expert_regroup(
         if int(found["id"]) == 0:
             per_module.setdefault(found["module"], []).append((found["rest"], shapes[name]))
 
-    def flat_order(local_count: Callable[[str], int]) -> list[tuple[str, Shape]]:
+    def flat_order(local_count: Callable[[str], int]) -> list[tuple[str, str, Shape]]:
+        """(module, name, shape) in buffer order: the module kept, not parsed back from the
+        name (a module path may itself hold ``.deepspeed_moe.``)."""
         return [
-            (native_expert_name(module, i, rest), shape)
+            (module, native_expert_name(module, i, rest), shape)
             for module, rests in per_module.items()
             for i in range(local_count(module))
             for rest, shape in rests
         ]
 
-    if flat_order(lambda m: layers[m].num_experts // src.ep) != list(src.params):
+    saved_order = flat_order(lambda m: layers[m].num_experts // src.ep)
+    if [(n, s) for _, n, s in saved_order] != list(src.params):
         raise UnsupportedLayout(
             f"expert group {g} ({src.label}) does not list its parameters layer by layer and "
             "local expert by local expert (module order): its order at another expert-parallel "
             "size would be a guess"
         )
-    dst_params = flat_order(lambda m: layers[m].num_experts // ep)
+    dst_order = flat_order(lambda m: layers[m].num_experts // ep)
+    dst_params = [(n, s) for _, n, s in dst_order]
     dst_numels = [zero.numel(s) for _, s in dst_params]
     dst_pads = alignment_paddings(dst_numels, facts.param_alignment)
     dst_offsets, dst_data = _offsets(dst_numels, dst_pads)
@@ -713,8 +717,8 @@ def _plan_expert_regroup(
     runs_by_rank: list[list[Run]] = [[] for _ in range(dp)]
     for e in range(ep):
         by_source: dict[int, list[tuple[int, int, int, int]]] = {}
-        for (name, shape), dst_offset in zip(dst_params, dst_offsets, strict=True):
-            layer = at_target[name.split(".deepspeed_moe.", 1)[0]]
+        for (module, name, shape), dst_offset in zip(dst_order, dst_offsets, strict=True):
+            layer = at_target[module]
             target = global_target(layer, name, shape, e)
             held = where.get(target[0]) if target is not None else None
             if held is None:

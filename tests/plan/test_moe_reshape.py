@@ -487,3 +487,15 @@ def test_any_ep_change_reads_each_element_from_its_global_experts_source(
         held = max(0, min(dst_size, data - k * dst_size))
         assert written == set(range(held))
         assert part.padding == dst_size - held
+
+
+def test_a_module_path_holding_deepspeed_moe_plans_like_any_other() -> None:
+    # A MoE layer under a container attribute named deepspeed_moe: its keys read
+    # net.deepspeed_moe.mlp.deepspeed_moe.experts...; the layer is found by its whole path (the
+    # plan once cut the name at the first ".deepspeed_moe." and failed with a KeyError).
+    odd = plan_from_facts(_moe_facts(2, 2, modules=("net.deepspeed_moe.mlp",)), 4, ep=1)
+    plain = plan_from_facts(_moe_facts(2, 2, modules=("mlp",)), 4, ep=1)
+    assert odd.groups[1].partitions == plain.groups[1].partitions
+    assert odd.groups[1].params[0][0] == (
+        "net.deepspeed_moe.mlp.deepspeed_moe.experts.deepspeed_experts.0.up.weight"
+    )
