@@ -484,7 +484,9 @@ def check_expert_parallel(facts: SourceFacts, dp: int, ep: int | None = None) ->
                 f"--dp {dp}: DeepSpeed requires DP to be a multiple of the expert-parallel size "
                 f"{size} ({kept}; choose a multiple of {size})"
             )
-    if facts.round_robin and any(g.ep > 1 for g in facts.groups):
+    # Saved at EP 1, an expert group's round robin is over every DP rank; --ep M > 1 would
+    # need it over dp / M ranks, which the expert re-grouping does not do either.
+    if facts.round_robin and any(size > 1 for size in (*saved, ep or 1)):
         raise UnsupportedLayout(
             "round_robin_gradients with mixture-of-experts groups: the expert groups' flat order "
             "depends on the expert-data-parallel size, which reshape does not handle"
