@@ -51,7 +51,12 @@ from dsckpt.plan.zero_reshape import (
     _offsets,
     plan_from_facts,
 )
-from dsckpt.plan.zero_source import LoadedOnUse, check_zero3_sub_groups, zero3_group_of
+from dsckpt.plan.zero_source import (
+    LoadedOnUse,
+    check_zero3_sub_groups,
+    sub_group_size_of,
+    zero3_group_of,
+)
 from dsckpt.printable import listed
 
 # The optimizer state a universal folder holds per parameter, split like the fp32 master.
@@ -174,7 +179,7 @@ def open_universal(layout: Layout) -> UniversalSource:
         dp=layout.dp,
         groups=tuple(groups),
         round_robin=kind == "zero" and bool(zcfg.get("round_robin_gradients", False)),
-        sub_group_size=int(float(zcfg.get("sub_group_size", DEFAULT_SUB_GROUP_SIZE))),
+        sub_group_size=sub_group_size_of(zcfg, layout.dir) if stage3 else DEFAULT_SUB_GROUP_SIZE,
         frozen=tuple((n, tuple(s)) for n, s in (meta.get("frozen_param_shapes") or {}).items())
         if stage3
         else (),

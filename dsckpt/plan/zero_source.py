@@ -20,6 +20,7 @@ from dsckpt.discover import zero
 from dsckpt.discover.files import Location, Role, scan
 from dsckpt.discover.layout import Layout, open_checkpoint, refuse_errors
 from dsckpt.errors import InconsistentCheckpoint, UnsupportedLayout
+from dsckpt.io.bounds import short
 from dsckpt.io.load import load_meta
 from dsckpt.io.unpickle import SavedTensor, load_saved
 from dsckpt.plan.maps import check_degrees
@@ -192,6 +193,24 @@ def _zero_config(meta: Mapping[str, Any]) -> Mapping[str, Any]:
     return zcfg if isinstance(zcfg, Mapping) else {}
 
 
+def sub_group_size_of(zcfg: Mapping[str, Any], where: Path) -> int:
+    """ZeRO-3's ``sub_group_size`` from the saved ``ds_config`` (DeepSpeed's default when
+    absent). It is written as a number (``1e9`` or ``1000000000``, or a string of one); a value
+    that is no whole number is named, not turned into a traceback."""
+    value = zcfg.get("sub_group_size", DEFAULT_SUB_GROUP_SIZE)
+    try:
+        number = float(value)
+        if not isinstance(value, bool) and number == int(number):
+            return int(number)
+    except (TypeError, ValueError, OverflowError):
+        pass
+    raise InconsistentCheckpoint(
+        f"{where}: the saved ds_config's zero_optimization.sub_group_size is {short(value)}, not a "
+        "whole number of elements: the ZeRO-3 sub-groups cannot be derived (the file is damaged "
+        "or was not written by DeepSpeed)"
+    )
+
+
 def _facts(
     layout: Layout,
     meta: Mapping[str, Any],
@@ -223,7 +242,7 @@ def _facts(
             )
             for i, shapes in enumerate(meta["param_shapes"])
         )
-        sub_group_size = int(float(zcfg.get("sub_group_size", DEFAULT_SUB_GROUP_SIZE)))
+        sub_group_size = sub_group_size_of(zcfg, layout.dir)
         check_zero3_sub_groups(layout, groups, sub_group_size)
         buffers = set(meta.get("buffer_names") or [])
         aliases = set((meta.get("shared_params") or {}).keys())

@@ -660,6 +660,17 @@ def _missing(tmp: Path) -> Path:
     return root
 
 
+def _sub_group_size_not_a_number(tmp: Path) -> Path:
+    # A ds_config whose ZeRO-3 sub_group_size is no number (was a ValueError traceback).
+    root = tmp / "sub-group-size"
+    shutil.copytree(ckpt("zero", "z3-fp32-dp2"), root)
+    for path in sorted((root / "global_step3").glob("*model_states.pt")):
+        sd = torch.load(path, weights_only=True)
+        sd["ds_config"]["zero_optimization"]["sub_group_size"] = "auto"
+        torch.save(sd, path)
+    return root
+
+
 BAD = {
     "dp-zero": (lambda t: ckpt("zero", "z2-fp32-dp2"), ["--dp", "0"], "must be at least 1"),
     "dp-negative": (lambda t: ckpt("zero", "z2-fp32-dp2"), ["--dp", "-2"], "must be at least 1"),
@@ -668,6 +679,11 @@ BAD = {
     # Pipeline / tensor-parallel checkpoints now go to dsckpt.plan.pipeline_reshape (its own tests).
     "stage-0": (lambda t: ckpt("zero", "z0-fp32-dp2"), ["--dp", "1"], "stage 0"),
     "universal": (_universal, ["--dp", "2"], "universal"),
+    "sub-group-size": (
+        _sub_group_size_not_a_number,
+        ["--dp", "3"],
+        "zero_optimization.sub_group_size is 'auto', not a whole number",
+    ),
 }
 
 
