@@ -54,6 +54,7 @@ from dsckpt.plan.zero_reshape import (
 from dsckpt.plan.zero_source import (
     LoadedOnUse,
     check_zero3_sub_groups,
+    config_flag,
     sub_group_size_of,
     zero3_group_of,
 )
@@ -158,7 +159,7 @@ def open_universal(layout: Layout) -> UniversalSource:
             f"{model_path.name}: the run used zero_optimization.elastic_checkpoint; reshape "
             "writes the default (rigid) layout only"
         )
-    if kind == "zero" and zcfg.get("parameter_alignment"):
+    if kind == "zero" and config_flag(zcfg, "parameter_alignment", model_path.name):
         raise UnsupportedLayout(
             f"{model_path.name}: the run used zero_optimization.parameter_alignment, which "
             "reshape from a universal checkpoint does not handle yet"
@@ -178,7 +179,7 @@ def open_universal(layout: Layout) -> UniversalSource:
         stage=stage,
         dp=layout.dp,
         groups=tuple(groups),
-        round_robin=kind == "zero" and bool(zcfg.get("round_robin_gradients", False)),
+        round_robin=kind == "zero" and config_flag(zcfg, "round_robin_gradients", model_path.name),
         sub_group_size=sub_group_size_of(zcfg, layout.dir) if stage3 else DEFAULT_SUB_GROUP_SIZE,
         frozen=tuple((n, tuple(s)) for n, s in (meta.get("frozen_param_shapes") or {}).items())
         if stage3
