@@ -26,6 +26,7 @@ from dsckpt.plan.consolidation import ConsolidationPlan, OutputTensor
 from dsckpt.plan.model import Read
 from dsckpt.plan.optim_state import GroupState, plan_optimizer_state
 from dsckpt.plan.zero_reshape import group_order
+from dsckpt.plan.zero_source import config_flag
 from dsckpt.printable import listed
 
 # safetensors metadata keys (each a JSON string)
@@ -302,7 +303,9 @@ def _round_robin(layout: Layout) -> bool:
     first = min(files, key=lambda f: (f.mp or 0, f.dp or 0))
     config = (load_saved(layout.dir / first.name) or {}).get("ds_config")
     zero_cfg = config.get("zero_optimization") if isinstance(config, Mapping) else None
-    return isinstance(zero_cfg, Mapping) and bool(zero_cfg.get("round_robin_gradients"))
+    if not isinstance(zero_cfg, Mapping):
+        return False
+    return config_flag(zero_cfg, "round_robin_gradients", layout.dir / first.name)
 
 
 def _check_all_trainable_have_state(

@@ -51,7 +51,13 @@ from dsckpt.plan.zero_reshape import (
     _offsets,
     plan_from_facts,
 )
-from dsckpt.plan.zero_source import LoadedOnUse, check_zero3_sub_groups, zero3_group_of
+from dsckpt.plan.zero_source import (
+    LoadedOnUse,
+    check_zero3_sub_groups,
+    config_flag,
+    sub_group_size_of,
+    zero3_group_of,
+)
 from dsckpt.printable import listed
 
 # The optimizer state a universal folder holds per parameter, split like the fp32 master.
@@ -153,7 +159,7 @@ def open_universal(layout: Layout) -> UniversalSource:
             f"{model_path.name}: the run used zero_optimization.elastic_checkpoint; reshape "
             "writes the default (rigid) layout only"
         )
-    if kind == "zero" and zcfg.get("parameter_alignment"):
+    if kind == "zero" and config_flag(zcfg, "parameter_alignment", model_path.name):
         raise UnsupportedLayout(
             f"{model_path.name}: the run used zero_optimization.parameter_alignment, which "
             "reshape from a universal checkpoint does not handle yet"
@@ -173,8 +179,8 @@ def open_universal(layout: Layout) -> UniversalSource:
         stage=stage,
         dp=layout.dp,
         groups=tuple(groups),
-        round_robin=kind == "zero" and bool(zcfg.get("round_robin_gradients", False)),
-        sub_group_size=int(float(zcfg.get("sub_group_size", DEFAULT_SUB_GROUP_SIZE))),
+        round_robin=kind == "zero" and config_flag(zcfg, "round_robin_gradients", model_path.name),
+        sub_group_size=sub_group_size_of(zcfg, layout.dir) if stage3 else DEFAULT_SUB_GROUP_SIZE,
         frozen=tuple((n, tuple(s)) for n, s in (meta.get("frozen_param_shapes") or {}).items())
         if stage3
         else (),

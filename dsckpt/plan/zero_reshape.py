@@ -503,7 +503,9 @@ def check_expert_parallel(facts: SourceFacts, dp: int, ep: int | None = None) ->
                 f"--dp {dp}: DeepSpeed requires DP to be a multiple of the expert-parallel size "
                 f"{size} ({kept}; choose a multiple of {size})"
             )
-    if facts.round_robin and any(g.ep > 1 for g in facts.groups):
+    # Saved at EP 1, an expert group's round robin is over every DP rank; --ep M > 1 would
+    # need it over dp / M ranks, which the expert re-grouping does not do either.
+    if facts.round_robin and any(size > 1 for size in (*saved, ep or 1)):
         raise UnsupportedLayout(
             "round_robin_gradients with mixture-of-experts groups: the expert groups' flat order "
             "depends on the expert-data-parallel size, which reshape does not handle"
@@ -704,21 +706,25 @@ def _plan_expert_regroup(
         if int(found["id"]) == 0:
             per_module.setdefault(found["module"], []).append((found["rest"], shapes[name]))
 
-    def flat_order(local_count: Callable[[str], int]) -> list[tuple[str, Shape]]:
+    def flat_order(local_count: Callable[[str], int]) -> list[tuple[str, str, Shape]]:
+        """(module, name, shape) in buffer order: the module kept, not parsed back from the
+        name (a module path may itself hold ``.deepspeed_moe.``)."""
         return [
-            (native_expert_name(module, i, rest), shape)
+            (module, native_expert_name(module, i, rest), shape)
             for module, rests in per_module.items()
             for i in range(local_count(module))
             for rest, shape in rests
         ]
 
-    if flat_order(lambda m: layers[m].num_experts // src.ep) != list(src.params):
+    saved_order = flat_order(lambda m: layers[m].num_experts // src.ep)
+    if [(n, s) for _, n, s in saved_order] != list(src.params):
         raise UnsupportedLayout(
             f"expert group {g} ({src.label}) does not list its parameters layer by layer and "
             "local expert by local expert (module order): its order at another expert-parallel "
             "size would be a guess"
         )
-    dst_params = flat_order(lambda m: layers[m].num_experts // ep)
+    dst_order = flat_order(lambda m: layers[m].num_experts // ep)
+    dst_params = [(n, s) for _, n, s in dst_order]
     dst_numels = [zero.numel(s) for _, s in dst_params]
     dst_pads = alignment_paddings(dst_numels, facts.param_alignment)
     dst_offsets, dst_data = _offsets(dst_numels, dst_pads)
@@ -732,8 +738,8 @@ def _plan_expert_regroup(
     runs_by_rank: list[list[Run]] = [[] for _ in range(dp)]
     for e in range(ep):
         by_source: dict[int, list[tuple[int, int, int, int]]] = {}
-        for (name, shape), dst_offset in zip(dst_params, dst_offsets, strict=True):
-            layer = at_target[name.split(".deepspeed_moe.", 1)[0]]
+        for (module, name, shape), dst_offset in zip(dst_order, dst_offsets, strict=True):
+            layer = at_target[module]
             target = global_target(layer, name, shape, e)
             held = where.get(target[0]) if target is not None else None
             if held is None:

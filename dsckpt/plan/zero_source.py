@@ -20,6 +20,7 @@ from dsckpt.discover import zero
 from dsckpt.discover.files import Location, Role, scan
 from dsckpt.discover.layout import Layout, open_checkpoint, refuse_errors
 from dsckpt.errors import InconsistentCheckpoint, UnsupportedLayout
+from dsckpt.io.bounds import short
 from dsckpt.io.load import load_meta
 from dsckpt.io.unpickle import SavedTensor, load_saved
 from dsckpt.plan.maps import check_degrees
@@ -192,6 +193,50 @@ def _zero_config(meta: Mapping[str, Any]) -> Mapping[str, Any]:
     return zcfg if isinstance(zcfg, Mapping) else {}
 
 
+# How DeepSpeed's config model (pydantic) reads a boolean option written as text or a number.
+_TRUE = frozenset({"1", "on", "t", "true", "y", "yes"})
+_FALSE = frozenset({"0", "off", "f", "false", "n", "no"})
+
+
+def config_flag(zcfg: Mapping[str, Any], key: str, where: Path | str) -> bool:
+    """A boolean ``zero_optimization`` option of the saved ``ds_config`` as DeepSpeed read it.
+
+    The file keeps the config as the user wrote it, and DeepSpeed's config model takes
+    ``"false"``, ``"no"`` or ``0`` for false: ``bool("false")`` would be true, and a layout
+    option such as ``round_robin_gradients`` read the other way than the run used it misplaces
+    parameters. A value DeepSpeed would not have accepted is an error, not a guess."""
+    value = zcfg.get(key, False)
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, (int, float)) and value in (0, 1):
+        return bool(value)
+    if isinstance(value, str) and value.strip().lower() in _TRUE | _FALSE:
+        return value.strip().lower() in _TRUE
+    raise InconsistentCheckpoint(
+        f"{where}: the saved ds_config's zero_optimization.{key} is {short(value)}, which "
+        "DeepSpeed does not read as true or false: the layout it describes is unknown (the file "
+        "is damaged or was not written by DeepSpeed)"
+    )
+
+
+def sub_group_size_of(zcfg: Mapping[str, Any], where: Path) -> int:
+    """ZeRO-3's ``sub_group_size`` from the saved ``ds_config`` (DeepSpeed's default when
+    absent). It is written as a number (``1e9`` or ``1000000000``, or a string of one); a value
+    that is no whole number is named, not turned into a traceback."""
+    value = zcfg.get("sub_group_size", DEFAULT_SUB_GROUP_SIZE)
+    try:
+        number = float(value)
+        if not isinstance(value, bool) and number == int(number):
+            return int(number)
+    except (TypeError, ValueError, OverflowError):
+        pass
+    raise InconsistentCheckpoint(
+        f"{where}: the saved ds_config's zero_optimization.sub_group_size is {short(value)}, not a "
+        "whole number of elements: the ZeRO-3 sub-groups cannot be derived (the file is damaged "
+        "or was not written by DeepSpeed)"
+    )
+
+
 def _facts(
     layout: Layout,
     meta: Mapping[str, Any],
@@ -223,7 +268,7 @@ def _facts(
             )
             for i, shapes in enumerate(meta["param_shapes"])
         )
-        sub_group_size = int(float(zcfg.get("sub_group_size", DEFAULT_SUB_GROUP_SIZE)))
+        sub_group_size = sub_group_size_of(zcfg, layout.dir)
         check_zero3_sub_groups(layout, groups, sub_group_size)
         buffers = set(meta.get("buffer_names") or [])
         aliases = set((meta.get("shared_params") or {}).keys())
@@ -259,10 +304,10 @@ def _facts(
         )
         for g, group in enumerate(sources.groups)
     )
-    round_robin = kind == "zero" and bool(zcfg.get("round_robin_gradients", False))
+    round_robin = kind == "zero" and config_flag(zcfg, "round_robin_gradients", layout.dir)
     _check_group_order(layout, groups, optim, round_robin)
     alignment = 1
-    if kind == "zero" and zcfg.get("parameter_alignment"):
+    if kind == "zero" and config_flag(zcfg, "parameter_alignment", layout.dir):
         module = meta.get("module") or {}
         first = next((module[n] for g in groups for n, _ in g.params if n in module), None)
         size = first.element_size() if isinstance(first, SavedTensor) else 2

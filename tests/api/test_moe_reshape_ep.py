@@ -118,6 +118,22 @@ def test_reshaping_back_restores_every_file(
         _same(_load(src / file), _load(dst / file), file)
 
 
+@pytest.mark.parametrize(("name", "dp", "ep"), CASES, ids=IDS)
+def test_reshaping_back_writes_the_bytes_of_a_reshape_that_kept_the_ep(
+    reshaped, tmp_path: Path, name: str, dp: int, ep: int
+) -> None:
+    """Byte for byte, pickle memo included: the expert groups' names are one string object and
+    every parameter's shape its own, as in DeepSpeed's files (the --ep writer once wrote the
+    name once per group and one shape for all local experts' same-shaped parameters)."""
+    f = _facts(name)
+    saved_dp, saved_ep = f["dp"], f["ep_sizes"][0]
+    back = tmp_path / "back"
+    reshape(reshaped(name, dp, ep), back, dp=saved_dp, ep=saved_ep)
+    kept = reshaped(name, saved_dp, saved_ep) / f["tag"]
+    for file in sorted(p.name for p in kept.iterdir()):
+        assert (back / f["tag"] / file).read_bytes() == (kept / file).read_bytes(), file
+
+
 @pytest.mark.parametrize(("name", "dp", "ep"), CASES[:4], ids=IDS[:4])
 def test_verify_finds_the_result_equal(cli, reshaped, name: str, dp: int, ep: int) -> None:
     result = cli("verify", _ckpt(name), reshaped(name, dp, ep))

@@ -42,6 +42,7 @@ from dsckpt.plan.zero_reshape import (
     slice_mapping,
     zero3_sub_groups,
 )
+from dsckpt.plan.zero_source import plan_reshape
 
 RESHAPABLE = [n for n in ZERO if facts("zero", n)["zero_stage"] > 0]
 
@@ -660,6 +661,49 @@ def _missing(tmp: Path) -> Path:
     return root
 
 
+def _sub_group_size_not_a_number(tmp: Path) -> Path:
+    # A ds_config whose ZeRO-3 sub_group_size is no number (was a ValueError traceback).
+    root = tmp / "sub-group-size"
+    shutil.copytree(ckpt("zero", "z3-fp32-dp2"), root)
+    for path in sorted((root / "global_step3").glob("*model_states.pt")):
+        sd = torch.load(path, weights_only=True)
+        sd["ds_config"]["zero_optimization"]["sub_group_size"] = "auto"
+        torch.save(sd, path)
+    return root
+
+
+def _with_zero_config(tmp: Path, name: str, **options: Any) -> Path:
+    """A copy of fixture ``name`` whose saved ds_config has ``options`` in zero_optimization."""
+    root = tmp / name
+    shutil.copytree(ckpt("zero", name), root)
+    for path in sorted(root.glob("global_step*/*model_states.pt")):
+        sd = torch.load(path, weights_only=True)
+        sd["ds_config"]["zero_optimization"].update(options)
+        torch.save(sd, path)
+    return root
+
+
+@pytest.mark.parametrize("value", ["false", "no", "0", 0])
+def test_a_false_written_as_text_is_false_as_deepspeed_reads_it(tmp_path: Path, value: Any) -> None:
+    # DeepSpeed's config model reads "false" (and "no", "0", 0) as False; bool("false") is
+    # True. At DP 4 the groups of 3, 3 and 2 parameters are in the same order with or without
+    # round robin, so nothing refused it: at DP 2 the plan re-ordered them for a round robin
+    # the run never used.
+    name = "z2-fp32-dp4-padrank"
+    src = _with_zero_config(tmp_path, name, round_robin_gradients=value)
+    _, plan = plan_reshape(src, 2)
+    assert not plan.params_reordered
+    assert plan == plan_reshape(ckpt("zero", name), 2)[1]
+    _, plan = plan_reshape(
+        _with_zero_config(tmp_path / "yes", name, round_robin_gradients="yes"), 2
+    )
+    assert plan.params_reordered
+
+
+def _round_robin_maybe(tmp: Path) -> Path:
+    return _with_zero_config(tmp, "z2-fp32-dp4-padrank", round_robin_gradients="maybe")
+
+
 BAD = {
     "dp-zero": (lambda t: ckpt("zero", "z2-fp32-dp2"), ["--dp", "0"], "must be at least 1"),
     "dp-negative": (lambda t: ckpt("zero", "z2-fp32-dp2"), ["--dp", "-2"], "must be at least 1"),
@@ -668,6 +712,16 @@ BAD = {
     # Pipeline / tensor-parallel checkpoints now go to dsckpt.plan.pipeline_reshape (its own tests).
     "stage-0": (lambda t: ckpt("zero", "z0-fp32-dp2"), ["--dp", "1"], "stage 0"),
     "universal": (_universal, ["--dp", "2"], "universal"),
+    "round-robin-maybe": (
+        _round_robin_maybe,
+        ["--dp", "2"],
+        "zero_optimization.round_robin_gradients is 'maybe', which DeepSpeed does not read",
+    ),
+    "sub-group-size": (
+        _sub_group_size_not_a_number,
+        ["--dp", "3"],
+        "zero_optimization.sub_group_size is 'auto', not a whole number",
+    ),
 }
 
 

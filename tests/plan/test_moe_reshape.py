@@ -487,3 +487,26 @@ def test_any_ep_change_reads_each_element_from_its_global_experts_source(
         held = max(0, min(dst_size, data - k * dst_size))
         assert written == set(range(held))
         assert part.padding == dst_size - held
+
+
+def test_a_module_path_holding_deepspeed_moe_plans_like_any_other() -> None:
+    # A MoE layer under a container attribute named deepspeed_moe: its keys read
+    # net.deepspeed_moe.mlp.deepspeed_moe.experts...; the layer is found by its whole path (the
+    # plan once cut the name at the first ".deepspeed_moe." and failed with a KeyError).
+    odd = plan_from_facts(_moe_facts(2, 2, modules=("net.deepspeed_moe.mlp",)), 4, ep=1)
+    plain = plan_from_facts(_moe_facts(2, 2, modules=("mlp",)), 4, ep=1)
+    assert odd.groups[1].partitions == plain.groups[1].partitions
+    assert odd.groups[1].params[0][0] == (
+        "net.deepspeed_moe.mlp.deepspeed_moe.experts.deepspeed_experts.0.up.weight"
+    )
+
+
+def test_ep_change_of_a_round_robin_ep_1_checkpoint_is_refused() -> None:
+    # Saved at EP 1 on one rank, round robin leaves the expert group in module order, so the
+    # saved-layout checks pass; at EP 2 on DP 4 DeepSpeed round-robins each EP rank's 4
+    # parameters over its 2 EDP ranks (0.up, 1.up, 0.down, 1.down), which the re-grouping does
+    # not do: it wrote them in module order.
+    facts = dataclasses.replace(_moe_facts(1, 1, modules=("moe1",)), round_robin=True)
+    with pytest.raises(UnsupportedLayout, match="round_robin_gradients with mixture-of-experts"):
+        plan_from_facts(facts, 4, ep=2)
+    plan_from_facts(facts, 4)  # EP 1 kept: round robin over all 4 ranks, as for a dense group

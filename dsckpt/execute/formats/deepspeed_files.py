@@ -337,7 +337,9 @@ class ZeroRankFiles:
         torch = self.torch
         names = self._saved_names()
         saved = next((s for group in like or () for s in group.values()), None)
-        size = tuple if type(saved) is tuple else torch.Size
+        # A new object per parameter, as DeepSpeed's are: a plan may hold one shape for many
+        # parameters (--ep: every local expert's), which pickle would write once and refer to.
+        size = (lambda s: tuple([*s])) if type(saved) is tuple else torch.Size
         return [
             OrderedDict((names.get(n, n), size(s)) for n, s in g.params) for g in self.plan.groups
         ]
@@ -688,12 +690,14 @@ def _rename_expert_groups(param_groups: Any, groups: Sequence[TargetGroup]) -> N
     then looks the group's process groups up by that name (BF16_Optimizer's expert gradient
     norm, ZeRO's checkpoint loading): at another expert-parallel size it is the target's
     (``ep_size_M``)."""
+    # One string object per name, as DeepSpeed's groups share theirs (pickle writes it once).
+    names: dict[str, str] = {}
     for group in groups:
         if not group.label or not isinstance(param_groups, list):
             continue
         saved = param_groups[group.index] if group.index < len(param_groups) else None
         if isinstance(saved, dict) and saved.get("moe") and saved.get("name") != group.label:
-            saved["name"] = group.label
+            saved["name"] = names.setdefault(group.label, group.label)
 
 
 def _torch_dtype(torch: Any, ref: Any) -> Any:
