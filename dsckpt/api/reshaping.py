@@ -100,7 +100,7 @@ def reshape(
     if (tp or 1) != 1 or (pp or 1) != 1 or rules_file is not None:
         raise UnsupportedLayout(
             f"{layout.dir} is not a pipeline / Megatron checkpoint (no layer files): only --dp "
-            "can change, and there are no TP rules to apply"
+            "(and --ep for native MoE) can change, and there are no TP rules to apply"
         )
     if dp is None and ep is not None:
         dp = layout.dp  # only the expert parallelism changes

@@ -154,7 +154,7 @@ def open_universal(layout: Layout) -> UniversalSource:
     kind = "zero3" if stage3 else kind
     zcfg = config.get("zero_optimization") if isinstance(config, Mapping) else None
     zcfg = zcfg if isinstance(zcfg, Mapping) else {}
-    if zcfg.get("elastic_checkpoint"):
+    if config_flag(zcfg, "elastic_checkpoint", model_path.name):
         raise UnsupportedLayout(
             f"{model_path.name}: the run used zero_optimization.elastic_checkpoint; reshape "
             "writes the default (rigid) layout only"

@@ -489,6 +489,25 @@ def _set_stage(stage: int | None):  # type: ignore[no-untyped-def]
     return damage
 
 
+def _set_elastic(value: object):  # type: ignore[no-untyped-def]
+    def damage(tag: Path) -> None:
+        path = tag / "mp_rank_00_model_states.pt"
+        state = torch.load(path, weights_only=True)
+        state["ds_config"]["zero_optimization"]["elastic_checkpoint"] = value
+        torch.save(state, path)
+
+    return damage
+
+
+def test_elastic_checkpoint_reads_as_deepspeed_reads_it(cli, tmp_path: Path) -> None:
+    """"false" in the saved ds_config is false (DeepSpeed's config model); "true" is refused."""
+    off = _damaged(tmp_path / "off", "u-z2-fp32-dp2", _set_elastic("false"))
+    assert cli("reshape", off, tmp_path / "out", "--dp", "3").exit_code == 0
+    on = _damaged(tmp_path / "on", "u-z2-fp32-dp2", _set_elastic("true"))
+    result = cli("reshape", on, tmp_path / "out2", "--dp", "3")
+    assert result.exit_code == 1 and "elastic_checkpoint" in result.stderr, result.output
+
+
 def _drop_moment(tag: Path) -> None:
     (tag / "zero" / "fc2.bias" / "exp_avg_sq.pt").unlink()
 
