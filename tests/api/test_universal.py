@@ -500,7 +500,7 @@ def _set_elastic(value: object):  # type: ignore[no-untyped-def]
 
 
 def test_elastic_checkpoint_reads_as_deepspeed_reads_it(cli, tmp_path: Path) -> None:
-    """"false" in the saved ds_config is false (DeepSpeed's config model); "true" is refused."""
+    """A saved "false" is false, as DeepSpeed's config model reads it; "true" is refused."""
     off = _damaged(tmp_path / "off", "u-z2-fp32-dp2", _set_elastic("false"))
     assert cli("reshape", off, tmp_path / "out", "--dp", "3").exit_code == 0
     on = _damaged(tmp_path / "on", "u-z2-fp32-dp2", _set_elastic("true"))
