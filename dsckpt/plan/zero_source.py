@@ -70,7 +70,6 @@ def open_source(ckpt: Path | str | Layout, tag: str | None = None) -> Source:
         UnsupportedLayout: pipeline/3D, tensor parallel, universal, stage 0 (MoE included),
             ZeRO-3 AutoEP, elastic or NVMe-offloaded checkpoints.
     """
-
     layout = ckpt if isinstance(ckpt, Layout) else open_checkpoint(ckpt, tag)
     where = layout.dir
     if layout.kind == "universal":
@@ -152,9 +151,10 @@ def _group_positions(layout: Layout) -> Mapping[tuple[int, int], int]:
 
 class LoadedOnUse(Mapping[int, tuple[Path, Any]]):
     """DP rank -> (rank file, its pickle with meta tensors), each loaded with torch when first
-    asked for, then kept. Planning needs rank 0's at most (discovery has read and checked every
-    rank file with dsckpt's own reader); the writer loads each as it copies from it. Loading
-    all of them up front was most of reshape's planning time at a thousand ranks."""
+    asked for, then kept. Planning needs none (it reads rank 0's files with dsckpt's own reader,
+    and discovery has read and checked every rank file); the writer loads each as it copies
+    from it. Loading all of them up front was most of reshape's planning time at a thousand
+    ranks."""
 
     def __init__(self, paths: Mapping[int, Path]) -> None:
         self._paths = dict(paths)
@@ -182,8 +182,7 @@ def extra_entries(tag_dir: Path, rank_files: Iterable[Any]) -> list[str]:
         return sorted(e.name for e in it if e.name not in rank)
 
 
-def location_of(layout: Layout) -> Any:
-
+def location_of(layout: Layout) -> Location:
     return Location(root=layout.root, tag=layout.tag, dir=layout.dir)
 
 
@@ -246,7 +245,6 @@ def _facts(
     """What planning needs: ``meta`` and ``optim0`` are DP rank 0's model-states and optimizer
     pickles, read with dsckpt's own reader (tensors as
     :class:`~dsckpt.io.unpickle.SavedTensor`)."""
-
     sources = next(iter(layout.zero_sources.values()))
     osd0 = optim0["optimizer_state_dict"]
     zcfg = _zero_config(meta)
