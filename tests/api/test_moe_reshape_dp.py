@@ -145,6 +145,14 @@ def test_reshaped_masters_and_moments_are_the_live_engines(reshaped, name: str, 
     assert_live_engines(out, name, same_order=True)
 
 
+def assert_expert_files_copied(src: Path, dst: Path) -> None:
+    """The expert weight files of tag directory ``dst`` are ``src``'s, byte for byte."""
+    experts = sorted(p.name for p in src.glob("layer_*_expert_*"))
+    assert experts and experts == sorted(p.name for p in dst.glob("layer_*_expert_*"))
+    for file in experts:
+        assert (src / file).read_bytes() == (dst / file).read_bytes(), file
+
+
 def assert_live_engines(out: Path, name: str, same_order: bool) -> None:
     """``out``'s fp32 masters (to-fp32) are the input's and the live engine's (ref_live.pt) bit for
     bit, its Adam moments the live engine's (ref_live_optim.pt); with ``same_order`` the keys
@@ -170,10 +178,7 @@ def assert_live_engines(out: Path, name: str, same_order: bool) -> None:
 def test_bookkeeping_is_the_new_sizes(reshaped, name: str, dp: int) -> None:
     f = _facts(name)
     src, dst = _ckpt(name) / f["tag"], reshaped(name, dp) / f["tag"]
-    experts = sorted(p.name for p in src.glob("layer_*_expert_*"))
-    assert experts and experts == sorted(p.name for p in dst.glob("layer_*_expert_*"))
-    for file in experts:
-        assert (src / file).read_bytes() == (dst / file).read_bytes(), file
+    assert_expert_files_copied(src, dst)
     model = _load(dst / "mp_rank_00_model_states.pt")
     assert model["dp_world_size"] == dp
     source_groups = {g["index"]: g for g in _expert_group_facts(name)}

@@ -21,7 +21,14 @@ from typing import Any
 
 import pytest
 import torch
-from test_moe_reshape_dp import _ckpt, _facts, _load, _one_error, assert_live_engines
+from test_moe_reshape_dp import (
+    _ckpt,
+    _facts,
+    _load,
+    _one_error,
+    assert_expert_files_copied,
+    assert_live_engines,
+)
 from test_reshape_dp import _same
 
 from dsckpt.api.reshaping import reshape
@@ -87,10 +94,7 @@ def test_masters_and_moments_are_the_live_engines(reshaped, name: str, dp: int, 
 def test_bookkeeping_is_the_new_eps(reshaped, name: str, dp: int, ep: int) -> None:
     f = _facts(name)
     src, dst = _ckpt(name) / f["tag"], reshaped(name, dp, ep) / f["tag"]
-    experts = sorted(p.name for p in src.glob("layer_*_expert_*"))
-    assert experts and experts == sorted(p.name for p in dst.glob("layer_*_expert_*"))
-    for file in experts:
-        assert (src / file).read_bytes() == (dst / file).read_bytes(), file
+    assert_expert_files_copied(src, dst)
     model = _load(dst / "mp_rank_00_model_states.pt")
     assert model["dp_world_size"] == dp
     num_experts = model["num_experts"][0]

@@ -48,6 +48,9 @@ def commands(kind: str, name: str, facts: dict) -> list[list[str]]:
     else:
         runs.append(["to-fp32", src, f"{out}/layers.safetensors", "--from-layers"])
         runs.append(["reshape", src, f"{out}/tp1pp1", "--tp", "1", "--pp", "1", "--dp", "1"])
+    if kind == "moe":  # DP 4 is a multiple of every fixture's EP sizes; --ep keeps the DP
+        runs.append(["reshape", src, f"{out}/dp4", "--dp", "4"])
+        runs.append(["reshape", src, f"{out}/ep1", "--ep", "1"])
     return runs
 
 

@@ -155,6 +155,7 @@ def test_the_corpus_was_really_converted(runs) -> None:
     assert len(converted) >= 4 * 33, len(converted)  # every fixture, every format
     assert any(c.startswith("reshape") and "--dp 3" in c for c in ok)
     assert any(c.startswith("reshape") and "--tp 1" in c for c in ok)
+    assert any(c.startswith("reshape") and "--ep 1" in c and results[c]["files"] for c in ok)
     for c in ok:
         if c.startswith(("inspect", "show-map")) and "--json" not in c:
             assert results[c]["stdout"].strip(), c

@@ -535,6 +535,16 @@ def test_reshape_dp_zips_pass_zip_checks(cli, tmp_path: Path, name: str) -> None
         zip_ok(f)
 
 
+@pytest.mark.parametrize("args", [("--dp", "4"), ("--dp", "4", "--ep", "1")])
+def test_moe_reshape_zips_pass_zip_checks(cli, tmp_path: Path, args: tuple[str, ...]) -> None:
+    out = tmp_path / "out"
+    assert cli("reshape", ckpt("moe", "z2-fp32-ep2-dp2"), out, *args, "-q").exit_code == 0
+    files = sorted((out / (out / "latest").read_text()).iterdir())
+    assert any("expert" in f.name for f in files)
+    for f in files:
+        zip_ok(f)
+
+
 @pytest.mark.parametrize(
     "args", [("--tp", "1"), ("--pp", "1", "--dp", "2"), ("--tp", "1", "--pp", "2")]
 )

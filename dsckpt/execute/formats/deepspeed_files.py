@@ -104,6 +104,7 @@ class ZeroRankFiles:
         # read until save_torch copies them into the output. One registry per output file.
         self.lazy = LazyStorages()
         self._names: dict[str, str] | None = None
+        self._source_of: dict[str, int] | None = None
 
     # --- the directory ------------------------------------------------------------------------
 
@@ -677,11 +678,13 @@ class ZeroRankFiles:
     def _first_source(self, group: TargetGroup) -> int:
         """The source sub-group holding the target sub-group's first parameter: its scalar state
         (``step``) is the new sub-group's."""
-        first = group.params[0][0]
-        for s, src in enumerate(self.source.facts.groups):
-            if any(n == first for n, _ in src.params):
-                return s
-        return group.sources[0]
+        if self._source_of is None:  # asked for every group of every rank file: built once
+            self._source_of = {
+                name: s
+                for s, src in reversed(list(enumerate(self.source.facts.groups)))
+                for name, _ in src.params
+            }
+        return self._source_of.get(group.params[0][0], group.sources[0])
 
 
 def _rename_expert_groups(param_groups: Any, groups: Sequence[TargetGroup]) -> None:
